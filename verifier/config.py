@@ -1,0 +1,239 @@
+"""Model configuration: a frozen dataclass read from an HF ``config.json``.
+
+It lives with the verifier because the verifier (and keygen) need it without torch; the engine
+imports it from here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+class ConfigError(ValueError):
+    """A config.json that is missing a field or asks for something unsupported."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 style frequency scaling (``rope_scaling.rope_type == "llama3"``)."""
+
+    factor: float  # how much longer the context is than in pre-training
+    low_freq_factor: float  # wavelengths above original/low_freq_factor are divided by factor
+    high_freq_factor: float  # wavelengths below original/high_freq_factor are kept
+    original_max_position_embeddings: int  # the pre-training context length
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and constants of a Llama/Qwen2 decoder."""
+
+    family: str  # "llama" or "qwen2": decides the q/k/v bias
+    vocab_size: int  # rows of the embedding and of the LM head
+    hidden_size: int  # H, width of the residual stream
+    intermediate_size: int  # F, width of the MLP
+    num_layers: int  # decoder blocks
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (GQA when fewer than num_heads)
+    head_dim: int  # d, from the file when present, else H / num_heads
+    rms_norm_eps: float  # epsilon inside every RMSNorm
+    rope_theta: float  # RoPE base
+    max_position_embeddings: int  # the longest context the model supports
+    tie_word_embeddings: bool  # LM head shares the embedding matrix
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    rope_scaling: RopeScaling | None = None  # llama3 scaling, or none
+    bos_token_id: int | None = None  # beginning-of-sequence token, if any
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops on any
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim", "max_position_embeddings")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
+            raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps}")
+        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
+            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per K/V head."""
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf(cls, path: str | Path) -> "ModelConfig":
+        """Read ``config.json`` (a file or the folder holding it)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        """Build from the fields of an HF config; refuses what the engine does not implement."""
+        family = _family(raw)
+        _refuse_unsupported(raw)
+        num_heads = _int(raw, "num_attention_heads")
+        hidden = _int(raw, "hidden_size")
+        head_dim = raw.get("head_dim")
+        if head_dim is None:
+            if hidden % num_heads:
+                raise ConfigError("hidden_size is not a multiple of num_attention_heads "
+                                  "and head_dim is not given")
+            head_dim = hidden // num_heads
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            family=family,
+            vocab_size=_int(raw, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_int(raw, "intermediate_size"),
+            num_layers=_int(raw, "num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(_get(raw, "rms_norm_eps")),
+            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            max_position_embeddings=_int(raw, "max_position_embeddings"),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=_attention_bias(raw, family),
+            rope_scaling=_rope_scaling(raw.get("rope_scaling")),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=tuple(int(e) for e in eos_ids),
+        )
+
+    def to_hf_dict(self) -> dict:
+        """The HF ``config.json`` fields that describe this model."""
+        arch = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}[self.family]
+        out = {
+            "architectures": [arch],
+            "model_type": self.family,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        }
+        if self.family == "llama":
+            out["attention_bias"] = self.attention_bias
+            out["mlp_bias"] = False
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
+        if self.bos_token_id is not None:
+            out["bos_token_id"] = self.bos_token_id
+        if self.eos_token_ids:
+            eos = list(self.eos_token_ids)
+            out["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        return out
+
+
+def _get(raw: dict, key: str):
+    if key not in raw or raw[key] is None:
+        raise ConfigError(f"missing field {key!r}")
+    return raw[key]
+
+
+def _int(raw: dict, key: str) -> int:
+    value = _get(raw, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"field {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _family(raw: dict) -> str:
+    archs = raw.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    model_type = raw.get("model_type")
+    if not archs and model_type in ("llama", "qwen2"):
+        return model_type
+    shown = archs or model_type
+    raise ConfigError(f"unsupported architecture {shown!r} (field 'architectures'); "
+                      f"supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+
+
+def _refuse_unsupported(raw: dict) -> None:
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if raw.get(key):
+            raise ConfigError(f"mixture-of-experts models are not supported (field {key!r})")
+    if raw.get("use_sliding_window") or (raw.get("sliding_window") and raw.get("model_type") not in
+                                         ("qwen2",)):
+        raise ConfigError("sliding-window attention is not supported (field 'sliding_window')")
+    if raw.get("use_qk_norm") or raw.get("qk_norm"):
+        raise ConfigError("q/k norm (Qwen3 style) is not supported yet (field 'qk_norm')")
+    act = raw.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act {act!r} is not supported (field 'hidden_act'); only silu")
+    if raw.get("mlp_bias"):
+        raise ConfigError("MLP biases are not supported (field 'mlp_bias')")
+    if raw.get("pretraining_tp", 1) not in (1, None):
+        raise ConfigError("pretraining_tp > 1 is not supported (field 'pretraining_tp')")
+
+
+def _attention_bias(raw: dict, family: str) -> bool:
+    if family == "qwen2":
+        return True  # Qwen2 always has q/k/v biases and none on o_proj
+    if raw.get("attention_bias"):
+        raise ConfigError("Llama attention_bias is not supported (field 'attention_bias')")
+    return False
+
+
+def _rope_scaling(rs) -> RopeScaling | None:
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"field 'rope_scaling' must be an object, got {rs!r}")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "default":
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"rope_scaling type {kind!r} is not supported (field 'rope_scaling'); "
+                          "only 'llama3'")
+    try:
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"rope_scaling is missing field {e.args[0]!r}") from None

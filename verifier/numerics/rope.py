@@ -1,0 +1,115 @@
+"""RoPE from a host table built with correctly rounded arithmetic only, hashed for the manifest.
+
+inv_freq and the base angles cos/sin(2^b * f_i) come from mpmath at 100 bits, rounded to
+float64 once. cos/sin(p * f_i) for any position p are then products of the base rotations for the
+set bits of p, evaluated in float64 in a fixed order, and rounded to fp32 once. Every step is an
+IEEE operation, so every machine builds the same table bit for bit; no libm call is involved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import mpmath
+import numpy as np
+
+from ..config import ModelConfig
+
+F32 = np.float32
+POSITION_BITS = 24  # positions below 2^24
+_MP_PREC = 100
+
+
+def inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """f_i = theta^(-2i/d) (with llama3 scaling when configured), float64 [d/2]."""
+    with mpmath.workprec(_MP_PREC):
+        d = cfg.head_dim
+        out = []
+        for i in range(d // 2):
+            f = mpmath.mpf(cfg.rope_theta) ** (-mpmath.mpf(2 * i) / d)
+            out.append(float(_llama3(f, cfg) if cfg.rope_scaling else f))
+    return np.array(out, dtype=np.float64)
+
+
+def _llama3(f, cfg: ModelConfig):
+    rs = cfg.rope_scaling
+    old = mpmath.mpf(rs.original_max_position_embeddings)
+    low_wl = old / mpmath.mpf(rs.low_freq_factor)
+    high_wl = old / mpmath.mpf(rs.high_freq_factor)
+    wavelen = 2 * mpmath.pi / f
+    factor = mpmath.mpf(rs.factor)
+    if wavelen < high_wl:
+        return f
+    if wavelen > low_wl:
+        return f / factor
+    smooth = (old / wavelen - mpmath.mpf(rs.low_freq_factor)) / (
+        mpmath.mpf(rs.high_freq_factor) - mpmath.mpf(rs.low_freq_factor))
+    return (1 - smooth) * f / factor + smooth * f
+
+
+def base_rotations(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of 2^b * f_i for b < POSITION_BITS, float64 [POSITION_BITS, d/2]."""
+    cb = np.empty((POSITION_BITS, len(freqs)))
+    sb = np.empty_like(cb)
+    with mpmath.workprec(_MP_PREC):
+        for i, f in enumerate(freqs):
+            for b in range(POSITION_BITS):
+                a = mpmath.ldexp(mpmath.mpf(float(f)), b)
+                cb[b, i], sb[b, i] = float(mpmath.cos(a)), float(mpmath.sin(a))
+    return cb, sb
+
+
+class RopeTable:
+    """cos/sin fp32 [P, d/2] for positions 0..P-1, grown on demand, identical on every machine."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.freqs = inv_freq(cfg)
+        self.cos_b, self.sin_b = base_rotations(self.freqs)
+        self.cos = np.ones((0, len(self.freqs)), F32)
+        self.sin = np.zeros((0, len(self.freqs)), F32)
+
+    def digest(self) -> str:
+        """sha256 of the float64 inv_freq and base rotations: they determine every entry."""
+        h = hashlib.sha256()
+        for arr in (self.freqs, self.cos_b, self.sin_b):
+            h.update(np.ascontiguousarray(arr, dtype="<f8").tobytes())
+        return h.hexdigest()
+
+    def ensure(self, n: int) -> None:
+        if n > 2**POSITION_BITS:
+            raise ValueError(f"position {n - 1} beyond the RoPE table's 2^{POSITION_BITS}")
+        if n <= len(self.cos):
+            return
+        n = max(n, 2 * len(self.cos), 256)
+        self.cos, self.sin = build_table(self.cos_b, self.sin_b, n)
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.ensure(int(np.max(positions)) + 1)
+        return self.cos[positions], self.sin[positions]
+
+
+def build_table(cos_b: np.ndarray, sin_b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rotate (1, 0) by the base rotation of each set bit of p, lowest bit first (float64)."""
+    p = np.arange(n, dtype=np.int64)[:, None]
+    c = np.ones((n, cos_b.shape[1]))
+    s = np.zeros_like(c)
+    for b in range(POSITION_BITS):
+        if n <= (1 << b):
+            break
+        on = ((p >> b) & 1) == 1
+        cb, sb = cos_b[b][None, :], sin_b[b][None, :]
+        c_new = (c * cb) - (s * sb)
+        s_new = (s * cb) + (c * sb)
+        c, s = np.where(on, c_new, c), np.where(on, s_new, s)
+    return c.astype(F32), s.astype(F32)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """x fp32 [T, heads, d], cos/sin [T, d/2] -> rotated, rotate-half layout:
+
+    out1 = (x1 * c) - (x2 * s);  out2 = (x2 * c) + (x1 * s), with x1, x2 the two halves of d.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return np.concatenate([(x1 * c) - (x2 * s), (x2 * c) + (x1 * s)], axis=-1).astype(F32)

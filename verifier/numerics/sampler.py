@@ -1,0 +1,94 @@
+"""The canonical decode policy: greedy argmax, or seeded sampling on integer softmax weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+
+from .exp2 import LOGIT_FRAC_BITS, table_weights
+
+F32 = np.float32
+LOG2E = F32(1.4426950408889634)
+TOP_P_BITS = 24  # top-p is compared as the integer rint(p * 2^24)
+SAMPLE_DOMAIN = b"commitllm/sample/v1\x00"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decode policy. temperature == 0 means greedy; then top_k/top_p/seed are unused."""
+
+    temperature: float = 0.0  # > 0 samples
+    top_k: int = 0  # 0 keeps every token
+    top_p: float = 1.0  # in (0, 1]
+    seed: int = 0  # unsigned 64-bit
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.seed < 2**64):
+            raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def manifest(self) -> dict:
+        return {"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p}
+
+
+def greedy(logits: np.ndarray) -> int:
+    """argmax of fp32 logits [V], ties to the lowest id."""
+    if not np.all(np.isfinite(logits)):
+        raise FloatingPointError("non-finite logit")
+    return int(np.argmax(logits))
+
+
+def sampling_weights(logits: np.ndarray, temperature: float) -> np.ndarray:
+    """w[v] int64: u = (l / f32(T)) * f32(log2 e), L = rint(u * 256), w = table(max L - L)."""
+    u = (logits / F32(temperature)).astype(F32) * LOG2E
+    fixed = np.clip(np.rint(u * F32(1 << LOGIT_FRAC_BITS)), -2**30, 2**30).astype(np.int64)
+    return table_weights(np.max(fixed) - fixed)
+
+
+def draw(seed: int, position: int) -> int:
+    """64 uniform bits from blake3(domain || seed || position), little-endian."""
+    msg = SAMPLE_DOMAIN + seed.to_bytes(8, "little") + position.to_bytes(8, "little")
+    return int.from_bytes(blake3.blake3(msg).digest()[:8], "little")
+
+
+def candidates(w: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids kept by top-k then top-p, in order (weight desc, id asc), and their weights.
+
+    top-p keeps the shortest prefix whose weight sum S satisfies S * 2^24 >= rint(p * 2^24) * Z,
+    Z the weight of the top-k set (exact integers).
+    """
+    order = np.argsort(-w, kind="stable")  # stable: equal weights stay in id order
+    if top_k:
+        order = order[:top_k]
+    ws = w[order]
+    if top_p < 1:
+        p_fixed = int(np.rint(np.float64(top_p) * 2**TOP_P_BITS))
+        cum = np.cumsum(ws)
+        need = np.int64(p_fixed) * cum[-1]
+        n = int(np.argmax((cum << TOP_P_BITS) >= need)) + 1
+        order, ws = order[:n], ws[:n]
+    return order, ws
+
+
+def sample(logits: np.ndarray, params: SamplingParams, position: int) -> int:
+    """The token at sequence index `position` under `params` (greedy when temperature is 0)."""
+    if params.greedy:
+        return greedy(logits)
+    if not np.all(np.isfinite(logits)):
+        raise FloatingPointError("non-finite logit")
+    ids, ws = candidates(sampling_weights(logits, params.temperature), params.top_k, params.top_p)
+    cum = np.cumsum(ws)
+    r = (draw(params.seed, position) * int(cum[-1])) >> 64  # uniform in [0, sum), bias < 2^-30
+    return int(ids[int(np.searchsorted(cum, r, side="right"))])

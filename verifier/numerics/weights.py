@@ -1,0 +1,156 @@
+"""The quantized model: int weights with fp32 per-channel scales, fused as the engine runs them.
+
+Quantization is part of the spec: the engine, keygen and verifier all call `quantize_model`, so
+the committed weights are the same bits everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..config import ModelConfig
+from .profiles import Profile
+from .quant import quantize_rows
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class QLinear:
+    """y = dequant(quant(x) @ q.T): q int [N, K], s fp32 [N], optional fp32 bias [N]."""
+
+    q: np.ndarray
+    s: np.ndarray
+    bias: np.ndarray | None = None
+
+    @classmethod
+    def from_float(cls, w: np.ndarray, qmax: int, bias: np.ndarray | None = None) -> "QLinear":
+        q, s = quantize_rows(np.ascontiguousarray(w, dtype=F32), qmax)
+        return cls(q, s, None if bias is None else np.ascontiguousarray(bias, dtype=F32))
+
+
+@dataclass(frozen=True)
+class QLayer:
+    """One decoder block: q/k/v fused by output rows ([q; k; v]), gate/up fused ([gate; up])."""
+
+    attn_norm: np.ndarray  # fp32 [H]
+    qkv: QLinear  # [(nh + 2 nkv) d, H]
+    o: QLinear  # [H, nh d]
+    mlp_norm: np.ndarray  # fp32 [H]
+    gate_up: QLinear  # [2F, H]
+    down: QLinear  # [H, F]
+
+
+@dataclass(frozen=True)
+class QuantizedModel:
+    """Everything the exact forward reads. Embedding rows are quantized like LM-head rows."""
+
+    cfg: ModelConfig
+    profile: Profile
+    embed: QLinear  # [V, H]: row v is token v's input (and the LM head when tied)
+    layers: tuple[QLayer, ...]
+    final_norm: np.ndarray  # fp32 [H]
+    lm_head: QLinear  # [V, H]; the same object as embed when tied
+
+    def to_tensors(self) -> dict[str, np.ndarray]:
+        """Flat name -> array map (for safetensors caching and commitments)."""
+        out = {"final_norm": self.final_norm}
+        _put(out, "embed", self.embed)
+        if not self.cfg.tie_word_embeddings:
+            _put(out, "lm_head", self.lm_head)
+        for i, layer in enumerate(self.layers):
+            for f in fields(QLayer):
+                value = getattr(layer, f.name)
+                if isinstance(value, QLinear):
+                    _put(out, f"layers.{i}.{f.name}", value)
+                else:
+                    out[f"layers.{i}.{f.name}"] = value
+        return out
+
+    @classmethod
+    def from_tensors(cls, cfg: ModelConfig, profile: Profile, t: dict[str, np.ndarray]):
+        """Inverse of to_tensors; checks every array's shape and dtype."""
+        embed = _get(t, "embed")
+        layers = tuple(
+            QLayer(attn_norm=t[f"layers.{i}.attn_norm"], qkv=_get(t, f"layers.{i}.qkv"),
+                   o=_get(t, f"layers.{i}.o"), mlp_norm=t[f"layers.{i}.mlp_norm"],
+                   gate_up=_get(t, f"layers.{i}.gate_up"), down=_get(t, f"layers.{i}.down"))
+            for i in range(cfg.num_layers))
+        lm = embed if cfg.tie_word_embeddings else _get(t, "lm_head")
+        model = cls(cfg, profile, embed, layers, t["final_norm"], lm)
+        check_shapes(model)
+        return model
+
+
+def _put(out: dict, name: str, lin: QLinear) -> None:
+    out[name + ".q"], out[name + ".s"] = lin.q, lin.s
+    if lin.bias is not None:
+        out[name + ".bias"] = lin.bias
+
+
+def _get(t: dict, name: str) -> QLinear:
+    return QLinear(t[name + ".q"], t[name + ".s"], t.get(name + ".bias"))
+
+
+def check_shapes(m: QuantizedModel) -> None:
+    """Raise ValueError if any array has the wrong shape or dtype for the config and profile."""
+    c = m.cfg
+    h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
+    wdt = np.dtype(np.int8 if m.profile.weight_qmax <= 127 else np.int16)
+    want = {"embed": (m.embed, (v, h)), "lm_head": (m.lm_head, (v, h))}
+    for i, layer in enumerate(m.layers):
+        want[f"layers.{i}.qkv"] = (layer.qkv, (c.q_size + 2 * c.kv_size, h))
+        want[f"layers.{i}.o"] = (layer.o, (h, c.q_size))
+        want[f"layers.{i}.gate_up"] = (layer.gate_up, (2 * f, h))
+        want[f"layers.{i}.down"] = (layer.down, (h, f))
+        for norm in (layer.attn_norm, layer.mlp_norm):
+            _expect(f"layers.{i} norm", norm, (h,), np.dtype(F32))
+    _expect("final_norm", m.final_norm, (h,), np.dtype(F32))
+    for name, (lin, shape) in want.items():
+        _expect(name + ".q", lin.q, shape, wdt)
+        _expect(name + ".s", lin.s, shape[:1], np.dtype(F32))
+        if lin.bias is not None:
+            _expect(name + ".bias", lin.bias, shape[:1], np.dtype(F32))
+    if len(m.layers) != c.num_layers:
+        raise ValueError(f"expected {c.num_layers} layers, got {len(m.layers)}")
+
+
+def _expect(name: str, a: np.ndarray, shape: tuple, dtype: np.dtype) -> None:
+    if a.shape != shape or a.dtype != dtype:
+        raise ValueError(f"{name}: expected {dtype} {shape}, got {a.dtype} {a.shape}")
+
+
+def quantize_model(cfg: ModelConfig, t: dict[str, np.ndarray], profile: Profile) -> QuantizedModel:
+    """Quantize fp32 HF tensors (names as in checkpoint.expected_shapes) under `profile`."""
+    qmax = profile.weight_qmax
+    embed = QLinear.from_float(t["model.embed_tokens.weight"], qmax)
+    lm = embed if cfg.tie_word_embeddings else QLinear.from_float(t["lm_head.weight"], qmax)
+    layers = tuple(_quantize_layer(cfg, t, f"model.layers.{i}.", qmax)
+                   for i in range(cfg.num_layers))
+    model = QuantizedModel(cfg, profile, embed, layers, _f32(t["model.norm.weight"]), lm)
+    check_shapes(model)
+    return model
+
+
+def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
+    a = p + "self_attn."
+    qkv_w = np.concatenate([t[a + "q_proj.weight"], t[a + "k_proj.weight"],
+                            t[a + "v_proj.weight"]])
+    qkv_b = None
+    if cfg.attention_bias:
+        qkv_b = np.concatenate([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
+    gate_up = np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+    return QLayer(
+        attn_norm=_f32(t[p + "input_layernorm.weight"]),
+        qkv=QLinear.from_float(qkv_w, qmax, qkv_b),
+        o=QLinear.from_float(t[a + "o_proj.weight"], qmax),
+        mlp_norm=_f32(t[p + "post_attention_layernorm.weight"]),
+        gate_up=QLinear.from_float(gate_up, qmax),
+        down=QLinear.from_float(t[p + "mlp.down_proj.weight"], qmax),
+    )
+
+
+def _f32(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=F32)
