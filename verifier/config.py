@@ -111,6 +111,7 @@ class ModelConfig:
                 raise ConfigError("hidden_size is not a multiple of num_attention_heads "
                                   "and head_dim is not given")
             head_dim = hidden // num_heads
+        rope = _rope_fields(raw)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
@@ -123,11 +124,11 @@ class ModelConfig:
             num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
             rms_norm_eps=float(_get(raw, "rms_norm_eps")),
-            rope_theta=float(raw.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
             max_position_embeddings=_int(raw, "max_position_embeddings"),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=_attention_bias(raw, family),
-            rope_scaling=_rope_scaling(raw.get("rope_scaling")),
+            rope_scaling=_rope_scaling(rope.get("rope_scaling")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
         )
@@ -207,6 +208,18 @@ def _refuse_unsupported(raw: dict) -> None:
         raise ConfigError("MLP biases are not supported (field 'mlp_bias')")
     if raw.get("pretraining_tp", 1) not in (1, None):
         raise ConfigError("pretraining_tp > 1 is not supported (field 'pretraining_tp')")
+
+
+def _rope_fields(raw: dict) -> dict:
+    """rope_theta and rope_scaling from either layout: top-level (Hub checkpoints) or the
+    ``rope_parameters`` object that transformers 5 writes."""
+    params = raw.get("rope_parameters")
+    if params is None:
+        return {"rope_theta": raw.get("rope_theta", 10000.0), "rope_scaling": raw.get("rope_scaling")}
+    if not isinstance(params, dict):
+        raise ConfigError(f"field 'rope_parameters' must be an object, got {params!r}")
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    return {"rope_theta": theta, "rope_scaling": params}
 
 
 def _attention_bias(raw: dict, family: str) -> bool:

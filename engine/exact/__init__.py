@@ -1,0 +1,1 @@
+"""The exact engine's torch CPU backend: the numerics spec (verifier/numerics) written for speed."""

@@ -1,0 +1,85 @@
+"""Exact integer GEMM in torch: int8 planes through torch._int_mm (int32 accumulation), recombined
+in int64. Falls back to float64 BLAS (exact below 2^53) if the int8 path fails a self-test.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ...verifier.numerics.quant import EXACT_F64
+
+INT32_SAFE_K = 131071  # K * 128 * 128 < 2^31: a plane product cannot overflow int32
+
+
+def split_planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int tensor with |q| <= 127*257 -> int8 (hi, lo), q = hi*256 + lo."""
+    q = q.to(torch.int32)
+    lo = ((q + 128) & 255) - 128
+    hi = (q - lo) >> 8
+    return hi.to(torch.int8), lo.to(torch.int8)
+
+
+def planes(q: torch.Tensor, qmax: int) -> list[torch.Tensor]:
+    """The int8 planes of q, most significant first (one plane when qmax fits int8)."""
+    return [q.to(torch.int8)] if qmax <= 127 else list(split_planes(q))
+
+
+@lru_cache(maxsize=1)
+def int_mm_is_exact() -> bool:
+    """Check torch._int_mm against int64 on worst-case inputs (saturating int8 paths exist)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        for k in (16, 64, 1000, 4096):
+            for a_val, b_val in ((-128, -128), (127, -128), (-128, 127), (127, 127)):
+                a = torch.full((17, k), a_val, dtype=torch.int8)
+                b = torch.full((k, 8), b_val, dtype=torch.int8)
+                if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+                    return False
+            a = torch.randint(-128, 128, (17, k), dtype=torch.int8, generator=g)
+            b = torch.randint(-128, 128, (k, 8), dtype=torch.int8, generator=g)
+            if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+                return False
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+class ExactWeight:
+    """An int weight [N, K] prepared for exact products with int activations."""
+
+    def __init__(self, q: torch.Tensor, qmax: int):
+        self.n, self.k = q.shape
+        self.qmax = qmax
+        self.use_int_mm = int_mm_is_exact() and self.k <= INT32_SAFE_K
+        if self.use_int_mm:
+            self.planes_t = [p.t() for p in planes(q, qmax)]  # [K, N] views for _int_mm
+        else:
+            self.f64_t = q.to(torch.float64).t()
+
+    def matmul(self, qx: torch.Tensor, x_qmax: int) -> torch.Tensor:
+        """z = qx @ q.T exactly, int64 [M, N]."""
+        if self.k * x_qmax * self.qmax >= EXACT_F64:
+            raise OverflowError(f"K={self.k} can exceed 2^53")
+        if not self.use_int_mm:
+            return (qx.to(torch.float64) @ self.f64_t).long()
+        xs = planes(qx, x_qmax)
+        m = qx.shape[0]
+        stacked = torch.cat(xs) if len(xs) > 1 else xs[0]  # [P*M, K]
+        z = None
+        for wp in self.planes_t:
+            part = _int_mm(stacked, wp).long()  # [P*M, N]
+            part = _recombine(part, len(xs), m)
+            z = part if z is None else z * 256 + part
+        return z
+
+
+def _recombine(part: torch.Tensor, n_planes: int, m: int) -> torch.Tensor:
+    if n_planes == 1:
+        return part
+    return part[:m] * 256 + part[m:]
+
+
+def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(a.contiguous(), b)

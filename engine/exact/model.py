@@ -1,0 +1,155 @@
+"""ExactModel: the quantized model in torch, run over a batch of sequences with KV caches.
+
+Every op is per token except attention, which is per sequence: a token's values do not depend on
+what else is in the batch, how the prompt was chunked, or whether it came in prefill or decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...verifier.numerics.rope import RopeTable
+from ...verifier.numerics.weights import QLinear, QuantizedModel
+from . import ops
+from .gemm import ExactWeight
+
+
+class TorchLinear:
+    """An exact linear layer: int weight, fp32 channel scales, optional fp32 bias."""
+
+    def __init__(self, lin: QLinear, qmax: int):
+        self.weight = ExactWeight(torch.from_numpy(np.ascontiguousarray(lin.q)), qmax)
+        self.scale = torch.from_numpy(lin.s)
+        self.bias = None if lin.bias is None else torch.from_numpy(lin.bias)
+
+    def __call__(self, x: torch.Tensor, act_qmax: int, tr: dict | None, name: str):
+        qx, sx = ops.quantize_rows(x, act_qmax)
+        z = self.weight.matmul(qx, act_qmax)
+        if tr is not None:
+            tr.update({f"{name}.q": qx, f"{name}.s": sx, f"{name}.z": z})
+        return ops.dequantize(z, sx, self.scale, self.bias)
+
+
+@dataclass
+class SeqCache:
+    """One sequence's K/V rows per layer: int [S, nkv, d] and fp32 scales [S, nkv]."""
+
+    k: list = field(default_factory=list)
+    sk: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    sv: list = field(default_factory=list)
+    length: int = 0
+
+    def append(self, layer: int, k, sk, v, sv) -> None:
+        if len(self.k) <= layer:
+            self.k.append(k), self.sk.append(sk), self.v.append(v), self.sv.append(sv)
+            return
+        self.k[layer] = torch.cat([self.k[layer], k])
+        self.sk[layer] = torch.cat([self.sk[layer], sk])
+        self.v[layer] = torch.cat([self.v[layer], v])
+        self.sv[layer] = torch.cat([self.sv[layer], sv])
+
+
+class ExactModel:
+    """The exact forward of the spec, batched over sequences."""
+
+    def __init__(self, qm: QuantizedModel):
+        self.qm, self.cfg, self.profile = qm, qm.cfg, qm.profile
+        wq = qm.profile.weight_qmax
+        self.embed_q = torch.from_numpy(qm.embed.q)
+        self.embed_s = torch.from_numpy(qm.embed.s)
+        self.layers = [_TorchLayer(layer, wq) for layer in qm.layers]
+        self.final_norm = torch.from_numpy(qm.final_norm)
+        self.lm_head = TorchLinear(qm.lm_head, wq)
+        self.rope = RopeTable(qm.cfg)
+
+    @torch.inference_mode()
+    def forward(self, caches: list[SeqCache], tokens: list[list[int]], trace: dict | None = None,
+                all_logits: bool = False) -> list[torch.Tensor]:
+        """Append tokens[i] to sequence i; returns per sequence logits fp32 [n_i or 1, V]."""
+        lengths = [len(t) for t in tokens]
+        if min(lengths) < 1:
+            raise ValueError("every sequence in a step needs at least one token")
+        ids = torch.tensor([i for t in tokens for i in t], dtype=torch.int64)
+        pos = np.concatenate([c.length + np.arange(n) for c, n in zip(caches, lengths)])
+        cos, sin = (torch.from_numpy(a) for a in self.rope.lookup(pos))
+        x = self.embed_q[ids].to(torch.float32) * self.embed_s[ids].unsqueeze(1)
+        step = _Step(caches, lengths, torch.from_numpy(pos), cos, sin)
+        for i, layer in enumerate(self.layers):
+            tr = {} if trace is not None else None
+            x = layer(self, i, x, step, tr)
+            if trace is not None:
+                trace.update({f"layers.{i}.{k}": v for k, v in tr.items()})
+        for c, n in zip(caches, lengths):
+            c.length += n
+        return self._logits(x, lengths, trace, all_logits)
+
+    def _logits(self, x, lengths, trace, all_logits):
+        ends = np.cumsum(lengths)
+        if not all_logits:
+            x = x[torch.from_numpy(ends - 1)]
+        n = ops.rmsnorm(x, self.final_norm, self.cfg.rms_norm_eps)
+        tr = {} if trace is not None else None
+        logits = self.lm_head(n, self.profile.act_qmax, tr, "lm_head")
+        if trace is not None:
+            trace.update(final_in=n, logits=logits, **tr)
+        if not all_logits:
+            return list(logits.split(1))
+        return list(logits.split(lengths))
+
+
+@dataclass
+class _Step:
+    """What one forward step needs beyond the activations: caches, token counts, positions."""
+
+    caches: list
+    lengths: list
+    pos: torch.Tensor  # [N] absolute positions
+    cos: torch.Tensor  # [N, d/2]
+    sin: torch.Tensor
+
+
+class _TorchLayer:
+    def __init__(self, layer, wq: int):
+        self.attn_norm = torch.from_numpy(layer.attn_norm)
+        self.mlp_norm = torch.from_numpy(layer.mlp_norm)
+        self.qkv = TorchLinear(layer.qkv, wq)
+        self.o = TorchLinear(layer.o, wq)
+        self.gate_up = TorchLinear(layer.gate_up, wq)
+        self.down = TorchLinear(layer.down, wq)
+
+    def __call__(self, m: ExactModel, i: int, x: torch.Tensor, step: _Step, tr) -> torch.Tensor:
+        cfg, aq, kvq = m.cfg, m.profile.act_qmax, m.profile.kv_qmax
+        n, nh, nkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        a = ops.rmsnorm(x, self.attn_norm, cfg.rms_norm_eps)
+        qkv = self.qkv(a, aq, tr, "qkv")
+        q = ops.apply_rope(qkv[:, :cfg.q_size].reshape(n, nh, d), step.cos, step.sin)
+        k = ops.apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(n, nkv, d),
+                           step.cos, step.sin)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(n, nkv, d)
+        (qq, sq), (kq, sk), (vq, sv) = (ops.quantize_rows(t, kvq) for t in (q, k, v))
+        parts = {} if tr is not None and len(step.caches) == 1 else None
+        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts)
+        h = x + self.o(o, aq, tr, "o")
+        mm = ops.rmsnorm(h, self.mlp_norm, cfg.rms_norm_eps)
+        gu = self.gate_up(mm, aq, tr, "gate_up")
+        act = ops.swiglu(gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:])
+        out = h + self.down(act, aq, tr, "down")
+        if tr is not None:
+            tr.update(x=x, attn_in=a, q=qq, sq=sq, k=kq, sk=sk, v=vq, sv=sv, attn=o, h=h,
+                      mlp_in=mm, act=act, out=out)
+            tr.update({f"attn.{k_}": v_ for k_, v_ in (parts or {}).items()})
+        return out
+
+    def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq, parts) -> torch.Tensor:
+        outs, start = [], 0
+        for cache, n in zip(step.caches, step.lengths):
+            sl = slice(start, start + n)
+            cache.append(i, kq[sl], sk[sl], vq[sl], sv[sl])
+            outs.append(ops.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
+                                      cache.sv[i], step.pos[sl], kvq, parts))
+            start += n
+        return torch.cat(outs)
