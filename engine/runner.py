@@ -1,0 +1,170 @@
+"""Glue between the command line and the library: load, tokenize, generate, format results."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..verifier.checkpoint import CheckpointError
+from ..verifier.config import ConfigError
+from ..verifier.numerics import SPEC_VERSION, get_profile
+from ..verifier.numerics.sampler import SamplingParams
+from .loader import LoadedModel, ModelNotFound, load_model
+from .tokenizer import TokenizerError
+
+
+class EngineError(Exception):
+    """A user-facing failure: bad model, bad input, bad option. The message is one line."""
+
+
+LOAD_ERRORS = (ModelNotFound, CheckpointError, ConfigError, TokenizerError, OSError, ValueError)
+
+
+@dataclass
+class Runner:
+    loaded: LoadedModel
+    backend: str
+    profile_name: str
+    model: object  # ExactModel or ReferenceModel
+    console: Console
+
+    @classmethod
+    def create(cls, model: str, backend: str, profile: str, console: Console) -> "Runner":
+        try:
+            prof = get_profile(profile)
+            with console.status(f"loading {model} ..."):
+                loaded = load_model(model)
+                engine = _build(loaded, backend, prof)
+        except LOAD_ERRORS as e:
+            raise EngineError(str(e)) from None
+        note = (f"exact engine ({SPEC_VERSION}, profile {profile})" if backend == "exact" else
+                "fp32 reference path: NOT the exact engine, not verifiable")
+        console.print(f"model {loaded.folder} | {note}", highlight=False)
+        return cls(loaded, backend, profile, engine, console)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def sampling(self, temperature: float, top_k: int, top_p: float, seed: int) -> SamplingParams:
+        try:
+            return SamplingParams(temperature, top_k, top_p, seed)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
+
+    def encode_prompts(self, texts: list[str], chat: bool | None) -> list[list[int]]:
+        use_chat = self.tokenizer.chat_template is not None if chat is None else chat
+        if use_chat and self.tokenizer.chat_template is None:
+            raise EngineError("this model has no chat template; use --no-chat")
+        if use_chat:
+            return [self.tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        return [self.tokenizer.encode(t) for t in texts]
+
+    def eos_ids(self) -> tuple[int, ...]:
+        return tuple(sorted(set(self.loaded.cfg.eos_token_ids) | set(self.tokenizer.eos_token_ids)))
+
+    def streamer(self, out):
+        """A callback that prints each token's new text as it is generated."""
+        tok, ids, shown = self.tokenizer, [], [""]
+
+        def on_token(_i: int, t: int) -> None:
+            ids.append(t)
+            text = tok.decode(ids)
+            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                out.write(text[len(shown[0]):])
+                out.flush()
+                shown[0] = text
+        return on_token
+
+    def generate(self, prompts, params, max_tokens, prefill_chunk=0, on_token=None, progress=True):
+        from .generate import generate_exact, generate_reference
+
+        with _progress(self.console, progress, len(prompts) * max_tokens) as bar:
+            cb = on_token or bar
+            try:
+                if self.backend == "exact":
+                    return generate_exact(self.model, prompts, params, max_tokens, self.eos_ids(),
+                                          cb, prefill_chunk)
+                return generate_reference(self.model, prompts, params, max_tokens, self.eos_ids(), cb)
+            except ValueError as e:
+                raise EngineError(str(e)) from None
+
+    def results_json(self, texts, results, params: SamplingParams, elapsed: float) -> dict:
+        return {
+            "model": str(self.loaded.folder), "backend": self.backend,
+            "profile": self.profile_name if self.backend == "exact" else None,
+            "spec_version": SPEC_VERSION if self.backend == "exact" else None,
+            "sampling": params.manifest() | {"seed": params.seed},
+            "elapsed_s": round(elapsed, 4),
+            "results": [{"prompt": t, "prompt_token_ids": r.prompt_token_ids,
+                         "token_ids": r.token_ids, "text": self.tokenizer.decode(r.token_ids),
+                         "finish_reason": r.finish_reason} for t, r in zip(texts, results)],
+        }
+
+    def summary(self, results, elapsed: float) -> str:
+        n = sum(len(r.token_ids) for r in results)
+        rate = n / elapsed if elapsed > 0 else float("inf")
+        return f"{n} tokens in {elapsed:.2f} s ({rate:.1f} tokens/s, {self.backend})"
+
+    def score(self, text: str, max_tokens: int) -> dict:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        limit = self.loaded.cfg.max_position_embeddings
+        ids = ids[:max_tokens or limit][:limit]
+        if len(ids) < 2:
+            raise EngineError("the text has fewer than 2 tokens; nothing to score")
+        with self.console.status(f"scoring {len(ids)} tokens ..."):
+            logits = self._all_logits(ids)
+        return score_logits(ids, logits)
+
+    def _all_logits(self, ids: list[int]) -> np.ndarray:
+        if self.backend == "exact":
+            from .generate import teacher_forced
+
+            return teacher_forced(self.model, ids)
+        return self.model.forward([ids])[0].numpy()
+
+
+def score_logits(ids: list[int], logits: np.ndarray) -> dict:
+    """argmax per position and log-probabilities (float64 log-softmax) of the actual next token."""
+    lg = logits[:-1].astype(np.float64)
+    lse = np.log(np.sum(np.exp(lg - lg.max(-1, keepdims=True)), -1)) + lg.max(-1)
+    lp = lg[np.arange(len(ids) - 1), ids[1:]] - lse
+    nll = float(-lp.sum())
+    return {"token_ids": ids, "argmax": np.argmax(logits, -1).tolist(), "logprobs": lp.tolist(),
+            "nll": nll, "perplexity": math.exp(nll / len(lp))}
+
+
+def _build(loaded: LoadedModel, backend: str, prof):
+    if backend == "exact":
+        from .exact.model import ExactModel
+
+        return ExactModel(loaded.quantized(prof))
+    if backend == "reference-fp32":
+        from .reference import ReferenceModel
+
+        return ReferenceModel(loaded.cfg, loaded.tensors)
+    raise EngineError(f"unknown backend {backend!r}")
+
+
+class _progress:
+    """A rich progress bar over generated tokens (a no-op when disabled or when streaming)."""
+
+    def __init__(self, console: Console, enabled: bool, total: int):
+        self.enabled, self.total = enabled and total > 0, total
+        self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=console, transient=True)
+
+    def __enter__(self):
+        if not self.enabled:
+            return None
+        self.bar.start()
+        task = self.bar.add_task("gen", total=self.total)
+        return lambda _i, _t: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.stop()
