@@ -59,6 +59,10 @@ NORM_NOISE = 0.1  # norm weights are 1 + NORM_NOISE * N(0, 1)
 
 
 def pytest_configure(config) -> None:
+    if not os.environ.get("COMMITLLM_CACHE"):
+        import tempfile
+
+        os.environ["COMMITLLM_CACHE"] = tempfile.mkdtemp(prefix="commitllm-test-cache-")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
@@ -152,3 +156,12 @@ def tiny_odd(tmp_path_factory) -> Path:
 def tiny_checkpoint(request) -> Path:
     """Each tiny kind in turn (parametrized; the test id names the kind), sharing the folders."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real default model (SmolLM2-135M-Instruct GGUF), converted once per session into the
+    cache named by COMMITLLM_CACHE (a session temp dir unless the caller set one)."""
+    from commitllm.engine.loader import load_model
+
+    return load_model("default")
