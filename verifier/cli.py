@@ -48,7 +48,7 @@ def inspect(
             cfg, tensors = load_checkpoint(folder)
             qm = quantize_model(cfg, tensors, prof)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        typer.echo(f"error: {e}", err=True)  # one plain line: no wrapping, no markup
         raise typer.Exit(2)
     info = {"folder": str(folder), "profile": prof.name, "config": cfg.to_hf_dict(),
             "parameters": int(sum(a.size for a in tensors.values())),
