@@ -70,7 +70,7 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def _open(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
+        raise GGUFError(f"{path}: {'not a file' if path.exists() else 'no such file'}")
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError,
@@ -103,7 +103,7 @@ def _f32(x) -> float:
 
 
 def _refuse_unsupported(meta: dict, arch: str) -> None:
-    k = lambda s: f"{arch}.{s}"  # noqa: E731
+    k = lambda s: f"{arch}.{s}"
     if meta.get(k("expert_count")):
         raise GGUFError(f"mixture-of-experts models are not supported (field {k('expert_count')!r})")
     if meta.get(k("attention.sliding_window")):
@@ -142,7 +142,7 @@ def hf_config_dict(meta: dict, tensor_names: set[str]) -> dict:
         raise GGUFError(f"unsupported architecture {arch!r} (field 'general.architecture'); "
                         f"supported: {sorted(ARCHITECTURES)}")
     _refuse_unsupported(meta, arch)
-    k = lambda s: _req(meta, f"{arch}.{s}")  # noqa: E731
+    k = lambda s: _req(meta, f"{arch}.{s}")
     hidden, heads = int(k("embedding_length")), int(k("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(_req(meta, "tokenizer.ggml.tokens"))
     eos = [meta.get(f"tokenizer.ggml.{t}_token_id") for t in ("eos", "eot", "eom")]
@@ -206,33 +206,28 @@ def dequantize(t, path: Path) -> np.ndarray:
 
 
 def _load_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> dict[str, np.ndarray]:
-    """Every tensor under its HF name, q/k un-permuted for llama, checked against the config."""
+    """Every tensor under its HF name, shape-checked, q/k un-permuted for llama."""
+    shapes = expected_shapes(cfg)
     out: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
             continue  # already folded into cfg.rope_scaling
         name = hf_name(t.name)
-        if name is None:
-            raise GGUFError(f"{path}: tensor {t.name!r} has no HF counterpart (unsupported model)")
+        if name is None or name not in shapes:
+            what = f"{name} is not part of this {cfg.family} model" if name else "no HF name"
+            raise GGUFError(f"{path}: unexpected tensor {t.name!r} ({what}; unsupported)")
+        shape = tuple(int(n) for n in reversed(t.shape))
+        if shape != shapes[name]:
+            raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, expected "
+                            f"{shapes[name]} for {name!r}")
         w = dequantize(t, path)
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             w = unpermute_rows(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
         out[name] = w
-    _check_shapes(out, cfg, path)
+    missing = [n for n in shapes if n not in out]
+    if missing:
+        raise GGUFError(f"{path}: missing {len(missing)} tensor(s), first {missing[0]!r}")
     return out
-
-
-def _check_shapes(tensors: dict[str, np.ndarray], cfg: ModelConfig, path: Path) -> None:
-    shapes = expected_shapes(cfg)
-    missing = sorted(set(shapes) - set(tensors))
-    extra = sorted(set(tensors) - set(shapes))
-    if missing or extra:
-        raise GGUFError(f"{path}: tensors do not match the config "
-                        f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    for name, shape in shapes.items():
-        if tensors[name].shape != shape:
-            raise GGUFError(f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
-                            f"expected {shape}")
 
 
 def _config(reader: gguf.GGUFReader, meta: dict, path: Path) -> ModelConfig:
@@ -259,8 +254,8 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], Tok
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader, path)
-    cfg = _config(reader, meta, path)
-    return cfg, _load_tensors(reader, cfg, path), _spec(meta, path)
+    cfg, spec = _config(reader, meta, path), _spec(meta, path)  # fail before the slow part
+    return cfg, _load_tensors(reader, cfg, path), spec
 
 
 def read_gguf_tokenizer(path: str | Path) -> TokenizerSpec:
@@ -296,6 +291,7 @@ def convert_gguf(gguf_path: str | Path, outdir: str | Path, overwrite: bool = Fa
     outdir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.tmp-", dir=outdir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; the result is an ordinary model folder
         _write_folder(tmp, cfg, tensors, tok)
         _move_into_place(tmp, outdir)
     except BaseException:

@@ -54,13 +54,13 @@ class TokenizerSpec:
     chat_template: str | None  # jinja2 source
 
     @classmethod
-    def from_metadata(cls, meta: dict) -> "TokenizerSpec":
+    def from_metadata(cls, meta: dict) -> TokenizerSpec:
         """Read the ``tokenizer.*`` keys of GGUF metadata (plain Python values)."""
         if "tokenizer.ggml.model" not in meta or "tokenizer.ggml.tokens" not in meta:
             raise TokenizerError("no tokenizer in the file (fields 'tokenizer.ggml.model', "
                                  "'tokenizer.ggml.tokens')")
         tokens = tuple(meta["tokenizer.ggml.tokens"])
-        g = lambda key: meta.get(f"tokenizer.ggml.{key}")  # noqa: E731
+        g = lambda key: meta.get(f"tokenizer.ggml.{key}")
         eos = [g(k) for k in ("eos_token_id", "eot_token_id", "eom_token_id") if g(k) is not None]
         return cls(
             model=str(meta["tokenizer.ggml.model"]), pre=g("pre"), tokens=tokens,
@@ -180,7 +180,7 @@ def _load_backend(path: Path) -> tuple[tokenizers.Tokenizer, str]:
     _, text = _read_json(path)
     try:
         return tokenizers.Tokenizer.from_str(text), text
-    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
         raise TokenizerError(f"{path}: not a valid tokenizer.json ({e})") from None
 
 
@@ -217,7 +217,7 @@ class Tokenizer:
         self._template = compile_chat_template(chat_template, where) if chat_template else None
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
         """Read ``tokenizer.json``, ``tokenizer_config.json`` (optional), ``chat_template.jinja``
         (optional, wins over the config's template) and ``generation_config.json`` (optional)."""
         folder = Path(folder)
@@ -235,10 +235,10 @@ class Tokenizer:
         return cls(backend, text, config, template, eos, where)
 
     @classmethod
-    def from_gguf(cls, spec: TokenizerSpec) -> "Tokenizer":
+    def from_gguf(cls, spec: TokenizerSpec) -> Tokenizer:
         """Build from GGUF tokenizer metadata."""
         backend = build_gguf_tokenizer(spec)
-        name = lambda i: spec.tokens[i] if i is not None and 0 <= i < len(spec.tokens) else None  # noqa: E731
+        name = lambda i: spec.tokens[i] if i is not None and 0 <= i < len(spec.tokens) else None
         config = {"bos_token": name(spec.bos_id),
                   "eos_token": name(spec.eos_ids[0]) if spec.eos_ids else None,
                   "unk_token": name(spec.unk_id), "pad_token": name(spec.pad_id),
