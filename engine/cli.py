@@ -122,7 +122,7 @@ def convert(
 ) -> None:
     """Convert a GGUF file to an HF folder (fp32 safetensors, config, tokenizer, chat template)."""
     from .gguf_import import GGUFError, convert_gguf
-    from .tokenizer import TokenizerError
+    from ..verifier.tokenizer import TokenizerError
 
     try:
         with err.status(f"converting {gguf_file} ..."):

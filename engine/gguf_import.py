@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from ..verifier.checkpoint import expected_shapes
 from ..verifier.config import ConfigError, ModelConfig, RopeScaling
-from .tokenizer import Tokenizer, TokenizerError, TokenizerSpec
+from ..verifier.tokenizer import Tokenizer, TokenizerError, TokenizerSpec
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,

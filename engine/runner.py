@@ -14,7 +14,7 @@ from ..verifier.config import ConfigError
 from ..verifier.numerics import SPEC_VERSION, get_profile
 from ..verifier.numerics.sampler import SamplingParams
 from .loader import LoadedModel, ModelNotFound, load_model
-from .tokenizer import TokenizerError
+from ..verifier.tokenizer import TokenizerError
 
 
 class EngineError(Exception):

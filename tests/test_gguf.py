@@ -15,7 +15,7 @@ import pytest
 from commitllm.engine import gguf_import
 from commitllm.engine.gguf_import import GGUFError, convert_gguf, read_gguf, unpermute_rows
 from commitllm.engine.loader import ModelNotFound, default_gguf
-from commitllm.engine.tokenizer import Tokenizer
+from commitllm.verifier.tokenizer import Tokenizer
 from commitllm.verifier.checkpoint import load_checkpoint
 from commitllm.verifier.config import ModelConfig
 from gguf import GGMLQuantizationType as Q

@@ -14,7 +14,7 @@ import pytest
 import regex
 from commitllm.engine.gguf_import import read_gguf_tokenizer
 from commitllm.engine.loader import ModelNotFound, default_gguf
-from commitllm.engine.tokenizer import Tokenizer, TokenizerError, TokenizerSpec
+from commitllm.verifier.tokenizer import Tokenizer, TokenizerError, TokenizerSpec
 
 TEXTS = [
     "Hello world", "The quick brown fox jumps over the lazy dog.",

@@ -1,0 +1,104 @@
+"""Key generation (numpy only): the verifier's secret Freivalds vectors and the public data the
+replay needs (norm weights, channel scales, biases), bound to the model commitment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..verifier import container
+from ..verifier.commitment import commit_model
+from ..verifier.digest import numerics_constants
+from ..verifier.commitment import canonical_json
+from ..verifier.freivalds import CHECKS, PRIME, project, secret_vectors
+from ..verifier.numerics import SPEC_VERSION
+from ..verifier.numerics.rope import RopeTable
+from ..verifier.numerics.weights import QuantizedModel
+
+KEY_MAGIC = b"CLLMKEY\x00"
+KEY_VERSION = 1
+MAX_KEY_BYTES = 1 << 34
+MATRICES = ("qkv", "o", "gate_up", "down")
+
+
+@dataclass
+class Key:
+    """A loaded key: metadata (JSON) and arrays (secret, projections, public replay data)."""
+
+    meta: dict
+    arrays: dict
+
+    @property
+    def secret(self) -> bytes:
+        return bytes(self.arrays["secret"])
+
+    def r(self, label: str) -> np.ndarray:
+        """The secret vectors of matrix `label` (recomputed from the secret, never stored)."""
+        n = self.meta["rows"][label]
+        return secret_vectors(self.secret, label, n, self.meta["freivalds"]["checks"])
+
+    def v(self, label: str) -> np.ndarray:
+        return self.arrays[f"{label}.v"]
+
+
+def _linears(qm: QuantizedModel):
+    for i, layer in enumerate(qm.layers):
+        for m in MATRICES:
+            yield f"layers.{i}.{m}", getattr(layer, m)
+    yield "lm_head", qm.lm_head
+
+
+def build_key(qm: QuantizedModel, secret: bytes | None = None, progress=None) -> Key:
+    """Commit to the model and project every matrix with fresh secret vectors."""
+    secret = os.urandom(32) if secret is None else secret
+    com = commit_model(qm)
+    arrays: dict[str, np.ndarray] = {"secret": np.frombuffer(secret, dtype=np.uint8).copy()}
+    rows = {}
+    for label, lin in _linears(qm):
+        r = secret_vectors(secret, label, lin.q.shape[0])
+        arrays[f"{label}.v"] = project(r, lin.q)
+        arrays[f"{label}.s"] = lin.s
+        if lin.bias is not None:
+            arrays[f"{label}.bias"] = lin.bias
+        rows[label] = int(lin.q.shape[0])
+        if progress:
+            progress(label)
+    for i, layer in enumerate(qm.layers):
+        arrays[f"layers.{i}.attn_norm"] = layer.attn_norm
+        arrays[f"layers.{i}.mlp_norm"] = layer.mlp_norm
+    arrays["final_norm"] = qm.final_norm
+    meta = {
+        "spec_version": SPEC_VERSION,
+        "profile": qm.profile.manifest(),
+        "config": qm.cfg.to_hf_dict(),
+        "model_commitment": com["commitment"].hex(),
+        "embed_root": com["embed_root"].hex(),
+        "tensors_root": com["tensors_root"].hex(),
+        "config_digest": com["config_digest"].hex(),
+        "rope_digest": RopeTable(qm.cfg).digest(),
+        "numerics_digest": numerics_digest(),
+        "freivalds": {"prime": PRIME, "checks": CHECKS},
+        "rows": rows,
+    }
+    return Key(meta, arrays)
+
+
+def numerics_digest() -> str:
+    import blake3
+
+    return blake3.blake3(canonical_json(numerics_constants())).hexdigest()
+
+
+def save_key(key: Key, path: Path) -> None:
+    """Write with mode 0600: the key holds the verifier's secret."""
+    container.write(Path(path), KEY_MAGIC, KEY_VERSION, key.meta, key.arrays, mode=0o600)
+
+
+def load_key(path: Path) -> Key:
+    meta, arrays = container.read(Path(path), KEY_MAGIC, KEY_VERSION, MAX_KEY_BYTES)
+    if "secret" not in arrays or arrays["secret"].shape != (32,):
+        raise container.ContainerError(f"{path}: key without a 32-byte secret")
+    return Key(meta, arrays)

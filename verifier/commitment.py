@@ -1,0 +1,109 @@
+"""Commitments: the model (weights, config, profile) and the execution trace (residuals, K/V rows).
+
+Model: blake3(domain || embed_root || tensors_root || blake3(config+profile JSON)). embed_root is a
+Merkle tree with one leaf per embedding row (so a row opens with a proof); tensors_root has one
+leaf per other quantized tensor (name and content digest).
+
+Trace: for each layer, a Merkle tree over positions; the receipt holds the root over the layer
+roots. Residual layer l holds x_l (the input of layer l; l = L is the final residual), K/V layer
+l holds the quantized K and V rows and their scales. Leaf tags carry (kind, layer, position).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import blake3
+import numpy as np
+
+from .digest import array_digest
+from .merkle import MerkleTree, leaf_hash
+from .numerics.weights import QuantizedModel
+
+MODEL_DOMAIN = b"commitllm/model/v1\x00"
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def embed_leaf(row: int, q: np.ndarray, s: np.float32) -> bytes:
+    data = np.ascontiguousarray(q).astype(q.dtype.newbyteorder("<")).tobytes()
+    return leaf_hash(b"embed" + struct.pack("<I", row), data + np.float32(s).astype("<f4").tobytes())
+
+
+def embed_leaves(qm: QuantizedModel) -> list[bytes]:
+    return [embed_leaf(i, qm.embed.q[i], qm.embed.s[i]) for i in range(qm.embed.q.shape[0])]
+
+
+def tensor_leaves(qm: QuantizedModel) -> list[bytes]:
+    out = []
+    for name, arr in sorted(qm.to_tensors().items()):
+        if name.startswith("embed."):
+            continue
+        out.append(leaf_hash(b"tensor", struct.pack("<I", len(name)) + name.encode()
+                             + bytes.fromhex(array_digest(arr))))
+    return out
+
+
+def config_digest(qm: QuantizedModel) -> bytes:
+    return blake3.blake3(canonical_json({"config": qm.cfg.to_hf_dict(),
+                                         "profile": qm.profile.manifest()})).digest()
+
+
+def model_commitment(embed_root: bytes, tensors_root: bytes, cfg_digest: bytes) -> bytes:
+    return blake3.blake3(MODEL_DOMAIN + embed_root + tensors_root + cfg_digest).digest()
+
+
+def commit_model(qm: QuantizedModel) -> dict:
+    """{'commitment', 'embed_root', 'tensors_root', 'config_digest'} as bytes."""
+    embed_root = MerkleTree(embed_leaves(qm)).root
+    tensors_root = MerkleTree(tensor_leaves(qm)).root
+    cd = config_digest(qm)
+    return {"commitment": model_commitment(embed_root, tensors_root, cd), "embed_root": embed_root,
+            "tensors_root": tensors_root, "config_digest": cd}
+
+
+# --- execution trace --------------------------------------------------------------------------
+
+
+def resid_leaf(layer: int, pos: int, x: np.ndarray) -> bytes:
+    return leaf_hash(b"resid" + struct.pack("<II", layer, pos), x.astype("<f4").tobytes())
+
+
+def kv_bytes(k, sk, v, sv) -> bytes:
+    return b"".join(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes()
+                    for a in (k, sk, v, sv))
+
+
+def kv_leaf(layer: int, pos: int, k, sk, v, sv) -> bytes:
+    return leaf_hash(b"kv" + struct.pack("<II", layer, pos), kv_bytes(k, sk, v, sv))
+
+
+def layer_leaf(kind: bytes, layer: int, root: bytes) -> bytes:
+    return leaf_hash(kind + b"-layer" + struct.pack("<I", layer), root)
+
+
+class TraceTrees:
+    """Per-layer position trees for residuals (L + 1 layers) and K/V rows (L layers)."""
+
+    def __init__(self, resid: np.ndarray, k, sk, v, sv):
+        """resid fp32 [L+1, T, H]; k, v int [L, T, nkv, d]; sk, sv fp32 [L, T, nkv]."""
+        self.resid_trees = [MerkleTree([resid_leaf(l, t, resid[l, t]) for t in range(resid.shape[1])])
+                            for l in range(resid.shape[0])]
+        self.kv_trees = [MerkleTree([kv_leaf(l, t, k[l, t], sk[l, t], v[l, t], sv[l, t])
+                                     for t in range(k.shape[1])]) for l in range(k.shape[0])]
+        self.resid_layer_roots = [t.root for t in self.resid_trees]
+        self.kv_layer_roots = [t.root for t in self.kv_trees]
+        self.resid_root = MerkleTree([layer_leaf(b"resid", l, r)
+                                      for l, r in enumerate(self.resid_layer_roots)]).root
+        self.kv_root = MerkleTree([layer_leaf(b"kv", l, r)
+                                   for l, r in enumerate(self.kv_layer_roots)]).root
+
+
+def layer_roots_match(kind: bytes, layer_roots: list[bytes], root: bytes) -> bool:
+    import hmac
+
+    got = MerkleTree([layer_leaf(kind, l, r) for l, r in enumerate(layer_roots)]).root
+    return hmac.compare_digest(got, root)

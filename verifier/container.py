@@ -1,0 +1,103 @@
+"""The binary container of keys and openings: magic, version, then a safetensors payload whose
+``__metadata__`` holds one JSON document. Every size is checked before anything is allocated."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save
+
+
+_ALLOWED = {"F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+            "I32": np.int32, "I64": np.int64, "U8": np.uint8, "U64": np.uint64}
+_SIZES = {"F32": 4, "F64": 8, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "U64": 8}
+MAX_HEADER = 64 * 1024 * 1024
+
+
+class ContainerError(ValueError):
+    """A file that is not a container of the expected kind, or is malformed."""
+
+
+def dumps(magic: bytes, version: int, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
+    payload = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                   metadata={"json": json.dumps(meta, sort_keys=True)})
+    return magic + struct.pack("<I", version) + payload
+
+
+def write(path: Path, magic: bytes, version: int, meta: dict, arrays: dict, mode: int = 0o644):
+    """Atomic write (temp file + rename) with the given permission bits."""
+    path = Path(path)
+    data = dumps(magic, version, meta, arrays)
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=".tmp-")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def loads(data: bytes, magic: bytes, version: int, max_bytes: int) -> tuple[dict, dict]:
+    """(meta, arrays) from bytes; raises ContainerError with a reason on anything unexpected."""
+    if len(data) > max_bytes:
+        raise ContainerError(f"larger than the {max_bytes}-byte limit")
+    head = len(magic) + 4
+    if len(data) < head + 8 or data[:len(magic)] != magic:
+        raise ContainerError("wrong magic (not this kind of file)")
+    (ver,) = struct.unpack("<I", data[len(magic):head])
+    if ver != version:
+        raise ContainerError(f"unsupported version {ver} (expected {version})")
+    (n,) = struct.unpack("<Q", data[head:head + 8])
+    if n > MAX_HEADER or head + 8 + n > len(data):
+        raise ContainerError("corrupt header length")
+    try:
+        table = json.loads(data[head + 8:head + 8 + n])
+        meta = json.loads(table.pop("__metadata__")["json"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ContainerError(f"corrupt header ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(table, dict):
+        raise ContainerError("corrupt header")
+    return meta, _arrays(data, head + 8 + n, table)
+
+
+def _arrays(data: bytes, start: int, table: dict) -> dict:
+    size = len(data) - start
+    out = {}
+    for name, info in table.items():
+        if not isinstance(info, dict) or info.get("dtype") not in _ALLOWED:
+            raise ContainerError(f"tensor {name!r}: unsupported or missing dtype")
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) for o in offsets)):
+            raise ContainerError(f"tensor {name!r}: malformed entry")
+        count = int(np.prod(shape, dtype=np.int64))
+        a, b = offsets
+        if not (0 <= a <= b <= size) or b - a != count * _SIZES[info["dtype"]]:
+            raise ContainerError(f"tensor {name!r}: outside the payload or wrong size")
+        out[name] = np.frombuffer(data, dtype=_ALLOWED[info["dtype"]], count=count,
+                                  offset=start + a).reshape(shape)
+    return out
+
+
+def read(path: Path, magic: bytes, version: int, max_bytes: int) -> tuple[dict, dict]:
+    path = Path(path)
+    try:
+        if path.stat().st_size > max_bytes:
+            raise ContainerError(f"{path}: larger than the {max_bytes}-byte limit")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ContainerError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        return loads(data, magic, version, max_bytes)
+    except ContainerError as e:
+        raise ContainerError(f"{path}: {e}") from None
+
+
+__all__ = ["ContainerError", "dumps", "loads", "read", "write"]
