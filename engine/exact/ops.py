@@ -56,7 +56,7 @@ def int64_to_f64(v: torch.Tensor) -> torch.Tensor:
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Spec norm.rmsnorm: exact int64 sum of squares at the row max's exponent, float64 scalar."""
     h = x.shape[-1]
-    if h > MAX_NORM_WIDTH:
+    if h > MAX_NORM_WIDTH:  # |X| <= 2^23, so H * 2^46 < 2^63 needs H < 2^17
         raise OverflowError(f"row width {h} exceeds {MAX_NORM_WIDTH}")
     amax = x.abs().amax(dim=-1)
     e = torch.frexp(amax).exponent.to(I64)
@@ -119,12 +119,14 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) 
     row_max = logits.amax(dim=-1, keepdim=True)
     w = torch.where(visible, table_weights(row_max - logits), torch.zeros((), dtype=I64))
     z = w.sum(dim=-1)  # [nh, T]
-    p = w.to(F32) * sv[:, kh].t().unsqueeze(1)  # [nh, T, S]
+    p = (w.to(F32) * float(2.0**-COEF_BITS)) * sv[:, kh].t().unsqueeze(1)  # [nh, T, S]
     m = torch.where(visible, p, torch.zeros((), dtype=F32)).amax(dim=-1, keepdim=True)
+    if not bool((m > 0).all()):
+        raise FloatingPointError("attention value scale underflowed to zero")
     c = torch.round((p / m) * float(1 << COEF_BITS))
     c = torch.where(visible, c, torch.zeros((), dtype=F32)).to(F64)
     acc = torch.matmul(c, v.to(F64)[:, kh].transpose(0, 1)).to(I64)  # [nh, T, d]
-    out = ((int_to_f32(acc) * m) / int_to_f32(z).unsqueeze(-1)) * float(2.0**-COEF_BITS)
+    out = (int_to_f32(acc) / int_to_f32(z).unsqueeze(-1)) * m
     if parts is not None:
         parts.update(scores=scores, logits=logits, weights=w, z=z)
     return out.transpose(0, 1).reshape(t_len, nh * d)

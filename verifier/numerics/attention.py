@@ -57,13 +57,18 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) 
 
 
 def _weighted_values(w, z, v, sv, kh, visible) -> np.ndarray:
-    """out = ((f32(A) * M) / f32(Z)) * 2^-15, A = sum_j c_j V_j, c_j = rint((p_j / M) * 2^15),
-    p_j = f32(w_j) * sv_j, M = max_j p_j."""
-    p = w.astype(F32) * sv[:, kh].T[:, None, :]  # [nh, T, S] fp32
-    m = np.max(np.where(visible, p, F32(0)), axis=-1, keepdims=True)  # > 0: the max has w = 2^15
+    """out = (f32(A) / f32(Z)) * M with A = sum_j c_j V_j, c_j = rint((p_j / M) * 2^15),
+    p_j = (f32(w_j) * 2^-15) * sv_j, M = max_j p_j.
+
+    w_j * 2^-15 <= 1 is exact, so p_j <= sv_j cannot overflow; A / Z is bounded by qmax * 2^15,
+    so only a true output beyond fp32's range can overflow.
+    """
+    p = (w.astype(F32) * F32(2.0**-COEF_BITS)) * sv[:, kh].T[:, None, :]  # [nh, T, S] fp32
+    m = np.max(np.where(visible, p, F32(0)), axis=-1, keepdims=True)
+    if not np.all(m > 0):
+        raise FloatingPointError("attention value scale underflowed to zero")
     c = np.rint((p / m) * F32(1 << COEF_BITS))
     c = np.where(visible, c, 0).astype(np.float64)
     vf = v.astype(np.float64)[:, kh, :].transpose(1, 0, 2)  # [nh, S, d]
     acc = (c @ vf).astype(np.int64)  # [nh, T, d] exact (bounds checked)
-    num = int_to_f32(acc) * m
-    return ((num / int_to_f32(z)[..., None]) * F32(2.0**-COEF_BITS)).astype(F32)
+    return ((int_to_f32(acc) / int_to_f32(z)[..., None]) * m).astype(F32)

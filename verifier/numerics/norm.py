@@ -6,14 +6,14 @@ import numpy as np
 
 F32 = np.float32
 NORM_FRAC_BITS = 23  # each element is scaled so the row max lies in [2^22, 2^23)
-MAX_NORM_WIDTH = 2**17  # width * (2^23)^2 < 2^63 keeps the int64 sum exact
+MAX_NORM_WIDTH = 2**17 - 1  # |X| <= 2^23, so width * 2^46 < 2^63 keeps the int64 sum exact
 
 
 def exact_sum_squares(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x fp32 [T, H] -> (ss int64 [T], e int64 [T]).
 
     e is the binary exponent of the row max (max|x| = m * 2^e, m in [0.5, 1); 0 for a zero row);
-    X = rint(x * 2^(23 - e)) is exact fixed point with |X| < 2^23, and ss = sum X^2 exactly.
+    X = rint(x * 2^(23 - e)) is exact fixed point with |X| <= 2^23, and ss = sum X^2 exactly.
     """
     if x.shape[-1] > MAX_NORM_WIDTH:
         raise OverflowError(f"row width {x.shape[-1]} exceeds {MAX_NORM_WIDTH}")

@@ -47,7 +47,7 @@ def int_matmul(qx: np.ndarray, qw: np.ndarray, qmax_x: int, qmax_w: int) -> np.n
 
 def int_to_f32(z: np.ndarray) -> np.ndarray:
     """Integer -> fp32, rounded to nearest even once (through float64, exact below 2^53)."""
-    if np.any(np.abs(z) >= EXACT_F64):
+    if np.any((z >= EXACT_F64) | (z <= -EXACT_F64)):  # not np.abs: abs(INT64_MIN) < 0
         raise OverflowError("integer beyond 2^53 cannot be converted exactly")
     return z.astype(np.float64).astype(F32)
 

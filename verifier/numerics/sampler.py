@@ -32,7 +32,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (0 <= self.seed < 2**64):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not (
+                0 <= self.seed < 2**64):
             raise ValueError(f"seed must be in [0, 2^64), got {self.seed}")
 
     @property
