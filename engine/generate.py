@@ -39,37 +39,57 @@ def check_request(prompts: list[list[int]], max_tokens: int, vocab_size: int, ma
                              f"length {max_len}")
 
 
+class Recorder:
+    """Collects, per sequence, what the receipt commits: residual rows of every layer."""
+
+    def __init__(self, n_seqs: int):
+        self.rows: list[list[list[torch.Tensor]]] = [[] for _ in range(n_seqs)]
+
+    def step(self, model: ExactModel, seq_ids: list[int], caches, tokens) -> list[torch.Tensor]:
+        resid: list[torch.Tensor] = []
+        out = model.forward(caches, tokens, residuals=resid)
+        lengths = [len(t) for t in tokens]
+        for layer_x in resid:
+            for i, part in zip(seq_ids, layer_x.split(lengths)):
+                self.rows[i].append(part)
+        return out
+
+    def residuals(self, i: int, n_layers: int):
+        """fp32 numpy [L+1, T, H] for sequence i."""
+        per_layer = [torch.cat(self.rows[i][l::n_layers + 1]) for l in range(n_layers + 1)]
+        return torch.stack(per_layer).numpy()
+
+
 def generate_exact(model: ExactModel, prompts: list[list[int]], params: SamplingParams,
                    max_tokens: int, eos_ids: tuple[int, ...], on_token: OnToken | None = None,
-                   prefill_chunk: int = 0) -> list[Result]:
+                   prefill_chunk: int = 0, recorder: Recorder | None = None,
+                   caches: list[SeqCache] | None = None) -> list[Result]:
     """Prefill all prompts in one batch (optionally in chunks), then decode the live ones together."""
     check_request(prompts, max_tokens, model.cfg.vocab_size, model.cfg.max_position_embeddings)
     results = [Result(list(p)) for p in prompts]
-    caches = [SeqCache() for _ in prompts]
+    caches = [SeqCache() for _ in prompts] if caches is None else caches
     if max_tokens == 0:
         return results
-    logits = _prefill(model, caches, prompts, prefill_chunk)
+    run = recorder.step if recorder is not None else (lambda m, _ids, c, t: m.forward(c, t))
+    logits = _prefill(model, caches, prompts, prefill_chunk, run)
     live = list(range(len(prompts)))
     while live:
-        nxt = []
-        for j, i in enumerate(live):
-            tok = _pick(logits[j], params, results[i], on_token, i, eos_ids, max_tokens)
-            if tok is not None:
-                nxt.append(i)
-        live = nxt
+        live = [i for j, i in enumerate(live)
+                if _pick(logits[j], params, results[i], on_token, i, eos_ids, max_tokens) is not None]
         if live:
-            logits = model.forward([caches[i] for i in live], [[results[i].token_ids[-1]] for i in live])
+            logits = run(model, live, [caches[i] for i in live],
+                         [[results[i].token_ids[-1]] for i in live])
     return results
 
 
-def _prefill(model: ExactModel, caches, prompts, chunk: int) -> list[torch.Tensor]:
+def _prefill(model: ExactModel, caches, prompts, chunk: int, run) -> list[torch.Tensor]:
     if chunk <= 0:
-        return model.forward(caches, prompts)
+        return run(model, list(range(len(prompts))), caches, prompts)
     last = [None] * len(prompts)
     longest = max(len(p) for p in prompts)
     for start in range(0, longest, chunk):
         idx = [i for i, p in enumerate(prompts) if len(p) > start]
-        out = model.forward([caches[i] for i in idx], [prompts[i][start:start + chunk] for i in idx])
+        out = run(model, idx, [caches[i] for i in idx], [prompts[i][start:start + chunk] for i in idx])
         for i, lg in zip(idx, out):
             last[i] = lg
     return last

@@ -51,7 +51,7 @@ def _linears(qm: QuantizedModel):
     yield "lm_head", qm.lm_head
 
 
-def build_key(qm: QuantizedModel, secret: bytes | None = None, progress=None) -> Key:
+def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progress=None) -> Key:
     """Commit to the model and project every matrix with fresh secret vectors."""
     secret = os.urandom(32) if secret is None else secret
     com = commit_model(qm)
@@ -82,6 +82,11 @@ def build_key(qm: QuantizedModel, secret: bytes | None = None, progress=None) ->
         "numerics_digest": numerics_digest(),
         "freivalds": {"prime": PRIME, "checks": CHECKS},
         "rows": rows,
+        "tokenizer_hash": tokenizer.tokenizer_hash(),
+        "chat_template_hash": tokenizer.chat_template_hash(),
+        "tokenizer": {"json": tokenizer._json, "config": tokenizer.config,
+                      "chat_template": tokenizer.chat_template,
+                      "eos_token_ids": list(tokenizer.eos_token_ids)},
     }
     return Key(meta, arrays)
 
@@ -90,6 +95,18 @@ def numerics_digest() -> str:
     import blake3
 
     return blake3.blake3(canonical_json(numerics_constants())).hexdigest()
+
+
+def key_tokenizer(key: Key):
+    """The tokenizer the key was built with (for input and output binding)."""
+    import tokenizers
+
+    from ..verifier.tokenizer import Tokenizer
+
+    t = key.meta["tokenizer"]
+    backend = tokenizers.Tokenizer.from_str(t["json"])
+    return Tokenizer(backend, t["json"], t["config"], t["chat_template"],
+                     tuple(t["eos_token_ids"]), "key")
 
 
 def save_key(key: Key, path: Path) -> None:

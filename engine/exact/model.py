@@ -68,8 +68,13 @@ class ExactModel:
 
     @torch.inference_mode()
     def forward(self, caches: list[SeqCache], tokens: list[list[int]], trace: dict | None = None,
-                all_logits: bool = False) -> list[torch.Tensor]:
-        """Append tokens[i] to sequence i; returns per sequence logits fp32 [n_i or 1, V]."""
+                all_logits: bool = False, residuals: list | None = None,
+                trace_attention: bool = True) -> list[torch.Tensor]:
+        """Append tokens[i] to sequence i; returns per sequence logits fp32 [n_i or 1, V].
+
+        residuals, when given, receives the L + 1 residual streams fp32 [N, H] of the flattened
+        batch: the input of every layer, then the final one (what the receipt commits).
+        """
         lengths = [len(t) for t in tokens]
         if min(lengths) < 1:
             raise ValueError("every sequence in a step needs at least one token")
@@ -77,12 +82,16 @@ class ExactModel:
         pos = np.concatenate([c.length + np.arange(n) for c, n in zip(caches, lengths)])
         cos, sin = (torch.from_numpy(a) for a in self.rope.lookup(pos))
         x = self.embed_q[ids].to(torch.float32) * self.embed_s[ids].unsqueeze(1)
-        step = _Step(caches, lengths, torch.from_numpy(pos), cos, sin)
+        step = _Step(caches, lengths, torch.from_numpy(pos), cos, sin, trace_attention)
         for i, layer in enumerate(self.layers):
+            if residuals is not None:
+                residuals.append(x)
             tr = {} if trace is not None else None
             x = layer(self, i, x, step, tr)
             if trace is not None:
                 trace.update({f"layers.{i}.{k}": v for k, v in tr.items()})
+        if residuals is not None:
+            residuals.append(x)
         for c, n in zip(caches, lengths):
             c.length += n
         return self._logits(x, lengths, trace, all_logits)
@@ -110,6 +119,7 @@ class _Step:
     pos: torch.Tensor  # [N] absolute positions
     cos: torch.Tensor  # [N, d/2]
     sin: torch.Tensor
+    trace_attention: bool = True  # record scores/weights (single-sequence traces only)
 
 
 class _TorchLayer:
@@ -131,7 +141,7 @@ class _TorchLayer:
                            step.cos, step.sin)
         v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(n, nkv, d)
         (qq, sq), (kq, sk), (vq, sv) = (ops.quantize_rows(t, kvq) for t in (q, k, v))
-        parts = {} if tr is not None and len(step.caches) == 1 else None
+        parts = {} if tr is not None and len(step.caches) == 1 and step.trace_attention else None
         o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts)
         h = x + self.o(o, aq, tr, "o")
         mm = ops.rmsnorm(h, self.mlp_norm, cfg.rms_norm_eps)

@@ -1,0 +1,98 @@
+"""Receipts at generation time: the manifest, the trace roots, and the transcript store."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..keys.keygen import numerics_digest
+from ..verifier.commitment import TraceTrees, commit_model
+from ..verifier.numerics import SPEC_VERSION
+from ..verifier.numerics.sampler import SamplingParams
+from ..verifier.receipt import build_receipt, seed_commitment
+from .exact.model import ExactModel, SeqCache
+
+
+class Committer:
+    """Everything a receipt names about the model and its numerics, computed once per model."""
+
+    def __init__(self, model: ExactModel, tokenizer, chat: bool):
+        self.model, self.tokenizer, self.chat = model, tokenizer, chat
+
+    @cached_property
+    def model_commitment(self) -> str:
+        return commit_model(self.model.qm)["commitment"].hex()
+
+    def manifest(self, params: SamplingParams, seed_com: str | None, max_tokens: int,
+                 eos_ids: tuple[int, ...]) -> dict:
+        cfg = self.model.cfg
+        return {
+            "spec_version": SPEC_VERSION, "numerics_digest": numerics_digest(),
+            "profile": self.model.profile.manifest(), "model_commitment": self.model_commitment,
+            "rope_digest": self.model.rope.digest(),
+            "tokenizer_hash": self.tokenizer.tokenizer_hash(),
+            "chat_template_hash": self.tokenizer.chat_template_hash(), "chat": self.chat,
+            "sampling": params.manifest(), "seed_commitment": seed_com,
+            "limits": {"max_tokens": max_tokens, "eos_token_ids": list(eos_ids),
+                       "context_length": cfg.max_position_embeddings},
+        }
+
+
+def trace_roots(resid: np.ndarray, cache: SeqCache) -> TraceTrees:
+    """Trees over a sequence's residuals [L+1, T, H] and the K/V rows of its cache."""
+    stack = lambda xs: np.stack([x.numpy() for x in xs])  # noqa: E731  [L, T, ...]
+    return TraceTrees(resid, stack(cache.k), stack(cache.sk), stack(cache.v), stack(cache.sv))
+
+
+def make_receipt(committer: Committer, request: dict, nonce: str, params: SamplingParams,
+                 salt: bytes, max_tokens: int, eos_ids, prompt_ids, output_ids,
+                 trees: TraceTrees) -> dict:
+    seed_com = None if params.greedy else seed_commitment(params.seed, salt)
+    manifest = committer.manifest(params, seed_com, max_tokens, eos_ids)
+    text = committer.tokenizer.decode(output_ids)
+    trace = {"positions": len(prompt_ids) + len(output_ids) - 1,
+             "layers": committer.model.cfg.num_layers,
+             "residual_root": trees.resid_root.hex(), "kv_root": trees.kv_root.hex()}
+    return build_receipt(manifest, request, nonce, prompt_ids, output_ids, text, trace)
+
+
+# --- transcript store ---------------------------------------------------------------------------
+
+_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TranscriptStore:
+    """DIR/<receipt_id>.json: the receipt plus what re-execution needs (seed and salt).
+    Nothing per token beyond the token ids is kept."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def put(self, receipt: dict, seed: int, salt: bytes) -> Path:
+        path = self.root / f"{receipt['receipt_id']}.json"
+        data = json.dumps({"receipt": receipt, "seed": seed, "salt": salt.hex()})
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        return path
+
+    def get(self, receipt_id: str) -> dict:
+        if not _ID.match(receipt_id):
+            raise KeyError(f"malformed receipt id {receipt_id!r}")
+        path = self.root / f"{receipt_id}.json"
+        if not path.is_file():
+            raise KeyError(f"no transcript for receipt {receipt_id} in {self.root}")
+        return json.loads(path.read_text())

@@ -1,0 +1,132 @@
+"""Bit-exact replay of opened layers and decode steps, using the numpy spec and Freivalds checks.
+
+Each function raises Reject(code, detail) on the first mismatch; every comparison is `==`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import freivalds
+from .numerics.attention import attention
+from .numerics.exp2 import swiglu
+from .numerics.norm import rmsnorm
+from .numerics.quant import dequantize, quantize_rows
+from .numerics.rope import apply_rope
+from .numerics.sampler import SamplingParams, sample
+
+
+class Reject(Exception):
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code, self.detail = code, detail
+
+
+@dataclass
+class Timer:
+    """Seconds spent per part of the replay."""
+
+    parts: dict = field(default_factory=lambda: {"freivalds": 0.0, "attention": 0.0, "rest": 0.0})
+
+    def add(self, part: str, t0: float) -> float:
+        now = time.perf_counter()
+        self.parts[part] += now - t0
+        return now
+
+
+@dataclass
+class Ctx:
+    """What the replay reads: key, config, profile, rope table, opened arrays."""
+
+    key: object
+    cfg: object
+    profile: object
+    rope: object
+    arrays: dict
+    timer: Timer
+
+
+def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> None:
+    t0 = time.perf_counter()
+    ok = freivalds.check(ctx.key.r(label), ctx.key.v(label), x, z)
+    ctx.timer.add("freivalds", t0)
+    if not np.all(ok):
+        raise Reject(code, f"{label}: accumulator of row {int(np.argmin(ok))} fails Freivalds")
+
+
+def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np.ndarray:
+    """Quantize x, check z = W q(x) by Freivalds, dequantize."""
+    qx, sx = quantize_rows(x, ctx.profile.act_qmax)
+    if z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
+        raise Reject("opening_malformed", f"{label}: accumulator shape {z.shape}")
+    _freivalds(ctx, label, qx, z, code)
+    return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
+
+
+def _rows(table: dict, positions) -> np.ndarray:
+    return np.stack([table[int(p)] for p in positions])
+
+
+def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
+    """Layer l at its challenged positions (full) and its K/V sample (derivation only).
+
+    resid[l]: position -> x_l row; kv[l]: (k, sk, v, sv) arrays over positions 0..horizon-1;
+    z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows).
+    """
+    cfg, kvq = ctx.cfg, ctx.profile.kv_qmax
+    p_full, zs = z[l]
+    p_sample, zq_rows = zq.get(l, ([], np.zeros((0, zs["qkv"].shape[1]), np.int64)))
+    pos = np.array(list(p_full) + list(p_sample), dtype=np.int64)
+    t0 = time.perf_counter()
+    x = _rows(resid[l], pos)
+    a = rmsnorm(x, ctx.key.arrays[f"layers.{l}.attn_norm"], cfg.rms_norm_eps)
+    ctx.timer.add("rest", t0)
+    qkv = _linear(ctx, f"layers.{l}.qkv", a, np.concatenate([zs["qkv"], zq_rows]), "freivalds_qkv")
+    t0 = time.perf_counter()
+    q, (kq, sk), (vq, sv) = _qkv(ctx, qkv, pos)
+    k_all, sk_all, v_all, sv_all = kv[l]
+    if not (np.array_equal(kq, k_all[pos]) and np.array_equal(sk, sk_all[pos])
+            and np.array_equal(vq, v_all[pos]) and np.array_equal(sv, sv_all[pos])):
+        raise Reject("kv_mismatch", f"layer {l}: a committed K/V row differs from its derivation")
+    n = len(p_full)
+    t0 = ctx.timer.add("rest", t0)
+    o = attention(q[0][:n], q[1][:n], k_all, sk_all, v_all, sv_all, pos[:n], kvq)
+    ctx.timer.add("attention", t0)
+    h = x[:n] + _linear(ctx, f"layers.{l}.o", o, zs["o"], "freivalds_o")
+    m = rmsnorm(h, ctx.key.arrays[f"layers.{l}.mlp_norm"], cfg.rms_norm_eps)
+    gu = _linear(ctx, f"layers.{l}.gate_up", m, zs["gate_up"], "freivalds_gate_up")
+    f = cfg.intermediate_size
+    act = swiglu(gu[:, :f], gu[:, f:])
+    out = h + _linear(ctx, f"layers.{l}.down", act, zs["down"], "freivalds_down")
+    if not np.array_equal(out, _rows(resid[l + 1], pos[:n])):
+        raise Reject("residual_chain", f"layer {l}: replayed output differs from committed x_{l + 1}")
+
+
+def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray):
+    cfg, kvq, t = ctx.cfg, ctx.profile.kv_qmax, qkv.shape[0]
+    cos, sin = ctx.rope.lookup(pos)
+    q = apply_rope(qkv[:, :cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
+    k = apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads,
+                                                                      cfg.head_dim), cos, sin)
+    v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    return quantize_rows(q, kvq), quantize_rows(k, kvq), quantize_rows(v, kvq)
+
+
+def replay_decode(ctx: Ctx, final: dict, positions, z_lm: np.ndarray, tokens: list[int],
+                  params: SamplingParams) -> None:
+    """Final norm, LM head (Freivalds), decode policy at each position: must yield tokens[t+1]."""
+    x = _rows(final, positions)
+    t0 = time.perf_counter()
+    n = rmsnorm(x, ctx.key.arrays["final_norm"], ctx.cfg.rms_norm_eps)
+    ctx.timer.add("rest", t0)
+    logits = _linear(ctx, "lm_head", n, z_lm, "freivalds_lm_head")
+    t0 = time.perf_counter()
+    for row, t in zip(logits, positions):
+        got = sample(row, params, int(t) + 1)
+        if got != tokens[int(t) + 1]:
+            raise Reject("decode", f"position {int(t) + 1}: policy gives {got}, "
+                                   f"receipt has {tokens[int(t) + 1]}")
+    ctx.timer.add("rest", t0)

@@ -1,0 +1,249 @@
+"""verify(key, receipt, challenge, opening) -> Verdict: every check in order, fail closed."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import challenge as challenge_mod
+from .commitment import embed_leaf, kv_leaf, layer_roots_match, resid_leaf
+from .config import ModelConfig
+from .merkle import verify_multiproof
+from .numerics.profiles import Profile
+from .numerics.rope import RopeTable
+from .numerics.sampler import SamplingParams
+from .opening import MATRICES, Plan, plan
+from .receipt import ReceiptError, check_receipt, seed_commitment
+from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
+
+MANIFEST_KEYS = ("spec_version", "numerics_digest", "model_commitment", "rope_digest",
+                 "tokenizer_hash", "chat_template_hash")
+
+
+@dataclass
+class Verdict:
+    accepted: bool = False
+    reason: str | None = None  # code of the first failing check
+    detail: str | None = None
+    checks: list = field(default_factory=list)
+    timing: dict = field(default_factory=dict)
+
+    def ok(self, name: str, detail: str = "") -> None:
+        self.checks.append({"check": name, "ok": True, "detail": detail})
+
+    def to_json(self) -> dict:
+        return {"accepted": self.accepted, "reason": self.reason, "detail": self.detail,
+                "checks": self.checks, "timing_ms": {k: round(v * 1e3, 3)
+                                                     for k, v in self.timing.items()}}
+
+
+def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None) -> Verdict:
+    """Run every check; the first failure rejects with its reason code."""
+    v, t0 = Verdict(), time.perf_counter()
+    timer = Timer()
+    try:
+        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer)
+        v.accepted = True
+    except Reject as e:
+        v.reason, v.detail = e.code, e.detail
+        v.checks.append({"check": e.code, "ok": False, "detail": e.detail})
+    except ReceiptError as e:
+        v.reason, v.detail = e.code, str(e)
+        v.checks.append({"check": e.code, "ok": False, "detail": str(e)})
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # malformed opening data
+        v.reason, v.detail = "opening_malformed", f"{type(e).__name__}: {e}"
+        v.checks.append({"check": "opening_malformed", "ok": False, "detail": v.detail})
+    v.timing = dict(timer.parts, total=time.perf_counter() - t0)
+    return v
+
+
+def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer) -> None:
+    check_receipt(receipt)
+    v.ok("receipt", "structure, manifest/request hashes, IO chain, receipt id, token count")
+    _check_manifest(key, receipt)
+    v.ok("manifest", "spec, numerics, model commitment, RoPE, tokenizer match the key")
+    reason = challenge_mod.check(key.secret, challenge, receipt)
+    if reason:
+        raise Reject("challenge_invalid", reason)
+    v.ok("challenge", "MAC verifies, same receipt")
+    _check_opening_meta(meta, receipt, challenge)
+    params = _sampling(receipt, meta)
+    v.ok("opening", "for this receipt and challenge; seed commitment")
+    _check_stop_policy(receipt)
+    v.ok("stop_policy", "EOS and max_tokens respected")
+    if tokenizer is not None:
+        _check_io_binding(tokenizer, receipt)
+        v.ok("io_binding", "prompt ids re-derived from the request; text = detokenized output")
+    cfg = ModelConfig.from_dict(key.meta["config"])
+    prof = Profile(**key.meta["profile"])
+    p = plan(challenge, cfg.num_layers)
+    resid, kv = _check_trace_proofs(receipt, arrays, p, cfg)
+    v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
+                   f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
+    tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
+    _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
+    v.ok("embedding", f"{len(p.embed)} input rows equal their proven embedding rows")
+    ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
+    z, zq = _z_tables(arrays, p)
+    for l in sorted(p.z):
+        replay_layer(ctx, l, resid, kv, z, zq)
+    v.ok("layers", f"{len(p.z)} layers x {len(p.embed)} positions replayed bit-exactly "
+                   f"(attention over {len(next(iter(p.kv.values()), []))} K/V rows)")
+    if p.lm:
+        _expect(arrays, "z.lm.pos", p.lm)
+        replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params)
+    v.ok("decode", f"{len(p.lm)} decode steps reproduce the committed tokens")
+
+
+def _check_manifest(key, receipt) -> None:
+    man, km = receipt["manifest"], key.meta
+    for k in MANIFEST_KEYS:
+        if man.get(k) != km.get(k):
+            raise Reject("manifest_mismatch", f"manifest {k} {str(man.get(k))[:16]!r} "
+                                              f"!= key {str(km.get(k))[:16]!r}")
+    if man.get("profile") != km["profile"]:
+        raise Reject("manifest_mismatch", "profile differs from the key's")
+    if receipt["trace"]["layers"] != km["config"]["num_hidden_layers"]:
+        raise Reject("manifest_mismatch", "trace layer count differs from the model's")
+
+
+def _check_opening_meta(meta, receipt, challenge) -> None:
+    if not hmac.compare_digest(str(meta.get("receipt_id")).encode(), receipt["receipt_id"].encode()):
+        raise Reject("opening_mismatch", "opening is for another receipt")
+    if not hmac.compare_digest(str(meta.get("challenge_mac")).encode(), challenge["mac"].encode()):
+        raise Reject("opening_mismatch", "opening answers another challenge")
+
+
+def _sampling(receipt, meta) -> SamplingParams:
+    man = receipt["manifest"]
+    s = man.get("sampling") or {}
+    try:
+        temp, top_k, top_p = s["temperature"], s["top_k"], s["top_p"]
+        if man.get("seed_commitment") is None:
+            if temp != 0:
+                raise Reject("seed_commitment", "sampled receipt without a seed commitment")
+            return SamplingParams(temp, top_k, top_p, 0)
+        seed, salt = meta.get("seed"), bytes.fromhex(str(meta.get("salt")))
+        params = SamplingParams(temp, top_k, top_p, seed)
+    except (KeyError, ValueError) as e:
+        raise Reject("manifest_mismatch", f"sampling parameters unusable ({e})") from None
+    if params.greedy:
+        raise Reject("seed_commitment", "greedy receipt carries a seed commitment")
+    if not hmac.compare_digest(seed_commitment(seed, salt).encode(), man["seed_commitment"].encode()):
+        raise Reject("seed_commitment", "revealed seed does not match the committed one")
+    return params
+
+
+def _check_stop_policy(receipt) -> None:
+    lim, out = receipt["manifest"]["limits"], receipt["output_token_ids"]
+    eos = set(lim["eos_token_ids"])
+    if len(out) > lim["max_tokens"]:
+        raise Reject("stop_policy", f"{len(out)} tokens exceed max_tokens {lim['max_tokens']}")
+    if any(t in eos for t in out[:-1]):
+        raise Reject("stop_policy", "generation continued past an EOS token")
+    if out[-1] not in eos and len(out) != lim["max_tokens"]:
+        raise Reject("stop_policy", "generation stopped early without EOS")
+
+
+def _check_io_binding(tok, receipt) -> None:
+    req, man = receipt["request"], receipt["manifest"]
+    if "messages" in req:
+        ids = tok.encode_chat(req["messages"])
+    elif "prompt" in req and isinstance(req["prompt"], str):
+        ids = (tok.encode_chat([{"role": "user", "content": req["prompt"]}]) if man.get("chat")
+               else tok.encode(req["prompt"]))
+    else:
+        raise Reject("prompt_binding", "request has neither 'prompt' nor 'messages'")
+    if ids != receipt["prompt_token_ids"]:
+        raise Reject("prompt_binding", "prompt token ids are not the tokenization of the request")
+    if tok.decode(receipt["output_token_ids"]) != receipt["text"]:
+        raise Reject("output_binding", "text is not the detokenization of the output ids")
+
+
+def _expect(arrays, name, positions) -> None:
+    got = arrays.get(name)
+    if got is None or got.dtype != np.int64 or got.tolist() != list(positions):
+        raise Reject("opening_malformed", f"{name}: missing or not the challenged positions")
+
+
+def _proof(arrays, name) -> list[bytes]:
+    a = arrays[name]
+    if a.dtype != np.uint8 or a.ndim != 2 or a.shape[1] != 32:
+        raise Reject("opening_malformed", f"{name}: not a list of 32-byte hashes")
+    return [bytes(r) for r in a]
+
+
+def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
+    L = cfg.num_layers
+    rl, kl = _proof(arrays, "resid.layer_roots"), _proof(arrays, "kv.layer_roots")
+    if len(rl) != L + 1 or len(kl) != L:
+        raise Reject("opening_malformed", "wrong number of layer roots")
+    n = receipt["trace"]["positions"]
+    if not (layer_roots_match(b"resid", rl, bytes.fromhex(receipt["trace"]["residual_root"]))
+            and layer_roots_match(b"kv", kl, bytes.fromhex(receipt["trace"]["kv_root"]))):
+        raise Reject("trace_root", "layer roots do not hash to the receipt's trace roots")
+    resid = {}
+    for l, pos in p.resid.items():
+        _expect(arrays, f"resid.{l}.pos", pos)
+        rows = arrays[f"resid.{l}.rows"]
+        if rows.dtype != np.float32 or rows.shape != (len(pos), cfg.hidden_size):
+            raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
+        leaves = {t: resid_leaf(l, t, rows[i]) for i, t in enumerate(pos)}
+        if not verify_multiproof(leaves, n, _proof(arrays, f"resid.{l}.proof"), rl[l]):
+            raise Reject("merkle_residual", f"residual rows of layer {l} are not the committed ones")
+        resid[l] = {t: rows[i] for i, t in enumerate(pos)}
+    return resid, _kv_tables(arrays, p, cfg, kl, n)
+
+
+def _kv_tables(arrays, p: Plan, cfg, kl, n) -> dict:
+    kv = {}
+    shape = (cfg.num_kv_heads, cfg.head_dim)
+    for l, pos in p.kv.items():
+        _expect(arrays, f"kv.{l}.pos", pos)
+        k, sk, v, sv = (arrays[f"kv.{l}.{x}"] for x in ("k", "sk", "v", "sv"))
+        if (k.shape != (len(pos), *shape) or v.shape != k.shape or k.dtype != v.dtype
+                or sk.shape != (len(pos), shape[0]) or sv.shape != sk.shape
+                or sk.dtype != np.float32 or sv.dtype != np.float32 or k.dtype.kind != "i"):
+            raise Reject("opening_malformed", f"kv.{l}: wrong shapes or dtypes")
+        leaves = {t: kv_leaf(l, t, k[i], sk[i], v[i], sv[i]) for i, t in enumerate(pos)}
+        if not verify_multiproof(leaves, n, _proof(arrays, f"kv.{l}.proof"), kl[l]):
+            raise Reject("merkle_kv", f"K/V rows of layer {l} are not the committed ones")
+        kv[l] = (k, sk, v, sv)
+    return kv
+
+
+def _check_embedding(key, arrays, x0: dict, ids: list[int], positions: list[int]) -> None:
+    uniq = sorted(set(ids))
+    _expect(arrays, "embed.ids", uniq)
+    q, s = arrays["embed.q"], arrays["embed.s"]
+    if q.shape[0] != len(uniq) or s.shape != (len(uniq),) or s.dtype != np.float32:
+        raise Reject("opening_malformed", "embedding rows have the wrong shape")
+    leaves = {t: embed_leaf(t, q[i], s[i]) for i, t in enumerate(uniq)}
+    n_vocab = key.meta["config"]["vocab_size"]
+    if not verify_multiproof(leaves, n_vocab, _proof(arrays, "embed.proof"),
+                             bytes.fromhex(key.meta["embed_root"])):
+        raise Reject("merkle_embedding", "embedding rows are not the committed model's")
+    row = {t: i for i, t in enumerate(uniq)}
+    for t, pos in zip(ids, positions):
+        want = (q[row[t]].astype(np.float32) * s[row[t]]).astype(np.float32)
+        if not np.array_equal(x0[pos], want):
+            raise Reject("embedding", f"position {pos}: input residual is not token {t}'s embedding")
+
+
+def _z_tables(arrays, p: Plan):
+    z, zq = {}, {}
+    for l, pos in p.z.items():
+        _expect(arrays, f"z.{l}.pos", pos)
+        rows = {m: arrays[f"z.{l}.{m}"] for m in MATRICES}
+        if any(r.dtype != np.int64 or r.shape[0] != len(pos) for r in rows.values()):
+            raise Reject("opening_malformed", f"z.{l}: accumulators of the wrong type or count")
+        z[l] = (pos, rows)
+        if p.zq.get(l):
+            _expect(arrays, f"zq.{l}.pos", p.zq[l])
+            zq[l] = (p.zq[l], arrays[f"zq.{l}.qkv"])
+            if zq[l][1].dtype != np.int64 or zq[l][1].shape[0] != len(p.zq[l]):
+                raise Reject("opening_malformed", f"zq.{l}: wrong accumulators")
+    return z, zq
