@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from enum import Enum
@@ -60,20 +61,36 @@ def generate(
     seed: int = typer.Option(0, min=0, help="Sampling seed (unsigned 64-bit)."),
     prefill_chunk: int = typer.Option(0, min=0, help="Prefill in chunks of this many tokens (0 = whole prompt)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    receipt: Path = typer.Option(None, help="Write the receipt(s) here (JSON; a list for several prompts)."),
+    nonce: str = typer.Option(None, help="The client's nonce, bound into the receipt (default: random)."),
+    store: Path = typer.Option(None, help="Keep each transcript here so `open` can answer challenges later."),
+    audit: bool = typer.Option(False, help="Demo: keygen (cached), generate, full-tier challenge of every "
+                                           "generated position, open, verify; print the verdict and figures."),
 ) -> None:
-    """Generate text. Streams tokens for one prompt; --json prints ids and text."""
+    """Generate text. Streams tokens for one prompt; --json prints ids and text (and receipts)."""
     texts = _read_prompts(prompts, prompts_file)
+    signing = receipt is not None or store is not None or audit
+    if signing and backend != Backend.exact:
+        _fail("receipts need the exact backend (--backend exact)")
     try:
         runner = Runner.create(model, backend.value, profile, err)
         params = runner.sampling(temperature, top_k, top_p, seed)
         ids = runner.encode_prompts(texts, chat)
         stream = None if as_json or len(texts) > 1 else runner.streamer(sys.stdout)
         t0 = time.perf_counter()
-        results = runner.generate(ids, params, max_tokens, prefill_chunk, stream, progress=not stream)
+        if signing:
+            signed = runner.generate_signed(texts, ids, params, max_tokens, prefill_chunk, stream,
+                                            nonce if nonce is not None else os.urandom(16).hex())
+            results = signed.results
+        else:
+            results = runner.generate(ids, params, max_tokens, prefill_chunk, stream,
+                                      progress=not stream)
         elapsed = time.perf_counter() - t0
     except EngineError as e:
         _fail(str(e))
     out = runner.results_json(texts, results, params, elapsed)
+    if signing:
+        _save_signed(runner, signed, out, receipt, store, model)
     if as_json:
         print(json.dumps(out if len(texts) > 1 else out["results"][0] | _meta(out), indent=None))
     elif stream is None:
@@ -82,6 +99,58 @@ def generate(
     else:
         print()
     err.print(runner.summary(results, elapsed), highlight=False)
+    if audit:
+        raise typer.Exit(_run_audit(runner, signed, as_json))
+
+
+def _save_signed(runner, signed, out: dict, receipt: Path | None, store: Path | None, model: str):
+    for r, rec in zip(out["results"], signed.receipts):
+        r["receipt"] = rec
+    if receipt is not None:
+        data = signed.receipts[0] if len(signed.receipts) == 1 else signed.receipts
+        _write_json(receipt, data)
+    if store is not None:
+        from .commit import TranscriptStore
+
+        st = TranscriptStore(store)
+        for tr in signed.transcripts:
+            st.put(tr["receipt"], tr["seed"], bytes.fromhex(tr["salt"]),
+                   {"model": model, "profile": runner.profile_name})
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        _fail(f"{path}: cannot write ({e.strerror or e})")
+
+
+def _run_audit(runner, signed, as_json: bool) -> int:
+    from .receipts import audit, cached_key
+
+    with err.status("auditing: keygen (cached), challenge, open, verify ..."):
+        key = cached_key(runner.model.qm, runner.tokenizer)
+        reports = audit(runner.model, key, signed)
+    overhead = 100 * signed.commit_seconds / max(signed.gen_seconds, 1e-9)
+    rows = []
+    for (v, fig), r in zip(reports, signed.receipts):
+        rows.append({"receipt_id": r["receipt_id"], "accepted": v.accepted, "reason": v.reason,
+                     "detail": v.detail, **fig})
+        ms = fig["verify_ms_per_position"]
+        err.print(f"audit {r['receipt_id'][:12]}: {'ACCEPTED' if v.accepted else 'REJECTED'}"
+                  f"{'' if v.accepted else f' ({v.reason}: {v.detail})'} | full tier, "
+                  f"{fig['challenged_positions']} positions x all layers | receipt "
+                  f"{fig['receipt_bytes']} B | opening {fig['opening_bytes_per_position']} B/position | "
+                  f"verify {ms['total']:.2f} ms/position (Freivalds {ms['freivalds']:.2f}, "
+                  f"attention {ms['attention']:.2f}, rest {ms['rest']:.2f}) | "
+                  f"commit overhead {overhead:.1f} % of generation | retained per token: 0 B",
+                  highlight=False)
+    if as_json:
+        print(json.dumps({"audit": rows, "commit_overhead_percent": overhead}))
+    return 0 if all(v.accepted for v, _ in reports) else 1
 
 
 def _meta(out: dict) -> dict:
@@ -130,6 +199,33 @@ def convert(
     except (GGUFError, TokenizerError, OSError, ValueError) as e:
         _fail(str(e))
     err.print(f"wrote {outdir}")
+
+
+@app.command("open")
+def open_cmd(
+    store: Path = typer.Option(..., help="The transcript store given to `generate --store`."),
+    challenge: Path = typer.Option(..., help="The challenge file from `commitllm challenge`."),
+    out: Path = typer.Option(..., help="Where to write the opening (binary)."),
+) -> None:
+    """Answer a challenge: re-execute the stored transcript, check it reproduces its receipt,
+    write the opening. No per-token state was kept; everything is recomputed exactly."""
+    from .commit import TranscriptStore
+    from .open import OpenError
+    from .receipts import open_from_store, write_opening
+
+    try:
+        chal = json.loads(challenge.read_text())
+        st = TranscriptStore(store)
+        tr = st.get(str(chal.get("receipt_id")))
+        runner = Runner.create(tr["model"], "exact", tr["profile"], err)
+        with err.status("re-executing the transcript ..."):
+            meta, arrays = open_from_store(runner.model, st, chal)
+        size = write_opening(out, meta, arrays)
+    except (OSError, ValueError, KeyError, AttributeError) as e:
+        _fail(f"cannot open: {e}")
+    except (OpenError, EngineError) as e:
+        _fail(str(e))
+    err.print(f"wrote {out} ({size} bytes)")
 
 
 def main() -> None:

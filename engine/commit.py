@@ -36,8 +36,9 @@ class Committer:
             "spec_version": SPEC_VERSION, "numerics_digest": numerics_digest(),
             "profile": self.model.profile.manifest(), "model_commitment": self.model_commitment,
             "rope_digest": self.model.rope.digest(),
-            "tokenizer_hash": self.tokenizer.tokenizer_hash(),
-            "chat_template_hash": self.tokenizer.chat_template_hash(), "chat": self.chat,
+            "tokenizer_hash": self.tokenizer.tokenizer_hash() if self.tokenizer else None,
+            "chat_template_hash": self.tokenizer.chat_template_hash() if self.tokenizer else None,
+            "chat": self.chat,
             "sampling": params.manifest(), "seed_commitment": seed_com,
             "limits": {"max_tokens": max_tokens, "eos_token_ids": list(eos_ids),
                        "context_length": cfg.max_position_embeddings},
@@ -55,7 +56,7 @@ def make_receipt(committer: Committer, request: dict, nonce: str, params: Sampli
                  trees: TraceTrees) -> dict:
     seed_com = None if params.greedy else seed_commitment(params.seed, salt)
     manifest = committer.manifest(params, seed_com, max_tokens, eos_ids)
-    text = committer.tokenizer.decode(output_ids)
+    text = committer.tokenizer.decode(output_ids) if committer.tokenizer else ""
     trace = {"positions": len(prompt_ids) + len(output_ids) - 1,
              "layers": committer.model.cfg.num_layers,
              "residual_root": trees.resid_root.hex(), "kv_root": trees.kv_root.hex()}
@@ -75,9 +76,10 @@ class TranscriptStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def put(self, receipt: dict, seed: int, salt: bytes) -> Path:
+    def put(self, receipt: dict, seed: int, salt: bytes, extra: dict | None = None) -> Path:
+        """Store atomically (temp file, fsync, rename). extra: e.g. the model argument."""
         path = self.root / f"{receipt['receipt_id']}.json"
-        data = json.dumps({"receipt": receipt, "seed": seed, "salt": salt.hex()})
+        data = json.dumps({"receipt": receipt, "seed": seed, "salt": salt.hex(), **(extra or {})})
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
         try:
             with os.fdopen(fd, "w") as fh:

@@ -58,6 +58,7 @@ class Runner:
 
     def encode_prompts(self, texts: list[str], chat: bool | None) -> list[list[int]]:
         use_chat = self.tokenizer.chat_template is not None if chat is None else chat
+        self._chat = use_chat
         if use_chat and self.tokenizer.chat_template is None:
             raise EngineError("this model has no chat template; use --no-chat")
         if use_chat:
@@ -92,6 +93,17 @@ class Runner:
                 return generate_reference(self.model, prompts, params, max_tokens, self.eos_ids(), cb)
             except ValueError as e:
                 raise EngineError(str(e)) from None
+
+    def generate_signed(self, texts, prompts, params, max_tokens, prefill_chunk, on_token, nonce):
+        from .receipts import generate_with_receipts
+
+        chat = self._chat
+        try:
+            return generate_with_receipts(self.model, self.tokenizer, chat,
+                                          [{"prompt": t} for t in texts], prompts, params,
+                                          max_tokens, self.eos_ids(), nonce, on_token, prefill_chunk)
+        except ValueError as e:
+            raise EngineError(str(e)) from None
 
     def results_json(self, texts, results, params: SamplingParams, elapsed: float) -> dict:
         return {

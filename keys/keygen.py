@@ -82,11 +82,11 @@ def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progre
         "numerics_digest": numerics_digest(),
         "freivalds": {"prime": PRIME, "checks": CHECKS},
         "rows": rows,
-        "tokenizer_hash": tokenizer.tokenizer_hash(),
-        "chat_template_hash": tokenizer.chat_template_hash(),
-        "tokenizer": {"json": tokenizer._json, "config": tokenizer.config,
-                      "chat_template": tokenizer.chat_template,
-                      "eos_token_ids": list(tokenizer.eos_token_ids)},
+        "tokenizer_hash": tokenizer.tokenizer_hash() if tokenizer else None,
+        "chat_template_hash": tokenizer.chat_template_hash() if tokenizer else None,
+        "tokenizer": None if tokenizer is None else {
+            "json": tokenizer._json, "config": tokenizer.config,
+            "chat_template": tokenizer.chat_template, "eos_token_ids": list(tokenizer.eos_token_ids)},
     }
     return Key(meta, arrays)
 
@@ -98,12 +98,14 @@ def numerics_digest() -> str:
 
 
 def key_tokenizer(key: Key):
-    """The tokenizer the key was built with (for input and output binding)."""
+    """The tokenizer the key was built with (for input and output binding), or None."""
     import tokenizers
 
     from ..verifier.tokenizer import Tokenizer
 
     t = key.meta["tokenizer"]
+    if t is None:
+        return None
     backend = tokenizers.Tokenizer.from_str(t["json"])
     return Tokenizer(backend, t["json"], t["config"], t["chat_template"],
                      tuple(t["eos_token_ids"]), "key")

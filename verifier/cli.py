@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import container
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .digest import numerics_constants, weights_digest
@@ -58,6 +59,130 @@ def inspect(
         return
     for k, v in info.items():
         out.print(f"[bold]{k}[/bold]: {json.dumps(v) if isinstance(v, dict) else v}", highlight=False)
+
+
+def _fail(msg: str, code: int = 2):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _load_json(path: Path, what: str):
+    try:
+        if path.stat().st_size > 256 * 1024 * 1024:
+            _fail(f"{path}: {what} larger than 256 MiB")
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        _fail(f"{path}: cannot read the {what} ({e})")
+
+
+def _resolve_model(model: str) -> Path:
+    if model != "default" and Path(model).is_dir():
+        return Path(model)
+    try:
+        from commitllm.engine.loader import resolve_model
+    except ImportError:
+        _fail("--model default or a .gguf file needs the engine extra (gguf); give an HF folder")
+    try:
+        return resolve_model(model)
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command()
+def keygen(
+    model: str = typer.Option("default", help="'default', a .gguf file, or an HF folder."),
+    out: Path = typer.Option(None, help="Key file to write (mode 0600; it holds the secret)."),
+    profile: str = typer.Option("w8a16", help="Numerics profile the provider serves."),
+    public: bool = typer.Option(False, "--public", help="Print the public model commitment as JSON."),
+) -> None:
+    """Build a key from the public checkpoint: model commitment and secret Freivalds vectors."""
+    from commitllm.keys.keygen import build_key, save_key
+    from .tokenizer import Tokenizer, TokenizerError
+
+    if out is None and not public:
+        _fail("give --out KEYFILE, --public, or both")
+    folder = _resolve_model(model)
+    try:
+        prof = get_profile(profile)
+        with err.status(f"loading and quantizing {folder} ..."):
+            cfg, tensors = load_checkpoint(folder)
+            qm = quantize_model(cfg, tensors, prof)
+            tok = Tokenizer.from_folder(folder)
+        with err.status("committing and projecting every matrix ..."):
+            key = build_key(qm, tok)
+        if out is not None:
+            save_key(key, out)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
+        _fail(str(e))
+    if out is not None:
+        err.print(f"wrote {out} (secret: keep it with the verifier)")
+    if public:
+        keys = ("model_commitment", "spec_version", "profile", "numerics_digest", "rope_digest",
+                "tokenizer_hash", "chat_template_hash")
+        print(json.dumps({k: key.meta[k] for k in keys}, indent=2))
+
+
+@app.command()
+def challenge(
+    key: Path = typer.Option(..., help="The verifier's key file."),
+    receipt: Path = typer.Option(..., help="A receipt (JSON) returned by the provider."),
+    tier: str = typer.Option("routine", help="routine (few positions, 10 layers), full (all layers), "
+                                             "deep (every position, every layer)."),
+    positions: str = typer.Option(None, help="'generated' (every decode position) or a comma list."),
+    out: Path = typer.Option(..., help="Where to write the challenge (JSON)."),
+) -> None:
+    """Derive a fresh challenge from the key's secret, the receipt and a random nonce."""
+    from commitllm.keys.keygen import load_key
+
+    from . import challenge as ch
+    from .container import ContainerError
+    from .receipt import ReceiptError, check_receipt
+
+    rec = _load_json(receipt, "receipt")
+    try:
+        check_receipt(rec)
+        k = load_key(key)
+        pos = positions if positions in (None, "generated") else [int(p) for p in positions.split(",")]
+        c = ch.derive(k.secret, rec, tier, positions=pos)
+        out.write_text(json.dumps(c, indent=1))
+    except (ReceiptError, ContainerError, ValueError, OSError) as e:
+        _fail(str(e))
+    err.print(f"wrote {out}: {tier}, {len(c['positions'])} positions x {len(c['layers'])} layers")
+
+
+@app.command()
+def verify(
+    key: Path = typer.Option(..., help="The verifier's key file."),
+    receipt: Path = typer.Option(..., help="The receipt (JSON)."),
+    challenge: Path = typer.Option(..., help="The challenge this verifier issued (JSON)."),
+    opening: Path = typer.Option(..., help="The provider's opening (binary)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
+) -> None:
+    """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
+    from commitllm.keys.keygen import key_tokenizer, load_key
+
+    from .container import ContainerError
+    from .opening import OPENING_MAGIC, OPENING_VERSION
+    from .verify import verify as run_verify
+
+    rec, chal = _load_json(receipt, "receipt"), _load_json(challenge, "challenge")
+    try:
+        k = load_key(key)
+        meta, arrays = container.read(opening, OPENING_MAGIC, OPENING_VERSION, 1 << 34)
+        tok = key_tokenizer(k)
+    except (ContainerError, OSError, ValueError) as e:
+        _fail(str(e))
+    v = run_verify(k, rec, chal, meta, arrays, tok)
+    if as_json:
+        print(json.dumps(v.to_json(), indent=1))
+    else:
+        for c in v.checks:
+            out.print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}", highlight=False)
+        out.print("ACCEPTED" if v.accepted else f"REJECTED ({v.reason})", highlight=False)
+    raise typer.Exit(0 if v.accepted else (2 if v.reason in MALFORMED else 1))
+
+
+MALFORMED = {"receipt_malformed", "opening_malformed"}
 
 
 def main() -> None:

@@ -1,0 +1,113 @@
+"""Generation with receipts, openings from the store, and the one-command audit demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..keys.keygen import Key, build_key, key_tokenizer, load_key, save_key
+from ..verifier import challenge as challenge_mod
+from ..verifier import container
+from ..verifier.numerics.sampler import SamplingParams
+from ..verifier.opening import OPENING_MAGIC, OPENING_VERSION
+from ..verifier.verify import Verdict, verify
+from .commit import Committer, TranscriptStore, make_receipt, trace_roots
+from .exact.model import ExactModel, SeqCache
+from .generate import Recorder, generate_exact
+from .loader import cache_dir
+from .open import build_opening
+
+
+@dataclass
+class Signed:
+    """Results of a generation with receipts, and what committing cost."""
+
+    results: list
+    receipts: list[dict]
+    transcripts: list[dict]
+    gen_seconds: float
+    commit_seconds: float
+
+
+def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: list[dict],
+                           prompts: list[list[int]], params: SamplingParams, max_tokens: int,
+                           eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0) -> Signed:
+    if max_tokens < 1:
+        raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
+    rec, caches = Recorder(len(prompts)), [SeqCache() for _ in prompts]
+    t0 = time.perf_counter()
+    results = generate_exact(model, prompts, params, max_tokens, eos_ids, on_token,
+                             prefill_chunk, recorder=rec, caches=caches)
+    t1 = time.perf_counter()
+    com = Committer(model, tokenizer, chat)
+    receipts, transcripts = [], []
+    for i, (req, res) in enumerate(zip(requests, results)):
+        salt = os.urandom(16)
+        trees = trace_roots(rec.residuals(i, model.cfg.num_layers), caches[i])
+        r = make_receipt(com, req, nonce, params, salt, max_tokens, eos_ids,
+                         res.prompt_token_ids, res.token_ids, trees)
+        receipts.append(r)
+        transcripts.append({"receipt": r, "seed": params.seed, "salt": salt.hex()})
+    return Signed(results, receipts, transcripts, t1 - t0, time.perf_counter() - t1)
+
+
+def receipt_for_tokens(model: ExactModel, tokenizer, chat: bool, request: dict, nonce: str,
+                       params: SamplingParams, salt: bytes, max_tokens: int, eos_ids,
+                       prompt_ids: list[int], output_ids: list[int]) -> dict:
+    """A receipt for a given token sequence, by re-executing it (what a provider that chose the
+    tokens some other way would send). Used by tests and the adversary suite."""
+    tokens = list(prompt_ids) + list(output_ids)
+    rec, cache = Recorder(1), SeqCache()
+    rec.step(model, [0], [cache], [tokens[:-1]])
+    trees = trace_roots(rec.residuals(0, model.cfg.num_layers), cache)
+    return make_receipt(Committer(model, tokenizer, chat), request, nonce, params, salt,
+                        max_tokens, eos_ids, prompt_ids, output_ids, trees)
+
+
+def open_from_store(model: ExactModel, store: TranscriptStore, challenge: dict):
+    """(meta, arrays) of the opening answering `challenge`."""
+    transcript = store.get(str(challenge.get("receipt_id")))
+    return build_opening(model, transcript, challenge)
+
+
+def write_opening(path: Path, meta: dict, arrays: dict) -> int:
+    container.write(Path(path), OPENING_MAGIC, OPENING_VERSION, meta, arrays)
+    return Path(path).stat().st_size
+
+
+def cached_key(qm, tokenizer) -> Key:
+    """The demo's key, built once per model and kept (mode 0600) in the cache."""
+    from ..verifier.commitment import commit_model
+
+    com = commit_model(qm)["commitment"].hex()
+    path = cache_dir() / "keys" / f"{com[:32]}-{qm.profile.name}.key"
+    if path.is_file():
+        return load_key(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = build_key(qm, tokenizer)
+    save_key(key, path)
+    return key
+
+
+def audit(model: ExactModel, key: Key, signed: Signed, tier: str = "full",
+          positions="generated") -> list[tuple[Verdict, dict]]:
+    """Challenge, open and verify every receipt; returns (verdict, figures) per receipt."""
+    tok = key_tokenizer(key)
+    out = []
+    for r, tr in zip(signed.receipts, signed.transcripts):
+        c = challenge_mod.derive(key.secret, r, tier, positions=positions)
+        t0 = time.perf_counter()
+        meta, arrays = build_opening(model, tr, c)
+        t_open = time.perf_counter() - t0
+        data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
+        m2, a2 = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
+        v = verify(key, r, c, m2, a2, tok)
+        n = max(len(c["positions"]), 1)
+        out.append((v, {"receipt_bytes": len(json.dumps(r)), "opening_bytes": len(data),
+                        "challenged_positions": len(c["positions"]),
+                        "opening_bytes_per_position": len(data) // n, "open_seconds": t_open,
+                        "verify_ms_per_position": {k: v_ * 1e3 / n for k, v_ in v.timing.items()}}))
+    return out
