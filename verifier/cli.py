@@ -156,6 +156,7 @@ def verify(
     receipt: Path = typer.Option(..., help="The receipt (JSON)."),
     challenge: Path = typer.Option(..., help="The challenge this verifier issued (JSON)."),
     opening: Path = typer.Option(..., help="The provider's opening (binary)."),
+    nonce: str = typer.Option(None, help="The nonce the client sent; the receipt must carry it."),
     as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
 ) -> None:
     """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
@@ -172,7 +173,7 @@ def verify(
         tok = key_tokenizer(k)
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
-    v = run_verify(k, rec, chal, meta, arrays, tok)
+    v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce)
     if as_json:
         print(json.dumps(v.to_json(), indent=1))
     else:

@@ -40,12 +40,14 @@ class Verdict:
                                                      for k, v in self.timing.items()}}
 
 
-def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None) -> Verdict:
-    """Run every check; the first failure rejects with its reason code."""
+def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
+           expected_nonce: str | None = None) -> Verdict:
+    """Run every check; the first failure rejects with its reason code. expected_nonce: the
+    client's own nonce (freshness: a receipt made for another request is refused)."""
     v, t0 = Verdict(), time.perf_counter()
     timer = Timer()
     try:
-        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer)
+        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, expected_nonce)
         v.accepted = True
     except Reject as e:
         v.reason, v.detail = e.code, e.detail
@@ -60,9 +62,13 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None) ->
     return v
 
 
-def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer) -> None:
+def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce) -> None:
     check_receipt(receipt)
     v.ok("receipt", "structure, manifest/request hashes, IO chain, receipt id, token count")
+    if nonce is not None:
+        if not hmac.compare_digest(receipt["nonce"].encode(), nonce.encode()):
+            raise Reject("nonce_mismatch", "the receipt does not carry the client's nonce")
+        v.ok("nonce", "the receipt carries the client's nonce")
     _check_manifest(key, receipt)
     v.ok("manifest", "spec, numerics, model commitment, RoPE, tokenizer match the key")
     reason = challenge_mod.check(key.secret, challenge, receipt)
