@@ -12,7 +12,7 @@ from commitllm.engine.reference import ReferenceModel  # noqa: E402
 from commitllm.engine.rope_freqs import inv_freq  # noqa: E402
 from commitllm.verifier.config import ModelConfig  # noqa: E402
 
-from conftest import make_tiny_checkpoint  # noqa: E402
+from tinymodels import make_tiny_checkpoint  # noqa: E402
 
 SEQ_LEN = 40
 BATCH = 2
