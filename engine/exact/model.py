@@ -63,7 +63,7 @@ class ExactModel:
         self.embed_s = torch.from_numpy(qm.embed.s)
         self.layers = [_TorchLayer(layer, wq) for layer in qm.layers]
         self.final_norm = torch.from_numpy(qm.final_norm)
-        self.lm_head = TorchLinear(qm.lm_head, wq)
+        self.lm_head = TorchLinear(qm.lm_head, qm.profile.head_qmax)
         self.rope = RopeTable(qm.cfg)
 
     @torch.inference_mode()

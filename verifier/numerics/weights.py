@@ -99,7 +99,9 @@ def check_shapes(m: QuantizedModel) -> None:
     c = m.cfg
     h, f, v = c.hidden_size, c.intermediate_size, c.vocab_size
     wdt = np.dtype(np.int8 if m.profile.weight_qmax <= 127 else np.int16)
-    want = {"embed": (m.embed, (v, h)), "lm_head": (m.lm_head, (v, h))}
+    hdt = np.dtype(np.int8 if m.profile.head_qmax <= 127 else np.int16)
+    head = {"embed": (m.embed, (v, h)), "lm_head": (m.lm_head, (v, h))}
+    want = {}
     for i, layer in enumerate(m.layers):
         want[f"layers.{i}.qkv"] = (layer.qkv, (c.q_size + 2 * c.kv_size, h))
         want[f"layers.{i}.o"] = (layer.o, (h, c.q_size))
@@ -108,8 +110,8 @@ def check_shapes(m: QuantizedModel) -> None:
         for norm in (layer.attn_norm, layer.mlp_norm):
             _expect(f"layers.{i} norm", norm, (h,), np.dtype(F32))
     _expect("final_norm", m.final_norm, (h,), np.dtype(F32))
-    for name, (lin, shape) in want.items():
-        _expect(name + ".q", lin.q, shape, wdt)
+    for name, (lin, shape) in [*want.items(), *head.items()]:
+        _expect(name + ".q", lin.q, shape, hdt if name in head else wdt)
         _expect(name + ".s", lin.s, shape[:1], np.dtype(F32))
         if lin.bias is not None:
             _expect(name + ".bias", lin.bias, shape[:1], np.dtype(F32))
@@ -124,9 +126,9 @@ def _expect(name: str, a: np.ndarray, shape: tuple, dtype: np.dtype) -> None:
 
 def quantize_model(cfg: ModelConfig, t: dict[str, np.ndarray], profile: Profile) -> QuantizedModel:
     """Quantize fp32 HF tensors (names as in checkpoint.expected_shapes) under `profile`."""
-    qmax = profile.weight_qmax
-    embed = QLinear.from_float(t["model.embed_tokens.weight"], qmax)
-    lm = embed if cfg.tie_word_embeddings else QLinear.from_float(t["lm_head.weight"], qmax)
+    qmax, hq = profile.weight_qmax, profile.head_qmax
+    embed = QLinear.from_float(t["model.embed_tokens.weight"], hq)
+    lm = embed if cfg.tie_word_embeddings else QLinear.from_float(t["lm_head.weight"], hq)
     layers = tuple(_quantize_layer(cfg, t, f"model.layers.{i}.", qmax)
                    for i in range(cfg.num_layers))
     model = QuantizedModel(cfg, profile, embed, layers, _f32(t["model.norm.weight"]), lm)
