@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from ..verifier.checkpoint import CheckpointError, load_checkpoint
 from ..verifier.config import ModelConfig
+from ..verifier.numerics import SPEC_VERSION
 from ..verifier.numerics.profiles import Profile
 from ..verifier.numerics.weights import QuantizedModel, quantize_model
 from ..verifier.tokenizer import Tokenizer
@@ -113,7 +114,9 @@ def checkpoint_digest(folder: Path) -> str:
 def cached_quantization(folder: Path, cfg: ModelConfig, tensors: dict,
                         profile: Profile) -> QuantizedModel:
     """quantize_model, cached as safetensors under the cache dir (atomic write)."""
-    path = cache_dir() / "quantized" / f"{checkpoint_digest(folder)[:32]}-{profile.name}.safetensors"
+    spec = blake3.blake3(f"{SPEC_VERSION}|{sorted(profile.manifest().items())}".encode())
+    name = f"{checkpoint_digest(folder)[:32]}-{profile.name}-{spec.hexdigest()[:12]}.safetensors"
+    path = cache_dir() / "quantized" / name
     if path.is_file():
         try:
             return QuantizedModel.from_tensors(cfg, profile, load_file(str(path)))
