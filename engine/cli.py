@@ -21,6 +21,7 @@ err = Console(stderr=True)
 
 class Backend(str, Enum):
     exact = "exact"
+    triton = "triton"
     reference_fp32 = "reference-fp32"
 
 
@@ -53,7 +54,8 @@ def generate(
     max_tokens: int = typer.Option(128, min=0, help="Most new tokens per prompt."),
     chat: bool = typer.Option(None, "--chat/--no-chat",
                               help="Wrap prompts in the chat template (default: on when the model has one)."),
-    backend: Backend = typer.Option(Backend.exact, help="exact (verifiable) or reference-fp32 (float, comparison only)."),
+    backend: Backend = typer.Option(Backend.exact, help="exact (torch CPU), triton (GPU kernels; interpreted "
+                                                        "on a CPU: slow), or reference-fp32 (float, not verifiable)."),
     profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine: w8a16, w16a16 or a8."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; > 0 samples."),
     top_k: int = typer.Option(0, min=0, help="Keep the k most likely tokens (0 = all)."),
@@ -70,8 +72,8 @@ def generate(
     """Generate text. Streams tokens for one prompt; --json prints ids and text (and receipts)."""
     texts = _read_prompts(prompts, prompts_file)
     signing = receipt is not None or store is not None or audit
-    if signing and backend != Backend.exact:
-        _fail("receipts need the exact backend (--backend exact)")
+    if signing and backend == Backend.reference_fp32:
+        _fail("receipts need an exact backend (--backend exact or triton)")
     try:
         runner = Runner.create(model, backend.value, profile, err)
         params = runner.sampling(temperature, top_k, top_p, seed)
@@ -226,6 +228,22 @@ def open_cmd(
     except (OpenError, EngineError) as e:
         _fail(str(e))
     err.print(f"wrote {out} ({size} bytes)")
+
+
+kernels_app = typer.Typer(no_args_is_help=True, help="Triton kernels: compile reports and checks.")
+app.add_typer(kernels_app, name="kernels")
+
+
+@kernels_app.command("check")
+def kernels_check(as_json: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
+    """Compile every kernel at every config for sm_80 and sm_90 (no GPU needed), list registers,
+    spills and shared memory, and scan the PTX for forbidden instructions. Exit 1 on a finding,
+    2 on a compile failure."""
+    if os.environ.get("TRITON_INTERPRET"):
+        _fail("unset TRITON_INTERPRET: kernels check compiles real PTX")
+    from ..kernels.check import main as check_main
+
+    raise typer.Exit(check_main(json=as_json))
 
 
 def main() -> None:

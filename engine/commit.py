@@ -47,7 +47,7 @@ class Committer:
 
 def trace_roots(resid: np.ndarray, cache: SeqCache) -> TraceTrees:
     """Trees over a sequence's residuals [L+1, T, H] and the K/V rows of its cache."""
-    stack = lambda xs: np.stack([x.numpy() for x in xs])  # noqa: E731  [L, T, ...]
+    stack = lambda xs: np.stack([x.cpu().numpy() for x in xs])  # noqa: E731  [L, T, ...]
     return TraceTrees(resid, stack(cache.k), stack(cache.sk), stack(cache.v), stack(cache.sv))
 
 

@@ -50,7 +50,7 @@ class Recorder:
         out = model.forward(caches, tokens, residuals=resid)
         lengths = [len(t) for t in tokens]
         for layer_x in resid:
-            for i, part in zip(seq_ids, layer_x.split(lengths)):
+            for i, part in zip(seq_ids, layer_x.cpu().split(lengths)):
                 self.rows[i].append(part)
         return out
 

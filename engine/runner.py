@@ -41,7 +41,8 @@ class Runner:
                 engine = _build(loaded, backend, prof)
         except LOAD_ERRORS as e:
             raise EngineError(str(e)) from None
-        note = (f"exact engine ({SPEC_VERSION}, profile {profile})" if backend == "exact" else
+        note = (f"exact engine, {backend} backend ({SPEC_VERSION}, profile {profile})"
+                if backend in ("exact", "triton") else
                 "fp32 reference path: NOT the exact engine, not verifiable")
         console.print(f"model {loaded.folder} | {note}", highlight=False)
         return cls(loaded, backend, profile, engine, console)
@@ -87,7 +88,7 @@ class Runner:
         with _progress(self.console, progress, len(prompts) * max_tokens) as bar:
             cb = on_token or bar
             try:
-                if self.backend == "exact":
+                if self.backend in ("exact", "triton"):
                     return generate_exact(self.model, prompts, params, max_tokens, self.eos_ids(),
                                           cb, prefill_chunk)
                 return generate_reference(self.model, prompts, params, max_tokens, self.eos_ids(), cb)
@@ -108,8 +109,8 @@ class Runner:
     def results_json(self, texts, results, params: SamplingParams, elapsed: float) -> dict:
         return {
             "model": str(self.loaded.folder), "backend": self.backend,
-            "profile": self.profile_name if self.backend == "exact" else None,
-            "spec_version": SPEC_VERSION if self.backend == "exact" else None,
+            "profile": self.profile_name if self.backend != "reference-fp32" else None,
+            "spec_version": SPEC_VERSION if self.backend != "reference-fp32" else None,
             "sampling": params.manifest() | {"seed": params.seed},
             "elapsed_s": round(elapsed, 4),
             "results": [{"prompt": t, "prompt_token_ids": r.prompt_token_ids,
@@ -133,7 +134,7 @@ class Runner:
         return score_logits(ids, logits)
 
     def _all_logits(self, ids: list[int]) -> np.ndarray:
-        if self.backend == "exact":
+        if self.backend in ("exact", "triton"):
             from .generate import teacher_forced
 
             return teacher_forced(self.model, ids)
@@ -155,6 +156,16 @@ def _build(loaded: LoadedModel, backend: str, prof):
         from .exact.model import ExactModel
 
         return ExactModel(loaded.quantized(prof))
+    if backend == "triton":
+        import os
+
+        import torch
+
+        if not torch.cuda.is_available():  # run the kernels on the CPU through the interpreter
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        from .exact.triton_backend import TritonModel
+
+        return TritonModel(loaded.quantized(prof))
     if backend == "reference-fp32":
         from .reference import ReferenceModel
 

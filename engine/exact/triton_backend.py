@@ -1,0 +1,154 @@
+"""TritonModel: ExactModel's forward on the Triton kernels (GPU, or the interpreter on a CPU).
+
+Same interface and same bits as the torch backend: every linear input is quantized by a fused row
+kernel (RMSNorm+quant, SwiGLU+quant, or plain quant for the attention output), every linear is the
+int8-plane GEMM with the dequantization (and residual add) in its epilogue, RoPE and the Q/K/V
+quantization are one kernel, and attention is the split-KV integer-softmax kernel per sequence.
+The kernels never materialize attention scores, so traces carry no `attn.*` parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...kernels import attention, gemm, quantize, rmsnorm_quant, rope_quant, swiglu_quant
+from ...verifier.numerics.rope import RopeTable
+from ...verifier.numerics.weights import QLinear, QuantizedModel
+from .model import ExactModel, SeqCache
+
+
+class TritonLinear:
+    """int8 weight planes [P, N, K], fp32 channel scales and optional bias, on `device`."""
+
+    def __init__(self, lin: QLinear, qmax: int, device: torch.device):
+        w = torch.from_numpy(np.ascontiguousarray(lin.q))
+        self.planes = gemm.weight_planes(w, qmax).to(device)
+        self.scale = torch.from_numpy(lin.s).to(device)
+        self.bias = None if lin.bias is None else torch.from_numpy(lin.bias).to(device)
+
+    def __call__(self, qx, sx, tr: dict | None, name: str, resid=None) -> torch.Tensor:
+        """y = (resid +) dequant(qx @ W.T); records q, s, z under `name` when tracing."""
+        y, z = gemm.linear(qx, self.planes, sx, self.scale, self.bias, resid, trace=tr is not None)
+        if tr is not None:
+            tr.update({f"{name}.q": qx, f"{name}.s": sx, f"{name}.z": z})
+        return y
+
+
+@dataclass
+class _Step:
+    caches: list
+    lengths: list
+    pos: torch.Tensor  # int32 [N] absolute positions, on device
+    cos: torch.Tensor  # fp32 [N, d/2], on device
+    sin: torch.Tensor
+    scales: list = field(default_factory=list)  # every quantization scale of the step
+
+
+class TritonModel(ExactModel):
+    """The exact forward on Triton kernels; weights and caches live on `device`."""
+
+    def __init__(self, qm: QuantizedModel, device: str | torch.device | None = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.qm, self.cfg, self.profile = qm, qm.cfg, qm.profile
+        wq = qm.profile.weight_qmax
+        self.embed_q = torch.from_numpy(qm.embed.q).to(self.device)
+        self.embed_s = torch.from_numpy(qm.embed.s).to(self.device)
+        self.layers = [_TritonLayer(layer, wq, self.device) for layer in qm.layers]
+        self.final_norm = torch.from_numpy(qm.final_norm).to(self.device)
+        self.lm_head = TritonLinear(qm.lm_head, qm.profile.head_qmax, self.device)
+        self.rope = RopeTable(qm.cfg)
+
+    @torch.inference_mode()
+    def forward(self, caches: list[SeqCache], tokens: list[list[int]], trace: dict | None = None,
+                all_logits: bool = False, residuals: list | None = None,
+                trace_attention: bool = True) -> list[torch.Tensor]:
+        """As ExactModel.forward: logits come back on the CPU; traced values and `residuals` stay
+        on `device`; trace_attention is accepted and ignored (no attention parts)."""
+        lengths = [len(t) for t in tokens]
+        if min(lengths) < 1:
+            raise ValueError("every sequence in a step needs at least one token")
+        dev = self.device
+        ids = torch.tensor([i for t in tokens for i in t], dtype=torch.int64, device=dev)
+        pos = np.concatenate([c.length + np.arange(n) for c, n in zip(caches, lengths)])
+        cos, sin = (torch.from_numpy(a).to(dev) for a in self.rope.lookup(pos))
+        x = self.embed_q[ids].to(torch.float32) * self.embed_s[ids].unsqueeze(1)
+        step = _Step(caches, lengths, torch.from_numpy(pos.astype(np.int32)).to(dev), cos, sin)
+        for i, layer in enumerate(self.layers):
+            if residuals is not None:
+                residuals.append(x)
+            tr = {} if trace is not None else None
+            x = layer(self, i, x, step, tr)
+            if trace is not None:
+                trace.update({f"layers.{i}.{k}": v for k, v in tr.items()})
+        if residuals is not None:
+            residuals.append(x)
+        _check_finite(step.scales)
+        for c, n in zip(caches, lengths):
+            c.length += n
+        return self._logits(x, lengths, trace, all_logits)
+
+    def _logits(self, x, lengths, trace, all_logits):
+        if not all_logits:
+            x = x[torch.from_numpy(np.cumsum(lengths) - 1).to(self.device)]
+        n, qn, sn = rmsnorm_quant.rmsnorm_quant(x, self.final_norm, self.cfg.rms_norm_eps,
+                                                self.profile.act_qmax, store_y=trace is not None)
+        tr = {} if trace is not None else None
+        _check_finite([sn])
+        logits = self.lm_head(qn, sn, tr, "lm_head")
+        if trace is not None:
+            trace.update(final_in=n, logits=logits, **tr)
+        logits = logits.cpu()  # the sampler and the receipt work on the host
+        return list(logits.split(1)) if not all_logits else list(logits.split(lengths))
+
+
+class _TritonLayer:
+    def __init__(self, layer, wq: int, device: torch.device):
+        self.attn_norm = torch.from_numpy(layer.attn_norm).to(device)
+        self.mlp_norm = torch.from_numpy(layer.mlp_norm).to(device)
+        self.qkv, self.o = TritonLinear(layer.qkv, wq, device), TritonLinear(layer.o, wq, device)
+        self.gate_up = TritonLinear(layer.gate_up, wq, device)
+        self.down = TritonLinear(layer.down, wq, device)
+
+    def __call__(self, m: TritonModel, i: int, x: torch.Tensor, step: _Step, tr) -> torch.Tensor:
+        cfg, aq, kvq, eps = m.cfg, m.profile.act_qmax, m.profile.kv_qmax, m.cfg.rms_norm_eps
+        keep = tr is not None  # fp32 intermediates are only written when traced
+        a, qa, sa = rmsnorm_quant.rmsnorm_quant(x, self.attn_norm, eps, aq, store_y=keep)
+        qkv = self.qkv(qa, sa, tr, "qkv")
+        (qq, sq), (kq, sk), (vq, sv) = rope_quant.rope_quant(
+            qkv, step.cos, step.sin, cfg.num_heads, cfg.num_kv_heads, kvq)
+        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq)
+        qo, so = quantize.quantize_rows(o, aq)
+        step.scales += [sa, sq, sk, sv, so]
+        h = self.o(qo, so, tr, "o", resid=x)
+        mm, qm, sm = rmsnorm_quant.rmsnorm_quant(h, self.mlp_norm, eps, aq, store_y=keep)
+        gu = self.gate_up(qm, sm, tr, "gate_up")
+        act, qact, sact = swiglu_quant.swiglu_quant(gu, aq, store_act=keep)
+        out = self.down(qact, sact, tr, "down", resid=h)
+        step.scales += [sm, sact]
+        if tr is not None:
+            tr.update(x=x, attn_in=a, q=qq.contiguous(), sq=sq.contiguous(), k=kq.contiguous(),
+                      sk=sk.contiguous(), v=vq.contiguous(), sv=sv.contiguous(), attn=o, h=h,
+                      mlp_in=mm, act=act, out=out)
+        return out
+
+    def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq) -> torch.Tensor:
+        outs, start = [], 0
+        for cache, n in zip(step.caches, step.lengths):
+            sl = slice(start, start + n)
+            cache.append(i, kq[sl].contiguous(), sk[sl].contiguous(), vq[sl].contiguous(),
+                         sv[sl].contiguous())
+            outs.append(attention.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
+                                            cache.sv[i], step.pos[sl], kvq))
+            start += n
+        return torch.cat(outs)
+
+
+def _check_finite(scales: list) -> None:
+    """The spec refuses to quantize a non-finite row; a kernel cannot raise, but its scale is then
+    inf or NaN. One check per step (one device sync) keeps the torch backend's FloatingPointError."""
+    flat = torch.cat([s.reshape(-1) for s in scales])
+    if not bool(torch.isfinite(flat).all()):
+        raise FloatingPointError("non-finite value in a row to quantize")
