@@ -25,9 +25,25 @@ class Committer:
     def __init__(self, model: ExactModel, tokenizer, chat: bool):
         self.model, self.tokenizer, self.chat = model, tokenizer, chat
 
-    @cached_property
+    @property
     def model_commitment(self) -> str:
-        return commit_model(self.model.qm)["commitment"].hex()
+        """Computed once per loaded model (0.4 s on SmolLM2), then kept on the model object."""
+        com = getattr(self.model, "_commitment_hex", None)
+        if com is None:
+            com = commit_model(self.model.qm)["commitment"].hex()
+            self.model._commitment_hex = com
+        return com
+
+    @cached_property
+    def _hashes(self) -> tuple:
+        tok = self.tokenizer
+        if tok is None:
+            return None, None
+        cached = getattr(tok, "_commitllm_hashes", None)
+        if cached is None:
+            cached = (tok.tokenizer_hash(), tok.chat_template_hash())
+            tok._commitllm_hashes = cached
+        return cached
 
     def manifest(self, params: SamplingParams, seed_com: str | None, max_tokens: int,
                  eos_ids: tuple[int, ...]) -> dict:
@@ -36,8 +52,7 @@ class Committer:
             "spec_version": SPEC_VERSION, "numerics_digest": numerics_digest(),
             "profile": self.model.profile.manifest(), "model_commitment": self.model_commitment,
             "rope_digest": self.model.rope.digest(),
-            "tokenizer_hash": self.tokenizer.tokenizer_hash() if self.tokenizer else None,
-            "chat_template_hash": self.tokenizer.chat_template_hash() if self.tokenizer else None,
+            "tokenizer_hash": self._hashes[0], "chat_template_hash": self._hashes[1],
             "chat": self.chat,
             "sampling": params.manifest(), "seed_commitment": seed_com,
             "limits": {"max_tokens": max_tokens, "eos_token_ids": list(eos_ids),
