@@ -13,7 +13,7 @@ from ..verifier import container
 from ..verifier.commitment import commit_model
 from ..verifier.digest import numerics_constants
 from ..verifier.commitment import canonical_json
-from ..verifier.freivalds import CHECKS, PRIME, project, secret_vectors
+from ..verifier.freivalds import CHECKS, PRIMES, project, secret_vectors
 from ..verifier.numerics import SPEC_VERSION
 from ..verifier.numerics.rope import RopeTable
 from ..verifier.numerics.weights import QuantizedModel
@@ -37,8 +37,7 @@ class Key:
 
     def r(self, label: str) -> np.ndarray:
         """The secret vectors of matrix `label` (recomputed from the secret, never stored)."""
-        n = self.meta["rows"][label]
-        return secret_vectors(self.secret, label, n, self.meta["freivalds"]["checks"])
+        return secret_vectors(self.secret, label, self.meta["rows"][label])
 
     def v(self, label: str) -> np.ndarray:
         return self.arrays[f"{label}.v"]
@@ -80,7 +79,7 @@ def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progre
         "config_digest": com["config_digest"].hex(),
         "rope_digest": RopeTable(qm.cfg).digest(),
         "numerics_digest": numerics_digest(),
-        "freivalds": {"prime": PRIME, "checks": CHECKS},
+        "freivalds": {"primes": list(PRIMES), "checks_per_prime": CHECKS},
         "rows": rows,
         "tokenizer_hash": tokenizer.tokenizer_hash() if tokenizer else None,
         "chat_template_hash": tokenizer.chat_template_hash() if tokenizer else None,

@@ -37,8 +37,10 @@ def derive(secret: bytes, receipt: dict, tier: str, nonce: bytes | None = None,
     n, n_layers = receipt["trace"]["positions"], receipt["trace"]["layers"]
     first_decode = len(receipt["prompt_token_ids"]) - 1
     pos = _positions(rng, tier, n, first_decode, positions)
-    layers = (sorted(rng.choice(n_layers, min(ROUTINE_LAYERS, n_layers), replace=False).tolist())
-              if tier == "routine" else list(range(n_layers)))
+    layers = list(range(n_layers))
+    if tier == "routine":  # the last layer always: it anchors every decode check's residual
+        others = rng.choice(n_layers - 1, min(ROUTINE_LAYERS, n_layers) - 1, replace=False)
+        layers = sorted(others.tolist() + [n_layers - 1])
     k = {"routine": ROUTINE_KV_SAMPLE, "full": FULL_KV_SAMPLE, "deep": 0}[tier]
     horizon = max(pos) + 1
     kv = {str(l): sorted(rng.choice(horizon, min(k, horizon), replace=False).tolist()) for l in layers}

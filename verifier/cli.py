@@ -71,7 +71,7 @@ def _load_json(path: Path, what: str):
         if path.stat().st_size > 256 * 1024 * 1024:
             _fail(f"{path}: {what} larger than 256 MiB")
         return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         _fail(f"{path}: cannot read the {what} ({e})")
 
 
@@ -157,6 +157,9 @@ def verify(
     challenge: Path = typer.Option(..., help="The challenge this verifier issued (JSON)."),
     opening: Path = typer.Option(..., help="The provider's opening (binary)."),
     nonce: str = typer.Option(None, help="The nonce the client sent; the receipt must carry it."),
+    request: Path = typer.Option(None, help="The request as the client sent it (JSON: prompt or "
+                                            "messages, and any of max_tokens, temperature, top_k, "
+                                            "top_p, seed it fixed); the receipt must match it."),
     as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
 ) -> None:
     """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
@@ -167,13 +170,15 @@ def verify(
     from .verify import verify as run_verify
 
     rec, chal = _load_json(receipt, "receipt"), _load_json(challenge, "challenge")
+    client_request = None if request is None else _load_json(request, "request")
     try:
         k = load_key(key)
         meta, arrays = container.read(opening, OPENING_MAGIC, OPENING_VERSION, 1 << 34)
         tok = key_tokenizer(k)
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
-    v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce)
+    v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
+                   expected_request=client_request)
     if as_json:
         print(json.dumps(v.to_json(), indent=1))
     else:

@@ -58,10 +58,14 @@ def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) ->
 
 
 def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np.ndarray:
-    """Quantize x, check z = W q(x) by Freivalds, dequantize."""
+    """Quantize x, bound z, check z = W q(x) by Freivalds, dequantize."""
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
-    if z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
-        raise Reject("opening_malformed", f"{label}: accumulator shape {z.shape}")
+    if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
+        raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
+    wq = ctx.profile.head_qmax if label == "lm_head" else ctx.profile.weight_qmax
+    bound = x.shape[1] * ctx.profile.act_qmax * wq  # |z| can be no larger (< 2^53)
+    if np.any((z > bound) | (z < -bound)):
+        raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
     _freivalds(ctx, label, qx, z, code)
     return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import challenge as challenge_mod
-from .commitment import embed_leaf, kv_leaf, layer_roots_match, resid_leaf
+from .commitment import canonical_json, embed_leaf, kv_leaf, layer_roots_match, resid_leaf
 from .config import ModelConfig
 from .merkle import verify_multiproof
 from .numerics.profiles import Profile
@@ -41,13 +41,16 @@ class Verdict:
 
 
 def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
-           expected_nonce: str | None = None) -> Verdict:
+           expected_nonce: str | None = None, expected_request: dict | None = None) -> Verdict:
     """Run every check; the first failure rejects with its reason code. expected_nonce: the
-    client's own nonce (freshness: a receipt made for another request is refused)."""
+    client's own nonce (freshness); expected_request: the request exactly as the client sent it
+    (prompt or messages, and any decode settings it fixed: max_tokens, temperature, top_k,
+    top_p, seed), compared with the receipt's request and manifest."""
     v, t0 = Verdict(), time.perf_counter()
     timer = Timer()
     try:
-        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, expected_nonce)
+        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, expected_nonce,
+             expected_request)
         v.accepted = True
     except Reject as e:
         v.reason, v.detail = e.code, e.detail
@@ -55,14 +58,21 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
     except ReceiptError as e:
         v.reason, v.detail = e.code, str(e)
         v.checks.append({"check": e.code, "ok": False, "detail": str(e)})
-    except (KeyError, IndexError, TypeError, ValueError) as e:  # malformed opening data
+    except RecursionError:
+        v.reason, v.detail = "receipt_malformed", "nested too deeply"
+        v.checks.append({"check": v.reason, "ok": False, "detail": v.detail})
+    except (FloatingPointError, OverflowError) as e:  # committed values that cannot be replayed
+        v.reason, v.detail = "nonfinite", f"{type(e).__name__}: {e}"
+        v.checks.append({"check": v.reason, "ok": False, "detail": v.detail})
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # malformed data
         v.reason, v.detail = "opening_malformed", f"{type(e).__name__}: {e}"
         v.checks.append({"check": "opening_malformed", "ok": False, "detail": v.detail})
     v.timing = dict(timer.parts, total=time.perf_counter() - t0)
     return v
 
 
-def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce) -> None:
+def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce,
+         request) -> None:
     check_receipt(receipt)
     v.ok("receipt", "structure, manifest/request hashes, IO chain, receipt id, token count")
     if nonce is not None:
@@ -78,7 +88,10 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     _check_opening_meta(meta, receipt, challenge)
     params = _sampling(receipt, meta)
     v.ok("opening", "for this receipt and challenge; seed commitment")
-    _check_stop_policy(receipt)
+    if request is not None:
+        _check_client_request(receipt, request, params)
+        v.ok("request", "the receipt's request and decode settings are the client's")
+    _check_stop_policy(receipt, key)
     v.ok("stop_policy", "EOS and max_tokens respected")
     if tokenizer is not None:
         _check_io_binding(tokenizer, receipt)
@@ -143,9 +156,30 @@ def _sampling(receipt, meta) -> SamplingParams:
     return params
 
 
-def _check_stop_policy(receipt) -> None:
+def _check_client_request(receipt, request: dict, params: SamplingParams) -> None:
+    if not isinstance(request, dict):
+        raise Reject("request_mismatch", "the client's request is not a JSON object")
+    body = {k: request[k] for k in ("prompt", "messages") if k in request}
+    if canonical_json(body) != canonical_json(receipt["request"]):
+        raise Reject("request_mismatch", "the receipt's request differs from the client's")
+    man = receipt["manifest"]
+    fixed = {"max_tokens": man["limits"]["max_tokens"], **man["sampling"]}
+    for k, got in fixed.items():
+        if k in request and request[k] != got:
+            raise Reject("request_mismatch", f"{k}: the client asked {request[k]!r}, the receipt "
+                                             f"has {got!r}")
+    if "seed" in request and not params.greedy and request["seed"] != params.seed:
+        raise Reject("request_mismatch", "the revealed seed differs from the client's")
+
+
+def _check_stop_policy(receipt, key) -> None:
     lim, out = receipt["manifest"]["limits"], receipt["output_token_ids"]
     eos = set(lim["eos_token_ids"])
+    tok = key.meta.get("tokenizer")
+    if tok is not None:  # the stop set is the model's, not the provider's choice
+        want = set(tok["eos_token_ids"]) | set(_config_eos(key.meta["config"]))
+        if eos != want:
+            raise Reject("stop_policy", f"EOS set {sorted(eos)} is not the model's {sorted(want)}")
     if len(out) > lim["max_tokens"]:
         raise Reject("stop_policy", f"{len(out)} tokens exceed max_tokens {lim['max_tokens']}")
     if any(t in eos for t in out[:-1]):
@@ -154,8 +188,18 @@ def _check_stop_policy(receipt) -> None:
         raise Reject("stop_policy", "generation stopped early without EOS")
 
 
+def _config_eos(cfg: dict) -> list[int]:
+    e = cfg.get("eos_token_id")
+    return [] if e is None else (list(e) if isinstance(e, list) else [e])
+
+
 def _check_io_binding(tok, receipt) -> None:
     req, man = receipt["request"], receipt["manifest"]
+    msgs = req.get("messages")
+    if msgs is not None and not (isinstance(msgs, list) and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in msgs)):
+        raise Reject("prompt_binding", "messages must be objects with string role and content")
     if "messages" in req:
         ids = tok.encode_chat(req["messages"])
     elif "prompt" in req and isinstance(req["prompt"], str):
@@ -197,6 +241,8 @@ def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
         rows = arrays[f"resid.{l}.rows"]
         if rows.dtype != np.float32 or rows.shape != (len(pos), cfg.hidden_size):
             raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
+        if not np.all(np.isfinite(rows)):
+            raise Reject("nonfinite", f"resid.{l}.rows holds a non-finite value")
         leaves = {t: resid_leaf(l, t, rows[i]) for i, t in enumerate(pos)}
         if not verify_multiproof(leaves, n, _proof(arrays, f"resid.{l}.proof"), rl[l]):
             raise Reject("merkle_residual", f"residual rows of layer {l} are not the committed ones")

@@ -1,0 +1,79 @@
+"""Linear shell: every matmul is checked by Freivalds against the key, and every dequantization
+is re-executed with the key's scales and biases, so an integer accumulator, a scale or a bias that
+differs from the committed model is caught, even when the provider commits consistently."""
+
+from __future__ import annotations
+
+import pytest
+from advcheats import biased, scaled, tapped
+from advworld import CheatAccepted, assert_rejected
+from commitllm.verifier.freivalds import PRIMES
+
+# (matrix, layer, output column): one accumulator column off at every position
+FAMILIES = [("qkv", 0, 5), ("o", 1, 3), ("gate_up", 0, 100), ("down", 1, 7), ("lm_head", None, 9)]
+IDS = [f[0] for f in FAMILIES]
+
+
+@pytest.mark.parametrize("matrix, layer, col", FAMILIES, ids=IDS)
+def test_flipped_accumulator_committed_consistently(world, matrix, layer, col):
+    """The provider's GEMM returns z + 1 in one column; it generates, commits and opens with it."""
+    p = tapped(world.qm, layer, matrix, col, 1)
+    s = world.serve(p)
+    assert_rejected(world.audit(s, p), f"freivalds_{matrix}")
+
+
+@pytest.mark.parametrize("matrix, layer, col", FAMILIES, ids=IDS)
+def test_flipped_accumulator_in_opening(world, matrix, layer, col):
+    """An honest run whose opening carries one accumulator off by one, at a middle position."""
+    c = world.challenge(world.served, "deep")
+    meta, arrays = world.open(world.served, c)
+    name = "z.lm" if matrix == "lm_head" else f"z.{layer}.{matrix}"
+    arrays[name][len(arrays[name]) // 2, col] -= 1
+    assert_rejected(world.verify(world.served, c, meta, arrays), f"freivalds_{matrix}")
+
+
+ALIAS_GAP = ("Freivalds runs modulo p = 2^31 - 1 and nothing bounds the opened accumulators: "
+             "z + p passes (r.z == v.x mod p) and the verifier then dequantizes the aliased z. "
+             "On the LM head this lets a provider force any output token")
+
+
+@pytest.mark.parametrize("matrix, layer, col", FAMILIES, ids=IDS)
+def test_accumulator_aliased_modulo_the_freivalds_prime(world, matrix, layer, col):
+    """The provider computes with z + k p (p the Freivalds prime) in one column, consistently:
+    k = 1 in the decoder linears; k = 2^13 on the 16-bit LM head, where it makes token `col`'s
+    logit dominate (still far below the 2^53 the dequantization accepts)."""
+    p = tapped(world.qm, layer, matrix, col, PRIMES[0] * (2**13 if matrix == "lm_head" else 1))
+    s = world.serve(p)
+    assert s.receipt["trace"] != world.served.receipt["trace"]  # the cheat changed the run
+    if matrix == "lm_head":
+        assert set(s.output) == {col}  # every output token forced to `col`
+    assert_rejected(world.audit(s, p), f"freivalds_{matrix}")
+
+
+# (matrix, layer, factor, code): the first check whose input the wrong scale changes
+SCALES = [("qkv", 0, 2.0, "kv_mismatch"),  # K/V rows: same ints, doubled row scales
+          ("o", 0, -1.0, "freivalds_gate_up"),  # h differs: the MLP input of the provider
+          ("gate_up", 1, 2.0, "freivalds_down"),  # SwiGLU output differs
+          ("down", 1, -1.0, "residual_chain"),  # the layer output itself
+          ("lm_head", None, -1.0, "decode")]  # logits negated: other tokens sampled
+
+
+@pytest.mark.parametrize("matrix, layer, factor, code", SCALES,
+                         ids=[f"{m}-x{f:g}" for m, _, f, _ in SCALES])
+def test_scale_changed_and_used(world, matrix, layer, factor, code):
+    p = scaled(world.qm, layer, matrix, factor)
+    s = world.serve(p)
+    assert_rejected(world.audit(s, p), code)
+
+
+# (channel of the fused qkv output, code): Q channels reach the attention output, K/V the cache
+BIASES = [(3, "freivalds_o"), (64 + 3, "kv_mismatch"), (64 + 32 + 5, "kv_mismatch")]
+
+
+@pytest.mark.parametrize("channel, code", BIASES, ids=["q", "k", "v"])
+def test_qwen2_bias_changed(qwen_world, channel, code):
+    w = qwen_world
+    assert w.qm.cfg.q_size == 64 and w.qm.cfg.kv_size == 32
+    p = biased(w.qm, 1, channel, 0.5)
+    s = w.serve(p)
+    assert_rejected(w.audit(s, p), code)
