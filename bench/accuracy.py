@@ -161,7 +161,10 @@ class VariantResult:
         return total
 
 
-def evaluate(windows: list[list[int]], reference: LogitsFn, variants: dict[str, Callable[[], LogitsFn]],
+Factory = Callable[[], LogitsFn]  # builds a variant's model when called
+
+
+def evaluate(windows: list[list[int]], reference: LogitsFn, variants: dict[str, Factory],
              log: Callable[[str], None] = lambda s: None) -> list[VariantResult]:
     """fp32 reference first (its own tally: 100 % agreement, KL 0), then each variant in turn.
 
@@ -228,13 +231,14 @@ def check_bars(res: dict[str, Tally], bf16: str = "bf16", w16: str = "w16a16",
         Bar("w8a16 top-1 >= bf16 top-1 - 1.5 points (pct)", lo.agreement, b.agreement - 1.5,
             lo.agreement >= b.agreement - 1.5),
         Bar("w8a16 mean KL <= 0.01", lo.mean_kl, 0.01, lo.mean_kl <= 0.01),
-        Bar("w8a16 perplexity within 1 % of bf16 (|rel diff| pct)", ppl_rel, 1.0, ppl_rel <= 1.0),
+        Bar("w8a16 perplexity within 1 % of bf16 (abs. relative difference, pct)", ppl_rel, 1.0,
+            ppl_rel <= 1.0),
     ]
 
 
 # ---- the command line --------------------------------------------------------------------------
 
-def engine_variants(loaded, profiles: list, chunk: int) -> dict[str, Callable[[], LogitsFn]]:
+def engine_variants(loaded, profiles: list, chunk: int) -> dict[str, Factory]:
     """One factory per numerics profile (a Profile object), built from the loaded model."""
     from commitllm.engine.exact.model import ExactModel
 
@@ -253,6 +257,15 @@ HYBRIDS = {"w16a16 + int8 embed & LM head": ("embed", "lm_head"),
            "w16a16 + int8 gate_up": ("gate_up",), "w16a16 + int8 down": ("down",),
            "w8a16 + int8 LM head": ("lm_head", *QLAYER_PARTS),
            "w8a16 + int8 embed": ("embed", *QLAYER_PARTS)}
+
+
+DIAGNOSIS_NOTE = (
+    "One-step rows: `w16a16 + int8 X` is w16a16 with only matrix X (in every layer) quantized to "
+    "int8 per output channel; `w8a16 + int8 LM head` / `+ int8 embed` is w8a16 with that one of "
+    "the tied embedding's two uses at int8; `w8a16-head8` (embedding and LM head at int8: the "
+    "w8a16 before commit 48afbe2), `w8a16-kv8` (Q/K/V at 8 bits) and `w8a16-act8` (linear "
+    "inputs at 8 bits) are w8a16 with that one component narrowed. Each differs from its base in "
+    "one step.")
 
 
 def one_more_8bit_profiles() -> list:
@@ -289,7 +302,7 @@ def hybrid(base, donor, parts: tuple[str, ...]):
     return replace(base, embed=embed, layers=layers, lm_head=lm)
 
 
-def diagnosis_variants(loaded, chunk: int) -> dict[str, Callable[[], LogitsFn]]:
+def diagnosis_variants(loaded, chunk: int) -> dict[str, Factory]:
     """The hybrids and the one-more-8-bit profiles above."""
     from commitllm.engine.exact.model import ExactModel
     from commitllm.verifier.numerics import get_profile
@@ -336,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     windows = text_windows(ids, args.tokens, args.window)
     gguf = default_gguf()
-    print(f"text {args.text}: {len(ids)} tokens; scoring {len(windows)} x {args.window}", flush=True)
+    print(f"text {args.text}: {len(ids)} tokens; scoring {len(windows)} x {args.window}",
+          flush=True)
     fp32 = hf_logits(load_hf(gguf, "float32"))
-    variants: dict[str, Callable[[], LogitsFn]] = {"bf16": lambda: hf_logits(load_hf(gguf, "bfloat16"))}
+    variants: dict[str, Factory] = {"bf16": lambda: hf_logits(load_hf(gguf, "bfloat16"))}
     if not args.no_sanity:
         variants["commitllm fp32 reference"] = lambda: reference_logits(
             ReferenceModel(loaded.cfg, loaded.tensors))
@@ -382,6 +396,12 @@ def _report(args, text, ids, windows, results, bars, elapsed) -> dict:
         "provenance": provenance(),
         "model": default_gguf().name,
         "reference": "transformers fp32 (AutoModelForCausalLM from the GGUF, dequantized)",
+        "baselines": {"bf16": "transformers from the same GGUF with dtype=bfloat16: weights "
+                              "rounded to bf16, bf16 compute (sdpa attention), logits cast to "
+                              "fp32 for the comparison",
+                      "commitllm fp32 reference": "the engine's own fp32 float forward on the "
+                                                  "converted checkpoint: a check that both sides "
+                                                  "load the same weights"},
         "text": {"path": str(args.text), "sha256": hashlib.sha256(text.encode()).hexdigest(),
                  "tokens_in_text": len(ids), "tokenization": "plain text, no special tokens"},
         "windows": len(windows), "window": args.window,
@@ -422,10 +442,13 @@ def render_md(d: dict) -> str:
         f"{d['predicted_positions']} predicted positions. Top-1 is argmax agreement with fp32; KL "
         f"is the mean KL(fp32 || variant) from float64 log-softmax; perplexity is on the true "
         f"next tokens."),
-        md_table(["variant", "top-1 vs fp32", "mean KL", "perplexity", "seconds"], rows),
+        "Baselines: " + "; ".join(f"{k}: {v}" for k, v in d.get("baselines", {}).items()) + ".",
+        md_table(["variant", "top-1 vs fp32", "mean KL", "perplexity", "wall s"], rows),
         md_table(["bar", "check", "value", "limit"], bars) if bars else "(no bars checked)",
         _paired_md(d.get("paired_vs_bf16", [])),
-        f"Total run time {d['elapsed_s']:.0f} s.",
+        DIAGNOSIS_NOTE if any(v["name"] in HYBRIDS for v in d["variants"]) else "",
+        (f"Total run time {d['elapsed_s']:.0f} s (wall times are of a shared 2-core machine and "
+         f"include quantizing a profile the first time). {d.get('note') or ''}"),
     ])
 
 

@@ -72,7 +72,7 @@ class Setup:
 def load_setup(model: str, profile: str, temperature: float, seed: int,
                quiet: float = 0.0) -> Setup:
     """The default model quantized with `profile`, its cached key, greedy or sampled decoding;
-    quiet > 0: before each timed generation or opening, wait (up to 20 s) until other processes
+    quiet > 0: before each timed generation or opening, wait (up to 5 s) until other processes
     use at most that share of the cores over half a second."""
     from commitllm.engine.exact.model import ExactModel
     from commitllm.engine.loader import load_model
@@ -86,7 +86,7 @@ def load_setup(model: str, profile: str, temperature: float, seed: int,
     key = cached_key(qm, lm.tokenizer)
     eos = tuple(sorted(set(lm.cfg.eos_token_ids) | set(lm.tokenizer.eos_token_ids)))
     params = SamplingParams(temperature, 50, 0.95, seed) if temperature > 0 else SamplingParams()
-    before = (lambda: wait_for_quiet(quiet, 20.0, sample=0.5)) if quiet > 0 else (lambda: None)
+    before = (lambda: wait_for_quiet(quiet, 5.0, sample=0.5)) if quiet > 0 else (lambda: None)
     return Setup(ExactModel(qm), lm.tokenizer, key, key_tokenizer(key), params, eos, before)
 
 
@@ -323,7 +323,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gen-runs", type=int, default=3, help="generations per context")
     ap.add_argument("--open-runs", type=int, default=3, help="openings per tier")
     ap.add_argument("--quiet", type=float, default=0.25,
-                    help="before timed generations and openings, wait (<= 20 s) until other "
+                    help="before timed generations and openings, wait (<= 5 s) until other "
                          "processes use at most this share of the cores (0: do not wait)")
     ap.add_argument("--text", type=Path, default=DEFAULT_TEXT, help="plain text for the prompts")
     ap.add_argument("--model", default="default")
@@ -401,7 +401,7 @@ def _settings_md(d: dict) -> str:
             f"Deep tier only up to {s['deep_max']} positions. Load average (1, 5, 15 min) at start "
             f"{_la(la['start'])}, at end {_la(la['end'])}. The machine is shared with other jobs "
             f"(timings taken under heavy load were 10-50 times slower): before each timed "
-            f"generation and opening the bench waits (at most 20 s) until others use at most "
+            f"generation and opening the bench waits (at most 5 s) until others use at most "
             f"{100 * s['quiet']:.0f} % of the cores, and 'contention' is the largest share of the "
             f"cores other processes used during a row's timed runs. Times are upper bounds.")
 
