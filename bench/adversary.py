@@ -102,8 +102,8 @@ def cheats_for(world: World, lazy_sizes=(1, 3, 6, 12)) -> list[Cheat]:
                                                 or KV_POS in c["kv_sample"][str(kvl)])),
         Cheat("prompt-substitution", f"prompt token at position {SUB_POS} replaced in the "
               "computation (the receipt names the client's)", _substituted,
-              lambda c: SUB_POS in c["positions"],
-              lambda k, m, L: 1 - _miss_positions(n, fd, k, {SUB_POS})),
+              lambda c: SUB_POS in c["positions"] or (
+                  0 in c["layers"] and SUB_POS in c["kv_sample"]["0"])),  # every opened x_0 row
     ]
     rng = np.random.default_rng(5)
     for size in lazy_sizes:

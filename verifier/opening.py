@@ -46,4 +46,5 @@ def plan(challenge: dict, n_layers: int) -> Plan:
     return Plan(resid={l: sorted(v) for l, v in sorted(resid.items()) if v},
                 kv={l: list(range(horizon)) for l in layers},
                 z={l: pos for l in layers}, zq={l: s for l, s in zq.items() if s},
-                lm=sorted(set(challenge["decode_positions"])), embed=pos)
+                lm=sorted(set(challenge["decode_positions"])),
+                embed=sorted(set(pos) | set(zq.get(0, []))))  # every opened x_0 row
