@@ -12,7 +12,7 @@ the first pick), decode tokens/s over the remaining tokens, and the linear-layer
 2 * N_linear * tokens / time (N_linear: weights of every linear incl. the LM head; attention
 excluded, under 4 % at these lengths).
 
-    python bench/generate.py [--new-tokens 128] [--batches 1,8] [--runs 3] [--runs-batched 2]
+    python bench/generate.py [--new-tokens 128] [--batches 1,8] [--runs 5] [--runs-batched 3]
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--runs", type=int, default=3, help="timed runs at batch 1")
-    ap.add_argument("--runs-batched", type=int, default=2, help="timed runs at batch > 1")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs at batch 1")
+    ap.add_argument("--runs-batched", type=int, default=3, help="timed runs at batch > 1")
     ap.add_argument("--profile", default="w8a16", help="numerics profile of the exact engine")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
