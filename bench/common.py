@@ -166,6 +166,7 @@ class Timing:
     runs: tuple[float, ...]
     cpu: tuple[float, ...] = ()
     foreign: tuple[float | None, ...] = ()
+    discarded: int = 0  # runs repeated because other jobs disturbed them
 
     @property
     def median(self) -> float:
@@ -209,22 +210,33 @@ def time_runs(fn: Callable[[int], object], runs: int, warmup: int = 1,
 def time_interleaved(fns: dict[str, Callable[[int], object]], runs: int, warmup: int = 1,
                      clock: Callable[[], float] = time.perf_counter,
                      probe: Probe = cpu_counters,
-                     before: Callable[[], object] = lambda: None) -> dict[str, tuple[Timing, list]]:
+                     before: Callable[[], object] = lambda: None,
+                     accept: Callable[[float, float | None], bool] = lambda wall, foreign: True,
+                     retries: int = 0) -> dict[str, tuple[Timing, list]]:
     """Like time_runs for several contenders, alternating them run by run (A B A B ...) so that a
     drift of the machine's speed (other jobs coming and going) hits every contender alike.
-    `before` runs ahead of each timed call, untimed (e.g. wait_for_quiet)."""
+
+    `before` runs ahead of each timed call, untimed (e.g. wait_for_quiet). A run that
+    `accept(wall_s, other_jobs_cpu_s)` rejects is repeated, up to `retries` times (the last
+    attempt is kept); Timing.discarded counts the repeats."""
     if runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
     for w in range(warmup):
         for fn in fns.values():
             fn(-1 - w)
     rec: dict[str, list[tuple]] = {k: [] for k in fns}
+    discarded = dict.fromkeys(fns, 0)
     for i in range(runs):
         for name, fn in fns.items():
-            before()
-            rec[name].append(_timed(fn, i, clock, probe))
-    return {k: (Timing(*(tuple(col) for col in list(zip(*r))[1:])), [x[0] for x in r])
-            for k, r in rec.items()}
+            for attempt in range(retries + 1):
+                before()
+                r = _timed(fn, i, clock, probe)
+                if accept(r[1], r[3]) or attempt == retries:
+                    break
+                discarded[name] += 1
+            rec[name].append(r)
+    return {k: (Timing(*(tuple(col) for col in list(zip(*r))[1:]), discarded=discarded[k]),
+                [x[0] for x in r]) for k, r in rec.items()}
 
 
 def md_table(header: list[str], rows: list[list]) -> str:

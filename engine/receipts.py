@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..keys.keygen import Key, build_key, key_tokenizer, load_key, save_key
+from ..keys.keygen import KEY_VERSION, Key, build_key, key_tokenizer, load_key, save_key
 from ..verifier import challenge as challenge_mod
 from ..verifier import container
 from ..verifier.numerics.sampler import SamplingParams
@@ -83,9 +83,12 @@ def cached_key(qm, tokenizer) -> Key:
     from ..verifier.commitment import commit_model
 
     com = commit_model(qm)["commitment"].hex()
-    path = cache_dir() / "keys" / f"{com[:32]}-{qm.profile.name}.key"
+    path = cache_dir() / "keys" / f"{com[:32]}-{qm.profile.name}-v{KEY_VERSION}.key"
     if path.is_file():
-        return load_key(path)
+        try:
+            return load_key(path)
+        except container.ContainerError:
+            path.unlink(missing_ok=True)  # stale or damaged: rebuilt below, never trusted
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = build_key(qm, tokenizer)
     save_key(key, path)

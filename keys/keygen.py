@@ -19,7 +19,7 @@ from ..verifier.numerics.rope import RopeTable
 from ..verifier.numerics.weights import QuantizedModel
 
 KEY_MAGIC = b"CLLMKEY\x00"
-KEY_VERSION = 1
+KEY_VERSION = 2  # 2: Freivalds rows modulo two primes (version 1 keys had one prime)
 MAX_KEY_BYTES = 1 << 34
 MATRICES = ("qkv", "o", "gate_up", "down")
 
@@ -119,4 +119,7 @@ def load_key(path: Path) -> Key:
     meta, arrays = container.read(Path(path), KEY_MAGIC, KEY_VERSION, MAX_KEY_BYTES)
     if "secret" not in arrays or arrays["secret"].shape != (32,):
         raise container.ContainerError(f"{path}: key without a 32-byte secret")
+    fr = meta.get("freivalds") or {}
+    if fr.get("primes") != list(PRIMES) or fr.get("checks_per_prime") != CHECKS:
+        raise container.ContainerError(f"{path}: key built for another Freivalds scheme; rebuild it")
     return Key(meta, arrays)

@@ -65,6 +65,21 @@ def test_time_interleaved_alternates():
     assert set(out) == {"a", "b"} and all(len(t.runs) == 2 for t, _ in out.values())
 
 
+def test_time_interleaved_repeats_disturbed_runs():
+    # probe (own CPU, machine busy): others use 1.0 CPU-s in a's first attempt, then nothing
+    busy = iter([0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    calls = []
+    fns = {"a": lambda i: calls.append(("a", i)), "b": lambda i: calls.append(("b", i))}
+    out = common.time_interleaved(fns, runs=1, warmup=0, probe=lambda: (0.0, next(busy)),
+                                  accept=lambda wall, foreign: foreign == 0.0, retries=2)
+    assert calls == [("a", 0), ("a", 0), ("b", 0)]  # a's disturbed run was repeated
+    assert out["a"][0].discarded == 1 and out["b"][0].discarded == 0
+    assert out["a"][0].foreign == (0.0,)
+    always_busy = common.time_interleaved({"a": lambda i: None}, runs=1, warmup=0,
+                                          accept=lambda wall, foreign: False, retries=2)
+    assert always_busy["a"][0].discarded == 2  # gives up after the retries, keeps the last
+
+
 def test_write_results_atomic_and_provenance(tmp_path):
     prov = common.provenance()
     assert {"date", "machine", "git", "packages"} <= prov.keys()
@@ -221,7 +236,8 @@ def test_generators_tiny(tiny_llama):
     ours = generate.exact_generator(ExactModel(quantize_model(cfg, tensors, get_profile("w8a16"))))
     hf = generate.hf_generator(accuracy.load_hf(tiny_llama, "float32"), pad_id=0)
     prompts = [[3, 4, 5, 6, 7], [cfg.eos_token_ids[0]], [9, 10, 11]]
-    rows = generate.measure({"ours": ours, "hf": hf}, prompts, batch=2, n=5, runs=2)
+    quiet = generate.quiet_policy(wait=1.0, share=1.0, retries=1, sample=0.05)  # share 100 %
+    rows = generate.measure({"ours": ours, "hf": hf}, prompts, batch=2, n=5, runs=2, quiet=quiet)
     assert [r["engine"] for r in rows] == ["ours", "hf"]
     for r in rows:
         assert r["batch"] == 2 and len(r["timing_s"]["runs"]) == 2
