@@ -63,6 +63,8 @@ def _rmsnorm_quant_kernel(
     lo = sst - (hi << 32)
     ss64 = (hi.to(tl.float64) * 4294967296.0) + lo.to(tl.float64)
     ms = (ss64 / tl.cast(H, tl.float64)) * pow2_f64(2 * (e - FRAC_BITS))
+    # fp64 `/` and tl.sqrt lower to div.rn.f64 / sqrt.rn.f64 (tl.sqrt_rn and div_rn take fp32
+    # only in Triton 3.9); `kernels check` fails on any .approx or rounding-mode-less float op.
     r = (1.0 / tl.sqrt(ms + tl.cast(eps, tl.float64))).to(tl.float32)
     ymax = tl.zeros([BLOCK], tl.float32)
     for k in range(0, H, BLOCK):
