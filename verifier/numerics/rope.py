@@ -9,6 +9,8 @@ IEEE operation, so every machine builds the same table bit for bit; no libm call
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
 
 import mpmath
 import numpy as np
@@ -47,6 +49,27 @@ def _llama3(f, cfg: ModelConfig):
     return (1 - smooth) * f / factor + smooth * f
 
 
+@lru_cache(maxsize=8)
+def _bases(theta: float, head_dim: int, scaling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """inv_freq and base rotations, computed once per (theta, d, scaling): mpmath is the slow
+    part of building a table, and every verify and every engine load builds one. Read-only."""
+    cfg = _RopeKey(theta, head_dim, scaling)
+    freqs = inv_freq(cfg)
+    cos_b, sin_b = base_rotations(freqs)
+    for a in (freqs, cos_b, sin_b):
+        a.setflags(write=False)
+    return freqs, cos_b, sin_b
+
+
+@dataclass(frozen=True)
+class _RopeKey:
+    """The fields of ModelConfig that inv_freq reads."""
+
+    rope_theta: float
+    head_dim: int
+    rope_scaling: object
+
+
 def base_rotations(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """cos and sin of 2^b * f_i for b < POSITION_BITS, float64 [POSITION_BITS, d/2]."""
     cb = np.empty((POSITION_BITS, len(freqs)))
@@ -63,8 +86,7 @@ class RopeTable:
     """cos/sin fp32 [P, d/2] for positions 0..P-1, grown on demand, identical on every machine."""
 
     def __init__(self, cfg: ModelConfig):
-        self.freqs = inv_freq(cfg)
-        self.cos_b, self.sin_b = base_rotations(self.freqs)
+        self.freqs, self.cos_b, self.sin_b = _bases(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
         self.cos = np.ones((0, len(self.freqs)), F32)
         self.sin = np.zeros((0, len(self.freqs)), F32)
 
