@@ -12,12 +12,13 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+
+from commitllm.verifier.atomic import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,18 +97,6 @@ def provenance_md(p: dict) -> str:
         f"- commit: {g.get('commit')}{dirty}",
         f"- packages: {pk}",
     ])
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def write_results(out_dir: Path, name: str, data: dict, markdown: str) -> tuple[Path, Path]:

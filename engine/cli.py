@@ -121,12 +121,11 @@ def _save_signed(runner, signed, out: dict, receipt: Path | None, store: Path | 
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    from ..verifier.atomic import atomic_write
+
     try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(data, indent=1))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         _fail(f"{path}: cannot write ({e.strerror or e})")
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from ..keys.keygen import numerics_digest
+from ..verifier.atomic import atomic_write
 from ..verifier.commitment import TraceTrees, commit_model
 from ..verifier.numerics import SPEC_VERSION
 from ..verifier.numerics.sampler import SamplingParams
@@ -95,16 +94,7 @@ class TranscriptStore:
         """Store atomically (temp file, fsync, rename). extra: e.g. the model argument."""
         path = self.root / f"{receipt['receipt_id']}.json"
         data = json.dumps({"receipt": receipt, "seed": seed, "salt": salt.hex(), **(extra or {})})
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        return path
+        return atomic_write(path, data, mode=0o600, fsync=True)  # the provider's record
 
     def get(self, receipt_id: str) -> dict:
         if not _ID.match(receipt_id):

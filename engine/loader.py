@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
+from ..verifier.atomic import atomic_write
 from ..verifier.checkpoint import CheckpointError, load_checkpoint
 from ..verifier.config import ModelConfig
 from ..verifier.numerics import SPEC_VERSION
@@ -123,12 +123,5 @@ def cached_quantization(folder: Path, cfg: ModelConfig, tensors: dict,
         except (OSError, ValueError, KeyError, CheckpointError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
     qm = quantize_model(cfg, tensors, profile)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in qm.to_tensors().items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in qm.to_tensors().items()}))
     return qm

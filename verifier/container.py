@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save
+
+from .atomic import atomic_write
 
 
 _ALLOWED = {"F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
@@ -31,16 +31,7 @@ def dumps(magic: bytes, version: int, meta: dict, arrays: dict[str, np.ndarray])
 
 def write(path: Path, magic: bytes, version: int, meta: dict, arrays: dict, mode: int = 0o644):
     """Atomic write (temp file + rename) with the given permission bits."""
-    path = Path(path)
-    data = dumps(magic, version, meta, arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=".tmp-")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, dumps(magic, version, meta, arrays), mode=mode)
 
 
 def loads(data: bytes, magic: bytes, version: int, max_bytes: int) -> tuple[dict, dict]:
