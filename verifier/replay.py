@@ -62,8 +62,7 @@ def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
     if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
-    wq = ctx.profile.head_qmax if label == "lm_head" else ctx.profile.weight_qmax
-    bound = x.shape[1] * ctx.profile.act_qmax * wq  # |z| can be no larger (< 2^53)
+    bound = x.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
     if np.any((z > bound) | (z < -bound)):
         raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
     _freivalds(ctx, label, qx, z, code)

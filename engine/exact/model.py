@@ -63,7 +63,7 @@ class ExactModel:
         self.embed_s = torch.from_numpy(qm.embed.s)
         self.layers = [_TorchLayer(layer, wq) for layer in qm.layers]
         self.final_norm = torch.from_numpy(qm.final_norm)
-        self.lm_head = TorchLinear(qm.lm_head, qm.profile.head_qmax)
+        self.lm_head = TorchLinear(qm.lm_head, qm.profile.matrix_qmax("lm_head"))
         self.rope = RopeTable(qm.cfg)
 
     @torch.inference_mode()
@@ -83,6 +83,13 @@ class ExactModel:
         cos, sin = (torch.from_numpy(a) for a in self.rope.lookup(pos))
         x = self.embed_q[ids].to(torch.float32) * self.embed_s[ids].unsqueeze(1)
         step = _Step(caches, lengths, torch.from_numpy(pos), cos, sin, trace_attention)
+        x = self._run_layers(x, step, trace, residuals)
+        for c, n in zip(caches, lengths):
+            c.length += n
+        return self._logits(x, lengths, trace, all_logits)
+
+    def _run_layers(self, x, step, trace: dict | None, residuals: list | None):
+        """Every decoder block in order; records residual streams and per-layer traces."""
         for i, layer in enumerate(self.layers):
             if residuals is not None:
                 residuals.append(x)
@@ -92,9 +99,7 @@ class ExactModel:
                 trace.update({f"layers.{i}.{k}": v for k, v in tr.items()})
         if residuals is not None:
             residuals.append(x)
-        for c, n in zip(caches, lengths):
-            c.length += n
-        return self._logits(x, lengths, trace, all_logits)
+        return x
 
     def _logits(self, x, lengths, trace, all_logits):
         ends = np.cumsum(lengths)

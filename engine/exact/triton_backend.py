@@ -58,7 +58,7 @@ class TritonModel(ExactModel):
         self.embed_s = torch.from_numpy(qm.embed.s).to(self.device)
         self.layers = [_TritonLayer(layer, wq, self.device) for layer in qm.layers]
         self.final_norm = torch.from_numpy(qm.final_norm).to(self.device)
-        self.lm_head = TritonLinear(qm.lm_head, qm.profile.head_qmax, self.device)
+        self.lm_head = TritonLinear(qm.lm_head, qm.profile.matrix_qmax("lm_head"), self.device)
         self.rope = RopeTable(qm.cfg)
 
     @torch.inference_mode()
@@ -76,15 +76,7 @@ class TritonModel(ExactModel):
         cos, sin = (torch.from_numpy(a).to(dev) for a in self.rope.lookup(pos))
         x = self.embed_q[ids].to(torch.float32) * self.embed_s[ids].unsqueeze(1)
         step = _Step(caches, lengths, torch.from_numpy(pos.astype(np.int32)).to(dev), cos, sin)
-        for i, layer in enumerate(self.layers):
-            if residuals is not None:
-                residuals.append(x)
-            tr = {} if trace is not None else None
-            x = layer(self, i, x, step, tr)
-            if trace is not None:
-                trace.update({f"layers.{i}.{k}": v for k, v in tr.items()})
-        if residuals is not None:
-            residuals.append(x)
+        x = self._run_layers(x, step, trace, residuals)
         _check_finite(step.scales)
         for c, n in zip(caches, lengths):
             c.length += n

@@ -42,8 +42,8 @@ def embed(model: QuantizedModel, ids: np.ndarray) -> np.ndarray:
 
 
 def _lin(x, lin: QLinear, model: QuantizedModel, tr: dict | None, name: str) -> np.ndarray:
-    wq = model.profile.head_qmax if name == "lm_head" else model.profile.weight_qmax
-    y, parts = linear(x, lin.q, lin.s, lin.bias, model.profile.act_qmax, wq)
+    y, parts = linear(x, lin.q, lin.s, lin.bias, model.profile.act_qmax,
+                      model.profile.matrix_qmax(name))
     if tr is not None:
         tr.update({f"{name}.{k}": v for k, v in parts.items()})
     return y

@@ -26,6 +26,10 @@ class Profile:
     def weight_bits(self) -> int:
         return 16 if self.weight_qmax > QMAX8 else 8
 
+    def matrix_qmax(self, label: str) -> int:
+        """The weight range of a matrix: head_qmax for the embedding/LM head, else weight_qmax."""
+        return self.head_qmax if label.split(".")[-1] in ("lm_head", "embed") else self.weight_qmax
+
     def manifest(self) -> dict:
         return {"name": self.name, "weight_qmax": self.weight_qmax, "act_qmax": self.act_qmax,
                 "kv_qmax": self.kv_qmax, "head_qmax": self.head_qmax}
