@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import blake3
@@ -17,7 +18,7 @@ import numpy as np
 from safetensors.numpy import load_file, save
 
 from ..verifier.atomic import atomic_write
-from ..verifier.checkpoint import CheckpointError, load_checkpoint
+from ..verifier.checkpoint import CheckpointError, locate_tensors, read_located
 from ..verifier.config import ModelConfig
 from ..verifier.numerics import SPEC_VERSION
 from ..verifier.numerics.profiles import Profile
@@ -84,23 +85,31 @@ def converted_folder(gguf_path: Path) -> Path:
 
 @dataclass
 class LoadedModel:
-    """A model ready to run: config, fp32 tensors, tokenizer, and where it came from."""
+    """A model ready to run: config, tokenizer, where it came from, and its fp32 tensors, read
+    from disk on first use (the exact engine with a warm quantized cache never needs them)."""
 
     folder: Path
     cfg: ModelConfig
-    tensors: dict[str, np.ndarray]
+    located: dict  # name -> (file, header, offset), every shape already checked
     tokenizer: Tokenizer | None
 
+    @cached_property
+    def tensors(self) -> dict[str, np.ndarray]:
+        return read_located(self.located)
+
     def quantized(self, profile: Profile) -> QuantizedModel:
-        return cached_quantization(self.folder, self.cfg, self.tensors, profile)
+        return cached_quantization(self.folder, self.cfg, lambda: self.tensors, profile)
 
 
 def load_model(model: str, need_tokenizer: bool = True) -> LoadedModel:
     """Resolve and load; raises ModelNotFound, CheckpointError, ConfigError or TokenizerError."""
     folder = resolve_model(model)
-    cfg, tensors = load_checkpoint(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    cfg = ModelConfig.from_hf(folder)
+    located = locate_tensors(folder, cfg)
     tok = Tokenizer.from_folder(folder) if need_tokenizer else None
-    return LoadedModel(folder, cfg, tensors, tok)
+    return LoadedModel(folder, cfg, located, tok)
 
 
 def checkpoint_digest(folder: Path) -> str:
@@ -111,8 +120,7 @@ def checkpoint_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def cached_quantization(folder: Path, cfg: ModelConfig, tensors: dict,
-                        profile: Profile) -> QuantizedModel:
+def cached_quantization(folder: Path, cfg: ModelConfig, tensors, profile: Profile) -> QuantizedModel:
     """quantize_model, cached as safetensors under the cache dir (atomic write)."""
     spec = blake3.blake3(f"{SPEC_VERSION}|{sorted(profile.manifest().items())}".encode())
     name = f"{checkpoint_digest(folder)[:32]}-{profile.name}-{spec.hexdigest()[:12]}.safetensors"
@@ -122,6 +130,6 @@ def cached_quantization(folder: Path, cfg: ModelConfig, tensors: dict,
             return QuantizedModel.from_tensors(cfg, profile, load_file(str(path)))
         except (OSError, ValueError, KeyError, CheckpointError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
-    qm = quantize_model(cfg, tensors, profile)
+    qm = quantize_model(cfg, tensors() if callable(tensors) else tensors, profile)
     atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in qm.to_tensors().items()}))
     return qm

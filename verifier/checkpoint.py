@@ -119,12 +119,13 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
     return out
 
 
-def load_tensors(folder: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """Load every expected tensor as fp32, checking presence and shape."""
+def locate_tensors(folder: str | Path, cfg: ModelConfig) -> dict[str, tuple[Path, dict, int]]:
+    """Check that every expected tensor is present with its shape (headers only, no data read);
+    returns name -> (file, header table, data offset) for read_tensor."""
     folder = Path(folder)
     where = checkpoint_files(folder)
     headers: dict[Path, tuple[dict, int]] = {}
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[Path, dict, int]] = {}
     for name, shape in expected_shapes(cfg).items():
         if name not in where:
             raise CheckpointError(f"{folder}: missing tensor {name!r}")
@@ -139,8 +140,19 @@ def load_tensors(folder: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
         got = tuple(table[name]["shape"])
         if got != shape:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {got}, expected {shape}")
-        out[name] = read_tensor(path, table, start, name)
+        out[name] = (path, table, start)
     return out
+
+
+def read_located(located: dict[str, tuple[Path, dict, int]]) -> dict[str, np.ndarray]:
+    """The fp32 data of tensors found by locate_tensors."""
+    return {name: read_tensor(path, table, start, name)
+            for name, (path, table, start) in located.items()}
+
+
+def load_tensors(folder: str | Path, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Load every expected tensor as fp32, checking presence and shape."""
+    return read_located(locate_tensors(folder, cfg))
 
 
 def load_checkpoint(folder: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
