@@ -40,7 +40,7 @@ def test_verify_parts_other_is_the_remainder():
 def test_retained_per_extra_token():
     ctx = [{"retained": {"fixed_bytes": 1500, "tokens": 40}},
            {"retained": {"fixed_bytes": 1501, "tokens": 540}}]
-    assert protocol.retained_per_extra_token(ctx) == pytest.approx(1 / 500)
+    assert protocol.retained_per_extra_token(ctx) == pytest.approx(1 / 500)  # float ratio, a bench figure
     assert protocol.retained_per_extra_token(ctx[:1]) is None
 
 
@@ -84,6 +84,7 @@ def test_every_tier_accepted_and_accounted(contexts):
             assert all(len(ms[p]["runs"]) == 2 and math.isfinite(ms[p]["median"])
                        for p in protocol.PARTS)
             assert ms["total"]["median"] > 0 and ms["freivalds"]["median"] > 0
+            # milliseconds: per-position median times positions vs the whole median (float)
             assert t["verify_ms"]["median"] == pytest.approx(ms["total"]["median"] * t["positions"])
             assert t["open_s"] > 0 and math.isfinite(t["open_over_gen"])
             assert len(t["open_timing_s"]["runs"]) == 2

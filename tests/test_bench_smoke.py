@@ -1,5 +1,9 @@
 """The benchmark scripts stay runnable: their metric formulas on hand-computed cases, and their
-pipelines end to end on a tiny random checkpoint (a few tokens, a few seconds)."""
+pipelines end to end on a tiny random checkpoint (a few tokens, a few seconds).
+
+The approx/allclose here compare benchmark statistics (KL, perplexity, CPU shares: float64 sums
+and ratios computed in a different order than the hand formula), never a committed value; the
+exact path is tested with `==` in test_exact_engine.py and test_numerics_*.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""bench/kernels.py stays runnable: its roofline formulas on hand-computed cases (no GPU needed)."""
+"""bench/kernels.py stays runnable: its roofline formulas on hand-computed cases (no GPU needed).
+
+pytest.approx: the floors are float seconds from byte and operation counts divided by
+bandwidths; they are estimates printed by the bench, not committed values."""
 
 from __future__ import annotations
 
