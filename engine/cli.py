@@ -147,7 +147,8 @@ def _run_audit(runner, signed, as_json: bool) -> int:
                   f"{fig['receipt_bytes']} B | opening {fig['opening_bytes_per_position']} B/position | "
                   f"verify {ms['total']:.2f} ms/position (Freivalds {ms['freivalds']:.2f}, "
                   f"attention {ms['attention']:.2f}, rest {ms['rest']:.2f}) | "
-                  f"commit overhead {overhead:.1f} % of generation | retained per token: 0 B",
+                  f"commit overhead {overhead:.1f} % of generation (per request; the model "
+                  f"commitment is made once at load) | retained per token: 0 B",
                   highlight=False)
     if as_json:
         print(json.dumps({"audit": rows, "commit_overhead_percent": overhead}))

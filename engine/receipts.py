@@ -38,11 +38,12 @@ def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: l
     if max_tokens < 1:
         raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
     rec, caches = Recorder(len(prompts)), [SeqCache() for _ in prompts]
+    com = Committer(model, tokenizer, chat)
+    _ = com.model_commitment, com._hashes  # once per loaded model, like loading; not per request
     t0 = time.perf_counter()
     results = generate_exact(model, prompts, params, max_tokens, eos_ids, on_token,
                              prefill_chunk, recorder=rec, caches=caches)
     t1 = time.perf_counter()
-    com = Committer(model, tokenizer, chat)
     receipts, transcripts = [], []
     for i, (req, res) in enumerate(zip(requests, results)):
         salt = os.urandom(16)
