@@ -152,6 +152,8 @@ def summarize(timing: dict, ttfts: list[float], batch: int, n: int) -> dict:
     med, ttft = timing["median"], statistics.median(ttfts)
     decode = batch * (n - 1) / (med - ttft) if n > 1 and med > ttft else float("nan")
     cpu = statistics.median(timing["cpu"]) if timing.get("cpu") else float("nan")
+    if not cpu > 0:  # os.times() ticks are 10 ms: a tiny run can read 0 CPU seconds
+        cpu = float("nan")
     return {"batch": batch, "new_tokens": n, "timing_s": timing, "ttft_s": ttfts,
             "ttft_median_s": ttft, "tokens_per_s": batch * n / med,
             "tokens_per_s_min": batch * n / timing["max"],
