@@ -205,19 +205,20 @@ def convert(
 
 @app.command("open")
 def open_cmd(
-    store: Path = typer.Option(..., help="The transcript store given to `generate --store`."),
+    store: Path = typer.Option(..., help="The transcript store: a folder given to `generate "
+                                         "--store` or to `serve --store` (SQLite)."),
     challenge: Path = typer.Option(..., help="The challenge file from `commitllm challenge`."),
     out: Path = typer.Option(..., help="Where to write the opening (binary)."),
 ) -> None:
     """Answer a challenge: re-execute the stored transcript, check it reproduces its receipt,
     write the opening. No per-token state was kept; everything is recomputed exactly."""
-    from .commit import TranscriptStore
     from .open import OpenError
     from .receipts import open_from_store, write_opening
+    from .serve.store import open_store
 
     try:
         chal = json.loads(challenge.read_text())
-        st = TranscriptStore(store)
+        st = open_store(store)
         tr = st.get(str(chal.get("receipt_id")))
         runner = Runner.create(tr["model"], "exact", tr["profile"], err)
         with err.status("re-executing the transcript ..."):
@@ -228,6 +229,47 @@ def open_cmd(
     except (OpenError, EngineError) as e:
         _fail(str(e))
     err.print(f"wrote {out} ({size} bytes)")
+
+
+@app.command()
+def serve(
+    model: str = typer.Option("default", help=MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    store: Path = typer.Option(..., help="Folder of the durable transcript store "
+                                         "(transcripts.sqlite, WAL mode); created if missing."),
+    profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine."),
+    served_name: str = typer.Option(None, help="The model name clients send (default: the "
+                                               "model folder's name, or 'default')."),
+    retention_days: float = typer.Option(0.0, min=0.0, help="Drop transcripts older than this "
+                                                            "(0 = keep forever); their receipts "
+                                                            "can then no longer be opened."),
+    max_batch: int = typer.Option(16, min=1, help="Most requests run together in one batch."),
+    max_concurrent: int = typer.Option(64, min=1, help="Most requests in flight; more get 429."),
+    max_body_kib: int = typer.Option(1024, min=1, help="Largest request body (KiB); more get 413."),
+    default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request gives none."),
+) -> None:
+    """Serve the OpenAI API (chat, completions, streaming) with a receipt on every response,
+    POST /v1/audit for openings, GET /v1/receipts, /v1/models and /v1/commitment."""
+    try:
+        from .serve.main import build
+        from .serve.main import serve as run_server
+    except ImportError as e:
+        _fail(f"serving needs the engine extra (fastapi, uvicorn): {e}")
+    try:
+        app_, worker, st = build(model, profile, store, err, served_name=served_name,
+                                 retention_days=retention_days, max_batch=max_batch,
+                                 max_concurrent=max_concurrent, max_body_bytes=max_body_kib * 1024,
+                                 default_max_tokens=default_max_tokens)
+    except EngineError as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{store}: cannot open the store ({e})")
+    err.print(f"serving on http://{host}:{port}/v1 | store {st.path} ({st.count()} transcripts)",
+              highlight=False)
+    run_server(app_, host, port)
+    worker.stop()
+    st.close()
 
 
 kernels_app = typer.Typer(no_args_is_help=True, help="Triton kernels: compile reports and checks.")

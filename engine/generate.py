@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -25,17 +25,27 @@ class Result:
 OnToken = Callable[[int, int], None]  # (sequence index, token id)
 
 
-def check_request(prompts: list[list[int]], max_tokens: int, vocab_size: int, max_len: int) -> None:
-    """Refuse empty prompts, out-of-vocabulary ids and requests beyond the context length."""
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    for i, p in enumerate(prompts):
+def per_seq(x, n: int) -> list:
+    """One value per sequence: a list of n is kept, a single value is repeated."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != n:
+            raise ValueError(f"{len(x)} per-sequence values for {n} sequences")
+        return list(x)
+    return [x] * n
+
+
+def check_request(prompts: list[list[int]], max_tokens, vocab_size: int, max_len: int) -> None:
+    """Refuse empty prompts, out-of-vocabulary ids and requests beyond the context length.
+    max_tokens: one limit for every prompt, or a list with one per prompt."""
+    for i, (p, mt) in enumerate(zip(prompts, per_seq(max_tokens, len(prompts)))):
+        if mt < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {mt}")
         if not p:
             raise ValueError(f"prompt {i} is empty")
         if min(p) < 0 or max(p) >= vocab_size:
             raise ValueError(f"prompt {i} has a token id outside [0, {vocab_size})")
-        if len(p) + max_tokens > max_len:
-            raise ValueError(f"prompt {i}: {len(p)} tokens + {max_tokens} new exceed the context "
+        if len(p) + mt > max_len:
+            raise ValueError(f"prompt {i}: {len(p)} tokens + {mt} new exceed the context "
                              f"length {max_len}")
 
 
@@ -60,22 +70,25 @@ class Recorder:
         return torch.stack(per_layer).numpy()
 
 
-def generate_exact(model: ExactModel, prompts: list[list[int]], params: SamplingParams,
-                   max_tokens: int, eos_ids: tuple[int, ...], on_token: OnToken | None = None,
+def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_tokens,
+                   eos_ids: tuple[int, ...], on_token: OnToken | None = None,
                    prefill_chunk: int = 0, recorder: Recorder | None = None,
                    caches: list[SeqCache] | None = None) -> list[Result]:
-    """Prefill all prompts in one batch (optionally in chunks), then decode the live ones together."""
+    """Prefill all prompts in one batch (optionally in chunks), then decode the live ones together.
+    params and max_tokens: one for the batch, or a list with one per prompt (a server's batch)."""
     check_request(prompts, max_tokens, model.cfg.vocab_size, model.cfg.max_position_embeddings)
+    params, max_tokens = per_seq(params, len(prompts)), per_seq(max_tokens, len(prompts))
     results = [Result(list(p)) for p in prompts]
     caches = [SeqCache() for _ in prompts] if caches is None else caches
-    if max_tokens == 0:
+    if max(max_tokens, default=0) == 0:
         return results
     run = recorder.step if recorder is not None else (lambda m, _ids, c, t: m.forward(c, t))
     logits = _prefill(model, caches, prompts, prefill_chunk, run)
-    live = list(range(len(prompts)))
+    live = [i for i in range(len(prompts)) if max_tokens[i] > 0]
+    logits = [logits[i] for i in live]
     while live:
-        live = [i for j, i in enumerate(live)
-                if _pick(logits[j], params, results[i], on_token, i, eos_ids, max_tokens) is not None]
+        live = [i for j, i in enumerate(live) if _pick(logits[j], params[i], results[i], on_token,
+                                                       i, eos_ids, max_tokens[i]) is not None]
         if live:
             logits = run(model, live, [caches[i] for i in live],
                          [[results[i].token_ids[-1]] for i in live])

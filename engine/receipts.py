@@ -14,7 +14,7 @@ from ..verifier import container
 from ..verifier.numerics.sampler import SamplingParams
 from ..verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from ..verifier.verify import Verdict, verify
-from .commit import Committer, TranscriptStore, make_receipt, trace_roots
+from .commit import Committer, make_receipt, trace_roots
 from .exact.model import ExactModel, SeqCache
 from .generate import Recorder, generate_exact
 from .loader import cache_dir
@@ -32,26 +32,48 @@ class Signed:
     commit_seconds: float
 
 
+@dataclass
+class SeqRequest:
+    """One sequence of a signed batch: what the client asked and how it is decoded."""
+
+    request: dict  # bound into the receipt: {"prompt": ...} or {"messages": [...]}
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    nonce: str
+    chat: bool
+    salt: bytes | None = None  # random when None (tests inject one to compare receipts)
+
+
 def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: list[dict],
                            prompts: list[list[int]], params: SamplingParams, max_tokens: int,
                            eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0) -> Signed:
-    if max_tokens < 1:
+    seqs = [SeqRequest(r, p, params, max_tokens, nonce, chat) for r, p in zip(requests, prompts)]
+    return sign_batch(model, tokenizer, seqs, eos_ids, on_token, prefill_chunk)
+
+
+def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on_token=None,
+               prefill_chunk: int = 0) -> Signed:
+    """Generate every sequence in one batch, each with its own decode settings, and sign each."""
+    if any(s.max_tokens < 1 for s in seqs):
         raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
-    rec, caches = Recorder(len(prompts)), [SeqCache() for _ in prompts]
-    com = Committer(model, tokenizer, chat)
-    _ = com.model_commitment, com._hashes  # once per loaded model, like loading; not per request
+    rec, caches = Recorder(len(seqs)), [SeqCache() for _ in seqs]
+    coms = {c: Committer(model, tokenizer, c) for c in {s.chat for s in seqs}}
+    for com in coms.values():
+        _ = com.model_commitment, com._hashes  # once per loaded model, like loading
     t0 = time.perf_counter()
-    results = generate_exact(model, prompts, params, max_tokens, eos_ids, on_token,
-                             prefill_chunk, recorder=rec, caches=caches)
+    results = generate_exact(model, [s.prompt_ids for s in seqs], [s.params for s in seqs],
+                             [s.max_tokens for s in seqs], eos_ids, on_token, prefill_chunk,
+                             recorder=rec, caches=caches)
     t1 = time.perf_counter()
     receipts, transcripts = [], []
-    for i, (req, res) in enumerate(zip(requests, results)):
-        salt = os.urandom(16)
+    for i, (s, res) in enumerate(zip(seqs, results)):
+        salt = os.urandom(16) if s.salt is None else s.salt
         trees = trace_roots(rec.residuals(i, model.cfg.num_layers), caches[i])
-        r = make_receipt(com, req, nonce, params, salt, max_tokens, eos_ids,
+        r = make_receipt(coms[s.chat], s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
                          res.prompt_token_ids, res.token_ids, trees)
         receipts.append(r)
-        transcripts.append({"receipt": r, "seed": params.seed, "salt": salt.hex()})
+        transcripts.append({"receipt": r, "seed": s.params.seed, "salt": salt.hex()})
     return Signed(results, receipts, transcripts, t1 - t0, time.perf_counter() - t1)
 
 
@@ -68,7 +90,7 @@ def receipt_for_tokens(model: ExactModel, tokenizer, chat: bool, request: dict, 
                         max_tokens, eos_ids, prompt_ids, output_ids, trees)
 
 
-def open_from_store(model: ExactModel, store: TranscriptStore, challenge: dict):
+def open_from_store(model: ExactModel, store, challenge: dict):
     """(meta, arrays) of the opening answering `challenge`."""
     transcript = store.get(str(challenge.get("receipt_id")))
     return build_opening(model, transcript, challenge)

@@ -90,3 +90,32 @@ def _write_hub_rope_keys(path: Path) -> None:
     path.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
 
 
+
+
+CHAR_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def write_char_tokenizer(folder: Path, vocab_size: int = 128) -> Path:
+    """A character tokenizer (one ASCII character per id; 0 <unk>, 1 <s>, 2 </s>) with a chat
+    template, written next to a tiny checkpoint so it can be served as text."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+
+    specials = {0: "<unk>", 1: "<s>", 2: "</s>"}
+    vocab = {specials.get(i, chr(i)): i for i in range(vocab_size)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken(specials[i], special=True) for i in (0, 1, 2)])
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    folder = Path(folder)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+              "chat_template": CHAR_CHAT_TEMPLATE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    return folder
+
+
+def make_tiny_chat_model(folder: Path, kind: str = "llama") -> Path:
+    """A tiny checkpoint with a character tokenizer and a chat template (servable, keyable)."""
+    return write_char_tokenizer(make_tiny_checkpoint(folder, kind),
+                                TINY_KINDS[kind]["vocab_size"])

@@ -1,0 +1,196 @@
+"""The FastAPI application: OpenAI endpoints with receipts, the audit endpoint, the commitment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from ...verifier import container
+from ...verifier.numerics.sampler import SamplingParams
+from ...verifier.opening import OPENING_MAGIC, OPENING_VERSION
+from ..commit import Committer
+from ..open import OpenError
+from .protocol import ApiError, Limits, chunk, finish, parse, response, usage
+from .worker import Job, Worker
+
+MAX_RECEIPTS_LISTED = 1000
+
+
+@dataclass
+class ServerConfig:
+    model_id: str
+    max_body_bytes: int = 1 << 20
+    max_concurrent: int = 64
+    limits: Limits | None = None
+
+
+class _Gate:
+    """At most n requests in flight; the next one is refused (429), not queued without bound."""
+
+    def __init__(self, n: int):
+        self.n, self.busy, self._lock = n, 0, threading.Lock()
+
+    def __enter__(self):
+        with self._lock:
+            if self.busy >= self.n:
+                raise ApiError(429, f"too many concurrent requests (limit {self.n}); retry later",
+                               code="rate_limit_exceeded")
+            self.busy += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self.busy -= 1
+
+
+def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
+    app = FastAPI(title="CommitLLM", docs_url=None, redoc_url=None)
+    gate = _Gate(cfg.max_concurrent)
+    committer = Committer(worker.model, worker.tokenizer, True)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_req, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": cfg.model_id, "object": "model", "created": 0,
+                                            "owned_by": "commitllm",
+                                            "model_commitment": committer.model_commitment}]}
+
+    @app.get("/v1/commitment")
+    async def commitment():
+        return {"model": cfg.model_id, "model_commitment": committer.model_commitment,
+                "manifest": _public_manifest(committer, worker.eos_ids)}
+
+    @app.get("/v1/receipts")
+    async def receipts(limit: int = 100):
+        if not hasattr(worker.store, "recent"):
+            raise ApiError(501, "this store cannot list receipts")
+        if not 1 <= limit <= MAX_RECEIPTS_LISTED:
+            raise ApiError(400, f"limit must be in [1, {MAX_RECEIPTS_LISTED}]", "limit")
+        data = await asyncio.to_thread(worker.store.recent, limit)
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: Request):
+        return await _complete(req, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(req: Request):
+        return await _complete(req, "completion")
+
+    @app.post("/v1/audit")
+    async def audit(req: Request):
+        challenge = await _json_body(req, cfg.max_body_bytes)
+        if not isinstance(challenge, dict) or not isinstance(challenge.get("mac"), str):
+            raise ApiError(400, "the body must be a challenge (a JSON object with a mac)")
+        try:
+            meta, arrays = await asyncio.to_thread(worker.open, challenge)
+        except KeyError as e:
+            raise ApiError(404, str(e.args[0] if e.args else e), "receipt_id",
+                           "receipt_not_found") from None
+        except OpenError as e:
+            raise ApiError(409, str(e), code="open_failed") from None
+        except (ValueError, TypeError, IndexError) as e:
+            raise ApiError(400, f"malformed challenge ({e})") from None
+        data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
+        return Response(data, media_type="application/octet-stream")
+
+    async def _complete(req: Request, kind: str):
+        body = await _json_body(req, cfg.max_body_bytes)
+        gate.__enter__()
+        streaming = False
+        try:
+            p = parse(body, kind, cfg.model_id, worker.tokenizer, cfg.limits)
+            if p.stream:
+                streaming = True  # the stream releases the gate when it ends
+                return _stream(kind, p)
+            receipt, reason = await asyncio.wrap_future(worker.submit(Job(p.seq)))
+            return response(kind, _rid(kind, receipt), cfg.model_id, receipt, reason)
+        finally:
+            if not streaming:
+                gate.__exit__()
+
+    def _stream(kind: str, p):
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(p.seq, lambda t: loop.call_soon_threadsafe(events.put_nowait, t))
+        fut = worker.submit(job)
+        fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(events.put_nowait, None))
+
+        async def gen():
+            try:
+                async for item in _sse(kind, p, events, fut):
+                    yield item
+            finally:
+                gate.__exit__()
+        return StreamingResponse(gen(), media_type="text/event-stream")
+
+    async def _sse(kind, p, events: asyncio.Queue, fut):
+        rid, ids, shown, first = _stream_id(kind), [], "", True
+        while (t := await events.get()) is not None:
+            ids.append(t)
+            text = worker.tokenizer.decode(ids)
+            if text.endswith("\ufffd"):  # wait for a complete UTF-8 character
+                continue
+            if text.startswith(shown) and len(text) > len(shown):
+                yield _event(chunk(kind, rid, cfg.model_id, text[len(shown):], first=first))
+                shown, first = text, False
+        try:
+            receipt, reason = fut.result()
+        except Exception as e:  # noqa: BLE001 - tell the client; no receipt, no claim
+            yield _event({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
+            return
+        rest = receipt["text"][len(shown):] if receipt["text"].startswith(shown) else ""
+        last = chunk(kind, rid, cfg.model_id, rest or None, finish(reason),
+                     first=first)
+        last["receipt"] = receipt
+        yield _event(last)
+        if p.include_usage:
+            yield _event({"id": rid, "object": last["object"], "choices": [],
+                          "created": last["created"], "model": cfg.model_id,
+                          "usage": usage(receipt)})
+        yield "data: [DONE]\n\n"
+
+    return app
+
+
+def _rid(kind: str, receipt: dict) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + receipt["receipt_id"][:24]
+
+
+def _stream_id(kind: str) -> str:
+    """One id for every chunk of a stream (the receipt is not known until the last one)."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + os.urandom(12).hex()
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _json_body(req: Request, limit: int):
+    n = req.headers.get("content-length")
+    if n is not None and (not n.isdigit() or int(n) > limit):
+        raise ApiError(413, f"request body larger than {limit} bytes")
+    data = bytearray()
+    async for part in req.stream():
+        data += part
+        if len(data) > limit:
+            raise ApiError(413, f"request body larger than {limit} bytes")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ApiError(400, f"malformed JSON ({e})") from None
+
+
+def _public_manifest(com: Committer, eos_ids) -> dict:
+    man = com.manifest(SamplingParams(), None, 0, eos_ids)
+    for k in ("sampling", "seed_commitment", "chat"):
+        man.pop(k)
+    man["limits"].pop("max_tokens")
+    return man

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible server: the official openai client (chat, completion, streaming), then
+`commitllm audit` over the receipts it got; batch invariance of receipts; refused requests; the
+SQLite store. A tiny random model with a character tokenizer keeps it fast."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from commitllm.verifier.cli import app as verifier_app
+from tinymodels import make_tiny_chat_model
+from typer.testing import CliRunner
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+cli = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ThreadServer:
+    """build() + uvicorn in a thread on a free port."""
+
+    def __init__(self, model, store, **kw):
+        import uvicorn
+        from commitllm.engine.serve.main import build
+        from rich.console import Console
+
+        self.app, self.worker, self.store = build(str(model), "w8a16", store,
+                                                  Console(quiet=True), **kw)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(200):
+            if self.server.started:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.worker.stop()
+        self.store.close()
+
+
+@pytest.fixture(scope="module")
+def model_and_key(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    folder = make_tiny_chat_model(d / "tiny")
+    res = cli.invoke(verifier_app, ["keygen", "--model", str(folder), "--out", str(d / "key")])
+    assert res.exit_code == 0, res.output
+    return folder, d / "key"
+
+
+@pytest.fixture(scope="module")
+def server(model_and_key, tmp_path_factory):
+    srv = ThreadServer(model_and_key[0], tmp_path_factory.mktemp("store"), max_body_bytes=4096)
+    yield srv
+    srv.stop()
+
+
+def client(srv):
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0)
+
+
+def _audit(srv, key, *extra):
+    return cli.invoke(verifier_app, ["audit", "--server", srv.url, "--key", str(key), *extra])
+
+
+def test_openai_client_then_audit(server, model_and_key, tmp_path):
+    c, key = client(server), model_and_key[1]
+    model = c.models.list().data[0].id
+    saved = []
+    chat_req = {"model": model, "messages": [{"role": "user", "content": "Hello there"}],
+                "max_tokens": 6, "temperature": 0, "nonce": "client-nonce-1"}
+    r = c.chat.completions.create(**{k: v for k, v in chat_req.items() if k != "nonce"},
+                                  extra_body={"nonce": "client-nonce-1"})
+    assert r.choices[0].message.content == r.receipt["text"]
+    assert r.receipt["nonce"] == "client-nonce-1" and r.usage.completion_tokens == len(
+        r.receipt["output_token_ids"]) <= 6
+    saved.append({"request": chat_req, "response": r.model_dump()})
+    comp_req = {"model": model, "prompt": "abc", "max_tokens": 5, "temperature": 0.9, "seed": 7}
+    r = c.completions.create(**comp_req)
+    assert r.choices[0].text == r.receipt["text"] and r.receipt["manifest"]["seed_commitment"]
+    saved.append({"request": comp_req, "response": r.model_dump()})
+    stream_req = {"model": model, "messages": [{"role": "user", "content": "Stream, please"}],
+                  "max_tokens": 7, "temperature": 0}
+    chunks = list(c.chat.completions.create(**stream_req, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    receipt = chunks[-1].receipt
+    assert text == receipt["text"] and chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len({ch.id for ch in chunks}) == 1
+    saved.append({"request": stream_req, "receipt": receipt})
+    for i, s in enumerate(saved):
+        (tmp_path / f"{i}.json").write_text(json.dumps(s))
+    res = _audit(server, key, "--receipts", str(tmp_path), "--tier", "full")
+    assert res.exit_code == 0, res.output
+    assert "3 of 3 receipts audited: 3 accepted, 0 rejected" in res.output
+
+
+def test_audit_rejects_a_request_the_client_did_not_send(server, model_and_key, tmp_path):
+    c = client(server)
+    req = {"model": c.models.list().data[0].id, "prompt": "xyz", "max_tokens": 3, "temperature": 0}
+    r = c.completions.create(**req)
+    (tmp_path / "r.json").write_text(json.dumps({"request": req | {"max_tokens": 4},
+                                                 "response": r.model_dump()}))
+    res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "r.json"), "--json")
+    assert res.exit_code == 1
+    assert json.loads(res.stdout.splitlines()[0])["reason"] == "request_mismatch"
+
+
+def test_audit_server_sample(server, model_and_key):
+    c = client(server)
+    c.completions.create(model=c.models.list().data[0].id, prompt="q", max_tokens=2)
+    res = _audit(server, model_and_key[1], "--rate", "0.5")
+    assert res.exit_code == 0, res.output
+    assert "rejected" in res.output and ", 0 rejected" in res.output
+
+
+def test_receipts_are_batch_invariant(server):
+    c = client(server)
+    model = c.models.list().data[0].id
+    req = {"model": model, "prompt": "the same request", "max_tokens": 6, "temperature": 0,
+           "extra_body": {"nonce": "same"}}
+    alone = c.completions.create(**req).receipt
+    before = server.worker.stats.largest_batch
+    others = [{"model": model, "prompt": "x" * (3 + 5 * i), "max_tokens": 3 + i,
+               "temperature": 0.7, "seed": i} for i in range(5)]
+    with ThreadPoolExecutor(6) as ex:
+        futs = [ex.submit(c.completions.create, **o) for o in others[:3]]
+        mine = ex.submit(c.completions.create, **req)
+        futs += [ex.submit(c.completions.create, **o) for o in others[3:]]
+        batched = mine.result().receipt
+        [f.result() for f in futs]
+    assert server.worker.stats.largest_batch > max(before, 1)  # it did share a batch
+    assert batched == alone  # greedy: no salt in the receipt, so every byte is committed
+
+
+def _post(srv, path, data: bytes):
+    req = urllib.request.Request(f"{srv.url}{path}", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]["message"]
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "unknown model"),
+    ({"prompt": "a", "logit_bias": {"5": 2}}, 400, "logit_bias"),
+    ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "a", "n": 2}, 400, "'n'"),
+    ({"prompt": "a", "stop": ["\n"]}, 400, "stop"),
+    ({"prompt": "a", "frobnicate": 1}, 400, "unsupported parameter 'frobnicate'"),
+    ({"prompt": "a" * 300}, 400, "context"),
+    ({"prompt": "a" * 200, "max_tokens": 100}, 400, "exceed the context"),
+    ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "a" * 5000}, 413, "larger than 4096"),
+])
+def test_bad_requests_are_refused(server, body, status, words):
+    if isinstance(body, dict):
+        body = json.dumps({"model": "tiny"} | body).encode()
+    got, msg = _post(server, "/v1/completions", body)
+    assert (got, words in msg) == (status, True), msg
+
+
+def test_bad_chat_requests_are_refused(server):
+    for messages, words in (([], "non-empty"), ([{"role": "user", "content": "a", "name": "x"}],
+                                                "role, content")):
+        body = {"model": "tiny", "messages": messages}
+        assert _post(server, "/v1/chat/completions", json.dumps(body).encode())[0] == 400
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}],
+            "tools": [{"type": "function"}]}
+    got, msg = _post(server, "/v1/chat/completions", json.dumps(body).encode())
+    assert got == 400 and "tools" in msg
+
+
+def test_audit_endpoint_refuses_unknown_receipts(server):
+    got, msg = _post(server, "/v1/audit", json.dumps({"receipt_id": "ab" * 32, "mac": "0"}).encode())
+    assert got == 404 and "no transcript" in msg
+    assert _post(server, "/v1/audit", b"{}")[0] == 400
+
+
+def test_commitment_and_models(server, model_and_key):
+    from commitllm.keys.keygen import load_key
+
+    key = load_key(model_and_key[1])
+    with urllib.request.urlopen(f"{server.url}/v1/commitment") as resp:
+        com = json.loads(resp.read())
+    assert com["model_commitment"] == key.meta["model_commitment"]
+    for k in ("spec_version", "numerics_digest", "rope_digest", "tokenizer_hash"):
+        assert com["manifest"][k] == key.meta[k]
+
+
+def test_concurrency_gate():
+    from commitllm.engine.serve.app import _Gate
+    from commitllm.engine.serve.protocol import ApiError
+
+    g = _Gate(1)
+    with g:
+        with pytest.raises(ApiError) as e, g:
+            pass
+        assert e.value.status == 429
+    with g:
+        pass
