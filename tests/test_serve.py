@@ -222,3 +222,23 @@ def test_concurrency_gate():
         assert e.value.status == 429
     with g:
         pass
+
+
+def test_engine_open_reads_the_sqlite_store(server, model_and_key, tmp_path):
+    """`commitllm-engine open --store` answers a challenge from the server's store."""
+    from commitllm.engine.cli import app as engine_app
+
+    c = client(server)
+    r = c.completions.create(model=c.models.list().data[0].id, prompt="open me", max_tokens=3)
+    (tmp_path / "r.json").write_text(json.dumps(r.receipt))
+    key = str(model_and_key[1])
+    res = cli.invoke(verifier_app, ["challenge", "--key", key, "--receipt", str(tmp_path / "r.json"),
+                                    "--tier", "full", "--out", str(tmp_path / "c.json")])
+    assert res.exit_code == 0, res.output
+    res = cli.invoke(engine_app, ["open", "--store", str(server.store.path.parent), "--challenge",
+                                  str(tmp_path / "c.json"), "--out", str(tmp_path / "o.bin")])
+    assert res.exit_code == 0, res.output
+    res = cli.invoke(verifier_app, ["verify", "--key", key, "--receipt", str(tmp_path / "r.json"),
+                                    "--challenge", str(tmp_path / "c.json"), "--opening",
+                                    str(tmp_path / "o.bin")])
+    assert res.exit_code == 0 and "ACCEPTED" in res.output, res.output
