@@ -5,12 +5,13 @@ SQLite store. A tiny random model with a character tokenizer keeps it fast."""
 from __future__ import annotations
 
 import json
-import socket
+import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from commitllm.verifier.cli import app as verifier_app
@@ -19,14 +20,10 @@ from typer.testing import CliRunner
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+from bench.serve_load import free_port
 
 cli = CliRunner()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ThreadServer:
@@ -242,3 +239,14 @@ def test_engine_open_reads_the_sqlite_store(server, model_and_key, tmp_path):
                                     "--challenge", str(tmp_path / "c.json"), "--opening",
                                     str(tmp_path / "o.bin")])
     assert res.exit_code == 0 and "ACCEPTED" in res.output, res.output
+
+
+def test_serve_load_bench_smoke(tmp_path):
+    """bench/serve_load.py end to end on the tiny model: nothing lost, every receipt verifies."""
+    from bench import serve_load
+
+    assert serve_load.main(["--requests", "4", "--clients", "2", "--max-tokens", "4",
+                            "--out", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "serve_load.json").read_text())["runs"]["tiny"]
+    assert (run["completed"], run["lost"], run["accepted"]) == (4, 0, 4)
+    assert "| tiny | 2 | 4/4 |" in (tmp_path / "serve_load.md").read_text()

@@ -6,39 +6,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
+from pathlib import Path
 
 import pytest
+from commitllm.verifier.cli import app as verifier_app
+from tinymodels import make_tiny_chat_model
 from typer.testing import CliRunner
 
-from commitllm.verifier.cli import app as verifier_app
-from test_serve import free_port
-from tinymodels import make_tiny_chat_model
-
 openai = pytest.importorskip("openai")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+from bench.serve_load import free_port, start_server
 
 cli = CliRunner()
-
-
-def start_server(model, store, port) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from commitllm.engine.cli import app; app()", "serve",
-           "--model", str(model), "--store", str(store), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 def load(port: int, got: list, stop: threading.Event, lock: threading.Lock, i: int) -> None:

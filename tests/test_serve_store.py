@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-
 from commitllm.engine.commit import TranscriptStore
 from commitllm.engine.serve.store import DB_NAME, SqliteStore, open_store
 
