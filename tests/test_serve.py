@@ -250,3 +250,56 @@ def test_serve_load_bench_smoke(tmp_path):
     run = json.loads((tmp_path / "serve_load.json").read_text())["runs"]["tiny"]
     assert (run["completed"], run["lost"], run["accepted"]) == (4, 0, 4)
     assert "| tiny | 2 | 4/4 |" in (tmp_path / "serve_load.md").read_text()
+
+
+def test_default_model_chat_stream_and_audit(smollm2, tmp_path):
+    """The real default model behind the server: a streamed chat answer, then audited."""
+    res = cli.invoke(verifier_app, ["keygen", "--model", "default", "--out", str(tmp_path / "key")])
+    assert res.exit_code == 0, res.output
+    srv = ThreadServer("default", tmp_path / "store")
+    try:
+        req = {"model": "default", "messages": [{"role": "user", "content": "Name a river."}],
+               "max_tokens": 5, "temperature": 0.7, "seed": 3}
+        chunks = list(client(srv).chat.completions.create(**req, stream=True))
+        receipt = chunks[-1].receipt
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == receipt["text"]
+        (tmp_path / "r.json").write_text(json.dumps({"request": req, "receipt": receipt}))
+        res = _audit(srv, tmp_path / "key", "--receipts", str(tmp_path / "r.json"))
+    finally:
+        srv.stop()
+    assert res.exit_code == 0, res.output
+    assert "1 of 1 receipts audited: 1 accepted" in res.output
+
+
+def test_completion_stream(server):
+    c = client(server)
+    chunks = list(c.completions.create(model="tiny", prompt="stream", max_tokens=5, stream=True,
+                                       temperature=0, stream_options={"include_usage": True}))
+    receipt = next(ch for ch in chunks if getattr(ch, "receipt", None)).receipt
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == receipt["text"]
+    assert chunks[-1].usage.completion_tokens == len(receipt["output_token_ids"])
+
+
+def test_audit_refuses_an_opening_over_the_size_limit(server, model_and_key):
+    from commitllm.keys.keygen import key_tokenizer, load_key
+    from commitllm.verifier.audit import Item, audit_item
+
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="big", max_tokens=3).receipt
+    key = load_key(model_and_key[1])
+    row = audit_item(key, key_tokenizer(key), server.url, Item(r, None, "t"), "full", 1000, 30)
+    assert not row.verdict.accepted and row.verdict.reason == "opening_unavailable"
+    assert "exceeds the 1000-byte limit" in row.verdict.detail
+
+
+def test_audit_cannot_reach_the_server(model_and_key, tmp_path):
+    (tmp_path / "r.json").write_text(json.dumps({"receipt_id": "0" * 64}))
+    res = cli.invoke(verifier_app, ["audit", "--server", f"http://127.0.0.1:{free_port()}",
+                                    "--key", str(model_and_key[1])])
+    assert res.exit_code == 2 and "unreachable" in res.output
+    res = cli.invoke(verifier_app, ["audit", "--server", "http://127.0.0.1:1", "--key",
+                                    str(model_and_key[1]), "--receipts", str(tmp_path / "r.json")])
+    assert res.exit_code == 1  # a malformed receipt is a rejection, not a crash
+    res = cli.invoke(verifier_app, ["audit", "--server", "http://x", "--key",
+                                    str(model_and_key[1]), "--rate", "0"])
+    assert res.exit_code == 2 and "--rate" in res.output

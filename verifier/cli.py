@@ -216,6 +216,8 @@ def audit(
 
     if tier not in TIERS:
         _fail(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
+    if not 0 < rate <= 1:
+        _fail(f"--rate must be in (0, 1], got {rate}")
     base = server.rstrip("/")
     try:
         k = load_key(key)
