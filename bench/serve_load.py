@@ -143,6 +143,8 @@ def measure(args) -> dict:
             loadavg = os.getloadavg()
             results, errors, wall = run_clients(url, model_id, args.clients, args.requests,
                                                 args.max_tokens, args.temperature)
+            with urllib.request.urlopen(f"{url}/v1/stats") as resp:
+                stats = json.loads(resp.read())  # includes the warm-up's batch of one
             rows, audit_s = audit_all(url, tmp / "key", results, args.tier)
         finally:
             proc.terminate()
@@ -161,7 +163,7 @@ def measure(args) -> dict:
         "latency_s": {"p50": percentile(lat, 0.5), "p90": percentile(lat, 0.9),
                       "p99": percentile(lat, 0.99), "max": max(lat)} if lat else None,
         "audited": len(rows), "accepted": len(rows) - len(rejected), "rejected": rejected,
-        "audit_s": audit_s,
+        "audit_s": audit_s, "server_batches": stats,
         "load": {"others_share_before": load_before, "loadavg_1_5_15": loadavg},
     }
 
@@ -170,15 +172,16 @@ def markdown(data: dict) -> str:
     rows = []
     for r in data["runs"].values():
         lat = r["latency_s"] or {}
-        load = r["load"]
+        load, sb = r["load"], r.get("server_batches") or {}
         rows.append([r["model"], r["clients"], f"{r['completed']}/{r['requests']}",
                      r["max_tokens"], f"{r['requests_per_s']:.2f}", f"{r['tokens_per_s']:.1f}",
                      " / ".join(f"{lat.get(k, float('nan')):.2f}" for k in ("p50", "p90", "p99")),
+                     f"{sb.get('mean_batch', float('nan')):.1f} / {sb.get('largest_batch', '?')}",
                      r["lost"], f"{r['accepted']}/{r['audited']}", f"{r['audit_s']:.1f}",
                      (f"{(load['others_share_before'] or 0) * 100:.0f} %, "
                       f"{load['loadavg_1_5_15'][0]:.2f}")])
     table = md_table(["model", "clients", "completed", "max tokens", "req/s", "tokens/s",
-                      "latency p50 / p90 / p99 (s)", "lost", "audited ok", "audit (s)",
+                      "latency p50 / p90 / p99 (s)", "batch mean / max", "lost", "audited ok", "audit (s)",
                       "others' CPU before, loadavg"], rows)
     about = ("Each run: the server in a subprocess on a fresh SQLite store, the clients are "
              "threads of one process using the official openai client (chat completions, "

@@ -145,6 +145,8 @@ def test_receipts_are_batch_invariant(server):
         batched = mine.result().receipt
         [f.result() for f in futs]
     assert server.worker.stats.largest_batch > max(before, 1)  # it did share a batch
+    with urllib.request.urlopen(f"{server.url}/v1/stats") as resp:
+        assert json.loads(resp.read())["largest_batch"] == server.worker.stats.largest_batch
     assert batched == alone  # greedy: no salt in the receipt, so every byte is committed
 
 
@@ -249,6 +251,7 @@ def test_serve_load_bench_smoke(tmp_path):
                             "--out", str(tmp_path)]) == 0
     run = json.loads((tmp_path / "serve_load.json").read_text())["runs"]["tiny"]
     assert (run["completed"], run["lost"], run["accepted"]) == (4, 0, 4)
+    assert run["server_batches"]["requests"] == 5  # the 4 and a warm-up
     assert "| tiny | 2 | 4/4 |" in (tmp_path / "serve_load.md").read_text()
 
 

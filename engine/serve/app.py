@@ -25,9 +25,9 @@ MAX_RECEIPTS_LISTED = 1000
 @dataclass
 class ServerConfig:
     model_id: str
+    limits: Limits
     max_body_bytes: int = 1 << 20
     max_concurrent: int = 64
-    limits: Limits | None = None
 
 
 class _Gate:
@@ -67,6 +67,13 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
     async def commitment():
         return {"model": cfg.model_id, "model_commitment": committer.model_commitment,
                 "manifest": _public_manifest(committer, worker.eos_ids)}
+
+    @app.get("/v1/stats")
+    async def stats():
+        st = worker.stats
+        return {"batches": st.batches, "requests": st.requests, "largest_batch": st.largest_batch,
+                "mean_batch": st.requests / st.batches if st.batches else 0.0,
+                "in_flight": gate.busy}
 
     @app.get("/v1/receipts")
     async def receipts(limit: int = 100):
@@ -111,7 +118,10 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
             if p.stream:
                 streaming = True  # the stream releases the gate when it ends
                 return _stream(kind, p)
-            receipt, reason = await asyncio.wrap_future(worker.submit(Job(p.seq)))
+            try:
+                receipt, reason = await asyncio.wrap_future(worker.submit(Job(p.seq)))
+            except Exception as e:  # noqa: BLE001 - no receipt, no answer: say why
+                raise ApiError(500, f"generation failed: {e}", code="server_error") from None
             return response(kind, _rid(kind, receipt), cfg.model_id, receipt, reason)
         finally:
             if not streaming:

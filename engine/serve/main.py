@@ -26,8 +26,8 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
                     {"model": model if model == "default" else str(Path(model).resolve()),
                      "profile": profile}, max_batch=max_batch)
     name = served_name or (runner.loaded.folder.name if model != "default" else "default")
-    cfg = ServerConfig(name, max_body_bytes, max_concurrent,
-                       Limits(runner.loaded.cfg.max_position_embeddings, default_max_tokens))
+    cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, default_max_tokens),
+                       max_body_bytes, max_concurrent)
     return create_app(worker, cfg), worker, store
 
 
