@@ -150,6 +150,38 @@ def test_receipts_are_batch_invariant(server):
     assert batched == alone  # greedy: no salt in the receipt, so every byte is committed
 
 
+def test_worker_batch_receipts_equal_alone(server, tmp_path):
+    """Sampled requests with injected salts: the receipts made in one batch of six (different
+    prompt lengths, settings and max_tokens) equal, byte for byte, those made one at a time."""
+    from commitllm.engine.receipts import SeqRequest
+    from commitllm.engine.serve.store import SqliteStore
+    from commitllm.engine.serve.worker import Job, Worker
+    from commitllm.verifier.numerics.sampler import SamplingParams
+
+    w0, tok = server.worker, server.worker.tokenizer
+    seqs = [SeqRequest({"prompt": "p" * (2 + 7 * i)}, tok.encode("p" * (2 + 7 * i)),
+                       SamplingParams(0.5 + 0.2 * i, i % 3 * 5, 1.0 - 0.1 * (i % 2), 100 + i),
+                       3 + 2 * i, f"n{i}", False, bytes([i]) * 16) for i in range(6)]
+
+    def receipts(groups):
+        w = Worker(w0.model, tok, w0.eos_ids, SqliteStore(tmp_path / f"s{len(groups)}"), {},
+                   start=False)
+        with w0.lock:  # the server's worker stays off the model meanwhile
+            futs = [w.submit(Job(s)) for s in groups[0]]
+            w.start()
+            out = [f.result()[0] for f in futs]
+            for g in groups[1:]:
+                out += [w.submit(Job(s)).result()[0] for s in g]
+        w.stop()
+        return out, w.stats
+
+    batched, st = receipts([seqs])
+    assert (st.batches, st.largest_batch) == (1, 6)
+    alone, st = receipts([[]] + [[s] for s in seqs])
+    assert st.largest_batch == 1
+    assert batched == alone
+
+
 def _post(srv, path, data: bytes):
     req = urllib.request.Request(f"{srv.url}{path}", data=data,
                                  headers={"Content-Type": "application/json"})

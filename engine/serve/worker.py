@@ -35,7 +35,7 @@ class Stats:
 
 class Worker:
     def __init__(self, model, tokenizer, eos_ids, store, extra: dict, max_batch: int = 16,
-                 batch_wait_s: float = 0.005):
+                 batch_wait_s: float = 0.005, start: bool = True):
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.store, self.extra = store, extra
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
@@ -44,6 +44,11 @@ class Worker:
         self._purged = time.monotonic()
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="commitllm-engine", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Start the engine thread (tests queue requests first to fix a batch's make-up)."""
         self._thread.start()
 
     def submit(self, job: Job) -> Future:
