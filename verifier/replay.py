@@ -49,9 +49,11 @@ class Ctx:
     timer: Timer
 
 
-def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> None:
+def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, z_bound: int,
+               code: str) -> None:
     t0 = time.perf_counter()
-    ok = freivalds.check(ctx.key.r(label), ctx.key.v(label), x, z)
+    r_limbs, v_limbs = ctx.key.limbs(label)
+    ok = freivalds.check(r_limbs, v_limbs, x, z, ctx.profile.act_qmax, z_bound)
     ctx.timer.add("freivalds", t0)
     if not np.all(ok):
         raise Reject(code, f"{label}: accumulator of row {int(np.argmin(ok))} fails Freivalds")
@@ -63,9 +65,9 @@ def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np
     if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
     bound = x.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
-    if np.any((z > bound) | (z < -bound)):
+    if z.size and (z.max() > bound or z.min() < -bound):
         raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
-    _freivalds(ctx, label, qx, z, code)
+    _freivalds(ctx, label, qx, z, bound, code)
     return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
 
 

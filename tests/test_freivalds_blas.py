@@ -1,0 +1,78 @@
+"""The float64-BLAS Freivalds arithmetic (verifier/freivalds.py: limbs, dot_mod, project) equals
+the plain int64 reference bit for bit, at the extremes of every range it accepts, and a single
+changed accumulator fails the check."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from commitllm.verifier import freivalds
+from commitllm.verifier.freivalds import PRIMES, check, dot_mod, dot_mod_reference, limbs, moduli
+
+MODS = moduli()[:, None]
+
+
+def _residues(rng, n: int, extreme: bool = False) -> np.ndarray:
+    if extreme:  # p - 1 everywhere: the largest limbs
+        return np.broadcast_to(MODS - 1, (len(MODS), n)).astype(np.int64).copy()
+    return rng.integers(0, MODS, size=(len(MODS), n), dtype=np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 7, 576, 4096, 14336, 57344, 128256])
+def test_dot_mod_equals_reference(n):
+    rng = np.random.default_rng(n)
+    bound = n * 32639 * 32639  # the largest accumulator bound the profiles give for this K
+    for extreme in (False, True):
+        a = _residues(rng, n, extreme)
+        b = rng.integers(-bound, bound + 1, size=(5, n), dtype=np.int64)
+        b[0], b[1] = bound, -bound  # rows at both ends of the range
+        b[2, ::2] = -bound
+        assert np.array_equal(dot_mod(limbs(a), b, bound), dot_mod_reference(a, b))
+
+
+def test_dot_mod_small_operands_and_int16():
+    rng = np.random.default_rng(1)
+    a = _residues(rng, 300)
+    x = rng.integers(-32639, 32640, size=(3, 300)).astype(np.int16)
+    assert np.array_equal(dot_mod(limbs(a), x, 32639), dot_mod_reference(a, x))
+    zero = np.zeros((2, 300), dtype=np.int64)
+    assert np.array_equal(dot_mod(limbs(a), zero, 0), np.zeros((2, len(MODS)), np.int64))
+
+
+def test_dot_mod_refuses_values_beyond_the_bound():
+    a = _residues(np.random.default_rng(2), 10)
+    b = np.full((1, 10), 1001, dtype=np.int64)
+    with pytest.raises(OverflowError):
+        dot_mod(limbs(a), b, 1000)
+    with pytest.raises(OverflowError):
+        dot_mod(limbs(a), -b, 1000)
+    with pytest.raises(ValueError):
+        limbs(np.full((4, 3), 2**31, dtype=np.int64))
+
+
+def test_project_blocks_equal_reference():
+    rng = np.random.default_rng(3)
+    w = rng.integers(-32639, 32640, size=(1000, 64)).astype(np.int16)
+    w[0] = 32639
+    r = _residues(rng, 1000)
+    want = dot_mod_reference(r, w.T.astype(np.int64)).T  # v[c, k] = sum_n r[c, n] w[n, k]
+    for block in (1, 7, 4096):
+        assert np.array_equal(freivalds.project(r, w, block=block), want)
+
+
+def test_check_accepts_exact_and_rejects_one_flipped_accumulator():
+    rng = np.random.default_rng(4)
+    n, k, qx, qw = 96, 128, 32639, 127
+    w = rng.integers(-qw, qw + 1, size=(n, k)).astype(np.int8)
+    x = rng.integers(-qx, qx + 1, size=(6, k)).astype(np.int16)
+    x[0] = qx
+    z = x.astype(np.int64) @ w.T.astype(np.int64)
+    r = freivalds.secret_vectors(b"\x07" * 32, "m", n)
+    rl, vl = limbs(r), limbs(freivalds.project(r, w))
+    bound = k * qx * qw
+    assert check(rl, vl, x, z, qx, bound).all()
+    for delta in (1, -1, PRIMES[0], PRIMES[1], PRIMES[0] * PRIMES[1] % bound):
+        bad = z.copy()
+        bad[3, 17] += delta
+        ok = check(rl, vl, x, bad, qx, max(bound, int(np.abs(bad).max())))
+        assert not ok[3] and ok[[0, 1, 2, 4, 5]].all()
