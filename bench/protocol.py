@@ -107,7 +107,8 @@ def text_prompt(tokenizer, text: str, n: int) -> tuple[dict, list[int]]:
     return {"prompt": s}, tokenizer.encode(s)
 
 
-def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: bool):
+def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: bool,
+         prefill_chunk: int = 0):
     """One generation with a receipt: (engine.receipts.Signed, seconds spent in trace_roots).
 
     trace_roots (the Merkle trees over residuals and K/V rows, the only per-token part of
@@ -126,7 +127,7 @@ def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: 
     with mock.patch.object(receipts, "trace_roots", timed):
         s = receipts.generate_with_receipts(setup.model, setup.tokenizer, chat, [request],
                                             [prompt], setup.params, gen_tokens, setup.eos_ids,
-                                            "bench-nonce")
+                                            "bench-nonce", prefill_chunk=prefill_chunk)
     return s, sum(spent)
 
 

@@ -27,13 +27,20 @@ class Reject(Exception):
 
 @dataclass
 class Timer:
-    """Seconds spent per part of the replay."""
+    """Seconds spent per part of the replay. `decode` holds the share of each part spent in
+    replay_decode (LM head and decode policy: once per position, not per layer); `merkle` the
+    seconds spent checking trace proofs (outside the replay parts)."""
 
     parts: dict = field(default_factory=lambda: {"freivalds": 0.0, "attention": 0.0, "rest": 0.0})
+    decode: dict = field(default_factory=lambda: {"freivalds": 0.0, "attention": 0.0, "rest": 0.0})
+    merkle: float = 0.0
+    scope: str | None = None  # "decode" while replay_decode runs
 
     def add(self, part: str, t0: float) -> float:
         now = time.perf_counter()
         self.parts[part] += now - t0
+        if self.scope == "decode":
+            self.decode[part] += now - t0
         return now
 
 
@@ -123,6 +130,14 @@ def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray):
 def replay_decode(ctx: Ctx, final: dict, positions, z_lm: np.ndarray, tokens: list[int],
                   params: SamplingParams) -> None:
     """Final norm, LM head (Freivalds), decode policy at each position: must yield tokens[t+1]."""
+    ctx.timer.scope = "decode"
+    try:
+        _replay_decode(ctx, final, positions, z_lm, tokens, params)
+    finally:
+        ctx.timer.scope = None
+
+
+def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params) -> None:
     x = _rows(final, positions)
     t0 = time.perf_counter()
     n = rmsnorm(x, ctx.key.arrays["final_norm"], ctx.cfg.rms_norm_eps)

@@ -29,7 +29,9 @@ class Verdict:
     reason: str | None = None  # code of the first failing check
     detail: str | None = None
     checks: list = field(default_factory=list)
-    timing: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # seconds: freivalds, attention, rest (the replay
+    # parts), total; merkle (trace proofs, outside the replay); decode (the replay parts' share
+    # spent on the LM head and decode policy)
 
     def ok(self, name: str, detail: str = "") -> None:
         self.checks.append({"check": name, "ok": True, "detail": detail})
@@ -67,7 +69,8 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # malformed data
         v.reason, v.detail = "opening_malformed", f"{type(e).__name__}: {e}"
         v.checks.append({"check": "opening_malformed", "ok": False, "detail": v.detail})
-    v.timing = dict(timer.parts, total=time.perf_counter() - t0)
+    v.timing = dict(timer.parts, total=time.perf_counter() - t0, merkle=timer.merkle,
+                    decode=sum(timer.decode.values()))
     return v
 
 
@@ -99,7 +102,9 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     cfg = ModelConfig.from_dict(key.meta["config"])
     prof = Profile(**key.meta["profile"])
     p = plan(challenge, cfg.num_layers)
+    t_merkle = time.perf_counter()
     resid, kv = _check_trace_proofs(receipt, arrays, p, cfg)
+    timer.merkle = time.perf_counter() - t_merkle
     v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
                    f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
