@@ -58,6 +58,7 @@ def project(r: np.ndarray, w: np.ndarray, block: int = 4096) -> np.ndarray:
 
 A_LIMB = 16  # residues < 2^31 split into two 16-bit limbs
 EXACT_BITS = 53  # float64 holds every integer below 2^53
+BLOCK_ELEMS = 1 << 18  # elements of b per column block in dot_mod
 
 
 def limbs(a: np.ndarray) -> np.ndarray:
@@ -79,7 +80,8 @@ def dot_mod(a_limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     a_limbs = limbs(a). b is cut into signed limbs of w = b_limb_bits(N) bits (low limbs in
     [0, 2^w), the top one arithmetic-shifted, |top| <= 2^w), so each limb-by-limb product is at
     most (2^16 - 1) * 2^w and each BLAS sum over N terms at most N (2^16 - 1) 2^w < 2^53: exact
-    in any order. The partial sums are reduced modulo p_c and recombined with 2^shift mod p_c.
+    in any order (also summed block by block: every partial sum is a sum of fewer such terms).
+    The sums are reduced modulo p_c and recombined with 2^shift mod p_c.
     """
     n, rows = a_limbs.shape[0], a_limbs.shape[1] // 2
     if b.ndim != 2 or b.shape[-1] != n or b.dtype.kind != "i" or rows != len(moduli()):
@@ -93,9 +95,15 @@ def dot_mod(a_limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     b = b.astype(np.int64, copy=False)
     if b.max(initial=0) > bound or b.min(initial=0) < -bound:
         raise OverflowError("dot_mod: a value of b exceeds its bound")
-    parts = [(b >> (i * w)) & ((1 << w) - 1) for i in range(count - 1)] + [b >> ((count - 1) * w)]
-    stacked = np.stack(parts).astype(np.float64).reshape(count * b.shape[0], n)
-    sums = (stacked @ a_limbs).astype(np.int64).reshape(count, b.shape[0], 2, rows)
+    m = b.shape[0]
+    acc = np.zeros((count, m, 2 * rows), dtype=np.float64)
+    step = min(max(BLOCK_ELEMS // max(m, 1), 2048), n) if n else 1
+    for s in range(0, n, step):  # column blocks: the limb temporaries stay in cache
+        blk = b[:, s:s + step]
+        for i in range(count):
+            part = blk >> (i * w) if i == count - 1 else (blk >> (i * w)) & ((1 << w) - 1)
+            acc[i] += part.astype(np.float64) @ a_limbs[s:s + step]  # exact: whole sum < 2^53
+    sums = acc.astype(np.int64).reshape(count, m, 2, rows)
     mods = moduli()
     out = np.zeros((b.shape[0], rows), dtype=np.int64)
     for i in range(count):

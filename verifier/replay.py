@@ -6,6 +6,7 @@ Each function raises Reject(code, detail) on the first mismatch; every compariso
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,18 @@ class Timer:
         if self.scope == "decode":
             self.decode[part] += now - t0
         return now
+
+    @contextmanager
+    def span(self, scope: str | None = None):
+        """A replay step: what its timed parts do not cover (quantization, dequantization,
+        SwiGLU, norms, comparisons) is added to "rest"."""
+        t0, before, outer = time.perf_counter(), sum(self.parts.values()), self.scope
+        self.scope = scope
+        try:
+            yield
+        finally:
+            self.add("rest", t0 + (sum(self.parts.values()) - before))
+            self.scope = outer
 
 
 @dataclass
@@ -88,6 +101,11 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     resid[l]: position -> x_l row; kv[l]: (k, sk, v, sv) arrays over positions 0..horizon-1;
     z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows).
     """
+    with ctx.timer.span():
+        _replay_layer(ctx, l, resid, kv, z, zq)
+
+
+def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
     cfg, kvq = ctx.cfg, ctx.profile.kv_qmax
     p_full, zs = z[l]
     p_sample, zq_rows = zq.get(l, ([], np.zeros((0, zs["qkv"].shape[1]), np.int64)))
@@ -130,11 +148,8 @@ def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray):
 def replay_decode(ctx: Ctx, final: dict, positions, z_lm: np.ndarray, tokens: list[int],
                   params: SamplingParams) -> None:
     """Final norm, LM head (Freivalds), decode policy at each position: must yield tokens[t+1]."""
-    ctx.timer.scope = "decode"
-    try:
+    with ctx.timer.span("decode"):
         _replay_decode(ctx, final, positions, z_lm, tokens, params)
-    finally:
-        ctx.timer.scope = None
 
 
 def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import challenge as challenge_mod
-from .commitment import canonical_json, embed_leaf, kv_leaf, layer_roots_match, resid_leaf
+from .commitment import canonical_json, embed_leaf, layer_roots_match, leaf_hashes
 from .config import ModelConfig
 from .merkle import verify_multiproof
 from .numerics.profiles import Profile
@@ -248,7 +248,7 @@ def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
             raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
         if not np.all(np.isfinite(rows)):
             raise Reject("nonfinite", f"resid.{l}.rows holds a non-finite value")
-        leaves = {t: resid_leaf(l, t, rows[i]) for i, t in enumerate(pos)}
+        leaves = dict(zip(pos, leaf_hashes(b"resid", l, pos, [rows])))
         if not verify_multiproof(leaves, n, _proof(arrays, f"resid.{l}.proof"), rl[l]):
             raise Reject("merkle_residual", f"residual rows of layer {l} are not the committed ones")
         resid[l] = {t: rows[i] for i, t in enumerate(pos)}
@@ -265,7 +265,7 @@ def _kv_tables(arrays, p: Plan, cfg, kl, n) -> dict:
                 or sk.shape != (len(pos), shape[0]) or sv.shape != sk.shape
                 or sk.dtype != np.float32 or sv.dtype != np.float32 or k.dtype.kind != "i"):
             raise Reject("opening_malformed", f"kv.{l}: wrong shapes or dtypes")
-        leaves = {t: kv_leaf(l, t, k[i], sk[i], v[i], sv[i]) for i, t in enumerate(pos)}
+        leaves = dict(zip(pos, leaf_hashes(b"kv", l, pos, [k, sk, v, sv])))
         if not verify_multiproof(leaves, n, _proof(arrays, f"kv.{l}.proof"), kl[l]):
             raise Reject("merkle_kv", f"K/V rows of layer {l} are not the committed ones")
         kv[l] = (k, sk, v, sv)

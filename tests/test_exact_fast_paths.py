@@ -1,13 +1,17 @@
-"""The float64-BLAS Freivalds arithmetic (verifier/freivalds.py: limbs, dot_mod, project) equals
-the plain int64 reference bit for bit, at the extremes of every range it accepts, and a single
-changed accumulator fails the check."""
+"""The verifier's fast paths equal their plain references bit for bit: the float64-BLAS Freivalds
+arithmetic (verifier/freivalds.py: limbs, dot_mod, project) equals the int64 reference at the
+extremes of every range it accepts and a single changed accumulator fails the check; the batched
+Merkle leaves (commitment.leaf_hashes) equal resid_leaf / kv_leaf row by row; the grouped
+attention equals a per-head loop."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from commitllm.verifier import freivalds
+from commitllm.verifier.commitment import kv_leaf, leaf_hashes, resid_leaf
 from commitllm.verifier.freivalds import PRIMES, check, dot_mod, dot_mod_reference, limbs, moduli
+from commitllm.verifier.numerics import attention as attn
 
 MODS = moduli()[:, None]
 
@@ -76,3 +80,26 @@ def test_check_accepts_exact_and_rejects_one_flipped_accumulator():
         bad[3, 17] += delta
         ok = check(rl, vl, x, bad, qx, max(bound, int(np.abs(bad).max())))
         assert not ok[3] and ok[[0, 1, 2, 4, 5]].all()
+
+
+def test_leaf_hashes_equal_per_row_leaves():
+    rng = np.random.default_rng(5)
+    pos = [0, 3, 4, 1000, 2**20]
+    x = rng.standard_normal((5, 12)).astype(np.float32)
+    assert leaf_hashes(b"resid", 7, pos, [x]) == [resid_leaf(7, t, x[i]) for i, t in enumerate(pos)]
+    k = rng.integers(-32639, 32640, size=(5, 2, 3)).astype(np.int16)
+    v = rng.integers(-127, 128, size=(5, 2, 3)).astype(np.int8)
+    sk, sv = (rng.random((5, 2)).astype(np.float32) for _ in range(2))
+    want = [kv_leaf(2, t, k[i], sk[i], v[i], sv[i]) for i, t in enumerate(pos)]
+    assert leaf_hashes(b"kv", 2, pos, [k, sk, v, sv]) == want
+    assert leaf_hashes(b"kv", 3, pos, [k, sk, v, sv]) != want  # the layer is in every leaf
+    assert leaf_hashes(b"kv", 2, [], [k[:0], sk[:0], v[:0], sv[:0]]) == []
+
+
+def test_grouped_attention_matmul_equals_per_head():
+    rng = np.random.default_rng(6)
+    nh, nkv, t, s, d = 8, 2, 3, 10, 4
+    a = rng.integers(-32639, 32640, size=(nh, t, d)).astype(np.float64)
+    b = rng.integers(-32639, 32640, size=(nkv, d, s)).astype(np.float64)
+    want = np.stack([a[h] @ b[h // (nh // nkv)] for h in range(nh)])
+    assert np.array_equal(attn._grouped(a, b, nkv), want)
