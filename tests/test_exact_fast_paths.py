@@ -2,7 +2,7 @@
 arithmetic (verifier/freivalds.py: limbs, dot_mod, project) equals the int64 reference at the
 extremes of every range it accepts and a single changed accumulator fails the check; the batched
 Merkle leaves (commitment.leaf_hashes) equal resid_leaf / kv_leaf row by row; the grouped
-attention equals a per-head loop."""
+attention equals a per-head loop; RoPE rows built for a few positions equal the table's rows."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from commitllm.verifier import freivalds
 from commitllm.verifier.commitment import kv_leaf, leaf_hashes, resid_leaf
 from commitllm.verifier.freivalds import PRIMES, check, dot_mod, dot_mod_reference, limbs, moduli
 from commitllm.verifier.numerics import attention as attn
+from commitllm.verifier.numerics import rope
 
 MODS = moduli()[:, None]
 
@@ -103,3 +104,20 @@ def test_grouped_attention_matmul_equals_per_head():
     b = rng.integers(-32639, 32640, size=(nkv, d, s)).astype(np.float64)
     want = np.stack([a[h] @ b[h // (nh // nkv)] for h in range(nh)])
     assert np.array_equal(attn._grouped(a, b, nkv), want)
+
+
+def test_rope_rows_at_positions_equal_the_table():
+    from commitllm.verifier.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+                                 "num_attention_heads": 4, "intermediate_size": 96,
+                                 "vocab_size": 10, "num_hidden_layers": 1, "rms_norm_eps": 1e-5,
+                                 "max_position_embeddings": 8192, "rope_theta": 500000.0})
+    pos = np.array([0, 1, 255, 256, 1000, 4095, 5000])
+    few = rope.RopeTable(cfg).lookup(pos)  # rows only (8 * 7 < 5001)
+    table = rope.RopeTable(cfg)
+    table.ensure(5001)
+    assert len(table.cos) >= 5001
+    assert np.array_equal(few[0], table.cos[pos]) and np.array_equal(few[1], table.sin[pos])
+    assert np.array_equal(rope.build_rows(table.cos_b, table.sin_b, np.array([], np.int64))[0],
+                          np.ones((0, len(table.freqs)), np.float32))
