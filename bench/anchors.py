@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import os
 
-for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_v] = "1"  # the verifier's goal is "on one core"; torch gets --gen-threads
+if __name__ == "__main__":  # before numpy loads; not when imported (tests)
+    for _v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_v] = "1"  # the verifier's goal is "on one core"; torch gets --gen-threads
 
 import argparse
 import json
@@ -187,7 +188,7 @@ def shape_figures(shape: str, args) -> dict:
     print(f"{shape}: {args.layers} layer(s) built with key in {build_s:.0f} s", flush=True)
     full_layers = SHAPES[shape]["layers"]
     contexts = []
-    for n in args.contexts:
+    for n in (c for c in args.contexts if shape != "70b" or c <= args.max_context_70b):
         tiers = tuple(t for t in ("routine", "full", "deep") if t != "deep" or n <= args.deep_max)
         c = context_figures(setup, n, args.gen_tokens, tiers, args.verify_runs, args.chunk, n)
         for t in c["tiers"].values():
@@ -255,7 +256,8 @@ def summary_md(d: dict, command: str | None = None) -> str:
 def _settings_md(d: dict) -> str:
     s = d["settings"]
     return (f"Shapes {', '.join(s['shapes'])}, {s['layers']} layer(s) measured per shape and scaled "
-            f"to 32 / 80 layers; contexts {s['contexts']} trace positions (random prompt + "
+            f"to 32 / 80 layers; contexts {s['contexts']} trace positions (70B only up to "
+            f"{s['max_context_70b']}; random prompt + "
             f"{s['gen_tokens']} greedy tokens), deep tier up to {s['deep_max']} positions; "
             f"{s['verify_runs']} timed verifications after one warm-up (verifier figures: the "
             f"fastest run, as the machine is shared; medians in the JSON); verifier on one "
@@ -402,6 +404,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="8b,70b", help="comma list of 8b, 70b (tiny: tests)")
     ap.add_argument("--contexts", default="128,1024,4096", help="trace positions per receipt")
+    ap.add_argument("--max-context-70b", type=int, default=1024,
+                    help="70B shape: only contexts up to this (its 4096-position prefill and "
+                         "re-executions take tens of minutes on 2 shared cores)")
     ap.add_argument("--layers", type=int, default=1, help="layers built and measured per shape")
     ap.add_argument("--gen-tokens", type=int, default=4, help="generated tokens per receipt")
     ap.add_argument("--deep-max", type=int, default=128,
@@ -442,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"shapes": args.shapes, "contexts": args.contexts, "layers": args.layers,
                 "gen_tokens": args.gen_tokens, "deep_max": args.deep_max,
                 "verify_runs": args.verify_runs, "gen_threads": args.gen_threads,
-                "chunk": args.chunk, "command": cmd,
+                "chunk": args.chunk, "command": cmd, "max_context_70b": args.max_context_70b,
+                "stat": STAT,
                 "loadavg_start": [round(x, 2) for x in load0],
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
     data = {"benchmark": "anchors", "provenance": provenance(), "settings": settings,
