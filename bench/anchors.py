@@ -443,6 +443,34 @@ def update_readme(d: dict, readme: Path = README) -> None:
     atomic_write(readme, new)
 
 
+def freivalds_compare(runs: int = 7) -> list[dict]:
+    """The Freivalds arithmetic of one 8B-shape layer (routine: 4 positions, qkv also at 8 K/V
+    sample rows) by the float64-limb dot_mod and by the plain int64 reference: fastest of
+    `runs`, ms, on random accumulators within the bound."""
+    rng, out = np.random.default_rng(0), []
+    for name, m, n, k in (("qkv", 12, 6144, 4096), ("o", 4, 4096, 4096),
+                          ("gate_up", 4, 28672, 4096), ("down", 4, 4096, 14336)):
+        out.append({"matrix": name, "rows": m, **_compare_one(rng, name, m, n, k, runs)})
+        print(f"{name:8s} {m:2d} rows: int64 reference {out[-1]['reference_ms']:7.2f} ms, "
+              f"float64 limbs {out[-1]['limbs_ms']:6.2f} ms", flush=True)
+    return out
+
+
+def _compare_one(rng, name: str, m: int, n: int, k: int, runs: int) -> dict:
+    from commitllm.verifier import freivalds as fv
+
+    from bench import common
+
+    r, v = fv.secret_vectors(b"\1" * 32, name, n), rng.integers(0, 2**31 - 19, (4, k))
+    rl, vl, bound = fv.limbs(r), fv.limbs(v), k * 32639 * 127
+    z = rng.integers(-bound, bound + 1, (m, n))
+    x = rng.integers(-32639, 32640, (m, k)).astype(np.int16)
+    fast = common.time_runs(lambda _i: (fv.dot_mod(rl, z, bound), fv.dot_mod(vl, x, 32639)), runs)
+    ref = common.time_runs(lambda _i: (fv.dot_mod_reference(r, z), fv.dot_mod_reference(v, x)),
+                           runs)
+    return {"reference_ms": 1e3 * min(ref[0].runs), "limbs_ms": 1e3 * min(fast[0].runs)}
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -466,6 +494,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--readme", action="store_true",
                     help="only rewrite README.md's anchors block (and anchors.md) from the "
                          "results file")
+    ap.add_argument("--freivalds", action="store_true",
+                    help="only compare the Freivalds arithmetic (float64 limbs vs the int64 "
+                         "reference) on one 8B-shape layer and print it")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -481,6 +512,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     js = args.out / "anchors.json"
+    if args.freivalds:
+        rows = freivalds_compare()
+        ref, fast = sum(r["reference_ms"] for r in rows), sum(r["limbs_ms"] for r in rows)
+        print(f"one 8B-shape layer, routine: {ref:.2f} ms -> {fast:.2f} ms "
+              f"({ref / fast:.1f}x), load average {os.getloadavg()[0]:.1f}")
+        return 0
     if args.readme:
         if not js.exists():
             raise SystemExit(f"{js} not found: run {COMMAND} first")

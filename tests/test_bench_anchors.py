@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
@@ -80,3 +81,16 @@ def test_anchors_rejects_bad_arguments(capsys):
         anchors.parse_args(["--shapes", "13b"])
     with pytest.raises(SystemExit):
         anchors.parse_args(["--contexts", "3", "--gen-tokens", "4"])
+
+
+def test_freivalds_compare_runs(monkeypatch):
+    from bench import common
+
+    calls = []
+    monkeypatch.setattr(common, "time_runs", lambda fn, runs: (calls.append(fn(0)) or
+                                                                common.Timing((0.002,)), None))
+    rows = anchors.freivalds_compare(runs=1)
+    assert [r["matrix"] for r in rows] == ["qkv", "o", "gate_up", "down"]
+    assert all(r["limbs_ms"] == 2.0 and r["reference_ms"] == 2.0 for r in rows)
+    for fast, ref in zip(calls[::2], calls[1::2]):  # both paths give the same residues
+        assert all(np.array_equal(a, b) for a, b in zip(fast, ref))
