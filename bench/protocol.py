@@ -64,6 +64,7 @@ from bench.common import (
 TIERS = ("routine", "full", "deep")
 CHAT_PROMPT = "Write a short story about a robot."
 PARTS = ("freivalds", "attention", "rest", "other", "total")
+SPANS = ("merkle", "decode")  # overlapping spans: merkle within other, decode within the replay
 
 
 @dataclass
@@ -107,7 +108,8 @@ def text_prompt(tokenizer, text: str, n: int) -> tuple[dict, list[int]]:
     return {"prompt": s}, tokenizer.encode(s)
 
 
-def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: bool):
+def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: bool,
+         prefill_chunk: int = 0):
     """One generation with a receipt: (engine.receipts.Signed, seconds spent in trace_roots).
 
     trace_roots (the Merkle trees over residuals and K/V rows, the only per-token part of
@@ -126,7 +128,7 @@ def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: 
     with mock.patch.object(receipts, "trace_roots", timed):
         s = receipts.generate_with_receipts(setup.model, setup.tokenizer, chat, [request],
                                             [prompt], setup.params, gen_tokens, setup.eos_ids,
-                                            "bench-nonce")
+                                            "bench-nonce", prefill_chunk=prefill_chunk)
     return s, sum(spent)
 
 
@@ -155,7 +157,8 @@ def verify_parts(timing: dict) -> dict:
     """Verdict.timing (seconds) as the five reported parts; other = total - the replay parts."""
     replay = timing["freivalds"] + timing["attention"] + timing["rest"]
     return {"freivalds": timing["freivalds"], "attention": timing["attention"],
-            "rest": timing["rest"], "other": timing["total"] - replay, "total": timing["total"]}
+            "rest": timing["rest"], "other": timing["total"] - replay, "total": timing["total"],
+            **{k: timing.get(k, 0.0) for k in SPANS}}
 
 
 def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes,
@@ -181,7 +184,7 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
                             verify_runs, warmup=warmup)
     n = len(c["positions"])
     per_pos = {p: Timing(tuple(1e3 * verify_parts(v.timing)[p] / n for v in verdicts)).to_dict()
-               for p in PARTS}
+               for p in PARTS + SPANS}
     bad = [v for v in verdicts if not v.accepted]
     return {"tier": tier, "positions": n, "layers": len(c["layers"]),
             "decode_positions": len(c["decode_positions"]),

@@ -32,9 +32,9 @@ def test_breakdown_hand_computed():
 
 def test_verify_parts_other_is_the_remainder():
     parts = protocol.verify_parts({"freivalds": 0.5, "attention": 0.25, "rest": 0.125,
-                                   "total": 1.0})
+                                   "total": 1.0, "merkle": 0.0625})
     assert parts == {"freivalds": 0.5, "attention": 0.25, "rest": 0.125, "other": 0.125,
-                     "total": 1.0}
+                     "total": 1.0, "merkle": 0.0625, "decode": 0.0}  # spans: not summed
 
 
 def test_retained_per_extra_token():

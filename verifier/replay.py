@@ -6,6 +6,7 @@ Each function raises Reject(code, detail) on the first mismatch; every compariso
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,14 +28,33 @@ class Reject(Exception):
 
 @dataclass
 class Timer:
-    """Seconds spent per part of the replay."""
+    """Seconds spent per part of the replay. `decode` holds the share of each part spent in
+    replay_decode (LM head and decode policy: once per position, not per layer); `merkle` the
+    seconds spent checking trace proofs (outside the replay parts)."""
 
     parts: dict = field(default_factory=lambda: {"freivalds": 0.0, "attention": 0.0, "rest": 0.0})
+    decode: dict = field(default_factory=lambda: {"freivalds": 0.0, "attention": 0.0, "rest": 0.0})
+    merkle: float = 0.0
+    scope: str | None = None  # "decode" while replay_decode runs
 
     def add(self, part: str, t0: float) -> float:
         now = time.perf_counter()
         self.parts[part] += now - t0
+        if self.scope == "decode":
+            self.decode[part] += now - t0
         return now
+
+    @contextmanager
+    def span(self, scope: str | None = None):
+        """A replay step: what its timed parts do not cover (quantization, dequantization,
+        SwiGLU, norms, comparisons) is added to "rest"."""
+        t0, before, outer = time.perf_counter(), sum(self.parts.values()), self.scope
+        self.scope = scope
+        try:
+            yield
+        finally:
+            self.add("rest", t0 + (sum(self.parts.values()) - before))
+            self.scope = outer
 
 
 @dataclass
@@ -49,9 +69,11 @@ class Ctx:
     timer: Timer
 
 
-def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> None:
+def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, z_bound: int,
+               code: str) -> None:
     t0 = time.perf_counter()
-    ok = freivalds.check(ctx.key.r(label), ctx.key.v(label), x, z)
+    r_limbs, v_limbs = ctx.key.limbs(label)
+    ok = freivalds.check(r_limbs, v_limbs, x, z, ctx.profile.act_qmax, z_bound)
     ctx.timer.add("freivalds", t0)
     if not np.all(ok):
         raise Reject(code, f"{label}: accumulator of row {int(np.argmin(ok))} fails Freivalds")
@@ -63,9 +85,9 @@ def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np
     if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
     bound = x.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
-    if np.any((z > bound) | (z < -bound)):
+    if z.size and (z.max() > bound or z.min() < -bound):
         raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
-    _freivalds(ctx, label, qx, z, code)
+    _freivalds(ctx, label, qx, z, bound, code)
     return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
 
 
@@ -79,6 +101,11 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     resid[l]: position -> x_l row; kv[l]: (k, sk, v, sv) arrays over positions 0..horizon-1;
     z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows).
     """
+    with ctx.timer.span():
+        _replay_layer(ctx, l, resid, kv, z, zq)
+
+
+def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
     cfg, kvq = ctx.cfg, ctx.profile.kv_qmax
     p_full, zs = z[l]
     p_sample, zq_rows = zq.get(l, ([], np.zeros((0, zs["qkv"].shape[1]), np.int64)))
@@ -121,6 +148,11 @@ def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray):
 def replay_decode(ctx: Ctx, final: dict, positions, z_lm: np.ndarray, tokens: list[int],
                   params: SamplingParams) -> None:
     """Final norm, LM head (Freivalds), decode policy at each position: must yield tokens[t+1]."""
+    with ctx.timer.span("decode"):
+        _replay_decode(ctx, final, positions, z_lm, tokens, params)
+
+
+def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params) -> None:
     x = _rows(final, positions)
     t0 = time.perf_counter()
     n = rmsnorm(x, ctx.key.arrays["final_norm"], ctx.cfg.rms_norm_eps)

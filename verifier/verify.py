@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import challenge as challenge_mod
-from .commitment import canonical_json, embed_leaf, kv_leaf, layer_roots_match, resid_leaf
+from .commitment import canonical_json, embed_leaf, layer_roots_match, leaf_hashes
 from .config import ModelConfig
 from .merkle import verify_multiproof
 from .numerics.profiles import Profile
@@ -29,7 +29,9 @@ class Verdict:
     reason: str | None = None  # code of the first failing check
     detail: str | None = None
     checks: list = field(default_factory=list)
-    timing: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # seconds: freivalds, attention, rest (the replay
+    # parts), total; merkle (trace proofs, outside the replay); decode (the replay parts' share
+    # spent on the LM head and decode policy)
 
     def ok(self, name: str, detail: str = "") -> None:
         self.checks.append({"check": name, "ok": True, "detail": detail})
@@ -67,7 +69,8 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
     except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:  # malformed data
         v.reason, v.detail = "opening_malformed", f"{type(e).__name__}: {e}"
         v.checks.append({"check": "opening_malformed", "ok": False, "detail": v.detail})
-    v.timing = dict(timer.parts, total=time.perf_counter() - t0)
+    v.timing = dict(timer.parts, total=time.perf_counter() - t0, merkle=timer.merkle,
+                    decode=sum(timer.decode.values()))
     return v
 
 
@@ -99,7 +102,9 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     cfg = ModelConfig.from_dict(key.meta["config"])
     prof = Profile(**key.meta["profile"])
     p = plan(challenge, cfg.num_layers)
+    t_merkle = time.perf_counter()
     resid, kv = _check_trace_proofs(receipt, arrays, p, cfg)
+    timer.merkle = time.perf_counter() - t_merkle
     v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
                    f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
@@ -243,7 +248,7 @@ def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
             raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
         if not np.all(np.isfinite(rows)):
             raise Reject("nonfinite", f"resid.{l}.rows holds a non-finite value")
-        leaves = {t: resid_leaf(l, t, rows[i]) for i, t in enumerate(pos)}
+        leaves = dict(zip(pos, leaf_hashes(b"resid", l, pos, [rows])))
         if not verify_multiproof(leaves, n, _proof(arrays, f"resid.{l}.proof"), rl[l]):
             raise Reject("merkle_residual", f"residual rows of layer {l} are not the committed ones")
         resid[l] = {t: rows[i] for i, t in enumerate(pos)}
@@ -260,7 +265,7 @@ def _kv_tables(arrays, p: Plan, cfg, kl, n) -> dict:
                 or sk.shape != (len(pos), shape[0]) or sv.shape != sk.shape
                 or sk.dtype != np.float32 or sv.dtype != np.float32 or k.dtype.kind != "i"):
             raise Reject("opening_malformed", f"kv.{l}: wrong shapes or dtypes")
-        leaves = {t: kv_leaf(l, t, k[i], sk[i], v[i], sv[i]) for i, t in enumerate(pos)}
+        leaves = dict(zip(pos, leaf_hashes(b"kv", l, pos, [k, sk, v, sv])))
         if not verify_multiproof(leaves, n, _proof(arrays, f"kv.{l}.proof"), kl[l]):
             raise Reject("merkle_kv", f"K/V rows of layer {l} are not the committed ones")
         kv[l] = (k, sk, v, sv)

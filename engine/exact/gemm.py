@@ -13,8 +13,22 @@ from ...verifier.numerics.quant import EXACT_F64
 INT32_SAFE_K = 131071  # K * 128 * 128 < 2^31: a plane product cannot overflow int32
 
 
+SPLIT_ROWS = 8192  # rows split at a time: int32 temporaries of a 128256 x 8192 head were 4 GB each
+
+
 def split_planes(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int tensor with |q| <= 127*257 -> int8 (hi, lo), q = hi*256 + lo."""
+    """int tensor with |q| <= 127*257 -> int8 (hi, lo), q = hi*256 + lo (SPLIT_ROWS rows at a
+    time, so the int32 temporaries stay small)."""
+    if q.dim() == 0 or q.shape[0] <= SPLIT_ROWS:
+        return _split(q)
+    hi = torch.empty(q.shape, dtype=torch.int8, device=q.device)
+    lo = torch.empty(q.shape, dtype=torch.int8, device=q.device)
+    for i in range(0, q.shape[0], SPLIT_ROWS):
+        hi[i:i + SPLIT_ROWS], lo[i:i + SPLIT_ROWS] = _split(q[i:i + SPLIT_ROWS])
+    return hi, lo
+
+
+def _split(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = q.to(torch.int32)
     lo = ((q + 128) & 255) - 128
     hi = (q - lo) >> 8

@@ -39,8 +39,8 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) 
     g = nh // nkv
     kh = np.repeat(np.arange(nkv), g)  # [nh] K/V head of each query head
     qf = q.astype(np.float64).transpose(1, 0, 2)  # [nh, T, d]
-    kf = k.astype(np.float64)[:, kh, :].transpose(1, 2, 0)  # [nh, d, S]
-    scores = (qf @ kf).astype(np.int64)  # [nh, T, S] exact
+    kf = k.astype(np.float64).transpose(1, 2, 0)  # [nkv, d, S]
+    scores = _grouped(qf, kf, nkv).astype(np.int64)  # [nh, T, S] exact
     visible = np.arange(s_len)[None, None, :] <= np.asarray(q_pos)[None, :, None]  # [1, T, S]
     sqh = sq.T[:, :, None]  # [nh, T, 1]
     skh = sk[:, kh].T[:, None, :]  # [nh, 1, S]
@@ -56,6 +56,16 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) 
     return out.transpose(1, 0, 2).reshape(t_len, nh * d)
 
 
+def _grouped(a: np.ndarray, b: np.ndarray, nkv: int) -> np.ndarray:
+    """a [nh, T, X] @ b[kv head of h] ([nkv, X, Y]) -> [nh, T, Y], without repeating b per query
+    head: the g = nh / nkv heads sharing a K/V head go through one matmul of g * T rows. Exact
+    for integer operands whose sums stay below 2^53 (check_bounds)."""
+    nh, t, x = a.shape
+    g = nh // nkv
+    out = a.reshape(nkv, g * t, x) @ b  # [nkv, g T, Y]
+    return out.reshape(nh, t, b.shape[-1])
+
+
 def _weighted_values(w, z, v, sv, kh, visible) -> np.ndarray:
     """out = (f32(A) / f32(Z)) * M with A = sum_j c_j V_j, c_j = rint((p_j / M) * 2^15),
     p_j = (f32(w_j) * 2^-15) * sv_j, M = max_j p_j.
@@ -69,6 +79,5 @@ def _weighted_values(w, z, v, sv, kh, visible) -> np.ndarray:
         raise FloatingPointError("attention value scale underflowed to zero")
     c = np.rint((p / m) * F32(1 << COEF_BITS))
     c = np.where(visible, c, 0).astype(np.float64)
-    vf = v.astype(np.float64)[:, kh, :].transpose(1, 0, 2)  # [nh, S, d]
-    acc = (c @ vf).astype(np.int64)  # [nh, T, d] exact (bounds checked)
+    acc = _grouped(c, v.astype(np.float64).transpose(1, 0, 2), len(sv[0])).astype(np.int64)
     return ((int_to_f32(acc) / int_to_f32(z)[..., None]) * m).astype(F32)

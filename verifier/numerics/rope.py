@@ -106,17 +106,30 @@ class RopeTable:
         self.cos, self.sin = build_table(self.cos_b, self.sin_b, n)
 
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        self.ensure(int(np.max(positions)) + 1)
+        positions = np.asarray(positions, dtype=np.int64)
+        top = int(np.max(positions)) + 1
+        if top > len(self.cos) and 8 * len(positions) < top:  # a few rows far out (the
+            if top > 2**POSITION_BITS:  # verifier's challenged positions): those rows only
+                raise ValueError(f"position {top - 1} beyond the RoPE table's 2^{POSITION_BITS}")
+            return build_rows(self.cos_b, self.sin_b, positions)
+        self.ensure(top)
         return self.cos[positions], self.sin[positions]
 
 
 def build_table(cos_b: np.ndarray, sin_b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rotate (1, 0) by the base rotation of each set bit of p, lowest bit first (float64)."""
-    p = np.arange(n, dtype=np.int64)[:, None]
-    c = np.ones((n, cos_b.shape[1]))
+    """Rows 0..n-1 of the table."""
+    return build_rows(cos_b, sin_b, np.arange(n, dtype=np.int64))
+
+
+def build_rows(cos_b: np.ndarray, sin_b: np.ndarray, positions: np.ndarray):
+    """Rotate (1, 0) by the base rotation of each set bit of p, lowest bit first (float64): each
+    row depends on its own position only, so any subset of rows equals the table's."""
+    p = np.asarray(positions, dtype=np.int64)[:, None]
+    c = np.ones((len(p), cos_b.shape[1]))
     s = np.zeros_like(c)
+    top = int(p.max(initial=0)) + 1
     for b in range(POSITION_BITS):
-        if n <= (1 << b):
+        if top <= (1 << b):
             break
         on = ((p >> b) & 1) == 1
         cb, sb = cos_b[b][None, :], sin_b[b][None, :]

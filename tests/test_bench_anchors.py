@@ -1,0 +1,96 @@
+"""bench/anchors.py stays runnable: its scaling formula on a hand-computed case, and its pipeline
+end to end at a tiny shape (build, generate, challenge, open, verify, results, plot, README block).
+The approx here compares benchmark arithmetic (float sums of timings), never a committed value."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+
+from bench import anchors
+
+
+def _tier(tier: str, layers: int, positions: int, ms: dict, breakdown: dict, total: int) -> dict:
+    return {"tier": tier, "layers": layers, "positions": positions, "opening_bytes": total,
+            "breakdown_bytes": breakdown,
+            "verify_ms_per_position": {k: {"min": v, "median": v} for k, v in ms.items()}}
+
+
+def test_scale_tier_splits_per_layer_and_once_per_token():
+    # 2 layers measured: freivalds 3 (1 of it LM head), rest 2 (0.5 decode), attention 4,
+    # merkle 1, other 0.5 -> total 10.5; per layer: bridge (3 + 2 - 1.5) / 2 = 1.75,
+    # attention 2, merkle 0.5; once = 10.5 - 3 - 4 - 2 - 1 + 1.5 = 2.
+    ms = {"freivalds": 3.0, "attention": 4.0, "rest": 2.0, "merkle": 1.0, "decode": 1.5,
+          "other": 1.5, "total": 10.5}
+    b = {"layer_acc": 600, "kv_rows": 200, "lm_head_acc": 150, "header": 50}
+    full = anchors.scale_tier(_tier("full", 2, 4, ms, b, 1000), full_layers=32)
+    assert full["layers"] == 32
+    assert full["per_layer_ms"] == {"freivalds_bridge": 1.75, "attention": 2.0, "merkle": 0.5}
+    assert full["once_ms"] == pytest.approx(2.0)
+    assert full["verify_ms"] == pytest.approx(32 * 4.25 + 2.0)
+    assert full["opening_bytes"] == pytest.approx(200 + 800 * 16)  # per-layer kinds x 32 / 2
+    routine = anchors.scale_tier(_tier("routine", 2, 4, ms, b, 1000), full_layers=32)
+    assert routine["layers"] == 10 and routine["freivalds_bridge_ms"] == pytest.approx(17.5)
+    short = anchors.scale_tier(_tier("routine", 2, 4, ms, b, 1000), full_layers=6)
+    assert short["layers"] == 6  # routine never asks for more layers than the model has
+
+
+def test_goal_margin():
+    assert anchors._goal("g", 30.0, 20.0) == {"goal": "g", "measured": 30.0, "limit": 20.0,
+                                              "met": False, "over_by": 0.5}
+    assert anchors._goal("g", 0.0, 0.01)["met"]
+
+
+def test_anchors_pipeline_tiny(tmp_path):
+    out = tmp_path / "results"
+    rc = anchors.main(["--shapes", "tiny", "--contexts", "12,30", "--gen-tokens", "3",
+                       "--deep-max", "12", "--verify-runs", "1", "--gen-threads", "1",
+                       "--out", str(out)])
+    assert rc == 0
+    d = json.loads((out / "anchors.json").read_text())
+    assert (out / "anchors.png").stat().st_size > 0 and "## Measured" in (out / "anchors.md").read_text()
+    (s,) = d["shapes"]
+    assert [c["positions"] for c in s["contexts"]] == [12, 30]
+    assert set(s["contexts"][0]["tiers"]) == {"routine", "full", "deep"}
+    assert set(s["contexts"][1]["tiers"]) == {"routine", "full"}  # deep only up to 12
+    for c in s["contexts"]:
+        assert c["retained"]["store_bytes"] > 0 and c["gen_s"] > 0
+        for t in c["tiers"].values():
+            assert t["accepted"] and t["scaled"]["layers"] == (10 if t["tier"] == "routine" else 12)
+    assert s["retained_bytes_per_extra_token"] is not None
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{anchors.BEGIN}\nold\n{anchors.END}\n\nafter\n")
+    anchors.update_readme(d, readme)
+    text = readme.read_text()
+    assert "old" not in text and "after" in text and "python bench/anchors.py" in text
+    anchors.update_readme(d, readme)  # idempotent: one block
+    assert readme.read_text() == text and text.count(anchors.BEGIN) == 1
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit):
+        anchors.update_readme(d, readme)
+
+
+def test_anchors_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        anchors.parse_args(["--shapes", "13b"])
+    with pytest.raises(SystemExit):
+        anchors.parse_args(["--contexts", "3", "--gen-tokens", "4"])
+
+
+def test_freivalds_compare_runs(monkeypatch):
+    from bench import common
+
+    calls = []
+    monkeypatch.setattr(common, "time_runs", lambda fn, runs: (calls.append(fn(0)) or
+                                                                common.Timing((0.002,)), None))
+    rows = anchors.freivalds_compare(runs=1)
+    assert [r["matrix"] for r in rows] == ["qkv", "o", "gate_up", "down"]
+    assert all(r["limbs_ms"] == 2.0 and r["reference_ms"] == 2.0 for r in rows)
+    for fast, ref in zip(calls[::2], calls[1::2]):  # both paths give the same residues
+        assert all(np.array_equal(a, b) for a, b in zip(fast, ref))
