@@ -34,7 +34,10 @@ class Signed:
 
 def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: list[dict],
                            prompts: list[list[int]], params: SamplingParams, max_tokens: int,
-                           eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0) -> Signed:
+                           eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0,
+                           salts: list[bytes] | None = None) -> Signed:
+    """salts: one 16-byte salt per prompt (default: random); fixed salts make receipts
+    reproducible byte for byte (tests comparing runs)."""
     if max_tokens < 1:
         raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
     rec, caches = Recorder(len(prompts)), [SeqCache() for _ in prompts]
@@ -46,8 +49,8 @@ def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: l
     t1 = time.perf_counter()
     receipts, transcripts = [], []
     for i, (req, res) in enumerate(zip(requests, results)):
-        salt = os.urandom(16)
-        trees = trace_roots(rec.residuals(i, model.cfg.num_layers), caches[i])
+        salt = os.urandom(16) if salts is None else salts[i]
+        trees = trace_roots(rec.residuals(i, model.cfg.num_layers), model.full_cache(caches[i]))
         r = make_receipt(com, req, nonce, params, salt, max_tokens, eos_ids,
                          res.prompt_token_ids, res.token_ids, trees)
         receipts.append(r)
@@ -63,7 +66,7 @@ def receipt_for_tokens(model: ExactModel, tokenizer, chat: bool, request: dict, 
     tokens = list(prompt_ids) + list(output_ids)
     rec, cache = Recorder(1), SeqCache()
     rec.step(model, [0], [cache], [tokens[:-1]])
-    trees = trace_roots(rec.residuals(0, model.cfg.num_layers), cache)
+    trees = trace_roots(rec.residuals(0, model.cfg.num_layers), model.full_cache(cache))
     return make_receipt(Committer(model, tokenizer, chat), request, nonce, params, salt,
                         max_tokens, eos_ids, prompt_ids, output_ids, trees)
 
