@@ -27,7 +27,7 @@ class Comm:
 
     @classmethod
     def init(cls, rank: int, size: int, timeout_s: float, init_method: str = "env://",
-             backend: str = "gloo") -> "Comm":
+             backend: str = "gloo") -> Comm:
         """Join (or create) the default process group; every collective then times out after
         timeout_s seconds."""
         import torch.distributed as dist

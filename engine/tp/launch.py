@@ -24,6 +24,15 @@ def env_rank() -> int | None:
     return int(os.environ["RANK"])
 
 
+def share_cores(size: int) -> None:
+    """Give each of `size` ranks on this machine its share of the cores (unless OMP_NUM_THREADS
+    says otherwise): oversubscribed ranks make every collective wait on a descheduled peer."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -74,6 +83,7 @@ def start(model_arg: str, qm_loader, cfg, tp: int, timeout_s: float = DEFAULT_TI
     in parallel). Spawned followers run `python -m commitllm.engine.tp MODEL PROFILE`."""
     make_plan(cfg, 0, tp)  # a shape that does not divide fails here, before any process starts
     rank, procs = env_rank(), []
+    share_cores(tp)
     if rank is not None:
         size = int(os.environ["WORLD_SIZE"])
         if size != tp:
@@ -115,13 +125,14 @@ def follower_main(model_arg: str, profile: str, timeout_s: float | None = None) 
     timeout_s = timeout_s or float(os.environ.get("COMMITLLM_TP_TIMEOUT", DEFAULT_TIMEOUT_S))
     comm = None
     try:
+        share_cores(size)
         comm = Comm.init(rank, size, timeout_s)
         loaded = load_model(model_arg, need_tokenizer=False)
         model = TPModel(loaded.quantized(get_profile(profile)), comm)
         follow(model)
         comm.close()
         return 0
-    except Exception as e:  # one line per rank, then a non-zero exit: never a hang
+    except Exception as e:  # noqa: BLE001  one line per rank, a non-zero exit, never a hang
         print(f"error: rank {rank}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         if comm is not None:
             comm.close()

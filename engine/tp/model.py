@@ -144,7 +144,7 @@ class TPModel(ExactModel):
         if self.comm.size == 1:
             return cache
         self._send("gather_cache", cache=self._cid(cache))
-        cat = lambda xs: [torch.cat(self.comm.gather(x), dim=1) for x in xs]  # noqa: E731
+        cat = lambda xs: [torch.cat(self.comm.gather(x), dim=1) for x in xs]
         return SeqCache(cat(cache.k), cat(cache.sk), cat(cache.v), cat(cache.sv), cache.length)
 
     def lm_accumulators(self, final_rows: torch.Tensor) -> torch.Tensor:

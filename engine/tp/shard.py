@@ -52,7 +52,7 @@ def make_plan(cfg: ModelConfig, rank: int, size: int) -> Plan:
 
 def rows(lin: QLinear, spans: list[tuple[int, int]]) -> QLinear:
     """Output rows [a, b) of each span, in order (a fused matrix keeps its parts apart)."""
-    pick = lambda a: None if a is None else np.concatenate([a[lo:hi] for lo, hi in spans])  # noqa: E731
+    pick = lambda a: None if a is None else np.concatenate([a[lo:hi] for lo, hi in spans])
     return QLinear(pick(lin.q), pick(lin.s), pick(lin.bias))
 
 
