@@ -64,7 +64,7 @@ def _build_model(kind: str, overrides: dict | None = None):
 
     spec = dict(TINY_KINDS[kind]) | (overrides or {})
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("family")]
-    config = config_cls(**_COMMON, **spec)
+    config = config_cls(**(_COMMON | spec))
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                             attn_implementation="eager")
 
