@@ -133,7 +133,9 @@ def follower_main(model_arg: str, profile: str, timeout_s: float | None = None) 
         comm.close()
         return 0
     except Exception as e:  # noqa: BLE001  one line per rank, a non-zero exit, never a hang
-        print(f"error: rank {rank}: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        msg = " ".join(str(e).split())
+        msg = msg if isinstance(e, TPError) else f"rank {rank}: {msg}"  # TPError names its rank
+        print(f"error: {msg}", file=sys.stderr, flush=True)
         if comm is not None:
             comm.close()
         return 1
