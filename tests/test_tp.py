@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinymodels import make_tiny_checkpoint
-
 from commitllm.engine.exact.model import ExactModel, SeqCache
 from commitllm.engine.loader import load_model
 from commitllm.engine.open import build_opening
@@ -38,12 +36,13 @@ from commitllm.verifier.numerics import get_profile
 from commitllm.verifier.numerics.sampler import SamplingParams
 from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from commitllm.verifier.verify import verify
+from tinymodels import make_tiny_checkpoint
 
 GREEDY, SAMPLED = SamplingParams(), SamplingParams(0.9, 30, 0.95, 4242)
 # 12 heads over 6 K/V heads, intermediate 96: split by 2 and by 3; vocabulary 128 is not a
 # multiple of 3, so TP=3 also exercises the padded last LM-head block.
-DIVISIBLE = dict(hidden_size=96, num_attention_heads=12, num_key_value_heads=6,
-                 intermediate_size=96)
+DIVISIBLE = {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads": 6,
+             "intermediate_size": 96}
 PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [100, 4, 60]]
 
 
@@ -124,7 +123,7 @@ def test_smollm2_tp3_matches_and_tp2_is_refused(smollm2):
     with pytest.raises(ShapeError, match="9 attention heads"):
         start("default", lambda: qm, smollm2.cfg, 2)
     ids = [smollm2.tokenizer.encode("The capital of France is")]
-    run = lambda m, p: generate_with_receipts(  # noqa: E731
+    run = lambda m, p: generate_with_receipts(
         m, smollm2.tokenizer, False, [{"prompt": "x"}], ids, p, 4, (), "n", salts=[b"s" * 16])
     want = [run(ExactModel(qm), p) for p in (GREEDY, SAMPLED)]
     eng = start("default", lambda: qm, smollm2.cfg, 3, timeout_s=60)
@@ -143,8 +142,8 @@ def test_smollm2_tp3_matches_and_tp2_is_refused(smollm2):
 @pytest.fixture(scope="module")
 def cli_tiny(tmp_path_factory, smollm2):
     """A tiny Llama (splits by 3) with SmolLM2's tokenizer, so the CLI can run it fast."""
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tp_cli"), "llama", overrides=dict(
-        DIVISIBLE, vocab_size=smollm2.cfg.vocab_size, max_position_embeddings=4096))
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tp_cli"), "llama", overrides={
+        **DIVISIBLE, "vocab_size": smollm2.cfg.vocab_size, "max_position_embeddings": 4096})
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(smollm2.folder / name, folder / name)
     return folder
@@ -212,7 +211,7 @@ def test_dead_or_hung_rank_ends_every_rank_with_an_error(cli_tiny, tmp_path, sig
 def test_cli_refuses_a_degree_that_does_not_divide(smollm2, tmp_path):
     exe = Path(sys.executable).parent / "commitllm-engine"
     res = subprocess.run([str(exe), "generate", "hi", "--tp", "2", "--max-tokens", "1"],
-                         capture_output=True, text=True, timeout=120)
+                         check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: --tp 2: the model's 9 attention")
     assert np.all([not _alive(p) for p in _children(os.getpid())])
