@@ -104,7 +104,7 @@ def measure(name: str, model_arg: str, degrees: list[int], args) -> list[dict]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t0 = time.perf_counter()
+    t0, load_before = time.perf_counter(), _loadavg()
     degrees = [int(x) for x in args.tp.split(",")]
     rows = measure("SmolLM2-135M (9/3 heads)", "default", degrees, args)
     with tempfile.TemporaryDirectory(prefix="tp-bench-") as tmp:
@@ -114,10 +114,18 @@ def main(argv=None) -> int:
             "settings": {"new_tokens": args.new_tokens, "runs": args.runs, "batch": 1,
                          "greedy": True, "profile": "w8a16", "backend": "gloo (CPU)",
                          "degrees": degrees},
+            "load_average_1_5_15": {"before": load_before, "after": _loadavg()},
             "results": rows, "elapsed_s": round(time.perf_counter() - t0, 1)}
     js, md = write_results(args.out, "tp", data, render_md(data))
     print(f"wrote {js} and {md}")
     return 0 if all(r.get("same_ids_as_tp1", True) for r in rows) else 1
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def render_md(d: dict) -> str:
@@ -137,10 +145,12 @@ def render_md(d: dict) -> str:
         provenance_md(d["provenance"]),
         (f"- batch {s['batch']}, greedy, {s['new_tokens']} new tokens per run (eos ignored), "
          f"median of {s['runs']} runs after one warm-up; profile {s['profile']}; {s['backend']}"),
+        (f"- machine load average (1, 5, 15 min) before: {d['load_average_1_5_15']['before']}, "
+         f"after: {d['load_average_1_5_15']['after']}"),
         md_table(["model", "TP", "tokens/s", "spread", "CPU of other processes", "same ids as TP 1",
                   "note"], rows),
         ("\"CPU of other processes\" counts the follower ranks too (they are other processes), so "
-         "at TP > 1 it is not only foreign load; see the machine's load in the provenance. On a "
+         "at TP > 1 it is not only foreign load (at TP 1 it is: other jobs on this shared machine). On a "
          "2-core machine the ranks share the cores: no speed-up is expected, the figure shows the "
          "cost of the collectives. Receipts and openings are checked byte for byte by "
          "tests/test_tp.py."),
