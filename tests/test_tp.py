@@ -215,3 +215,21 @@ def test_cli_refuses_a_degree_that_does_not_divide(smollm2, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("error: --tp 2: the model's 9 attention")
     assert np.all([not _alive(p) for p in _children(os.getpid())])
+
+
+def test_bench_tp_runs_and_checks_ids(tp_tiny):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+    from bench import tp as bench_tp
+
+    folder = tp_tiny[0]
+    args = bench_tp.parse_args(["--new-tokens", "3", "--runs", "1", "--timeout", "30"])
+    rows = bench_tp.measure("tiny", str(folder), [1, 2, 5], args)
+    assert [r["tp"] for r in rows] == [1, 2, 5]
+    assert rows[0]["same_ids_as_tp1"] and rows[1]["same_ids_as_tp1"]
+    assert "attention heads" in rows[2]["refused"]
+    data = {"settings": {"new_tokens": 3, "runs": 1, "batch": 1, "profile": "w8a16",
+                         "backend": "gloo (CPU)"},
+            "load_average_1_5_15": {"before": None, "after": None}, "results": rows,
+            "elapsed_s": 1.0, "provenance": bench_tp.provenance()}
+    md = bench_tp.render_md(data)
+    assert "| tiny | 2 |" in md and "refused" in md
