@@ -233,3 +233,27 @@ def test_bench_tp_runs_and_checks_ids(tp_tiny):
             "elapsed_s": 1.0, "provenance": bench_tp.provenance()}
     md = bench_tp.render_md(data)
     assert "| tiny | 2 |" in md and "refused" in md
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_launch_gives_the_single_process_receipt(cli_tiny, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    gen = [str(bin_dir / "commitllm-engine"), "generate", "hello", "--model", str(cli_tiny),
+           "--no-chat", "--max-tokens", "5", "--nonce", "n0", "--json"]
+    one = subprocess.run([*gen, "--receipt", str(tmp_path / "one.json")], check=False,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    run = subprocess.run([str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port",
+                          str(_free_port()), *gen, "--tp", "2",
+                          "--receipt", str(tmp_path / "tp2.json")],
+                         check=False, capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+    assert (tmp_path / "tp2.json").read_bytes() == (tmp_path / "one.json").read_bytes()
