@@ -56,6 +56,16 @@ def splittable_model(folder: Path) -> Path:
     return folder
 
 
+def collective_ms(model, n: int = 100) -> float:
+    """Milliseconds per small collective: n empty commands (two broadcasts each) to the ranks.
+    A decode step at TP > 1 makes 4 per layer plus 3 (command, logits gather)."""
+    model.heartbeat()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        model.heartbeat()
+    return (time.perf_counter() - t0) * 1e3 / (2 * n)
+
+
 def measure(name: str, model_arg: str, degrees: list[int], args) -> list[dict]:
     import torch
     from commitllm.engine.exact.model import ExactModel
@@ -85,12 +95,14 @@ def measure(name: str, model_arg: str, degrees: list[int], args) -> list[dict]:
             m, prompt, SamplingParams(), args.new_tokens, ())[0].token_ids
         try:
             timing, outs = time_runs(run, args.runs)
+            latency = None if eng is None else collective_ms(eng.model)
         finally:
             if eng is not None:
                 eng.close()
             torch.set_num_threads(threads)
         rows.append({"model": name, "tp": tp, "tokens_per_s": args.new_tokens / timing.median,
                      "torch_threads_rank0": torch.get_num_threads(),
+                     "collective_ms": latency,
                      "timing_s": timing.to_dict(), "token_ids": outs[0],
                      "same_ids_every_run": all(o == outs[0] for o in outs)})
         print(f"{name} TP {tp}: {rows[-1]['tokens_per_s']:.2f} tokens/s "
@@ -132,13 +144,14 @@ def render_md(d: dict) -> str:
     rows = []
     for r in d["results"]:
         if "refused" in r:
-            rows.append([r["model"], r["tp"], "refused", "", "", "", r["refused"]])
+            rows.append([r["model"], r["tp"], "refused", "", "", "", "", r["refused"]])
             continue
         t = r["timing_s"]
         other = "n/a" if t["contention"] is None else f"{100 * t['contention']:.0f} %"
         rows.append([r["model"], r["tp"], f"{r['tokens_per_s']:.2f}",
                      f"{100 * t['spread']:.0f} %", other,
-                     "yes" if r["same_ids_as_tp1"] and r["same_ids_every_run"] else "NO", ""])
+                     "yes" if r["same_ids_as_tp1"] and r["same_ids_every_run"] else "NO",
+                     "" if r["collective_ms"] is None else f"{r['collective_ms']:.2f}", ""])
     s = d["settings"]
     return "\n\n".join([
         "# Tensor parallelism: throughput and identical outputs across degrees",
@@ -148,11 +161,13 @@ def render_md(d: dict) -> str:
         (f"- machine load average (1, 5, 15 min) before: {d['load_average_1_5_15']['before']}, "
          f"after: {d['load_average_1_5_15']['after']}"),
         md_table(["model", "TP", "tokens/s", "spread", "CPU of other processes", "same ids as TP 1",
-                  "note"], rows),
+                  "ms per collective", "note"], rows),
         ("\"CPU of other processes\" counts the follower ranks too (they are other processes), so "
          "at TP > 1 it is not only foreign load (at TP 1 it is: other jobs on this shared machine). On a "
          "2-core machine the ranks share the cores: no speed-up is expected, the figure shows the "
-         "cost of the collectives. Receipts and openings are checked byte for byte by "
+         "cost of the collectives: a decode step makes 4 per layer (a MAX and a SUM for `o` and for "
+         "`down`) plus a command broadcast and the logits gather, each a round trip between "
+         "processes (\"ms per collective\", measured with empty commands). Receipts and openings are checked byte for byte by "
          "tests/test_tp.py."),
         f"Total run time {d['elapsed_s']:.0f} s.",
     ])
