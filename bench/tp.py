@@ -56,6 +56,34 @@ def splittable_model(folder: Path) -> Path:
     return folder
 
 
+class CommClock:
+    """Wall seconds rank 0 spends inside collectives (its Comm's methods, wrapped on the
+    instance): the transfer itself and the wait for the other ranks to arrive."""
+
+    def __init__(self, comm):
+        self.seconds, self.calls = 0.0, 0
+        for name in ("sum_", "max_", "gather", "broadcast"):
+            setattr(comm, name, self._wrap(getattr(comm, name)))
+
+    def _wrap(self, fn):
+        def timed(t):
+            t0 = time.perf_counter()
+            try:
+                return fn(t)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+        return timed
+
+
+def in_collectives(model, run) -> tuple[float, int]:
+    """(share of one run's wall time rank 0 spent in collectives, collectives per run)."""
+    clock = CommClock(model.comm)
+    t0 = time.perf_counter()
+    run(0)
+    return clock.seconds / (time.perf_counter() - t0), clock.calls
+
+
 def collective_ms(model, n: int = 100) -> float:
     """Milliseconds per small collective: n empty commands (two broadcasts each) to the ranks.
     A decode step at TP > 1 makes 4 per layer plus 3 (command, logits gather)."""
@@ -96,13 +124,15 @@ def measure(name: str, model_arg: str, degrees: list[int], args) -> list[dict]:
         try:
             timing, outs = time_runs(run, args.runs)
             latency = None if eng is None else collective_ms(eng.model)
+            share, calls = (None, None) if eng is None else in_collectives(eng.model, run)
         finally:
             if eng is not None:
                 eng.close()
             torch.set_num_threads(threads)
         rows.append({"model": name, "tp": tp, "tokens_per_s": args.new_tokens / timing.median,
                      "torch_threads_rank0": torch.get_num_threads(),
-                     "collective_ms": latency,
+                     "collective_ms": latency, "collectives_per_run": calls,
+                     "share_of_time_in_collectives": share,
                      "timing_s": timing.to_dict(), "token_ids": outs[0],
                      "same_ids_every_run": all(o == outs[0] for o in outs)})
         print(f"{name} TP {tp}: {rows[-1]['tokens_per_s']:.2f} tokens/s "
@@ -144,14 +174,17 @@ def render_md(d: dict) -> str:
     rows = []
     for r in d["results"]:
         if "refused" in r:
-            rows.append([r["model"], r["tp"], "refused", "", "", "", "", r["refused"]])
+            rows.append([r["model"], r["tp"], "refused", "", "", "", "", "", r["refused"]])
             continue
         t = r["timing_s"]
         other = "n/a" if t["contention"] is None else f"{100 * t['contention']:.0f} %"
         rows.append([r["model"], r["tp"], f"{r['tokens_per_s']:.2f}",
                      f"{100 * t['spread']:.0f} %", other,
                      "yes" if r["same_ids_as_tp1"] and r["same_ids_every_run"] else "NO",
-                     "" if r["collective_ms"] is None else f"{r['collective_ms']:.2f}", ""])
+                     "" if r["collective_ms"] is None else f"{r['collective_ms']:.2f}",
+                     "" if r["share_of_time_in_collectives"] is None else
+                     f"{100 * r['share_of_time_in_collectives']:.0f} % "
+                     f"({r['collectives_per_run']} calls)", ""])
     s = d["settings"]
     return "\n\n".join([
         "# Tensor parallelism: throughput and identical outputs across degrees",
@@ -161,13 +194,15 @@ def render_md(d: dict) -> str:
         (f"- machine load average (1, 5, 15 min) before: {d['load_average_1_5_15']['before']}, "
          f"after: {d['load_average_1_5_15']['after']}"),
         md_table(["model", "TP", "tokens/s", "spread", "CPU of other processes", "same ids as TP 1",
-                  "ms per collective", "note"], rows),
+                  "ms per collective (idle)", "time in collectives", "note"], rows),
         ("\"CPU of other processes\" counts the follower ranks too (they are other processes), so "
          "at TP > 1 it is not only foreign load (at TP 1 it is: other jobs on this shared machine). On a "
          "2-core machine the ranks share the cores: no speed-up is expected, the figure shows the "
          "cost of the collectives: a decode step makes 4 per layer (a MAX and a SUM for `o` and for "
          "`down`) plus a command broadcast and the logits gather, each a round trip between "
-         "processes (\"ms per collective\", measured with empty commands). Receipts and openings are checked byte for byte by "
+         "processes. \"ms per collective (idle)\" is the round trip of an empty command; \"time in "
+         "collectives\" is the share of one run's wall time rank 0 spent inside collectives, "
+         "waiting for the other ranks included (their compute runs on the same cores). Receipts and openings are checked byte for byte by "
          "tests/test_tp.py."),
         f"Total run time {d['elapsed_s']:.0f} s.",
     ])
