@@ -135,7 +135,8 @@ def follower_main(model_arg: str, profile: str, timeout_s: float | None = None) 
     except Exception as e:  # noqa: BLE001  one line per rank, a non-zero exit, never a hang
         msg = " ".join(str(e).split())
         msg = msg if isinstance(e, TPError) else f"rank {rank}: {msg}"  # TPError names its rank
-        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"error: {msg}\n")  # one write: ranks share the pipe, lines stay whole
+        sys.stderr.flush()
         if comm is not None:
             comm.close()
         return 1
