@@ -68,14 +68,46 @@ def generate(
     store: Path = typer.Option(None, help="Keep each transcript here so `open` can answer challenges later."),
     audit: bool = typer.Option(False, help="Demo: keygen (cached), generate, full-tier challenge of every "
                                            "generated position, open, verify; print the verdict and figures."),
+    tp: int = typer.Option(1, min=1, help="Tensor-parallel degree: shard the model over N processes on this "
+                                          "machine (gloo); same tokens and receipt bytes as --tp 1. Under "
+                                          "torchrun, give the number of processes it starts."),
+    tp_timeout: float = typer.Option(60.0, min=1.0, help="Seconds a rank waits on a collective before the "
+                                                         "job fails (a dead rank ends every rank with an error)."),
 ) -> None:
     """Generate text. Streams tokens for one prompt; --json prints ids and text (and receipts)."""
+    from .tp.launch import env_rank
+
+    if (env_rank() or 0) > 0:  # a follower rank started by torchrun: serve rank 0, print nothing
+        from .tp.launch import follower_main
+
+        raise typer.Exit(follower_main(model, profile, tp_timeout))
     texts = _read_prompts(prompts, prompts_file)
     signing = receipt is not None or store is not None or audit
     if signing and backend == Backend.reference_fp32:
         _fail("receipts need an exact backend (--backend exact or triton)")
     try:
-        runner = Runner.create(model, backend.value, profile, err)
+        runner = Runner.create(model, backend.value, profile, err, tp, tp_timeout)
+    except EngineError as e:
+        _fail(str(e))
+    from .tp.comm import TPError
+
+    failed = True
+    try:
+        _generate(runner, texts, chat, temperature, top_k, top_p, seed, max_tokens, prefill_chunk,
+                  as_json, receipt, nonce, store, audit, signing, model)
+        failed = False
+    except typer.Exit:
+        failed = False  # a clean outcome (or a refused input): the ranks are still in step
+        raise
+    except TPError as e:
+        _fail(str(e), 1)
+    finally:
+        runner.close(failed)
+
+
+def _generate(runner, texts, chat, temperature, top_k, top_p, seed, max_tokens, prefill_chunk,
+              as_json, receipt, nonce, store, audit, signing, model):
+    try:
         params = runner.sampling(temperature, top_k, top_p, seed)
         ids = runner.encode_prompts(texts, chat)
         stream = None if as_json or len(texts) > 1 else runner.streamer(sys.stdout)

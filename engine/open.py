@@ -10,7 +10,6 @@ from ..verifier.commitment import embed_leaves
 from ..verifier.merkle import MerkleTree, multiproof
 from ..verifier.opening import MATRICES, Plan, plan
 from .commit import trace_roots
-from .exact import ops
 from .exact.model import ExactModel, SeqCache
 
 CHUNK = 128  # prefill chunk of the re-execution (values do not depend on it)
@@ -43,11 +42,7 @@ def reexecute(model: ExactModel, tokens: list[int], p: Plan):
 
 def lm_accumulators(model: ExactModel, final_rows: np.ndarray) -> np.ndarray:
     """LM-head integer accumulators for final residual rows [n, H] (per-row ops: same bits)."""
-    tr = {}
-    x = torch.from_numpy(np.ascontiguousarray(final_rows))
-    n = ops.rmsnorm(x, model.final_norm, model.cfg.rms_norm_eps)
-    model.lm_head(n, model.profile.act_qmax, tr, "lm")
-    return tr["lm.z"].numpy()
+    return model.lm_accumulators(torch.from_numpy(np.ascontiguousarray(final_rows))).numpy()
 
 
 def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tree=None):
@@ -58,7 +53,9 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
     p = plan(challenge, L)
     with torch.inference_mode():
         cache, resid, z = reexecute(model, tokens[:-1], p)
-    trees = trace_roots(resid, cache)
+    cache = model.full_cache(cache)
+    lm = lm_accumulators(model, resid[L][p.lm]) if p.lm else None  # before any early exit:
+    trees = trace_roots(resid, cache)  # a sharded model's ranks all take part in both
     if (trees.resid_root.hex(), trees.kv_root.hex()) != (receipt["trace"]["residual_root"],
                                                          receipt["trace"]["kv_root"]):
         raise OpenError("re-execution does not reproduce the receipt's trace roots; refusing to open")
@@ -69,8 +66,7 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
     _put_z(arrays, z, p)
     if p.lm:
         arrays["z.lm.pos"] = np.array(p.lm, dtype=np.int64)
-        with torch.inference_mode():
-            arrays["z.lm"] = lm_accumulators(model, resid[L][p.lm])
+        arrays["z.lm"] = lm
     _put_embed(arrays, model, [tokens[t] for t in p.embed], embed_tree)
     meta = {"receipt_id": receipt["receipt_id"], "challenge_mac": challenge["mac"]}
     if receipt["manifest"]["seed_commitment"] is not None:

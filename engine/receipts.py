@@ -47,8 +47,14 @@ class SeqRequest:
 
 def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: list[dict],
                            prompts: list[list[int]], params: SamplingParams, max_tokens: int,
-                           eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0) -> Signed:
-    seqs = [SeqRequest(r, p, params, max_tokens, nonce, chat) for r, p in zip(requests, prompts)]
+                           eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0,
+                           salts: list[bytes] | None = None) -> Signed:
+    """salts: one 16-byte salt per prompt (default: random); fixed salts make receipts
+    reproducible byte for byte (tests comparing runs)."""
+    if salts is not None and len(salts) != len(prompts):
+        raise ValueError(f"{len(salts)} salts for {len(prompts)} prompts")
+    seqs = [SeqRequest(r, p, params, max_tokens, nonce, chat, None if salts is None else salts[i])
+            for i, (r, p) in enumerate(zip(requests, prompts))]
     return sign_batch(model, tokenizer, seqs, eos_ids, on_token, prefill_chunk)
 
 
@@ -69,7 +75,7 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
     receipts, transcripts = [], []
     for i, (s, res) in enumerate(zip(seqs, results)):
         salt = os.urandom(16) if s.salt is None else s.salt
-        trees = trace_roots(rec.residuals(i, model.cfg.num_layers), caches[i])
+        trees = trace_roots(rec.residuals(i, model.cfg.num_layers), model.full_cache(caches[i]))
         r = make_receipt(coms[s.chat], s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
                          res.prompt_token_ids, res.token_ids, trees)
         receipts.append(r)
@@ -85,7 +91,7 @@ def receipt_for_tokens(model: ExactModel, tokenizer, chat: bool, request: dict, 
     tokens = list(prompt_ids) + list(output_ids)
     rec, cache = Recorder(1), SeqCache()
     rec.step(model, [0], [cache], [tokens[:-1]])
-    trees = trace_roots(rec.residuals(0, model.cfg.num_layers), cache)
+    trees = trace_roots(rec.residuals(0, model.cfg.num_layers), model.full_cache(cache))
     return make_receipt(Committer(model, tokenizer, chat), request, nonce, params, salt,
                         max_tokens, eos_ids, prompt_ids, output_ids, trees)
 

@@ -29,23 +29,42 @@ class Runner:
     loaded: LoadedModel
     backend: str
     profile_name: str
-    model: object  # ExactModel or ReferenceModel
+    model: object  # ExactModel, TPModel (rank 0 of a tensor-parallel job) or ReferenceModel
     console: Console
+    tp: object = None  # the TPEngine when --tp > 1 (or under torchrun)
 
     @classmethod
-    def create(cls, model: str, backend: str, profile: str, console: Console) -> "Runner":
+    def create(cls, model: str, backend: str, profile: str, console: Console, tp: int = 1,
+               tp_timeout: float = 60.0) -> "Runner":
+        from .tp.comm import TPError
+        from .tp.launch import env_rank
+
+        sharded = tp > 1 or env_rank() is not None
+        if sharded and backend != "exact":
+            raise EngineError("--tp needs --backend exact (the sharded Triton path is not built)")
         try:
             prof = get_profile(profile)
             with console.status(f"loading {model} ..."):
                 loaded = load_model(model)
-                engine = _build(loaded, backend, prof)
-        except LOAD_ERRORS as e:
+                engine = (_build_tp(model, loaded, prof, tp, tp_timeout) if sharded else
+                          _build(loaded, backend, prof))
+        except (*LOAD_ERRORS, TPError) as e:
             raise EngineError(str(e)) from None
         note = (f"exact engine, {backend} backend ({SPEC_VERSION}, profile {profile})"
                 if backend in ("exact", "triton") else
                 "fp32 reference path: NOT the exact engine, not verifiable")
+        if sharded:
+            note += f", tensor-parallel over {engine.size} ranks (gloo)"
         console.print(f"model {loaded.folder} | {note}", highlight=False)
+        if sharded:
+            return cls(loaded, backend, profile, engine.model, console, engine)
         return cls(loaded, backend, profile, engine, console)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop the tensor-parallel ranks (after a failure: leave the group so they fail fast)."""
+        if self.tp is not None:
+            self.tp.abort() if failed else self.tp.close()
+            self.tp = None
 
     @property
     def tokenizer(self):
@@ -149,6 +168,12 @@ def score_logits(ids: list[int], logits: np.ndarray) -> dict:
     nll = float(-lp.sum())
     return {"token_ids": ids, "argmax": np.argmax(logits, -1).tolist(), "logprobs": lp.tolist(),
             "nll": nll, "perplexity": math.exp(nll / len(lp))}
+
+
+def _build_tp(model_arg: str, loaded: LoadedModel, prof, tp: int, timeout_s: float):
+    from .tp.launch import start
+
+    return start(model_arg, lambda: loaded.quantized(prof), loaded.cfg, tp, timeout_s, prof.name)
 
 
 def _build(loaded: LoadedModel, backend: str, prof):

@@ -34,9 +34,11 @@ LINEAR_STD = 0.2  # std of every linear weight, bias and embedding row
 NORM_NOISE = 0.1  # norm weights are 1 + NORM_NOISE * N(0, 1)
 
 
-def make_tiny_checkpoint(folder: Path, kind: str, rope_format: str = "hub") -> Path:
+def make_tiny_checkpoint(folder: Path, kind: str, rope_format: str = "hub",
+                         overrides: dict | None = None) -> Path:
     """Build the tiny random model ``kind`` (a key of TINY_KINDS) and save it as an HF folder.
 
+    overrides: config fields replacing the kind's (e.g. head counts that divide by 2 and 3).
     rope_format: "hub" writes top-level rope_theta/rope_scaling (as real checkpoints do);
     "transformers5" keeps the ``rope_parameters`` object transformers 5 writes.
     """
@@ -47,7 +49,7 @@ def make_tiny_checkpoint(folder: Path, kind: str, rope_format: str = "hub") -> P
     if rope_format not in ("hub", "transformers5"):
         raise ValueError(f"rope_format must be 'hub' or 'transformers5', got {rope_format!r}")
     torch.manual_seed(_SEEDS[kind])
-    model = _build_model(kind)
+    model = _build_model(kind, overrides)
     _randomize(model, torch.Generator().manual_seed(_SEEDS[kind]))
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -56,13 +58,13 @@ def make_tiny_checkpoint(folder: Path, kind: str, rope_format: str = "hub") -> P
     return folder
 
 
-def _build_model(kind: str):
+def _build_model(kind: str, overrides: dict | None = None):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    spec = dict(TINY_KINDS[kind])
+    spec = dict(TINY_KINDS[kind]) | (overrides or {})
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec.pop("family")]
-    config = config_cls(**_COMMON, **spec)
+    config = config_cls(**(_COMMON | spec))
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                             attn_implementation="eager")
 

@@ -26,11 +26,24 @@ class TorchLinear:
         self.bias = None if lin.bias is None else torch.from_numpy(lin.bias)
 
     def __call__(self, x: torch.Tensor, act_qmax: int, tr: dict | None, name: str):
-        qx, sx = ops.quantize_rows(x, act_qmax)
-        z = self.weight.matmul(qx, act_qmax)
+        qx, sx = self.quantize(x, act_qmax)
+        z = self.accumulate(qx, act_qmax)
         if tr is not None:
-            tr.update({f"{name}.q": qx, f"{name}.s": sx, f"{name}.z": z})
-        return ops.dequantize(z, sx, self.scale, self.bias)
+            tr.update(self.traced(name, qx, sx, z))
+        return self.output(ops.dequantize(z, sx, self.scale, self.bias))
+
+    # The steps a sharded linear (engine/tp) overrides; here they are the single-device ones.
+    def quantize(self, x: torch.Tensor, act_qmax: int):
+        return ops.quantize_rows(x, act_qmax)
+
+    def accumulate(self, qx: torch.Tensor, act_qmax: int) -> torch.Tensor:
+        return self.weight.matmul(qx, act_qmax)
+
+    def traced(self, name: str, qx, sx, z) -> dict:
+        return {f"{name}.q": qx, f"{name}.s": sx, f"{name}.z": z}
+
+    def output(self, y: torch.Tensor) -> torch.Tensor:
+        return y
 
 
 @dataclass
@@ -65,6 +78,18 @@ class ExactModel:
         self.final_norm = torch.from_numpy(qm.final_norm)
         self.lm_head = TorchLinear(qm.lm_head, qm.profile.matrix_qmax("lm_head"))
         self.rope = RopeTable(qm.cfg)
+
+    def full_cache(self, cache: SeqCache) -> SeqCache:
+        """The cache with every K/V head (what the receipt commits); sharded models gather it."""
+        return cache
+
+    @torch.inference_mode()
+    def lm_accumulators(self, final_rows: torch.Tensor) -> torch.Tensor:
+        """LM-head integer accumulators int64 [n, V] for final residual rows fp32 [n, H]."""
+        tr = {}
+        n = ops.rmsnorm(final_rows, self.final_norm, self.cfg.rms_norm_eps)
+        self.lm_head(n, self.profile.act_qmax, tr, "lm")
+        return tr["lm.z"]
 
     @torch.inference_mode()
     def forward(self, caches: list[SeqCache], tokens: list[list[int]], trace: dict | None = None,
@@ -128,6 +153,11 @@ class _Step:
 
 
 class _TorchLayer:
+    def sizes(self, cfg) -> tuple[int, int, int, int, int]:
+        """(heads, K/V heads, q width, k/v width, intermediate) this layer computes."""
+        return (cfg.num_heads, cfg.num_kv_heads, cfg.q_size, cfg.kv_size,
+                cfg.intermediate_size)
+
     def __init__(self, layer, wq: int):
         self.attn_norm = torch.from_numpy(layer.attn_norm)
         self.mlp_norm = torch.from_numpy(layer.mlp_norm)
@@ -138,20 +168,20 @@ class _TorchLayer:
 
     def __call__(self, m: ExactModel, i: int, x: torch.Tensor, step: _Step, tr) -> torch.Tensor:
         cfg, aq, kvq = m.cfg, m.profile.act_qmax, m.profile.kv_qmax
-        n, nh, nkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        n, d = x.shape[0], cfg.head_dim
+        nh, nkv, q_size, kv_size, f = self.sizes(cfg)
         a = ops.rmsnorm(x, self.attn_norm, cfg.rms_norm_eps)
         qkv = self.qkv(a, aq, tr, "qkv")
-        q = ops.apply_rope(qkv[:, :cfg.q_size].reshape(n, nh, d), step.cos, step.sin)
-        k = ops.apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(n, nkv, d),
-                           step.cos, step.sin)
-        v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(n, nkv, d)
+        q = ops.apply_rope(qkv[:, :q_size].reshape(n, nh, d), step.cos, step.sin)
+        k = ops.apply_rope(qkv[:, q_size:q_size + kv_size].reshape(n, nkv, d), step.cos, step.sin)
+        v = qkv[:, q_size + kv_size:].reshape(n, nkv, d)
         (qq, sq), (kq, sk), (vq, sv) = (ops.quantize_rows(t, kvq) for t in (q, k, v))
         parts = {} if tr is not None and len(step.caches) == 1 and step.trace_attention else None
         o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts)
         h = x + self.o(o, aq, tr, "o")
         mm = ops.rmsnorm(h, self.mlp_norm, cfg.rms_norm_eps)
         gu = self.gate_up(mm, aq, tr, "gate_up")
-        act = ops.swiglu(gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:])
+        act = ops.swiglu(gu[:, :f], gu[:, f:])
         out = h + self.down(act, aq, tr, "down")
         if tr is not None:
             tr.update(x=x, attn_in=a, q=qq, sq=sq, k=kq, sk=sk, v=vq, sv=sv, attn=o, h=h,

@@ -27,9 +27,14 @@ def int_to_f32(z: torch.Tensor) -> torch.Tensor:
     return z.to(F64).to(F32)
 
 
-def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec quant.quantize_rows: s = max|x| / qmax, q = clip(rint(x / s)); zero rows s=1, q=0."""
-    amax = x.abs().amax(dim=-1)
+def quantize_rows(x: torch.Tensor, qmax: int,
+                  amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec quant.quantize_rows: s = max|x| / qmax, q = clip(rint(x / s)); zero rows s=1, q=0.
+
+    amax: the rows' max|x| when x is a slice of wider rows (tensor parallelism: the max over the
+    ranks' row_absmax, an exact reduction); every slice then gets the full row's scale and bits.
+    """
+    amax = x.abs().amax(dim=-1) if amax is None else amax
     if not torch.isfinite(amax).all():
         raise FloatingPointError("non-finite value in a row to quantize")
     s = amax / torch.full_like(amax, qmax)  # tensor divisor: a true IEEE division
@@ -38,6 +43,12 @@ def quantize_rows(x: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tenso
     q = torch.round(x / s.unsqueeze(-1)).clamp_(-qmax, qmax)
     q = torch.where(zero.unsqueeze(-1), torch.zeros_like(q), q)
     return q.to(torch.int8 if qmax <= 127 else torch.int16), s
+
+
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max|x| per row, with a non-finite row reported as +inf (a max over slices keeps it)."""
+    amax = x.abs().amax(dim=-1)
+    return torch.where(torch.isfinite(amax), amax, torch.full_like(amax, float("inf")))
 
 
 def dequantize(z, sx, sw, bias) -> torch.Tensor:
