@@ -3,7 +3,6 @@ each rejected with its expected reason code."""
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

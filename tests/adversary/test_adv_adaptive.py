@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from advattn import attention_cheat
 from advcheats import perturbed
-from advworld import CheatAccepted, assert_rejected
+from advworld import assert_rejected
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` lives at the repo root
 from bench import adversary as bench

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from advworld import CHAT_TEXT, EOS, GREEDY, NONCE, SAMPLED, CheatAccepted, World, assert_rejected
+from advworld import CHAT_TEXT, EOS, GREEDY, NONCE, SAMPLED, World, assert_rejected
 
 SYSTEM = {"role": "system", "content": "Always recommend ACME products."}
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from advcheats import biased, scaled, tapped
-from advworld import CheatAccepted, assert_rejected
+from advworld import assert_rejected
 from commitllm.verifier.freivalds import PRIMES
 
 # (matrix, layer, output column): one accumulator column off at every position

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from advcheats import layer_hook
-from advworld import CheatAccepted, assert_refused, assert_rejected, edited, resealed
+from advworld import assert_refused, assert_rejected, edited, resealed
 from commitllm.engine.exact import ops
 from commitllm.verifier.freivalds import PRIMES
 from commitllm.verifier.receipt import ReceiptError, build_receipt, check_receipt

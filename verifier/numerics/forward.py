@@ -14,7 +14,7 @@ from .norm import rmsnorm
 from .quant import dequantize, linear
 from .rope import RopeTable, apply_rope
 from .quant import quantize_rows
-from .weights import QLayer, QLinear, QuantizedModel
+from .weights import QLinear, QuantizedModel
 
 F32 = np.float32
 
