@@ -280,11 +280,24 @@ def serve(
     max_concurrent: int = typer.Option(64, min=1, help="Most requests in flight; more get 429."),
     max_body_kib: int = typer.Option(1024, min=1, help="Largest request body (KiB); more get 413."),
     default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request gives none."),
+    tp: int = typer.Option(1, min=1, help="Tensor-parallel degree: shard the model over N processes on this "
+                                          "machine (gloo); receipts are the bytes --tp 1 gives. Under "
+                                          "torchrun, give the number of processes it starts."),
+    tp_timeout: float = typer.Option(60.0, min=1.0, help="Seconds a rank waits on a collective; a dead or "
+                                                         "hung rank stops the server with an error "
+                                                         "(idle followers get a heartbeat every "
+                                                         "quarter of it)."),
 ) -> None:
     """Serve the OpenAI API (chat, completions, streaming) with a receipt on every response,
     POST /v1/audit for openings, GET /v1/receipts, /v1/models and /v1/commitment."""
+    from .tp.launch import env_rank
+
+    if (env_rank() or 0) > 0:  # a follower rank started by torchrun: execute rank 0's commands
+        from .tp.launch import follower_main
+
+        raise typer.Exit(follower_main(model, profile, tp_timeout))
     try:
-        from .serve.main import build
+        from .serve.main import Shutdown, build
         from .serve.main import serve as run_server
     except ImportError as e:
         _fail(f"serving needs the engine extra (fastapi, uvicorn): {e}")
@@ -292,16 +305,23 @@ def serve(
         app_, worker, st = build(model, profile, store, err, served_name=served_name,
                                  retention_days=retention_days, max_batch=max_batch,
                                  max_concurrent=max_concurrent, max_body_bytes=max_body_kib * 1024,
-                                 default_max_tokens=default_max_tokens)
+                                 default_max_tokens=default_max_tokens, tp=tp,
+                                 tp_timeout=tp_timeout, on_fatal=(shutdown := Shutdown(err)))
     except EngineError as e:
         _fail(str(e))
     except OSError as e:
         _fail(f"{store}: cannot open the store ({e})")
     err.print(f"serving on http://{host}:{port}/v1 | store {st.path} ({st.count()} transcripts)",
               highlight=False)
-    run_server(app_, host, port)
-    worker.stop()
-    st.close()
+    try:
+        started = run_server(app_, host, port, shutdown)
+    finally:
+        worker.stop()
+        st.close()
+    if worker.fatal is not None:
+        _fail(worker.fatal, 1)
+    if not started:
+        _fail(f"could not serve on {host}:{port} (the reason is above)", 1)
 
 
 kernels_app = typer.Typer(no_args_is_help=True, help="Triton kernels: compile reports and checks.")

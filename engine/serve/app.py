@@ -17,7 +17,7 @@ from ...verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from ..commit import Committer
 from ..open import OpenError
 from .protocol import ApiError, Limits, chunk, finish, parse, response, usage
-from .worker import Job, Worker
+from .worker import Job, Worker, WorkerDown
 
 MAX_RECEIPTS_LISTED = 1000
 
@@ -104,6 +104,8 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
                            "receipt_not_found") from None
         except OpenError as e:
             raise ApiError(409, str(e), code="open_failed") from None
+        except WorkerDown as e:
+            raise _unavailable(e) from None
         except (ValueError, TypeError, IndexError) as e:
             raise ApiError(400, f"malformed challenge ({e})") from None
         data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
@@ -115,11 +117,16 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         streaming = False
         try:
             p = parse(body, kind, cfg.model_id, worker.tokenizer, cfg.limits)
+            if worker.fatal is not None:
+                raise _unavailable(WorkerDown(worker.fatal))
             if p.stream:
+                resp = _stream(kind, p)
                 streaming = True  # the stream releases the gate when it ends
-                return _stream(kind, p)
+                return resp
             try:
                 receipt, reason = await asyncio.wrap_future(worker.submit(Job(p.seq)))
+            except WorkerDown as e:
+                raise _unavailable(e) from None
             except Exception as e:  # noqa: BLE001 - no receipt, no answer: say why
                 raise ApiError(500, f"generation failed: {e}", code="server_error") from None
             return response(kind, _rid(kind, receipt), cfg.model_id, receipt, reason)
@@ -130,7 +137,10 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
     def _stream(kind: str, p):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         job = Job(p.seq, lambda t: loop.call_soon_threadsafe(events.put_nowait, t))
-        fut = worker.submit(job)
+        try:
+            fut = worker.submit(job)
+        except WorkerDown as e:
+            raise _unavailable(e) from None
         fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(events.put_nowait, None))
 
         async def gen():
@@ -168,6 +178,10 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         yield "data: [DONE]\n\n"
 
     return app
+
+
+def _unavailable(e: WorkerDown) -> ApiError:
+    return ApiError(503, f"{e}; the server is shutting down", code="engine_unavailable")
 
 
 def _rid(kind: str, receipt: dict) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
-from ..runner import Runner
+from ..runner import EngineError, Runner
 from .app import ServerConfig, create_app
 from .protocol import Limits
 from .store import SqliteStore
@@ -13,25 +14,69 @@ from .worker import Worker
 
 def build(model: str, profile: str, store_dir: Path, console, *, served_name: str | None = None,
           retention_days: float = 0.0, max_batch: int = 16, max_concurrent: int = 64,
-          max_body_bytes: int = 1 << 20, default_max_tokens: int = 256):
-    """(app, worker, store). Raises EngineError on a bad model."""
-    runner = Runner.create(model, "exact", profile, console)
-    if runner.tokenizer is None:
-        from ..runner import EngineError
-
-        raise EngineError("serving needs a tokenizer (tokenizer.json) next to the model")
-    store = SqliteStore(store_dir, retention_days * 86400.0)
-    store.purge()
+          max_body_bytes: int = 1 << 20, default_max_tokens: int = 256, tp: int = 1,
+          tp_timeout: float = 60.0, on_fatal=None):
+    """(app, worker, store). Raises EngineError on a bad model. With tp > 1 (or under torchrun)
+    the model is sharded over tp ranks; worker.stop() then stops them, and on_fatal(message) is
+    called if the group fails while serving."""
+    runner = Runner.create(model, "exact", profile, console, tp=tp, tp_timeout=tp_timeout)
+    try:
+        if runner.tokenizer is None:
+            raise EngineError("serving needs a tokenizer (tokenizer.json) next to the model")
+        store = SqliteStore(store_dir, retention_days * 86400.0)
+        store.purge()
+    except BaseException:
+        runner.close()
+        raise
     worker = Worker(runner.model, runner.tokenizer, runner.eos_ids(), store,
                     {"model": model if model == "default" else str(Path(model).resolve()),
-                     "profile": profile}, max_batch=max_batch)
+                     "profile": profile}, max_batch=max_batch,
+                    heartbeat_s=tp_timeout / 4 if runner.tp is not None else None,
+                    on_fatal=on_fatal, release=runner.close)
     name = served_name or (runner.loaded.folder.name if model != "default" else "default")
     cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, default_max_tokens),
                        max_body_bytes, max_concurrent)
     return create_app(worker, cfg), worker, store
 
 
-def serve(app, host: str, port: int) -> None:
+class Shutdown:
+    """on_fatal for the server run by serve(): say why, then stop it as Ctrl-C would."""
+
+    def __init__(self, console):
+        self.console, self.server = console, None
+
+    def __call__(self, message: str) -> None:
+        self.console.print(f"error: {message}; shutting down", highlight=False, markup=False)
+        if self.server is not None:
+            self.server.should_exit = True
+
+
+class _Signalled(Exception):
+    pass
+
+
+def _raise_signalled(_sig, _frame):
+    raise _Signalled
+
+
+def serve(app, host: str, port: int, shutdown: Shutdown | None = None) -> bool:
+    """Run uvicorn until Ctrl-C, SIGTERM or shutdown(); False when it could not start (the
+    reason is logged). uvicorn re-raises the signal that stopped it: caught here, so the caller
+    still stops the worker (and the tensor-parallel ranks) cleanly."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    if shutdown is not None:
+        shutdown.server = server
+    previous = signal.signal(signal.SIGTERM, _raise_signalled)
+    try:
+        server.run()
+    except (KeyboardInterrupt, _Signalled):
+        pass
+    except SystemExit:  # uvicorn exits when it cannot bind the port
+        if server.started:
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return server.started

@@ -2,19 +2,26 @@
 
 Requests that arrive while a batch runs go into the next batch. The exact engine is batch-
 invariant, so a receipt does not depend on which requests shared its batch. A receipt is stored
-durably before its request is answered; openings re-execute under the same lock as generation."""
+durably before its request is answered; openings re-execute under the same lock as generation.
+
+Tensor-parallel (`serve --tp N`): the model is rank 0 of a group. Every use of it is serialized by
+the lock, an idle worker sends a heartbeat so the followers' wait for the next command stays inside
+their collective timeout, and a failed collective marks the worker down (`fatal`): pending and
+later requests are refused and `on_fatal` is called (the server then shuts down)."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..open import build_opening
 from ..receipts import SeqRequest, sign_batch
+from ..tp.comm import TPError
 
 PURGE_EVERY_S = 3600.0  # transcripts past the retention are dropped at most this often
 
@@ -33,12 +40,22 @@ class Stats:
     largest_batch: int = 0
 
 
+class WorkerDown(RuntimeError):
+    """The model can no longer be used (a tensor-parallel rank died or timed out)."""
+
+
 class Worker:
     def __init__(self, model, tokenizer, eos_ids, store, extra: dict, max_batch: int = 16,
-                 batch_wait_s: float = 0.005, start: bool = True):
+                 batch_wait_s: float = 0.005, start: bool = True, heartbeat_s: float | None = None,
+                 on_fatal: Callable[[str], None] | None = None,
+                 release: Callable[[bool], None] | None = None):
+        """heartbeat_s: call model.heartbeat() after this long idle (tensor-parallel models);
+        release(failed): frees the model at stop() (stops the tensor-parallel ranks)."""
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.store, self.extra = store, extra
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        self.heartbeat_s, self.on_fatal, self.release = heartbeat_s, on_fatal, release
+        self.fatal: str | None = None
         self.lock = threading.Lock()  # one user of the model at a time: a batch or an opening
         self.stats = Stats()
         self._purged = time.monotonic()
@@ -52,24 +69,64 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> Future:
+        if self.fatal is not None:
+            raise WorkerDown(self.fatal)
         self._q.put(job)
         return job.done
 
     def stop(self) -> None:
         self._q.put(None)
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        if self.release is not None:
+            release, self.release = self.release, None
+            release(self.fatal is not None)
 
     def open(self, challenge: dict):
-        """(meta, arrays) of the opening; KeyError for an unknown receipt, OpenError on mismatch."""
+        """(meta, arrays) of the opening; KeyError for an unknown receipt, OpenError on mismatch,
+        WorkerDown once the model is unusable."""
         transcript = self.store.get(str(challenge.get("receipt_id")))
         with self.lock:
-            return build_opening(self.model, transcript, challenge)
+            if self.fatal is not None:
+                raise WorkerDown(self.fatal)
+            try:
+                return build_opening(self.model, transcript, challenge)
+            except TPError as e:
+                self._down(str(e))
+                raise WorkerDown(self.fatal) from None
+
+    def _down(self, why: str) -> None:
+        """Called with the lock held: the tensor-parallel group is gone."""
+        if self.fatal is None:
+            self.fatal = f"the tensor-parallel group failed: {why}"
+            if self.on_fatal is not None:
+                try:
+                    self.on_fatal(self.fatal)
+                except Exception:  # noqa: BLE001 - the worker keeps refusing requests regardless
+                    traceback.print_exc()
+
+    def _next(self):
+        """The next job; while idle, heartbeats keep tensor-parallel followers waiting."""
+        while True:
+            try:
+                return self._q.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                if self.fatal is None and self.lock.acquire(blocking=False):
+                    try:  # an opening holding the lock sends commands itself
+                        self.model.heartbeat()
+                    except TPError as e:
+                        self._down(str(e))
+                    finally:
+                        self.lock.release()
 
     def _loop(self) -> None:
         while True:
-            job = self._q.get()
+            job = self._next()
             if job is None:
                 return
+            if self.fatal is not None:
+                job.done.set_exception(WorkerDown(self.fatal))
+                continue
             batch = [job]
             deadline = time.monotonic() + self.batch_wait_s
             while len(batch) < self.max_batch:
@@ -89,8 +146,14 @@ class Worker:
                 batch[i].on_token(t)
         try:
             with self.lock:
-                signed = sign_batch(self.model, self.tokenizer, [j.seq for j in batch],
-                                    self.eos_ids, on_token)
+                if self.fatal is not None:
+                    raise WorkerDown(self.fatal)
+                try:
+                    signed = sign_batch(self.model, self.tokenizer, [j.seq for j in batch],
+                                        self.eos_ids, on_token)
+                except TPError as e:
+                    self._down(str(e))
+                    raise WorkerDown(self.fatal) from None
         except Exception as e:  # noqa: BLE001 - every waiting request learns why
             for j in batch:
                 j.done.set_exception(e)
