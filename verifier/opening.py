@@ -7,7 +7,8 @@ Container (verifier/container.py) with magic CLLMOPN, version 1. Arrays, per lay
   zq.{l}.pos / .qkv  int64                                  accumulators of the K/V sample
   resid.layer_roots u8 [L+1, 32], kv.layer_roots u8 [L, 32]
   z.lm.pos / z.lm int64 [n, V]                              LM-head accumulators, decode checks
-  embed.pos / .q / .s / .proof                              embedding rows of challenged tokens
+  embed.ids / .q / .s / .proof                              embedding rows of the challenged
+                                                            tokens (by token id, deduplicated)
 meta: receipt_id, challenge mac, and for sampled receipts the seed and its salt.
 """
 
