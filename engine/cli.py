@@ -241,18 +241,29 @@ def open_cmd(
                                          "--store` or to `serve --store` (SQLite)."),
     challenge: Path = typer.Option(..., help="The challenge file from `commitllm challenge`."),
     out: Path = typer.Option(..., help="Where to write the opening (binary)."),
+    tp: int = typer.Option(1, min=1, help="Re-execute tensor-parallel over N processes (gloo): the same "
+                                          "opening bytes as --tp 1. Under torchrun, the number of "
+                                          "processes it starts."),
+    tp_timeout: float = typer.Option(60.0, min=1.0, help="Seconds a rank waits on a collective."),
 ) -> None:
     """Answer a challenge: re-execute the stored transcript, check it reproduces its receipt,
     write the opening. No per-token state was kept; everything is recomputed exactly."""
     from .open import OpenError
     from .receipts import open_from_store, write_opening
     from .serve.store import open_store
+    from .tp.comm import TPError
+    from .tp.launch import env_rank
 
+    runner = None
     try:
         chal = json.loads(challenge.read_text())
         st = open_store(store)
         tr = st.get(str(chal.get("receipt_id")))
-        runner = Runner.create(tr["model"], "exact", tr["profile"], err)
+        if (env_rank() or 0) > 0:  # a follower rank started by torchrun
+            from .tp.launch import follower_main
+
+            raise typer.Exit(follower_main(tr["model"], tr["profile"], tp_timeout))
+        runner = Runner.create(tr["model"], "exact", tr["profile"], err, tp, tp_timeout)
         with err.status("re-executing the transcript ..."):
             meta, arrays = open_from_store(runner.model, st, chal)
         size = write_opening(out, meta, arrays)
@@ -260,6 +271,13 @@ def open_cmd(
         _fail(f"cannot open: {e}")
     except (OpenError, EngineError) as e:
         _fail(str(e))
+    except TPError as e:
+        runner.close(failed=True)
+        runner = None
+        _fail(str(e), 1)
+    finally:
+        if runner is not None:
+            runner.close()
     err.print(f"wrote {out} ({size} bytes)")
 
 

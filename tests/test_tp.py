@@ -261,3 +261,29 @@ def test_torchrun_launch_gives_the_single_process_receipt(cli_tiny, tmp_path):
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
     assert (tmp_path / "tp2.json").read_bytes() == (tmp_path / "one.json").read_bytes()
+
+
+def test_cli_open_tp2_gives_the_single_process_opening(cli_tiny, tmp_path):
+    """`generate --tp 2 --store` then `open --tp 2`: the opening is byte for byte the one a single
+    process re-executes, and it verifies with the key of the unsharded model."""
+    bin_dir = Path(sys.executable).parent
+    eng, ver = str(bin_dir / "commitllm-engine"), str(bin_dir / "commitllm")
+
+    def run(*args):
+        res = subprocess.run(list(args), check=False, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, res.stderr
+        return res
+
+    run(eng, "generate", "hello there", "--model", str(cli_tiny), "--no-chat", "--max-tokens", "5",
+        "--temperature", "0.9", "--seed", "3", "--tp", "2", "--store", str(tmp_path / "st"),
+        "--receipt", str(tmp_path / "r.json"))
+    run(ver, "keygen", "--model", str(cli_tiny), "--out", str(tmp_path / "key"))
+    run(ver, "challenge", "--key", str(tmp_path / "key"), "--receipt", str(tmp_path / "r.json"),
+        "--tier", "full", "--out", str(tmp_path / "c.json"))
+    for tp in (1, 2):
+        run(eng, "open", "--store", str(tmp_path / "st"), "--challenge", str(tmp_path / "c.json"),
+            "--out", str(tmp_path / f"o{tp}.bin"), "--tp", str(tp))
+    assert (tmp_path / "o2.bin").read_bytes() == (tmp_path / "o1.bin").read_bytes()
+    res = run(ver, "verify", "--key", str(tmp_path / "key"), "--receipt", str(tmp_path / "r.json"),
+              "--challenge", str(tmp_path / "c.json"), "--opening", str(tmp_path / "o2.bin"))
+    assert "ACCEPTED" in res.stdout
