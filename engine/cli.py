@@ -305,6 +305,11 @@ def serve(
                                                          "hung rank stops the server with an error "
                                                          "(idle followers get a heartbeat every "
                                                          "quarter of it)."),
+    api_key: str = typer.Option(None, envvar="COMMITLLM_API_KEY", show_default=False,
+                                help="Require `Authorization: Bearer KEY` on every endpoint (the "
+                                     "openai client's api_key). Prefer the COMMITLLM_API_KEY "
+                                     "environment variable: a command line is visible to other "
+                                     "users. Default: no authentication."),
 ) -> None:
     """Serve the OpenAI API (chat, completions, streaming) with a receipt on every response,
     POST /v1/audit for openings, GET /v1/receipts, /v1/models and /v1/commitment."""
@@ -324,7 +329,8 @@ def serve(
                                  retention_days=retention_days, max_batch=max_batch,
                                  max_concurrent=max_concurrent, max_body_bytes=max_body_kib * 1024,
                                  default_max_tokens=default_max_tokens, tp=tp,
-                                 tp_timeout=tp_timeout, on_fatal=(shutdown := Shutdown(err)))
+                                 tp_timeout=tp_timeout, on_fatal=(shutdown := Shutdown(err)),
+                                 api_key=api_key or None)
     except EngineError as e:
         _fail(str(e))
     except OSError as e:

@@ -338,3 +338,40 @@ def test_audit_cannot_reach_the_server(model_and_key, tmp_path):
     res = cli.invoke(verifier_app, ["audit", "--server", "http://x", "--key",
                                     str(model_and_key[1]), "--rate", "0"])
     assert res.exit_code == 2 and "--rate" in res.output
+
+
+def test_api_key_guards_every_endpoint(model_and_key, tmp_path, monkeypatch):
+    """--api-key: no key or a wrong one gets 401 on every endpoint (nothing generated, no opening);
+    the openai client with the key is served; commitllm audit sends it (or exits 2 without it)."""
+    monkeypatch.delenv("COMMITLLM_API_KEY", raising=False)
+    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key")
+    try:
+        for auth in (None, "Bearer wrong", "Basic s3cret-key", "Bearer s3cret-key-and-more"):
+            for path, body in (("/v1/models", None), ("/v1/receipts", None),
+                               ("/v1/commitment", None), ("/v1/audit", b'{"mac": "x"}'),
+                               ("/v1/chat/completions", json.dumps(
+                                   {"model": "tiny", "messages": [{"role": "user",
+                                                                   "content": "a"}]}).encode())):
+                req = urllib.request.Request(srv.url + path, data=body,
+                                             headers={"Authorization": auth} if auth else {})
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(req, timeout=30)
+                assert e.value.code == 401, (path, auth)
+                assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+        assert srv.worker.stats.requests == 0
+        c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret-key", max_retries=0)
+        r = c.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
+                                      messages=[{"role": "user", "content": "hi"}])
+        (tmp_path / "r.json").write_text(json.dumps(r.receipt))
+        key = model_and_key[1]
+        res = _audit(srv, key, "--receipts", str(tmp_path / "r.json"))
+        assert res.exit_code == 2 and "API key" in res.output, res.output
+        res = _audit(srv, key)
+        assert res.exit_code == 2 and "HTTP 401" in res.output, res.output
+        res = _audit(srv, key, "--api-key", "s3cret-key")
+        assert res.exit_code == 0 and "1 accepted, 0 rejected" in res.output, res.output
+        res = cli.invoke(verifier_app, ["audit", "--server", srv.url, "--key", str(key)],
+                         env={"COMMITLLM_API_KEY": "s3cret-key"})
+        assert res.exit_code == 0, res.output
+    finally:
+        srv.stop()

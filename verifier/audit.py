@@ -79,8 +79,8 @@ def _items(obj, source: str) -> list[Item]:
     raise AuditError(f"{source}: no receipt in it")
 
 
-def server_items(server: str, limit: int, timeout: float) -> list[Item]:
-    data = http(f"{server}/v1/receipts?limit={limit}", None, MAX_LIST_BYTES, timeout)
+def server_items(server: str, limit: int, timeout: float, api_key: str | None = None) -> list[Item]:
+    data = http(f"{server}/v1/receipts?limit={limit}", None, MAX_LIST_BYTES, timeout, api_key)
     try:
         listed = json.loads(data)["data"]
     except (ValueError, KeyError, TypeError) as e:
@@ -100,10 +100,15 @@ def sample(items: list[Item], rate: float, rng: random.Random | None = None) -> 
 
 # --- HTTP ---------------------------------------------------------------------------------------
 
-def http(url: str, body: bytes | None, limit: int, timeout: float) -> bytes:
-    """GET (body None) or POST JSON; the reply is refused before reading when over `limit`."""
+def http(url: str, body: bytes | None, limit: int, timeout: float,
+         api_key: str | None = None) -> bytes:
+    """GET (body None) or POST JSON; the reply is refused before reading when over `limit`.
+    api_key: sent as `Authorization: Bearer KEY` (servers started with --api-key)."""
+    headers = {"Content-Type": "application/json"}
+    if api_key is not None:
+        headers["Authorization"] = f"Bearer {api_key}"
     req = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return _read(resp, limit, url)
@@ -139,9 +144,9 @@ def _error_message(e: urllib.error.HTTPError) -> str:
 # --- audit --------------------------------------------------------------------------------------
 
 def audit_item(key, tokenizer, server: str, item: Item, tier: str, max_opening: int,
-               timeout: float) -> Row:
+               timeout: float, api_key: str | None = None) -> Row:
     """Challenge one receipt, fetch its opening, verify it. Never raises for the server's faults:
-    they reject."""
+    they reject. A refused API key (401) is the auditor's problem, not a rejection: AuditError."""
     r = item.receipt
     try:
         check_receipt(r)
@@ -149,9 +154,12 @@ def audit_item(key, tokenizer, server: str, item: Item, tier: str, max_opening: 
         return Row(item, _reject(e.code, str(e)))
     c = challenge_mod.derive(key.secret, r, tier)
     try:
-        data = http(f"{server}/v1/audit", json.dumps(c).encode(), max_opening, timeout)
+        data = http(f"{server}/v1/audit", json.dumps(c).encode(), max_opening, timeout, api_key)
         meta, arrays = container.loads(data, OPENING_MAGIC, OPENING_VERSION, max_opening)
     except ServerRefused as e:
+        if e.status == 401:
+            raise AuditError(f"{server}/v1/audit: {e} (give the server's key: --api-key or "
+                             "COMMITLLM_API_KEY)") from None
         return Row(item, _reject("opening_unavailable", str(e)), len(c["positions"]))
     except container.ContainerError as e:
         return Row(item, _reject("opening_malformed", str(e)), len(c["positions"]), len(data))

@@ -206,6 +206,10 @@ def audit(
     max_opening_mib: int = typer.Option(512, min=1, help="Largest opening accepted (MiB)."),
     timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for one reply."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON row per receipt."),
+    api_key: str = typer.Option(None, envvar="COMMITLLM_API_KEY", show_default=False,
+                                help="The server's API key, sent as a Bearer token (prefer the "
+                                     "COMMITLLM_API_KEY environment variable: a command line is "
+                                     "visible to other users)."),
 ) -> None:
     """Challenge a sample of receipts on a live server, fetch the openings (POST /v1/audit),
     verify each. Exit 0 when every one is accepted, 1 on any rejection, 2 when it cannot audit."""
@@ -223,7 +227,7 @@ def audit(
         k = load_key(key)
         tok = key_tokenizer(k)
         items = (au.load_items(receipts) if receipts is not None
-                 else au.server_items(base, limit, timeout))
+                 else au.server_items(base, limit, timeout, api_key))
         chosen = au.sample(items, rate)
         if not chosen:
             _fail("no receipts to audit")
@@ -231,7 +235,8 @@ def audit(
         with err.status(f"auditing {len(chosen)} of {len(items)} receipts ...") as status:
             for i, item in enumerate(chosen):
                 status.update(f"auditing {i + 1}/{len(chosen)} ...")
-                rows.append(au.audit_item(k, tok, base, item, tier, max_opening_mib << 20, timeout))
+                rows.append(au.audit_item(k, tok, base, item, tier, max_opening_mib << 20, timeout,
+                                          api_key))
     except (au.AuditError, au.ServerRefused, container.ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     _audit_report(rows, len(items), rate, tier, as_json)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import os
 import threading
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ...verifier import container
@@ -28,6 +29,7 @@ class ServerConfig:
     limits: Limits
     max_body_bytes: int = 1 << 20
     max_concurrent: int = 64
+    api_key: str | None = None  # when set, every endpoint needs `Authorization: Bearer <key>`
 
 
 class _Gate:
@@ -49,7 +51,18 @@ class _Gate:
 
 
 def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
-    app = FastAPI(title="CommitLLM", docs_url=None, redoc_url=None)
+    async def _authorized(req: Request) -> None:
+        if cfg.api_key is None:
+            return
+        given = req.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        ok = hmac.compare_digest(token.strip().encode(), cfg.api_key.encode())
+        if scheme.lower() != "bearer" or not ok:
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                           code="invalid_api_key")
+
+    app = FastAPI(title="CommitLLM", docs_url=None, redoc_url=None,
+                  dependencies=[Depends(_authorized)])
     gate = _Gate(cfg.max_concurrent)
     committer = Committer(worker.model, worker.tokenizer, True)
 
