@@ -64,7 +64,7 @@ def project(r: np.ndarray, w: np.ndarray, block: int = 4096) -> np.ndarray:
 
 A_LIMB = 16  # residues < 2^31 split into two 16-bit limbs
 EXACT_BITS = 53  # float64 holds every integer below 2^53
-BLOCK_ELEMS = 1 << 18  # elements of b per column block in dot_mod
+BLOCK_ELEMS = 1 << 15  # elements of b per column block in dot_mod (its limbs: 2-3 times that)
 
 
 def limbs(a: np.ndarray) -> np.ndarray:
