@@ -14,6 +14,8 @@ twin the tests compare it with.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import blake3
 import numpy as np
 
@@ -25,6 +27,10 @@ _DOMAIN = b"commitllm/freivalds/v2\x00"
 def moduli() -> np.ndarray:
     """The prime of each secret row, int64 [len(PRIMES) * CHECKS]."""
     return np.repeat(np.array(PRIMES, dtype=np.int64), CHECKS)
+
+
+_MODULI = moduli()
+_MODULI.setflags(write=False)
 
 
 def secret_vectors(secret: bytes, label: str, n: int) -> np.ndarray:
@@ -58,7 +64,7 @@ def project(r: np.ndarray, w: np.ndarray, block: int = 4096) -> np.ndarray:
 
 A_LIMB = 16  # residues < 2^31 split into two 16-bit limbs
 EXACT_BITS = 53  # float64 holds every integer below 2^53
-BLOCK_ELEMS = 1 << 18  # elements of b per column block in dot_mod
+BLOCK_ELEMS = 1 << 15  # elements of b per column block in dot_mod (its limbs: 2-3 times that)
 
 
 def limbs(a: np.ndarray) -> np.ndarray:
@@ -82,35 +88,63 @@ def dot_mod(a_limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     most (2^16 - 1) * 2^w and each BLAS sum over N terms at most N (2^16 - 1) 2^w < 2^53: exact
     in any order (also summed block by block: every partial sum is a sum of fewer such terms).
     The sums are reduced modulo p_c and recombined with 2^shift mod p_c.
+
+    b may also be float64 holding integers (an int array converted exactly, bound < 2^53): its
+    limbs are then cut in float64, floor(b / 2^w) and b - 2^w floor(b / 2^w), every step exact,
+    the same limbs as the integer shifts give.
     """
     n, rows = a_limbs.shape[0], a_limbs.shape[1] // 2
-    if b.ndim != 2 or b.shape[-1] != n or b.dtype.kind != "i" or rows != len(moduli()):
+    if (b.ndim != 2 or b.shape[-1] != n or rows != len(moduli())
+            or not (b.dtype.kind == "i" or b.dtype == np.float64)):
         raise ValueError(f"dot_mod: b {b.dtype} {b.shape} does not match limbs {a_limbs.shape}")
     w = b_limb_bits(n)
-    if w < 1 or bound >= 2**62:
+    if w < 1 or bound >= 2**62 or (b.dtype.kind == "f" and bound >= 2**EXACT_BITS):
         raise OverflowError(f"dot_mod: N={n} with bound {bound} cannot be summed exactly")
     count = 1
     while bound >> (count * w):
         count += 1
-    b = b.astype(np.int64, copy=False)
     if b.max(initial=0) > bound or b.min(initial=0) < -bound:
         raise OverflowError("dot_mod: a value of b exceeds its bound")
     m = b.shape[0]
-    acc = np.zeros((count, m, 2 * rows), dtype=np.float64)
+    acc = np.zeros((count * m, 2 * rows), dtype=np.float64)
     step = min(max(BLOCK_ELEMS // max(m, 1), 2048), n) if n else 1
     for s in range(0, n, step):  # column blocks: the limb temporaries stay in cache
-        blk = b[:, s:s + step]
-        for i in range(count):
-            part = blk >> (i * w) if i == count - 1 else (blk >> (i * w)) & ((1 << w) - 1)
-            acc[i] += part.astype(np.float64) @ a_limbs[s:s + step]  # exact: whole sum < 2^53
-    sums = acc.astype(np.int64).reshape(count, m, 2, rows)
-    mods = moduli()
-    out = np.zeros((b.shape[0], rows), dtype=np.int64)
-    for i in range(count):
-        for j in range(2):
-            scale = np.array([pow(2, i * w + j * A_LIMB, int(p)) for p in mods], dtype=np.int64)
-            out = np.mod(out + np.mod(sums[i, :, j], mods) * scale, mods)  # < 2^31 + 2^62
+        # all limbs of the block in one product: the limbs of a are read once
+        acc += _limbs_of(b[:, s:s + step], w, count, bound) @ a_limbs[s:s + step]  # exact
+    mods = _MODULI
+    sums = np.mod(acc.astype(np.int64).reshape(count, m, 2, rows), mods)  # < 2^31
+    sums *= _limb_scales(w, count)[:, None]  # 2^(i w + 16 j) mod p_c: products < 2^62
+    np.mod(sums, mods, out=sums)
+    return np.mod(sums.sum(axis=(0, 2)), mods)  # 2 count terms < 2^31 each
+
+
+@lru_cache(maxsize=64)
+def _limb_scales(w: int, count: int) -> np.ndarray:
+    """2^(i w + 16 j) mod p_c, int64 [count, 2, rows]: the weight of limb i of b times limb j
+    of a."""
+    out = np.array([[[pow(2, i * w + j * A_LIMB, int(p)) for p in _MODULI] for j in range(2)]
+                    for i in range(count)], dtype=np.int64)
+    out.setflags(write=False)
     return out
+
+
+def _limbs_of(blk: np.ndarray, w: int, count: int, bound: int) -> np.ndarray:
+    """The count limbs of w bits of blk [m, k] (lowest first), float64 [count * m, k]."""
+    if count == 1:
+        return blk.astype(np.float64, copy=False)  # exact: |b| <= bound < 2^w
+    out = np.empty((count, *blk.shape), dtype=np.float64)
+    if bound >= 2**EXACT_BITS:  # int64 beyond float64's integers: integer shifts
+        for i in range(count):
+            out[i] = blk >> (i * w) if i == count - 1 else (blk >> (i * w)) & ((1 << w) - 1)
+        return out.reshape(count * blk.shape[0], blk.shape[1])
+    rest = blk.astype(np.float64, copy=False)  # exact: |b| <= bound < 2^53
+    for i in range(count - 1):  # floor(b / 2^w) and b - 2^w floor(b / 2^w): exact
+        hi = np.multiply(rest, 2.0 ** -w, out=out[i + 1])
+        np.floor(hi, out=hi)
+        lo = np.multiply(hi, 2.0 ** w, out=out[0] if i == 0 else None)  # (rest is out[i] if i)
+        np.subtract(rest, lo, out=out[i])
+        rest = hi
+    return out.reshape(count * blk.shape[0], blk.shape[1])
 
 
 def dot_mod_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -80,15 +80,20 @@ def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, z_bound: int,
 
 
 def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np.ndarray:
-    """Quantize x, bound z, check z = W q(x) by Freivalds, dequantize."""
+    """Quantize x, bound z, check z = W q(x) by Freivalds, dequantize.
+
+    z is converted to float64 once (exact below 2^53; beyond it, rounding is monotone, so
+    f64(z) > bound exactly when z > bound): the bound check, the Freivalds limbs and the
+    dequantization all read the float64 copy."""
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
     if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
     bound = x.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
-    if z.size and (z.max() > bound or z.min() < -bound):
+    zf = z.astype(np.float64)
+    if zf.size and (zf.max() > bound or zf.min() < -bound):
         raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
-    _freivalds(ctx, label, qx, z, bound, code)
-    return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
+    _freivalds(ctx, label, qx, zf, bound, code)
+    return dequantize(zf, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
 
 
 def _rows(table: dict, positions) -> np.ndarray:

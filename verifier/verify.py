@@ -112,6 +112,7 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     v.ok("embedding", f"{len(p.embed)} input rows equal their proven embedding rows")
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
     z, zq = _z_tables(arrays, p)
+    ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
     for l in sorted(p.z):
         replay_layer(ctx, l, resid, kv, z, zq)
     v.ok("layers", f"{len(p.z)} layers x {len(p.embed)} positions replayed bit-exactly "

@@ -89,6 +89,7 @@ class RopeTable:
         self.freqs, self.cos_b, self.sin_b = _bases(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
         self.cos = np.ones((0, len(self.freqs)), F32)
         self.sin = np.zeros((0, len(self.freqs)), F32)
+        self._far: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # prefetch: rows past the table
 
     def digest(self) -> str:
         """sha256 of the float64 inv_freq and base rotations: they determine every entry."""
@@ -111,9 +112,28 @@ class RopeTable:
         if top > len(self.cos) and 8 * len(positions) < top:  # a few rows far out (the
             if top > 2**POSITION_BITS:  # verifier's challenged positions): those rows only
                 raise ValueError(f"position {top - 1} beyond the RoPE table's 2^{POSITION_BITS}")
+            if all(int(p) in self._far for p in positions):
+                rows = [self._far[int(p)] for p in positions]
+                return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
             return build_rows(self.cos_b, self.sin_b, positions)
         self.ensure(top)
         return self.cos[positions], self.sin[positions]
+
+    def prefetch(self, positions) -> None:
+        """Rows that later lookups will ask for (the verifier's positions of every layer), built
+        in one call: the table up to the top position when they are many, else those rows
+        alone, kept for lookup (each row depends on its own position only: the same bits)."""
+        positions = np.unique(np.asarray(positions, dtype=np.int64))
+        if not len(positions):
+            return
+        top = int(positions[-1]) + 1
+        if top > 2**POSITION_BITS:
+            raise ValueError(f"position {top - 1} beyond the RoPE table's 2^{POSITION_BITS}")
+        if 8 * len(positions) >= top:
+            self.ensure(top)
+        elif top > len(self.cos):
+            cos, sin = build_rows(self.cos_b, self.sin_b, positions)
+            self._far.update({int(p): (c, s) for p, c, s in zip(positions, cos, sin)})
 
 
 def build_table(cos_b: np.ndarray, sin_b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
