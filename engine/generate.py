@@ -15,7 +15,8 @@ from .reference import ReferenceModel
 
 @dataclass
 class Result:
-    """One sequence's outcome. finish_reason is 'eos' or 'length'."""
+    """One sequence's outcome. finish_reason is 'eos', 'length' or 'cancelled' (stopped early at
+    the caller's request: a cancelled sequence is unfinished and gets no receipt)."""
 
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
@@ -73,9 +74,12 @@ class Recorder:
 def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_tokens,
                    eos_ids: tuple[int, ...], on_token: OnToken | None = None,
                    prefill_chunk: int = 0, recorder: Recorder | None = None,
-                   caches: list[SeqCache] | None = None) -> list[Result]:
+                   caches: list[SeqCache] | None = None,
+                   cancelled: Callable[[int], bool] | None = None) -> list[Result]:
     """Prefill all prompts in one batch (optionally in chunks), then decode the live ones together.
-    params and max_tokens: one for the batch, or a list with one per prompt (a server's batch)."""
+    params and max_tokens: one for the batch, or a list with one per prompt (a server's batch).
+    cancelled(i): checked before each decode step; a true answer drops sequence i from the batch
+    (finish_reason 'cancelled'). The others' values do not change: the engine is batch-invariant."""
     check_request(prompts, max_tokens, model.cfg.vocab_size, model.cfg.max_position_embeddings)
     params, max_tokens = per_seq(params, len(prompts)), per_seq(max_tokens, len(prompts))
     results = [Result(list(p)) for p in prompts]
@@ -89,6 +93,10 @@ def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_toke
     while live:
         live = [i for j, i in enumerate(live) if _pick(logits[j], params[i], results[i], on_token,
                                                        i, eos_ids, max_tokens[i]) is not None]
+        if cancelled is not None:
+            for i in [i for i in live if cancelled(i)]:
+                results[i].finish_reason = "cancelled"
+                live.remove(i)
         if live:
             logits = run(model, live, [caches[i] for i in live],
                          [[results[i].token_ids[-1]] for i in live])

@@ -59,8 +59,9 @@ def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: l
 
 
 def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on_token=None,
-               prefill_chunk: int = 0) -> Signed:
-    """Generate every sequence in one batch, each with its own decode settings, and sign each."""
+               prefill_chunk: int = 0, cancelled=None) -> Signed:
+    """Generate every sequence in one batch, each with its own decode settings, and sign each.
+    cancelled(i) (see generate_exact): a cancelled sequence's receipt and transcript are None."""
     if any(s.max_tokens < 1 for s in seqs):
         raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
     rec, caches = Recorder(len(seqs)), [SeqCache() for _ in seqs]
@@ -70,10 +71,14 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
     t0 = time.perf_counter()
     results = generate_exact(model, [s.prompt_ids for s in seqs], [s.params for s in seqs],
                              [s.max_tokens for s in seqs], eos_ids, on_token, prefill_chunk,
-                             recorder=rec, caches=caches)
+                             recorder=rec, caches=caches, cancelled=cancelled)
     t1 = time.perf_counter()
     receipts, transcripts = [], []
     for i, (s, res) in enumerate(zip(seqs, results)):
+        if res.finish_reason == "cancelled":
+            receipts.append(None)
+            transcripts.append(None)
+            continue
         salt = os.urandom(16) if s.salt is None else s.salt
         trees = trace_roots(rec.residuals(i, model.cfg.num_layers), model.full_cache(caches[i]))
         r = make_receipt(coms[s.chat], s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,

@@ -375,3 +375,83 @@ def test_api_key_guards_every_endpoint(model_and_key, tmp_path, monkeypatch):
         assert res.exit_code == 0, res.output
     finally:
         srv.stop()
+
+
+def test_worker_cancel_drops_a_sequence_without_touching_its_batch(server, tmp_path):
+    """A job cancelled mid-generation stops at once (no more tokens), gets no receipt and no row;
+    the request it shared its batch with gets the receipt it gets alone, byte for byte."""
+    from commitllm.engine.receipts import SeqRequest
+    from commitllm.engine.serve.store import SqliteStore
+    from commitllm.engine.serve.worker import Cancelled, Job, Worker
+    from commitllm.verifier.numerics.sampler import SamplingParams
+
+    w0, tok = server.worker, server.worker.tokenizer
+    keep = SeqRequest({"prompt": "keep"}, tok.encode("keep"), SamplingParams(0.8, 0, 1.0, 9), 12,
+                      "n", False, b"k" * 16)
+    drop = SeqRequest({"prompt": "drop me"}, tok.encode("drop me"), SamplingParams(), 40, "n",
+                      False, b"d" * 16)
+    seen = []
+    victim = Job(drop)
+
+    def on_token(t):
+        seen.append(t)
+        if len(seen) == 3:
+            victim.cancelled = True
+    victim.on_token = on_token
+
+    with w0.lock:
+        store = SqliteStore(tmp_path / "s")
+        w = Worker(w0.model, tok, w0.eos_ids, store, {}, start=False)
+        kept, gone = w.submit(Job(keep)), w.submit(victim)
+        w.start()
+        with pytest.raises(Cancelled):
+            gone.result(timeout=60)
+        together = kept.result(timeout=60)[0]
+        alone = w.submit(Job(keep)).result(timeout=60)[0]
+        w.stop()
+    assert len(seen) == 3 and w.stats.cancelled == 1 and w.stats.largest_batch == 2
+    assert together == alone
+    assert store.count() == 1  # the kept receipt (stored twice under one id), nothing for the other
+    store.close()
+
+
+def test_client_disconnect_mid_stream_cancels_its_generation(model_and_key, tmp_path,
+                                                             monkeypatch):
+    import httpx
+    from commitllm.engine.serve import app as app_module
+
+    monkeypatch.setattr(app_module, "DISCONNECT_POLL_S", 0.01)  # the tiny model is fast
+
+    srv = ThreadServer(model_and_key[0], tmp_path / "store")
+    try:
+        body = {"model": "tiny", "prompt": "go on and on", "max_tokens": 200, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first token arrived: generation is under way
+        deadline = time.monotonic() + 20
+        while srv.worker.stats.cancelled == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.worker.stats.cancelled == 1
+        assert srv.store.count() == 0  # no receipt was made for it
+        stats = json.loads(urllib.request.urlopen(f"{srv.url}/v1/stats", timeout=10).read())
+        assert stats["cancelled"] == 1 and stats["in_flight"] == 0
+
+        # A non-streaming request whose client hangs up: noticed within the poll interval.
+        import socket
+
+        data = json.dumps(body | {"stream": False}).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: " + str(len(data)).encode()
+                         + b"\r\n\r\n" + data)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and json.loads(urllib.request.urlopen(
+                    f"{srv.url}/v1/stats", timeout=10).read())["in_flight"] == 0:
+                time.sleep(0.005)  # until the server has read it; then the client hangs up
+        deadline = time.monotonic() + 20
+        while srv.worker.stats.cancelled < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.worker.stats.cancelled == 2 and srv.store.count() == 0
+    finally:
+        srv.stop()

@@ -21,6 +21,7 @@ from .protocol import ApiError, Limits, chunk, finish, parse, response, usage
 from .worker import Job, Worker, WorkerDown
 
 MAX_RECEIPTS_LISTED = 1000
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks for its client
 
 
 @dataclass
@@ -86,7 +87,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         st = worker.stats
         return {"batches": st.batches, "requests": st.requests, "largest_batch": st.largest_batch,
                 "mean_batch": st.requests / st.batches if st.batches else 0.0,
-                "in_flight": gate.busy}
+                "cancelled": st.cancelled, "in_flight": gate.busy}
 
     @app.get("/v1/receipts")
     async def receipts(limit: int = 100):
@@ -137,7 +138,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
                 streaming = True  # the stream releases the gate when it ends
                 return resp
             try:
-                receipt, reason = await asyncio.wrap_future(worker.submit(Job(p.seq)))
+                receipt, reason = await _result(req, Job(p.seq))
             except WorkerDown as e:
                 raise _unavailable(e) from None
             except Exception as e:  # noqa: BLE001 - no receipt, no answer: say why
@@ -146,6 +147,17 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         finally:
             if not streaming:
                 gate.__exit__()
+
+    async def _result(req: Request, job: Job):
+        """The job's (receipt, reason); a client that disconnects meanwhile cancels it."""
+        fut = asyncio.wrap_future(worker.submit(job))
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return fut.result()
+            if await req.is_disconnected():
+                job.cancelled = True
+                return await fut  # raises Cancelled unless it had just finished
 
     def _stream(kind: str, p):
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -160,7 +172,8 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
             try:
                 async for item in _sse(kind, p, events, fut):
                     yield item
-            finally:
+            finally:  # also when the client went away mid-stream: stop generating for it
+                job.cancelled = not fut.done()
                 gate.__exit__()
         return StreamingResponse(gen(), media_type="text/event-stream")
 

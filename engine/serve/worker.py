@@ -31,6 +31,11 @@ class Job:
     seq: SeqRequest
     on_token: Callable[[int], None] | None = None
     done: Future = field(default_factory=Future)  # -> (receipt, finish_reason)
+    cancelled: bool = False  # set when the client went away: generation stops, nothing is stored
+
+
+class Cancelled(Exception):
+    """The client disconnected; the request was dropped from its batch without a receipt."""
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Stats:
     batches: int = 0
     requests: int = 0
     largest_batch: int = 0
+    cancelled: int = 0
 
 
 class WorkerDown(RuntimeError):
@@ -141,6 +147,13 @@ class Worker:
             self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
+        for j in batch:
+            if j.cancelled:  # gone before its batch started
+                self.stats.cancelled += 1
+                j.done.set_exception(Cancelled("the client disconnected"))
+        batch = [j for j in batch if not j.cancelled]
+        if not batch:
+            return
         def on_token(i: int, t: int) -> None:
             if batch[i].on_token is not None:
                 batch[i].on_token(t)
@@ -150,7 +163,8 @@ class Worker:
                     raise WorkerDown(self.fatal)
                 try:
                     signed = sign_batch(self.model, self.tokenizer, [j.seq for j in batch],
-                                        self.eos_ids, on_token)
+                                        self.eos_ids, on_token,
+                                        cancelled=lambda i: batch[i].cancelled)
                 except TPError as e:
                     self._down(str(e))
                     raise WorkerDown(self.fatal) from None
@@ -162,6 +176,10 @@ class Worker:
         self.stats.requests += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for j, tr, res in zip(batch, signed.transcripts, signed.results):
+            if tr is None:
+                self.stats.cancelled += 1
+                j.done.set_exception(Cancelled("the client disconnected"))
+                continue
             try:  # stored (durably) before answered: a receipt the client holds can be opened
                 self.store.put(tr["receipt"], tr["seed"], bytes.fromhex(tr["salt"]), self.extra)
             except Exception as e:  # noqa: BLE001
