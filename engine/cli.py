@@ -80,7 +80,7 @@ def generate(
     if (env_rank() or 0) > 0:  # a follower rank started by torchrun: serve rank 0, print nothing
         from .tp.launch import follower_main
 
-        raise typer.Exit(follower_main(model, profile, tp_timeout))
+        raise typer.Exit(follower_main(model, profile, tp_timeout, backend.value))
     texts = _read_prompts(prompts, prompts_file)
     signing = receipt is not None or store is not None or audit
     if signing and backend == Backend.reference_fp32:

@@ -40,13 +40,14 @@ class Runner:
         from .tp.launch import env_rank
 
         sharded = tp > 1 or env_rank() is not None
-        if sharded and backend != "exact":
-            raise EngineError("--tp needs --backend exact (the sharded Triton path is not built)")
+        if sharded and backend not in ("exact", "triton"):
+            raise EngineError("--tp needs --backend exact or triton (the fp32 reference path is "
+                              "not sharded)")
         try:
             prof = get_profile(profile)
             with console.status(f"loading {model} ..."):
                 loaded = load_model(model)
-                engine = (_build_tp(model, loaded, prof, tp, tp_timeout) if sharded else
+                engine = (_build_tp(model, loaded, prof, tp, tp_timeout, backend) if sharded else
                           _build(loaded, backend, prof))
         except (*LOAD_ERRORS, TPError) as e:
             raise EngineError(str(e)) from None
@@ -170,10 +171,12 @@ def score_logits(ids: list[int], logits: np.ndarray) -> dict:
             "nll": nll, "perplexity": math.exp(nll / len(lp))}
 
 
-def _build_tp(model_arg: str, loaded: LoadedModel, prof, tp: int, timeout_s: float):
+def _build_tp(model_arg: str, loaded: LoadedModel, prof, tp: int, timeout_s: float,
+              backend: str = "exact"):
     from .tp.launch import start
 
-    return start(model_arg, lambda: loaded.quantized(prof), loaded.cfg, tp, timeout_s, prof.name)
+    return start(model_arg, lambda: loaded.quantized(prof), loaded.cfg, tp, timeout_s, prof.name,
+                 backend)
 
 
 def _build(loaded: LoadedModel, backend: str, prof):

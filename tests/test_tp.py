@@ -8,8 +8,16 @@ others), exactly as `commitllm-engine generate --tp N` runs.
 
 from __future__ import annotations
 
-import json
 import os
+
+import torch
+
+# Without a GPU the Triton-backend tests run the kernels on the interpreter; triton.jit reads this
+# when a kernel module is imported, so it is set before anything imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
 import shutil
 import signal
 import subprocess
@@ -20,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from commitllm.engine.exact.model import ExactModel, SeqCache
 from commitllm.engine.loader import load_model
 from commitllm.engine.open import build_opening
@@ -116,6 +123,28 @@ def test_tp_receipts_and_openings_are_bit_identical(tp_tiny, tp):
     meta, arrays = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
     v = verify(key, got.receipts[0], c, meta, arrays, key_tokenizer(key))
     assert v.accepted, (v.reason, v.detail)
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_tp_triton_backend_gives_the_exact_engine_bytes(tp_tiny, tp):
+    """The Triton kernels sharded (interpreted here): the same ids and receipt bytes as the
+    unsharded torch engine, sampled, and at TP 2 the same opening bytes."""
+    folder, loaded, qm = tp_tiny
+    ref = ExactModel(qm)
+    want = _signed(ref, SAMPLED, qm)
+    eng = start(str(folder), lambda: qm, loaded.cfg, tp, timeout_s=60, backend="triton")
+    try:
+        assert type(eng.model).__name__ == "TPTritonModel"
+        got = _signed(eng.model, SAMPLED, qm)
+        if tp == 2:
+            key = build_key(qm, None, secret=bytes(range(32)))
+            c, data = _opening_bytes(eng.model, got, key)
+    finally:
+        eng.close()
+    assert [r.token_ids for r in got.results] == [r.token_ids for r in want.results]
+    assert json.dumps(got.receipts) == json.dumps(want.receipts)
+    if tp == 2:
+        assert (c, data) == _opening_bytes(ref, want, key)
 
 
 def test_smollm2_tp3_matches_and_tp2_is_refused(smollm2):
@@ -287,3 +316,19 @@ def test_cli_open_tp2_gives_the_single_process_opening(cli_tiny, tmp_path):
     res = run(ver, "verify", "--key", str(tmp_path / "key"), "--receipt", str(tmp_path / "r.json"),
               "--challenge", str(tmp_path / "c.json"), "--opening", str(tmp_path / "o2.bin"))
     assert "ACCEPTED" in res.stdout
+
+
+def test_cli_tp2_triton_backend_gives_the_exact_receipt(cli_tiny, tmp_path):
+    """`generate --backend triton --tp 2` (interpreted kernels here): the receipt file is byte for
+    byte the one of the unsharded exact engine."""
+    exe = str(Path(sys.executable).parent / "commitllm-engine")
+    gen = [exe, "generate", "hello", "--model", str(cli_tiny), "--no-chat", "--max-tokens", "4",
+           "--nonce", "n0", "--json"]
+    one = subprocess.run([*gen, "--receipt", str(tmp_path / "one.json")], check=False,
+                         capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr
+    tp2 = subprocess.run([*gen, "--receipt", str(tmp_path / "tp2.json"), "--backend", "triton",
+                          "--tp", "2"], check=False, capture_output=True, text=True, timeout=300)
+    assert tp2.returncode == 0, tp2.stderr
+    assert "tensor-parallel over 2 ranks" in tp2.stderr
+    assert (tmp_path / "tp2.json").read_bytes() == (tmp_path / "one.json").read_bytes()

@@ -82,6 +82,20 @@ class TritonModel(ExactModel):
             c.length += n
         return self._logits(x, lengths, trace, all_logits)
 
+    @torch.inference_mode()
+    def lm_accumulators(self, final_rows: torch.Tensor) -> torch.Tensor:
+        """LM-head integer accumulators int64 [n, V] (on the CPU) for final residual rows fp32."""
+        x = final_rows.to(self.device)
+        _, qn, sn = rmsnorm_quant.rmsnorm_quant(x, self.final_norm, self.cfg.rms_norm_eps,
+                                                self.profile.act_qmax, store_y=False)
+        _check_finite([sn])
+        _, z = gemm.linear(qn, self.lm_head.planes, sn, self.lm_head.scale, trace=True)
+        return self._vocab(z).cpu()
+
+    def _vocab(self, y: torch.Tensor) -> torch.Tensor:
+        """The full vocabulary row of an LM-head output (a sharded model gathers it)."""
+        return y
+
     def _logits(self, x, lengths, trace, all_logits):
         if not all_logits:
             x = x[torch.from_numpy(np.cumsum(lengths) - 1).to(self.device)]

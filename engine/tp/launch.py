@@ -75,8 +75,27 @@ class TPEngine:
         self.procs = []
 
 
+BACKENDS = ("exact", "triton")
+
+
+def shard(qm, comm: Comm, backend: str = "exact"):
+    """This rank's model: TPModel (torch backend) or TPTritonModel (Triton kernels; on a machine
+    without CUDA they run through the Triton interpreter, as `--backend triton` does)."""
+    if backend == "exact":
+        return TPModel(qm, comm)
+    if backend != "triton":
+        raise TPError(f"unknown backend {backend!r} for --tp; choose one of {', '.join(BACKENDS)}")
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .triton_model import TPTritonModel
+
+    return TPTritonModel(qm, comm)
+
+
 def start(model_arg: str, qm_loader, cfg, tp: int, timeout_s: float = DEFAULT_TIMEOUT_S,
-          profile: str = "w8a16") -> TPEngine:
+          profile: str = "w8a16", backend: str = "exact") -> TPEngine:
     """Rank 0: check the shapes, start (or join, under torchrun) the group, shard the model.
 
     qm_loader() returns the QuantizedModel (called after the followers are started, so they load
@@ -93,7 +112,8 @@ def start(model_arg: str, qm_loader, cfg, tp: int, timeout_s: float = DEFAULT_TI
         port = _free_port()
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(tp),
                    COMMITLLM_TP_TIMEOUT=str(timeout_s))
-        procs = [subprocess.Popen([sys.executable, "-m", "commitllm.engine.tp", model_arg, profile],
+        procs = [subprocess.Popen([sys.executable, "-m", "commitllm.engine.tp", model_arg, profile,
+                                   backend],
                                   env=dict(env, RANK=str(r)), stdin=subprocess.DEVNULL)
                  for r in range(1, tp)]
         try:
@@ -102,7 +122,7 @@ def start(model_arg: str, qm_loader, cfg, tp: int, timeout_s: float = DEFAULT_TI
             _reap(procs)
             raise
     try:
-        return TPEngine(TPModel(qm_loader(), comm), procs, timeout_s)
+        return TPEngine(shard(qm_loader(), comm, backend), procs, timeout_s)
     except BaseException:
         comm.close()
         _reap(procs)
@@ -116,7 +136,8 @@ def _reap(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
-def follower_main(model_arg: str, profile: str, timeout_s: float | None = None) -> int:
+def follower_main(model_arg: str, profile: str, timeout_s: float | None = None,
+                  backend: str = "exact") -> int:
     """Ranks > 0: load, shard, follow rank 0 until it stops the job. Errors: one line, exit 1."""
     from ...verifier.numerics import get_profile
     from ..loader import load_model
@@ -128,7 +149,7 @@ def follower_main(model_arg: str, profile: str, timeout_s: float | None = None) 
         share_cores(size)
         comm = Comm.init(rank, size, timeout_s)
         loaded = load_model(model_arg, need_tokenizer=False)
-        model = TPModel(loaded.quantized(get_profile(profile)), comm)
+        model = shard(loaded.quantized(get_profile(profile)), comm, backend)
         follow(model)
         comm.close()
         return 0

@@ -34,9 +34,14 @@ class ColumnLinear(TorchLinear):
         return {f"{name}.q": qx, f"{name}.s": sx, f"{name}.z": self.unshard(z)}
 
     def unshard(self, y: torch.Tensor) -> torch.Tensor:
-        """The full-width tensor: block b of every rank, in rank order, block after block."""
-        per_rank = [t.split(self.parts, dim=-1) for t in self.comm.gather(y)]
-        return torch.cat([blk[b] for b in range(len(self.parts)) for blk in per_rank], dim=-1)
+        return gather_columns(self.comm, y, self.parts)
+
+
+def gather_columns(comm: Comm, y: torch.Tensor, parts: list[int]) -> torch.Tensor:
+    """The full-width tensor of a column-parallel output whose fused blocks have local widths
+    `parts`: block b of every rank, in rank order, block after block."""
+    per_rank = [t.split(parts, dim=-1) for t in comm.gather(y)]
+    return torch.cat([blk[b] for b in range(len(parts)) for blk in per_rank], dim=-1)
 
 
 class VocabLinear(ColumnLinear):
@@ -48,13 +53,18 @@ class VocabLinear(ColumnLinear):
         self.chunk, self.vocab = chunk, vocab
 
     def unshard(self, y: torch.Tensor) -> torch.Tensor:
-        pad = self.chunk - y.shape[-1]
-        if pad:
-            y = torch.cat([y, y.new_zeros(y.shape[0], pad)], dim=-1)
-        return super().unshard(y)[:, :self.vocab]
+        return gather_vocab(self.comm, y, self.chunk, self.vocab)
 
     def output(self, y: torch.Tensor) -> torch.Tensor:
         return self.unshard(y)
+
+
+def gather_vocab(comm: Comm, y: torch.Tensor, chunk: int, vocab: int) -> torch.Tensor:
+    """Every rank's block of `chunk` vocabulary columns (the last one padded), in rank order."""
+    pad = chunk - y.shape[-1]
+    if pad:
+        y = torch.cat([y, y.new_zeros(y.shape[0], pad)], dim=-1)
+    return torch.cat(comm.gather(y), dim=-1)[:, :vocab]
 
 
 class RowLinear(TorchLinear):
@@ -187,12 +197,13 @@ def _execute(model: TPModel, cmd: dict, caches: dict) -> None:
         if [c.length for c in cs] != cmd["lengths"]:
             raise TPError(f"rank {model.comm.rank}: caches out of step with rank 0")
         trace = {} if cmd["trace"] else None
-        ExactModel.forward(model, cs, cmd["tokens"], trace, cmd["all_logits"], None,
-                           cmd["trace_attention"])
+        # the forward below TPModel's in the MRO: ExactModel's, or TritonModel's (TPTritonModel)
+        super(TPModel, model).forward(cs, cmd["tokens"], trace, cmd["all_logits"], None,
+                                      cmd["trace_attention"])
     elif op == "gather_cache":
         model.full_cache(caches[cmd["cache"]])
     elif op == "lm":
         rows_ = model.comm.broadcast(torch.empty(cmd["shape"], dtype=torch.float32))
-        ExactModel.lm_accumulators(model, rows_)
+        super(TPModel, model).lm_accumulators(rows_)
     elif op != "noop":
         raise TPError(f"rank {model.comm.rank}: unknown command {op!r}")
