@@ -114,3 +114,24 @@ def test_spec_json_lists_constants():
     consts = json.loads(res.stdout)
     assert consts["spec_version"] == "commitllm-numerics/1"
     assert set(consts["profiles"]) == {"w8a16", "w16a16", "a8"}
+
+
+def test_generate_triton_backend_audit_accepts(tmp_path):
+    """`generate --backend triton --audit`: the opening (LM-head accumulators included) is built
+    on the Triton backend and verifies. A subprocess: the interpreter is chosen at import."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tinymodels import make_tiny_chat_model
+
+    model = make_tiny_chat_model(tmp_path / "tiny")
+    exe = Path(sys.executable).parent / "commitllm-engine"
+    res = subprocess.run([str(exe), "generate", "hi", "--model", str(model), "--backend", "triton",
+                          "--max-tokens", "3", "--audit", "--json"], capture_output=True,
+                         text=True, timeout=300,
+                         env=dict(os.environ, COMMITLLM_CACHE=str(tmp_path / "cache")))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])  # after the generation's own line
+    assert [row["accepted"] for row in out["audit"]] == [True], out
