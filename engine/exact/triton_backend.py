@@ -103,8 +103,9 @@ class TritonModel(ExactModel):
                                                 self.profile.act_qmax, store_y=trace is not None)
         tr = {} if trace is not None else None
         _check_finite([sn])
-        logits = self.lm_head(qn, sn, tr, "lm_head")
+        logits = self._vocab(self.lm_head(qn, sn, tr, "lm_head"))
         if trace is not None:
+            tr["lm_head.z"] = self._vocab(tr["lm_head.z"])
             trace.update(final_in=n, logits=logits, **tr)
         logits = logits.cpu()  # the sampler and the receipt work on the host
         return list(logits.split(1)) if not all_logits else list(logits.split(lengths))

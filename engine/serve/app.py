@@ -131,8 +131,6 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         streaming = False
         try:
             p = parse(body, kind, cfg.model_id, worker.tokenizer, cfg.limits)
-            if worker.fatal is not None:
-                raise _unavailable(WorkerDown(worker.fatal))
             if p.stream:
                 resp = _stream(kind, p)
                 streaming = True  # the stream releases the gate when it ends

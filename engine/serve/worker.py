@@ -130,9 +130,6 @@ class Worker:
             job = self._next()
             if job is None:
                 return
-            if self.fatal is not None:
-                job.done.set_exception(WorkerDown(self.fatal))
-                continue
             batch = [job]
             deadline = time.monotonic() + self.batch_wait_s
             while len(batch) < self.max_batch:
@@ -154,6 +151,7 @@ class Worker:
         batch = [j for j in batch if not j.cancelled]
         if not batch:
             return
+
         def on_token(i: int, t: int) -> None:
             if batch[i].on_token is not None:
                 batch[i].on_token(t)

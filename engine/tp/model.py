@@ -111,10 +111,8 @@ class TPModel(ExactModel):
     collectives (the same bits as ExactModel)."""
 
     def __init__(self, qm: QuantizedModel, comm: Comm):
-        cfg = qm.cfg
-        self.plan = p = make_plan(cfg, comm.rank, comm.size)
-        self.comm, self.cfg, self.profile = comm, cfg, qm.profile
-        self.qm = qm if comm.rank == 0 else None
+        self._init_driver(qm, comm)
+        cfg, p = qm.cfg, self.plan
         self.embed_q = torch.from_numpy(qm.embed.q)
         self.embed_s = torch.from_numpy(qm.embed.s)
         self.layers = [_TPLayer(layer, qm.profile.weight_qmax, cfg, p, comm) for layer in qm.layers]
@@ -122,6 +120,12 @@ class TPModel(ExactModel):
         self.lm_head = VocabLinear(rows(qm.lm_head, [p.vocab]), qm.profile.matrix_qmax("lm_head"),
                                    comm, p.vocab_chunk, cfg.vocab_size)
         self.rope = RopeTable(cfg)
+
+    def _init_driver(self, qm: QuantizedModel, comm: Comm) -> None:
+        """The state every sharded model shares: plan, communicator, rank 0's role and cache ids."""
+        self.plan = make_plan(qm.cfg, comm.rank, comm.size)
+        self.comm, self.cfg, self.profile = comm, qm.cfg, qm.profile
+        self.qm = qm if comm.rank == 0 else None
         self.leader = comm.rank == 0 and comm.size > 1
         self._ids, self._freed = 0, []
 

@@ -18,17 +18,16 @@ ones gathered, row-parallel ones summed. Other per-layer intermediates are not t
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ...kernels import gemm, rmsnorm_quant, rope_quant, swiglu_quant
 from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QuantizedModel
 from ..exact import ops
-from ..exact.triton_backend import TritonLinear, TritonModel, _check_finite, _TritonLayer
+from ..exact.triton_backend import TritonLinear, TritonModel, _TritonLayer
 from .comm import Comm
 from .model import TPModel, gather_columns, gather_vocab
-from .shard import Plan, cols, layer_spans, make_plan, rows
+from .shard import Plan, cols, layer_spans, rows
 
 
 class _TPTritonLayer(_TritonLayer):
@@ -88,11 +87,9 @@ class TPTritonModel(TPModel, TritonModel):
     forward under TPModel's)."""
 
     def __init__(self, qm: QuantizedModel, comm: Comm, device: str | torch.device | None = None):
-        cfg = qm.cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.plan = p = make_plan(cfg, comm.rank, comm.size)
-        self.comm, self.cfg, self.profile = comm, cfg, qm.profile
-        self.qm = qm if comm.rank == 0 else None
+        self._init_driver(qm, comm)
+        cfg, p = qm.cfg, self.plan
         self.embed_q = torch.from_numpy(qm.embed.q).to(self.device)
         self.embed_s = torch.from_numpy(qm.embed.s).to(self.device)
         self.layers = [_TPTritonLayer(layer, qm.profile.weight_qmax, cfg, p, comm, self.device)
@@ -101,20 +98,6 @@ class TPTritonModel(TPModel, TritonModel):
         self.lm_head = TritonLinear(rows(qm.lm_head, [p.vocab]),
                                     qm.profile.matrix_qmax("lm_head"), self.device)
         self.rope = RopeTable(cfg)
-        self.leader = comm.rank == 0 and comm.size > 1
-        self._ids, self._freed = 0, []
-
-    def _logits(self, x, lengths, trace, all_logits):
-        if not all_logits:
-            x = x[torch.from_numpy(np.cumsum(lengths) - 1).to(self.device)]
-        _, qn, sn = rmsnorm_quant.rmsnorm_quant(x, self.final_norm, self.cfg.rms_norm_eps,
-                                                self.profile.act_qmax, store_y=False)
-        _check_finite([sn])
-        logits = self._vocab(self.lm_head(qn, sn, None, "lm_head"))
-        if trace is not None:
-            trace["logits"] = logits
-        logits = logits.cpu()
-        return list(logits.split(1)) if not all_logits else list(logits.split(lengths))
 
     def _vocab(self, y: torch.Tensor) -> torch.Tensor:
         return gather_vocab(self.comm, y, self.plan.vocab_chunk, self.cfg.vocab_size)
