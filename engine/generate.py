@@ -26,6 +26,26 @@ class Result:
 OnToken = Callable[[int, int], None]  # (sequence index, token id)
 
 
+class TextDeltas:
+    """One sequence's text as its tokens arrive (CLI streaming, server SSE): push(token) gives the
+    new text, "" while a UTF-8 character is incomplete or when the decoded prefix is not a prefix
+    of what was already shown; rest(final) is what the final text adds to what was shown."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        delta, self.shown = text[len(self.shown):], text
+        return delta
+
+    def rest(self, final: str) -> str:
+        return final[len(self.shown):] if final.startswith(self.shown) else ""
+
+
 def per_seq(x, n: int) -> list:
     """One value per sequence: a list of n is kept, a single value is repeated."""
     if isinstance(x, (list, tuple)):

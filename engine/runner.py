@@ -91,15 +91,14 @@ class Runner:
 
     def streamer(self, out):
         """A callback that prints each token's new text as it is generated."""
-        tok, ids, shown = self.tokenizer, [], [""]
+        from .generate import TextDeltas
+
+        deltas = TextDeltas(self.tokenizer)
 
         def on_token(_i: int, t: int) -> None:
-            ids.append(t)
-            text = tok.decode(ids)
-            if not text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                out.write(text[len(shown[0]):])
+            if delta := deltas.push(t):
+                out.write(delta)
                 out.flush()
-                shown[0] = text
         return on_token
 
     def generate(self, prompts, params, max_tokens, prefill_chunk=0, on_token=None, progress=True):

@@ -455,3 +455,21 @@ def test_client_disconnect_mid_stream_cancels_its_generation(model_and_key, tmp_
         assert srv.worker.stats.cancelled == 2 and srv.store.count() == 0
     finally:
         srv.stop()
+
+
+def test_text_deltas_wait_for_whole_characters_and_prefixes():
+    """The shared streaming decoder (CLI and SSE): nothing while a character is incomplete or the
+    decoded prefix changed what was shown; rest() completes the shown text to the final one."""
+    from commitllm.engine.generate import TextDeltas
+
+    class Tok:  # token i decodes to pieces[i]; "\ufffd" stands for a partial UTF-8 sequence
+        pieces = {1: "ab", 2: "\ufffd", 3: "é", 4: "!"}
+
+        def decode(self, ids):
+            text = "".join(self.pieces[i] for i in ids)
+            return text.replace("\ufffdé", "é") if ids[-1] != 4 else "AB" + text[2:]
+
+    d = TextDeltas(Tok())
+    assert [d.push(t) for t in (1, 2, 3)] == ["ab", "", "é"]
+    assert d.push(4) == ""  # "ABé!" does not extend "abé": held back
+    assert d.rest("abé!") == "!" and d.rest("ABé!") == ""

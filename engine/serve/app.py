@@ -16,6 +16,7 @@ from ...verifier import container
 from ...verifier.numerics.sampler import SamplingParams
 from ...verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from ..commit import Committer
+from ..generate import TextDeltas
 from ..open import OpenError
 from .protocol import ApiError, Limits, chunk, finish, parse, response, usage
 from .worker import Job, Worker, WorkerDown
@@ -176,21 +177,17 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     async def _sse(kind, p, events: asyncio.Queue, fut):
-        rid, ids, shown, first = _stream_id(kind), [], "", True
+        rid, deltas, first = _stream_id(kind), TextDeltas(worker.tokenizer), True
         while (t := await events.get()) is not None:
-            ids.append(t)
-            text = worker.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):  # wait for a complete UTF-8 character
-                continue
-            if text.startswith(shown) and len(text) > len(shown):
-                yield _event(chunk(kind, rid, cfg.model_id, text[len(shown):], first=first))
-                shown, first = text, False
+            if delta := deltas.push(t):
+                yield _event(chunk(kind, rid, cfg.model_id, delta, first=first))
+                first = False
         try:
             receipt, reason = fut.result()
         except Exception as e:  # noqa: BLE001 - tell the client; no receipt, no claim
             yield _event({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
             return
-        rest = receipt["text"][len(shown):] if receipt["text"].startswith(shown) else ""
+        rest = deltas.rest(receipt["text"])
         last = chunk(kind, rid, cfg.model_id, rest or None, finish(reason),
                      first=first)
         last["receipt"] = receipt
