@@ -39,8 +39,8 @@ def derive(secret: bytes, receipt: dict, tier: str, nonce: bytes | None = None,
     claimed = receipt["trace"]["layers"]
     if n_layers is not None and claimed != n_layers:
         raise ValueError(f"receipt claims {claimed} layers, the key's model has {n_layers}")
-    if not 1 <= claimed <= MAX_LAYERS:
-        raise ValueError(f"receipt claims {claimed} layers (at most {MAX_LAYERS})")
+    if not _int(claimed) or not 1 <= claimed <= MAX_LAYERS:
+        raise ValueError(f"receipt claims {claimed!r} layers (an integer, at most {MAX_LAYERS})")
     nonce = os.urandom(16) if nonce is None else nonce
     seed = blake3.blake3(_DOMAIN + bytes.fromhex(receipt["receipt_id"]) + nonce, key=secret)
     rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed.digest()[:16], "little")))
