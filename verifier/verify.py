@@ -175,7 +175,7 @@ def _sampling(receipt, meta) -> SamplingParams:
                 raise Reject("seed_commitment", "sampled receipt without a seed commitment")
             return SamplingParams(temp, top_k, top_p, 0)
         seed, salt = meta.get("seed"), bytes.fromhex(str(meta.get("salt")))
-        params = SamplingParams(temp, top_k, top_p, seed)
+        params = SamplingParams(temp, top_k, top_p, seed, nonce=receipt["nonce"])
     except (KeyError, ValueError) as e:
         raise Reject("manifest_mismatch", f"sampling parameters unusable ({e})") from None
     if params.greedy:
