@@ -160,6 +160,10 @@ def verify(
     request: Path = typer.Option(None, help="The request as the client sent it (JSON: prompt or "
                                             "messages, and any of max_tokens, temperature, top_k, "
                                             "top_p, seed it fixed); the receipt must match it."),
+    no_io_binding: bool = typer.Option(False, "--no-io-binding",
+                                       help="Accept a key without a tokenizer: the receipt's "
+                                            "request and text are then NOT bound to its token "
+                                            "ids (the verdict says so)."),
     as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
 ) -> None:
     """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
@@ -178,13 +182,16 @@ def verify(
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
-                   expected_request=client_request)
+                   expected_request=client_request, io_binding=not no_io_binding)
     if as_json:
         print(json.dumps(v.to_json(), indent=1))
     else:
         for c in v.checks:
-            out.print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}", highlight=False)
-        out.print("ACCEPTED" if v.accepted else f"REJECTED ({v.reason})", highlight=False)
+            mark = "NOT CHECKED" if c["ok"] is None else ("ok  " if c["ok"] else "FAIL")
+            out.print(f"{mark} {c['check']}: {c['detail']}", highlight=False)
+        unchecked = f" ({', '.join(v.unchecked)} NOT CHECKED)" if v.unchecked else ""
+        out.print(f"ACCEPTED{unchecked}" if v.accepted else f"REJECTED ({v.reason})",
+                  highlight=False)
     raise typer.Exit(0 if v.accepted else (2 if v.reason in MALFORMED else 1))
 
 

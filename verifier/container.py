@@ -23,6 +23,10 @@ class ContainerError(ValueError):
     """A file that is not a container of the expected kind, or is malformed."""
 
 
+class ContainerVersionError(ContainerError):
+    """A container of the expected kind written in another format version."""
+
+
 def dumps(magic: bytes, version: int, meta: dict, arrays: dict[str, np.ndarray]) -> bytes:
     payload = save({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                    metadata={"json": json.dumps(meta, sort_keys=True)})
@@ -43,7 +47,7 @@ def loads(data: bytes, magic: bytes, version: int, max_bytes: int) -> tuple[dict
         raise ContainerError("wrong magic (not this kind of file)")
     (ver,) = struct.unpack("<I", data[len(magic):head])
     if ver != version:
-        raise ContainerError(f"unsupported version {ver} (expected {version})")
+        raise ContainerVersionError(f"unsupported version {ver} (expected {version})")
     (n,) = struct.unpack("<Q", data[head:head + 8])
     if n > MAX_HEADER or head + 8 + n > len(data):
         raise ContainerError("corrupt header length")
@@ -88,7 +92,7 @@ def read(path: Path, magic: bytes, version: int, max_bytes: int) -> tuple[dict, 
     try:
         return loads(data, magic, version, max_bytes)
     except ContainerError as e:
-        raise ContainerError(f"{path}: {e}") from None
+        raise type(e)(f"{path}: {e}") from None
 
 
-__all__ = ["ContainerError", "dumps", "loads", "read", "write"]
+__all__ = ["ContainerError", "ContainerVersionError", "dumps", "loads", "read", "write"]

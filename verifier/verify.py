@@ -30,6 +30,7 @@ class Verdict:
     reason: str | None = None  # code of the first failing check
     detail: str | None = None
     checks: list = field(default_factory=list)
+    unchecked: list = field(default_factory=list)  # checks the caller switched off (io_binding)
     timing: dict = field(default_factory=dict)  # seconds: freivalds, attention, rest (the replay
     # parts), total; merkle (trace proofs, outside the replay); decode (the replay parts' share
     # spent on the LM head and decode policy)
@@ -39,21 +40,25 @@ class Verdict:
 
     def to_json(self) -> dict:
         return {"accepted": self.accepted, "reason": self.reason, "detail": self.detail,
-                "checks": self.checks, "timing_ms": {k: round(v * 1e3, 3)
+                "checks": self.checks, "unchecked": self.unchecked, "timing_ms": {k: round(v * 1e3, 3)
                                                      for k, v in self.timing.items()}}
 
 
 def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
-           expected_nonce: str | None = None, expected_request: dict | None = None) -> Verdict:
+           expected_nonce: str | None = None, expected_request: dict | None = None, *,
+           io_binding: bool = True) -> Verdict:
     """Run every check; the first failure rejects with its reason code. expected_nonce: the
     client's own nonce (freshness); expected_request: the request exactly as the client sent it
     (prompt or messages, and any decode settings it fixed: max_tokens, temperature, top_k,
-    top_p, seed), compared with the receipt's request and manifest."""
+    top_p, seed), compared with the receipt's request and manifest. tokenizer: the key's
+    (keygen.key_tokenizer), for prompt and output binding; without one the verdict rejects with
+    io_binding_unavailable unless the caller says io_binding=False, and then the verdict lists
+    io_binding as unchecked (the receipt's text and request are not bound to its token ids)."""
     v, t0 = Verdict(), time.perf_counter()
     timer = Timer()
     try:
         _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, expected_nonce,
-             expected_request)
+             expected_request, io_binding)
         v.accepted = True
     except Reject as e:
         v.reason, v.detail = e.code, e.detail
@@ -79,7 +84,7 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
 
 
 def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce,
-         request) -> None:
+         request, io_binding: bool) -> None:
     cfg = ModelConfig.from_dict(key.meta["config"])
     prof = Profile(**key.meta["profile"])
     check_receipt(receipt, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
@@ -105,6 +110,16 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     if tokenizer is not None:
         _check_io_binding(tokenizer, receipt)
         v.ok("io_binding", "prompt ids re-derived from the request; text = detokenized output")
+    elif io_binding:
+        raise Reject("io_binding_unavailable", "no tokenizer (the key has none): the prompt and "
+                                               "text cannot be bound to the token ids; verify "
+                                               "with io_binding=False (--no-io-binding) to "
+                                               "accept that")
+    else:
+        v.unchecked.append("io_binding")
+        v.checks.append({"check": "io_binding", "ok": None,
+                         "detail": "NOT CHECKED (no tokenizer): the request and text are not "
+                                   "bound to the token ids"})
     p = plan(challenge, cfg.num_layers, receipt)
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     check_types(arrays, array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
