@@ -63,6 +63,17 @@ def build_receipt(manifest: dict, request: dict, nonce: str, prompt_ids: list[in
     return body
 
 
+RECEIPT_BYTES_FIXED = 64 * 1024  # manifest, hashes, trace, field names
+RECEIPT_BYTES_PER_POSITION = 2048  # a token id, its share of the request and text, JSON-escaped
+
+
+def receipt_bound(context_length: int) -> int:
+    """The largest receipt file an honest provider can send for a model of this context length
+    (every position's id, request and text share at most 2 KiB), capped at MAX_RECEIPT_BYTES:
+    readers refuse a larger file before parsing it."""
+    return min(MAX_RECEIPT_BYTES, RECEIPT_BYTES_FIXED + RECEIPT_BYTES_PER_POSITION * context_length)
+
+
 class ReceiptError(ValueError):
     """A receipt that is malformed (code 'receipt_malformed') or inconsistent (code given)."""
 
