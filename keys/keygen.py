@@ -169,7 +169,8 @@ def load_key(path: Path) -> Key:
     except container.ContainerVersionError as e:
         raise container.ContainerVersionError(
             f"{e}: a key from an older release; run `commitllm keygen` again") from None
-    if "secret" not in arrays or arrays["secret"].shape != (32,) or arrays["secret"].dtype != np.uint8:
+    sec = arrays.get("secret")
+    if sec is None or sec.shape != (32,) or sec.dtype != np.uint8:
         raise container.ContainerError(f"{path}: key without a 32-byte secret")
     if not isinstance(meta.get("mac"), str) or not hmac.compare_digest(
             meta["mac"].encode("utf-8", "replace"), key_mac(meta, arrays).encode()):

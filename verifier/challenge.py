@@ -86,7 +86,8 @@ def _int(x) -> bool:
 def _ascending(xs, lo: int, hi: int) -> bool:
     """A list of ints, strictly increasing (sorted, unique), within [lo, hi)."""
     return (isinstance(xs, list) and all(_int(x) for x in xs)
-            and all(a < b for a, b in zip(xs, xs[1:])) and (not xs or (xs[0] >= lo and xs[-1] < hi)))
+            and all(a < b for a, b in zip(xs, xs[1:]))
+            and (not xs or (xs[0] >= lo and xs[-1] < hi)))
 
 
 def shape_error(challenge, receipt: dict, n_layers: int) -> str | None:
@@ -114,7 +115,8 @@ def shape_error(challenge, receipt: dict, n_layers: int) -> str | None:
     kv = c["kv_sample"]
     if not isinstance(kv, dict) or set(kv) != {str(l) for l in c["layers"]} or not all(
             _ascending(s, 0, horizon) for s in kv.values()):
-        return "challenge K/V sample must name each challenged layer, rows sorted, below the horizon"
+        return ("challenge K/V sample must name each challenged layer, its rows sorted and below "
+                "the horizon")
     if c["decode_positions"] != [p for p in c["positions"] if p >= first]:
         return "challenge decode positions are not the challenged positions that choose a token"
     return None

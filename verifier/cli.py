@@ -146,7 +146,8 @@ def challenge(
         k = load_key(key)
         cfg = k.meta["config"]
         rec = _load_json(receipt, "receipt", receipt_bound(cfg["max_position_embeddings"]))
-        check_receipt(rec, vocab_size=cfg["vocab_size"], max_positions=cfg["max_position_embeddings"])
+        check_receipt(rec, vocab_size=cfg["vocab_size"],
+                      max_positions=cfg["max_position_embeddings"])
         pos = positions if positions in (None, "generated") else [int(p) for p in positions.split(",")]
         c = ch.derive(k.secret, rec, tier, positions=pos, n_layers=cfg["num_hidden_layers"])
         out.write_text(json.dumps(c, indent=1))

@@ -40,8 +40,8 @@ class Verdict:
 
     def to_json(self) -> dict:
         return {"accepted": self.accepted, "reason": self.reason, "detail": self.detail,
-                "checks": self.checks, "unchecked": self.unchecked, "timing_ms": {k: round(v * 1e3, 3)
-                                                     for k, v in self.timing.items()}}
+                "checks": self.checks, "unchecked": self.unchecked,
+                "timing_ms": {k: round(v * 1e3, 3) for k, v in self.timing.items()}}
 
 
 def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,

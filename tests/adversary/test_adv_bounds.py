@@ -31,7 +31,8 @@ def _container(table: dict, payload: bytes = b"", meta: str = "{}") -> bytes:
 
 
 WRAP = {
-    "int64-product-wraps-to-zero": {"t": {"dtype": "U8", "shape": [2**62, 4], "data_offsets": [0, 0]}},
+    "int64-product-wraps-to-zero": {"t": {"dtype": "U8", "shape": [2**62, 4],
+                                          "data_offsets": [0, 0]}},
     "int64-product-wraps-to-small": {"t": {"dtype": "F32", "shape": [2**32 + 1, 2**32],
                                            "data_offsets": [0, 4]}},
     "dims-beyond-4": {"t": {"dtype": "U8", "shape": [1, 1, 1, 1, 1], "data_offsets": [0, 1]}},

@@ -108,5 +108,6 @@ def sample(logits: np.ndarray, params: SamplingParams, position: int) -> int:
         raise FloatingPointError("non-finite logit")
     ids, ws = candidates(sampling_weights(logits, params.temperature), params.top_k, params.top_p)
     cum = np.cumsum(ws)
-    r = (draw(params.seed, position, params.nonce) * int(cum[-1])) >> 64  # uniform in [0, sum), bias < 2^-30
+    r = (draw(params.seed, position, params.nonce) * int(cum[-1])) >> 64  # uniform in [0, sum),
+    # bias < 2^-30
     return int(ids[int(np.searchsorted(cum, r, side="right"))])
