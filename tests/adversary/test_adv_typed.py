@@ -48,6 +48,34 @@ def test_a8_embedding_rows_read_as_uint8(profile_worlds, tiny_llama, pworld):
     assert_rejected(w.verify(s, c, meta, arrays), "opening_type")
 
 
+def test_kv_value_beyond_qmax_committed_at_an_unsampled_row(pworld):
+    """The provider's engine stores K[0] of the last layer with one value at -(kv_qmax + 1), a
+    value no quantization produces, and attends over it: receipt, trees and re-execution all
+    agree, and the row is in every challenge's horizon but outside this challenge's K/V sample,
+    so no derivation replays it. ACCEPTED (every profile) before K/V values were range-checked."""
+    from commitllm.engine.exact.model import SeqCache
+
+    w = pworld
+    last, q = w.qm.cfg.num_layers - 1, w.key.meta["profile"]["kv_qmax"]
+    orig = SeqCache.append
+
+    def append(self, layer, k, sk, v, sv):
+        if layer == last and (len(self.k) <= layer or self.k[layer].shape[0] == 0):
+            k = k.clone()
+            k[0, 0, 0] = -q - 1
+        orig(self, layer, k, sk, v, sv)
+
+    p = Provider(ExactModel(w.qm), ((SeqCache, "append", append),))
+    s = w.serve(p)
+    for i in range(100):  # a challenge that does not sample row 0 of the last layer
+        c = w.challenge(s, "full", positions="generated", nonce=i.to_bytes(16, "little"))
+        if 0 not in c["kv_sample"][str(last)] and 0 not in c["positions"]:
+            break
+    meta, arrays = w.open(s, c, p)
+    assert int(arrays[f"kv.{last}.k"].min()) == -q - 1
+    assert_rejected(w.verify(s, c, meta, arrays), "opening_range")
+
+
 KV_EDITS = {
     "k-beyond-qmax": lambda a, l, q: a[f"kv.{l}.k"].__setitem__((0, 0, 0), q + 1),
     "v-beyond-minus-qmax": lambda a, l, q: a[f"kv.{l}.v"].__setitem__((1, 0, 0), -q - 1),
