@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--site", type=Path, default=DEFAULT_SITE)
     args = ap.parse_args(argv)
     for p in sorted(WHEELS.glob("*.whl")):
-        print(f"wheel {p.name} {p.stat().st_size} B{'  (matches)' if wheel_matches(p.name) else ''}")
+        tag = "  (matches)" if wheel_matches(p.name) else ""
+        print(f"wheel {p.name} {p.stat().st_size} B{tag}")
     try:
         lines = ensure(args.site)
     except ImportError as e:
