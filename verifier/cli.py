@@ -7,9 +7,11 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from .cliutil import ProfileName, TierName, check_cache, check_out_file, expect_kind
 from rich.table import Table
 
-from . import container
+from . import cliutil, container
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .digest import numerics_constants, weights_digest
@@ -20,7 +22,13 @@ from .numerics.weights import quantize_model
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="CommitLLM verifier: inspect the numerics spec and models, CPU only.")
 out = Console()
-err = Console(stderr=True)
+err = cliutil.err_console()
+cliutil.hide_flag_types()
+
+
+@app.callback()
+def _root(version: bool = cliutil.version_option("commitllm")) -> None:
+    """CommitLLM verifier: inspect the numerics spec and models, CPU only."""
 
 
 @app.command()
@@ -39,10 +47,11 @@ def spec(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
 @app.command()
 def inspect(
     folder: Path = typer.Argument(..., help="An HF model folder (config.json + safetensors)."),
-    profile: str = typer.Option("w8a16", help="Numerics profile to quantize with."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile to quantize with."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Load a checkpoint with numpy, quantize it as the engine does, print its config and digests."""
+    profile = profile.value
     try:
         prof = get_profile(profile)
         with err.status(f"loading {folder} ..."):
@@ -61,18 +70,12 @@ def inspect(
         out.print(f"[bold]{k}[/bold]: {json.dumps(v) if isinstance(v, dict) else v}", highlight=False)
 
 
-def _fail(msg: str, code: int = 2):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+_fail = cliutil.fail  # one plain line on stderr, exit 2
 
 
 def _load_json(path: Path, what: str):
-    try:
-        if path.stat().st_size > 256 * 1024 * 1024:
-            _fail(f"{path}: {what} larger than 256 MiB")
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        _fail(f"{path}: cannot read the {what} ({e})")
+    """Bounded parse (safejson), one-line errors naming the file."""
+    return cliutil.read_json_file(path, f"the {what}")
 
 
 def _resolve_model(model: str) -> Path:
@@ -92,15 +95,19 @@ def _resolve_model(model: str) -> Path:
 def keygen(
     model: str = typer.Option("default", help="'default', a .gguf file, or an HF folder."),
     out: Path = typer.Option(None, help="Key file to write (mode 0600; it holds the secret)."),
-    profile: str = typer.Option("w8a16", help="Numerics profile the provider serves."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile the provider serves."),
     public: bool = typer.Option(False, "--public", help="Print the public model commitment as JSON."),
 ) -> None:
     """Build a key from the public checkpoint: model commitment and secret Freivalds vectors."""
     from commitllm.keys.keygen import build_key, save_key
     from .tokenizer import Tokenizer, TokenizerError
 
+    profile = profile.value
     if out is None and not public:
         _fail("give --out KEYFILE, --public, or both")
+    check_out_file(out, "--out")  # before the (slow) keygen
+    if model == "default" or not Path(model).is_dir():
+        check_cache()  # a GGUF is converted into the cache
     folder = _resolve_model(model)
     try:
         prof = get_profile(profile)
@@ -126,8 +133,8 @@ def keygen(
 def challenge(
     key: Path = typer.Option(..., help="The verifier's key file."),
     receipt: Path = typer.Option(..., help="A receipt (JSON) returned by the provider."),
-    tier: str = typer.Option("routine", help="routine (few positions, 10 layers), full (all layers), "
-                                             "deep (every position, every layer)."),
+    tier: TierName = typer.Option(TierName.routine, help="routine (few positions, 10 layers), full "
+                                                       "(all layers), deep (every position, every layer)."),
     positions: str = typer.Option(None, help="'generated' (every decode position) or a comma list."),
     out: Path = typer.Option(..., help="Where to write the challenge (JSON)."),
 ) -> None:
@@ -138,6 +145,10 @@ def challenge(
     from .container import ContainerError
     from .receipt import ReceiptError, check_receipt
 
+    tier = tier.value
+    expect_kind(key, "--key", "a key")
+    expect_kind(receipt, "--receipt", "a receipt")
+    check_out_file(out, "--out")
     rec = _load_json(receipt, "receipt")
     try:
         check_receipt(rec)
@@ -169,6 +180,12 @@ def verify(
     from .opening import OPENING_MAGIC, OPENING_VERSION
     from .verify import verify as run_verify
 
+    expect_kind(key, "--key", "a key")
+    expect_kind(receipt, "--receipt", "a receipt")
+    expect_kind(challenge, "--challenge", "a challenge")
+    expect_kind(opening, "--opening", "an opening")
+    if request is not None:
+        expect_kind(request, "--request", "a request")
     rec, chal = _load_json(receipt, "receipt"), _load_json(challenge, "challenge")
     client_request = None if request is None else _load_json(request, "request")
     try:
@@ -200,7 +217,7 @@ def audit(
                                              "{request, response}: then the request is checked "
                                              "too). Default: the server's recent receipts."),
     rate: float = typer.Option(1.0, help="Fraction of the receipts to challenge, in (0, 1]."),
-    tier: str = typer.Option("routine", help="Challenge tier: routine, full or deep."),
+    tier: TierName = typer.Option(TierName.routine, help="Challenge tier."),
     limit: int = typer.Option(100, min=1, max=1000, help="How many recent receipts to list from "
                                                          "the server (without --receipts)."),
     max_opening_mib: int = typer.Option(512, min=1, help="Largest opening accepted (MiB)."),
@@ -218,6 +235,7 @@ def audit(
     from . import audit as au
     from .challenge import TIERS
 
+    tier = tier.value
     if tier not in TIERS:
         _fail(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     if not 0 < rate <= 1:
@@ -267,4 +285,4 @@ def _audit_report(rows, n_items: int, rate: float, tier: str, as_json: bool) -> 
 
 
 def main() -> None:
-    app()
+    cliutil.run_app(app)
