@@ -385,10 +385,10 @@ def serve(
         _fail(str(e))
     except OSError as e:
         _fail(f"{store}: cannot open the store ({e})")
-    err.print(f"serving on http://{host}:{port}/v1 | store {st.path} ({st.count()} transcripts)",
+    err.print(f"store {st.path} ({st.count()} transcripts); starting on {host}:{port} ...",
               highlight=False)
     try:
-        started = run_server(app_, host, port, shutdown)
+        started = run_server(app_, host, port, shutdown, console=err)
     finally:
         worker.stop()
         st.close()

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (last: kernels/ must not shadow)
 from bench.serve_load import free_port, start_server
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -44,8 +44,9 @@ def _stop(proc: subprocess.Popen) -> str:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-        _, err = proc.communicate()
-    return err.decode()
+        proc.communicate()
+    proc.log.seek(0)  # start_server sends stderr to a file
+    return proc.log.read().decode()
 
 
 def _audit(url: str, key: Path, receipts: Path):

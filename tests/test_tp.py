@@ -251,7 +251,7 @@ def test_cli_refuses_a_degree_that_does_not_divide(smollm2, tmp_path):
 
 
 def test_bench_tp_runs_and_checks_ids(tp_tiny):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (last: kernels/ must not shadow)
     from bench import tp as bench_tp
 
     folder = tp_tiny[0]
