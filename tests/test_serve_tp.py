@@ -127,6 +127,7 @@ def test_serve_tp2_matches_tp1_survives_idle_and_stops_when_a_rank_dies(tmp_path
     assert _accepted(res) == len(got), res.output
 
 
+@pytest.mark.slow  # two more TP server starts; the TP serving path is covered by the test above
 def test_serve_tp2_clean_stop_and_busy_port(tmp_path):
     """SIGTERM stops rank 0 and its follower cleanly (exit 0, no error); a port already in use
     is an error (exit 1), and the follower it started is stopped too."""
