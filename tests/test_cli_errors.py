@@ -194,3 +194,39 @@ def test_stderr_not_wrapped_when_not_a_terminal(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, env={**os.environ, "COLUMNS": "80"})
     assert proc.stderr == "x" * 300 + "\n"
+
+
+def test_verify_summary_counts_and_times(tmp_path, monkeypatch):
+    """`commitllm verify` labels its counts as the challenge does (challenged positions vs K/V
+    sample rows) and its times add up to the total; --json is one document with the same."""
+    from tinymodels import make_tiny_chat_model
+
+    monkeypatch.setenv("COMMITLLM_CACHE", str(tmp_path / "cache"))
+    model = str(make_tiny_chat_model(tmp_path / "tiny"))
+    d = {n: str(tmp_path / n) for n in ("k.key", "r.json", "st", "c.json", "o.bin")}
+    for app, argv in [
+        (verifier_app, ["keygen", "--model", model, "--out", d["k.key"]]),
+        (engine_app, ["generate", "hello", "--model", model, "--max-tokens", "5", "--receipt",
+                      d["r.json"], "--store", d["st"]]),
+        (verifier_app, ["challenge", "--key", d["k.key"], "--receipt", d["r.json"], "--tier",
+                        "routine", "--out", d["c.json"]]),
+        (engine_app, ["open", "--store", d["st"], "--challenge", d["c.json"], "--out", d["o.bin"]]),
+    ]:
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 0, res.output
+    chal = json.loads(Path(d["c.json"]).read_text())
+    argv = ["verify", "--key", d["k.key"], "--receipt", d["r.json"], "--challenge", d["c.json"],
+            "--opening", d["o.bin"]]
+    res = runner.invoke(verifier_app, argv)
+    assert res.exit_code == 0, res.output
+    n, layers = len(set(chal["positions"])), len(set(chal["layers"]))
+    assert f"{layers} layers x {n} challenged positions replayed" in res.stdout
+    assert (f"challenge (routine tier): {n} positions x {layers} layers, "
+            f"{len(set(chal['decode_positions']))} of them decode positions") in res.stdout
+    assert f"{len(set(chal['decode_positions']))} decode steps" in res.stdout
+    assert "time: " in res.stdout and "other checks" in res.stdout
+    res = runner.invoke(verifier_app, argv + ["--json"])
+    doc = json.loads(res.stdout)  # one document
+    ms = doc["timing_ms"]
+    parts = ms["freivalds"] + ms["attention"] + ms["rest"] + ms["merkle"] + ms["other"]
+    assert abs(parts - ms["total"]) < 0.01  # rounding of the five parts only

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
@@ -21,7 +22,7 @@ from .numerics.weights import quantize_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="CommitLLM verifier: inspect the numerics spec and models, CPU only.")
-out = Console()
+out = Console(soft_wrap=not sys.stdout.isatty())  # a pipe gets whole lines
 err = cliutil.err_console()
 cliutil.hide_flag_types()
 
@@ -196,11 +197,29 @@ def verify(
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
                    expected_request=client_request)
+    doc = v.to_json()
+    ms = doc["timing_ms"]
+    if {"total", "freivalds", "attention", "rest", "merkle"} <= set(ms):
+        # the parts add up to the total: what is neither replay nor Merkle is "other"
+        ms["other"] = round(ms["total"] - ms["freivalds"] - ms["attention"] - ms["rest"]
+                            - ms["merkle"], 3)
     if as_json:
-        print(json.dumps(v.to_json(), indent=1))
+        print(json.dumps(doc, indent=1))
     else:
         for c in v.checks:
             out.print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}", highlight=False)
+        if isinstance(chal, dict) and all(isinstance(chal.get(k), (list, dict)) for k in
+                                          ("positions", "layers", "decode_positions")):
+            out.print(f"challenge ({chal.get('tier', '?')} tier): {len(set(chal['positions']))} "
+                      f"positions x {len(set(chal['layers']))} layers, "
+                      f"{len(set(chal['decode_positions']))} of them decode positions",
+                      highlight=False)
+        if "other" in ms:
+            out.print(f"time: {ms['total']:.1f} ms = Freivalds {ms['freivalds']:.1f} + attention "
+                      f"{ms['attention']:.1f} + rest of the replay {ms['rest']:.1f} (LM head and "
+                      f"decode policy {ms.get('decode', 0):.1f} of these) + Merkle proofs "
+                      f"{ms['merkle']:.1f} + other checks {ms['other']:.1f} (receipt, manifest, "
+                      f"challenge MAC, tokenizer, embedding rows)", highlight=False)
         out.print("ACCEPTED" if v.accepted else f"REJECTED ({v.reason})", highlight=False)
     raise typer.Exit(0 if v.accepted else (2 if v.reason in MALFORMED else 1))
 
