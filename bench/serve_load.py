@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 from bench.common import RESULTS, md_table, others_share, provenance, provenance_md, write_results
 
 PROMPTS = ["Name three rivers.", "What is a prime number?", "Write a haiku about rain.",
