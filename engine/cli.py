@@ -11,13 +11,14 @@ from pathlib import Path
 
 import typer
 
-from ..verifier import cliutil
+from ..verifier import cliutil, progress
 from ..verifier.cliutil import ProfileName, check_cache, check_out_dir, check_out_file
 from .runner import EngineError, Runner
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="CommitLLM provider engine: exact, verifiable generation on the CPU.")
 err = cliutil.err_console()
+progress.use(err)
 cliutil.hide_flag_types()
 
 

@@ -12,7 +12,7 @@ from rich.console import Console
 from .cliutil import ProfileName, TierName, check_cache, check_out_file, expect_kind
 from rich.table import Table
 
-from . import cliutil, container
+from . import cliutil, container, progress
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .digest import numerics_constants, weights_digest
@@ -24,6 +24,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="CommitLLM verifier: inspect the numerics spec and models, CPU only.")
 out = Console(soft_wrap=not sys.stdout.isatty())  # a pipe gets whole lines
 err = cliutil.err_console()
+progress.use(err)
 cliutil.hide_flag_types()
 
 
@@ -112,12 +113,16 @@ def keygen(
     folder = _resolve_model(model)
     try:
         prof = get_profile(profile)
-        with err.status(f"loading and quantizing {folder} ..."):
+        from commitllm.keys.keygen import _linears
+
+        with progress.step(f"loading and quantizing {folder} ({prof.name})"):
             cfg, tensors = load_checkpoint(folder)
             qm = quantize_model(cfg, tensors, prof)
             tok = Tokenizer.from_folder(folder)
-        with err.status("committing and projecting every matrix ..."):
-            key = build_key(qm, tok)
+        n = sum(1 for _ in _linears(qm))
+        with progress.step(f"building the key: committing and projecting {n} matrices",
+                           total=n) as advance:
+            key = build_key(qm, tok, progress=lambda _label: advance())
         if out is not None:
             save_key(key, out)
     except (CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
