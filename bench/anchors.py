@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 from bench.common import RESULTS, md_table, provenance, provenance_md, write_results
 from bench.protocol import (
     Setup,

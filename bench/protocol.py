@@ -47,7 +47,7 @@ from pathlib import Path
 from unittest import mock
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 from bench.accuracy import DEFAULT_TEXT
 from bench.common import (
     RESULTS,

@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 from bench.common import RESULTS, md_table, others_share, provenance, provenance_md, write_results
 
 PROMPTS = ["Name three rivers.", "What is a prime number?", "Write a haiku about rain.",
@@ -46,11 +46,16 @@ def start_server(model, store, port: int, *extra: str) -> subprocess.Popen:
     """`commitllm-engine serve` in a subprocess; returns once /v1/models answers."""
     cmd = [sys.executable, "-c", "from commitllm.engine.cli import app; app()", "serve",
            "--model", str(model), "--store", str(store), "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: the server logs one line per request, and a pipe nobody
+    # reads would fill and block it.
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read().decode()[-2000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
                 return proc

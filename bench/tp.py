@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
 from bench.common import RESULTS, md_table, provenance, provenance_md, time_runs, write_results
 
 PROMPT = "Explain how a refrigerator keeps food cold, in simple terms."

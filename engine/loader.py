@@ -17,6 +17,7 @@ import blake3
 import numpy as np
 from safetensors.numpy import load_file, save
 
+from ..verifier import progress
 from ..verifier.atomic import atomic_write
 from ..verifier.checkpoint import CheckpointError, locate_tensors, read_located
 from ..verifier.config import ModelConfig
@@ -79,7 +80,9 @@ def converted_folder(gguf_path: Path) -> Path:
     out = cache_dir() / "converted" / file_digest(gguf_path)[:32]
     if not (out / "config.json").is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(gguf_path, out, overwrite=True)
+        with progress.step(f"converting {gguf_path.name} to an HF folder (first run; cached in "
+                           f"{out})"):
+            convert_gguf(gguf_path, out, overwrite=True)
     return out
 
 
@@ -130,6 +133,7 @@ def cached_quantization(folder: Path, cfg: ModelConfig, tensors, profile: Profil
             return QuantizedModel.from_tensors(cfg, profile, load_file(str(path)))
         except (OSError, ValueError, KeyError, CheckpointError):
             path.unlink(missing_ok=True)  # a damaged cache entry is rebuilt, never trusted
-    qm = quantize_model(cfg, tensors() if callable(tensors) else tensors, profile)
+    with progress.step(f"quantizing the weights ({profile.name}; first run, then cached)"):
+        qm = quantize_model(cfg, tensors() if callable(tensors) else tensors, profile)
     atomic_write(path, save({k: np.ascontiguousarray(v) for k, v in qm.to_tensors().items()}))
     return qm

@@ -113,8 +113,9 @@ def write_opening(path: Path, meta: dict, arrays: dict) -> int:
     return Path(path).stat().st_size
 
 
-def cached_key(qm, tokenizer) -> Key:
-    """The demo's key, built once per model and kept (mode 0600) in the cache."""
+def cached_key(qm, tokenizer, on_build=None) -> Key:
+    """The demo's key, built once per model and kept (mode 0600) in the cache. on_build() is
+    called before a key is built (not found in the cache)."""
     from ..verifier.commitment import commit_model
 
     com = commit_model(qm)["commitment"].hex()
@@ -125,6 +126,8 @@ def cached_key(qm, tokenizer) -> Key:
         except container.ContainerError:
             path.unlink(missing_ok=True)  # stale or damaged: rebuilt below, never trusted
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if on_build is not None:
+        on_build()
     key = build_key(qm, tokenizer)
     save_key(key, path)
     return key

@@ -32,7 +32,13 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-import pytest
+# `python -m pytest` puts the checkout root on sys.path, where kernels/ (commitllm.kernels) would
+# shadow Hugging Face's `kernels` package, which transformers (>= 5) imports when installed. The
+# package is imported as `commitllm.*` only, so the root is dropped before anything else loads.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+import pytest  # noqa: E402
 from tinymodels import TINY_KINDS, make_tiny_checkpoint
 
 

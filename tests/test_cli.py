@@ -59,7 +59,7 @@ def test_score_json(smollm2, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["generate", "hi", "--model", "/nonexistent/model"], "/nonexistent/model"),
-    (["generate", "hi", "--profile", "w4a4"], "unknown profile"),
+    (["generate", "hi", "--profile", "w4a4"], "w4a4"),
     (["generate", "hi", "--top-p", "0", "--temperature", "1"], "top_p"),
     (["generate"], "at least one PROMPT"),
     (["generate", "hi", "--prompts-file", "/nonexistent/prompts.txt"], "cannot read"),

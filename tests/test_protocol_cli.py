@@ -113,7 +113,8 @@ app()
 def test_generate_audit_demo(smollm2):
     res = runner.invoke(engine_app, ["generate", "Say hello.", "--max-tokens", "8", "--audit", "--json"])
     assert res.exit_code == 0, res.output
-    audit = json.loads(res.stdout.strip().splitlines()[-1])
+    audit = json.loads(res.stdout)  # exactly one JSON document: the result, the audit inside
+    assert audit["token_ids"] and audit["receipt"]["receipt_id"] == audit["audit"][0]["receipt_id"]
     row = audit["audit"][0]
     assert row["accepted"] and row["challenged_positions"] >= 1
     assert "ACCEPTED" in res.output

@@ -40,9 +40,11 @@ def test_logits_match_transformers(smollm2, ours, hf_model):
     assert diff.max() <= 1e-3, f"max |diff| {diff.max()} at {np.unravel_index(diff.argmax(), diff.shape)}"
 
 
+# One prompt in the default suite; the others are the same check on other text: -m slow.
 @pytest.mark.parametrize("prompt", ["What is the capital of France?",
-                                    "Write a haiku about autumn.",
-                                    "List three uses of a paperclip."])
+                                    pytest.param("Write a haiku about autumn.", marks=pytest.mark.slow),
+                                    pytest.param("List three uses of a paperclip.",
+                                                 marks=pytest.mark.slow)])
 def test_greedy_generation_matches_transformers(smollm2, ours, hf_model, prompt):
     ids = smollm2.tokenizer.encode_chat([{"role": "user", "content": prompt}])
     eos = tuple(smollm2.cfg.eos_token_ids)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (last: kernels/ must not shadow)
 from bench.serve_load import free_port
 
 cli = CliRunner()

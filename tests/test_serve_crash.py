@@ -17,7 +17,7 @@ from tinymodels import make_tiny_chat_model
 from typer.testing import CliRunner
 
 openai = pytest.importorskip("openai")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` lives at the repo root
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (last: kernels/ must not shadow)
 from bench.serve_load import free_port, start_server
 
 cli = CliRunner()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import typer
 from rich.console import Console
+
+from .cliutil import ProfileName, TierName, check_cache, check_out_file, expect_kind
 from rich.table import Table
 
-from . import container
+from . import cliutil, container, progress
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ConfigError
 from .digest import numerics_constants, weights_digest
@@ -19,8 +22,15 @@ from .numerics.weights import quantize_model
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="CommitLLM verifier: inspect the numerics spec and models, CPU only.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=not sys.stdout.isatty())  # a pipe gets whole lines
+err = cliutil.err_console()
+progress.use(err)
+cliutil.hide_flag_types()
+
+
+@app.callback()
+def _root(version: bool = cliutil.version_option("commitllm")) -> None:
+    """CommitLLM verifier: inspect the numerics spec and models, CPU only."""
 
 
 @app.command()
@@ -39,10 +49,11 @@ def spec(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> N
 @app.command()
 def inspect(
     folder: Path = typer.Argument(..., help="An HF model folder (config.json + safetensors)."),
-    profile: str = typer.Option("w8a16", help="Numerics profile to quantize with."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile to quantize with."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Load a checkpoint with numpy, quantize it as the engine does, print its config and digests."""
+    profile = profile.value
     try:
         prof = get_profile(profile)
         with err.status(f"loading {folder} ..."):
@@ -61,22 +72,13 @@ def inspect(
         out.print(f"[bold]{k}[/bold]: {json.dumps(v) if isinstance(v, dict) else v}", highlight=False)
 
 
-def _fail(msg: str, code: int = 2):
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
+_fail = cliutil.fail  # one plain line on stderr, exit 2
 
 
 def _load_json(path: Path, what: str, max_bytes: int = 256 * 1024 * 1024):
     """Outside JSON through the bounded parser (size checked before reading, depth and number
-    lengths before parsing)."""
-    from .safejson import JSONError, loads
-
-    try:
-        if path.stat().st_size > max_bytes:
-            _fail(f"{path}: {what} larger than {max_bytes} bytes")
-        return loads(path.read_bytes(), max_bytes=max_bytes)
-    except (OSError, JSONError) as e:
-        _fail(f"{path}: cannot read the {what} ({e})")
+    lengths before parsing); one-line errors naming the file."""
+    return cliutil.read_json_file(path, f"the {what}", max_bytes)
 
 
 def _resolve_model(model: str) -> Path:
@@ -96,24 +98,32 @@ def _resolve_model(model: str) -> Path:
 def keygen(
     model: str = typer.Option("default", help="'default', a .gguf file, or an HF folder."),
     out: Path = typer.Option(None, help="Key file to write (mode 0600; it holds the secret)."),
-    profile: str = typer.Option("w8a16", help="Numerics profile the provider serves."),
+    profile: ProfileName = typer.Option(ProfileName.w8a16, help="Numerics profile the provider serves."),
     public: bool = typer.Option(False, "--public", help="Print the public model commitment as JSON."),
 ) -> None:
     """Build a key from the public checkpoint: model commitment and secret Freivalds vectors."""
     from commitllm.keys.keygen import build_key, save_key
     from .tokenizer import Tokenizer, TokenizerError
 
+    profile = profile.value
     if out is None and not public:
         _fail("give --out KEYFILE, --public, or both")
+    check_out_file(out, "--out")  # before the (slow) keygen
+    if model == "default" or not Path(model).is_dir():
+        check_cache()  # a GGUF is converted into the cache
     folder = _resolve_model(model)
     try:
         prof = get_profile(profile)
-        with err.status(f"loading and quantizing {folder} ..."):
+        from commitllm.keys.keygen import _linears
+
+        with progress.step(f"loading and quantizing {folder} ({prof.name})"):
             cfg, tensors = load_checkpoint(folder)
             qm = quantize_model(cfg, tensors, prof)
             tok = Tokenizer.from_folder(folder)
-        with err.status("committing and projecting every matrix ..."):
-            key = build_key(qm, tok)
+        n = sum(1 for _ in _linears(qm))
+        with progress.step(f"building the key: committing and projecting {n} matrices",
+                           total=n) as advance:
+            key = build_key(qm, tok, progress=lambda _label: advance())
         if out is not None:
             save_key(key, out)
     except (CheckpointError, ConfigError, TokenizerError, ValueError, OSError) as e:
@@ -130,8 +140,8 @@ def keygen(
 def challenge(
     key: Path = typer.Option(..., help="The verifier's key file."),
     receipt: Path = typer.Option(..., help="A receipt (JSON) returned by the provider."),
-    tier: str = typer.Option("routine", help="routine (few positions, 10 layers), full (all layers), "
-                                             "deep (every position, every layer)."),
+    tier: TierName = typer.Option(TierName.routine, help="routine (few positions, 10 layers), full "
+                                                       "(all layers), deep (every position, every layer)."),
     positions: str = typer.Option(None, help="'generated' (every decode position) or a comma list."),
     out: Path = typer.Option(..., help="Where to write the challenge (JSON)."),
 ) -> None:
@@ -142,6 +152,10 @@ def challenge(
     from .container import ContainerError
     from .receipt import ReceiptError, check_receipt, receipt_bound
 
+    tier = tier.value
+    expect_kind(key, "--key", "a key")
+    expect_kind(receipt, "--receipt", "a receipt")
+    check_out_file(out, "--out")
     try:
         k = load_key(key)
         cfg = k.meta["config"]
@@ -177,10 +191,15 @@ def verify(
 
     from .container import ContainerError
     from .opening import OPENING_MAGIC, OPENING_VERSION
+    from .receipt import receipt_bound
     from .verify import verify as run_verify
 
-    from .receipt import receipt_bound
-
+    expect_kind(key, "--key", "a key")
+    expect_kind(receipt, "--receipt", "a receipt")
+    expect_kind(challenge, "--challenge", "a challenge")
+    expect_kind(opening, "--opening", "an opening")
+    if request is not None:
+        expect_kind(request, "--request", "a request")
     try:
         k = load_key(key)
     except (ContainerError, OSError, ValueError) as e:
@@ -196,12 +215,30 @@ def verify(
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
                    expected_request=client_request, io_binding=not no_io_binding)
+    doc = v.to_json()
+    ms = doc["timing_ms"]
+    if {"total", "freivalds", "attention", "rest", "merkle"} <= set(ms):
+        # the parts add up to the total: what is neither replay nor Merkle is "other"
+        ms["other"] = round(ms["total"] - ms["freivalds"] - ms["attention"] - ms["rest"]
+                            - ms["merkle"], 3)
     if as_json:
-        print(json.dumps(v.to_json(), indent=1))
+        print(json.dumps(doc, indent=1))
     else:
         for c in v.checks:
             mark = "NOT CHECKED" if c["ok"] is None else ("ok  " if c["ok"] else "FAIL")
             out.print(f"{mark} {c['check']}: {c['detail']}", highlight=False)
+        if isinstance(chal, dict) and all(isinstance(chal.get(k), (list, dict)) for k in
+                                          ("positions", "layers", "decode_positions")):
+            out.print(f"challenge ({chal.get('tier', '?')} tier): {len(set(chal['positions']))} "
+                      f"positions x {len(set(chal['layers']))} layers, "
+                      f"{len(set(chal['decode_positions']))} of them decode positions",
+                      highlight=False)
+        if "other" in ms:
+            out.print(f"time: {ms['total']:.1f} ms = Freivalds {ms['freivalds']:.1f} + attention "
+                      f"{ms['attention']:.1f} + rest of the replay {ms['rest']:.1f} (LM head and "
+                      f"decode policy {ms.get('decode', 0):.1f} of these) + Merkle proofs "
+                      f"{ms['merkle']:.1f} + other checks {ms['other']:.1f} (receipt, manifest, "
+                      f"challenge MAC, tokenizer, embedding rows)", highlight=False)
         unchecked = f" ({', '.join(v.unchecked)} NOT CHECKED)" if v.unchecked else ""
         out.print(f"ACCEPTED{unchecked}" if v.accepted else f"REJECTED ({v.reason})",
                   highlight=False)
@@ -220,7 +257,7 @@ def audit(
                                              "{request, response}: then the request is checked "
                                              "too). Default: the server's recent receipts."),
     rate: float = typer.Option(1.0, help="Fraction of the receipts to challenge, in (0, 1]."),
-    tier: str = typer.Option("routine", help="Challenge tier: routine, full or deep."),
+    tier: TierName = typer.Option(TierName.routine, help="Challenge tier."),
     limit: int = typer.Option(100, min=1, max=1000, help="How many recent receipts to list from "
                                                          "the server (without --receipts)."),
     max_opening_mib: int = typer.Option(512, min=1, help="Largest opening accepted (MiB)."),
@@ -238,6 +275,7 @@ def audit(
     from . import audit as au
     from .challenge import TIERS
 
+    tier = tier.value
     if tier not in TIERS:
         _fail(f"unknown tier {tier!r}; choose one of {', '.join(TIERS)}")
     if not 0 < rate <= 1:
@@ -287,4 +325,4 @@ def _audit_report(rows, n_items: int, rate: float, tier: str, as_json: bool) -> 
 
 
 def main() -> None:
-    app()
+    cliutil.run_app(app)

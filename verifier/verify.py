@@ -131,18 +131,22 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
                    f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
     _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
-    v.ok("embedding", f"{len(p.embed)} input rows equal their proven embedding rows")
+    n_pos = len(set(challenge["positions"]))
+    v.ok("embedding", f"{len(p.embed)} input rows ({n_pos} challenged positions, "
+                      f"{len(p.embed) - n_pos} K/V-sample rows) equal their proven embedding rows")
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
     z, zq = _z_tables(arrays, p)
     ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
     for l in sorted(p.z):
         replay_layer(ctx, l, resid, kv, z, zq)
-    v.ok("layers", f"{len(p.z)} layers x {len(p.embed)} positions replayed bit-exactly "
-                   f"(attention over {len(next(iter(p.kv.values()), []))} K/V rows)")
+    v.ok("layers", f"{len(p.z)} layers x {n_pos} challenged positions replayed bit-exactly, "
+                   f"and {sum(map(len, p.zq.values()))} K/V-sample rows' Q/K/V (attention over "
+                   f"{len(next(iter(p.kv.values()), []))} K/V rows)")
     if p.lm:
         _expect(arrays, "z.lm.pos", p.lm)
         replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params)
-    v.ok("decode", f"{len(p.lm)} decode steps reproduce the committed tokens")
+    v.ok("decode", f"{len(p.lm)} decode steps (the challenged positions that emit a token) "
+                   f"reproduce the committed tokens")
 
 
 def _check_manifest(key, receipt) -> None:

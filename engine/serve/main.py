@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 from ..runner import EngineError, Runner
@@ -59,14 +60,79 @@ def _raise_signalled(_sig, _frame):
     raise _Signalled
 
 
-def serve(app, host: str, port: int, shutdown: Shutdown | None = None) -> bool:
+class AccessLog:
+    """ASGI middleware: one line per request in the usual access-log form, with the tokens
+    generated and the milliseconds taken:
+    ``127.0.0.1:51234 - "POST /v1/chat/completions HTTP/1.1" 200 16 tokens 412 ms``."""
+
+    MAX_BODY = 8 << 20  # completions bodies are small; larger ones are not parsed for tokens
+
+    def __init__(self, app, console):
+        self.app, self.console = app, console
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, state = time.perf_counter(), {"status": 0, "body": bytearray(), "tokens": None}
+
+        async def logged_send(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                body = message.get("body", b"")
+                if len(state["body"]) + len(body) <= self.MAX_BODY:
+                    state["body"] += body
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logged_send)
+        finally:
+            client = scope.get("client") or ("-", 0)
+            tokens = _tokens(bytes(state["body"]))
+            self.console.print(
+                f'{client[0]}:{client[1]} - "{scope.get("method", "-")} {scope.get("path", "")} '
+                f'HTTP/{scope.get("http_version", "1.1")}" {state["status"] or 500} '
+                f'{"-" if tokens is None else tokens} tokens '
+                f"{(time.perf_counter() - t0) * 1000:.0f} ms", highlight=False, markup=False)
+
+
+def _tokens(body: bytes) -> int | None:
+    """Generated tokens in a completions answer (JSON, or the SSE chunk with the receipt)."""
+    from ...verifier.safejson import JSONError, loads
+
+    if b'"receipt"' not in body:
+        return None
+    docs = [body]
+    if body.lstrip().startswith(b"data:"):
+        docs = [ln[5:] for ln in body.splitlines() if ln.startswith(b"data:") and b'"receipt"' in ln]
+    for d in docs:
+        try:
+            rec = loads(d, max_bytes=len(d)).get("receipt")
+            return len(rec["output_token_ids"])
+        except (JSONError, AttributeError, KeyError, TypeError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def serve(app, host: str, port: int, shutdown: Shutdown | None = None, console=None) -> bool:
     """Run uvicorn until Ctrl-C, SIGTERM or shutdown(); False when it could not start (the
     reason is logged). uvicorn re-raises the signal that stopped it: caught here, so the caller
-    still stops the worker (and the tensor-parallel ranks) cleanly."""
+    still stops the worker (and the tensor-parallel ranks) cleanly. With a console: prints
+    "listening on http://HOST:PORT" once bound, and one access-log line per request."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started and console is not None and self.servers:
+                bound = self.servers[0].sockets[0].getsockname()
+                console.print(f"listening on http://{host}:{bound[1]} (OpenAI base URL "
+                              f"http://{host}:{bound[1]}/v1)", highlight=False, markup=False)
+
+    if console is not None:
+        app = AccessLog(app, console)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                    timeout_graceful_shutdown=5))
     if shutdown is not None:
         shutdown.server = server
     previous = signal.signal(signal.SIGTERM, _raise_signalled)

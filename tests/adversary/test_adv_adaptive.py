@@ -14,7 +14,7 @@ from advattn import attention_cheat
 from advcheats import perturbed
 from advworld import assert_rejected
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` lives at the repo root
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # `bench` (last: kernels/ must not shadow)
 from bench import adversary as bench
 
 

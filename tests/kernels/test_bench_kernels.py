@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # `bench` lives at the repo root
+sys.path.append(str(Path(__file__).resolve().parents[2]))  # `bench` (last: kernels/ must not shadow)
 
 from bench import kernels as bk  # noqa: E402
 
