@@ -161,7 +161,7 @@ def test_worker_batch_receipts_equal_alone(server, tmp_path):
     w0, tok = server.worker, server.worker.tokenizer
     seqs = [SeqRequest({"prompt": "p" * (2 + 7 * i)}, tok.encode("p" * (2 + 7 * i)),
                        SamplingParams(0.5 + 0.2 * i, i % 3 * 5, 1.0 - 0.1 * (i % 2), 100 + i),
-                       3 + 2 * i, f"n{i}", False, bytes([i]) * 16) for i in range(6)]
+                       3 + 2 * i, f"n{i}", bytes([i]) * 16) for i in range(6)]
 
     def receipts(groups):
         w = Worker(w0.model, tok, w0.eos_ids, SqliteStore(tmp_path / f"s{len(groups)}"), {},
@@ -387,9 +387,9 @@ def test_worker_cancel_drops_a_sequence_without_touching_its_batch(server, tmp_p
 
     w0, tok = server.worker, server.worker.tokenizer
     keep = SeqRequest({"prompt": "keep"}, tok.encode("keep"), SamplingParams(0.8, 0, 1.0, 9), 12,
-                      "n", False, b"k" * 16)
+                      "n", b"k" * 16)
     drop = SeqRequest({"prompt": "drop me"}, tok.encode("drop me"), SamplingParams(), 40, "n",
-                      False, b"d" * 16)
+                      b"d" * 16)
     seen = []
     victim = Job(drop)
 

@@ -66,7 +66,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
     app = FastAPI(title="CommitLLM", docs_url=None, redoc_url=None,
                   dependencies=[Depends(_authorized)])
     gate = _Gate(cfg.max_concurrent)
-    committer = Committer(worker.model, worker.tokenizer, True)
+    committer = Committer(worker.model, worker.tokenizer)
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, e: ApiError):
@@ -235,7 +235,7 @@ async def _json_body(req: Request, limit: int):
 
 def _public_manifest(com: Committer, eos_ids) -> dict:
     man = com.manifest(SamplingParams(), None, 0, eos_ids)
-    for k in ("sampling", "seed_commitment", "chat"):
+    for k in ("sampling", "seed_commitment"):
         man.pop(k)
     man["limits"].pop("max_tokens")
     return man
