@@ -318,11 +318,12 @@ def test_completion_stream(server):
 def test_audit_refuses_an_opening_over_the_size_limit(server, model_and_key):
     from commitllm.keys.keygen import key_tokenizer, load_key
     from commitllm.verifier.audit import Item, audit_item
+    from commitllm.verifier.client import Exchange
 
     c = client(server)
     r = c.completions.create(model="tiny", prompt="big", max_tokens=3).receipt
     key = load_key(model_and_key[1])
-    row = audit_item(key, key_tokenizer(key), server.url, Item(r, None, "t"), "full", 1000, 30)
+    row = audit_item(key, key_tokenizer(key), server.url, Item("t", Exchange(r)), "full", 1000, 30)
     assert not row.verdict.accepted and row.verdict.reason == "opening_unavailable"
     assert "exceeds the 1000-byte limit" in row.verdict.detail
 
@@ -340,41 +341,70 @@ def test_audit_cannot_reach_the_server(model_and_key, tmp_path):
     assert res.exit_code == 2 and "--rate" in res.output
 
 
-def test_api_key_guards_every_endpoint(model_and_key, tmp_path, monkeypatch):
-    """--api-key: no key or a wrong one gets 401 on every endpoint (nothing generated, no opening);
-    the openai client with the key is served; commitllm audit sends it (or exits 2 without it)."""
-    monkeypatch.delenv("COMMITLLM_API_KEY", raising=False)
-    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key")
+def _status(url: str, path: str, body: bytes | None, auth: str | None) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=body,
+                                 headers={"Authorization": auth} if auth else {})
     try:
-        for auth in (None, "Bearer wrong", "Basic s3cret-key", "Bearer s3cret-key-and-more"):
-            for path, body in (("/v1/models", None), ("/v1/receipts", None),
-                               ("/v1/commitment", None), ("/v1/audit", b'{"mac": "x"}'),
-                               ("/v1/chat/completions", json.dumps(
-                                   {"model": "tiny", "messages": [{"role": "user",
-                                                                   "content": "a"}]}).encode())):
-                req = urllib.request.Request(srv.url + path, data=body,
-                                             headers={"Authorization": auth} if auth else {})
-                with pytest.raises(urllib.error.HTTPError) as e:
-                    urllib.request.urlopen(req, timeout=30)
-                assert e.value.code == 401, (path, auth)
-                assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+CLIENT_PATHS = [("/v1/models", None), ("/v1/commitment", None), ("/v1/stats", None),
+                ("/openapi.json", None), ("/docs", None),
+                ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [
+                    {"role": "user", "content": "a"}]}).encode())]
+AUDIT_PATHS = [("/v1/receipts", None), ("/v1/audit", b'{"mac": "x"}')]
+
+
+def test_api_key_and_audit_key_guard_every_endpoint(model_and_key, tmp_path, monkeypatch):
+    """--api-key guards every client endpoint and the API description (401 without it); the
+    audit endpoints need the separate --audit-key: 401 without a key, 403 with a client key;
+    the openai client with the API key is served; commitllm audit sends the audit key (or
+    exits 2 without it)."""
+    monkeypatch.delenv("COMMITLLM_AUDIT_KEY", raising=False)
+    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key",
+                       audit_key="audit-key")
+    try:
+        for auth in (None, "Bearer wrong", "Basic s3cret-key", "Bearer s3cret-key-and-more",
+                     "Bearer audit-key"):
+            for path, body in CLIENT_PATHS:
+                code, err = _status(srv.url, path, body, auth)
+                assert code == 401 and err["error"]["code"] == "invalid_api_key", (path, auth)
+        for auth, want in ((None, 401), ("Bearer wrong", 401), ("Bearer s3cret-key", 403)):
+            for path, body in AUDIT_PATHS:
+                assert _status(srv.url, path, body, auth)[0] == want, (path, auth)
         assert srv.worker.stats.requests == 0
+        assert _status(srv.url, "/openapi.json", None, "Bearer s3cret-key")[0] == 200
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret-key", max_retries=0)
         r = c.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
                                       messages=[{"role": "user", "content": "hi"}])
         (tmp_path / "r.json").write_text(json.dumps(r.receipt))
         key = model_and_key[1]
         res = _audit(srv, key, "--receipts", str(tmp_path / "r.json"))
-        assert res.exit_code == 2 and "API key" in res.output, res.output
-        res = _audit(srv, key)
-        assert res.exit_code == 2 and "HTTP 401" in res.output, res.output
-        res = _audit(srv, key, "--api-key", "s3cret-key")
+        assert res.exit_code == 2 and "audit key" in res.output, res.output
+        res = _audit(srv, key, "--audit-key", "s3cret-key")
+        assert res.exit_code == 2 and "HTTP 403" in res.output, res.output
+        res = _audit(srv, key, "--audit-key", "audit-key")
         assert res.exit_code == 0 and "1 accepted, 0 rejected" in res.output, res.output
         res = cli.invoke(verifier_app, ["audit", "--server", srv.url, "--key", str(key)],
-                         env={"COMMITLLM_API_KEY": "s3cret-key"})
+                         env={"COMMITLLM_AUDIT_KEY": "audit-key"})
         assert res.exit_code == 0, res.output
     finally:
         srv.stop()
+
+
+def test_client_keys_without_an_audit_key_audit_no_one(model_and_key, tmp_path):
+    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key")
+    try:
+        for path, body in AUDIT_PATHS:
+            code, err = _status(srv.url, path, body, "Bearer s3cret-key")
+            assert code == 403 and "no audit key" in err["error"]["message"]
+    finally:
+        srv.stop()
+    with pytest.raises(Exception, match="differ"):
+        ThreadServer(model_and_key[0], tmp_path / "store2", api_key="k", audit_key="k")
 
 
 def test_worker_cancel_drops_a_sequence_without_touching_its_batch(server, tmp_path):

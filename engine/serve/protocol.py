@@ -16,9 +16,10 @@ class ApiError(Exception):
     """Refused request: HTTP status, one-line message, the offending parameter."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str = "invalid_request_error"):
+                 code: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.code, "param": self.param,
