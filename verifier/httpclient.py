@@ -50,12 +50,16 @@ def exchange(url: str, body: bytes | None, *, limit: int, deadline_s: float,
         headers["Authorization"] = f"Bearer {bearer}"
     path = (u.path or "/") + (f"?{u.query}" if u.query else "")
     conn = cls(u.hostname, u.port, timeout=deadline_s)
-    expired = threading.Event()
-    watchdog = threading.Timer(deadline_s, _expire, (conn, expired))
+    expired, held = threading.Event(), []  # held: the socket, kept past conn.close()
+    watchdog = threading.Timer(deadline_s, _expire, (held, expired))
     watchdog.daemon = True
     start = time.monotonic()
     watchdog.start()
     try:
+        conn.connect()  # bounded by the socket timeout (= the deadline)
+        held.append(conn.sock)
+        if expired.is_set():
+            raise OSError("deadline passed while connecting")
         conn.request("GET" if body is None else "POST", path, body=body, headers=headers)
         resp = conn.getresponse()
         ok = 200 <= resp.status < 300
@@ -74,10 +78,11 @@ def exchange(url: str, body: bytes | None, *, limit: int, deadline_s: float,
     return data
 
 
-def _expire(conn, expired: threading.Event) -> None:
+def _expire(held: list, expired: threading.Event) -> None:
+    """At the deadline: shut the socket down (an HTTP/1.0 reply is read after the connection
+    object let go of it, so the socket itself is held, not conn.sock)."""
     expired.set()
-    sock = conn.sock
-    if sock is not None:
+    for sock in held:
         try:
             sock.shutdown(socket.SHUT_RDWR)  # unblocks a read in progress in the other thread
         except OSError:
