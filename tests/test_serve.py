@@ -503,3 +503,79 @@ def test_text_deltas_wait_for_whole_characters_and_prefixes():
     assert [d.push(t) for t in (1, 2, 3)] == ["ab", "", "é"]
     assert d.push(4) == ""  # "ABé!" does not extend "abé": held back
     assert d.rest("abé!") == "!" and d.rest("ABé!") == ""
+
+
+def _doc_example() -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SERVING.md").read_text()
+    part = text.split("## The client side: save each exchange as it happens, audit later")[1]
+    return part.split("```python\n")[1].split("```")[0]
+
+
+def test_serving_doc_example(server, model_and_key, tmp_path):
+    """docs/SERVING.md's client example, run as written against a server, then audited: every
+    row has its request and its text checked."""
+    saved = tmp_path / "saved"
+    exec(compile(_doc_example(), "SERVING.md", "exec"),
+         {"BASE_URL": f"{server.url}/v1", "SAVE_DIR": str(saved), "MODEL": "tiny"})
+    assert sorted(p.name for p in saved.iterdir()) == ["chat.json", "story.json"]
+    res = _audit(server, model_and_key[1], "--receipts", str(saved), "--json", "--tier", "full")
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert res.exit_code == 0 and len(rows) == 2, res.output
+    assert all(r["accepted"] and r["request_checked"] and r["text_checked"] for r in rows), rows
+    story = json.loads((saved / "story.json").read_text())
+    story["chunks"][0]["choices"][0]["text"] += "!"  # what the client read, altered
+    (saved / "story.json").write_text(json.dumps(story))
+    res = _audit(server, model_and_key[1], "--receipts", str(saved / "story.json"), "--json")
+    assert res.exit_code == 1 and '"text_mismatch"' in res.stdout
+
+
+FORMS = [  # (endpoint, body) the server accepts; each must verify with its request checked
+    ("/v1/completions", {"prompt": ["abc"], "max_tokens": 3, "temperature": 0}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 3, "temperature": 1, "top_p": 1,
+                         "top_k": 0, "seed": 5, "nonce": "n-1", "user": "u", "n": 1,
+                         "stop": None, "logprobs": False, "echo": False, "best_of": 1,
+                         "suffix": "", "presence_penalty": 0, "frequency_penalty": 0.0,
+                         "logit_bias": {}}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
+                         "top_k": 5}),  # no seed: the server's, revealed in the opening
+    ("/v1/completions", {"prompt": "abc", "temperature": 0}),  # no max_tokens: the server's
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 3, "temperature": 0, "tools": [],
+                              "tool_choice": "none", "response_format": {"type": "text"},
+                              "parallel_tool_calls": None, "top_logprobs": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                              "max_completion_tokens": 3, "seed": 2**64 - 1}),
+]
+
+
+@pytest.mark.parametrize("form", range(len(FORMS)))
+def test_every_accepted_request_form_verifies(server, model_and_key, tmp_path, form):
+    endpoint, body = FORMS[form]
+    body = {"model": "tiny", **body}
+    req = urllib.request.Request(server.url + endpoint, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        resp = json.loads(r.read())
+    (tmp_path / "x.json").write_text(json.dumps({"endpoint": endpoint, "request": body,
+                                                 "response": resp}))
+    res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "x.json"), "--json")
+    row = json.loads(res.stdout.splitlines()[0])
+    assert res.exit_code == 0 and row["request_checked"] and row["text_checked"], res.output
+
+
+@pytest.mark.parametrize("extra", [{"stop": ["\n"]}, {"logprobs": True}, {"foo": 1},
+                                   {"max_tokens": 3, "max_completion_tokens": 4},
+                                   {"top_k": 1.5}, {"seed": -1}, {"top_p": 0}])
+def test_server_and_verifier_refuse_the_same_fields(server, extra):
+    """What the verifier refuses (request_invalid), the server refuses with 400: one list."""
+    from commitllm.verifier import request as request_mod
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(request_mod.RequestError):
+        request_mod.parse(body, endpoint="/v1/chat/completions")
+    req = urllib.request.Request(server.url + "/v1/chat/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400

@@ -67,11 +67,13 @@ def _fail(msg: str, code: int = 2):
 
 
 def _load_json(path: Path, what: str):
+    from . import safejson
+
     try:
         if path.stat().st_size > 256 * 1024 * 1024:
             _fail(f"{path}: {what} larger than 256 MiB")
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        return safejson.loads(path.read_bytes(), max_bytes=256 * 1024 * 1024)
+    except (OSError, safejson.JSONError) as e:
         _fail(f"{path}: cannot read the {what} ({e})")
 
 
@@ -157,9 +159,11 @@ def verify(
     challenge: Path = typer.Option(..., help="The challenge this verifier issued (JSON)."),
     opening: Path = typer.Option(..., help="The provider's opening (binary)."),
     nonce: str = typer.Option(None, help="The nonce the client sent; the receipt must carry it."),
-    request: Path = typer.Option(None, help="The request as the client sent it (JSON: prompt or "
-                                            "messages, and any of max_tokens, temperature, top_k, "
-                                            "top_p, seed it fixed); the receipt must match it."),
+    request: Path = typer.Option(None, help="The request body as the client sent it (JSON); "
+                                            "every field is checked against the receipt "
+                                            "(verifier/request.py), unknown fields refused."),
+    endpoint: str = typer.Option(None, help="The path the client called: /v1/chat/completions "
+                                            "or /v1/completions (the request must fit it)."),
     as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
 ) -> None:
     """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
@@ -178,7 +182,7 @@ def verify(
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
-                   expected_request=client_request)
+                   expected_request=client_request, expected_endpoint=endpoint)
     if as_json:
         print(json.dumps(v.to_json(), indent=1))
     else:
