@@ -160,13 +160,22 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
             raise ApiError(404, str(e.args[0] if e.args else e), "receipt_id",
                            "receipt_not_found") from None
         _check_shape(challenge, transcript["receipt"])
-        with audits:  # the queue is bounded; the pool runs one opening at a time
+        audits.__enter__()  # the queue is bounded (429 beyond); the pool runs one at a time
+
+        def job():
             try:
-                loop = asyncio.get_running_loop()
-                meta, arrays = await loop.run_in_executor(audit_pool, worker.open, challenge,
-                                                          transcript)
-            except Exception as e:
-                raise _open_error(e) from None
+                return worker.open(challenge, transcript)
+            finally:  # the slot is freed when the work is done, not when the caller gives up
+                audits.__exit__()
+        try:
+            fut = audit_pool.submit(job)
+        except BaseException:
+            audits.__exit__()
+            raise
+        try:
+            meta, arrays = await asyncio.wrap_future(fut)
+        except Exception as e:
+            raise _open_error(e) from None
         data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
         return Response(data, media_type="application/octet-stream")
 
