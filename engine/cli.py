@@ -203,9 +203,11 @@ def _run_audit(runner, signed) -> tuple[int, dict]:
     rows = []
     for (v, fig), r in zip(reports, signed.receipts):
         rows.append({"receipt_id": r["receipt_id"], "accepted": v.accepted, "reason": v.reason,
-                     "detail": v.detail, **fig})
+                     "detail": v.detail, "unchecked": v.unchecked, **fig})
         ms = fig["verify_ms_per_position"]
+        unchecked = f" ({', '.join(v.unchecked)} NOT CHECKED: no tokenizer)" if v.unchecked else ""
         err.print(f"audit {r['receipt_id'][:12]}: {'ACCEPTED' if v.accepted else 'REJECTED'}"
+                  f"{unchecked}"
                   f"{'' if v.accepted else f' ({v.reason}: {v.detail})'} | full tier, "
                   f"{fig['challenged_positions']} positions x all layers | receipt "
                   f"{fig['receipt_bytes']} B | opening {fig['opening_bytes_per_position']} B/position | "
