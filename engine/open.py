@@ -50,7 +50,7 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
     receipt = transcript["receipt"]
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     L = model.cfg.num_layers
-    p = plan(challenge, L)
+    p = plan(challenge, L, receipt)  # its shape checked against the receipt first
     with torch.inference_mode():
         cache, resid, z = reexecute(model, tokens[:-1], p)
     cache = model.full_cache(cache)
