@@ -427,6 +427,10 @@ def exactness_cases(ctx: Ctx) -> list:
                     add("quantize_rows", f"b{c.block}w{c.num_warps}", (t, h), qmax, inp, spec_q,
                         lambda d, c=c, qmax=qmax: dict(zip("qs", qz.quantize_rows(
                             d["x"], qmax, config=c))), c == rq.pick_config(h))
+                add("rmsnorm_quant", "picked,store_y=0", (t, h), qmax, inp,
+                    lambda a, spec=spec: {k: v for k, v in spec(a).items() if k != "y"},
+                    lambda d, qmax=qmax: dict(zip("qs", rq.rmsnorm_quant(
+                        d["x"], d["w"], 1e-5, qmax, store_y=False)[1:])))
             for f in P.swiglu_widths:
                 def inp(f=f, t=t, seed=f + qmax + t + 1):
                     gu = (_rng(seed).standard_normal((t, 2 * f)) * 8).astype(F32)
@@ -442,6 +446,10 @@ def exactness_cases(ctx: Ctx) -> list:
                     add("swiglu_quant", f"b{c.block}w{c.num_warps}", (t, f), qmax, inp, spec,
                         lambda d, c=c, qmax=qmax: dict(zip(("act", "q", "s"), sw.swiglu_quant(
                             d["gu"], qmax, config=c))), c == rq.pick_config(f))
+                add("swiglu_quant", "picked,store_act=0", (t, f), qmax, inp,
+                    lambda a, spec=spec: {k: v for k, v in spec(a).items() if k != "act"},
+                    lambda d, qmax=qmax: dict(zip("qs", sw.swiglu_quant(
+                        d["gu"], qmax, store_act=False)[1:])))
         for shape in P.rope_shapes:
             t, nh, nkv, d = shape
 
