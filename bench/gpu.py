@@ -1324,6 +1324,11 @@ def run_step(ctx: Ctx, results: Results, name: str, fn) -> None:
         return
     ctx.step_deadline = time.monotonic() + min(box, ctx.left())
     t = time.perf_counter()
+    print(f"[{time.monotonic() - ctx.t0:6.1f} s] {name}: start (box {box:.0f} s)", flush=True)
+    if ctx.device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     try:
         res["status"] = fn(ctx, res)
     except BoxExpired as e:
@@ -1336,6 +1341,15 @@ def run_step(ctx: Ctx, results: Results, name: str, fn) -> None:
     finally:
         res["seconds"] = round(time.perf_counter() - t, 1)
         ctx.step_deadline = None
+        if ctx.device == "cuda":
+            import torch
+
+            try:
+                res["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            except Exception:  # noqa: BLE001 -- a lost context: the error is already recorded
+                pass
+        print(f"[{time.monotonic() - ctx.t0:6.1f} s] {name}: {res.get('status')} in "
+              f"{res['seconds']} s {(res.get('error') or '')[:150]}", flush=True)
         results.data["total_s"] = round(time.monotonic() - ctx.t0, 1)
         results.write()
 
