@@ -115,7 +115,7 @@ class Plan:
     e2e_tokens: int
     e2e_prompt: int
     ttft_prompts: tuple
-    receipt_cases_later: int | None = None  # cases for the models after the first (None: all)
+    receipt_cases_per_model: tuple | None = None  # model j runs [j] instead of receipt_cases
     e2e_models: int = 2
     bench_rows: bool = True
     tiny_timings: bool = False
@@ -155,8 +155,9 @@ DRY = Plan(
                       std=0.2),
             ModelSpec("llama3-tiny", 64, 96, 1, 4, 2, 16, 128, False, 500000.0,
                       llama3_rope=True, max_pos=256, std=0.2)),
-    receipt_cases=((1, False), (2, True)), receipt_tokens=2, receipt_prompt=4,
-    receipt_cases_later=1, bench_tokens=(1,), bench_seq=64, e2e_batches=(2,), e2e_tokens=2,
+    receipt_cases=((2, True), (1, False)), receipt_tokens=2, receipt_prompt=4,
+    receipt_cases_per_model=(((2, True),), ((1, False),)), bench_tokens=(1,), bench_seq=64,
+    e2e_batches=(2,), e2e_tokens=2,
     e2e_prompt=3, ttft_prompts=(6,), e2e_models=1, bench_rows=True, tiny_timings=True,
     profiles=("w8a16", "a8"),
 )
@@ -783,7 +784,8 @@ def step_receipts(ctx: Ctx, res: dict) -> str:
         m = get_model(ctx, spec, res)
         res["models"][spec.name]["warm"] = warm_model(ctx, m["dev"], P.receipt_prompt + 7, 8)
         rng = np.random.default_rng(11)
-        for batch, sampled in P.receipt_cases[:None if j == 0 else P.receipt_cases_later]:
+        for batch, sampled in (P.receipt_cases_per_model[j] if P.receipt_cases_per_model
+                               else P.receipt_cases):
             ctx.check()
             params = SamplingParams(0.9, 40, 0.95, 4242) if sampled else SamplingParams()
             prompts = _prompts(rng, batch, P.receipt_prompt, spec.vocab)
