@@ -1132,8 +1132,10 @@ def step_e2e(ctx: Ctx, res: dict) -> str:
         ours = m["dev"]
         t = time.perf_counter()
         hf = AutoModelForCausalLM.from_pretrained(m["folder"], dtype=torch.bfloat16,
-                                                  attn_implementation="sdpa").to(ctx.device)
-        hf.eval()
+                                                  attn_implementation="sdpa")
+        hf = hf.to(device=ctx.device, dtype=torch.bfloat16).eval()  # bf16 in any release
+        res.setdefault("hf_attn", {})[spec.name] = str(getattr(hf.config, "_attn_implementation",
+                                                               None))
         res.setdefault("load_s", {})[spec.name] = round(time.perf_counter() - t, 2)
         rng = np.random.default_rng(5)
         # warm-up: compiles our kernels (in parallel) and transformers' first call
