@@ -754,8 +754,16 @@ def warm_model(ctx: Ctx, model, prompt_len: int, batch: int) -> dict:
         lambda: model.forward([fake_cache(31), fake_cache(32)], [[1], [1]]),
         lambda: model.forward([fake_cache(31)], [[1]], residuals=[]),
         lambda: model.forward([fake_cache(prompt_len + 47)], [[1]]),
+        lambda: model.lm_accumulators(torch.zeros((3, cfg.hidden_size), device=ctx.device)),
     ]
-    return precompile(ctx, launches)
+    from commitllm.engine.exact import triton_backend
+
+    check = triton_backend._check_finite  # reads the (never computed) scales of compile-only
+    triton_backend._check_finite = lambda scales: None  # launches: would stop before the head
+    try:
+        return precompile(ctx, launches)
+    finally:
+        triton_backend._check_finite = check
 
 
 # ------------------------------------------------------------------------------ step: receipts
