@@ -831,9 +831,10 @@ def step_receipts(ctx: Ctx, res: dict) -> str:
                 t = time.perf_counter()
                 m2, a2 = container.loads(blobs["dev"], OPENING_MAGIC, OPENING_VERSION,
                                          len(blobs["dev"]))
-                # random-weight models have no tokenizer: prompt/output text binding is listed
-                # as unchecked; every numeric check runs
-                v = verify(m["key"], r, c, m2, a2, key_tokenizer(m["key"]), io_binding=False)
+                # random-weight models carry no tokenizer: prompt/output text binding is then
+                # listed as unchecked; every numeric check runs
+                tok = key_tokenizer(m["key"])
+                v = verify(m["key"], r, c, m2, a2, tok, io_binding=tok is not None)
                 o = dict(seq=i, positions=len(c["positions"]), bytes=len(blobs["dev"]),
                          identical=blobs["dev"] == blobs["cpu"], accepted=v.accepted,
                          reason=v.reason, detail=(v.detail or "")[:200],
