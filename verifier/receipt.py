@@ -142,7 +142,7 @@ def _exact_keys(d: dict, want, where: str) -> None:
 # The manifest's fields and their JSON types: anything else is refused (fail closed).
 _MANIFEST = {"spec_version": str, "numerics_digest": str, "profile": dict, "model_commitment": str,
              "rope_digest": str, "tokenizer_hash": (str, type(None)),
-             "chat_template_hash": (str, type(None)), "chat": bool, "sampling": dict,
+             "chat_template_hash": (str, type(None)), "sampling": dict,
              "seed_commitment": (str, type(None)), "limits": dict}
 _PROFILE = {"name": str, "weight_qmax": int, "act_qmax": int, "kv_qmax": int, "head_qmax": int}
 _LIMITS = ("max_tokens", "eos_token_ids", "context_length")

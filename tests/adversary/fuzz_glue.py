@@ -10,8 +10,9 @@ The contract every target checks (fuzz_targets.py):
 * parsing outside bytes raises only the parser's own error (JSONError, ContainerError);
 * `verify()` returns a Verdict and raises nothing, whatever it is given;
 * a Verdict that accepts is for artifacts equal to the honest ones (same JSON values with the same
-  JSON types, same arrays with the same names, dtypes, shapes and bytes). Anything else accepted is
-  a forgery.
+  JSON types, same arrays with the same names, dtypes, shapes and bytes, the same received text;
+  the client's request the same, or one that verifier/request.py reads as the same computation).
+  Anything else accepted is a forgery.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
 CORPUS_TEXT = ("Name two rivers. The Nile and the Amazon are rivers. Rivers flow to the sea. "
                "A river has a source and a mouth. Lakes, seas and oceans hold water. ") * 20
 VOCAB = 320
+ENDPOINT = "/v1/chat/completions"
 
 
 def _tokenizer_folder(folder: Path) -> Path:
@@ -69,6 +71,8 @@ class Honest:
     vtok: object
     nonce: str
     request: dict  # what the client sent (the verifier's --request)
+    endpoint: str  # the path the client called
+    text: str  # the content the client received
     receipt: dict
     challenge: dict
     meta: dict
@@ -105,16 +109,16 @@ def build(profile: str = "w8a16", tier: str = "full", workdir: str | None = None
     qm = quantize_model(cfg, tensors, get_profile(profile))
     messages = [{"role": "user", "content": "Name two rivers."}]
     prompt = tok.encode_chat(messages)
-    w = World(qm, tok, SAMPLED, prompt, max_tokens=8, eos=(2,),
-              request={"messages": messages}, chat=True)
+    w = World(qm, tok, SAMPLED, prompt, max_tokens=8, eos=(2,), request={"messages": messages})
     c = w.challenge(w.served, tier)
     meta, arrays = w.open(w.served, c)
     opening = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
     meta, arrays = parse_opening(opening)
     request = w.client_request()
-    h = Honest(profile, tier, w.key, w.vtok, NONCE, request, w.served.receipt, c, meta, arrays,
-               _dump(w.served.receipt), _dump(c), _dump(request), opening)
-    v = verify(h, h.receipt, h.challenge, h.meta, h.arrays, h.request)
+    h = Honest(profile, tier, w.key, w.vtok, NONCE, request, ENDPOINT, w.served.receipt["text"],
+               w.served.receipt, c, meta, arrays, _dump(w.served.receipt), _dump(c),
+               _dump(request), opening)
+    v = verify(h, h.receipt, h.challenge, h.meta, h.arrays, h.request, h.text)
     assert v.accepted, f"the honest exchange is rejected: {v.reason} {v.detail}"
     return h
 
@@ -149,13 +153,14 @@ def parse_errors() -> tuple:
     return (JSONError, ContainerError)
 
 
-def verify(h: Honest, receipt, challenge, meta, arrays, request):
-    """verify() as `commitllm verify --nonce --request` calls it (the key's tokenizer: prompt and
-    output binding on). Returns the Verdict."""
+def verify(h: Honest, receipt, challenge, meta, arrays, request, text):
+    """verify() as the auditor calls it on a saved exchange (the key's tokenizer: prompt and
+    output binding on; the client's nonce, request, endpoint and received text). Returns the
+    Verdict."""
     from commitllm.verifier.verify import verify as run
 
     return run(h.key, receipt, challenge, meta, arrays, h.vtok, expected_nonce=h.nonce,
-               expected_request=request)
+               expected_request=request, expected_endpoint=h.endpoint, expected_text=text)
 
 
 def resealed(receipt):
@@ -184,10 +189,23 @@ def same_arrays(a: dict, b: dict) -> bool:
     return True
 
 
-def is_honest(h: Honest, receipt, challenge, meta, arrays, request) -> bool:
+def is_honest(h: Honest, receipt, challenge, meta, arrays, request, text) -> bool:
     return (same_json(receipt, h.receipt) and same_json(challenge, h.challenge)
             and same_json(meta, h.meta) and same_arrays(arrays, h.arrays)
-            and same_json(request, h.request))
+            and same_request(request, h.request, h.endpoint) and same_json(text, h.text))
+
+
+def same_request(a, b, endpoint: str) -> bool:
+    """The same request as JSON, or one that obliges the engine to exactly the same computation
+    under verifier/request.py's rules (a neutral field such as `logprobs: null` spelled out)."""
+    from commitllm.verifier.request import RequestError, parse
+
+    if same_json(a, b):
+        return True
+    try:
+        return parse(a, endpoint=endpoint) == parse(b, endpoint=endpoint)
+    except (RequestError, TypeError, ValueError):
+        return False
 
 
 def environment() -> None:

@@ -1,7 +1,7 @@
 """Structured edits of an honest exchange, driven by fuzzer bytes (the ``verify`` target).
 
 The bytes are read as a little program: how many edits (1-4), then per edit which artifact
-(receipt, challenge, opening meta, opening arrays, the client's request), where (a JSON path of
+(receipt, challenge, opening meta, opening arrays, the client's request, the text it received), where (a JSON path of
 the honest document, or an array name), what (replace with a value of some JSON type, delete, add
 an unknown key; for arrays: retype, byte-swap, reshape, drop or add a row, edit one element, add
 an array, drop one) and whether the provider reseals the receipt after its edits (it can: every
@@ -51,9 +51,12 @@ FLOATS = [0.0, -0.0, 0.5, 1.0, 1e-45, 1e-38, 3.4e38, 1e308, -1e308, 2.5]
 STRINGS = ["", "a", "\ud800", "x" * 300, "0" * 64, "f" * 64, "null", "true", "{"]
 
 
-def value(b: Bytes):
-    """A JSON value of some type, or derived from the old one by the caller."""
-    kind = b.int(9)
+MAX_DEPTH = 24  # nesting of one drawn value (within what the JSON reader admits: 64)
+
+
+def value(b: Bytes, depth: int = 0):
+    """A JSON value of some type, nested at most MAX_DEPTH deep."""
+    kind = b.int(9) if depth < MAX_DEPTH else b.int(5)
     if kind == 0:
         return b.pick(INTS)
     if kind == 1:
@@ -65,12 +68,14 @@ def value(b: Bytes):
     if kind == 4:
         return b.pick(STRINGS)
     if kind == 5:
-        return [value(b) for _ in range(b.int(3))]
+        return [value(b, depth + 1) for _ in range(b.int(3))]
     if kind == 6:
-        return {b.pick(["", "x", "seed", "mac", "version"]): value(b) for _ in range(b.int(3))}
+        return {b.pick(["", "x", "seed", "mac", "version"]): value(b, depth + 1)
+                for _ in range(b.int(3))}
     if kind == 7:  # nested
-        v = value(b)
-        for _ in range(b.int(24)):  # deep, within what the JSON reader admits (64)
+        n = b.int(MAX_DEPTH - depth)
+        v = value(b, depth + n + 1)
+        for _ in range(n):
             v = [v]
         return v
     return int.from_bytes(b.chunk(4), "little") - 2**31
@@ -163,29 +168,36 @@ def edit_arrays(arrays: dict, b: Bytes) -> dict:
     return out
 
 
-ARTIFACTS = ("receipt", "challenge", "meta", "arrays", "request")
+ARTIFACTS = ("receipt", "challenge", "meta", "arrays", "request", "text")
 
 
 def mutate(h: g.Honest, data: bytes):
-    """(receipt, challenge, meta, arrays, request) after the edits the bytes ask for."""
+    """(receipt, challenge, meta, arrays, request, text) after the edits the bytes ask for."""
     b = Bytes(data)
     docs = {"receipt": h.receipt, "challenge": h.challenge, "meta": h.meta,
-            "arrays": h.arrays, "request": h.request}
+            "arrays": h.arrays, "request": h.request, "text": h.text}
     for _ in range(1 + b.int(4)):
         what = b.pick(ARTIFACTS)
-        docs[what] = edit_arrays(docs[what], b) if what == "arrays" else edit_json(docs[what], b)
+        if what == "arrays":
+            docs[what] = edit_arrays(docs[what], b)
+        elif what == "text":  # what the client received, altered (a man in the middle)
+            docs[what] = near(docs[what], b) if b.int(4) else value(b)
+        else:
+            docs[what] = edit_json(docs[what], b)
     if b.int(2):  # the provider reseals its receipt
         sealed = g.resealed(docs["receipt"])
         if sealed is not None:
             docs["receipt"] = sealed
-    return docs["receipt"], docs["challenge"], docs["meta"], docs["arrays"], docs["request"]
+    return (docs["receipt"], docs["challenge"], docs["meta"], docs["arrays"], docs["request"],
+            docs["text"])
 
 
-def describe(h: g.Honest, rec, chal, meta, arrays, req) -> str:
+def describe(h: g.Honest, rec, chal, meta, arrays, req, text) -> str:
     """Which artifacts differ from the honest ones, and where (for a forgery's report)."""
     out = []
     for name, doc, ref in (("receipt", rec, h.receipt), ("challenge", chal, h.challenge),
-                           ("meta", meta, h.meta), ("request", req, h.request)):
+                           ("meta", meta, h.meta), ("request", req, h.request),
+                           ("text", text, h.text)):
         if not g.same_json(doc, ref):
             out.append(f"{name}: {_diff(doc, ref)}")
     if not g.same_arrays(arrays, h.arrays):

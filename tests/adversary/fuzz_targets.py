@@ -9,7 +9,7 @@ Targets
 * ``request``: the bytes are the client's saved request; parsed, verified.
 * ``verify``: the bytes drive structured edits (fuzz_mutate) of every artifact at once: JSON
   values replaced, deleted or added with values of every JSON type, the receipt resealed as a
-  provider would, arrays retyped, byte-swapped, reshaped, added, dropped or edited.
+  provider would, the text the client received edited, arrays retyped, byte-swapped, reshaped, added, dropped or edited.
 
 Outcome of one input: "parse" (the parser refused it with its own error), "rejected" (a Verdict
 with a reason), "honest" (accepted, and equal to the honest exchange), "forgery" (accepted, and not
@@ -37,7 +37,8 @@ def seeds(h: g.Honest, target: str) -> list[bytes]:
 
 def run(h: g.Honest, target: str, data: bytes) -> tuple[str, str | None]:
     """(outcome, reason code or None) for one input; raises Forgery, or whatever crashed."""
-    rec, chal, meta, arrays, req = h.receipt, h.challenge, h.meta, h.arrays, h.request
+    rec, chal, meta, arrays, req, text = (h.receipt, h.challenge, h.meta, h.arrays, h.request,
+                                          h.text)
     errors = g.parse_errors()
     try:
         if target == "container":
@@ -49,16 +50,17 @@ def run(h: g.Honest, target: str, data: bytes) -> tuple[str, str | None]:
         elif target == "request":
             req = g.parse_json(data)
         elif target == "verify":
-            rec, chal, meta, arrays, req = m.mutate(h, data)
+            rec, chal, meta, arrays, req, text = m.mutate(h, data)
         else:
             raise ValueError(f"unknown target {target!r}")
     except errors as e:
         return "parse", type(e).__name__
-    v = g.verify(h, rec, chal, meta, arrays, req)
+    v = g.verify(h, rec, chal, meta, arrays, req, text)
     if not v.accepted:
         if not isinstance(v.reason, str) or not v.reason:
             raise AssertionError(f"a rejection without a reason code: {v!r}")
         return "rejected", v.reason
-    if g.is_honest(h, rec, chal, meta, arrays, req):
+    if g.is_honest(h, rec, chal, meta, arrays, req, text):
         return "honest", None
-    raise Forgery(f"{target}: accepted an edited exchange ({m.describe(h, rec, chal, meta, arrays, req)})")
+    what = m.describe(h, rec, chal, meta, arrays, req, text)
+    raise Forgery(f"{target}: accepted an edited exchange ({what})")

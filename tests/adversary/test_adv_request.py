@@ -139,11 +139,11 @@ def test_chat_template_applied_to_a_completion_request(chat_world):
 
 
 def test_provider_set_chat_flag_is_ignored(chat_world):
-    """A receipt whose manifest carries `chat: true` for a plain prompt does not switch the
-    verifier to the chat template."""
+    """A receipt whose manifest carries `chat: true` for a plain prompt cannot switch the verifier
+    to the chat template: receipt v2 has no such field, and an unknown manifest field is refused."""
     w = chat_world
     s = World.claim(w.serve(request={"prompt": CHAT_TEXT}), chat=True)
-    assert_rejected(_audit(w, s, None), "prompt_binding")
+    assert_rejected(_audit(w, s, None), "receipt_malformed")
 
 
 def test_chat_request_served_as_completion(chat_world):
