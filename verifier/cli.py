@@ -66,14 +66,16 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
-def _load_json(path: Path, what: str):
-    from . import safejson
+def _load_json(path: Path, what: str, max_bytes: int = 256 * 1024 * 1024):
+    """Outside JSON through the bounded parser (size checked before reading, depth and number
+    lengths before parsing)."""
+    from .safejson import JSONError, loads
 
     try:
-        if path.stat().st_size > 256 * 1024 * 1024:
-            _fail(f"{path}: {what} larger than 256 MiB")
-        return safejson.loads(path.read_bytes(), max_bytes=256 * 1024 * 1024)
-    except (OSError, safejson.JSONError) as e:
+        if path.stat().st_size > max_bytes:
+            _fail(f"{path}: {what} larger than {max_bytes} bytes")
+        return loads(path.read_bytes(), max_bytes=max_bytes)
+    except (OSError, JSONError) as e:
         _fail(f"{path}: cannot read the {what} ({e})")
 
 
@@ -138,14 +140,16 @@ def challenge(
 
     from . import challenge as ch
     from .container import ContainerError
-    from .receipt import ReceiptError, check_receipt
+    from .receipt import ReceiptError, check_receipt, receipt_bound
 
-    rec = _load_json(receipt, "receipt")
     try:
-        check_receipt(rec)
         k = load_key(key)
+        cfg = k.meta["config"]
+        rec = _load_json(receipt, "receipt", receipt_bound(cfg["max_position_embeddings"]))
+        check_receipt(rec, vocab_size=cfg["vocab_size"],
+                      max_positions=cfg["max_position_embeddings"])
         pos = positions if positions in (None, "generated") else [int(p) for p in positions.split(",")]
-        c = ch.derive(k.secret, rec, tier, positions=pos)
+        c = ch.derive(k.secret, rec, tier, positions=pos, n_layers=cfg["num_hidden_layers"])
         out.write_text(json.dumps(c, indent=1))
     except (ReceiptError, ContainerError, ValueError, OSError) as e:
         _fail(str(e))
@@ -164,6 +168,10 @@ def verify(
                                             "(verifier/request.py), unknown fields refused."),
     endpoint: str = typer.Option(None, help="The path the client called: /v1/chat/completions "
                                             "or /v1/completions (the request must fit it)."),
+    no_io_binding: bool = typer.Option(False, "--no-io-binding",
+                                       help="Accept a key without a tokenizer: the receipt's "
+                                            "request and text are then NOT bound to its token "
+                                            "ids (the verdict says so)."),
     as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
 ) -> None:
     """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
@@ -173,22 +181,33 @@ def verify(
     from .opening import OPENING_MAGIC, OPENING_VERSION
     from .verify import verify as run_verify
 
-    rec, chal = _load_json(receipt, "receipt"), _load_json(challenge, "challenge")
-    client_request = None if request is None else _load_json(request, "request")
+    from .receipt import receipt_bound
+
     try:
         k = load_key(key)
+    except (ContainerError, OSError, ValueError) as e:
+        _fail(str(e))
+    # a receipt larger than any honest one for this model is refused before it is parsed
+    rec = _load_json(receipt, "receipt", receipt_bound(k.meta["config"]["max_position_embeddings"]))
+    chal = _load_json(challenge, "challenge", 1 << 20)
+    client_request = None if request is None else _load_json(request, "request")
+    try:
         meta, arrays = container.read(opening, OPENING_MAGIC, OPENING_VERSION, 1 << 34)
         tok = key_tokenizer(k)
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
-                   expected_request=client_request, expected_endpoint=endpoint)
+                   expected_request=client_request, expected_endpoint=endpoint,
+                   io_binding=not no_io_binding)
     if as_json:
         print(json.dumps(v.to_json(), indent=1))
     else:
         for c in v.checks:
-            out.print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}", highlight=False)
-        out.print("ACCEPTED" if v.accepted else f"REJECTED ({v.reason})", highlight=False)
+            mark = "NOT CHECKED" if c["ok"] is None else ("ok  " if c["ok"] else "FAIL")
+            out.print(f"{mark} {c['check']}: {c['detail']}", highlight=False)
+        unchecked = f" ({', '.join(v.unchecked)} NOT CHECKED)" if v.unchecked else ""
+        out.print(f"ACCEPTED{unchecked}" if v.accepted else f"REJECTED ({v.reason})",
+                  highlight=False)
     raise typer.Exit(0 if v.accepted else (2 if v.reason in MALFORMED else 1))
 
 
