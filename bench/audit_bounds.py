@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from bench.serve_load import free_port, keygen, start_server  # noqa: E402
+from bench.serve_load import free_port, keygen, start_server
 
 
 def hostile_server(routes: dict) -> tuple[ThreadingHTTPServer, str]:
@@ -69,18 +69,25 @@ def hostile_server(routes: dict) -> tuple[ThreadingHTTPServer, str]:
 
 def run_audit(*args) -> dict:
     """`commitllm audit ARGS --json` in a child process: exit code, rows, seconds, peak RSS."""
-    cmd = [sys.executable, "-c", "from commitllm.verifier.cli import app; app()", "audit",
-           *map(str, args), "--json"]
+    cmd = [sys.executable, "-c", _CHILD, "audit", *map(str, args), "--json"]
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, errb = p.stdout.read(), p.stderr.read()
-    _, status, ru = os.wait4(p.pid, 0)
+    p = subprocess.run(cmd, capture_output=True, text=True, check=False)  # its exit is a result
     dt = time.perf_counter() - t0
-    rows = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
-    return {"exit": os.waitstatus_to_exitcode(status), "rows": len(rows), "seconds": round(dt, 2),
-            "peak_rss_mib": round(ru.ru_maxrss / 1024, 1),
+    rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    err = p.stderr.splitlines()
+    hwm = [float(x.split()[1]) / 1024 for x in err if x.startswith("VmHWM:")]
+    return {"exit": p.returncode, "rows": len(rows), "seconds": round(dt, 2),
+            "peak_rss_mib": round(hwm[-1], 1) if hwm else None,
             "reasons": sorted({r["reason"] for r in rows if r["reason"]}),
-            "stderr_tail": errb.decode()[-160:].strip()}
+            "stderr_tail": "\n".join(x for x in err if not x.startswith("VmHWM:"))[-160:].strip()}
+
+
+# The child's own peak RSS: VmHWM of its address space (ru_maxrss would include the parent's RSS
+# at fork time, which Linux carries across exec).
+_CHILD = ("import atexit, sys\n"
+          "atexit.register(lambda: sys.stderr.write(next(l for l in open('/proc/self/status') "
+          "if l.startswith('VmHWM:'))))\n"
+          "from commitllm.verifier.cli import app\napp()")
 
 
 def vm_hwm_mib(pid: int) -> float:
@@ -114,7 +121,7 @@ def measure(tmp: Path) -> dict:
     base = f"http://127.0.0.1:{port}"
     out = {}
     try:
-        body = json.dumps({"model": "tiny", "prompt": "a" * 200, "max_tokens": 56,
+        body = json.dumps({"model": "tiny", "prompt": "a" * 180, "max_tokens": 70,
                            "temperature": 0}).encode()
         req = urllib.request.Request(base + "/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
@@ -184,7 +191,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="audit-bounds-") as tmp:
         res = measure(Path(tmp))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
+                            text=True, cwd=ROOT, check=False).stdout.strip()
     doc = {"machine": platform.node(), "cpus": os.cpu_count(), "loadavg_before": load,
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": commit,
            "results": res}

@@ -805,7 +805,7 @@ def step_receipts(ctx: Ctx, res: dict) -> str:
             for side in ("dev", "cpu"):
                 t = time.perf_counter()
                 signed[side] = generate_with_receipts(
-                    m[side], None, False, [{"prompt": f"seq {i}"} for i in range(batch)],
+                    m[side], None, [{"prompt": f"seq {i}"} for i in range(batch)],
                     prompts, params, P.receipt_tokens, (), "gpu-bench", salts=salts)
                 row[f"{side}_s"] = round(time.perf_counter() - t, 2)
             a = [json.dumps(r, sort_keys=True).encode() for r in signed["dev"].receipts]

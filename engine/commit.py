@@ -87,7 +87,7 @@ class TranscriptStore:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)  # the provider's transcripts
 
     def put(self, receipt: dict, seed: int, salt: bytes, extra: dict | None = None) -> Path:
         """Store atomically (temp file, fsync, rename). extra: e.g. the model argument."""

@@ -150,7 +150,11 @@ def server_items(server: str, limit: int, deadline_s: float, audit_key: str | No
         raise AuditError(f"{server}/v1/receipts: not a receipt list ({e})") from None
     if not isinstance(listed, list) or len(listed) > limit:
         raise AuditError(f"{server}/v1/receipts: not a list of at most {limit} receipts")
-    return [_item(r, f"server[{i}]") for i, r in enumerate(listed)]
+    # Bare receipts only: an entry shaped like a client's record is the server's, and nothing in
+    # it is the client's (it fails check_receipt as a receipt: a REJECTED row).
+    return [Item(f"server[{i}]", Exchange(r)) if isinstance(r, dict) else
+            Item(f"server[{i}]", error=("receipt_malformed", "not a JSON object"))
+            for i, r in enumerate(listed)]
 
 
 def sample(items: list, rate: float, rng: random.Random | None = None) -> list:

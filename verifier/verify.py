@@ -10,7 +10,7 @@ import numpy as np
 
 from . import challenge as challenge_mod
 from . import request as request_mod
-from .commitment import canonical_json, embed_leaf, layer_roots_match, leaf_hashes
+from .commitment import embed_leaf, layer_roots_match, leaf_hashes
 from .config import ModelConfig
 from .merkle import verify_multiproof
 from .numerics.profiles import Profile

@@ -174,7 +174,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
             raise
         try:
             meta, arrays = await asyncio.wrap_future(fut)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure of the opening gets its status
             raise _open_error(e) from None
         data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
         return Response(data, media_type="application/octet-stream")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from ...verifier import request as request_mod
 from ..receipts import SeqRequest
 
+
 class ApiError(Exception):
     """Refused request: HTTP status, one-line message, the offending parameter."""
 

@@ -208,7 +208,7 @@ class World:
         """kw: verify()'s other client-side inputs (expected_endpoint, expected_text)."""
         r = served.receipt if isinstance(served, Served) else served
         return verify(self.key, r, challenge, meta, arrays, self.vtok, expected_nonce,
-                      expected_request, **{"io_binding": self.vtok is not None, **kw})
+                      expected_request, io_binding=self.vtok is not None, **kw)
 
     def audit(self, served: Served, provider: Provider | None = None, tier: str = "deep",
               positions=None, expected_nonce: str | None = NONCE,

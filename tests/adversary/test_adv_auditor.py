@@ -219,6 +219,20 @@ def test_hostile_receipt_list(fake, keyfile):
         assert res.exit_code == 2 and "not a receipt list" in res.output, res.output
 
 
+def test_server_list_cannot_supply_a_request(fake, world, keyfile):
+    """The server's receipt list is the server's: an entry dressed as a client's record (with
+    a request of the server's choosing) is no receipt, and no request is ever checked from it."""
+    forged = {"endpoint": "/v1/completions", "request": world.client_request(),
+              "receipt": world.served.receipt}
+    listed = json.dumps({"data": [forged, world.served.receipt, 7]}).encode()
+    srv = fake({"/v1/receipts": Script(body=listed), "/v1/audit": Script(status=404, body=b"{}")})
+    res, _ = _run("--server", srv.url, "--key", keyfile, "--limit", "3")
+    rows = _rows(res)
+    assert len(rows) == 3 and not any(r["request_checked"] for r in rows), rows
+    assert sorted(r["reason"] for r in rows) == ["opening_unavailable", "receipt_malformed",
+                                                 "receipt_malformed"]
+
+
 def test_refused_credential_stops_the_audit(fake, world, keyfile, tmp_path):
     for status in (401, 403):
         srv = fake({"/v1/audit": Script(status=status, body=b'{"error": {"message": "no"}}')})

@@ -138,9 +138,9 @@ def test_chat_template_applied_to_a_completion_request(chat_world):
     assert_rejected(_audit(w, s, None), "prompt_binding")  # also without the client's request
 
 
-def test_provider_set_chat_flag_is_ignored(chat_world):
-    """A receipt whose manifest carries `chat: true` for a plain prompt cannot switch the verifier
-    to the chat template: receipt v2 has no such field, and an unknown manifest field is refused."""
+def test_provider_set_chat_flag_is_refused(chat_world):
+    """A receipt whose manifest carries a `chat: true` flag (receipt v1's) for a plain prompt
+    does not switch the verifier to the chat template: the field is unknown (fail closed)."""
     w = chat_world
     s = World.claim(w.serve(request={"prompt": CHAT_TEXT}), chat=True)
     assert_rejected(_audit(w, s, None), "receipt_malformed")

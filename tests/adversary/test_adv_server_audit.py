@@ -18,8 +18,8 @@ from commitllm.verifier import challenge as ch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-from test_serve import ThreadServer  # noqa: E402  (tests/ is on sys.path: its conftest)
-from tinymodels import make_tiny_chat_model  # noqa: E402
+from test_serve import ThreadServer
+from tinymodels import make_tiny_chat_model
 
 SECRET = bytes(range(32))
 
