@@ -246,7 +246,8 @@ def audit(
                                                          "the server (without --receipts)."),
     max_opening_mib: int = typer.Option(512, min=1, help="Largest opening accepted (MiB)."),
     timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for one reply."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON row per receipt."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: the summary "
+                                                      "and a row per receipt."),
     api_key: str = typer.Option(None, envvar="COMMITLLM_API_KEY", show_default=False,
                                 help="The server's API key, sent as a Bearer token (prefer the "
                                      "COMMITLLM_API_KEY environment variable: a command line is "
@@ -287,12 +288,16 @@ def audit(
 
 def _audit_report(rows, n_items: int, rate: float, tier: str, as_json: bool) -> None:
     bad = sum(not r.verdict.accepted for r in rows)
-    if as_json:
-        for r in rows:
-            print(json.dumps({"receipt_id": r.item.receipt.get("receipt_id"),
-                              "source": r.item.source, "request_checked": r.item.request is not None,
-                              "positions": r.positions, "opening_bytes": r.opening_bytes,
-                              **{k: v for k, v in r.verdict.to_json().items() if k != "checks"}}))
+    if as_json:  # one JSON document: the summary and a row per audited receipt
+        print(json.dumps({"tier": tier, "rate": rate, "receipts": n_items, "audited": len(rows),
+                          "accepted": len(rows) - bad, "rejected": bad, "rows": [
+                              {"receipt_id": r.item.receipt.get("receipt_id")
+                               if isinstance(r.item.receipt, dict) else None,
+                               "source": r.item.source,
+                               "request_checked": r.item.request is not None,
+                               "positions": r.positions, "opening_bytes": r.opening_bytes,
+                               **{k: v for k, v in r.verdict.to_json().items() if k != "checks"}}
+                              for r in rows]}, indent=1))
     else:
         table = Table("receipt", "source", "tokens", "positions", "opening", "request", "verdict",
                       title=f"audit: {tier} tier, rate {rate}")
