@@ -314,7 +314,11 @@ def open_cmd(
         with err.status("re-executing the transcript ..."):
             meta, arrays = open_from_store(runner.model, st, chal)
         size = write_opening(out, meta, arrays)
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except KeyError as e:  # no such receipt in the store, or a malformed id
+        _fail(f"--store {store}: {e.args[0] if e.args else e}")
+    except OSError as e:
+        _fail(f"cannot open: {e.filename or store}: {e.strerror or e}")
+    except (ValueError, AttributeError) as e:
         _fail(f"cannot open: {e}")
     except (OpenError, EngineError) as e:
         _fail(str(e))

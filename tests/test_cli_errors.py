@@ -230,3 +230,11 @@ def test_verify_summary_counts_and_times(tmp_path, monkeypatch):
     ms = doc["timing_ms"]
     parts = ms["freivalds"] + ms["attention"] + ms["rest"] + ms["merkle"] + ms["other"]
     assert abs(parts - ms["total"]) < 0.01  # rounding of the five parts only
+
+
+def test_open_unknown_receipt_is_one_line(tmp_path, files):
+    (tmp_path / "st").mkdir()
+    res = runner.invoke(engine_app, ["open", "--store", str(tmp_path / "st"), "--challenge",
+                                     str(files["challenge"]), "--out", str(tmp_path / "o3.bin")])
+    line = _one_line(res, "--store", "no transcript for receipt")
+    assert "KeyError" not in line and "'" not in line.split("receipt", 1)[1][:3]
