@@ -42,8 +42,8 @@ def files(tmp_path) -> dict[str, Path]:
          "challenge": tmp_path / "c.json", "request": tmp_path / "q.json"}
     f["key"].write_bytes(KEY_MAGIC + b"\0" * 64)
     f["opening"].write_bytes(OPENING_MAGIC + b"\0" * 64)
-    f["receipt"].write_text(json.dumps({"receipt_id": "ab" * 16, "output_token_ids": [1]}))
-    f["challenge"].write_text(json.dumps({"receipt_id": "ab" * 16, "positions": [1], "layers": [0]}))
+    f["receipt"].write_text(json.dumps({"receipt_id": "ab" * 32, "output_token_ids": [1]}))
+    f["challenge"].write_text(json.dumps({"receipt_id": "ab" * 32, "positions": [1], "layers": [0]}))
     f["request"].write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     return f
 
