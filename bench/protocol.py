@@ -180,8 +180,9 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
     parts = breakdown(arrays, len(data))
     del arrays
     m2, a2 = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
-    verify_t, verdicts = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer),
-                            verify_runs, warmup=warmup)
+    io = setup.io_tokenizer is not None  # a key without a tokenizer: io_binding unchecked
+    verify_t, verdicts = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
+                                                    io_binding=io), verify_runs, warmup=warmup)
     n = len(c["positions"])
     per_pos = {p: Timing(tuple(1e3 * verify_parts(v.timing)[p] / n for v in verdicts)).to_dict()
                for p in PARTS + SPANS}

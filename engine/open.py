@@ -30,11 +30,11 @@ def reexecute(model: ExactModel, tokens: list[int], p: Plan):
     for start in range(0, len(tokens), CHUNK):
         chunk, tr, rs = tokens[start:start + CHUNK], {}, []
         model.forward([cache], [chunk], tr, residuals=rs, trace_attention=False)
-        resid.append(torch.stack(rs).numpy())
+        resid.append(torch.stack(rs).cpu().numpy())  # a device model's rows
         for l, positions in want.items():
             rows = [t - start for t in sorted(positions) if start <= t < start + len(chunk)]
             for m in MATRICES:
-                part = tr[f"layers.{l}.{m}.z"].numpy()[rows]
+                part = tr[f"layers.{l}.{m}.z"].cpu().numpy()[rows]
                 z.setdefault((m, l), []).append(part)
     z = {k: np.concatenate(v) for k, v in z.items()}
     return cache, np.concatenate(resid, axis=1), z
@@ -50,7 +50,7 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
     receipt = transcript["receipt"]
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     L = model.cfg.num_layers
-    p = plan(challenge, L)
+    p = plan(challenge, L, receipt)  # its shape checked against the receipt first
     with torch.inference_mode():
         cache, resid, z = reexecute(model, tokens[:-1], p)
     cache = model.full_cache(cache)
@@ -85,7 +85,7 @@ def _put_kv(arrays, trees, cache: SeqCache, p: Plan) -> None:
     for l, pos in p.kv.items():
         arrays[f"kv.{l}.pos"] = np.array(pos, dtype=np.int64)
         for name, store in (("k", cache.k), ("sk", cache.sk), ("v", cache.v), ("sv", cache.sv)):
-            arrays[f"kv.{l}.{name}"] = np.ascontiguousarray(store[l].numpy()[pos])
+            arrays[f"kv.{l}.{name}"] = np.ascontiguousarray(store[l].cpu().numpy()[pos])
         arrays[f"kv.{l}.proof"] = _proof_array(multiproof(trees.kv_trees[l], pos))
 
 

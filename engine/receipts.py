@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..keys.keygen import KEY_VERSION, Key, build_key, key_tokenizer, load_key, save_key
@@ -69,7 +69,8 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
     for com in coms.values():
         _ = com.model_commitment, com._hashes  # once per loaded model, like loading
     t0 = time.perf_counter()
-    results = generate_exact(model, [s.prompt_ids for s in seqs], [s.params for s in seqs],
+    params = [replace(s.params, nonce=s.nonce) for s in seqs]  # the client's nonce in every draw
+    results = generate_exact(model, [s.prompt_ids for s in seqs], params,
                              [s.max_tokens for s in seqs], eos_ids, on_token, prefill_chunk,
                              recorder=rec, caches=caches, cancelled=cancelled)
     t1 = time.perf_counter()
@@ -144,7 +145,7 @@ def audit(model: ExactModel, key: Key, signed: Signed, tier: str = "full",
         t_open = time.perf_counter() - t0
         data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
         m2, a2 = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
-        v = verify(key, r, c, m2, a2, tok)
+        v = verify(key, r, c, m2, a2, tok, io_binding=tok is not None)  # unchecked: said so
         n = max(len(c["positions"]), 1)
         out.append((v, {"receipt_bytes": len(json.dumps(r)), "opening_bytes": len(data),
                         "challenged_positions": len(c["positions"]),

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import compat  # noqa: F401  -- Triton release differences, patched before any launch
+
 
 def int_dtype(qmax: int) -> torch.dtype:
     """Storage type of a symmetric integer range: int8 up to 127, else int16."""

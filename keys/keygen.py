@@ -19,7 +19,8 @@ from ..verifier.numerics.rope import RopeTable
 from ..verifier.numerics.weights import QuantizedModel
 
 KEY_MAGIC = b"CLLMKEY\x00"
-KEY_VERSION = 2  # 2: Freivalds rows modulo two primes (version 1 keys had one prime)
+KEY_VERSION = 3  # 3: a keyed MAC over every field; 2: Freivalds rows modulo two primes
+MAC_CONTEXT = "commitllm 2026 key file mac v1"  # blake3 derive_key context for the MAC key
 MAX_KEY_BYTES = 1 << 34
 MATRICES = ("qkv", "o", "gate_up", "down")
 
@@ -97,7 +98,29 @@ def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progre
             "json": tokenizer._json, "config": tokenizer.config,
             "chat_template": tokenizer.chat_template, "eos_token_ids": list(tokenizer.eos_token_ids)},
     }
+    meta["mac"] = key_mac(meta, arrays)
     return Key(meta, arrays)
+
+
+def key_mac(meta: dict, arrays: dict) -> str:
+    """blake3, keyed by a key derived from the key's own secret, over the canonical JSON of every
+    metadata field but the MAC (config, profile, commitments, tokenizer and chat template
+    included) and every array (name, dtype, shape, bytes little-endian), in name order. A key
+    file edited by anyone without its secret (the tokenizer swapped, a scale moved) fails it."""
+    import blake3
+
+    secret = bytes(np.asarray(arrays["secret"], dtype=np.uint8))
+    mac_key = blake3.blake3(secret, derive_key_context=MAC_CONTEXT).digest()
+    h = blake3.blake3(key=mac_key)
+    body = canonical_json({k: v for k, v in meta.items() if k != "mac"})
+    h.update(len(body).to_bytes(8, "little") + body)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        head = canonical_json([name, a.dtype.newbyteorder("<").str, list(a.shape)])
+        data = a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes()
+        h.update(len(head).to_bytes(8, "little") + head + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
 
 
 def numerics_digest() -> str:
@@ -126,9 +149,33 @@ def save_key(key: Key, path: Path) -> None:
 
 
 def load_key(path: Path) -> Key:
-    meta, arrays = container.read(Path(path), KEY_MAGIC, KEY_VERSION, MAX_KEY_BYTES)
-    if "secret" not in arrays or arrays["secret"].shape != (32,):
+    """The key at `path`, refused (ContainerError, one line saying why) when others can read it,
+    when it was written in another key format (build it again), or when its MAC fails."""
+    import hmac
+    import os
+    import stat
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise container.ContainerError(f"{path}: cannot read ({e.strerror or e})") from None
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise container.ContainerError(
+            f"{path}: the key holds the verifier's secret but its mode is {stat.S_IMODE(mode):o} "
+            f"(group or others have access); run `chmod 600 {path}`")
+    try:
+        meta, arrays = container.read(path, KEY_MAGIC, KEY_VERSION, MAX_KEY_BYTES)
+    except container.ContainerVersionError as e:
+        raise container.ContainerVersionError(
+            f"{e}: a key from an older release; run `commitllm keygen` again") from None
+    sec = arrays.get("secret")
+    if sec is None or sec.shape != (32,) or sec.dtype != np.uint8:
         raise container.ContainerError(f"{path}: key without a 32-byte secret")
+    if not isinstance(meta.get("mac"), str) or not hmac.compare_digest(
+            meta["mac"].encode("utf-8", "replace"), key_mac(meta, arrays).encode()):
+        raise container.ContainerError(f"{path}: the key's MAC does not verify (the file was "
+                                       f"altered or damaged); run `commitllm keygen` again")
     fr = meta.get("freivalds") or {}
     if fr.get("primes") != list(PRIMES) or fr.get("checks_per_prime") != CHECKS:
         raise container.ContainerError(f"{path}: key built for another Freivalds scheme; rebuild it")

@@ -26,8 +26,10 @@ imports it, and torch/transformers are imported lazily so torch-free verifier te
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 # `python -m pytest` puts the checkout root on sys.path, where kernels/ (commitllm.kernels) would
@@ -40,7 +42,29 @@ import pytest  # noqa: E402
 from tinymodels import TINY_KINDS, make_tiny_checkpoint
 
 
+class _InstalledKernelsFinder:
+    """transformers >= 5.25 requires and imports the Hub's top-level `kernels` package; with the
+    repository root on sys.path (`python -m pytest`, the bench tests) this checkout's kernels/
+    folder shadowed it and every model load failed (ImportError: CUDAProperties). The installed
+    distribution wins; our kernels are only ever imported as `commitllm.kernels`.
+    (bench/gpu_bootstrap.py has the same finder for the GPU bench.)"""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "kernels":
+            return None
+        try:
+            init = Path(metadata.distribution("kernels").locate_file("kernels/__init__.py"))
+        except metadata.PackageNotFoundError:
+            return None
+        if not init.is_file():
+            return None
+        return importlib.util.spec_from_file_location(
+            "kernels", init, submodule_search_locations=[str(init.parent)])
+
+
 def pytest_configure(config) -> None:
+    if not any(isinstance(f, _InstalledKernelsFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _InstalledKernelsFinder())
     if not os.environ.get("COMMITLLM_CACHE"):
         import tempfile
 

@@ -36,7 +36,7 @@ def nearest_f32(x: mpmath.mpf) -> np.float32:
 # ---------------------------------------------------------------- profiles and constants
 
 def test_version_and_profiles():
-    assert SPEC_VERSION == "commitllm-numerics/1"
+    assert SPEC_VERSION == "commitllm-numerics/2"
     assert profiles.QMAX16 == 127 * 257 == 32639 and profiles.QMAX8 == 127
     # 127*257 = 127*256 + 127: the largest magnitude whose planes hi, lo both fit [-128, 127]
     for v in (32639, -32639):
@@ -433,13 +433,16 @@ def test_top_k_and_top_p_keep_sets():
     assert ws.tolist() == [4, 4, 4]
 
 
-def test_draw_is_blake3_of_domain_seed_position():
-    for seed, pos in ((0, 0), (2**64 - 1, 7), (12345, 2**40)):
-        msg = b"commitllm/sample/v1\x00" + seed.to_bytes(8, "little") + pos.to_bytes(8, "little")
+def test_draw_is_blake3_of_domain_seed_nonce_position():
+    for seed, pos, nonce in ((0, 0, ""), (2**64 - 1, 7, "n-1"), (12345, 2**40, "\u00e9\u4e16")):
+        h = blake3.blake3(b"commitllm/nonce/v1\x00" + nonce.encode("utf-8")).digest()
+        msg = (b"commitllm/sample/v2\x00" + seed.to_bytes(8, "little") + h
+               + pos.to_bytes(8, "little"))
         want = int.from_bytes(blake3.blake3(msg).digest()[:8], "little")
-        assert spec_sampler.draw(seed, pos) == want
+        assert spec_sampler.draw(seed, pos, nonce) == want
     draws = {spec_sampler.draw(1, p) for p in range(2000)}
     assert len(draws) == 2000 and spec_sampler.draw(1, 5) != spec_sampler.draw(2, 5)
+    assert spec_sampler.draw(1, 5, "a") != spec_sampler.draw(1, 5, "b")
 
 
 def test_sampling_is_deterministic_and_positions_differ():
@@ -481,7 +484,9 @@ def test_multiply_shift_stays_in_range():
 @pytest.mark.parametrize("kwargs", [
     {"temperature": -1.0}, {"temperature": float("nan")}, {"temperature": float("inf")},
     {"top_k": -1}, {"top_k": 2.0}, {"top_k": True}, {"top_p": 0.0}, {"top_p": 1.5},
-    {"top_p": float("nan")}, {"seed": -1}, {"seed": 2**64}])
+    {"top_p": float("nan")}, {"seed": -1}, {"seed": 2**64}, {"temperature": 1e-40},
+    {"temperature": 1e-50}, {"temperature": 1e39}, {"temperature": True}, {"top_p": True},
+    {"nonce": b"bytes"}])
 def test_sampling_params_validation(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

@@ -53,8 +53,9 @@ class Flow:
         return meta, {k: np.array(v) for k, v in arrays.items()}  # writable copies for tampering
 
     def verify(self, challenge, meta, arrays, receipt=None):
-        return verify(self.key, receipt or self.receipt, challenge, meta, arrays,
-                      key_tokenizer(self.key))
+        tok = key_tokenizer(self.key)
+        return verify(self.key, receipt or self.receipt, challenge, meta, arrays, tok,
+                      io_binding=tok is not None)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])

@@ -121,7 +121,8 @@ def test_tp_receipts_and_openings_are_bit_identical(tp_tiny, tp):
     c_ref, data_ref = _opening_bytes(ref, want["sampled"], key)
     assert c == c_ref and data == data_ref  # the TP opening is the unsharded opening, byte for byte
     meta, arrays = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
-    v = verify(key, got.receipts[0], c, meta, arrays, key_tokenizer(key))
+    tok = key_tokenizer(key)
+    v = verify(key, got.receipts[0], c, meta, arrays, tok, io_binding=tok is not None)
     assert v.accepted, (v.reason, v.detail)
 
 

@@ -75,9 +75,10 @@ def inspect(
 _fail = cliutil.fail  # one plain line on stderr, exit 2
 
 
-def _load_json(path: Path, what: str):
-    """Bounded parse (safejson), one-line errors naming the file."""
-    return cliutil.read_json_file(path, f"the {what}")
+def _load_json(path: Path, what: str, max_bytes: int = 256 * 1024 * 1024):
+    """Outside JSON through the bounded parser (size checked before reading, depth and number
+    lengths before parsing); one-line errors naming the file."""
+    return cliutil.read_json_file(path, f"the {what}", max_bytes)
 
 
 def _resolve_model(model: str) -> Path:
@@ -149,18 +150,20 @@ def challenge(
 
     from . import challenge as ch
     from .container import ContainerError
-    from .receipt import ReceiptError, check_receipt
+    from .receipt import ReceiptError, check_receipt, receipt_bound
 
     tier = tier.value
     expect_kind(key, "--key", "a key")
     expect_kind(receipt, "--receipt", "a receipt")
     check_out_file(out, "--out")
-    rec = _load_json(receipt, "receipt")
     try:
-        check_receipt(rec)
         k = load_key(key)
+        cfg = k.meta["config"]
+        rec = _load_json(receipt, "receipt", receipt_bound(cfg["max_position_embeddings"]))
+        check_receipt(rec, vocab_size=cfg["vocab_size"],
+                      max_positions=cfg["max_position_embeddings"])
         pos = positions if positions in (None, "generated") else [int(p) for p in positions.split(",")]
-        c = ch.derive(k.secret, rec, tier, positions=pos)
+        c = ch.derive(k.secret, rec, tier, positions=pos, n_layers=cfg["num_hidden_layers"])
         out.write_text(json.dumps(c, indent=1))
     except (ReceiptError, ContainerError, ValueError, OSError) as e:
         _fail(str(e))
@@ -177,6 +180,10 @@ def verify(
     request: Path = typer.Option(None, help="The request as the client sent it (JSON: prompt or "
                                             "messages, and any of max_tokens, temperature, top_k, "
                                             "top_p, seed it fixed); the receipt must match it."),
+    no_io_binding: bool = typer.Option(False, "--no-io-binding",
+                                       help="Accept a key without a tokenizer: the receipt's "
+                                            "request and text are then NOT bound to its token "
+                                            "ids (the verdict says so)."),
     as_json: bool = typer.Option(False, "--json", help="Print every check as JSON."),
 ) -> None:
     """Check an opening against the receipt and the key. Exit 0 accept, 1 reject, 2 malformed."""
@@ -186,22 +193,29 @@ def verify(
     from .opening import OPENING_MAGIC, OPENING_VERSION
     from .verify import verify as run_verify
 
+    from .receipt import receipt_bound
+
     expect_kind(key, "--key", "a key")
     expect_kind(receipt, "--receipt", "a receipt")
     expect_kind(challenge, "--challenge", "a challenge")
     expect_kind(opening, "--opening", "an opening")
     if request is not None:
         expect_kind(request, "--request", "a request")
-    rec, chal = _load_json(receipt, "receipt"), _load_json(challenge, "challenge")
-    client_request = None if request is None else _load_json(request, "request")
     try:
         k = load_key(key)
+    except (ContainerError, OSError, ValueError) as e:
+        _fail(str(e))
+    # a receipt larger than any honest one for this model is refused before it is parsed
+    rec = _load_json(receipt, "receipt", receipt_bound(k.meta["config"]["max_position_embeddings"]))
+    chal = _load_json(challenge, "challenge", 1 << 20)
+    client_request = None if request is None else _load_json(request, "request")
+    try:
         meta, arrays = container.read(opening, OPENING_MAGIC, OPENING_VERSION, 1 << 34)
         tok = key_tokenizer(k)
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
-                   expected_request=client_request)
+                   expected_request=client_request, io_binding=not no_io_binding)
     doc = v.to_json()
     ms = doc["timing_ms"]
     if {"total", "freivalds", "attention", "rest", "merkle"} <= set(ms):
@@ -212,7 +226,8 @@ def verify(
         print(json.dumps(doc, indent=1))
     else:
         for c in v.checks:
-            out.print(f"{'ok  ' if c['ok'] else 'FAIL'} {c['check']}: {c['detail']}", highlight=False)
+            mark = "NOT CHECKED" if c["ok"] is None else ("ok  " if c["ok"] else "FAIL")
+            out.print(f"{mark} {c['check']}: {c['detail']}", highlight=False)
         if isinstance(chal, dict) and all(isinstance(chal.get(k), (list, dict)) for k in
                                           ("positions", "layers", "decode_positions")):
             out.print(f"challenge ({chal.get('tier', '?')} tier): {len(set(chal['positions']))} "
@@ -225,7 +240,9 @@ def verify(
                       f"decode policy {ms.get('decode', 0):.1f} of these) + Merkle proofs "
                       f"{ms['merkle']:.1f} + other checks {ms['other']:.1f} (receipt, manifest, "
                       f"challenge MAC, tokenizer, embedding rows)", highlight=False)
-        out.print("ACCEPTED" if v.accepted else f"REJECTED ({v.reason})", highlight=False)
+        unchecked = f" ({', '.join(v.unchecked)} NOT CHECKED)" if v.unchecked else ""
+        out.print(f"ACCEPTED{unchecked}" if v.accepted else f"REJECTED ({v.reason})",
+                  highlight=False)
     raise typer.Exit(0 if v.accepted else (2 if v.reason in MALFORMED else 1))
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 OPENING_MAGIC = b"CLLMOPN\x00"
 OPENING_VERSION = 1
 MATRICES = ("qkv", "o", "gate_up", "down")
@@ -33,7 +35,20 @@ class Plan:
     embed: list[int]  # positions whose embedding row is checked
 
 
-def plan(challenge: dict, n_layers: int) -> Plan:
+class PlanError(ValueError):
+    """A challenge that does not fit its receipt or the model (checked before allocating)."""
+
+
+def plan(challenge: dict, n_layers: int, receipt: dict | None = None) -> Plan:
+    """What `challenge` opens. receipt: when given, the challenge's shape is checked against it
+    and the model's n_layers first (challenge.shape_error), so nothing is sized from an
+    unchecked challenge; PlanError says why it does not fit."""
+    if receipt is not None:
+        from .challenge import shape_error
+
+        reason = shape_error(challenge, receipt, n_layers)
+        if reason:
+            raise PlanError(reason)
     pos = sorted(set(challenge["positions"]))
     layers = sorted(set(challenge["layers"]))
     horizon = max(pos) + 1
@@ -49,3 +64,76 @@ def plan(challenge: dict, n_layers: int) -> Plan:
                 z={l: pos for l in layers}, zq={l: s for l, s in zq.items() if s},
                 lm=sorted(set(challenge["decode_positions"])),
                 embed=sorted(set(pos) | set(zq.get(0, []))))  # every opened x_0 row
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What one opened array must be: dtype (explicit byte order), shape (None: a proof's length,
+    at most `max_rows`), and its values: exactly `values`, within [lo, hi], finite, or finite
+    positive normal fp32 (K/V scales)."""
+
+    dtype: str
+    shape: tuple
+    values: tuple | None = None
+    lo: int | None = None
+    hi: int | None = None
+    finite: bool = False
+    normal: bool = False
+    max_rows: int = 0
+
+
+def _proof_rows(leaves: int, n: int) -> int:
+    """A multiproof of `leaves` leaves in an n-leaf tree has at most leaves * depth hashes."""
+    return max(leaves, 1) * max(n - 1, 1).bit_length()
+
+
+def array_specs(cfg, profile, rows: dict, p: Plan, n_positions: int) -> dict[str, Spec]:
+    """Every array an opening answering plan `p` must hold, and nothing else, with its type,
+    shape and range from the key (config, profile, matrix rows), never from the opening.
+    n_positions: the receipt's committed positions (the trace trees' leaf count)."""
+    from .numerics.quant import int_dtype
+
+    L, H = cfg.num_layers, cfg.hidden_size
+    kvq = profile.kv_qmax
+    kv_t = np.dtype(int_dtype(kvq)).newbyteorder("<").str
+    i64, f32, u8 = "<i8", "<f4", "|u1"
+    positions = lambda pos: Spec(i64, (len(pos),), values=tuple(pos))  # noqa: E731
+    proof = lambda k, n: Spec(u8, (None, 32), max_rows=_proof_rows(k, n))  # noqa: E731
+    out = {"resid.layer_roots": Spec(u8, (L + 1, 32)), "kv.layer_roots": Spec(u8, (L, 32))}
+    for l, pos in p.resid.items():
+        out[f"resid.{l}.pos"] = positions(pos)
+        out[f"resid.{l}.rows"] = Spec(f32, (len(pos), H), finite=True)
+        out[f"resid.{l}.proof"] = proof(len(pos), n_positions)
+    kv_shape = (cfg.num_kv_heads, cfg.head_dim)
+    for l, pos in p.kv.items():
+        n = len(pos)
+        out[f"kv.{l}.pos"] = positions(pos)
+        for x in ("k", "v"):
+            out[f"kv.{l}.{x}"] = Spec(kv_t, (n, *kv_shape), lo=-kvq, hi=kvq)
+        for x in ("sk", "sv"):
+            out[f"kv.{l}.{x}"] = Spec(f32, (n, kv_shape[0]), normal=True)
+        out[f"kv.{l}.proof"] = proof(n, n_positions)
+    for l, pos in p.z.items():
+        out[f"z.{l}.pos"] = positions(pos)
+        for m in MATRICES:
+            out[f"z.{l}.{m}"] = Spec(i64, (len(pos), rows[f"layers.{l}.{m}"]))
+        if p.zq.get(l):
+            out[f"zq.{l}.pos"] = positions(p.zq[l])
+            out[f"zq.{l}.qkv"] = Spec(i64, (len(p.zq[l]), rows[f"layers.{l}.qkv"]))
+    if p.lm:
+        out["z.lm.pos"] = positions(p.lm)
+        out["z.lm"] = Spec(i64, (len(p.lm), rows["lm_head"]))
+    return out
+
+
+def embed_specs(cfg, profile, ids: list[int]) -> dict[str, Spec]:
+    """The embedding rows of the (sorted, unique) token ids the plan opens."""
+    hq = profile.head_qmax
+    from .numerics.quant import int_dtype
+
+    head_t = np.dtype(int_dtype(hq)).newbyteorder("<").str
+    n = len(ids)
+    return {"embed.ids": Spec("<i8", (n,), values=tuple(ids)),
+            "embed.q": Spec(head_t, (n, cfg.hidden_size), lo=-hq, hi=hq),
+            "embed.s": Spec("<f4", (n,), finite=True),
+            "embed.proof": Spec("|u1", (None, 32), max_rows=_proof_rows(n, cfg.vocab_size))}

@@ -7,6 +7,7 @@ token ids, text, IO hash chain, trace roots, receipt_id = blake3 over everything
 from __future__ import annotations
 
 import hmac
+import re
 import struct
 
 import blake3
@@ -62,6 +63,17 @@ def build_receipt(manifest: dict, request: dict, nonce: str, prompt_ids: list[in
     return body
 
 
+RECEIPT_BYTES_FIXED = 64 * 1024  # manifest, hashes, trace, field names
+RECEIPT_BYTES_PER_POSITION = 2048  # a token id, its share of the request and text, JSON-escaped
+
+
+def receipt_bound(context_length: int) -> int:
+    """The largest receipt file an honest provider can send for a model of this context length
+    (every position's id, request and text share at most 2 KiB), capped at MAX_RECEIPT_BYTES:
+    readers refuse a larger file before parsing it."""
+    return min(MAX_RECEIPT_BYTES, RECEIPT_BYTES_FIXED + RECEIPT_BYTES_PER_POSITION * context_length)
+
+
 class ReceiptError(ValueError):
     """A receipt that is malformed (code 'receipt_malformed') or inconsistent (code given)."""
 
@@ -76,9 +88,23 @@ _FIELDS = {"version": str, "manifest": dict, "manifest_hash": str, "request": di
 _TRACE = {"positions": int, "layers": int, "residual_root": str, "kv_root": str}
 
 
-def check_receipt(r) -> None:
-    """Structure and internal hashes; raises ReceiptError with a reason code."""
+def check_receipt(r, *, vocab_size: int | None = None, max_positions: int | None = None) -> None:
+    """Structure, types and internal hashes; raises ReceiptError with a reason code.
+    vocab_size / max_positions (the key's model): every token id must lie below vocab_size
+    (code token_range) and prompt + output fit in max_positions (code context_length), checked
+    before any hash is computed over them."""
     _shape(r)
+    n_tok = len(r["prompt_token_ids"]) + len(r["output_token_ids"])
+    if max_positions is not None and n_tok > max_positions:
+        raise ReceiptError("context_length", f"{n_tok} prompt + output tokens exceed the "
+                                             f"model's context of {max_positions}")
+    if vocab_size is not None:
+        bad = [t for t in (*r["prompt_token_ids"], *r["output_token_ids"]) if t >= vocab_size]
+        if bad:
+            raise ReceiptError("token_range", f"token id {bad[0]} is not below the vocabulary "
+                                              f"size {vocab_size}")
+        if any(t >= vocab_size for t in r["manifest"]["limits"]["eos_token_ids"]):
+            raise ReceiptError("token_range", "an EOS id is not below the vocabulary size")
     pairs = (("receipt_hash", r["manifest_hash"], manifest_hash(r["manifest"])),
              ("receipt_hash", r["request_hash"], request_hash(r["request"])),
              ("io_chain", r["io_chain"], io_chain(r["manifest_hash"], r["request_hash"], r["nonce"],
@@ -93,18 +119,100 @@ def check_receipt(r) -> None:
                                           f"tokens imply {n}")
 
 
+MAX_NONCE_CHARS = 1024
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _exact_keys(d: dict, want, where: str) -> None:
+    if set(d) != set(want):
+        extra = sorted(str(k)[:32] for k in set(d) - set(want))
+        missing = sorted(set(want) - set(d))
+        raise ReceiptError("receipt_malformed", f"{where}: unknown fields {extra[:4]}, missing "
+                                                f"{missing[:4]}")
+
+
+# The manifest's fields and their JSON types: anything else is refused (fail closed).
+_MANIFEST = {"spec_version": str, "numerics_digest": str, "profile": dict, "model_commitment": str,
+             "rope_digest": str, "tokenizer_hash": (str, type(None)),
+             "chat_template_hash": (str, type(None)), "chat": bool, "sampling": dict,
+             "seed_commitment": (str, type(None)), "limits": dict}
+_PROFILE = {"name": str, "weight_qmax": int, "act_qmax": int, "kv_qmax": int, "head_qmax": int}
+_LIMITS = ("max_tokens", "eos_token_ids", "context_length")
+_SAMPLING = ("temperature", "top_k", "top_p")
+F32_TINY = 2.0 ** -126  # the smallest positive normal fp32
+F32_MAX = 3.4028234663852886e38
+
+
+def check_sampling(s) -> None:
+    """The decode policy's domain (code sampling_invalid): temperature 0 (greedy) or a number
+    whose fp32 value is a positive normal; top_k an integer in [0, 2^31); top_p a number in
+    (0, 1]. Every one a JSON number, never a bool (Python's True is an int)."""
+    bad = lambda msg: ReceiptError("sampling_invalid", msg)  # noqa: E731
+    if not isinstance(s, dict):
+        raise bad("sampling is not an object")
+    _exact_keys(s, _SAMPLING, "manifest.sampling")
+    t, k, p = s["temperature"], s["top_k"], s["top_p"]
+    if not _is_num(t) or not (t == 0 or F32_TINY <= t <= F32_MAX):
+        raise bad(f"temperature {t!r} is neither 0 nor a positive normal fp32 value")
+    if not _is_int(k) or not 0 <= k < 2**31:
+        raise bad(f"top_k {k!r} is not an integer in [0, 2^31)")
+    if not _is_num(p) or not 0 < p <= 1:
+        raise bad(f"top_p {p!r} is not a number in (0, 1]")
+
+
+def _manifest(m) -> None:
+    bad = lambda msg: ReceiptError("receipt_malformed", msg)  # noqa: E731
+    _exact_keys(m, _MANIFEST, "manifest")
+    for k, t in _MANIFEST.items():
+        if not isinstance(m[k], t):
+            raise bad(f"manifest field {k!r} has the wrong JSON type")
+    _exact_keys(m["profile"], _PROFILE, "manifest.profile")
+    if not all(isinstance(m["profile"][k], t) and not isinstance(m["profile"][k], bool)
+               for k, t in _PROFILE.items()):
+        raise bad("manifest.profile: wrong JSON types")
+    if m["seed_commitment"] is not None and not _HEX64.fullmatch(m["seed_commitment"]):
+        raise bad("seed_commitment is not a 32-byte hex digest")
+    lim = m["limits"]
+    _exact_keys(lim, _LIMITS, "manifest.limits")
+    if not _is_int(lim["max_tokens"]) or not _is_int(lim["context_length"]):
+        raise bad("limits max_tokens and context_length must be integers")
+    eos = lim["eos_token_ids"]
+    if not (isinstance(eos, list) and all(_is_int(t) and 0 <= t < 2**32 for t in eos)
+            and len(set(eos)) == len(eos)):
+        raise bad("limits eos_token_ids must be a list of distinct token ids")
+    check_sampling(m["sampling"])
+
+
 def _shape(r) -> None:
     bad = lambda msg: ReceiptError("receipt_malformed", msg)  # noqa: E731
     if not isinstance(r, dict):
         raise bad("receipt is not a JSON object")
+    _exact_keys(r, _FIELDS, "receipt")
     for k, t in _FIELDS.items():
         if not isinstance(r.get(k), t):
             raise bad(f"field {k!r} missing or not a {t.__name__}")
     if r["version"] != RECEIPT_VERSION:
         raise bad(f"unsupported receipt version {r['version']!r}")
+    _exact_keys(r["trace"], _TRACE, "trace")
     for k, t in _TRACE.items():
         if not isinstance(r["trace"].get(k), t) or isinstance(r["trace"].get(k), bool):
             raise bad(f"trace field {k!r} missing or not a {t.__name__}")
+    if len(r["nonce"]) > MAX_NONCE_CHARS:
+        raise bad(f"nonce longer than {MAX_NONCE_CHARS} characters")
+    for k in ("nonce", "text"):
+        try:
+            r[k].encode("utf-8")
+        except UnicodeEncodeError:
+            raise bad(f"{k} is not valid Unicode (a lone surrogate)") from None
+    _manifest(r["manifest"])
     for k in ("prompt_token_ids", "output_token_ids"):
         ids = r[k]
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in ids):

@@ -82,4 +82,4 @@ def _object(pairs: list) -> dict:
     return out
 
 
-__all__ = ["JSONError", "MAX_DEPTH", "check_depth", "loads"]
+__all__ = ["JSONError", "MAX_DEPTH", "check_structure", "loads"]

@@ -15,7 +15,8 @@ from .merkle import verify_multiproof
 from .numerics.profiles import Profile
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
-from .opening import MATRICES, Plan, plan
+from .opened import check_types
+from .opening import MATRICES, Plan, PlanError, array_specs, embed_specs, plan
 from .receipt import ReceiptError, check_receipt, seed_commitment
 from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
 
@@ -29,6 +30,7 @@ class Verdict:
     reason: str | None = None  # code of the first failing check
     detail: str | None = None
     checks: list = field(default_factory=list)
+    unchecked: list = field(default_factory=list)  # checks the caller switched off (io_binding)
     timing: dict = field(default_factory=dict)  # seconds: freivalds, attention, rest (the replay
     # parts), total; merkle (trace proofs, outside the replay); decode (the replay parts' share
     # spent on the LM head and decode policy)
@@ -38,25 +40,32 @@ class Verdict:
 
     def to_json(self) -> dict:
         return {"accepted": self.accepted, "reason": self.reason, "detail": self.detail,
-                "checks": self.checks, "timing_ms": {k: round(v * 1e3, 3)
-                                                     for k, v in self.timing.items()}}
+                "checks": self.checks, "unchecked": self.unchecked,
+                "timing_ms": {k: round(v * 1e3, 3) for k, v in self.timing.items()}}
 
 
 def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
-           expected_nonce: str | None = None, expected_request: dict | None = None) -> Verdict:
+           expected_nonce: str | None = None, expected_request: dict | None = None, *,
+           io_binding: bool = True) -> Verdict:
     """Run every check; the first failure rejects with its reason code. expected_nonce: the
     client's own nonce (freshness); expected_request: the request exactly as the client sent it
     (prompt or messages, and any decode settings it fixed: max_tokens, temperature, top_k,
-    top_p, seed), compared with the receipt's request and manifest."""
+    top_p, seed), compared with the receipt's request and manifest. tokenizer: the key's
+    (keygen.key_tokenizer), for prompt and output binding; without one the verdict rejects with
+    io_binding_unavailable unless the caller says io_binding=False, and then the verdict lists
+    io_binding as unchecked (the receipt's text and request are not bound to its token ids)."""
     v, t0 = Verdict(), time.perf_counter()
     timer = Timer()
     try:
         _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, expected_nonce,
-             expected_request)
+             expected_request, io_binding)
         v.accepted = True
     except Reject as e:
         v.reason, v.detail = e.code, e.detail
         v.checks.append({"check": e.code, "ok": False, "detail": e.detail})
+    except PlanError as e:
+        v.reason, v.detail = "challenge_invalid", str(e)
+        v.checks.append({"check": v.reason, "ok": False, "detail": v.detail})
     except ReceiptError as e:
         v.reason, v.detail = e.code, str(e)
         v.checks.append({"check": e.code, "ok": False, "detail": str(e)})
@@ -75,8 +84,10 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
 
 
 def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce,
-         request) -> None:
-    check_receipt(receipt)
+         request, io_binding: bool) -> None:
+    cfg = ModelConfig.from_dict(key.meta["config"])
+    prof = Profile(**key.meta["profile"])
+    check_receipt(receipt, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
     v.ok("receipt", "structure, manifest/request hashes, IO chain, receipt id, token count")
     if nonce is not None:
         if not hmac.compare_digest(receipt["nonce"].encode(), nonce.encode()):
@@ -84,7 +95,7 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
         v.ok("nonce", "the receipt carries the client's nonce")
     _check_manifest(key, receipt)
     v.ok("manifest", "spec, numerics, model commitment, RoPE, tokenizer match the key")
-    reason = challenge_mod.check(key.secret, challenge, receipt)
+    reason = challenge_mod.check(key.secret, challenge, receipt, cfg.num_layers)
     if reason:
         raise Reject("challenge_invalid", reason)
     v.ok("challenge", "MAC verifies, same receipt")
@@ -99,15 +110,26 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     if tokenizer is not None:
         _check_io_binding(tokenizer, receipt)
         v.ok("io_binding", "prompt ids re-derived from the request; text = detokenized output")
-    cfg = ModelConfig.from_dict(key.meta["config"])
-    prof = Profile(**key.meta["profile"])
-    p = plan(challenge, cfg.num_layers)
+    elif io_binding:
+        raise Reject("io_binding_unavailable", "no tokenizer (the key has none): the prompt and "
+                                               "text cannot be bound to the token ids; verify "
+                                               "with io_binding=False (--no-io-binding) to "
+                                               "accept that")
+    else:
+        v.unchecked.append("io_binding")
+        v.checks.append({"check": "io_binding", "ok": None,
+                         "detail": "NOT CHECKED (no tokenizer): the request and text are not "
+                                   "bound to the token ids"})
+    p = plan(challenge, cfg.num_layers, receipt)
+    tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
+    check_types(arrays, array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
+                | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
+    v.ok("types", "every opened array has the dtype, shape and range the key implies")
     t_merkle = time.perf_counter()
     resid, kv = _check_trace_proofs(receipt, arrays, p, cfg)
     timer.merkle = time.perf_counter() - t_merkle
     v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
                    f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
-    tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
     n_pos = len(set(challenge["positions"]))
     v.ok("embedding", f"{len(p.embed)} input rows ({n_pos} challenged positions, "
@@ -137,9 +159,25 @@ def _check_manifest(key, receipt) -> None:
         raise Reject("manifest_mismatch", "profile differs from the key's")
     if receipt["trace"]["layers"] != km["config"]["num_hidden_layers"]:
         raise Reject("manifest_mismatch", "trace layer count differs from the model's")
+    ctx = man["limits"]["context_length"]
+    if ctx != km["config"]["max_position_embeddings"]:
+        raise Reject("manifest_mismatch", f"context_length {ctx} is not the model's "
+                                          f"{km['config']['max_position_embeddings']}")
 
 
 def _check_opening_meta(meta, receipt, challenge) -> None:
+    if not isinstance(meta, dict):
+        raise Reject("opening_type", "the opening's metadata is not a JSON object")
+    want = {"receipt_id", "challenge_mac"}
+    if receipt["manifest"]["seed_commitment"] is not None:
+        want |= {"seed", "salt"}
+    if set(meta) != want:
+        raise Reject("opening_type", f"opening metadata fields {sorted(map(str, meta))[:6]} are "
+                                     f"not {sorted(want)}")
+    if "seed" in want and not (isinstance(meta["seed"], int) and not isinstance(meta["seed"], bool)
+                               and 0 <= meta["seed"] < 2**64 and isinstance(meta["salt"], str)
+                               and len(meta["salt"]) == 32):
+        raise Reject("opening_type", "seed must be an unsigned 64-bit integer, salt 16 hex bytes")
     if not hmac.compare_digest(str(meta.get("receipt_id")).encode(), receipt["receipt_id"].encode()):
         raise Reject("opening_mismatch", "opening is for another receipt")
     if not hmac.compare_digest(str(meta.get("challenge_mac")).encode(), challenge["mac"].encode()):
@@ -156,7 +194,7 @@ def _sampling(receipt, meta) -> SamplingParams:
                 raise Reject("seed_commitment", "sampled receipt without a seed commitment")
             return SamplingParams(temp, top_k, top_p, 0)
         seed, salt = meta.get("seed"), bytes.fromhex(str(meta.get("salt")))
-        params = SamplingParams(temp, top_k, top_p, seed)
+        params = SamplingParams(temp, top_k, top_p, seed, nonce=receipt["nonce"])
     except (KeyError, ValueError) as e:
         raise Reject("manifest_mismatch", f"sampling parameters unusable ({e})") from None
     if params.greedy:

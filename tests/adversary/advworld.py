@@ -206,7 +206,7 @@ class World:
                expected_nonce: str | None = NONCE, expected_request: dict | None = None) -> Verdict:
         r = served.receipt if isinstance(served, Served) else served
         return verify(self.key, r, challenge, meta, arrays, self.vtok, expected_nonce,
-                      expected_request)
+                      expected_request, io_binding=self.vtok is not None)
 
     def audit(self, served: Served, provider: Provider | None = None, tier: str = "deep",
               positions=None, expected_nonce: str | None = NONCE,

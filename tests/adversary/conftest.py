@@ -66,3 +66,31 @@ def opened(world):
     meta, arrays = world.open(world.served, c)
     assert world.verify(world.served, c, meta, arrays).accepted
     return c, meta, arrays
+
+
+PROFILES = ("w8a16", "a8", "w16a16")
+
+
+@pytest.fixture(scope="session")
+def profile_worlds(tiny_llama, world) -> dict:
+    """One World per numerics profile (the key built under it), w8a16 being `world` itself;
+    built lazily, once per session."""
+    return {"w8a16": world}
+
+
+@pytest.fixture(scope="session", params=PROFILES)
+def pworld(request, profile_worlds, tiny_llama) -> World:
+    """The tiny Llama's World under each profile in turn (the test id names the profile)."""
+    name = request.param
+    if name not in profile_worlds:
+        profile_worlds[name] = World(quantized(tiny_llama, name))
+    return profile_worlds[name]
+
+
+@pytest.fixture(scope="session")
+def popened(pworld) -> tuple:
+    """An honest full-tier opening of `pworld` and its challenge (copy before editing)."""
+    c = pworld.challenge(pworld.served, "full")
+    meta, arrays = pworld.open(pworld.served, c)
+    assert pworld.verify(pworld.served, c, meta, arrays).accepted
+    return c, meta, arrays

@@ -19,14 +19,16 @@ from bench import adversary as bench
 
 
 def test_served_b_opened_with_a_values(world):
-    """Receipt from model B (claiming A); challenged, the provider sends A's honest opening."""
+    """Receipt from model B (claiming A); challenged, the provider sends A's honest opening (for
+    A's tokens: its embedding rows are not the ones B's receipt names)."""
     p = perturbed(world.qm, 0, "down")
     s = world.serve(p)
     c = world.challenge(s, "routine")
     meta, arrays = world.open(world.served, world.challenge(world.served, "routine"))
     meta = dict(meta, receipt_id=s.receipt["receipt_id"], challenge_mac=c["mac"],
                 seed=s.transcript["seed"], salt=s.transcript["salt"])
-    assert_rejected(world.verify(s, c, meta, arrays), "trace_root")
+    v = world.verify(s, c, meta, arrays)  # the row count, or the ids, differ (challenge-dependent)
+    assert not v.accepted and v.reason in ("opening_type", "opening_mismatch"), v.reason
 
 
 def _substituted(world, position: int):

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 import pytest
-from advworld import assert_refused, edited, json_paths, resealed
+from advworld import assert_refused, assert_rejected, edited, json_paths, resealed
 from commitllm.verifier import container
 from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from commitllm.verifier.verify import Verdict
@@ -33,7 +33,9 @@ JSONISH = st.recursive(
                                                                  max_size=3),
     max_leaves=6)
 # manifest fields no check reads: a re-sealed receipt may change them and still pass
-UNBOUND = {("manifest", "limits", "context_length"), ("manifest", "chat")}
+# the only fields a re-sealed edit may change and still pass: top_k and top_p of a greedy receipt
+# (the chat world's), which the greedy policy never reads (their types and domain are checked)
+UNBOUND = {("manifest", "sampling", "top_k"), ("manifest", "sampling", "top_p")}
 
 
 def _mutate(arrays, name, op, dtype, idx, value):
@@ -85,12 +87,16 @@ def test_fuzz_opening_arrays(world, opened, data, op, dtype, idx, value):
 @given(junk=st.dictionaries(st.text(min_size=1, max_size=12),
                             st.sampled_from([np.zeros(2, np.int64), np.ones((2, 32), np.uint8)]),
                             max_size=3))
-def test_extra_arrays_are_ignored_not_fatal(world, opened, junk):
-    """Unknown arrays beside a valid opening: still a Verdict (an accept is fine: nothing the
-    challenge asked for changed)."""
+def test_extra_arrays_are_refused(world, opened, junk):
+    """Unknown arrays beside a valid opening: rejected (opening_type), never ignored."""
     c, meta, arrays = opened
     extra = {k: v for k, v in junk.items() if k not in arrays}
-    assert isinstance(world.verify(world.served, c, meta, {**arrays, **extra}), Verdict)
+    v = world.verify(world.served, c, meta, {**arrays, **extra})
+    assert isinstance(v, Verdict)
+    if extra:
+        assert_rejected(v, "opening_type")
+    else:
+        assert v.accepted
 
 
 @FUZZ

@@ -32,7 +32,7 @@ def test_lm_accumulators_as_floats(world, opened):
     arrays = {k: v.copy() for k, v in arrays.items()}
     z = arrays["z.lm"]
     arrays["z.lm"] = z.astype(np.float64) + np.where(z >= 0, 0.5, -0.5)
-    assert_rejected(world.verify(world.served.receipt, c, meta, arrays), "opening_malformed")
+    assert_rejected(world.verify(world.served.receipt, c, meta, arrays), "opening_type")
 
 
 def _kv_sample_challenge(world, served, layer, row, pos):
@@ -108,15 +108,14 @@ RECEIPT_JUNK = [
     ("positions-huge", ("trace", "positions"), 10**30, True, "token_count"),
     ("positions-negative", ("trace", "positions"), -1, True, "token_count"),
     ("root-not-hex", ("trace", "kv_root"), "zz" * 32, False, "receipt_malformed"),
-    # no embedding row exists for it: the opening cannot name the challenged ids
-    ("id-beyond-vocab", ("output_token_ids", 0), 10**6, True, "opening_malformed"),
-    ("temperature-huge", ("manifest", "sampling", "temperature"), 1e308, True, "decode"),
+    ("id-beyond-vocab", ("output_token_ids", 0), 10**6, True, "token_range"),
+    ("temperature-huge", ("manifest", "sampling", "temperature"), 1e308, True, "sampling_invalid"),
     ("temperature-string", ("manifest", "sampling", "temperature"), "0.9", True,
-     "opening_malformed"),
-    ("top-p-nan", ("manifest", "sampling", "top_p"), float("nan"), True, "manifest_mismatch"),
+     "sampling_invalid"),
+    ("top-p-nan", ("manifest", "sampling", "top_p"), float("nan"), True, "sampling_invalid"),
     ("max-tokens-negative", ("manifest", "limits", "max_tokens"), -1, True, "stop_policy"),
-    ("eos-not-a-list", ("manifest", "limits", "eos_token_ids"), 7, True, "opening_malformed"),
-    ("limits-missing", ("manifest", "limits"), None, True, "opening_malformed"),
+    ("eos-not-a-list", ("manifest", "limits", "eos_token_ids"), 7, True, "receipt_malformed"),
+    ("limits-missing", ("manifest", "limits"), None, True, "receipt_malformed"),
 ]
 
 

@@ -27,8 +27,10 @@ SILENT = [
      "freivalds_qkv"),
     ("one-weight-moved", lambda qm: perturbed(qm, 1, "down"), "freivalds_down"),
     ("int8-activations", lambda qm: act_width(qm, 127), "freivalds_qkv"),
-    ("int8-qkv", lambda qm: kv_width(qm, 127), "kv_mismatch"),
-    ("a8-profile-run", lambda qm: served_profile(qm, "a8"), "freivalds_qkv"),
+    # int8 K/V arrays where the key's profile implies int16 (a cheat that casts them to int16
+    # still fails the K/V derivation: test_adv_typed.py)
+    ("int8-qkv", lambda qm: kv_width(qm, 127), "opening_type"),
+    ("a8-profile-run", lambda qm: served_profile(qm, "a8"), "opening_type"),
     ("4-bit-weights", lambda qm: requantized(qm, 7), "freivalds_qkv"),
     ("rope-theta-silent", lambda qm: rope_theta(qm, 1e5, silent=True), "kv_mismatch"),
     ("rope-theta-declared", lambda qm: rope_theta(qm, 1e5, silent=False), "manifest_mismatch"),

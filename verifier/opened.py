@@ -1,0 +1,59 @@
+"""The types of an opening, checked before anything reads it.
+
+An opening's container header declares each array's dtype and shape, and a Merkle leaf covers
+only an array's bytes: the same bytes read as uint8 instead of int8, or as big-endian floats,
+mean other numbers. So nothing is taken from the header. `check_types` compares the opening
+with `opening.array_specs` (built from the key's config and profile and the challenge's plan):
+exactly the expected set of names, each with exactly the expected dtype (byte order included)
+and shape, and values in the range the profile allows. Codes: `opening_type` (a name missing or
+extra, a dtype or shape other than the key's), `opening_range` (a value outside its range: a
+K/V value beyond +-kv_qmax, an embedding value beyond +-head_qmax, a non-finite, zero, negative
+or subnormal K/V scale, a non-finite residual or embedding scale), `opening_mismatch` (positions
+or token ids other than the challenged ones: an opening for another challenge).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .opening import Spec
+from .replay import Reject
+
+F32_TINY = np.finfo(np.float32).tiny  # the smallest positive normal fp32
+
+
+def check_types(arrays, specs: dict[str, Spec]) -> None:
+    """Raise Reject('opening_type' | 'opening_range') unless `arrays` is exactly `specs`."""
+    if not isinstance(arrays, dict):
+        raise Reject("opening_type", "the opening's arrays are not a name -> array table")
+    names, want = set(arrays), set(specs)
+    if names != want:
+        extra, missing = sorted(names - want, key=str), sorted(want - names)
+        raise Reject("opening_type", f"arrays differ from what the challenge opens: unknown "
+                                     f"{[str(n)[:40] for n in extra[:4]]}, missing {missing[:4]}")
+    for name in sorted(want):
+        _check(name, arrays[name], specs[name])
+
+
+def _check(name: str, a, spec: Spec) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype.str != spec.dtype or a.dtype.byteorder == ">":
+        got = getattr(a, "dtype", type(a).__name__)
+        raise Reject("opening_type", f"{name}: dtype {got}, the key implies {spec.dtype}")
+    if a.ndim != len(spec.shape) or any(w is not None and g != w
+                                        for g, w in zip(a.shape, spec.shape)):
+        raise Reject("opening_type", f"{name}: shape {a.shape}, the key implies "
+                                     f"{tuple('n' if w is None else w for w in spec.shape)}")
+    if spec.max_rows and a.shape[0] > spec.max_rows:
+        raise Reject("opening_type", f"{name}: {a.shape[0]} proof hashes, at most "
+                                     f"{spec.max_rows} can be needed")
+    if spec.values is not None and a.tolist() != list(spec.values):
+        raise Reject("opening_mismatch", f"{name}: not the challenged positions or token ids")
+    if spec.lo is not None and a.size and (int(a.min()) < spec.lo or int(a.max()) > spec.hi):
+        raise Reject("opening_range", f"{name}: a value outside [{spec.lo}, {spec.hi}]")
+    if spec.finite and not np.all(np.isfinite(a)):
+        raise Reject("opening_range", f"{name}: a non-finite value")
+    if spec.normal and not np.all(np.isfinite(a) & (a >= F32_TINY)):
+        raise Reject("opening_range", f"{name}: a scale that is not a finite positive normal fp32")
+
+
+__all__ = ["check_types"]
