@@ -266,7 +266,7 @@ def convert(
         _fail(f"{outdir}: folder exists and is not empty (give --overwrite to replace it)")
     if not gguf_file.is_file():
         _fail(f"{gguf_file}: no such file")
-    check_out_file(outdir / "config.json", "OUTDIR")
+    cliutil.check_out_parent(outdir, "OUTDIR")  # OUTDIR itself appears only when complete
     try:
         with err.status(f"converting {gguf_file} ..."):
             convert_gguf(gguf_file, outdir, overwrite=overwrite)

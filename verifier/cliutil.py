@@ -95,6 +95,11 @@ def check_out_file(path: Path | None, option: str) -> None:
     _writable_dir(path.parent, f"{option} {path}")
 
 
+def check_out_parent(path: Path, option: str) -> None:
+    """The folder `path` will be created in: created if missing, and writable."""
+    _writable_dir(path.parent, f"{option} {path}")
+
+
 def check_out_dir(path: Path | None, option: str) -> None:
     """An output folder (a transcript store): created if missing, writable, not a file."""
     if path is None:
