@@ -268,7 +268,7 @@ def convert(
         _fail(f"{gguf_file}: no such file")
     cliutil.check_out_parent(outdir, "OUTDIR")  # OUTDIR itself appears only when complete
     try:
-        with err.status(f"converting {gguf_file} ..."):
+        with progress.step(f"converting {gguf_file} to an HF folder"):
             convert_gguf(gguf_file, outdir, overwrite=overwrite)
     except (GGUFError, TokenizerError, OSError, ValueError) as e:
         _fail(str(e))
