@@ -99,7 +99,7 @@ def generate(
     if audit and max_tokens == 0:
         _fail("--audit needs --max-tokens of at least 1 (no generated position to challenge)")
     check_out_file(receipt, "--receipt")
-    check_out_dir(store, "--store")
+    check_out_dir(store, "--store", sqlite=False)  # generate writes a folder store
     check_cache()
     try:
         runner = Runner.create(model, backend.value, profile, err, tp, tp_timeout)

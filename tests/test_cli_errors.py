@@ -238,3 +238,10 @@ def test_open_unknown_receipt_is_one_line(tmp_path, files):
                                      str(files["challenge"]), "--out", str(tmp_path / "o3.bin")])
     line = _one_line(res, "--store", "no transcript for receipt")
     assert "KeyError" not in line and "'" not in line.split("receipt", 1)[1][:3]
+
+
+def test_generate_store_sqlite_file_is_refused(tmp_path):
+    st = tmp_path / "transcripts.sqlite"
+    st.write_bytes(b"")
+    res = runner.invoke(engine_app, ["generate", "hi", "--model", NO_MODEL, "--store", str(st)])
+    _one_line(res, "--store", "is a file")
