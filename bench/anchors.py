@@ -163,7 +163,7 @@ def context_figures(setup: Setup, ctx: int, gen_tokens: int, tiers: tuple[str, .
     rng = np.random.default_rng(seed)
     prompt = rng.integers(2, setup.model.cfg.vocab_size, ctx + 1 - gen_tokens).tolist()
     load = os.getloadavg()
-    s, trace_s = sign(setup, {"prompt": f"anchors {ctx}"}, prompt, gen_tokens, False, chunk)
+    s, trace_s = sign(setup, {"prompt": f"anchors {ctx}"}, prompt, gen_tokens, chunk)
     out = {"positions": s.receipts[0]["trace"]["positions"], "loadavg": load,
            "gen_s": s.gen_seconds, "commit_s": s.commit_seconds, "trace_s": trace_s,
            "commit_pct": 100 * s.commit_seconds / s.gen_seconds,

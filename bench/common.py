@@ -18,7 +18,12 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from bench.gpu_bootstrap import prefer_installed_kernels
 from commitllm.verifier.atomic import atomic_write
+
+# transformers >= 5.25 imports the Hub's top-level `kernels` package; run as `python bench/x.py`,
+# bench/kernels.py (and the root's kernels/) shadowed it and every model load failed
+prefer_installed_kernels()
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"

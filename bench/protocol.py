@@ -108,7 +108,7 @@ def text_prompt(tokenizer, text: str, n: int) -> tuple[dict, list[int]]:
     return {"prompt": s}, tokenizer.encode(s)
 
 
-def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: bool,
+def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int,
          prefill_chunk: int = 0):
     """One generation with a receipt: (engine.receipts.Signed, seconds spent in trace_roots).
 
@@ -126,7 +126,7 @@ def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: 
         return out
 
     with mock.patch.object(receipts, "trace_roots", timed):
-        s = receipts.generate_with_receipts(setup.model, setup.tokenizer, chat, [request],
+        s = receipts.generate_with_receipts(setup.model, setup.tokenizer, [request],
                                             [prompt], setup.params, gen_tokens, setup.eos_ids,
                                             "bench-nonce", prefill_chunk=prefill_chunk)
     return s, sum(spent)
@@ -246,7 +246,7 @@ def receipt_figures(r: dict) -> dict:
     return {"bytes": size, "fixed_bytes": size - variable}
 
 
-def sign_runs(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, chat: bool,
+def sign_runs(setup: Setup, request: dict, prompt: list[int], gen_tokens: int,
               runs: int) -> tuple[object, dict]:
     """`runs` generations with receipts, alternating with as many plain generations (no
     recording, no commitment): the first Signed, and timings (median, spread) of both, of
@@ -257,7 +257,7 @@ def sign_runs(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, c
         return generate_exact(setup.model, [prompt], setup.params, gen_tokens, setup.eos_ids)
 
     timed = time_interleaved({"plain": plain,
-                              "signed": lambda i: sign(setup, request, prompt, gen_tokens, chat)},
+                              "signed": lambda i: sign(setup, request, prompt, gen_tokens)},
                              runs, warmup=0, before=setup.before)
     (plain_t, _), (signed_t, signed) = timed["plain"], timed["signed"]
     gen = Timing(tuple(x.gen_seconds for x, _ in signed))
@@ -280,13 +280,13 @@ def sign_runs(setup: Setup, request: dict, prompt: list[int], gen_tokens: int, c
         "overhead_pct": statistics.median(pct), "trace_overhead_pct": statistics.median(trace_pct)}
 
 
-def context_figures(setup: Setup, request: dict, prompt: list[int], chat: bool, gen_tokens: int,
+def context_figures(setup: Setup, request: dict, prompt: list[int], gen_tokens: int,
                     tiers: tuple[str, ...], verify_runs: int, deep_verify_runs: int = 2,
                     gen_runs: int = 1, open_runs: int = 1) -> dict:
     """Generations with receipts, then every tier's opening and verification of the first one
     (the deep tier: `deep_verify_runs` runs without a separate warm-up; seconds per run)."""
     load = os.getloadavg()
-    s, gen = sign_runs(setup, request, prompt, gen_tokens, chat, gen_runs)
+    s, gen = sign_runs(setup, request, prompt, gen_tokens, gen_runs)
     r = s.receipts[0]
     out = gen | {"positions": r["trace"]["positions"], "loadavg": load,
                  "receipt": receipt_figures(r), "retained": retained_figures(s.transcripts[0]),
@@ -306,13 +306,13 @@ def manifest_seconds(setup: Setup, runs: int = 3) -> dict:
     from commitllm.engine.commit import Committer
 
     def once(_i: int):
-        Committer(setup.model, setup.tokenizer, False).manifest(setup.params, None, 1, ())
+        Committer(setup.model, setup.tokenizer).manifest(setup.params, None, 1, ())
     return time_runs(once, runs, warmup=0)[0].to_dict()
 
 
 def warm_up(setup: Setup, prompt: list[int]) -> None:
     """The first forward pass is several times slower than later ones: run the flow once."""
-    s, _ = sign(setup, {"prompt": "warm-up"}, prompt, 4, False)
+    s, _ = sign(setup, {"prompt": "warm-up"}, prompt, 4)
     tier_figures(setup, s, "routine", 1, b"w" * 16)
 
 
@@ -357,15 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     warm_up(setup, chat_ids)
     cm = manifest_seconds(setup)
     print(f"manifest of a fresh Committer {cm['median']:.3f} s", flush=True)
-    _, over = sign_runs(setup, {"prompt": CHAT_PROMPT}, chat_ids, args.gen_tokens, True,
-                        args.overhead_runs)
+    chat_request = {"messages": [{"role": "user", "content": CHAT_PROMPT}]}
+    _, over = sign_runs(setup, chat_request, chat_ids, args.gen_tokens, args.overhead_runs)
     print(f"overhead (chat prompt + {over['output_tokens']} tokens): "
           f"{over['overhead_pct']:.1f} % median of {over['runs']}", flush=True)
     contexts = []
     for n in (int(c) for c in args.contexts.split(",")):
         request, prompt = text_prompt(tok, text, n + 1 - args.gen_tokens)
         tiers = tuple(t for t in TIERS if t != "deep" or n <= args.deep_max)
-        contexts.append(context_figures(setup, request, prompt, False, args.gen_tokens, tiers,
+        contexts.append(context_figures(setup, request, prompt, args.gen_tokens, tiers,
                                         args.verify_runs, args.deep_verify_runs,
                                         args.gen_runs, args.open_runs))
     settings = {"model": args.model, "profile": args.profile, "gen_tokens": args.gen_tokens,

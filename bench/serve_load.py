@@ -99,7 +99,8 @@ def run_clients(url: str, model_id: str, clients: int, requests: int, max_tokens
                 continue
             dt = time.perf_counter() - t0
             with lock:
-                results.append({"request": req, "receipt": r.receipt, "latency_s": dt})
+                results.append({"request": req, "receipt": r.receipt, "latency_s": dt,
+                                "text": r.choices[0].message.content})
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -113,11 +114,12 @@ def run_clients(url: str, model_id: str, clients: int, requests: int, max_tokens
 def audit_all(url: str, key_path: Path, results: list[dict], tier: str) -> tuple[list, float]:
     from commitllm.keys.keygen import key_tokenizer, load_key
     from commitllm.verifier.audit import Item, audit_item
+    from commitllm.verifier.client import Exchange
 
     key = load_key(key_path)
     tok = key_tokenizer(key)
     t0 = time.perf_counter()
-    rows = [audit_item(key, tok, url, Item(r["receipt"], r["request"], "load"), tier, 1 << 30, 600)
+    rows = [audit_item(key, tok, url, Item("load", Exchange(r["receipt"], r["request"], "/v1/chat/completions", r["text"])), tier, 1 << 30, 600)
             for r in results]
     return rows, time.perf_counter() - t0
 

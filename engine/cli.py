@@ -203,9 +203,11 @@ def _run_audit(runner, signed) -> tuple[int, dict]:
     rows = []
     for (v, fig), r in zip(reports, signed.receipts):
         rows.append({"receipt_id": r["receipt_id"], "accepted": v.accepted, "reason": v.reason,
-                     "detail": v.detail, **fig})
+                     "detail": v.detail, "unchecked": v.unchecked, **fig})
         ms = fig["verify_ms_per_position"]
+        unchecked = f" ({', '.join(v.unchecked)} NOT CHECKED: no tokenizer)" if v.unchecked else ""
         err.print(f"audit {r['receipt_id'][:12]}: {'ACCEPTED' if v.accepted else 'REJECTED'}"
+                  f"{unchecked}"
                   f"{'' if v.accepted else f' ({v.reason}: {v.detail})'} | full tier, "
                   f"{fig['challenged_positions']} positions x all layers | receipt "
                   f"{fig['receipt_bytes']} B | opening {fig['opening_bytes_per_position']} B/position | "
@@ -361,6 +363,18 @@ def serve(
                                      "openai client's api_key). Prefer the COMMITLLM_API_KEY "
                                      "environment variable: a command line is visible to other "
                                      "users. Default: no authentication."),
+    audit_key: str = typer.Option(None, envvar="COMMITLLM_AUDIT_KEY", show_default=False,
+                                  help="The auditor's key, separate from the client API key: "
+                                       "/v1/audit and /v1/receipts need `Authorization: Bearer "
+                                       "KEY` (a client key gets 403). Prefer the "
+                                       "COMMITLLM_AUDIT_KEY environment variable. Without it a "
+                                       "server with --api-key audits no one; one with neither "
+                                       "key is open."),
+    max_audit_queue: int = typer.Option(4, min=1, help="Openings queued or running (one at a "
+                                                       "time); more get 429 with Retry-After."),
+    max_opening_mib: int = typer.Option(1024, min=1, help="Largest opening the server computes "
+                                                          "(MiB); a challenge asking for more "
+                                                          "gets 413 before re-execution."),
 ) -> None:
     """Serve the OpenAI API (chat, completions, streaming) with a receipt on every response,
     POST /v1/audit for openings, GET /v1/receipts, /v1/models and /v1/commitment."""
@@ -385,7 +399,9 @@ def serve(
                                  max_concurrent=max_concurrent, max_body_bytes=max_body_kib * 1024,
                                  default_max_tokens=default_max_tokens, tp=tp,
                                  tp_timeout=tp_timeout, on_fatal=(shutdown := Shutdown(err)),
-                                 api_key=api_key or None)
+                                 api_key=api_key or None, audit_key=audit_key or None,
+                                 max_audit_queue=max_audit_queue,
+                                 max_opening_bytes=max_opening_mib << 20)
     except EngineError as e:
         _fail(str(e))
     except OSError as e:

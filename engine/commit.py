@@ -21,8 +21,8 @@ from .exact.model import ExactModel, SeqCache
 class Committer:
     """Everything a receipt names about the model and its numerics, computed once per model."""
 
-    def __init__(self, model: ExactModel, tokenizer, chat: bool):
-        self.model, self.tokenizer, self.chat = model, tokenizer, chat
+    def __init__(self, model: ExactModel, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
 
     @property
     def model_commitment(self) -> str:
@@ -52,7 +52,6 @@ class Committer:
             "profile": self.model.profile.manifest(), "model_commitment": self.model_commitment,
             "rope_digest": self.model.rope.digest(),
             "tokenizer_hash": self._hashes[0], "chat_template_hash": self._hashes[1],
-            "chat": self.chat,
             "sampling": params.manifest(), "seed_commitment": seed_com,
             "limits": {"max_tokens": max_tokens, "eos_token_ids": list(eos_ids),
                        "context_length": cfg.max_position_embeddings},

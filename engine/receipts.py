@@ -36,16 +36,15 @@ class Signed:
 class SeqRequest:
     """One sequence of a signed batch: what the client asked and how it is decoded."""
 
-    request: dict  # bound into the receipt: {"prompt": ...} or {"messages": [...]}
-    prompt_ids: list[int]
+    request: dict  # bound into the receipt: {"prompt": ...} (plain) or {"messages": [...]} (the
+    prompt_ids: list[int]  # chat template): the verifier re-derives prompt_ids from its shape
     params: SamplingParams
     max_tokens: int
     nonce: str
-    chat: bool
     salt: bytes | None = None  # random when None (tests inject one to compare receipts)
 
 
-def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: list[dict],
+def generate_with_receipts(model: ExactModel, tokenizer, requests: list[dict],
                            prompts: list[list[int]], params: SamplingParams, max_tokens: int,
                            eos_ids, nonce: str, on_token=None, prefill_chunk: int = 0,
                            salts: list[bytes] | None = None) -> Signed:
@@ -53,7 +52,7 @@ def generate_with_receipts(model: ExactModel, tokenizer, chat: bool, requests: l
     reproducible byte for byte (tests comparing runs)."""
     if salts is not None and len(salts) != len(prompts):
         raise ValueError(f"{len(salts)} salts for {len(prompts)} prompts")
-    seqs = [SeqRequest(r, p, params, max_tokens, nonce, chat, None if salts is None else salts[i])
+    seqs = [SeqRequest(r, p, params, max_tokens, nonce, None if salts is None else salts[i])
             for i, (r, p) in enumerate(zip(requests, prompts))]
     return sign_batch(model, tokenizer, seqs, eos_ids, on_token, prefill_chunk)
 
@@ -65,9 +64,8 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
     if any(s.max_tokens < 1 for s in seqs):
         raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
     rec, caches = Recorder(len(seqs)), [SeqCache() for _ in seqs]
-    coms = {c: Committer(model, tokenizer, c) for c in {s.chat for s in seqs}}
-    for com in coms.values():
-        _ = com.model_commitment, com._hashes  # once per loaded model, like loading
+    com = Committer(model, tokenizer)
+    _ = com.model_commitment, com._hashes  # once per loaded model, like loading
     t0 = time.perf_counter()
     params = [replace(s.params, nonce=s.nonce) for s in seqs]  # the client's nonce in every draw
     results = generate_exact(model, [s.prompt_ids for s in seqs], params,
@@ -82,14 +80,14 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
             continue
         salt = os.urandom(16) if s.salt is None else s.salt
         trees = trace_roots(rec.residuals(i, model.cfg.num_layers), model.full_cache(caches[i]))
-        r = make_receipt(coms[s.chat], s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
+        r = make_receipt(com, s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
                          res.prompt_token_ids, res.token_ids, trees)
         receipts.append(r)
         transcripts.append({"receipt": r, "seed": s.params.seed, "salt": salt.hex()})
     return Signed(results, receipts, transcripts, t1 - t0, time.perf_counter() - t1)
 
 
-def receipt_for_tokens(model: ExactModel, tokenizer, chat: bool, request: dict, nonce: str,
+def receipt_for_tokens(model: ExactModel, tokenizer, request: dict, nonce: str,
                        params: SamplingParams, salt: bytes, max_tokens: int, eos_ids,
                        prompt_ids: list[int], output_ids: list[int]) -> dict:
     """A receipt for a given token sequence, by re-executing it (what a provider that chose the
@@ -98,7 +96,7 @@ def receipt_for_tokens(model: ExactModel, tokenizer, chat: bool, request: dict, 
     rec, cache = Recorder(1), SeqCache()
     rec.step(model, [0], [cache], [tokens[:-1]])
     trees = trace_roots(rec.residuals(0, model.cfg.num_layers), model.full_cache(cache))
-    return make_receipt(Committer(model, tokenizer, chat), request, nonce, params, salt,
+    return make_receipt(Committer(model, tokenizer), request, nonce, params, salt,
                         max_tokens, eos_ids, prompt_ids, output_ids, trees)
 
 

@@ -117,10 +117,11 @@ class Runner:
     def generate_signed(self, texts, prompts, params, max_tokens, prefill_chunk, on_token, nonce):
         from .receipts import generate_with_receipts
 
-        chat = self._chat
+        # the request's shape says how its prompt was encoded (the verifier re-derives the ids)
+        requests = [{"messages": [{"role": "user", "content": t}]} if self._chat else {"prompt": t}
+                    for t in texts]
         try:
-            return generate_with_receipts(self.model, self.tokenizer, chat,
-                                          [{"prompt": t} for t in texts], prompts, params,
+            return generate_with_receipts(self.model, self.tokenizer, requests, prompts, params,
                                           max_tokens, self.eos_ids(), nonce, on_token, prefill_chunk)
         except ValueError as e:
             raise EngineError(str(e)) from None

@@ -132,3 +132,39 @@ def test_bootstrap_unpacks_blake3_for_a_bare_interpreter(tmp_path):
     p = _run([sys.executable, "-S", "-c", code])
     assert p.returncode == 0, p.stdout + p.stderr
     assert "unpacked blake3-" in p.stdout and str(tmp_path) in p.stdout
+
+
+def test_markdown_and_summary_of_a_gpu_document():
+    """What a GPU run writes (fields the dry run leaves empty) renders without error."""
+    rows = [dict(kernel="attention decode", shape="S=4096 nh=32 nkv=8 d=128", bytes=1, ops=1,
+                 ours_ms=0.02, sdpa_ms=0.01, sdpa_backend="flash", tb_s=1.7, tops=0.1,
+                 hbm_share=0.35, floor_us=7.0, ours_over_sdpa=2.0),
+            dict(kernel="gemm w8a16", shape="qkv M=1 N=6144 K=4096", bytes=1, ops=1,
+                 ours_ms=0.01, int_mm_ms=0.009, bf16_ms=0.012, hbm_share=0.81,
+                 ours_over_int_mm=1.1, ours_over_bf16=0.8),
+            dict(kernel="gemm w8a16", shape="o M=1 N=4096 K=4096", bytes=1, ops=1,
+                 error="RuntimeError: self.size(0) needs to be greater than 16")]
+    data = {"started": "2026-12-03T18:00:00Z", "total_s": 400.0, "budget_s": 470.0, "steps": {
+        "env": dict(status="done", gpu="NVIDIA H200", driver="570.1", cuda_runtime="12.8",
+                    torch="2.11.0", triton="3.6.0", capability=[9, 0], gpu_memory_gib=139.8,
+                    sm_count=132, git={"commit": None}, commit_env="abc", source_sha256="f" * 64),
+        "exactness": dict(status="failed", n_cases=3, cases=[
+            dict(kernel="gemm", config="16x64x128w4s4s4", shape="(1, 1, 1)", width="x127w127",
+                 equal=False, detail="z: 1 of 1 differ"),
+            dict(kernel="gemm", config="picked,bias=0", shape="(1, 1, 1)", width="x127w127",
+                 equal=True, detail="")], precompile={"kernels": 2, "seconds": 1.0}),
+        "receipts": dict(status="timeout", error="stopped: over its time box", runs=[
+            dict(model="llama3-8b-shapes-2-layers", batch=8, sampling="sampled", new_tokens=64)]),
+        "timings": dict(status="done", rows=rows, gpu="NVIDIA H200", peaks_from="H200",
+                        goals=gpu.goals(rows, (4.8e12, 1979e12, 989e12))),
+        "e2e": dict(status="error", error="RuntimeError: x", rows=[
+            dict(model="smollm2-135m-shapes", batch=32, prompt=32, new=64, ours_ttft_s=0.1,
+                 hf_ttft_s=0.05, ours_decode_tok_s=100.0, hf_decode_tok_s=400.0,
+                 ours_over_hf_decode=0.25),
+            dict(model="smollm2-135m-shapes", batch=1, prompt=2048, new=1, kind="ttft",
+                 ours_ttft_s=0.3, hf_ttft_s=0.1)])}}
+    md = gpu.markdown(data)
+    assert "NVIDIA H200" in md and "MISSED" in md and "z: 1 of 1 differ" in md
+    assert "| receipts | timeout |" in md
+    s = gpu.summary(data)
+    assert "1/2 bit-equal" in s and "attention_decode_4k: missed" in s and "TTFT@2048" in s

@@ -65,7 +65,7 @@ def contexts(setup):
     out = []
     for n in PROMPTS:
         prompt = [int(t) for t in rng.integers(3, 128, n)]
-        out.append(protocol.context_figures(setup, {"prompt": "x"}, prompt, False, GEN,
+        out.append(protocol.context_figures(setup, {"prompt": "x"}, prompt, GEN,
                                             protocol.TIERS, verify_runs=2, gen_runs=2,
                                             open_runs=2))
     return out
@@ -112,7 +112,7 @@ def test_overhead_is_a_finite_percentage(setup, contexts):
         assert 0 < c["overhead_pct"] < math.inf
         assert 0 < c["trace_s"] < c["commit_s"]  # trace_roots is part of committing
         assert 0 < c["trace_overhead_pct"] < c["overhead_pct"]
-    signed, over = protocol.sign_runs(setup, {"prompt": "x"}, [5, 6, 7], GEN, False, runs=3)
+    signed, over = protocol.sign_runs(setup, {"prompt": "x"}, [5, 6, 7], GEN, runs=3)
     assert signed.receipts[0]["output_token_ids"] and over["runs"] == 3
     assert len(over["overhead_pct_runs"]) == 3
     assert min(over["overhead_pct_runs"]) <= over["overhead_pct"] <= max(over["overhead_pct_runs"])
@@ -143,7 +143,7 @@ def test_report_renders(contexts, setup, tmp_path):
                          "text": "-", "config": setup.model.qm.cfg.to_hf_dict()},
             "loadavg": {"start": (0.0, 0.0, 0.0), "end": (0.0, 0.0, 0.0)},
             "manifest_s": common.Timing((0.1, 0.2)).to_dict(),
-            "overhead": protocol.sign_runs(setup, {"prompt": "x"}, [5, 6], GEN, False, 1)[1],
+            "overhead": protocol.sign_runs(setup, {"prompt": "x"}, [5, 6], GEN, 1)[1],
             "contexts": contexts, "retained_bytes_per_extra_token": 0.0, "elapsed_s": 1.0}
     md = protocol.render_md(data)
     assert md.count(" | yes |") == len(contexts) * len(protocol.TIERS)

@@ -33,12 +33,12 @@ class Flow:
     """The honest flow: key, generation with a receipt, challenge, opening (through bytes)."""
 
     def __init__(self, qm, tokenizer=None, params=GREEDY, prompt=None, max_tokens=20, eos=(),
-                 request=None, chat=False):
+                 request=None):
         self.qm, self.model, self.tok = qm, ExactModel(qm), tokenizer
         self.key = build_key(qm, tokenizer, secret=bytes(range(32)))
         prompt = prompt or list(np.random.default_rng(1).integers(3, qm.cfg.vocab_size, 9))
         prompt = [int(t) for t in prompt]
-        self.signed = generate_with_receipts(self.model, tokenizer, chat, [request or {"prompt": "x"}],
+        self.signed = generate_with_receipts(self.model, tokenizer, [request or {"prompt": "x"}],
                                              [prompt], params, max_tokens, eos, "nonce")
         self.receipt, self.transcript = self.signed.receipts[0], self.signed.transcripts[0]
 
@@ -83,7 +83,7 @@ def test_round_trip_smollm2_every_generated_position(smollm2):
     text = "Write a short story about a robot."
     prompt = tok.encode_chat([{"role": "user", "content": text}])
     flow = Flow(qm, tok, SAMPLED, prompt, max_tokens=64, eos=tuple(smollm2.cfg.eos_token_ids),
-                request={"prompt": text}, chat=True)
+                request={"messages": [{"role": "user", "content": text}]})
     for tier, positions in (("full", "generated"), ("routine", None)):
         c = flow.challenge(tier, positions)
         v = flow.verify(c, *flow.open(c))
@@ -136,7 +136,7 @@ def test_changed_output_token_is_caught_by_decode(flow):
     out = list(r["output_token_ids"])
     i = 5
     out[i] = (out[i] + 1) % flow.qm.cfg.vocab_size
-    forged = receipt_for_tokens(flow.model, None, False, r["request"], r["nonce"], SAMPLED,
+    forged = receipt_for_tokens(flow.model, None, r["request"], r["nonce"], SAMPLED,
                                 bytes.fromhex(flow.transcript["salt"]), r["manifest"]["limits"]["max_tokens"],
                                 (), r["prompt_token_ids"], out)
     transcript = {**flow.transcript, "receipt": forged}
@@ -173,7 +173,7 @@ def test_opening_with_another_model(flow, tiny_qwen2, tiny_llama_tied_scaled):
     layers[0] = dataclasses.replace(layers[0], qkv=lin)
     model_b = ExactModel(dataclasses.replace(qm_b, layers=tuple(layers)))
     r = flow.receipt
-    forged = receipt_for_tokens(model_b, None, False, r["request"], r["nonce"], SAMPLED,
+    forged = receipt_for_tokens(model_b, None, r["request"], r["nonce"], SAMPLED,
                                 bytes.fromhex(flow.transcript["salt"]),
                                 r["manifest"]["limits"]["max_tokens"], (), r["prompt_token_ids"],
                                 r["output_token_ids"])

@@ -162,7 +162,7 @@ def test_worker_batch_receipts_equal_alone(server, tmp_path):
     w0, tok = server.worker, server.worker.tokenizer
     seqs = [SeqRequest({"prompt": "p" * (2 + 7 * i)}, tok.encode("p" * (2 + 7 * i)),
                        SamplingParams(0.5 + 0.2 * i, i % 3 * 5, 1.0 - 0.1 * (i % 2), 100 + i),
-                       3 + 2 * i, f"n{i}", False, bytes([i]) * 16) for i in range(6)]
+                       3 + 2 * i, f"n{i}", bytes([i]) * 16) for i in range(6)]
 
     def receipts(groups):
         w = Worker(w0.model, tok, w0.eos_ids, SqliteStore(tmp_path / f"s{len(groups)}"), {},
@@ -319,11 +319,12 @@ def test_completion_stream(server):
 def test_audit_refuses_an_opening_over_the_size_limit(server, model_and_key):
     from commitllm.keys.keygen import key_tokenizer, load_key
     from commitllm.verifier.audit import Item, audit_item
+    from commitllm.verifier.client import Exchange
 
     c = client(server)
     r = c.completions.create(model="tiny", prompt="big", max_tokens=3).receipt
     key = load_key(model_and_key[1])
-    row = audit_item(key, key_tokenizer(key), server.url, Item(r, None, "t"), "full", 1000, 30)
+    row = audit_item(key, key_tokenizer(key), server.url, Item("t", Exchange(r)), "full", 1000, 30)
     assert not row.verdict.accepted and row.verdict.reason == "opening_unavailable"
     assert "exceeds the 1000-byte limit" in row.verdict.detail
 
@@ -341,41 +342,70 @@ def test_audit_cannot_reach_the_server(model_and_key, tmp_path):
     assert res.exit_code == 2 and "--rate" in res.output
 
 
-def test_api_key_guards_every_endpoint(model_and_key, tmp_path, monkeypatch):
-    """--api-key: no key or a wrong one gets 401 on every endpoint (nothing generated, no opening);
-    the openai client with the key is served; commitllm audit sends it (or exits 2 without it)."""
-    monkeypatch.delenv("COMMITLLM_API_KEY", raising=False)
-    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key")
+def _status(url: str, path: str, body: bytes | None, auth: str | None) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, data=body,
+                                 headers={"Authorization": auth} if auth else {})
     try:
-        for auth in (None, "Bearer wrong", "Basic s3cret-key", "Bearer s3cret-key-and-more"):
-            for path, body in (("/v1/models", None), ("/v1/receipts", None),
-                               ("/v1/commitment", None), ("/v1/audit", b'{"mac": "x"}'),
-                               ("/v1/chat/completions", json.dumps(
-                                   {"model": "tiny", "messages": [{"role": "user",
-                                                                   "content": "a"}]}).encode())):
-                req = urllib.request.Request(srv.url + path, data=body,
-                                             headers={"Authorization": auth} if auth else {})
-                with pytest.raises(urllib.error.HTTPError) as e:
-                    urllib.request.urlopen(req, timeout=30)
-                assert e.value.code == 401, (path, auth)
-                assert json.loads(e.value.read())["error"]["code"] == "invalid_api_key"
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, {}
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+CLIENT_PATHS = [("/v1/models", None), ("/v1/commitment", None), ("/v1/stats", None),
+                ("/openapi.json", None), ("/docs", None),
+                ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [
+                    {"role": "user", "content": "a"}]}).encode())]
+AUDIT_PATHS = [("/v1/receipts", None), ("/v1/audit", b'{"mac": "x"}')]
+
+
+def test_api_key_and_audit_key_guard_every_endpoint(model_and_key, tmp_path, monkeypatch):
+    """--api-key guards every client endpoint and the API description (401 without it); the
+    audit endpoints need the separate --audit-key: 401 without a key, 403 with a client key;
+    the openai client with the API key is served; commitllm audit sends the audit key (or
+    exits 2 without it)."""
+    monkeypatch.delenv("COMMITLLM_AUDIT_KEY", raising=False)
+    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key",
+                       audit_key="audit-key")
+    try:
+        for auth in (None, "Bearer wrong", "Basic s3cret-key", "Bearer s3cret-key-and-more",
+                     "Bearer audit-key"):
+            for path, body in CLIENT_PATHS:
+                code, err = _status(srv.url, path, body, auth)
+                assert code == 401 and err["error"]["code"] == "invalid_api_key", (path, auth)
+        for auth, want in ((None, 401), ("Bearer wrong", 401), ("Bearer s3cret-key", 403)):
+            for path, body in AUDIT_PATHS:
+                assert _status(srv.url, path, body, auth)[0] == want, (path, auth)
         assert srv.worker.stats.requests == 0
+        assert _status(srv.url, "/openapi.json", None, "Bearer s3cret-key")[0] == 200
         c = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret-key", max_retries=0)
         r = c.chat.completions.create(model="tiny", max_tokens=4, temperature=0,
                                       messages=[{"role": "user", "content": "hi"}])
         (tmp_path / "r.json").write_text(json.dumps(r.receipt))
         key = model_and_key[1]
         res = _audit(srv, key, "--receipts", str(tmp_path / "r.json"))
-        assert res.exit_code == 2 and "API key" in res.output, res.output
-        res = _audit(srv, key)
-        assert res.exit_code == 2 and "HTTP 401" in res.output, res.output
-        res = _audit(srv, key, "--api-key", "s3cret-key")
+        assert res.exit_code == 2 and "audit key" in res.output, res.output
+        res = _audit(srv, key, "--audit-key", "s3cret-key")
+        assert res.exit_code == 2 and "HTTP 403" in res.output, res.output
+        res = _audit(srv, key, "--audit-key", "audit-key")
         assert res.exit_code == 0 and "1 accepted, 0 rejected" in res.output, res.output
         res = cli.invoke(verifier_app, ["audit", "--server", srv.url, "--key", str(key)],
-                         env={"COMMITLLM_API_KEY": "s3cret-key"})
+                         env={"COMMITLLM_AUDIT_KEY": "audit-key"})
         assert res.exit_code == 0, res.output
     finally:
         srv.stop()
+
+
+def test_client_keys_without_an_audit_key_audit_no_one(model_and_key, tmp_path):
+    srv = ThreadServer(model_and_key[0], tmp_path / "store", api_key="s3cret-key")
+    try:
+        for path, body in AUDIT_PATHS:
+            code, err = _status(srv.url, path, body, "Bearer s3cret-key")
+            assert code == 403 and "no audit key" in err["error"]["message"]
+    finally:
+        srv.stop()
+    with pytest.raises(Exception, match="differ"):
+        ThreadServer(model_and_key[0], tmp_path / "store2", api_key="k", audit_key="k")
 
 
 def test_worker_cancel_drops_a_sequence_without_touching_its_batch(server, tmp_path):
@@ -388,9 +418,9 @@ def test_worker_cancel_drops_a_sequence_without_touching_its_batch(server, tmp_p
 
     w0, tok = server.worker, server.worker.tokenizer
     keep = SeqRequest({"prompt": "keep"}, tok.encode("keep"), SamplingParams(0.8, 0, 1.0, 9), 12,
-                      "n", False, b"k" * 16)
+                      "n", b"k" * 16)
     drop = SeqRequest({"prompt": "drop me"}, tok.encode("drop me"), SamplingParams(), 40, "n",
-                      False, b"d" * 16)
+                      b"d" * 16)
     seen = []
     victim = Job(drop)
 
@@ -474,3 +504,79 @@ def test_text_deltas_wait_for_whole_characters_and_prefixes():
     assert [d.push(t) for t in (1, 2, 3)] == ["ab", "", "é"]
     assert d.push(4) == ""  # "ABé!" does not extend "abé": held back
     assert d.rest("abé!") == "!" and d.rest("ABé!") == ""
+
+
+def _doc_example() -> str:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "SERVING.md").read_text()
+    part = text.split("## The client side: save each exchange as it happens, audit later")[1]
+    return part.split("```python\n")[1].split("```")[0]
+
+
+def test_serving_doc_example(server, model_and_key, tmp_path):
+    """docs/SERVING.md's client example, run as written against a server, then audited: every
+    row has its request and its text checked."""
+    saved = tmp_path / "saved"
+    exec(compile(_doc_example(), "SERVING.md", "exec"),
+         {"BASE_URL": f"{server.url}/v1", "SAVE_DIR": str(saved), "MODEL": "tiny"})
+    assert sorted(p.name for p in saved.iterdir()) == ["chat.json", "story.json"]
+    res = _audit(server, model_and_key[1], "--receipts", str(saved), "--json", "--tier", "full")
+    rows = json.loads(res.stdout)["rows"]  # `audit --json`: one document
+    assert res.exit_code == 0 and len(rows) == 2, res.output
+    assert all(r["accepted"] and r["request_checked"] and r["text_checked"] for r in rows), rows
+    story = json.loads((saved / "story.json").read_text())
+    story["chunks"][0]["choices"][0]["text"] += "!"  # what the client read, altered
+    (saved / "story.json").write_text(json.dumps(story))
+    res = _audit(server, model_and_key[1], "--receipts", str(saved / "story.json"), "--json")
+    assert res.exit_code == 1 and '"text_mismatch"' in res.stdout
+
+
+FORMS = [  # (endpoint, body) the server accepts; each must verify with its request checked
+    ("/v1/completions", {"prompt": ["abc"], "max_tokens": 3, "temperature": 0}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 3, "temperature": 1, "top_p": 1,
+                         "top_k": 0, "seed": 5, "nonce": "n-1", "user": "u", "n": 1,
+                         "stop": None, "logprobs": False, "echo": False, "best_of": 1,
+                         "suffix": "", "presence_penalty": 0, "frequency_penalty": 0.0,
+                         "logit_bias": {}}),
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
+                         "top_k": 5}),  # no seed: the server's, revealed in the opening
+    ("/v1/completions", {"prompt": "abc", "temperature": 0}),  # no max_tokens: the server's
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "max_completion_tokens": 3, "temperature": 0, "tools": [],
+                              "tool_choice": "none", "response_format": {"type": "text"},
+                              "parallel_tool_calls": None, "top_logprobs": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                              "max_completion_tokens": 3, "seed": 2**64 - 1}),
+]
+
+
+@pytest.mark.parametrize("form", range(len(FORMS)))
+def test_every_accepted_request_form_verifies(server, model_and_key, tmp_path, form):
+    endpoint, body = FORMS[form]
+    body = {"model": "tiny", **body}
+    req = urllib.request.Request(server.url + endpoint, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        resp = json.loads(r.read())
+    (tmp_path / "x.json").write_text(json.dumps({"endpoint": endpoint, "request": body,
+                                                 "response": resp}))
+    res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "x.json"), "--json")
+    (row,) = json.loads(res.stdout)["rows"]
+    assert res.exit_code == 0 and row["request_checked"] and row["text_checked"], res.output
+
+
+@pytest.mark.parametrize("extra", [{"stop": ["\n"]}, {"logprobs": True}, {"foo": 1},
+                                   {"max_tokens": 3, "max_completion_tokens": 4},
+                                   {"top_k": 1.5}, {"seed": -1}, {"top_p": 0}])
+def test_server_and_verifier_refuse_the_same_fields(server, extra):
+    """What the verifier refuses (request_invalid), the server refuses with 400: one list."""
+    from commitllm.verifier import request as request_mod
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra}
+    with pytest.raises(request_mod.RequestError):
+        request_mod.parse(body, endpoint="/v1/chat/completions")
+    req = urllib.request.Request(server.url + "/v1/chat/completions",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400

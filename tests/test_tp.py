@@ -63,7 +63,7 @@ def tp_tiny(request, tmp_path_factory):
 
 def _signed(model, params, qm):
     salts = [bytes([i]) * 16 for i in range(len(PROMPTS))]
-    return generate_with_receipts(model, None, False, [{"prompt": str(p)} for p in PROMPTS],
+    return generate_with_receipts(model, None, [{"prompt": str(p)} for p in PROMPTS],
                                   PROMPTS, params, 6, (qm.cfg.vocab_size - 1,), "nonce",
                                   prefill_chunk=4, salts=salts)
 
@@ -156,7 +156,7 @@ def test_smollm2_tp3_matches_and_tp2_is_refused(smollm2):
         start("default", lambda: qm, smollm2.cfg, 2)
     ids = [smollm2.tokenizer.encode("The capital of France is")]
     run = lambda m, p: generate_with_receipts(
-        m, smollm2.tokenizer, False, [{"prompt": "x"}], ids, p, 4, (), "n", salts=[b"s" * 16])
+        m, smollm2.tokenizer, [{"prompt": "x"}], ids, p, 4, (), "n", salts=[b"s" * 16])
     want = [run(ExactModel(qm), p) for p in (GREEDY, SAMPLED)]
     eng = start("default", lambda: qm, smollm2.cfg, 3, timeout_s=60)
     try:

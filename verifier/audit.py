@@ -1,96 +1,159 @@
 """`commitllm audit`: challenge a sample of receipts against a live server and verify the openings.
 
-HTTP through urllib (standard library): the verifier side needs no new dependency. The server
-never sees the key; it gets a MAC'd challenge and answers with an opening, which is size-checked
-before it is read and verified here exactly like `commitllm verify`."""
+The server never sees the key; it gets a MAC'd challenge and answers with an opening, verified
+here exactly like `commitllm verify`. Bounded against a hostile server or receipt set:
+
+* the receipts it samples from are capped (max_items) and read one file at a time, twice (count,
+  then load the sampled ones), so memory is one file's parse, not the whole set's;
+* every HTTP exchange has a wall-clock deadline and a size limit (verifier/httpclient.py), and
+  every server answer is parsed with safejson;
+* every sampled receipt gets its own row: a receipt, a saved exchange or an opening that cannot
+  be read is a REJECTED row for that receipt, and the audit goes on.
+Only a refused audit credential (401/403) stops it: no opening could be fetched at all."""
 
 from __future__ import annotations
 
 import json
 import math
 import random
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import challenge as challenge_mod
-from . import container
+from . import container, httpclient, safejson
+from .client import Exchange, ExchangeError, from_saved
 from .opening import OPENING_MAGIC, OPENING_VERSION
 from .receipt import MAX_RECEIPT_BYTES, ReceiptError, check_receipt
 from .verify import Verdict, verify
 
-MAX_LIST_BYTES = 256 * 1024 * 1024
-MAX_ERROR_BYTES = 64 * 1024
+MAX_LIST_BYTES = 64 * 1024 * 1024  # GET /v1/receipts: at most 1000 receipts
+MAX_ITEMS = 10_000  # receipts an audit samples from (default of --max-receipts)
 
 
 class AuditError(Exception):
-    """Cannot audit at all (unreadable receipts, unreachable server): exit 2, one line."""
+    """Cannot audit at all (no receipts, too many, refused credential): exit 2, one line."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one saved receipt is: a file, and its index when the file holds a list."""
+
+    path: Path | None
+    index: int | None
+    label: str
 
 
 @dataclass
 class Item:
-    receipt: dict
-    request: dict | None  # the request as the client sent it, when it saved it
     source: str
+    exchange: Exchange | None = None
+    error: tuple[str, str] | None = None  # (reason code, detail) when it cannot be read
 
 
 @dataclass
 class Row:
-    item: Item
+    """One receipt's line of the report (no receipt kept: rows of a large audit stay small)."""
+
+    receipt_id: str | None
+    source: str
+    tokens: int
     verdict: Verdict
     positions: int = 0
     opening_bytes: int = 0
 
+    @property
+    def request_checked(self) -> bool:
+        return any(c["check"] == "request" and c["ok"] for c in self.verdict.checks)
+
+    @property
+    def text_checked(self) -> bool:
+        return any(c["check"] == "text" and c["ok"] for c in self.verdict.checks)
+
 
 # --- receipts -----------------------------------------------------------------------------------
 
-def load_items(path: Path) -> list[Item]:
-    """Receipts saved by a client: a JSON file or a folder of them (*.json). Each file holds a
-    receipt, a response carrying one ({"receipt": ...}), {"request": ..., "response": ...} or
-    {"request": ..., "receipt": ...}, or a list of those."""
+def list_sources(path: Path, max_items: int = MAX_ITEMS) -> list[Source]:
+    """Every saved receipt under PATH (a JSON file or a folder of *.json), counted without
+    keeping any: a file holds an exchange, a response, a receipt or a list of them. A file that
+    cannot be read counts as one (it becomes a REJECTED row)."""
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
     if not files:
         raise AuditError(f"{path}: no *.json receipts")
-    items = []
+    if len(files) > max_items:
+        raise AuditError(f"{path}: {len(files)} files, more than the {max_items} receipts an "
+                         "audit samples from (--max-receipts)")
+    out: list[Source] = []
     for f in files:
         try:
-            if f.stat().st_size > MAX_RECEIPT_BYTES:
-                raise AuditError(f"{f}: larger than {MAX_RECEIPT_BYTES} bytes")
-            obj = json.loads(f.read_text())
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise AuditError(f"{f}: cannot read ({e})") from None
-        items += _items(obj, f.name)
-    return items
+            obj = _read(f)
+        except AuditError:
+            out.append(Source(f, None, f.name))
+            continue
+        if isinstance(obj, list):
+            out += [Source(f, i, f"{f.name}[{i}]") for i in range(len(obj))]
+        else:
+            out.append(Source(f, None, f.name))
+        if len(out) > max_items:
+            raise AuditError(f"{path}: more than the {max_items} receipts an audit samples from "
+                             "(--max-receipts)")
+    return out
 
 
-def _items(obj, source: str) -> list[Item]:
-    if isinstance(obj, list):
-        return [it for i, o in enumerate(obj) for it in _items(o, f"{source}[{i}]")]
-    if not isinstance(obj, dict):
-        raise AuditError(f"{source}: not a receipt, a response or a list of them")
-    request = obj.get("request") if isinstance(obj.get("request"), dict) else None
-    if isinstance(obj.get("response"), dict):
-        obj = obj["response"]
-    if isinstance(obj.get("receipt"), dict):
-        return [Item(obj["receipt"], request, source)]
-    if "receipt_id" in obj:
-        return [Item(obj, None, source)]
-    raise AuditError(f"{source}: no receipt in it")
-
-
-def server_items(server: str, limit: int, timeout: float, api_key: str | None = None) -> list[Item]:
-    data = http(f"{server}/v1/receipts?limit={limit}", None, MAX_LIST_BYTES, timeout, api_key)
+def _read(f: Path):
     try:
-        listed = json.loads(data)["data"]
-    except (ValueError, KeyError, TypeError) as e:
+        if f.stat().st_size > MAX_RECEIPT_BYTES:
+            raise AuditError(f"larger than {MAX_RECEIPT_BYTES} bytes")
+        return safejson.loads(f.read_bytes(), max_bytes=MAX_RECEIPT_BYTES)
+    except (OSError, safejson.JSONError) as e:
+        raise AuditError(f"cannot read ({e})") from None
+
+
+def load_items(sources: list[Source]) -> Iterator[Item]:
+    """The items of `sources` (in file order), each file parsed once, one file held at a time."""
+    cached: tuple[Path | None, object] = (None, None)
+    for s in sorted(sources, key=lambda s: (str(s.path), s.index or 0)):
+        if cached[0] != s.path:
+            try:
+                cached = (s.path, _read(s.path))
+            except AuditError as e:
+                cached = (s.path, e)
+        obj = cached[1]
+        if isinstance(obj, AuditError):
+            yield Item(s.label, error=("receipt_unreadable", f"{s.label}: {obj}"))
+            continue
+        if s.index is not None:
+            obj = obj[s.index] if isinstance(obj, list) and s.index < len(obj) else None
+        elif isinstance(obj, list):
+            obj = None
+        yield _item(obj, s.label)
+
+
+def _item(obj, label: str) -> Item:
+    try:
+        return Item(label, from_saved(obj))
+    except ExchangeError as e:
+        return Item(label, error=("exchange_malformed", f"{label}: {e}"))
+
+
+def server_items(server: str, limit: int, deadline_s: float, audit_key: str | None) -> list[Item]:
+    """The server's `limit` most recent receipts (nothing of the clients': no request, no text)."""
+    try:
+        data = httpclient.exchange(f"{server}/v1/receipts?limit={limit}", None,
+                                   limit=MAX_LIST_BYTES, deadline_s=deadline_s, bearer=audit_key)
+        listed = safejson.loads(data, max_bytes=MAX_LIST_BYTES)["data"]
+    except httpclient.Refused as e:
+        raise AuditError(f"{server}/v1/receipts: {e}") from None
+    except httpclient.Unreachable as e:
+        raise AuditError(str(e)) from None
+    except (safejson.JSONError, KeyError, TypeError) as e:
         raise AuditError(f"{server}/v1/receipts: not a receipt list ({e})") from None
-    if not isinstance(listed, list):
-        raise AuditError(f"{server}/v1/receipts: not a receipt list")
-    return [Item(r, None, "server") for r in listed]
+    if not isinstance(listed, list) or len(listed) > limit:
+        raise AuditError(f"{server}/v1/receipts: not a list of at most {limit} receipts")
+    return [_item(r, f"server[{i}]") for i, r in enumerate(listed)]
 
 
-def sample(items: list[Item], rate: float, rng: random.Random | None = None) -> list[Item]:
+def sample(items: list, rate: float, rng: random.Random | None = None) -> list:
     """ceil(rate * n) of the items (at least one), drawn by the auditor, not the server."""
     if not 0 < rate <= 1:
         raise AuditError(f"--rate must be in (0, 1], got {rate}")
@@ -98,75 +161,50 @@ def sample(items: list[Item], rate: float, rng: random.Random | None = None) -> 
     return (rng or random.SystemRandom()).sample(items, k)
 
 
-# --- HTTP ---------------------------------------------------------------------------------------
-
-def http(url: str, body: bytes | None, limit: int, timeout: float,
-         api_key: str | None = None) -> bytes:
-    """GET (body None) or POST JSON; the reply is refused before reading when over `limit`.
-    api_key: sent as `Authorization: Bearer KEY` (servers started with --api-key)."""
-    headers = {"Content-Type": "application/json"}
-    if api_key is not None:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=body, method="GET" if body is None else "POST",
-                                 headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return _read(resp, limit, url)
-    except urllib.error.HTTPError as e:
-        raise ServerRefused(e.code, _error_message(e)) from None
-    except (urllib.error.URLError, OSError) as e:
-        raise AuditError(f"{url}: unreachable ({getattr(e, 'reason', e)})") from None
-
-
-class ServerRefused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"HTTP {status}: {message}")
-        self.status = status
-
-
-def _read(resp, limit: int, url: str) -> bytes:
-    n = resp.headers.get("Content-Length")
-    if n is not None and (not n.isdigit() or int(n) > limit):
-        raise ServerRefused(0, f"{url}: reply of {n} bytes exceeds the {limit}-byte limit")
-    data = resp.read(limit + 1)
-    if len(data) > limit:
-        raise ServerRefused(0, f"{url}: reply exceeds the {limit}-byte limit")
-    return data
-
-
-def _error_message(e: urllib.error.HTTPError) -> str:
-    try:
-        return json.loads(e.read(MAX_ERROR_BYTES))["error"]["message"]
-    except (ValueError, KeyError, TypeError, OSError):
-        return str(e.reason)
-
-
 # --- audit --------------------------------------------------------------------------------------
 
 def audit_item(key, tokenizer, server: str, item: Item, tier: str, max_opening: int,
-               timeout: float, api_key: str | None = None) -> Row:
-    """Challenge one receipt, fetch its opening, verify it. Never raises for the server's faults:
-    they reject. A refused API key (401) is the auditor's problem, not a rejection: AuditError."""
-    r = item.receipt
+               deadline_s: float, audit_key: str | None = None) -> Row:
+    """Challenge one receipt, fetch its opening (one exchange, one deadline), verify it. Every
+    fault of the server or of the saved data is a rejection; a refused audit credential (401,
+    403) is the auditor's problem: AuditError."""
+    if item.error is not None:
+        return Row(None, item.source, 0, _reject(*item.error))
+    ex = item.exchange
+    r = ex.receipt
+    row = Row(str(r.get("receipt_id"))[:64], item.source,
+              len(r.get("output_token_ids") or []) if isinstance(r.get("output_token_ids"), list)
+              else 0, Verdict())
     try:
         check_receipt(r)
+        c = challenge_mod.derive(key.secret, r, tier)
     except ReceiptError as e:
-        return Row(item, _reject(e.code, str(e)))
-    c = challenge_mod.derive(key.secret, r, tier)
+        row.verdict = _reject(e.code, str(e))
+        return row
+    except (ValueError, KeyError, TypeError) as e:  # a receipt no challenge can be drawn for
+        row.verdict = _reject("receipt_malformed", f"{type(e).__name__}: {e}")
+        return row
+    row.positions = len(c["positions"])
     try:
-        data = http(f"{server}/v1/audit", json.dumps(c).encode(), max_opening, timeout, api_key)
+        data = httpclient.exchange(f"{server}/v1/audit", json.dumps(c).encode(),
+                                   limit=max_opening, deadline_s=deadline_s, bearer=audit_key)
+    except httpclient.Refused as e:
+        if e.status in (401, 403):
+            raise AuditError(f"{server}/v1/audit: {e} (give the server's audit key: --audit-key "
+                             "or COMMITLLM_AUDIT_KEY)") from None
+        row.verdict = _reject("opening_unavailable", str(e))
+        return row
+    except httpclient.Unreachable as e:
+        row.verdict = _reject("opening_unavailable", str(e))
+        return row
+    row.opening_bytes = len(data)
+    try:
         meta, arrays = container.loads(data, OPENING_MAGIC, OPENING_VERSION, max_opening)
-    except ServerRefused as e:
-        if e.status == 401:
-            raise AuditError(f"{server}/v1/audit: {e} (give the server's key: --api-key or "
-                             "COMMITLLM_API_KEY)") from None
-        return Row(item, _reject("opening_unavailable", str(e)), len(c["positions"]))
-    except container.ContainerError as e:
-        return Row(item, _reject("opening_malformed", str(e)), len(c["positions"]), len(data))
-    nonce = item.request.get("nonce") if item.request else None
-    v = verify(key, r, c, meta, arrays, tokenizer, expected_nonce=nonce,
-               expected_request=item.request)
-    return Row(item, v, len(c["positions"]), len(data))
+    except Exception as e:  # noqa: BLE001 - whatever the server's bytes break, it is its fault
+        row.verdict = _reject("opening_malformed", f"{type(e).__name__}: {e}")
+        return row
+    row.verdict = verify(key, r, c, meta, arrays, tokenizer, **ex.verify_kwargs())
+    return row
 
 
 def _reject(code: str, detail: str) -> Verdict:

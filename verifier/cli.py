@@ -177,9 +177,11 @@ def verify(
     challenge: Path = typer.Option(..., help="The challenge this verifier issued (JSON)."),
     opening: Path = typer.Option(..., help="The provider's opening (binary)."),
     nonce: str = typer.Option(None, help="The nonce the client sent; the receipt must carry it."),
-    request: Path = typer.Option(None, help="The request as the client sent it (JSON: prompt or "
-                                            "messages, and any of max_tokens, temperature, top_k, "
-                                            "top_p, seed it fixed); the receipt must match it."),
+    request: Path = typer.Option(None, help="The request body as the client sent it (JSON); "
+                                            "every field is checked against the receipt "
+                                            "(verifier/request.py), unknown fields refused."),
+    endpoint: str = typer.Option(None, help="The path the client called: /v1/chat/completions "
+                                            "or /v1/completions (the request must fit it)."),
     no_io_binding: bool = typer.Option(False, "--no-io-binding",
                                        help="Accept a key without a tokenizer: the receipt's "
                                             "request and text are then NOT bound to its token "
@@ -191,9 +193,8 @@ def verify(
 
     from .container import ContainerError
     from .opening import OPENING_MAGIC, OPENING_VERSION
-    from .verify import verify as run_verify
-
     from .receipt import receipt_bound
+    from .verify import verify as run_verify
 
     expect_kind(key, "--key", "a key")
     expect_kind(receipt, "--receipt", "a receipt")
@@ -215,7 +216,8 @@ def verify(
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,
-                   expected_request=client_request, io_binding=not no_io_binding)
+                   expected_request=client_request, expected_endpoint=endpoint,
+                   io_binding=not no_io_binding)
     doc = v.to_json()
     ms = doc["timing_ms"]
     if {"total", "freivalds", "attention", "rest", "merkle"} <= set(ms):
@@ -253,25 +255,33 @@ MALFORMED = {"receipt_malformed", "opening_malformed"}
 def audit(
     server: str = typer.Option(..., help="The provider's base URL, e.g. http://127.0.0.1:8000."),
     key: Path = typer.Option(..., help="The verifier's key file (never sent to the server)."),
-    receipts: Path = typer.Option(None, help="Receipts the client saved: a JSON file or a folder "
-                                             "of them (a receipt, a response carrying one, or "
-                                             "{request, response}: then the request is checked "
-                                             "too). Default: the server's recent receipts."),
+    receipts: Path = typer.Option(None, help="What the client saved: a JSON file or a folder of "
+                                             "them, each an exchange {endpoint, request, "
+                                             "response or chunks} (then the request and the "
+                                             "content received are checked too), a response, "
+                                             "a receipt, or a list of those. Default: the "
+                                             "server's recent receipts (nothing to compare)."),
     rate: float = typer.Option(1.0, help="Fraction of the receipts to challenge, in (0, 1]."),
     tier: TierName = typer.Option(TierName.routine, help="Challenge tier."),
     limit: int = typer.Option(100, min=1, max=1000, help="How many recent receipts to list from "
                                                          "the server (without --receipts)."),
+    max_receipts: int = typer.Option(10_000, min=1, max=1_000_000,
+                                     help="Refuse to sample from more receipts than this."),
     max_opening_mib: int = typer.Option(512, min=1, help="Largest opening accepted (MiB)."),
-    timeout: float = typer.Option(300.0, min=1.0, help="Seconds to wait for one reply."),
+    timeout: float = typer.Option(300.0, min=0.1, help="Wall-clock seconds for one exchange "
+                                                       "with the server (request and whole "
+                                                       "reply)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document: the summary "
                                                       "and a row per receipt."),
-    api_key: str = typer.Option(None, envvar="COMMITLLM_API_KEY", show_default=False,
-                                help="The server's API key, sent as a Bearer token (prefer the "
-                                     "COMMITLLM_API_KEY environment variable: a command line is "
-                                     "visible to other users)."),
+    audit_key: str = typer.Option(None, envvar="COMMITLLM_AUDIT_KEY", show_default=False,
+                                  help="The server's audit key (not a client API key), sent as "
+                                       "a Bearer token (prefer the COMMITLLM_AUDIT_KEY "
+                                       "environment variable: a command line is visible to "
+                                       "other users)."),
 ) -> None:
     """Challenge a sample of receipts on a live server, fetch the openings (POST /v1/audit),
-    verify each. Exit 0 when every one is accepted, 1 on any rejection, 2 when it cannot audit."""
+    verify each: one row per receipt. Exit 0 when every one is accepted, 1 on any rejection,
+    2 when it cannot audit."""
     from commitllm.keys.keygen import key_tokenizer, load_key
 
     from . import audit as au
@@ -286,20 +296,23 @@ def audit(
     try:
         k = load_key(key)
         tok = key_tokenizer(k)
-        items = (au.load_items(receipts) if receipts is not None
-                 else au.server_items(base, limit, timeout, api_key))
-        chosen = au.sample(items, rate)
-        if not chosen:
-            _fail("no receipts to audit")
+        if receipts is not None:
+            sources = au.list_sources(receipts, max_receipts)
+            n, items = len(sources), au.load_items(au.sample(sources, rate))
+        else:
+            listed = au.server_items(base, limit, timeout, audit_key)
+            n, items = len(listed), au.sample(listed, rate)
         rows = []
-        with err.status(f"auditing {len(chosen)} of {len(items)} receipts ...") as status:
-            for i, item in enumerate(chosen):
-                status.update(f"auditing {i + 1}/{len(chosen)} ...")
-                rows.append(au.audit_item(k, tok, base, item, tier, max_opening_mib << 20, timeout,
-                                          api_key))
-    except (au.AuditError, au.ServerRefused, container.ContainerError, OSError, ValueError) as e:
+        with err.status(f"auditing a sample of {n} receipts ...") as status:
+            for i, item in enumerate(items):
+                status.update(f"auditing {i + 1} ...")
+                rows.append(au.audit_item(k, tok, base, item, tier, max_opening_mib << 20,
+                                          timeout, audit_key))
+    except (au.AuditError, container.ContainerError, OSError, ValueError) as e:
         _fail(str(e))
-    _audit_report(rows, len(items), rate, tier, as_json)
+    if not rows:
+        _fail("no receipts to audit")
+    _audit_report(rows, n, rate, tier, as_json)
     raise typer.Exit(0 if all(r.verdict.accepted for r in rows) else 1)
 
 
@@ -308,26 +321,24 @@ def _audit_report(rows, n_items: int, rate: float, tier: str, as_json: bool) -> 
     if as_json:  # one JSON document: the summary and a row per audited receipt
         print(json.dumps({"tier": tier, "rate": rate, "receipts": n_items, "audited": len(rows),
                           "accepted": len(rows) - bad, "rejected": bad, "rows": [
-                              {"receipt_id": r.item.receipt.get("receipt_id")
-                               if isinstance(r.item.receipt, dict) else None,
-                               "source": r.item.source,
-                               "request_checked": r.item.request is not None,
-                               "positions": r.positions, "opening_bytes": r.opening_bytes,
+                              {"receipt_id": r.receipt_id, "source": r.source,
+                               "request_checked": r.request_checked,
+                               "text_checked": r.text_checked, "positions": r.positions,
+                               "opening_bytes": r.opening_bytes,
                                **{k: v for k, v in r.verdict.to_json().items() if k != "checks"}}
                               for r in rows]}, indent=1))
     else:
-        table = Table("receipt", "source", "tokens", "positions", "opening", "request", "verdict",
-                      title=f"audit: {tier} tier, rate {rate}")
+        table = Table("receipt", "source", "tokens", "positions", "opening", "request", "text",
+                      "verdict", title=f"audit: {tier} tier, rate {rate}")
         for r in rows:
-            rec, v = r.item.receipt, r.verdict
-            ntok = len(rec.get("output_token_ids", []) or []) if isinstance(rec, dict) else 0
-            table.add_row(str(rec.get("receipt_id", "?"))[:16] if isinstance(rec, dict) else "?",
-                          r.item.source, str(ntok), str(r.positions), f"{r.opening_bytes} B",
-                          "checked" if r.item.request is not None else "-",
+            v = r.verdict
+            table.add_row((r.receipt_id or "?")[:16], r.source, str(r.tokens), str(r.positions),
+                          f"{r.opening_bytes} B", "checked" if r.request_checked else "-",
+                          "checked" if r.text_checked else "-",
                           "ACCEPTED" if v.accepted else f"REJECTED ({v.reason}: {v.detail})")
-        out.print(table)
+        out.print(table, markup=False, highlight=False)
     err.print(f"{len(rows)} of {n_items} receipts audited: {len(rows) - bad} accepted, "
-              f"{bad} rejected", highlight=False)
+              f"{bad} rejected", highlight=False, markup=False)
 
 
 def main() -> None:

@@ -181,7 +181,7 @@ def read_json_file(path: Path, what: str, max_bytes: int = 256 << 20):
         if path.is_dir():
             fail(f"{path}: is a folder, not {what}")
         if path.stat().st_size > max_bytes:
-            fail(f"{path}: {what} larger than {max_bytes} bytes")
+            fail(f"{path}: {what} larger than {max_bytes:,} bytes")
         return loads(path.read_bytes(), max_bytes=max_bytes)
     except FileNotFoundError:
         fail(f"{path}: no such file ({what})")

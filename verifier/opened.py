@@ -7,8 +7,8 @@ with `opening.array_specs` (built from the key's config and profile and the chal
 exactly the expected set of names, each with exactly the expected dtype (byte order included)
 and shape, and values in the range the profile allows. Codes: `opening_type` (a name missing or
 extra, a dtype or shape other than the key's), `opening_range` (a value outside its range: a
-K/V value beyond +-kv_qmax, an embedding value beyond +-head_qmax, a non-finite, zero, negative
-or subnormal K/V scale, a non-finite residual or embedding scale), `opening_mismatch` (positions
+K/V value beyond +-kv_qmax, an embedding value beyond +-head_qmax, a non-finite, zero, negative,
+subnormal or above-(fp32 max / kv_qmax) K/V scale, a non-finite residual or embedding scale), `opening_mismatch` (positions
 or token ids other than the challenged ones: an opening for another challenge).
 """
 
@@ -54,6 +54,9 @@ def _check(name: str, a, spec: Spec) -> None:
         raise Reject("opening_range", f"{name}: a non-finite value")
     if spec.normal and not np.all(np.isfinite(a) & (a >= F32_TINY)):
         raise Reject("opening_range", f"{name}: a scale that is not a finite positive normal fp32")
+    if spec.max_value is not None and a.size and float(a.max()) > spec.max_value:
+        raise Reject("opening_range", f"{name}: a scale above fp32 max / qmax (no row quantizes "
+                                      f"to it)")
 
 
 __all__ = ["check_types"]

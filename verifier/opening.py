@@ -79,6 +79,7 @@ class Spec:
     hi: int | None = None
     finite: bool = False
     normal: bool = False
+    max_value: float | None = None  # with normal: the largest scale a quantization can give
     max_rows: int = 0
 
 
@@ -110,8 +111,9 @@ def array_specs(cfg, profile, rows: dict, p: Plan, n_positions: int) -> dict[str
         out[f"kv.{l}.pos"] = positions(pos)
         for x in ("k", "v"):
             out[f"kv.{l}.{x}"] = Spec(kv_t, (n, *kv_shape), lo=-kvq, hi=kvq)
+        top = float(np.float32(np.finfo(np.float32).max) / np.float32(kvq))  # max|x| / qmax
         for x in ("sk", "sv"):
-            out[f"kv.{l}.{x}"] = Spec(f32, (n, kv_shape[0]), normal=True)
+            out[f"kv.{l}.{x}"] = Spec(f32, (n, kv_shape[0]), normal=True, max_value=top)
         out[f"kv.{l}.proof"] = proof(n, n_positions)
     for l, pos in p.z.items():
         out[f"z.{l}.pos"] = positions(pos)

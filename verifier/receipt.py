@@ -14,7 +14,7 @@ import blake3
 
 from .commitment import canonical_json
 
-RECEIPT_VERSION = "commitllm-receipt/1"
+RECEIPT_VERSION = "commitllm-receipt/2"  # 2: no manifest `chat` flag (the request says)
 MAX_RECEIPT_BYTES = 64 * 1024 * 1024
 _D = {k: f"commitllm/{k}/v1\x00".encode()
       for k in ("manifest", "request", "io", "receipt", "seed")}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import challenge as challenge_mod
+from . import request as request_mod
 from .commitment import canonical_json, embed_leaf, layer_roots_match, leaf_hashes
 from .config import ModelConfig
 from .merkle import verify_multiproof
@@ -45,20 +46,23 @@ class Verdict:
 
 
 def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
-           expected_nonce: str | None = None, expected_request: dict | None = None, *,
+           expected_nonce: str | None = None, expected_request: dict | None = None,
+           expected_endpoint: str | None = None, expected_text: str | None = None, *,
            io_binding: bool = True) -> Verdict:
-    """Run every check; the first failure rejects with its reason code. expected_nonce: the
-    client's own nonce (freshness); expected_request: the request exactly as the client sent it
-    (prompt or messages, and any decode settings it fixed: max_tokens, temperature, top_k,
-    top_p, seed), compared with the receipt's request and manifest. tokenizer: the key's
-    (keygen.key_tokenizer), for prompt and output binding; without one the verdict rejects with
-    io_binding_unavailable unless the caller says io_binding=False, and then the verdict lists
-    io_binding as unchecked (the receipt's text and request are not bound to its token ids)."""
+    """Run every check; the first failure rejects with its reason code. The client's side, from
+    what the client saved itself (never from the server's answer): expected_nonce, its own nonce
+    (freshness); expected_request, the request body exactly as it sent it, every field checked
+    against the receipt (verifier/request.py); expected_endpoint, the path it called
+    (/v1/chat/completions or /v1/completions); expected_text, the content it received.
+    tokenizer: the key's (keygen.key_tokenizer), for prompt and output binding; without one the
+    verdict rejects with io_binding_unavailable unless the caller says io_binding=False, and then
+    the verdict lists io_binding as unchecked (the receipt's text and request are not bound to its
+    token ids)."""
     v, t0 = Verdict(), time.perf_counter()
     timer = Timer()
+    client = (expected_nonce, expected_request, expected_endpoint, expected_text)
     try:
-        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, expected_nonce,
-             expected_request, io_binding)
+        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, *client, io_binding)
         v.accepted = True
     except Reject as e:
         v.reason, v.detail = e.code, e.detail
@@ -84,11 +88,15 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
 
 
 def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce,
-         request, io_binding: bool) -> None:
+         request, endpoint, text, io_binding: bool) -> None:
     cfg = ModelConfig.from_dict(key.meta["config"])
     prof = Profile(**key.meta["profile"])
     check_receipt(receipt, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
     v.ok("receipt", "structure, manifest/request hashes, IO chain, receipt id, token count")
+    if text is not None:
+        if not (isinstance(text, str) and hmac.compare_digest(text.encode(), receipt["text"].encode())):
+            raise Reject("text_mismatch", "the content the client received is not the receipt's text")
+        v.ok("text", "the content the client received is the receipt's text")
     if nonce is not None:
         if not hmac.compare_digest(receipt["nonce"].encode(), nonce.encode()):
             raise Reject("nonce_mismatch", "the receipt does not carry the client's nonce")
@@ -102,8 +110,8 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     _check_opening_meta(meta, receipt, challenge)
     params = _sampling(receipt, meta)
     v.ok("opening", "for this receipt and challenge; seed commitment")
-    if request is not None:
-        _check_client_request(receipt, request, params)
+    if request is not None or endpoint is not None:
+        _check_client_request(receipt, request, params, endpoint)
         v.ok("request", "the receipt's request and decode settings are the client's")
     _check_stop_policy(receipt, key)
     v.ok("stop_policy", "EOS and max_tokens respected")
@@ -204,20 +212,14 @@ def _sampling(receipt, meta) -> SamplingParams:
     return params
 
 
-def _check_client_request(receipt, request: dict, params: SamplingParams) -> None:
-    if not isinstance(request, dict):
-        raise Reject("request_mismatch", "the client's request is not a JSON object")
-    body = {k: request[k] for k in ("prompt", "messages") if k in request}
-    if canonical_json(body) != canonical_json(receipt["request"]):
-        raise Reject("request_mismatch", "the receipt's request differs from the client's")
-    man = receipt["manifest"]
-    fixed = {"max_tokens": man["limits"]["max_tokens"], **man["sampling"]}
-    for k, got in fixed.items():
-        if k in request and request[k] != got:
-            raise Reject("request_mismatch", f"{k}: the client asked {request[k]!r}, the receipt "
-                                             f"has {got!r}")
-    if "seed" in request and not params.greedy and request["seed"] != params.seed:
-        raise Reject("request_mismatch", "the revealed seed differs from the client's")
+def _check_client_request(receipt, request, params: SamplingParams, endpoint) -> None:
+    try:
+        req = request_mod.parse(request, endpoint=endpoint)
+    except request_mod.RequestError as e:
+        raise Reject("request_invalid", f"the client's request: {e}") from None
+    why = request_mod.mismatch(req, receipt, params)
+    if why is not None:
+        raise Reject("request_mismatch", why)
 
 
 def _check_stop_policy(receipt, key) -> None:
@@ -242,7 +244,9 @@ def _config_eos(cfg: dict) -> list[int]:
 
 
 def _check_io_binding(tok, receipt) -> None:
-    req, man = receipt["request"], receipt["manifest"]
+    req = receipt["request"]
+    if ("messages" in req) == ("prompt" in req):
+        raise Reject("prompt_binding", "request has not exactly one of 'prompt' and 'messages'")
     msgs = req.get("messages")
     if msgs is not None and not (isinstance(msgs, list) and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
@@ -250,11 +254,10 @@ def _check_io_binding(tok, receipt) -> None:
         raise Reject("prompt_binding", "messages must be objects with string role and content")
     if "messages" in req:
         ids = tok.encode_chat(req["messages"])
-    elif "prompt" in req and isinstance(req["prompt"], str):
-        ids = (tok.encode_chat([{"role": "user", "content": req["prompt"]}]) if man.get("chat")
-               else tok.encode(req["prompt"]))
+    elif isinstance(req["prompt"], str):  # a plain completion: no chat template, whatever the
+        ids = tok.encode(req["prompt"])  # provider's manifest says (the request's shape decides)
     else:
-        raise Reject("prompt_binding", "request has neither 'prompt' nor 'messages'")
+        raise Reject("prompt_binding", "the request's prompt is not a string")
     if ids != receipt["prompt_token_ids"]:
         raise Reject("prompt_binding", "prompt token ids are not the tokenization of the request")
     if tok.decode(receipt["output_token_ids"]) != receipt["text"]:

@@ -16,10 +16,14 @@ from .worker import Worker
 def build(model: str, profile: str, store_dir: Path, console, *, served_name: str | None = None,
           retention_days: float = 0.0, max_batch: int = 16, max_concurrent: int = 64,
           max_body_bytes: int = 1 << 20, default_max_tokens: int = 256, tp: int = 1,
-          tp_timeout: float = 60.0, on_fatal=None, api_key: str | None = None):
+          tp_timeout: float = 60.0, on_fatal=None, api_key: str | None = None,
+          audit_key: str | None = None, max_audit_queue: int = 4,
+          max_opening_bytes: int = 1 << 30):
     """(app, worker, store). Raises EngineError on a bad model. With tp > 1 (or under torchrun)
     the model is sharded over tp ranks; worker.stop() then stops them, and on_fatal(message) is
     called if the group fails while serving."""
+    if api_key is not None and audit_key is not None and api_key == audit_key:
+        raise EngineError("the audit key must differ from the client API key")
     runner = Runner.create(model, "exact", profile, console, tp=tp, tp_timeout=tp_timeout)
     try:
         if runner.tokenizer is None:
@@ -36,7 +40,8 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
                     on_fatal=on_fatal, release=runner.close)
     name = served_name or (runner.loaded.folder.name if model != "default" else "default")
     cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, default_max_tokens),
-                       max_body_bytes, max_concurrent, api_key)
+                       max_body_bytes, max_concurrent, api_key, audit_key, max_audit_queue,
+                       max_opening_bytes)
     return create_app(worker, cfg), worker, store
 
 

@@ -11,6 +11,7 @@ honours fsync). A row is never updated in place."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -27,8 +28,12 @@ class SqliteStore:
     def __init__(self, path: Path, retention_s: float = 0.0):
         path = Path(path)
         if path.suffix not in (".sqlite", ".db"):
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.chmod(0o700)  # the store's own folder: every client's prompts and answers
             path = path / DB_NAME
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _private_files(path)
         self.path, self.retention_s = path, retention_s
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -37,7 +42,6 @@ class SqliteStore:
         self._db.execute("CREATE TABLE IF NOT EXISTS transcripts (receipt_id TEXT PRIMARY KEY, "
                          "created REAL NOT NULL, data TEXT NOT NULL)")
         self._db.execute("CREATE INDEX IF NOT EXISTS by_created ON transcripts (created)")
-        path.chmod(0o600)
 
     def put(self, receipt: dict, seed: int, salt: bytes, extra: dict | None = None) -> None:
         data = json.dumps({"receipt": receipt, "seed": seed, "salt": salt.hex(), **(extra or {})})
@@ -77,6 +81,17 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _private_files(db: Path) -> None:
+    """The database, its -wal and its -shm exist with mode 0600 before SQLite opens them (SQLite
+    keeps an existing file's mode, and gives the files it creates later the database's)."""
+    for f in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
 
 
 def open_store(path: Path, retention_s: float = 0.0):

@@ -3,6 +3,9 @@
 Requests that arrive while a batch runs go into the next batch. The exact engine is batch-
 invariant, so a receipt does not depend on which requests shared its batch. A receipt is stored
 durably before its request is answered; openings re-execute under the same lock as generation.
+The lock is first come, first served (FairLock), and the server runs openings one at a time from
+their own bounded queue (app.py), so a batch waits for at most the one opening ahead of it: a
+re-execution of at most one context, whatever the number of audits asked for.
 
 Tensor-parallel (`serve --tp N`): the model is rank 0 of a group. Every use of it is serialized by
 the lock, an idle worker sends a heartbeat so the followers' wait for the next command stays inside
@@ -46,6 +49,42 @@ class Stats:
     cancelled: int = 0
 
 
+class FairLock:
+    """A lock granted in the order it was asked for (threading.Lock lets a thread that releases
+    and re-acquires in a loop starve the others)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._next, self._serving, self._held = 0, 0, False
+
+    def acquire(self, blocking: bool = True) -> bool:
+        with self._cond:
+            if not blocking:
+                if self._held or self._next != self._serving:
+                    return False
+                self._next += 1
+                self._held = True
+                return True
+            ticket, self._next = self._next, self._next + 1
+            while self._held or ticket != self._serving:
+                self._cond.wait()
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self._held = False
+            self._serving += 1
+            self._cond.notify_all()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class WorkerDown(RuntimeError):
     """The model can no longer be used (a tensor-parallel rank died or timed out)."""
 
@@ -62,7 +101,7 @@ class Worker:
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.heartbeat_s, self.on_fatal, self.release = heartbeat_s, on_fatal, release
         self.fatal: str | None = None
-        self.lock = threading.Lock()  # one user of the model at a time: a batch or an opening
+        self.lock = FairLock()  # one user of the model at a time: a batch or an opening
         self.stats = Stats()
         self._purged = time.monotonic()
         self._q: queue.Queue = queue.Queue()
@@ -88,10 +127,11 @@ class Worker:
             release, self.release = self.release, None
             release(self.fatal is not None)
 
-    def open(self, challenge: dict):
+    def open(self, challenge: dict, transcript: dict | None = None):
         """(meta, arrays) of the opening; KeyError for an unknown receipt, OpenError on mismatch,
-        WorkerDown once the model is unusable."""
-        transcript = self.store.get(str(challenge.get("receipt_id")))
+        WorkerDown once the model is unusable. transcript: the stored one (read here if None)."""
+        if transcript is None:
+            transcript = self.store.get(str(challenge.get("receipt_id")))
         with self.lock:
             if self.fatal is not None:
                 raise WorkerDown(self.fatal)

@@ -94,8 +94,8 @@ class World:
     """One verifier (key for model A, secret SECRET) and one client request served honestly."""
 
     def __init__(self, qm, tokenizer=None, params: SamplingParams = SAMPLED, prompt=None,
-                 max_tokens: int = 16, eos=(), request: dict | None = None, chat: bool = False):
-        self.qm, self.tokenizer, self.params, self.chat = qm, tokenizer, params, chat
+                 max_tokens: int = 16, eos=(), request: dict | None = None):
+        self.qm, self.tokenizer, self.params = qm, tokenizer, params
         self.max_tokens, self.eos = max_tokens, tuple(eos)
         self.request = request or {"prompt": "x"}
         rng = np.random.default_rng(1)
@@ -126,7 +126,7 @@ class World:
         p = provider or self.honest
         params = params or self.params
         with p.running() as model:
-            s = generate_with_receipts(model, self.tokenizer, self.chat, [request or self.request],
+            s = generate_with_receipts(model, self.tokenizer, [request or self.request],
                                        [prompt or self.prompt], params,
                                        max_tokens or self.max_tokens,
                                        self.eos if eos is None else tuple(eos), nonce)
@@ -139,7 +139,7 @@ class World:
         params = params or self.params
         salt = os.urandom(16)
         with p.running() as model:
-            r = receipt_for_tokens(model, self.tokenizer, self.chat, request or self.request, nonce,
+            r = receipt_for_tokens(model, self.tokenizer, request or self.request, nonce,
                                    params, salt, max_tokens or self.max_tokens,
                                    self.eos if eos is None else tuple(eos),
                                    list(prompt or self.prompt), list(output_ids))
@@ -203,18 +203,20 @@ class World:
                 "top_k": p.top_k, "top_p": p.top_p, "seed": p.seed}
 
     def verify(self, served: Served | dict, challenge: dict, meta: dict, arrays: dict,
-               expected_nonce: str | None = NONCE, expected_request: dict | None = None) -> Verdict:
+               expected_nonce: str | None = NONCE, expected_request: dict | None = None,
+               **kw) -> Verdict:
+        """kw: verify()'s other client-side inputs (expected_endpoint, expected_text)."""
         r = served.receipt if isinstance(served, Served) else served
         return verify(self.key, r, challenge, meta, arrays, self.vtok, expected_nonce,
-                      expected_request, io_binding=self.vtok is not None)
+                      expected_request, **{"io_binding": self.vtok is not None, **kw})
 
     def audit(self, served: Served, provider: Provider | None = None, tier: str = "deep",
               positions=None, expected_nonce: str | None = NONCE,
-              expected_request: dict | None = None) -> Verdict:
+              expected_request: dict | None = None, **kw) -> Verdict:
         """Challenge, open (by `provider`), verify."""
         c = self.challenge(served, tier, positions)
         return self.verify(served, c, *self.open(served, c, provider), expected_nonce,
-                           expected_request)
+                           expected_request, **kw)
 
 
 class CheatAccepted(AssertionError):

@@ -52,8 +52,7 @@ def chat_world(tiny_llama, smollm2_tokenizer) -> World:
     early = generate_exact(plain, [prompt], GREEDY, 3, ())[0].token_ids[1]
     tensors["lm_head.weight"][EOS] = 1.5 * tensors["lm_head.weight"][early]
     qm = quantize_model(cfg, tensors, prof)
-    w = World(qm, tok, GREEDY, prompt, max_tokens=8, eos=(EOS,), request={"prompt": CHAT_TEXT},
-              chat=True)
+    w = World(qm, tok, GREEDY, prompt, max_tokens=8, eos=(EOS,), request={"messages": [{"role": "user", "content": CHAT_TEXT}]})
     assert w.served.output[-1] == EOS and len(w.served.output) >= 2, w.served.output
     return w
 

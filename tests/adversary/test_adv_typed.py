@@ -82,6 +82,7 @@ KV_EDITS = {
     "sk-zero": lambda a, l, q: a[f"kv.{l}.sk"].__setitem__((0, 0), 0.0),
     "sk-negative": lambda a, l, q: a[f"kv.{l}.sk"].__setitem__((0, 0), -a[f"kv.{l}.sk"][0, 0]),
     "sk-subnormal": lambda a, l, q: a[f"kv.{l}.sk"].__setitem__((0, 0), 1e-40),
+    "sk-above-fp32-max-over-qmax": lambda a, l, q: a[f"kv.{l}.sk"].__setitem__((0, 0), 3e38),
     "sv-nan": lambda a, l, q: a[f"kv.{l}.sv"].__setitem__((0, 0), np.nan),
     "sv-inf": lambda a, l, q: a[f"kv.{l}.sv"].__setitem__((0, 0), np.inf),
     "resid-inf": lambda a, l, q: a[f"resid.{l}.rows"].__setitem__((0, 0), np.inf),
