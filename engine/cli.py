@@ -99,7 +99,7 @@ def generate(
     if audit and max_tokens == 0:
         _fail("--audit needs --max-tokens of at least 1 (no generated position to challenge)")
     check_out_file(receipt, "--receipt")
-    check_out_dir(store, "--store")
+    check_out_dir(store, "--store", sqlite=False)  # generate writes a folder store
     check_cache()
     try:
         runner = Runner.create(model, backend.value, profile, err, tp, tp_timeout)
@@ -268,9 +268,9 @@ def convert(
         _fail(f"{outdir}: folder exists and is not empty (give --overwrite to replace it)")
     if not gguf_file.is_file():
         _fail(f"{gguf_file}: no such file")
-    check_out_file(outdir / "config.json", "OUTDIR")
+    cliutil.check_out_parent(outdir, "OUTDIR")  # OUTDIR itself appears only when complete
     try:
-        with err.status(f"converting {gguf_file} ..."):
+        with progress.step(f"converting {gguf_file} to an HF folder"):
             convert_gguf(gguf_file, outdir, overwrite=overwrite)
     except (GGUFError, TokenizerError, OSError, ValueError) as e:
         _fail(str(e))
@@ -316,7 +316,11 @@ def open_cmd(
         with err.status("re-executing the transcript ..."):
             meta, arrays = open_from_store(runner.model, st, chal)
         size = write_opening(out, meta, arrays)
-    except (OSError, ValueError, KeyError, AttributeError) as e:
+    except KeyError as e:  # no such receipt in the store, or a malformed id
+        _fail(f"--store {store}: {e.args[0] if e.args else e}")
+    except OSError as e:
+        _fail(f"cannot open: {e.filename or store}: {e.strerror or e}")
+    except (ValueError, AttributeError) as e:
         _fail(f"cannot open: {e}")
     except (OpenError, EngineError) as e:
         _fail(str(e))

@@ -42,8 +42,8 @@ def files(tmp_path) -> dict[str, Path]:
          "challenge": tmp_path / "c.json", "request": tmp_path / "q.json"}
     f["key"].write_bytes(KEY_MAGIC + b"\0" * 64)
     f["opening"].write_bytes(OPENING_MAGIC + b"\0" * 64)
-    f["receipt"].write_text(json.dumps({"receipt_id": "ab" * 16, "output_token_ids": [1]}))
-    f["challenge"].write_text(json.dumps({"receipt_id": "ab" * 16, "positions": [1], "layers": [0]}))
+    f["receipt"].write_text(json.dumps({"receipt_id": "ab" * 32, "output_token_ids": [1]}))
+    f["challenge"].write_text(json.dumps({"receipt_id": "ab" * 32, "positions": [1], "layers": [0]}))
     f["request"].write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     return f
 
@@ -230,3 +230,18 @@ def test_verify_summary_counts_and_times(tmp_path, monkeypatch):
     ms = doc["timing_ms"]
     parts = ms["freivalds"] + ms["attention"] + ms["rest"] + ms["merkle"] + ms["other"]
     assert abs(parts - ms["total"]) < 0.01  # rounding of the five parts only
+
+
+def test_open_unknown_receipt_is_one_line(tmp_path, files):
+    (tmp_path / "st").mkdir()
+    res = runner.invoke(engine_app, ["open", "--store", str(tmp_path / "st"), "--challenge",
+                                     str(files["challenge"]), "--out", str(tmp_path / "o3.bin")])
+    line = _one_line(res, "--store", "no transcript for receipt")
+    assert "KeyError" not in line and "'" not in line.split("receipt", 1)[1][:3]
+
+
+def test_generate_store_sqlite_file_is_refused(tmp_path):
+    st = tmp_path / "transcripts.sqlite"
+    st.write_bytes(b"")
+    res = runner.invoke(engine_app, ["generate", "hi", "--model", NO_MODEL, "--store", str(st)])
+    _one_line(res, "--store", "is a file")

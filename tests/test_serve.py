@@ -118,7 +118,8 @@ def test_audit_rejects_a_request_the_client_did_not_send(server, model_and_key, 
                                                  "response": r.model_dump()}))
     res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "r.json"), "--json")
     assert res.exit_code == 1
-    assert json.loads(res.stdout.splitlines()[0])["reason"] == "request_mismatch"
+    doc = json.loads(res.stdout)  # one document
+    assert doc["rejected"] == 1 and doc["rows"][0]["reason"] == "request_mismatch"
 
 
 def test_audit_server_sample(server, model_and_key):
@@ -519,7 +520,7 @@ def test_serving_doc_example(server, model_and_key, tmp_path):
          {"BASE_URL": f"{server.url}/v1", "SAVE_DIR": str(saved), "MODEL": "tiny"})
     assert sorted(p.name for p in saved.iterdir()) == ["chat.json", "story.json"]
     res = _audit(server, model_and_key[1], "--receipts", str(saved), "--json", "--tier", "full")
-    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    rows = json.loads(res.stdout)["rows"]  # `audit --json`: one document
     assert res.exit_code == 0 and len(rows) == 2, res.output
     assert all(r["accepted"] and r["request_checked"] and r["text_checked"] for r in rows), rows
     story = json.loads((saved / "story.json").read_text())
@@ -559,7 +560,7 @@ def test_every_accepted_request_form_verifies(server, model_and_key, tmp_path, f
     (tmp_path / "x.json").write_text(json.dumps({"endpoint": endpoint, "request": body,
                                                  "response": resp}))
     res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "x.json"), "--json")
-    row = json.loads(res.stdout.splitlines()[0])
+    (row,) = json.loads(res.stdout)["rows"]
     assert res.exit_code == 0 and row["request_checked"] and row["text_checked"], res.output
 
 

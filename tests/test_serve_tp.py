@@ -58,7 +58,7 @@ def _audit(url: str, key: Path, receipts: Path):
 def _accepted(res) -> int:
     import json
 
-    rows = [json.loads(ln) for ln in res.stdout.splitlines() if ln.startswith("{")]
+    rows = json.loads(res.stdout)["rows"]  # `audit --json`: one document
     return sum(r["accepted"] for r in rows)
 
 

@@ -271,7 +271,8 @@ def audit(
     timeout: float = typer.Option(300.0, min=0.1, help="Wall-clock seconds for one exchange "
                                                        "with the server (request and whole "
                                                        "reply)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON row per receipt."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document: the summary "
+                                                      "and a row per receipt."),
     audit_key: str = typer.Option(None, envvar="COMMITLLM_AUDIT_KEY", show_default=False,
                                   help="The server's audit key (not a client API key), sent as "
                                        "a Bearer token (prefer the COMMITLLM_AUDIT_KEY "
@@ -317,13 +318,15 @@ def audit(
 
 def _audit_report(rows, n_items: int, rate: float, tier: str, as_json: bool) -> None:
     bad = sum(not r.verdict.accepted for r in rows)
-    if as_json:
-        for r in rows:
-            print(json.dumps({"receipt_id": r.receipt_id, "source": r.source,
-                              "request_checked": r.request_checked,
-                              "text_checked": r.text_checked, "positions": r.positions,
-                              "opening_bytes": r.opening_bytes,
-                              **{k: v for k, v in r.verdict.to_json().items() if k != "checks"}}))
+    if as_json:  # one JSON document: the summary and a row per audited receipt
+        print(json.dumps({"tier": tier, "rate": rate, "receipts": n_items, "audited": len(rows),
+                          "accepted": len(rows) - bad, "rejected": bad, "rows": [
+                              {"receipt_id": r.receipt_id, "source": r.source,
+                               "request_checked": r.request_checked,
+                               "text_checked": r.text_checked, "positions": r.positions,
+                               "opening_bytes": r.opening_bytes,
+                               **{k: v for k, v in r.verdict.to_json().items() if k != "checks"}}
+                              for r in rows]}, indent=1))
     else:
         table = Table("receipt", "source", "tokens", "positions", "opening", "request", "text",
                       "verdict", title=f"audit: {tier} tier, rate {rate}")

@@ -95,12 +95,18 @@ def check_out_file(path: Path | None, option: str) -> None:
     _writable_dir(path.parent, f"{option} {path}")
 
 
-def check_out_dir(path: Path | None, option: str) -> None:
-    """An output folder (a transcript store): created if missing, writable, not a file."""
+def check_out_parent(path: Path, option: str) -> None:
+    """The folder `path` will be created in: created if missing, and writable."""
+    _writable_dir(path.parent, f"{option} {path}")
+
+
+def check_out_dir(path: Path | None, option: str, sqlite: bool = True) -> None:
+    """An output folder (a transcript store): created if missing, writable, not a file (with
+    `sqlite`, a .sqlite/.db store file is also taken)."""
     if path is None:
         return
     if path.exists() and not path.is_dir():
-        if path.suffix in (".sqlite", ".db"):  # a SQLite store file
+        if sqlite and path.suffix in (".sqlite", ".db"):  # a SQLite store file
             _writable_dir(path.parent, f"{option} {path}")
             return
         fail(f"{option} {path}: is a file, not a folder")

@@ -109,7 +109,7 @@ def _run(*args):
 
 
 def _rows(res) -> list[dict]:
-    return [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    return json.loads(res.stdout)["rows"] if res.stdout.strip() else []  # one document
 
 
 # --- deadline -----------------------------------------------------------------------------------
