@@ -350,7 +350,11 @@ def serve(
     max_batch: int = typer.Option(16, min=1, help="Most requests run together in one batch."),
     max_concurrent: int = typer.Option(64, min=1, help="Most requests in flight; more get 429."),
     max_body_kib: int = typer.Option(1024, min=1, help="Largest request body (KiB); more get 413."),
-    default_max_tokens: int = typer.Option(256, min=1, help="max_tokens when a request gives none."),
+    max_tokens_cap: int = typer.Option(None, min=1, help="Refuse (400) a request that would "
+                                       "generate more tokens than this. A request without "
+                                       "max_tokens gets the protocol's default, which the verifier "
+                                       "checks: 16 on /v1/completions, the rest of the context on "
+                                       "chat."),
     tp: int = typer.Option(1, min=1, help="Tensor-parallel degree: shard the model over N processes on this "
                                           "machine (gloo); receipts are the bytes --tp 1 gives. Under "
                                           "torchrun, give the number of processes it starts."),
@@ -397,7 +401,7 @@ def serve(
         app_, worker, st = build(model, profile, store, err, served_name=served_name,
                                  retention_days=retention_days, max_batch=max_batch,
                                  max_concurrent=max_concurrent, max_body_bytes=max_body_kib * 1024,
-                                 default_max_tokens=default_max_tokens, tp=tp,
+                                 max_tokens_cap=max_tokens_cap, tp=tp,
                                  tp_timeout=tp_timeout, on_fatal=(shutdown := Shutdown(err)),
                                  api_key=api_key or None, audit_key=audit_key or None,
                                  max_audit_queue=max_audit_queue,

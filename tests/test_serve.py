@@ -538,8 +538,12 @@ FORMS = [  # (endpoint, body) the server accepts; each must verify with its requ
                          "suffix": "", "presence_penalty": 0, "frequency_penalty": 0.0,
                          "logit_bias": {}}),
     ("/v1/completions", {"prompt": "abc", "max_tokens": 3, "temperature": 0.7, "top_p": 0.9,
-                         "top_k": 5}),  # no seed: the server's, revealed in the opening
-    ("/v1/completions", {"prompt": "abc", "temperature": 0}),  # no max_tokens: the server's
+                         "top_k": 5}),  # no seed: the one the nonce implies
+    ("/v1/completions", {"prompt": "abc", "max_tokens": 3, "temperature": 0.7,
+                         "nonce": "n-2"}),  # no seed, the client's nonce
+    ("/v1/completions", {"prompt": "abc", "temperature": 0}),  # no max_tokens: 16
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "temperature": 0.8}),  # no max_tokens: the rest of the context
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "max_completion_tokens": 3, "temperature": 0, "tools": [],
                               "tool_choice": "none", "response_format": {"type": "text"},
@@ -580,3 +584,37 @@ def test_server_and_verifier_refuse_the_same_fields(server, extra):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400
+
+
+class _Tok:
+    chat_template = "t"
+
+    def encode(self, text):
+        return [1] * len(text)
+
+    def encode_chat(self, messages):
+        return [1] * sum(len(m["content"]) for m in messages)
+
+
+@pytest.mark.parametrize("kind,body,cap,want", [
+    ("completion", {"prompt": "abcd"}, None, 16),  # OpenAI's default for completions
+    ("completion", {"prompt": "a" * 60}, None, 4),  # within the context (64)
+    ("chat", {"messages": [{"role": "user", "content": "abcd"}]}, None, 60),  # the rest
+    ("chat", {"messages": [{"role": "user", "content": "abcd"}], "max_tokens": 7}, 8, 7),
+    ("chat", {"messages": [{"role": "user", "content": "abcd"}]}, 8, 400),  # over the cap
+    ("completion", {"prompt": "abcd", "max_tokens": 9}, 8, 400),
+])
+def test_default_max_tokens_and_cap(kind, body, cap, want):
+    """The server's max_tokens is the protocol's rule (what the verifier checks) unless the
+    client fixed it; --max-tokens-cap refuses, never silently lowers, what would exceed it."""
+    from commitllm.engine.serve.protocol import ApiError, Limits, parse
+    from commitllm.verifier import request as request_mod
+
+    try:
+        got = parse({"model": "m", **body}, kind, "m", _Tok(), Limits(64, cap))
+    except ApiError as e:
+        assert want == 400 and e.status == 400
+        return
+    assert got.seq.max_tokens == want
+    seed = got.seq.params.seed  # no seed sent: the one the (server's) nonce implies
+    assert seed == request_mod.default_seed(got.seq.nonce)

@@ -9,12 +9,22 @@ honour verifiably: stop, logprobs, penalties, tools ...). A field outside the li
 both sides: the server with a 400, the verifier with `request_invalid` (fail closed).
 
 Chat or plain completion comes from the request itself (messages -> chat, prompt -> completion)
-and from the endpoint the client called, never from a flag the provider sets."""
+and from the endpoint the client called, never from a flag the provider sets.
+
+What the client leaves out is fixed by rule, never left to the provider (the verifier enforces
+the rule when it is given the client's request):
+- `max_tokens`: OpenAI's defaults, 16 for a plain completion, the rest of the context for a chat
+  (both capped by the context): `default_max_tokens`.
+- `seed`: derived from the receipt's nonce (`default_seed`), so a provider cannot try seeds and
+  keep the sampled output it prefers. When the client sends no nonce either, the server draws the
+  nonce and with it the seed: a client that wants the sampler's own draw sends a nonce."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import blake3
 
 from .numerics.sampler import SamplingParams
 
@@ -22,7 +32,9 @@ CHAT, COMPLETION = "chat", "completion"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
 MAX_NONCE = 256
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_TOP_K = 1.0, 1.0, 0  # OpenAI's defaults
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's (and vLLM's) default for /v1/completions
 _BOTH = (CHAT, COMPLETION)
+_SEED_DOMAIN = b"commitllm/default-seed/v1\0"
 
 # field -> the kinds it is allowed in. Bound and inert fields are checked in parse().
 _FIELDS = {"model": _BOTH, "messages": (CHAT,), "prompt": (COMPLETION,), "max_tokens": _BOTH,
@@ -74,6 +86,18 @@ class ClientRequest:
                                   seed if self.seed is None else self.seed)
         except ValueError as e:
             raise RequestError(None, str(e)) from None
+
+
+def default_max_tokens(kind: str, n_prompt: int, context_length: int) -> int:
+    """max_tokens for a request that gives none: OpenAI's default for the kind, within what is
+    left of the context."""
+    left = context_length - n_prompt
+    return min(DEFAULT_COMPLETION_MAX_TOKENS, left) if kind == COMPLETION else left
+
+
+def default_seed(nonce: str) -> int:
+    """The sampling seed of a request that fixes none: a function of the receipt's nonce."""
+    return int.from_bytes(blake3.blake3(_SEED_DOMAIN + nonce.encode()).digest()[:8], "little")
 
 
 def kind_of(body: dict, endpoint: str | None = None) -> str:
@@ -195,11 +219,21 @@ def mismatch(req: ClientRequest, receipt: dict, params: SamplingParams) -> str |
     if canonical_json(want.manifest()) != canonical_json(man["sampling"]):
         return (f"decode settings: the client asked {want.manifest()}, the receipt has "
                 f"{man['sampling']}")
-    if req.seed is not None and not want.greedy and req.seed != params.seed:
-        return "seed: the revealed seed differs from the client's"
-    if req.max_tokens is not None and req.max_tokens != man["limits"]["max_tokens"]:
+    if not want.greedy:
+        seed = req.seed if req.seed is not None else default_seed(receipt["nonce"])
+        if seed != params.seed:
+            return ("seed: the revealed seed differs from the client's" if req.seed is not None
+                    else "seed: the client fixed none, and the revealed seed is not the one the "
+                         "receipt's nonce implies")
+    lim = man["limits"]
+    mt = req.max_tokens
+    if mt is None:
+        mt = default_max_tokens(req.kind, len(receipt["prompt_token_ids"]), lim["context_length"])
+    if mt != lim["max_tokens"]:
         return (f"{req.max_tokens_param}: the client asked {req.max_tokens}, the receipt has "
-                f"{man['limits']['max_tokens']}")
+                f"{lim['max_tokens']}" if req.max_tokens is not None else
+                f"{req.max_tokens_param}: the client left it out, so it is {mt} (the default "
+                f"rule), the receipt has {lim['max_tokens']}")
     if req.nonce is not None and req.nonce != receipt["nonce"]:
         return "nonce: the receipt does not carry the client's nonce"
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -184,8 +185,9 @@ def _check_opening_meta(meta, receipt, challenge) -> None:
                                      f"not {sorted(want)}")
     if "seed" in want and not (isinstance(meta["seed"], int) and not isinstance(meta["seed"], bool)
                                and 0 <= meta["seed"] < 2**64 and isinstance(meta["salt"], str)
-                               and len(meta["salt"]) == 32):
-        raise Reject("opening_type", "seed must be an unsigned 64-bit integer, salt 16 hex bytes")
+                               and re.fullmatch(r"[0-9a-f]{32}", meta["salt"]) is not None):
+        raise Reject("opening_type", "seed must be an unsigned 64-bit integer, salt 16 bytes "
+                                     "as 32 lowercase hex digits")
     if not hmac.compare_digest(str(meta.get("receipt_id")).encode(), receipt["receipt_id"].encode()):
         raise Reject("opening_mismatch", "opening is for another receipt")
     if not hmac.compare_digest(str(meta.get("challenge_mac")).encode(), challenge["mac"].encode()):

@@ -15,7 +15,7 @@ from .worker import Worker
 
 def build(model: str, profile: str, store_dir: Path, console, *, served_name: str | None = None,
           retention_days: float = 0.0, max_batch: int = 16, max_concurrent: int = 64,
-          max_body_bytes: int = 1 << 20, default_max_tokens: int = 256, tp: int = 1,
+          max_body_bytes: int = 1 << 20, max_tokens_cap: int | None = None, tp: int = 1,
           tp_timeout: float = 60.0, on_fatal=None, api_key: str | None = None,
           audit_key: str | None = None, max_audit_queue: int = 4,
           max_opening_bytes: int = 1 << 30):
@@ -39,7 +39,7 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
                     heartbeat_s=tp_timeout / 4 if runner.tp is not None else None,
                     on_fatal=on_fatal, release=runner.close)
     name = served_name or (runner.loaded.folder.name if model != "default" else "default")
-    cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, default_max_tokens),
+    cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, max_tokens_cap),
                        max_body_bytes, max_concurrent, api_key, audit_key, max_audit_queue,
                        max_opening_bytes)
     return create_app(worker, cfg), worker, store

@@ -37,7 +37,7 @@ class Parsed:
 @dataclass
 class Limits:
     context_length: int
-    default_max_tokens: int = 256
+    max_tokens_cap: int | None = None  # refuse requests whose max_tokens (given or default) exceed it
 
 
 def parse(body, kind: str, model_id: str, tokenizer, limits: Limits) -> Parsed:
@@ -51,8 +51,8 @@ def parse(body, kind: str, model_id: str, tokenizer, limits: Limits) -> Parsed:
                        "model", "model_not_found")
     prompt_ids = _messages(req, tokenizer) if kind == "chat" else _prompt(req, tokenizer)
     max_tokens = _max_tokens(req, len(prompt_ids), limits)
-    params = req.sampling(int.from_bytes(os.urandom(8), "little"))  # the client's seed if given
     nonce = req.nonce if req.nonce is not None else os.urandom(16).hex()
+    params = req.sampling(request_mod.default_seed(nonce))  # the client's seed if given
     seq = SeqRequest(req.binding, prompt_ids, params, max_tokens, nonce)
     return Parsed(seq, req.stream, req.include_usage)
 
@@ -78,11 +78,19 @@ def _max_tokens(req, n_prompt: int, limits: Limits) -> int:
     if n_prompt >= ctx:
         raise ApiError(400, f"the prompt has {n_prompt} tokens; the context holds {ctx} "
                             f"(at least one must be left to generate)", "messages")
-    if mt is None:
-        return min(limits.default_max_tokens, ctx - n_prompt)
+    if mt is None:  # the protocol's rule, which the verifier checks (not the server's choice)
+        mt = request_mod.default_max_tokens(req.kind, n_prompt, ctx)
+        cap = limits.max_tokens_cap
+        if cap is not None and mt > cap:
+            raise ApiError(400, f"{key} left out means {mt} here; this server generates at most "
+                                f"{cap} tokens per request: send {key} <= {cap}", key)
+        return mt
     if n_prompt + mt > ctx:
         raise ApiError(400, f"{n_prompt} prompt tokens + {key} {mt} exceed the context length "
                             f"{ctx}", key)
+    if limits.max_tokens_cap is not None and mt > limits.max_tokens_cap:
+        raise ApiError(400, f"{key} {mt}: this server generates at most {limits.max_tokens_cap} "
+                            f"tokens per request", key)
     return mt
 
 

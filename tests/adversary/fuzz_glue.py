@@ -190,9 +190,12 @@ def same_arrays(a: dict, b: dict) -> bool:
 
 
 def is_honest(h: Honest, receipt, challenge, meta, arrays, request, text) -> bool:
+    """Nothing the verifier relies on changed. A request or text of None is the client giving
+    none (verify() then does not check it), not an edit: accepting it forges nothing."""
     return (same_json(receipt, h.receipt) and same_json(challenge, h.challenge)
             and same_json(meta, h.meta) and same_arrays(arrays, h.arrays)
-            and same_request(request, h.request, h.endpoint) and same_json(text, h.text))
+            and (request is None or same_request(request, h.request, h.endpoint))
+            and (text is None or same_json(text, h.text)))
 
 
 def same_request(a, b, endpoint: str) -> bool:

@@ -120,6 +120,10 @@ META_EDITS = {
     "seed-negative": lambda m: {**m, "seed": -1},
     "salt-missing": lambda m: {k: v for k, v in m.items() if k != "salt"},
     "salt-not-16-bytes": lambda m: {**m, "salt": "00"},
+    # the same bytes spelled another way: one canonical encoding (no malleable openings)
+    "salt-uppercase": lambda m: {**m, "salt": m["salt"].upper()},
+    "salt-spaced": lambda m: {**m, "salt": m["salt"][:30] + " " + m["salt"][31]},
+    "salt-not-hex": lambda m: {**m, "salt": "g" * 32},
     "not-an-object": lambda m: [m],
 }
 

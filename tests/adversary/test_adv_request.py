@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from commitllm.verifier import request as request_mod
 from advworld import CHAT_TEXT, GREEDY, NONCE, SAMPLED, World, assert_rejected, quantized
 
 PROFILES = ("w8a16", "a8", "w16a16")
@@ -45,12 +46,21 @@ def _tampers(w: World):
         ("default-top_p", {}, bare | {"temperature": 0.9, "top_k": 30}),
         ("default-top_k", {}, bare | {"temperature": 0.9, "top_p": 0.95}),
         ("greedy-for-default", {"params": GREEDY}, bare),
+        # the client left these to the protocol's rule: the seed its nonce implies, OpenAI's
+        # max_tokens (16 on /v1/completions); the provider chose its own
+        ("default-seed", {}, _without(full, "seed")),
+        ("default-max_tokens", {"max_tokens": 5}, _without(full, "max_tokens")),
     ]
+
+
+def _without(req: dict, *keys: str) -> dict:
+    return {k: v for k, v in req.items() if k not in keys}
 
 
 TAMPERS = [
     "temperature", "top_p", "top_k", "seed", "max_tokens", "prompt", "prompt-list", "nonce",
-    "default-temperature", "default-top_p", "default-top_k", "greedy-for-default"]
+    "default-temperature", "default-top_p", "default-top_k", "greedy-for-default",
+    "default-seed", "default-max_tokens"]
 
 
 @pytest.mark.parametrize("name", TAMPERS)
@@ -91,6 +101,34 @@ def test_honest_int_settings(world):
     req = {"prompt": "x", "max_tokens": 16, "temperature": 1, "top_p": 1, "top_k": 30,
            "seed": SAMPLED.seed}
     assert _audit(world, s, req).accepted
+
+
+def test_honest_defaults_accept(pworld):
+    """A client that fixes neither seed nor max_tokens: the honest server's defaults (the seed
+    from the nonce, 16 tokens on a completion) verify; the same receipt under the client's
+    request with a seed it did not send does not (the rule is what the verifier checks)."""
+    w = pworld
+    s = w.serve(params=dataclasses.replace(SAMPLED, seed=request_mod.default_seed(NONCE)),
+                max_tokens=request_mod.DEFAULT_COMPLETION_MAX_TOKENS)
+    req = _without(w.client_request(), "seed", "max_tokens")
+    v = _audit(w, s, req, expected_endpoint="/v1/completions")
+    assert v.accepted, v.to_json()
+    assert_rejected(_audit(w, s, req | {"seed": SAMPLED.seed}), "request_mismatch")
+
+
+def test_chat_default_max_tokens_is_the_rest_of_the_context(chat_world):
+    """A chat request without max_tokens: the rest of the context, as OpenAI; a provider that
+    cut it short (a smaller limit, its answer stopped at that length) is rejected."""
+    w = chat_world
+    ctx = w.key.meta["config"]["max_position_embeddings"]
+    rest = ctx - len(w.prompt)
+    req = {"messages": USER, "temperature": 0}
+    honest = w.serve(params=GREEDY, max_tokens=rest, request={"messages": USER})
+    v = _audit(w, honest, req, expected_endpoint="/v1/chat/completions")
+    assert v.accepted, v.to_json()
+    short = w.serve(params=GREEDY, max_tokens=2, request={"messages": USER})
+    assert_rejected(_audit(w, short, req, expected_endpoint="/v1/chat/completions"),
+                    "request_mismatch")
 
 
 def test_greedy_honest_without_seed(world):
