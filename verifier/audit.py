@@ -180,8 +180,9 @@ def audit_item(key, tokenizer, server: str, item: Item, tier: str, max_opening: 
               len(r.get("output_token_ids") or []) if isinstance(r.get("output_token_ids"), list)
               else 0, Verdict())
     try:
-        check_receipt(r)
-        c = challenge_mod.derive(key.secret, r, tier)
+        cfg = key.meta["config"]  # bounds from the key, never from the receipt
+        check_receipt(r, vocab_size=cfg["vocab_size"], max_positions=cfg["max_position_embeddings"])
+        c = challenge_mod.derive(key.secret, r, tier, n_layers=cfg["num_hidden_layers"])
     except ReceiptError as e:
         row.verdict = _reject(e.code, str(e))
         return row

@@ -239,3 +239,26 @@ def test_refused_credential_stops_the_audit(fake, world, keyfile, tmp_path):
         res, _ = _run("--server", srv.url, "--key", keyfile, "--receipts",
                       _receipts(world, tmp_path, 1))
         assert res.exit_code == 2 and "audit key" in res.output
+
+
+def test_receipt_beyond_the_keys_model_is_refused_before_any_request(fake, world, keyfile,
+                                                                     tmp_path):
+    """A saved receipt (properly sealed) whose token ids or length do not fit the key's model is
+    rejected from the key's bounds (token_range / context_length): the server is never asked."""
+    from commitllm.verifier.receipt import build_receipt
+
+    cfg, r = world.key.meta["config"], world.served.receipt
+
+    def sealed(prompt, out):
+        return build_receipt(r["manifest"], r["request"], r["nonce"], prompt, out, r["text"],
+                             r["trace"])
+    (tmp_path / "vocab.json").write_text(json.dumps(
+        sealed(r["prompt_token_ids"], [cfg["vocab_size"]] * len(r["output_token_ids"]))))
+    long = [1] * (cfg["max_position_embeddings"] + 1)
+    (tmp_path / "ctx.json").write_text(json.dumps(sealed(long, r["output_token_ids"])))
+    script = Script(body=b"never read")
+    srv = fake({"/v1/audit": script})
+    res, _ = _run("--server", srv.url, "--key", keyfile, "--receipts", tmp_path)
+    reasons = sorted(row["reason"] for row in _rows(res))
+    assert res.exit_code == 1 and reasons == ["context_length", "token_range"], res.output
+    assert script.calls == 0
