@@ -570,7 +570,8 @@ def test_every_accepted_request_form_verifies(server, model_and_key, tmp_path, f
 
 @pytest.mark.parametrize("extra", [{"stop": ["\n"]}, {"logprobs": True}, {"foo": 1},
                                    {"max_tokens": 3, "max_completion_tokens": 4},
-                                   {"top_k": 1.5}, {"seed": -1}, {"top_p": 0}])
+                                   {"top_k": 1.5}, {"seed": -1}, {"top_p": 0},
+                                   {"nonce": "\ud800"}, {"user": "\udfff"}])
 def test_server_and_verifier_refuse_the_same_fields(server, extra):
     """What the verifier refuses (request_invalid), the server refuses with 400: one list."""
     from commitllm.verifier import request as request_mod

@@ -52,6 +52,15 @@ def from_saved(obj) -> Exchange:
     """The Exchange of a saved object (an exchange, a server response, or a receipt)."""
     if not isinstance(obj, dict):
         raise ExchangeError("not a JSON object")
+    if ("request" in obj and "choices" not in obj and "receipt_id" not in obj
+            and not is_exchange(obj)):  # neither a receipt nor a server answer (whose "request"
+        # is the server's, never read) but a client's record we cannot read whole:
+        extra = sorted(str(k)[:40] for k in set(obj) - EXCHANGE_KEYS)[:8]  # never drop the
+        raise ExchangeError(  # request silently and audit the receipt alone
+            f"a saved exchange must hold 'request' and exactly one of 'response', 'chunks', "
+            f"'receipt' (and 'endpoint'); unknown fields {extra}" if extra else
+            "a saved exchange must hold 'request' and exactly one of 'response', 'chunks', "
+            "'receipt'")
     if not is_exchange(obj):  # nothing of the client's: only the receipt is read
         return Exchange(_receipt_of(obj))
     request, endpoint = obj["request"], obj.get("endpoint")

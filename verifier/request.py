@@ -117,6 +117,7 @@ def parse(body, kind: str | None = None, endpoint: str | None = None) -> ClientR
     if not isinstance(body, dict):
         raise RequestError(None, "the request must be a JSON object")
     kind = kind or kind_of(body, endpoint)
+    _check_text(body, "request")
     _check_keys(body, kind)
     binding = _messages(body) if kind == CHAT else _prompt(body)
     mt_param, max_tokens = _max_tokens(body)
@@ -167,9 +168,32 @@ def _number(body: dict, key: str, default: float) -> float:
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        ok = False
+    if not ok:
         raise RequestError(key, f"{key} must be a finite number")
     return v
+
+
+def _check_text(v, where: str, depth: int = 0) -> None:
+    """Every string in the body is encodable UTF-8 (JSON's \\ud800 escapes decode to lone
+    surrogates, which no tokenizer or hash takes)."""
+    if depth > 32:
+        raise RequestError(where, "nested too deeply")
+    if isinstance(v, str):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(where, f"{where} holds a lone UTF-16 surrogate (not text)") from None
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _check_text(k, where, depth + 1)
+            _check_text(x, where if depth else str(k)[:40], depth + 1)
+    elif isinstance(v, list):
+        for x in v:
+            _check_text(x, where, depth + 1)
 
 
 def _messages(body: dict) -> dict:

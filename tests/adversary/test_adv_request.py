@@ -217,3 +217,26 @@ def test_max_completion_tokens_is_bound(chat_world):
     assert s.output == w.served.output
     req = {"messages": USER, "max_completion_tokens": 8, "temperature": 0}
     assert_rejected(_audit(w, s, req), "request_mismatch")
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "a\ud800", "max_tokens": 3}, {"prompt": "a", "nonce": "\udfff"},
+    {"prompt": "a", "user": "\ud800"}, {"prompt": "a", "temperature": 10**400},
+    {"messages": [{"role": "user", "content": "\ud800"}]},
+])
+def test_request_not_text_or_not_a_number_is_invalid(body):
+    """A lone surrogate (JSON's \\ud800 escape) anywhere, or an int no float holds: refused by
+    the one parser the server and the verifier share (the server answers 400, not 500)."""
+    with pytest.raises(request_mod.RequestError):
+        request_mod.parse(body)
+
+
+def test_saved_exchange_with_an_unknown_field_is_not_read_as_a_bare_receipt(world):
+    """A client's record with one field too many must not have its request dropped silently
+    (the receipt alone would then verify, and the audit pass): exchange_malformed."""
+    from commitllm.verifier import client
+
+    obj = {"endpoint": "/v1/completions", "request": {"prompt": "other"},
+           "receipt": world.served.receipt, "saved_at": "now"}
+    with pytest.raises(client.ExchangeError, match="saved_at"):
+        client.from_saved(obj)
