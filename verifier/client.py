@@ -57,10 +57,8 @@ def from_saved(obj) -> Exchange:
         # is the server's, never read) but a client's record we cannot read whole:
         extra = sorted(str(k)[:40] for k in set(obj) - EXCHANGE_KEYS)[:8]  # never drop the
         raise ExchangeError(  # request silently and audit the receipt alone
-            f"a saved exchange must hold 'request' and exactly one of 'response', 'chunks', "
-            f"'receipt' (and 'endpoint'); unknown fields {extra}" if extra else
             "a saved exchange must hold 'request' and exactly one of 'response', 'chunks', "
-            "'receipt'")
+            f"'receipt' (and 'endpoint'){f'; unknown fields {extra}' if extra else ''}")
     if not is_exchange(obj):  # nothing of the client's: only the receipt is read
         return Exchange(_receipt_of(obj))
     request, endpoint = obj["request"], obj.get("endpoint")

@@ -13,6 +13,7 @@ import struct
 import blake3
 
 from .commitment import canonical_json
+from .request import RequestError, check_text
 
 RECEIPT_VERSION = "commitllm-receipt/2"  # 2: no manifest `chat` flag (the request says)
 MAX_RECEIPT_BYTES = 64 * 1024 * 1024
@@ -207,11 +208,11 @@ def _shape(r) -> None:
             raise bad(f"trace field {k!r} missing or not a {t.__name__}")
     if len(r["nonce"]) > MAX_NONCE_CHARS:
         raise bad(f"nonce longer than {MAX_NONCE_CHARS} characters")
-    for k in ("nonce", "text"):
+    for k in ("nonce", "text", "request"):  # every string, the request's nested ones too
         try:
-            r[k].encode("utf-8")
-        except UnicodeEncodeError:
-            raise bad(f"{k} is not valid Unicode (a lone surrogate)") from None
+            check_text(r[k], k)
+        except RequestError as e:
+            raise bad(str(e)) from None
     _manifest(r["manifest"])
     for k in ("prompt_token_ids", "output_token_ids"):
         ids = r[k]

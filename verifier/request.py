@@ -117,7 +117,7 @@ def parse(body, kind: str | None = None, endpoint: str | None = None) -> ClientR
     if not isinstance(body, dict):
         raise RequestError(None, "the request must be a JSON object")
     kind = kind or kind_of(body, endpoint)
-    _check_text(body, "request")
+    check_text(body, "request")
     _check_keys(body, kind)
     binding = _messages(body) if kind == CHAT else _prompt(body)
     mt_param, max_tokens = _max_tokens(body)
@@ -177,7 +177,7 @@ def _number(body: dict, key: str, default: float) -> float:
     return v
 
 
-def _check_text(v, where: str, depth: int = 0) -> None:
+def check_text(v, where: str, depth: int = 0) -> None:
     """Every string in the body is encodable UTF-8 (JSON's \\ud800 escapes decode to lone
     surrogates, which no tokenizer or hash takes)."""
     if depth > 32:
@@ -189,11 +189,11 @@ def _check_text(v, where: str, depth: int = 0) -> None:
             raise RequestError(where, f"{where} holds a lone UTF-16 surrogate (not text)") from None
     elif isinstance(v, dict):
         for k, x in v.items():
-            _check_text(k, where, depth + 1)
-            _check_text(x, where if depth else str(k)[:40], depth + 1)
+            check_text(k, where, depth + 1)
+            check_text(x, where if depth else str(k)[:40], depth + 1)
     elif isinstance(v, list):
         for x in v:
-            _check_text(x, where, depth + 1)
+            check_text(x, where, depth + 1)
 
 
 def _messages(body: dict) -> dict:
@@ -254,10 +254,8 @@ def mismatch(req: ClientRequest, receipt: dict, params: SamplingParams) -> str |
     if mt is None:
         mt = default_max_tokens(req.kind, len(receipt["prompt_token_ids"]), lim["context_length"])
     if mt != lim["max_tokens"]:
-        return (f"{req.max_tokens_param}: the client asked {req.max_tokens}, the receipt has "
-                f"{lim['max_tokens']}" if req.max_tokens is not None else
-                f"{req.max_tokens_param}: the client left it out, so it is {mt} (the default "
-                f"rule), the receipt has {lim['max_tokens']}")
+        asked = f"asked {mt}" if req.max_tokens is not None else f"left it out, so it is {mt}"
+        return f"{req.max_tokens_param}: the client {asked}, the receipt has {lim['max_tokens']}"
     if req.nonce is not None and req.nonce != receipt["nonce"]:
         return "nonce: the receipt does not carry the client's nonce"
     return None

@@ -80,11 +80,15 @@ def _max_tokens(req, n_prompt: int, limits: Limits) -> int:
                             f"(at least one must be left to generate)", "messages")
     if mt is None:  # the protocol's rule, which the verifier checks (not the server's choice)
         mt = request_mod.default_max_tokens(req.kind, n_prompt, ctx)
-        cap = limits.max_tokens_cap
-        if cap is not None and mt > cap:
-            raise ApiError(400, f"{key} left out means {mt} here; this server generates at most "
-                                f"{cap} tokens per request: send {key} <= {cap}", key)
-        return mt
+    elif n_prompt + mt > ctx:
+        raise ApiError(400, f"{n_prompt} prompt tokens + {key} {mt} exceed the context length "
+                            f"{ctx}", key)
+    cap = limits.max_tokens_cap
+    if cap is not None and mt > cap:  # refused, never cut short (the receipt would not verify)
+        given = f"{key} {mt}" if req.max_tokens is not None else f"{key} left out means {mt}"
+        raise ApiError(400, f"{given}; this server generates at most {cap} tokens per request",
+                       key)
+    return mt
     if n_prompt + mt > ctx:
         raise ApiError(400, f"{n_prompt} prompt tokens + {key} {mt} exceed the context length "
                             f"{ctx}", key)

@@ -240,3 +240,18 @@ def test_saved_exchange_with_an_unknown_field_is_not_read_as_a_bare_receipt(worl
            "receipt": world.served.receipt, "saved_at": "now"}
     with pytest.raises(client.ExchangeError, match="saved_at"):
         client.from_saved(obj)
+
+
+def test_resealed_receipt_with_a_surrogate_in_its_request_is_malformed(chat_world):
+    """The receipt's own request is text too: a lone surrogate in it is receipt_malformed (the
+    structure check), before any tokenizer sees it."""
+    w = chat_world
+    r = w.served.receipt
+    from commitllm.verifier.receipt import build_receipt
+
+    bad = build_receipt(r["manifest"], {"messages": [{"role": "user", "content": "\ud800"}]},
+                        r["nonce"], r["prompt_token_ids"], r["output_token_ids"], r["text"],
+                        r["trace"])
+    c = w.challenge(w.served, "routine")
+    meta, arrays = w.open(w.served, c)
+    assert_rejected(w.verify(bad, c, meta, arrays), "receipt_malformed")
