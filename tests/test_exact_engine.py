@@ -194,3 +194,49 @@ def test_request_checks(tiny_llama):
         generate_exact(model, [[1, 10_000]], SamplingParams(), 3, ())
     with pytest.raises(ValueError, match="context length"):
         generate_exact(model, [[1] * 250], SamplingParams(), 10, ())
+
+
+@pytest.mark.parametrize("tile", [1, 50, 1 << 30])
+def test_attention_tile_size_does_not_change_a_bit(tiny_llama, monkeypatch, tile):
+    """Untraced prefill runs attention in query tiles (TILE_ELEMS): one row per tile, a few rows
+    and one tile give the same logits and K/V rows, batched decode steps included."""
+    from commitllm.engine.exact import ops
+
+    model = ExactModel(_quantized(tiny_llama, "a8"))
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, model.cfg.vocab_size, n).tolist() for n in (29, 3, 17)]
+
+    def run():
+        caches = [SeqCache() for _ in prompts]
+        out = [x.numpy() for x in model.forward(caches, prompts, all_logits=True)]
+        for step in range(3):
+            out += [x.numpy() for x in model.forward(caches, [[5 + step]] * len(prompts))]
+        return out, caches
+
+    want, want_caches = run()
+    monkeypatch.setattr(ops, "TILE_ELEMS", tile)
+    got, caches = run()
+    for a, b in zip(want, got, strict=True):
+        assert np.array_equal(a, b)
+    for a, b in zip(want_caches, caches, strict=True):
+        _assert_same_cache(a, b)
+
+
+def test_cache_growth_keeps_rows_and_earlier_views():
+    """Rows appended in chunks equal their concatenation; growing the buffers leaves a view taken
+    earlier unchanged (an opening may hold one)."""
+    cache, rng, chunks = SeqCache(), np.random.default_rng(2), [3, 1, 1, 20, 1, 40]
+    parts = [[torch.from_numpy(rng.integers(-9, 9, (n, 2, 4)).astype(np.int16)),
+              torch.from_numpy(rng.random((n, 2)).astype(np.float32))] for n in chunks]
+    early = None
+    for i, (k, s) in enumerate(parts):
+        for layer in (0, 1):
+            cache.append(layer, k + layer, s, k - layer, s * 2)
+        if i == 2:
+            early = cache.k[1].clone(), cache.k[1]
+    want_k = torch.cat([k for k, _ in parts])
+    for layer in (0, 1):
+        assert torch.equal(cache.k[layer], want_k + layer)
+        assert torch.equal(cache.v[layer], want_k - layer)
+        assert torch.equal(cache.sv[layer], torch.cat([s for _, s in parts]) * 2)
+    assert torch.equal(early[0], early[1])

@@ -511,3 +511,64 @@ def test_attention_rejects_too_many_keys_in_both():
         ops.attention(_t(q), _t(sq), torch.zeros(1, 1, 2).expand(s, 1, 2),
                       torch.ones(1, 1).expand(s, 1), torch.zeros(1, 1, 2).expand(s, 1, 2),
                       torch.ones(1, 1).expand(s, 1), torch.tensor([0]), qmax)
+
+
+def _attn_inputs(qmax, t, s, nh, nkv, d, seed, spread=1.5):
+    rng = np.random.default_rng(seed)
+    return [x for n, h in ((t, nh), (s, nkv), (s, nkv))
+            for x in _kv_rows(rng, n, h, d, qmax, spread)]
+
+
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("tile", [1, 37, 400, 1 << 21])
+@pytest.mark.parametrize("spread", [1.5, 12.0])
+def test_attention_query_tiles_equal_spec(qmax, tile, spread):
+    """Untraced attention runs in query tiles against only the keys a tile can see: every tile
+    size gives the spec's bits (one row per tile, a few rows, one tile), clamped logits included."""
+    for case in ("prefill_causal", "chunk_after_cache", "decode_mid_cache", "decode_smollm2"):
+        t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
+        q, sq, k, sk, v, sv = _attn_inputs(qmax, t, s, nh, nkv, d, seed=tile, spread=spread)
+        q_pos = np.asarray(q_pos, dtype=np.int64)
+        want = spec_attn.attention(q, sq, k, sk, v, sv, q_pos, qmax)
+        got = ops.attention(*map(_t, (q, sq, k, sk, v, sv, q_pos)), qmax, tile_elems=tile)
+        assert_same(got, want, f"attention {case} tile {tile}")
+
+
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("spread", [1.5, 12.0])
+def test_attention_batch_equals_each_sequence(qmax, spread):
+    """A decode step's rows in one padded batch equal the spec on each sequence alone."""
+    nh, nkv, d, lengths = 6, 2, 24, [1, 5, 300, 64, 2]
+    seqs = [_attn_inputs(qmax, 1, s, nh, nkv, d, seed=i, spread=spread)
+            for i, s in enumerate(lengths)]
+    got = ops.attention_batch(torch.cat([_t(x[0]) for x in seqs]),
+                              torch.cat([_t(x[1]) for x in seqs]),
+                              *([_t(x[j]) for x in seqs] for j in (2, 3, 4, 5)),
+                              torch.tensor([s - 1 for s in lengths]), qmax)
+    for b, (x, s) in enumerate(zip(seqs, lengths)):
+        want = spec_attn.attention(*x, np.array([s - 1]), qmax)
+        assert_same(got[b:b + 1], want, f"batched attention row {b}")
+
+
+@pytest.mark.parametrize("qmax", QMAXES)
+def test_attention_ignores_a_lowered_matmul_precision(qmax):
+    """A caller's torch.set_float32_matmul_precision (bf16/TF32 matmuls) must not reach the
+    exact scores: the fp32 route is taken only at 'highest'."""
+    t, s, nh, nkv, d, q_pos = ATTN_CASES["prefill_causal"]
+    q, sq, k, sk, v, sv = _attn_inputs(qmax, t, s, nh, nkv, d, seed=3)
+    want = spec_attn.attention(q, sq, k, sk, v, sv, np.asarray(q_pos), qmax)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        got = ops.attention(*map(_t, (q, sq, k, sk, v, sv, np.asarray(q_pos))), qmax)
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert_same(got, want, "attention at medium matmul precision")
+
+
+def test_full_softmax_table_equals_shift_and_lookup():
+    d = torch.arange(0, ops._CUT + 5000, dtype=torch.int64)
+    want = ops.table_weights(d)
+    got = ops._FULL_TABLE[d.clamp(max=ops._CUT)].to(torch.int64)
+    assert torch.equal(got, want)
+    assert int(want[ops._CUT:].abs().max()) == 0 and int(want[ops._CUT - 256:ops._CUT].max()) > 0

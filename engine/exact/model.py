@@ -48,22 +48,37 @@ class TorchLinear:
 
 @dataclass
 class SeqCache:
-    """One sequence's K/V rows per layer: int [S, nkv, d] and fp32 scales [S, nkv]."""
+    """One sequence's K/V rows per layer: int [S, nkv, d] and fp32 scales [S, nkv].
+
+    k, sk, v, sv[layer] are views of the filled rows of buffers that grow by doubling, so a
+    decode step writes one row in place instead of copying the whole cache.
+    """
 
     k: list = field(default_factory=list)
     sk: list = field(default_factory=list)
     v: list = field(default_factory=list)
     sv: list = field(default_factory=list)
     length: int = 0
+    _bufs: dict = field(default_factory=dict, repr=False)  # layer -> [k, sk, v, sv] buffers
 
     def append(self, layer: int, k, sk, v, sv) -> None:
-        if len(self.k) <= layer:
-            self.k.append(k), self.sk.append(sk), self.v.append(v), self.sv.append(sv)
-            return
-        self.k[layer] = torch.cat([self.k[layer], k])
-        self.sk[layer] = torch.cat([self.sk[layer], sk])
-        self.v[layer] = torch.cat([self.v[layer], v])
-        self.sv[layer] = torch.cat([self.sv[layer], sv])
+        new, stores = (k, sk, v, sv), (self.k, self.sk, self.v, self.sv)
+        n = self.k[layer].shape[0] if len(self.k) > layer else 0
+        bufs = self._bufs.get(layer)
+        if bufs is None or n + k.shape[0] > bufs[0].shape[0]:
+            cap = max(n + k.shape[0], 2 * n, 16)
+            bufs = [torch.empty((cap, *x.shape[1:]), dtype=x.dtype, device=x.device) for x in new]
+            for b, store in zip(bufs, stores):
+                if n:
+                    b[:n] = store[layer]
+            self._bufs[layer] = bufs
+        for b, x in zip(bufs, new):
+            b[n:n + x.shape[0]] = x
+        for b, store in zip(bufs, stores):
+            if len(store) <= layer:
+                store.append(b[:n + k.shape[0]])
+            else:
+                store[layer] = b[:n + k.shape[0]]
 
 
 class ExactModel:
@@ -190,11 +205,23 @@ class _TorchLayer:
         return out
 
     def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq, parts) -> torch.Tensor:
-        outs, start = [], 0
-        for cache, n in zip(step.caches, step.lengths):
-            sl = slice(start, start + n)
-            cache.append(i, kq[sl], sk[sl], vq[sl], sv[sl])
-            outs.append(ops.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
-                                      cache.sv[i], step.pos[sl], kvq, parts))
-            start += n
-        return torch.cat(outs)
+        """Each sequence's new rows against its cache: the one-row sequences of a decode step in
+        one padded batch, longer ones (prefill chunks) one at a time in query tiles."""
+        out = torch.empty((qq.shape[0], qq.shape[1] * qq.shape[2]), dtype=torch.float32)
+        starts = np.concatenate([[0], np.cumsum(step.lengths)[:-1]]).tolist()
+        for cache, n, a in zip(step.caches, step.lengths, starts):
+            cache.append(i, kq[a:a + n], sk[a:a + n], vq[a:a + n], sv[a:a + n])
+        single = [j for j, n in enumerate(step.lengths) if n == 1]
+        if len(single) > 1:
+            rows = torch.tensor([starts[j] for j in single])
+            cs = [step.caches[j] for j in single]
+            out[rows] = ops.attention_batch(qq[rows], sq[rows], [c.k[i] for c in cs],
+                                            [c.sk[i] for c in cs], [c.v[i] for c in cs],
+                                            [c.sv[i] for c in cs], step.pos[rows], kvq)
+        for j, (cache, n, a) in enumerate(zip(step.caches, step.lengths, starts)):
+            if len(single) > 1 and n == 1:
+                continue
+            sl = slice(a, a + n)
+            out[sl] = ops.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
+                                    cache.sv[i], step.pos[sl], kvq, parts)
+        return out

@@ -115,29 +115,127 @@ def table_weights(distance: torch.Tensor) -> torch.Tensor:
     return _TABLE[distance & ((1 << LOGIT_FRAC_BITS) - 1)] >> shift
 
 
-def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) -> torch.Tensor:
-    """Spec attention.attention for one sequence (keys at positions 0..S-1), torch tensors."""
+def _full_table() -> tuple[torch.Tensor, int]:
+    """table_weights for every distance below the first shift that zeroes the whole table, then 0:
+    w(D) = FULL[min(D, CUT)], one gather instead of shift, mask, gather and shift."""
+    top = int(_TABLE.max())
+    cut = top.bit_length() << LOGIT_FRAC_BITS  # table >> bit_length(max) == 0 everywhere
+    full = table_weights(torch.arange(cut + 1, dtype=I64))
+    if int(full[cut]) != 0:
+        raise AssertionError("the softmax table does not vanish at its cut-off")
+    return full.to(torch.int32), cut
+
+
+_FULL_TABLE, _CUT = _full_table()
+# a masked logit: below every clamped one, and far enough that its distance saturates at _CUT
+_MASKED = -(2**40)
+# elements of one [heads, query rows, keys] block in prefill attention (the tile of the query axis)
+TILE_ELEMS = 1 << 21
+
+
+def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
+              tile_elems: int | None = None) -> torch.Tensor:
+    """Spec attention.attention for one sequence (keys at positions 0..S-1), torch tensors.
+
+    The query axis goes in tiles of about `tile_elems` score elements, each against only the keys
+    its rows can see (q_pos ascending), so memory is linear in S. Every row's values are computed
+    from its own keys alone, so the tile size does not change a bit (tested). A trace (`parts`)
+    takes the whole [nh, T, S] block in the spec's form.
+    """
     t_len, nh, d = q.shape
-    s_len, nkv, _ = k.shape
+    s_len = k.shape[0]
     check_bounds(d, s_len, qmax)
-    kh = torch.arange(nkv).repeat_interleave(nh // nkv)  # [nh]
-    scores = torch.matmul(q.to(F64).transpose(0, 1), k.to(F64)[:, kh].permute(1, 2, 0)).to(I64)
-    visible = torch.arange(s_len).view(1, 1, -1) <= q_pos.view(1, -1, 1)  # [1, T, S]
-    t = ((int_to_f32(scores) * sq.t().unsqueeze(2)) * sk[:, kh].t().unsqueeze(1))
-    t = t * float(score_scale(d))
-    logits = torch.round(t * float(1 << LOGIT_FRAC_BITS)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP).to(I64)
-    logits = torch.where(visible, logits, torch.tensor(-LOGIT_CLAMP - 1, dtype=I64))
+    if parts is not None:
+        out = _attend(q[None], sq[None], k[None], sk[None], v[None], sv[None], q_pos[None], qmax,
+                      parts)
+        return out[0]
+    tile = max(1, (tile_elems or TILE_ELEMS) // max(1, nh * s_len))
+    if tile >= t_len:
+        return _attend(q[None], sq[None], k[None], sk[None], v[None], sv[None], q_pos[None],
+                       qmax)[0]
+    kt, vt = _keys(k[None], d, qmax), _values(v[None])  # converted once for every tile
+    outs = []
+    for a in range(0, t_len, tile):
+        b = min(t_len, a + tile)
+        keys = min(s_len, int(q_pos[a:b].max()) + 1)
+        outs.append(_attend(q[None, a:b], sq[None, a:b], k[None, :keys], sk[None, :keys],
+                            v[None, :keys], sv[None, :keys], q_pos[None, a:b], qmax,
+                            prepared=(kt[..., :keys], vt[:, :, :keys]))[0])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def attention_batch(q, sq, ks, sks, vs, svs, q_pos, qmax: int) -> torch.Tensor:
+    """One query row per sequence (a decode step) against each sequence's own keys, in one batch.
+
+    q int [B, nh, d], sq [B, nh]; ks[b] int [S_b, nkv, d], sks[b] [S_b, nkv] (vs, svs alike);
+    q_pos [B]. The key axis is padded to max S_b with zeros that no row can see: a masked key's
+    weight is 0, so its products add exact zeros and the row max and sums are those of the
+    sequence alone. Returns fp32 [B, nh * d], each row equal to attention() on its sequence.
+    """
+    for kb in ks:
+        check_bounds(q.shape[-1], kb.shape[0], qmax)
+    pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
+    out = _attend(q[:, None], sq[:, None], pad(ks), pad(sks), pad(vs), pad(svs), q_pos[:, None],
+                  qmax)
+    return out[:, 0]
+
+
+def _wide(d: int, qmax: int) -> torch.dtype:
+    """fp32 holds every score exactly when d * qmax^2 < 2^24, but only at full matmul precision
+    (a lowered torch.set_float32_matmul_precision could run it in bf16 or TF32); else float64."""
+    exact32 = d * qmax * qmax < (1 << 24) and torch.get_float32_matmul_precision() == "highest"
+    return F32 if exact32 else F64
+
+
+def _keys(k: torch.Tensor, d: int, qmax: int) -> torch.Tensor:
+    """k int [B, S, nkv, d] -> [B, nkv, d, S] in the scores' exact float type."""
+    return k.permute(0, 2, 3, 1).to(_wide(d, qmax))
+
+
+def _values(v: torch.Tensor) -> torch.Tensor:
+    """v int [B, S, nkv, d] -> float64 [B, nkv, S, d]."""
+    return v.permute(0, 2, 1, 3).to(F64)
+
+
+def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
+            prepared: tuple | None = None) -> torch.Tensor:
+    """The spec's passes over a batch: q [B, T, nh, d], k/v [B, S, nkv, d], q_pos [B, T].
+
+    The g = nh / nkv query heads of a K/V head share one matmul of g * T rows (no repeated keys).
+    Scores and value sums are exact integers in fp32 when d * qmax^2 < 2^24, else in float64
+    (check_bounds keeps both below 2^53); invisible keys get a logit far below every clamped one,
+    so their weight, coefficient and products are exactly 0 (the spec's masks, by value).
+    """
+    bsz, t_len, nh, d = q.shape
+    s_len, nkv = k.shape[1], k.shape[2]
+    g = nh // nkv
+    kt, vt = prepared if prepared is not None else (_keys(k, d, qmax), _values(v))
+    wide = kt.dtype
+    rows = lambda x: x.reshape(bsz, t_len, nkv, g, -1).permute(0, 2, 3, 1, 4).reshape(  # noqa
+        bsz, nkv, g * t_len, x.shape[-1])
+    qg = rows(q).to(wide)  # [B, nkv, gT, d]
+    scores = torch.matmul(qg, kt)  # [B, nkv, gT, S], exact
+    t = scores.to(F32) if wide is F64 else scores.clone() if parts is not None else scores
+    t.mul_(rows(sq.unsqueeze(-1))).mul_(sk.permute(0, 2, 1).unsqueeze(2))
+    t.mul_(float(score_scale(d))).mul_(float(1 << LOGIT_FRAC_BITS))
+    logits = t.round_().clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).to(I64)
+    pos = rows(q_pos.unsqueeze(-1).unsqueeze(-1).expand(bsz, t_len, nkv, g).unsqueeze(-1))
+    hidden = torch.arange(s_len).view(1, 1, 1, s_len) > pos  # [B, nkv, gT, S]
+    logits.masked_fill_(hidden, _MASKED)
     row_max = logits.amax(dim=-1, keepdim=True)
-    w = torch.where(visible, table_weights(row_max - logits), torch.zeros((), dtype=I64))
-    z = w.sum(dim=-1)  # [nh, T]
-    p = (w.to(F32) * float(2.0**-COEF_BITS)) * sv[:, kh].t().unsqueeze(1)  # [nh, T, S]
-    m = torch.where(visible, p, torch.zeros((), dtype=F32)).amax(dim=-1, keepdim=True)
+    w = _FULL_TABLE[(row_max - logits).clamp_(max=_CUT)]  # int32, <= 2^15
+    z = w.sum(dim=-1, dtype=I64)  # [B, nkv, gT]
+    p = w.to(F32).mul_(float(2.0**-COEF_BITS)).mul_(sv.permute(0, 2, 1).unsqueeze(2))
+    m = p.amax(dim=-1, keepdim=True)  # p >= 0 and 0 where hidden: the max over visible keys
     if not bool((m > 0).all()):
         raise FloatingPointError("attention value scale underflowed to zero")
-    c = torch.round((p / m) * float(1 << COEF_BITS))
-    c = torch.where(visible, c, torch.zeros((), dtype=F32)).to(F64)
-    acc = torch.matmul(c, v.to(F64)[:, kh].transpose(0, 1)).to(I64)  # [nh, T, d]
-    out = (int_to_f32(acc) / int_to_f32(z).unsqueeze(-1)) * m
+    c = p.div_(m).mul_(float(1 << COEF_BITS)).round_().to(F64)
+    acc = torch.matmul(c, vt)  # [B, nkv, gT, d], exact integers
+    out = (acc.to(F32) / z.to(F64).to(F32).unsqueeze(-1)) * m
     if parts is not None:
-        parts.update(scores=scores, logits=logits, weights=w, z=z)
-    return out.transpose(0, 1).reshape(t_len, nh * d)
+        heads = lambda x: x[0].reshape(nh, t_len, -1)  # noqa: E731  [nkv, gT, .] -> [nh, T, .]
+        lg = heads(logits)
+        parts.update(scores=heads(scores).to(I64), logits=torch.where(
+            lg == _MASKED, torch.tensor(-LOGIT_CLAMP - 1, dtype=I64), lg),
+            weights=heads(w).to(I64), z=heads(z.unsqueeze(-1))[..., 0])
+    return out.reshape(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(bsz, t_len, nh * d)
