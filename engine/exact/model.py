@@ -190,7 +190,9 @@ class _TorchLayer:
         q = ops.apply_rope(qkv[:, :q_size].reshape(n, nh, d), step.cos, step.sin)
         k = ops.apply_rope(qkv[:, q_size:q_size + kv_size].reshape(n, nkv, d), step.cos, step.sin)
         v = qkv[:, q_size + kv_size:].reshape(n, nkv, d)
-        (qq, sq), (kq, sk), (vq, sv) = (ops.quantize_rows(t, kvq) for t in (q, k, v))
+        # per (token, head) rows: one call over the q, k and v heads side by side, then views
+        qkv_q, qkv_s = ops.quantize_rows(torch.cat([q, k, v], dim=1), kvq)
+        (qq, kq, vq), (sq, sk, sv) = (t.split([nh, nkv, nkv], dim=1) for t in (qkv_q, qkv_s))
         parts = {} if tr is not None and len(step.caches) == 1 and step.trace_attention else None
         o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts)
         h = x + self.o(o, aq, tr, "o")

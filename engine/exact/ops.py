@@ -40,8 +40,7 @@ def quantize_rows(x: torch.Tensor, qmax: int,
     s = amax / torch.full_like(amax, qmax)  # tensor divisor: a true IEEE division
     zero = s == 0
     s = torch.where(zero, torch.ones_like(s), s)
-    q = torch.round(x / s.unsqueeze(-1)).clamp_(-qmax, qmax)
-    q = torch.where(zero.unsqueeze(-1), torch.zeros_like(q), q)
+    q = torch.round(x / s.unsqueeze(-1)).clamp_(-qmax, qmax)  # a zero row: x / 1 rounds to 0
     return q.to(torch.int8 if qmax <= 127 else torch.int16), s
 
 
