@@ -175,3 +175,24 @@ def teacher_forced(model: ExactModel, ids: list[int], chunk: int = 512) -> np.nd
     for start in range(0, len(ids), chunk):
         out.append(model.forward([cache], [ids[start:start + chunk]], all_logits=True)[0])
     return torch.cat(out).numpy()
+
+
+def next_logprobs(logits: np.ndarray, next_ids) -> np.ndarray:
+    """float64 log-softmax of each row, at the next token: logits fp32 [n, V], next_ids [n]."""
+    lg = logits.astype(np.float64)
+    top = lg.max(-1)
+    lse = np.log(np.sum(np.exp(lg - top[:, None]), -1)) + top
+    return lg[np.arange(len(next_ids)), np.asarray(next_ids, dtype=np.int64)] - lse
+
+
+def teacher_forced_scores(model: ExactModel, ids: list[int],
+                          chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """argmax int64 [T] and the next token's log-probability float64 [T - 1] of every position,
+    one chunk of logits at a time: memory holds one chunk's [chunk, V], never [T, V]."""
+    cache, top, lp = SeqCache(), [], []
+    for start in range(0, len(ids), chunk):
+        logits = model.forward([cache], [ids[start:start + chunk]], all_logits=True)[0].numpy()
+        top.append(logits.argmax(-1))
+        nxt = ids[start + 1:start + 1 + len(logits)]
+        lp.append(next_logprobs(logits[:len(nxt)], nxt))
+    return np.concatenate(top).astype(np.int64), np.concatenate(lp)

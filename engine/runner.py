@@ -150,24 +150,24 @@ class Runner:
         if len(ids) < 2:
             raise EngineError("the text has fewer than 2 tokens; nothing to score")
         with self.console.status(f"scoring {len(ids)} tokens ..."):
-            logits = self._all_logits(ids)
-        return score_logits(ids, logits)
+            if self.backend in ("exact", "triton"):
+                from .generate import teacher_forced_scores
 
-    def _all_logits(self, ids: list[int]) -> np.ndarray:
-        if self.backend in ("exact", "triton"):
-            from .generate import teacher_forced
-
-            return teacher_forced(self.model, ids)
-        return self.model.forward([ids])[0].numpy()
+                top, lp = teacher_forced_scores(self.model, ids)
+                return score_result(ids, top, lp)
+            return score_logits(ids, self.model.forward([ids])[0].numpy())
 
 
 def score_logits(ids: list[int], logits: np.ndarray) -> dict:
     """argmax per position and log-probabilities (float64 log-softmax) of the actual next token."""
-    lg = logits[:-1].astype(np.float64)
-    lse = np.log(np.sum(np.exp(lg - lg.max(-1, keepdims=True)), -1)) + lg.max(-1)
-    lp = lg[np.arange(len(ids) - 1), ids[1:]] - lse
+    from .generate import next_logprobs
+
+    return score_result(ids, np.argmax(logits, -1), next_logprobs(logits[:-1], ids[1:]))
+
+
+def score_result(ids: list[int], top: np.ndarray, lp: np.ndarray) -> dict:
     nll = float(-lp.sum())
-    return {"token_ids": ids, "argmax": np.argmax(logits, -1).tolist(), "logprobs": lp.tolist(),
+    return {"token_ids": ids, "argmax": top.tolist(), "logprobs": lp.tolist(),
             "nll": nll, "perplexity": math.exp(nll / len(lp))}
 
 

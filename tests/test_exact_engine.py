@@ -240,3 +240,18 @@ def test_cache_growth_keeps_rows_and_earlier_views():
         assert torch.equal(cache.v[layer], want_k - layer)
         assert torch.equal(cache.sv[layer], torch.cat([s for _, s in parts]) * 2)
     assert torch.equal(early[0], early[1])
+
+
+def test_teacher_forced_scores_equal_whole_logits(tiny_llama):
+    """`score`'s chunked path (one chunk of logits in memory) gives the argmax and log-probs of
+    the whole [T, V] logits, bit for bit, for chunk sizes that do and do not divide T."""
+    from commitllm.engine.generate import teacher_forced, teacher_forced_scores
+    from commitllm.engine.runner import score_logits
+
+    model = ExactModel(_quantized(tiny_llama, "w8a16"))
+    ids = np.random.default_rng(5).integers(0, model.cfg.vocab_size, 41).tolist()
+    want = score_logits(ids, teacher_forced(model, ids))
+    for chunk in (1, 8, 41, 64):
+        top, lp = teacher_forced_scores(model, ids, chunk)
+        assert top.tolist() == want["argmax"]
+        assert np.array_equal(lp, np.array(want["logprobs"]))

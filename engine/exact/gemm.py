@@ -83,16 +83,16 @@ class ExactWeight:
         stacked = torch.cat(xs) if len(xs) > 1 else xs[0]  # [P*M, K]
         z = None
         for wp in self.planes_t:
-            part = _int_mm(stacked, wp).long()  # [P*M, N]
-            part = _recombine(part, len(xs), m)
-            z = part if z is None else z * 256 + part
+            part = _recombine(_int_mm(stacked, wp), len(xs), m)  # int64 [M, N]
+            z = part if z is None else z.mul_(256).add_(part)
         return z
 
 
 def _recombine(part: torch.Tensor, n_planes: int, m: int) -> torch.Tensor:
-    if n_planes == 1:
-        return part
-    return part[:m] * 256 + part[m:]
+    """int32 plane products [P*M, N] -> int64 [M, N], in place on one int64 tensor (a prefill's
+    LM head is [M, 49152]: fresh temporaries there cost more than the products)."""
+    z = part[:m].long()
+    return z if n_planes == 1 else z.mul_(256).add_(part[m:])
 
 
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -52,8 +52,8 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def dequantize(z, sx, sw, bias) -> torch.Tensor:
     """((f32(z) * sx[t]) * sw[j]) + bias[j]."""
-    y = (int_to_f32(z) * sx.unsqueeze(1)) * sw.unsqueeze(0)
-    return y if bias is None else y + bias.unsqueeze(0)
+    y = int_to_f32(z).mul_(sx.unsqueeze(1)).mul_(sw.unsqueeze(0))  # in place on a fresh tensor
+    return y if bias is None else y.add_(bias.unsqueeze(0))
 
 
 def int64_to_f64(v: torch.Tensor) -> torch.Tensor:
