@@ -114,18 +114,20 @@ def table_weights(distance: torch.Tensor) -> torch.Tensor:
     return _TABLE[distance & ((1 << LOGIT_FRAC_BITS) - 1)] >> shift
 
 
-def _full_table() -> tuple[torch.Tensor, int]:
+def full_table(table: torch.Tensor) -> tuple[torch.Tensor, int]:
     """table_weights for every distance below the first shift that zeroes the whole table, then 0:
     w(D) = FULL[min(D, CUT)], one gather instead of shift, mask, gather and shift."""
-    top = int(_TABLE.max())
+    top = int(table.max())
     cut = top.bit_length() << LOGIT_FRAC_BITS  # table >> bit_length(max) == 0 everywhere
-    full = table_weights(torch.arange(cut + 1, dtype=I64))
+    d = torch.arange(cut + 1, dtype=I64)
+    shift = torch.clamp(d >> LOGIT_FRAC_BITS, max=31)
+    full = table[d & ((1 << LOGIT_FRAC_BITS) - 1)] >> shift
     if int(full[cut]) != 0:
         raise AssertionError("the softmax table does not vanish at its cut-off")
     return full.to(torch.int32), cut
 
 
-_FULL_TABLE, _CUT = _full_table()
+_FULL_TABLE, _CUT = full_table(_TABLE)
 # a masked logit: below every clamped one, and far enough that its distance saturates at _CUT
 _MASKED = -(2**40)
 # elements of one [heads, query rows, keys] block in prefill attention (the tile of the query axis)

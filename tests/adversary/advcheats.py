@@ -230,8 +230,12 @@ def served_profile(qm_a, name: str) -> Provider:
 
 
 def softmax_table(qm_a) -> Provider:
-    """Another softmax table (every entry one unit lower), the manifest's numerics digest kept."""
-    return Provider(ExactModel(qm_a), ((ops, "_TABLE", ops._TABLE - (ops._TABLE > 0).long()),))
+    """Another softmax table (every entry one unit lower), the manifest's numerics digest kept;
+    the engine's one-gather form of the table is patched with it, so the cheat takes effect."""
+    table = ops._TABLE - (ops._TABLE > 0).long()
+    full, cut = ops.full_table(table)
+    return Provider(ExactModel(qm_a), ((ops, "_TABLE", table), (ops, "_FULL_TABLE", full),
+                                       (ops, "_CUT", cut)))
 
 
 def exp2_poly(qm_a) -> Provider:

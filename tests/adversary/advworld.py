@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from commitllm.engine.exact.model import ExactModel
+import torch
+from commitllm.engine.exact.model import ExactModel, SeqCache
 from commitllm.engine.open import _put_embed, build_opening
 from commitllm.engine.receipts import generate_with_receipts, receipt_for_tokens
 from commitllm.keys.keygen import build_key, key_tokenizer
@@ -131,6 +132,23 @@ class World:
                                        max_tokens or self.max_tokens,
                                        self.eos if eos is None else tuple(eos), nonce)
         return self.claim(Served(s.receipts[0], s.transcripts[0]), **p.claims)
+
+    def computes_otherwise(self, provider: Provider) -> bool:
+        """Whether `provider` computes anything other than the honest engine on the prompt plus
+        one decode step (residual streams or logits): a cheat that changes nothing is honest,
+        and a test that expects it to be rejected would be vacuous."""
+        def run(p):
+            out = []
+            with p.running() as model:
+                cache = SeqCache()
+                for toks in (self.prompt, self.prompt[:1]):
+                    resid = []
+                    out += model.forward([cache], [list(toks)], residuals=resid, all_logits=True)
+                    out += resid
+            return out
+        a, b = run(self.honest), run(provider)
+        return len(a) != len(b) or any(x.shape != y.shape or not torch.equal(x, y)
+                                       for x, y in zip(a, b))
 
     def commit(self, output_ids, provider: Provider | None = None, *, prompt=None, params=None,
                max_tokens=None, eos=None, request=None, nonce: str = NONCE) -> Served:

@@ -42,8 +42,20 @@ SILENT = [
 @pytest.mark.parametrize("make, code", [c[1:] for c in SILENT], ids=[c[0] for c in SILENT])
 def test_served_another_model_or_numerics(world, make, code):
     p = make(world.qm)
+    assert world.computes_otherwise(p), "the cheat changes nothing the engine computes"
     s = world.serve(p)
     assert_rejected(world.audit(s, p), code)
+
+
+def test_a_cheat_the_engine_never_reads_is_seen_as_no_cheat(world):
+    """The guard above: patching the per-call softmax table alone changes nothing since the
+    engine gathers from its one-gather form, so such a 'cheat' is honest and must be flagged."""
+    from commitllm.engine.exact import ops
+    from advworld import Provider
+    from commitllm.engine.exact.model import ExactModel
+    stale = Provider(ExactModel(world.qm), ((ops, "_TABLE", ops._TABLE - (ops._TABLE > 0).long()),))
+    assert not world.computes_otherwise(stale)
+    assert world.computes_otherwise(softmax_table(world.qm))
 
 
 # manifest fields declared honestly by a provider that runs something else than the key's model
