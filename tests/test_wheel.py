@@ -54,6 +54,13 @@ def test_wheel_holds_every_module(wheel):
             "commitllm/engine/tp"} <= folders  # the folders a hand-written list once forgot
 
 
+def test_wheel_holds_the_compiled_core_source(wheel):
+    """The C source the verifier builds on first use ships; no prebuilt library does."""
+    names = set(wheel.namelist())
+    assert "commitllm/verifier/native/attn.c" in names
+    assert not [n for n in names if n.endswith((".so", ".dylib", ".dll"))]
+
+
 def test_wheel_holds_nothing_else(wheel):
     for n in wheel.namelist():
         top = n.split("/")[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...verifier.numerics import exp2 as spec_exp2
+from ...verifier import native
 from ...verifier.numerics.attention import COEF_BITS, LOGIT_CLAMP, check_bounds, score_scale
 from ...verifier.numerics.exp2 import LOGIT_FRAC_BITS
 from ...verifier.numerics.norm import MAX_NORM_WIDTH, NORM_FRAC_BITS
@@ -132,6 +133,8 @@ _FULL_TABLE, _CUT = full_table(_TABLE)
 _MASKED = -(2**40)
 # elements of one [heads, query rows, keys] block in prefill attention (the tile of the query axis)
 TILE_ELEMS = 1 << 21
+# the compiled softmax passes when the core is built (tests switch it off to compare both routes)
+NATIVE = True
 
 
 def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
@@ -216,11 +219,50 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
         bsz, nkv, g * t_len, x.shape[-1])
     qg = rows(q).to(wide)  # [B, nkv, gT, d]
     scores = torch.matmul(qg, kt)  # [B, nkv, gT, S], exact
+    pos = rows(q_pos.unsqueeze(-1).unsqueeze(-1).expand(bsz, t_len, nkv, g).unsqueeze(-1))
+    if parts is None and use_native():
+        c, z, m = _native_coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, g * t_len)
+    else:
+        c, z, m = _coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, parts, t_len)
+    acc = torch.matmul(c, vt)  # [B, nkv, gT, d], exact integers
+    out = (acc.to(F32) / z.to(F64).to(F32).unsqueeze(-1)) * m
+    return out.reshape(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(bsz, t_len, nh * d)
+
+
+def use_native() -> bool:
+    """Whether the compiled softmax passes (commitllm.verifier.native) run: NATIVE and built."""
+    return NATIVE and _NATIVE_CONSTANTS and native.lib() is not None
+
+
+# attn.c has the spec's constants written in; a change of the spec turns it off, not wrong
+_NATIVE_CONSTANTS = COEF_BITS == 15 and LOGIT_CLAMP == 2**30
+
+
+def _native_coefs(scores, sq_rows, sk, sv, pos, d: int, rows_per_group: int):
+    """_coefs' c, z, m by the compiled core (no trace): one pass per row instead of a dozen
+    torch passes over [B, nkv, gT, S]; the same bits (tests/test_native.py)."""
+    bsz, nkv, gt, s_len = scores.shape
+    s32 = scores.reshape(-1, s_len).contiguous()  # fp32 or float64: attn.c rounds the latter
+    grp = lambda x: x.permute(0, 2, 1).to(F32).contiguous().reshape(-1, s_len).numpy()  # noqa
+    nvis = (pos.reshape(-1) + 1).clamp_(0, s_len).to(I64).contiguous()
+    c, z, m = native.attn_coefs(s32.numpy(), sq_rows.reshape(-1).to(F32).contiguous().numpy(),
+                                grp(sk), grp(sv), rows_per_group, nvis.numpy(),
+                                float(score_scale(d)), float(1 << LOGIT_FRAC_BITS),
+                                _FULL_TABLE.numpy(), _CUT)
+    shape = (bsz, nkv, gt)
+    return (torch.from_numpy(c).view(*shape, s_len), torch.from_numpy(z).view(shape),
+            torch.from_numpy(m).view(*shape, 1))
+
+
+def _coefs(scores, sq_rows, sk, sv, pos, d: int, parts: dict | None, t_len: int):
+    """Logits, table weights, Z, value scale M and coefficients c (float64, exact integers) of
+    the spec's passes, by torch ops over the whole [B, nkv, gT, S] block."""
+    bsz, nkv, gt, s_len = scores.shape
+    wide = scores.dtype
     t = scores.to(F32) if wide is F64 else scores.clone() if parts is not None else scores
-    t.mul_(rows(sq.unsqueeze(-1))).mul_(sk.permute(0, 2, 1).unsqueeze(2))
+    t.mul_(sq_rows).mul_(sk.permute(0, 2, 1).unsqueeze(2))
     t.mul_(float(score_scale(d))).mul_(float(1 << LOGIT_FRAC_BITS))
     logits = t.round_().clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).to(I64)
-    pos = rows(q_pos.unsqueeze(-1).unsqueeze(-1).expand(bsz, t_len, nkv, g).unsqueeze(-1))
     hidden = torch.arange(s_len).view(1, 1, 1, s_len) > pos  # [B, nkv, gT, S]
     logits.masked_fill_(hidden, _MASKED)
     row_max = logits.amax(dim=-1, keepdim=True)
@@ -231,12 +273,10 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     if not bool((m > 0).all()):
         raise FloatingPointError("attention value scale underflowed to zero")
     c = p.div_(m).mul_(float(1 << COEF_BITS)).round_().to(F64)
-    acc = torch.matmul(c, vt)  # [B, nkv, gT, d], exact integers
-    out = (acc.to(F32) / z.to(F64).to(F32).unsqueeze(-1)) * m
     if parts is not None:
-        heads = lambda x: x[0].reshape(nh, t_len, -1)  # noqa: E731  [nkv, gT, .] -> [nh, T, .]
+        heads = lambda x: x[0].reshape(-1, t_len, x.shape[-1])  # noqa: E731  [nkv, gT, .] -> [nh, T, .]
         lg = heads(logits)
         parts.update(scores=heads(scores).to(I64), logits=torch.where(
             lg == _MASKED, torch.tensor(-LOGIT_CLAMP - 1, dtype=I64), lg),
             weights=heads(w).to(I64), z=heads(z.unsqueeze(-1))[..., 0])
-    return out.reshape(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(bsz, t_len, nh * d)
+    return c, z, m

@@ -1,0 +1,123 @@
+"""The compiled core (commitllm.verifier.native): the softmax passes of integer attention in C
+give the spec's bits, by themselves and inside the engine, with either score width, any thread
+split, and its switch off; the build cache is private and the route without a compiler works."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from commitllm.engine.exact import ops  # noqa: E402
+from commitllm.verifier import native  # noqa: E402
+from commitllm.verifier.numerics import attention as spec_attn  # noqa: E402
+from test_numerics_ops import ATTN_CASES, QMAXES, _attn_inputs, _t, assert_same  # noqa: E402
+
+needs_core = pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}")
+
+
+def _both(qmax, case, spread, tile=None):
+    t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
+    x = _attn_inputs(qmax, t, s, nh, nkv, d, seed=7, spread=spread)
+    q_pos = np.asarray(q_pos, dtype=np.int64)
+    out = []
+    for on in (True, False):
+        ops.NATIVE = on
+        try:
+            out.append(ops.attention(*map(_t, (*x, q_pos)), qmax, tile_elems=tile))
+        finally:
+            ops.NATIVE = True
+    return out, spec_attn.attention(*x, q_pos, qmax)
+
+
+@needs_core
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("spread", [1.5, 12.0])  # 12: scores far beyond the logit clamp
+@pytest.mark.parametrize("case", sorted(ATTN_CASES))
+def test_compiled_attention_equals_torch_route_and_spec(qmax, spread, case):
+    assert ops.use_native()
+    (fast, slow), want = _both(qmax, case, spread)
+    assert_same(fast, want, f"compiled {case}")
+    assert_same(slow, want, f"torch route {case}")
+
+
+@needs_core
+@pytest.mark.parametrize("wide", [np.float32, np.float64])
+def test_attn_coefs_thread_split_and_width(wide):
+    """Rows are independent: 1, 2, 3 and 7 threads give the same bits; exact integer scores given
+    as float64 are rounded to fp32 exactly as given as fp32."""
+    rng = np.random.default_rng(3)
+    rows, keys, rpg = 42, 257, 6
+    s = rng.integers(-2**26, 2**26, (rows, keys)).astype(wide)
+    sq = rng.uniform(1e-5, 1e-3, rows).astype(np.float32)
+    sk = rng.uniform(1e-5, 1e-3, (rows // rpg, keys)).astype(np.float32)
+    sv = rng.uniform(1e-3, 2.0, (rows // rpg, keys)).astype(np.float32)
+    nvis = rng.integers(1, keys + 1, rows).astype(np.int64)
+    table, cut = ops._FULL_TABLE.numpy(), ops._CUT
+    args = (sq, sk, sv, rpg, nvis, 0.18, 256.0, table, cut)
+    ref = native.attn_coefs(s, *args, n_threads=1)
+    for n in (2, 3, 7):
+        for a, b in zip(ref, native.attn_coefs(s, *args, n_threads=n)):
+            assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    if wide is np.float64:
+        for a, b in zip(ref, native.attn_coefs(s.astype(np.float32), *args, n_threads=1)):
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    c = ref[0]
+    for r in range(rows):  # hidden keys get exact zeros, visible ones at most 2^15
+        assert not c[r, nvis[r]:].any() and c[r, :nvis[r]].max() == 2**15
+
+
+@needs_core
+def test_attn_coefs_fails_closed():
+    """A row whose value scale underflows, a NaN logit and inconsistent shapes raise."""
+    table, cut = ops._FULL_TABLE.numpy(), ops._CUT
+    s = np.zeros((2, 4), np.float32)
+    ones = np.ones(2, np.float32)
+    sk = np.ones((1, 4), np.float32)
+    nvis = np.full(2, 4, np.int64)
+    with pytest.raises(FloatingPointError, match="underflowed"):
+        native.attn_coefs(s, ones, sk, np.zeros((1, 4), np.float32), 2, nvis, 1.0, 1.0, table, cut)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        native.attn_coefs(s, np.full(2, np.nan, np.float32), sk, sk, 2, nvis, 1.0, 1.0, table, cut)
+    with pytest.raises(ValueError, match="shapes"):
+        native.attn_coefs(s, ones, sk, sk, 3, nvis, 1.0, 1.0, table, cut)
+    with pytest.raises(TypeError, match="contiguous"):
+        native.attn_coefs(s, ones.astype(np.float64), sk, sk, 2, nvis, 1.0, 1.0, table, cut)
+
+
+def test_switched_off_or_without_a_compiler_the_engine_still_runs(monkeypatch, tmp_path):
+    """COMMITLLM_NATIVE=0, or no C compiler: lib() is None with a reason, and attention takes the
+    torch route with the spec's bits."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("COMMITLLM_NATIVE", "0")
+    assert native.lib() is None and not ops.use_native()
+    monkeypatch.setenv("COMMITLLM_NATIVE", "1")
+    monkeypatch.setenv("COMMITLLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    assert native.lib() is None and "no C compiler" in native.error()
+    (got, _), want = _both(32767, "prefill_causal", 1.5)
+    assert_same(got, want, "torch route without a compiler")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_build_cache_must_be_private(monkeypatch, tmp_path):
+    """A cache folder that others may write to is refused (a planted library would run as us);
+    a fresh one is created 0700 and holds the built library."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("COMMITLLM_CACHE", str(shared))
+    assert native.lib() is None and "not a private folder" in native.error()
+    if native._compiler() is None:
+        pytest.skip("no C compiler")
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("COMMITLLM_CACHE", str(fresh))
+    assert native.lib() is not None, native.error()
+    assert stat.S_IMODE((fresh / "native").stat().st_mode) == 0o700
+    assert len(list((fresh / "native").glob("native-*.so"))) == 1

@@ -1,0 +1,172 @@
+"""The compiled core: C routines that compute exactly what the numpy spec computes, faster.
+
+The C source ships in the package and is built on first use with the system C compiler into
+``native/`` of the project's cache folder (``$COMMITLLM_CACHE``, else ``~/.cache/commitllm``),
+created 0700 and refused when others may write to it or its parent, keyed by a digest of the
+source, the flags and the compiler, so later processes only load it (milliseconds). Without a
+compiler, or with ``COMMITLLM_NATIVE=0``, `lib()` is None and callers use their numpy or torch
+path, which gives the same bits (tests/test_native.py checks both routes against the spec).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("attn.c")
+# no contraction into FMA, no reassociation, no approximate math: every float op as written
+FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
+         "-fPIC", "-shared")
+ABI = 1
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("COMMITLLM_NATIVE", "1") != "0"
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: native/ in $COMMITLLM_CACHE (else ~/.cache/commitllm)."""
+    root = os.environ.get("COMMITLLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                             "commitllm")
+    return Path(root) / "native"
+
+
+def _private_dir(path: Path) -> Path:
+    """The folder, created 0700; refused when it or its parent belongs to another user or others
+    may write to it (they could plant or swap the library this process loads)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for p in (path, path.parent):
+        st = p.stat()
+        if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise PermissionError(f"{p}: not a private folder of this user")
+    return path
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise FileNotFoundError("no C compiler (cc) on PATH")
+    ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    tag = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, ver, sys.platform)).encode())
+    out = _private_dir(cache_dir()) / f"native-{tag.hexdigest()[:24]}.so"
+    if out.exists():
+        return out
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_so = Path(tmp) / "native.so"
+        proc = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp_so, out)  # atomic: a concurrent process sees the old name or the whole file
+    return out
+
+
+def lib():
+    """The loaded library, or None (no compiler, build failed, or COMMITLLM_NATIVE=0)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"], _state["error"] = None, None
+            try:
+                so = ctypes.CDLL(str(_build()))
+                if so.commitllm_native_abi() != ABI:
+                    raise RuntimeError("the compiled core's ABI does not match")
+                _declare(so)
+                _state["lib"] = so
+            except (OSError, RuntimeError, subprocess.SubprocessError, PermissionError) as e:
+                _state["error"] = f"{type(e).__name__}: {e}"
+        return _state["lib"]
+
+
+def error() -> str | None:
+    """Why lib() is None, if it tried and failed."""
+    return _state.get("error")
+
+
+def _declare(so) -> None:
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    so.commitllm_native_abi.restype = i64
+    so.attn_coefs.restype = i64
+    so.attn_coefs.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, f32, f32, p, i64, p, p, p]
+
+
+def _ptr(a: np.ndarray, dtype) -> int:
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        raise TypeError(f"expected a C-contiguous {np.dtype(dtype).name} array, got {a.dtype}")
+    return a.ctypes.data
+
+
+_pool: dict[int, ThreadPoolExecutor] = {}
+
+
+def threads() -> int:
+    n = os.environ.get("COMMITLLM_THREADS")
+    return max(1, int(n)) if n else max(1, min(os.cpu_count() or 1, 16))
+
+
+def attn_coefs(s: np.ndarray, sq: np.ndarray, sk: np.ndarray, sv: np.ndarray,
+               rows_per_group: int, nvis: np.ndarray, scale: float, frac: float,
+               table: np.ndarray, cut: int, n_threads: int | None = None):
+    """The softmax passes over rows of exact scores (see attn.c): s fp32 or float64 [R, S]
+    (exact integers; float64 ones are rounded to fp32 as the spec does); sq fp32 [R];
+    sk, sv fp32 [R / rows_per_group, S]; nvis int64 [R]; table int32 [cut + 1].
+    Returns (c float64 [R, S], z int64 [R], m fp32 [R]). Rows are independent, so splitting
+    them over threads changes no bit."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    rows, n_keys = s.shape
+    if (sq.shape != (rows,) or nvis.shape != (rows,) or rows % rows_per_group
+            or sk.shape != (rows // rows_per_group, n_keys) or sv.shape != sk.shape
+            or table.shape != (cut + 1,)):
+        raise ValueError("attn_coefs: inconsistent shapes")
+    c = np.empty((rows, n_keys), np.float64)
+    z = np.empty(rows, np.int64)
+    m = np.empty(rows, np.float32)
+    wide = s.dtype == np.float64
+    args = [(_ptr(s, s.dtype if wide else np.float32), _ptr(sq, np.float32), _ptr(sk, np.float32),
+             _ptr(sv, np.float32), _ptr(nvis, np.int64), _ptr(table, np.int32))]
+    ps, psq, psk, psv, pnv, ptab = args[0]
+    # one contiguous range of rows per thread, each of at least ~64k score elements
+    n = max(1, min(n_threads or threads(), rows * n_keys // (1 << 16)))
+    bounds = [rows * i // n for i in range(n + 1)]
+
+    def run(a: int, b: int) -> int:
+        if a == b:
+            return 0
+        return so.attn_coefs(ps + (8 if wide else 4) * a * n_keys, int(wide), a, b - a, n_keys, psq + 4 * a, psk, psv,
+                             rows_per_group,
+                             pnv + 8 * a, scale, frac, ptab, cut,
+                             c.ctypes.data + 8 * a * n_keys, z.ctypes.data + 8 * a,
+                             m.ctypes.data + 4 * a)
+    if n == 1:
+        codes = [run(0, rows)]
+    else:
+        pool = _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
+        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+    for code in codes:
+        if code == -1:
+            raise FloatingPointError("attention value scale underflowed to zero")
+        if code == -2:
+            raise FloatingPointError("attention logit is NaN")
+        if code:
+            raise MemoryError("attn_coefs: out of memory")
+    return c, z, m
