@@ -13,6 +13,7 @@ the first pick), decode tokens/s over the remaining tokens, and the linear-layer
 excluded, under 4 % at these lengths).
 
     python bench/generate.py [--new-tokens 128] [--batches 1,8] [--runs 5] [--runs-batched 3]
+                             [--long-prompt 2048] [--long-new-tokens 64] [--long-runs 2]
 """
 
 from __future__ import annotations
@@ -196,6 +197,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quiet-share", type=float, default=0.25)
     ap.add_argument("--quiet-retries", type=int, default=3,
                     help="with --quiet-wait: repeat a run that other jobs disturbed, this often")
+    ap.add_argument("--long-prompt", type=int, default=2048,
+                    help="tokens of real text in the long-prompt case at batch 1 (0: skip it)")
+    ap.add_argument("--long-new-tokens", type=int, default=64)
+    ap.add_argument("--long-runs", type=int, default=2, help="timed runs of the long-prompt case")
+    ap.add_argument("--long-text", type=Path, default=Path("/usr/share/common-licenses/GPL-3"),
+                    help="text the long prompt is cut from")
     ap.add_argument("--out", type=Path, default=RESULTS)
     return ap.parse_args(argv)
 
@@ -216,7 +223,7 @@ def load(profile: str):
     prompts = [tok.encode_chat([{"role": "user", "content": t}]) for t in PROMPTS]
     pad = hf.generation_config.pad_token_id
     pad = pad if pad is not None else loaded.cfg.eos_token_ids[0]
-    return ours, hf, prompts, pad, linear_params(loaded.cfg), torch.get_num_threads()
+    return ours, hf, prompts, pad, linear_params(loaded.cfg), torch.get_num_threads(), tok
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    ours, hf, prompts, pad, n_lin, threads = load(args.profile)
+    ours, hf, prompts, pad, n_lin, threads, tok = load(args.profile)
 
     quiet = quiet_policy(args.quiet_wait, args.quiet_share, args.quiet_retries)
     gens = {f"commitllm exact ({args.profile})": exact_generator(ours),
@@ -237,11 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         runs = args.runs if batch == 1 else args.runs_batched
         for r in measure(gens, prompts, batch, args.new_tokens, runs, quiet):
             r["gop_per_s"] = r["tokens_per_s"] * 2 * n_lin / 1e9
-            rows.append(r)
+            rows.append(r | {"case": "chat"})
+            print(_line(r), flush=True)
+    if args.long_prompt:
+        ids = tok.encode(args.long_text.read_text(encoding="utf-8"))
+        if len(ids) < args.long_prompt:
+            raise SystemExit(f"{args.long_text}: {len(ids)} tokens, fewer than --long-prompt")
+        long = [ids[:args.long_prompt]]
+        for r in measure(gens, long, 1, args.long_new_tokens, args.long_runs, quiet):
+            r["gop_per_s"] = r["tokens_per_s"] * 2 * n_lin / 1e9
+            rows.append(r | {"case": f"prompt {args.long_prompt}"})
             print(_line(r), flush=True)
     data = _report(args, prompts, rows, n_lin, threads, time.perf_counter() - start)
     for c in data["ratios"]:
-        print(f"batch {c['batch']}: ours / transformers = {c['tokens_per_s_ratio']:.3f} "
+        print(f"{c['case']}, batch {c['batch']}: ours / transformers = {c['tokens_per_s_ratio']:.3f} "
               f"(end-to-end tokens/s), TTFT ratio {c['ttft_ratio']:.3f}")
     js, md = write_results(args.out, "generate", data, render_md(data))
     print(f"wrote {js} and {md} ({data['elapsed_s']:.0f} s)")
@@ -258,14 +274,14 @@ def _line(r: dict) -> str:
 
 def _report(args, prompts, rows, n_lin, threads, elapsed) -> dict:
     ratios = []
-    for batch in sorted({r["batch"] for r in rows}):
-        ours, hf = (r for r in rows if r["batch"] == batch)
-        ratios.append({"batch": batch,
+    for case, batch in dict.fromkeys((r["case"], r["batch"]) for r in rows):
+        ours, hf = (r for r in rows if r["batch"] == batch and r["case"] == case)
+        ratios.append({"case": case, "batch": batch,
                        "tokens_per_s_ratio": ours["tokens_per_s"] / hf["tokens_per_s"],
                        "decode_ratio": ours["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
                        "ttft_ratio": ours["ttft_median_s"] / hf["ttft_median_s"],
                        "tokens_per_cpu_s_ratio": ours["tokens_per_cpu_s"] / hf["tokens_per_cpu_s"]})
-    b1 = [r for r in rows if r["batch"] == 1]
+    b1 = [r for r in rows if r["batch"] == 1 and r["case"] == "chat"]
     # outputs: per run, per sequence; batch 1 has one sequence per run
     agree = ([common_prefix(a[0], b[0]) for a, b in zip(b1[0]["outputs"], b1[1]["outputs"])]
              if len(b1) == 2 else [])
@@ -277,7 +293,9 @@ def _report(args, prompts, rows, n_lin, threads, elapsed) -> dict:
                          "torch_threads": threads, "quiet_wait_s": args.quiet_wait,
                          "quiet_share": args.quiet_share, "quiet_retries": args.quiet_retries,
                          "prompt_lengths": [len(p) for p in prompts], "prompts": list(PROMPTS),
-                         "linear_params": n_lin},
+                         "linear_params": n_lin, "long_prompt": args.long_prompt,
+                         "long_new_tokens": args.long_new_tokens, "long_runs": args.long_runs,
+                         "long_text": str(args.long_text)},
             "results": rows, "ratios": ratios,
             "batch1_common_prefix_tokens": agree, "elapsed_s": round(elapsed, 1)}
 
@@ -289,24 +307,24 @@ def _pct(x: float | None) -> str:
 def render_md(d: dict) -> str:
     """The report as Markdown: provenance, settings, the throughput table, the ratios."""
     s = d["settings"]
-    rows = [[r["engine"], r["batch"], f"{r['tokens_per_s']:.2f}",
+    rows = [[r["engine"], r.get("case", "chat"), r["batch"], f"{r['tokens_per_s']:.2f}",
              f"{r['tokens_per_s_min']:.2f}-{r['tokens_per_s_max']:.2f}",
              f"{100 * r['timing_s']['spread']:.1f} %", len(r["timing_s"]["runs"]),
              f"{r['ttft_median_s']:.3f}", f"{r['decode_tokens_per_s']:.2f}",
              f"{r['gop_per_s']:.2f}", f"{r['tokens_per_cpu_s']:.2f}",
              _pct(r["timing_s"]["contention"]), r["timing_s"].get("discarded", 0)]
             for r in d["results"]]
-    ratios = [[c["batch"], f"{c['tokens_per_s_ratio']:.3f}", f"{c['decode_ratio']:.3f}",
+    ratios = [[c.get("case", "chat"), c["batch"], f"{c['tokens_per_s_ratio']:.3f}", f"{c['decode_ratio']:.3f}",
                f"{c['ttft_ratio']:.3f}", f"{c['tokens_per_cpu_s_ratio']:.3f}"]
               for c in d["ratios"]]
     return "\n\n".join([
         "# Generation throughput: exact engine vs transformers fp32",
         provenance_md(d["provenance"]),
         _settings_md(s),
-        md_table(["engine", "batch", "tokens/s (median)", "range", "spread", "runs",
+        md_table(["engine", "case", "batch", "tokens/s (median)", "range", "spread", "runs",
                   "TTFT s (median)", "decode tokens/s", "GOP/s", "tokens per CPU-s",
                   "other jobs' CPU", "runs repeated"], rows),
-        md_table(["batch", "ours / transformers tokens/s", "decode ratio", "TTFT ratio",
+        md_table(["case", "batch", "ours / transformers tokens/s", "decode ratio", "TTFT ratio",
                   "tokens per CPU-s ratio"], ratios),
         ("\"other jobs' CPU\": CPU time that other processes on the machine used during the "
          "timed runs, as a share of all cores (from /proc/stat minus this process's own CPU time); "
@@ -330,7 +348,11 @@ def _settings_md(s: dict) -> str:
         f"{s['torch_threads']}; before each timed run, waited up to {s['quiet_wait_s']:.0f} s for "
         f"other jobs to use <= {100 * s['quiet_share']:.0f} % of the cores, and repeated (up to "
         f"{s.get('quiet_retries', 0)} times) a run during which they used more (0 s: no waiting, "
-        f"no repeats).")
+        f"no repeats)." + (
+            f" Case 'prompt {s['long_prompt']}': the first {s['long_prompt']} tokens of "
+            f"{s['long_text']} as one prompt (no chat template), {s['long_new_tokens']} new "
+            f"tokens, {s['long_runs']} timed runs; its TTFT is the long prefill."
+            if s.get("long_prompt") else ""))
 
 
 if __name__ == "__main__":
