@@ -118,8 +118,8 @@ _pool: dict[int, ThreadPoolExecutor] = {}
 
 
 def threads() -> int:
-    n = os.environ.get("COMMITLLM_THREADS")
-    return max(1, int(n)) if n else max(1, min(os.cpu_count() or 1, 16))
+    """Threads for row-parallel routines: every core (at most 16)."""
+    return max(1, min(os.cpu_count() or 1, 16))
 
 
 def attn_coefs(s: np.ndarray, sq: np.ndarray, sk: np.ndarray, sv: np.ndarray,
