@@ -121,3 +121,48 @@ def test_build_cache_must_be_private(monkeypatch, tmp_path):
     assert native.lib() is not None, native.error()
     assert stat.S_IMODE((fresh / "native").stat().st_mode) == 0o700
     assert len(list((fresh / "native").glob("native-*.so"))) == 1
+
+
+def _coefs_twin(s, sq, sk, sv, rpg, nvis, scale, frac):
+    """attn_coefs written with the spec's numpy pieces (what attn.c must equal)."""
+    from commitllm.verifier.numerics import exp2 as spec_exp2
+    f32 = np.float32
+    grp = np.arange(len(s)) // rpg
+    with np.errstate(over="ignore"):  # +-3e38 scores overflow to inf, then clamp
+        t = (((s.astype(f32) * sq[:, None]) * sk[grp]) * f32(scale)) * f32(frac)
+    lg = np.clip(np.rint(t), -spec_attn.LOGIT_CLAMP, spec_attn.LOGIT_CLAMP).astype(np.int64)
+    vis = np.arange(s.shape[1])[None, :] < nvis[:, None]
+    lg = np.where(vis, lg, -spec_attn.LOGIT_CLAMP - 1)
+    w = np.where(vis, spec_exp2.table_weights(lg.max(axis=1, keepdims=True) - lg), 0)
+    p = (w.astype(f32) * f32(2.0**-15)) * sv[grp]
+    m = p.max(axis=1)
+    c = np.where(vis, np.rint((p / m[:, None]) * f32(2**15)), 0).astype(np.float64)
+    return c, w.sum(axis=1), m
+
+
+@needs_core
+@pytest.mark.parametrize("seed", range(4))
+def test_attn_coefs_equals_its_numpy_twin_ties_and_clamps_included(seed):
+    """Halfway cases round to even in both roundings (logits and coefficients), logits beyond
+    +-2^30 clamp, and huge or tiny scales: the C routine equals the spec's formula bit for bit."""
+    rng = np.random.default_rng(seed)
+    rows, keys, rpg = 12, 64, 3
+    s = (rng.integers(-2**12, 2**12, (rows, keys)) + 0.5).astype(np.float32)  # x.5: ties
+    s[0, :8] = [2.5, 3.5, -2.5, -0.5, 0.5, -1.5, 1.5, -3.5]
+    s[1, :4] = [3e38, -3e38, 2**31, -2**31]  # clamped logits
+    sq = np.ones(rows, np.float32)
+    sk = np.ones((rows // rpg, keys), np.float32)
+    sv = rng.uniform(0.5, 2.0, (rows // rpg, keys)).astype(np.float32)
+    # coefficient ties: equal weights (equal logits), p_1 / p_0 = (2k + 1) / 2^16
+    s[3] = 7.0
+    sv[1] = 1.0
+    sv[1, 1:] = (2 * rng.integers(0, 2**15, keys - 1) + 1) / np.float32(2**16)
+    nvis = rng.integers(1, keys + 1, rows).astype(np.int64)
+    nvis[:4] = keys
+    scale, frac = (1.0, 1.0) if seed < 2 else (float(np.float32(0.18033688)), 256.0)
+    got = native.attn_coefs(s, sq, sk, sv, rpg, nvis, scale, frac, ops._FULL_TABLE.numpy(),
+                            ops._CUT, n_threads=1)
+    want = _coefs_twin(s, sq, sk, sv, rpg, nvis, scale, frac)
+    for g, w, name in zip(got, want, ("c", "z", "m")):
+        assert g.dtype == w.dtype, name
+        assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), name
