@@ -166,3 +166,20 @@ def test_attn_coefs_equals_its_numpy_twin_ties_and_clamps_included(seed):
     for g, w, name in zip(got, want, ("c", "z", "m")):
         assert g.dtype == w.dtype, name
         assert np.array_equal(g.view(np.uint8), w.view(np.uint8)), name
+
+
+@needs_core
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("spread", [1.5, 12.0])
+@pytest.mark.parametrize("case", sorted(ATTN_CASES))
+def test_verifier_attention_with_the_core_equals_the_spec(qmax, spread, case):
+    """What the verifier's replay calls (commitllm.verifier.native.attention) gives the spec's
+    bits; the table it builds is the engine's one-gather table."""
+    from commitllm.verifier.native import attention as fast
+    t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
+    x = _attn_inputs(qmax, t, s, nh, nkv, d, seed=11, spread=spread)
+    q_pos = np.asarray(q_pos, dtype=np.int64)
+    assert_same(fast.attention(*x, q_pos, qmax), spec_attn.attention(*x, q_pos, qmax),
+                f"verifier attention {case}")
+    table, cut = fast._full_table()
+    assert cut == ops._CUT and np.array_equal(table, ops._FULL_TABLE.numpy())
