@@ -14,6 +14,7 @@ from ..verifier.atomic import atomic_write
 from ..verifier.commitment import TraceTrees, commit_model
 from ..verifier.numerics import SPEC_VERSION
 from ..verifier.numerics.sampler import SamplingParams
+from ..verifier.outputs import OutputPolicy
 from ..verifier.receipt import build_receipt, seed_commitment
 from .exact.model import ExactModel, SeqCache
 
@@ -45,7 +46,7 @@ class Committer:
         return cached
 
     def manifest(self, params: SamplingParams, seed_com: str | None, max_tokens: int,
-                 eos_ids: tuple[int, ...]) -> dict:
+                 eos_ids: tuple[int, ...], output: OutputPolicy = OutputPolicy()) -> dict:
         cfg = self.model.cfg
         return {
             "spec_version": SPEC_VERSION, "numerics_digest": numerics_digest(),
@@ -55,6 +56,7 @@ class Committer:
             "sampling": params.manifest(), "seed_commitment": seed_com,
             "limits": {"max_tokens": max_tokens, "eos_token_ids": list(eos_ids),
                        "context_length": cfg.max_position_embeddings},
+            "output": output.manifest(),
         }
 
 
@@ -66,14 +68,18 @@ def trace_roots(resid: np.ndarray, cache: SeqCache) -> TraceTrees:
 
 def make_receipt(committer: Committer, request: dict, nonce: str, params: SamplingParams,
                  salt: bytes, max_tokens: int, eos_ids, prompt_ids, output_ids,
-                 trees: TraceTrees) -> dict:
+                 trees: TraceTrees, output: OutputPolicy = OutputPolicy(),
+                 text: str | None = None, logprobs: dict | None = None) -> dict:
+    """text: what the client is returned (stop strings cut: verifier/outputs.StopScan); None:
+    the detokenized output. logprobs: the canonical entries, when the output policy asks."""
     seed_com = None if params.greedy else seed_commitment(params.seed, salt)
-    manifest = committer.manifest(params, seed_com, max_tokens, eos_ids)
-    text = committer.tokenizer.decode(output_ids) if committer.tokenizer else ""
+    manifest = committer.manifest(params, seed_com, max_tokens, eos_ids, output)
+    if text is None:
+        text = committer.tokenizer.decode(output_ids) if committer.tokenizer else ""
     trace = {"positions": len(prompt_ids) + len(output_ids) - 1,
              "layers": committer.model.cfg.num_layers,
              "residual_root": trees.resid_root.hex(), "kv_root": trees.kv_root.hex()}
-    return build_receipt(manifest, request, nonce, prompt_ids, output_ids, text, trace)
+    return build_receipt(manifest, request, nonce, prompt_ids, output_ids, text, trace, logprobs)
 
 
 # --- transcript store ---------------------------------------------------------------------------

@@ -8,19 +8,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..verifier.numerics import logprobs as lp_mod
 from ..verifier.numerics.sampler import SamplingParams, sample
+from ..verifier.outputs import StopScan
 from .exact.model import ExactModel, SeqCache
 from .reference import ReferenceModel
 
 
 @dataclass
 class Result:
-    """One sequence's outcome. finish_reason is 'eos', 'length' or 'cancelled' (stopped early at
-    the caller's request: a cancelled sequence is unfinished and gets no receipt)."""
+    """One sequence's outcome. finish_reason is 'eos', 'length', 'stop' (a stop string or stop
+    token id, under a StopScan) or 'cancelled' (stopped early at the caller's request: a
+    cancelled sequence is unfinished and gets no receipt). logprobs / prompt_logprobs: the
+    canonical entries (verifier/numerics/logprobs.entry) when asked for."""
 
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    logprobs: list | None = None
+    prompt_logprobs: list | None = None
+    text: str | None = None  # the text to return (stop strings cut), under a StopScan
 
 
 OnToken = Callable[[int, int], None]  # (sequence index, token id)
@@ -29,15 +36,25 @@ OnToken = Callable[[int, int], None]  # (sequence index, token id)
 class TextDeltas:
     """One sequence's text as its tokens arrive (CLI streaming, server SSE): push(token) gives the
     new text, "" while a UTF-8 character is incomplete or when the decoded prefix is not a prefix
-    of what was already shown; rest(final) is what the final text adds to what was shown."""
+    of what was already shown; rest(final) is what the final text adds to what was shown.
+    stop: the stop strings; the last (longest - 1) characters are kept back until more text
+    arrives, and text from a stop string on is never sent (it is not returned)."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.ids, self.shown, self.stop = tokenizer, [], "", stop
+        self.holdback = max(map(len, stop), default=1) - 1
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.shown):
+        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if hits:  # the stop rule ends here: the text before the first stop string, no more
+            text = text[:min(hits)]
+        elif text.endswith("\ufffd") or not text.startswith(self.shown):
+            return ""
+        elif self.holdback:
+            text = text[:len(text) - self.holdback]
+        if len(text) <= len(self.shown) or not text.startswith(self.shown):
             return ""
         delta, self.shown = text[len(self.shown):], text
         return delta
@@ -76,9 +93,10 @@ class Recorder:
     def __init__(self, n_seqs: int):
         self.rows: list[list[list[torch.Tensor]]] = [[] for _ in range(n_seqs)]
 
-    def step(self, model: ExactModel, seq_ids: list[int], caches, tokens) -> list[torch.Tensor]:
+    def step(self, model: ExactModel, seq_ids: list[int], caches, tokens,
+             all_logits: bool = False) -> list[torch.Tensor]:
         resid: list[torch.Tensor] = []
-        out = model.forward(caches, tokens, residuals=resid)
+        out = model.forward(caches, tokens, residuals=resid, all_logits=all_logits)
         lengths = [len(t) for t in tokens]
         for layer_x in resid:
             for i, part in zip(seq_ids, layer_x.cpu().split(lengths)):
@@ -95,24 +113,37 @@ def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_toke
                    eos_ids: tuple[int, ...], on_token: OnToken | None = None,
                    prefill_chunk: int = 0, recorder: Recorder | None = None,
                    caches: list[SeqCache] | None = None,
-                   cancelled: Callable[[int], bool] | None = None) -> list[Result]:
+                   cancelled: Callable[[int], bool] | None = None,
+                   stops: list[StopScan | None] | None = None,
+                   logprobs: list[tuple[int | None, bool]] | None = None) -> list[Result]:
     """Prefill all prompts in one batch (optionally in chunks), then decode the live ones together.
     params and max_tokens: one for the batch, or a list with one per prompt (a server's batch).
     cancelled(i): checked before each decode step; a true answer drops sequence i from the batch
-    (finish_reason 'cancelled'). The others' values do not change: the engine is batch-invariant."""
+    (finish_reason 'cancelled'). The others' values do not change: the engine is batch-invariant.
+    stops[i]: the stop rule of sequence i (verifier/outputs.StopScan; None: EOS and max_tokens).
+    logprobs[i]: (top k or None, prompt logprobs too) for sequence i."""
     check_request(prompts, max_tokens, model.cfg.vocab_size, model.cfg.max_position_embeddings)
     params, max_tokens = per_seq(params, len(prompts)), per_seq(max_tokens, len(prompts))
+    stops = per_seq(stops, len(prompts))
+    want = per_seq(logprobs, len(prompts)) if logprobs is not None else [(None, False)] * len(
+        prompts)
     results = [Result(list(p)) for p in prompts]
+    for res, (k, prompt_lp) in zip(results, want):
+        if k is not None:
+            res.logprobs = []
+            res.prompt_logprobs = [] if prompt_lp else None
     caches = [SeqCache() for _ in prompts] if caches is None else caches
     if max(max_tokens, default=0) == 0:
         return results
-    run = recorder.step if recorder is not None else (lambda m, _ids, c, t: m.forward(c, t))
-    logits = _prefill(model, caches, prompts, prefill_chunk, run)
+    run = recorder.step if recorder is not None else (
+        lambda m, _ids, c, t, all_logits=False: m.forward(c, t, all_logits=all_logits))
+    logits = _prefill(model, caches, prompts, prefill_chunk, run, results, want)
     live = [i for i in range(len(prompts)) if max_tokens[i] > 0]
     logits = [logits[i] for i in live]
     while live:
-        live = [i for j, i in enumerate(live) if _pick(logits[j], params[i], results[i], on_token,
-                                                       i, eos_ids, max_tokens[i]) is not None]
+        live = [i for j, i in enumerate(live)
+                if _pick(logits[j], params[i], results[i], on_token, i, eos_ids, max_tokens[i],
+                         stops[i], want[i][0]) is not None]
         if cancelled is not None:
             for i in [i for i in live if cancelled(i)]:
                 results[i].finish_reason = "cancelled"
@@ -123,26 +154,47 @@ def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_toke
     return results
 
 
-def _prefill(model: ExactModel, caches, prompts, chunk: int, run) -> list[torch.Tensor]:
-    if chunk <= 0:
-        return run(model, list(range(len(prompts))), caches, prompts)
+def _prefill(model: ExactModel, caches, prompts, chunk: int, run, results=None,
+             want=None) -> list[torch.Tensor]:
+    """The last logits row of every prompt; the prompt logprobs of the sequences that ask for them
+    (every row's logits, when one of the batch does: the others' rows are the same either way)."""
+    everything = want is not None and any(k is not None and p for k, p in want)
+    chunk = chunk if chunk > 0 else max(len(p) for p in prompts)
     last = [None] * len(prompts)
     longest = max(len(p) for p in prompts)
     for start in range(0, longest, chunk):
         idx = [i for i, p in enumerate(prompts) if len(p) > start]
-        out = run(model, idx, [caches[i] for i in idx], [prompts[i][start:start + chunk] for i in idx])
-        for i, lg in zip(idx, out):
-            last[i] = lg
+        parts = [prompts[i][start:start + chunk] for i in idx]
+        out = run(model, idx, [caches[i] for i in idx], parts, all_logits=everything)
+        for i, part, lg in zip(idx, parts, out):
+            if everything and results[i].prompt_logprobs is not None:
+                rows = lg.numpy()
+                for j in range(len(part)):
+                    t = start + j  # row t predicts prompt token t + 1
+                    if t + 1 < len(prompts[i]):
+                        results[i].prompt_logprobs.append(
+                            lp_mod.entry(rows[j], prompts[i][t + 1], want[i][0]))
+            last[i] = lg[-1:]
     return last
 
 
-def _pick(logits, params, res: Result, on_token, i, eos_ids, max_tokens) -> int | None:
+def _pick(logits, params, res: Result, on_token, i, eos_ids, max_tokens,
+          stop: StopScan | None = None, top: int | None = None) -> int | None:
     """Choose the next token; returns None when the sequence is finished."""
     position = len(res.prompt_token_ids) + len(res.token_ids)
-    tok = sample(logits.reshape(-1).numpy(), params, position)
+    row = logits.reshape(-1).numpy()
+    tok = sample(row, params, position)
     res.token_ids.append(tok)
+    if top is not None:
+        res.logprobs.append(lp_mod.entry(row, tok, top))
     if on_token is not None:
         on_token(i, tok)
+    if stop is not None:
+        if stop.push(tok):
+            res.finish_reason = stop.finish_reason
+            res.text = stop.final_text()
+            return None
+        return tok
     if tok in eos_ids:
         res.finish_reason = "eos"
         return None

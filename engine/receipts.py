@@ -12,6 +12,7 @@ from ..keys.keygen import KEY_VERSION, Key, build_key, key_tokenizer, load_key, 
 from ..verifier import challenge as challenge_mod
 from ..verifier import container
 from ..verifier.numerics.sampler import SamplingParams
+from ..verifier.outputs import OutputPolicy, StopScan
 from ..verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from ..verifier.verify import Verdict, verify
 from .commit import Committer, make_receipt, trace_roots
@@ -42,6 +43,7 @@ class SeqRequest:
     max_tokens: int
     nonce: str
     salt: bytes | None = None  # random when None (tests inject one to compare receipts)
+    output: OutputPolicy = OutputPolicy()  # stop strings / token ids, logprobs, echo
 
 
 def generate_with_receipts(model: ExactModel, tokenizer, requests: list[dict],
@@ -68,9 +70,15 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
     _ = com.model_commitment, com._hashes  # once per loaded model, like loading
     t0 = time.perf_counter()
     params = [replace(s.params, nonce=s.nonce) for s in seqs]  # the client's nonce in every draw
+    if tokenizer is None and any(s.output.stop for s in seqs):
+        raise ValueError("stop strings need the model's tokenizer")
+    stops = [StopScan(tokenizer, s.output, eos_ids, s.max_tokens) if tokenizer is not None
+             else None for s in seqs]
     results = generate_exact(model, [s.prompt_ids for s in seqs], params,
                              [s.max_tokens for s in seqs], eos_ids, on_token, prefill_chunk,
-                             recorder=rec, caches=caches, cancelled=cancelled)
+                             recorder=rec, caches=caches, cancelled=cancelled, stops=stops,
+                             logprobs=[(s.output.logprobs, s.output.prompt_logprobs)
+                                       for s in seqs])
     t1 = time.perf_counter()
     receipts, transcripts = [], []
     for i, (s, res) in enumerate(zip(seqs, results)):
@@ -81,23 +89,44 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
         salt = os.urandom(16) if s.salt is None else s.salt
         trees = trace_roots(rec.residuals(i, model.cfg.num_layers), model.full_cache(caches[i]))
         r = make_receipt(com, s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
-                         res.prompt_token_ids, res.token_ids, trees)
+                         res.prompt_token_ids, res.token_ids, trees, s.output, res.text,
+                         _logprobs(res))
         receipts.append(r)
         transcripts.append({"receipt": r, "seed": s.params.seed, "salt": salt.hex()})
     return Signed(results, receipts, transcripts, t1 - t0, time.perf_counter() - t1)
 
 
+def _logprobs(res) -> dict | None:
+    if res.logprobs is None:
+        return None
+    return {"prompt": res.prompt_logprobs, "output": res.logprobs}
+
+
 def receipt_for_tokens(model: ExactModel, tokenizer, request: dict, nonce: str,
                        params: SamplingParams, salt: bytes, max_tokens: int, eos_ids,
-                       prompt_ids: list[int], output_ids: list[int]) -> dict:
+                       prompt_ids: list[int], output_ids: list[int],
+                       output: OutputPolicy = OutputPolicy(), text: str | None = None,
+                       logprobs: dict | None = None) -> dict:
     """A receipt for a given token sequence, by re-executing it (what a provider that chose the
-    tokens some other way would send). Used by tests and the adversary suite."""
+    tokens some other way would send). Used by tests and the adversary suite. text / logprobs:
+    what to commit (default: the whole detokenization; logprobs computed honestly when the
+    policy asks for them)."""
     tokens = list(prompt_ids) + list(output_ids)
     rec, cache = Recorder(1), SeqCache()
-    rec.step(model, [0], [cache], [tokens[:-1]])
+    want = output.logprobs is not None and logprobs is None
+    out = rec.step(model, [0], [cache], [tokens[:-1]], all_logits=want)
+    if want:
+        from ..verifier.numerics.logprobs import entry
+
+        rows, p = out[0].numpy(), len(prompt_ids)
+        logprobs = {"prompt": [entry(rows[t], tokens[t + 1], output.logprobs)
+                               for t in range(p - 1)] if output.prompt_logprobs else None,
+                    "output": [entry(rows[t], tokens[t + 1], output.logprobs)
+                               for t in range(p - 1, len(tokens) - 1)]}
     trees = trace_roots(rec.residuals(0, model.cfg.num_layers), model.full_cache(cache))
     return make_receipt(Committer(model, tokenizer), request, nonce, params, salt,
-                        max_tokens, eos_ids, prompt_ids, output_ids, trees)
+                        max_tokens, eos_ids, prompt_ids, output_ids, trees, output, text,
+                        logprobs)
 
 
 def open_from_store(model: ExactModel, store, challenge: dict):
@@ -116,8 +145,11 @@ def cached_key(qm, tokenizer, on_build=None) -> Key:
     called before a key is built (not found in the cache)."""
     from ..verifier.commitment import commit_model
 
+    from ..keys.keygen import numerics_digest
+
     com = commit_model(qm)["commitment"].hex()
-    path = cache_dir() / "keys" / f"{com[:32]}-{qm.profile.name}-v{KEY_VERSION}.key"
+    spec = numerics_digest()[:12]  # a key made under another spec would not verify: rebuilt
+    path = cache_dir() / "keys" / f"{com[:32]}-{qm.profile.name}-v{KEY_VERSION}-{spec}.key"
     if path.is_file():
         try:
             return load_key(path)

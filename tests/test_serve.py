@@ -199,8 +199,12 @@ def _post(srv, path, data: bytes):
     ({"model": "gpt-4", "prompt": "a"}, 404, "unknown model"),
     ({"prompt": "a", "logit_bias": {"5": 2}}, 400, "logit_bias"),
     ({"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
-    ({"prompt": "a", "n": 2}, 400, "'n'"),
-    ({"prompt": "a", "stop": ["\n"]}, 400, "stop"),
+    ({"prompt": "a", "n": 2}, 400, "n > 1"),
+    ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"prompt": "a", "stop": [""]}, 400, "stop"),
+    ({"prompt": "a", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "a", "logprobs": 1, "stream": True}, 400, "without streaming"),
+    ({"prompt": [5, -1]}, 400, "prompt"),
     ({"prompt": "a", "frobnicate": 1}, 400, "unsupported parameter 'frobnicate'"),
     ({"prompt": "a" * 300}, 400, "context"),
     ({"prompt": "a" * 200, "max_tokens": 100}, 400, "exceed the context"),
@@ -568,7 +572,8 @@ def test_every_accepted_request_form_verifies(server, model_and_key, tmp_path, f
     assert res.exit_code == 0 and row["request_checked"] and row["text_checked"], res.output
 
 
-@pytest.mark.parametrize("extra", [{"stop": ["\n"]}, {"logprobs": True}, {"foo": 1},
+@pytest.mark.parametrize("extra", [{"stop": [""]}, {"logprobs": 1}, {"top_logprobs": 2},
+                                   {"echo": True}, {"stop_token_ids": [-1]}, {"foo": 1},
                                    {"max_tokens": 3, "max_completion_tokens": 4},
                                    {"top_k": 1.5}, {"seed": -1}, {"top_p": 0},
                                    {"nonce": "\ud800"}, {"user": "\udfff"}])
@@ -619,3 +624,93 @@ def test_default_max_tokens_and_cap(kind, body, cap, want):
     assert got.seq.max_tokens == want
     seed = got.seq.params.seed  # no seed sent: the one the (server's) nonce implies
     assert seed == request_mod.default_seed(got.seq.nonce)
+
+
+# --- stop sequences, logprobs, echo: bound in the receipt, checked by the verifier --------------
+
+def _post_json(srv, endpoint, body):
+    req = urllib.request.Request(srv.url + endpoint, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _audit_one(srv, key, tmp_path, endpoint, body, resp, *extra):
+    (tmp_path / "x.json").write_text(json.dumps({"endpoint": endpoint, "request": body,
+                                                 "response": resp}))
+    return _audit(srv, key, "--receipts", str(tmp_path / "x.json"), "--json", *extra)
+
+
+def test_stop_string_cuts_the_text_and_verifies(server, model_and_key, tmp_path):
+    base = {"model": "tiny", "prompt": "abc", "max_tokens": 12, "temperature": 0}
+    full = _post_json(server, "/v1/completions", base)["choices"][0]["text"]
+    assert len(full) >= 4, full
+    stop = full[2:4]  # occurs in the unstopped output: generation must end there
+    resp = _post_json(server, "/v1/completions", base | {"stop": [stop]})
+    choice = resp["choices"][0]
+    assert choice["text"] == full[:full.index(stop)] and choice["finish_reason"] == "stop"
+    assert resp["receipt"]["manifest"]["output"]["stop"] == [stop]
+    res = _audit_one(server, model_and_key[1], tmp_path, "/v1/completions",
+                     base | {"stop": [stop]}, resp, "--tier", "full")
+    (row,) = json.loads(res.stdout)["rows"]
+    assert res.exit_code == 0 and row["accepted"] and row["text_checked"], res.output
+
+
+def test_logprobs_and_echo_verify_at_prompt_and_output_positions(server, model_and_key,
+                                                                 tmp_path):
+    body = {"model": "tiny", "prompt": "abcab", "max_tokens": 1, "temperature": 0,
+            "logprobs": 2, "echo": True}  # what lm-eval sends for a log-likelihood
+    resp = _post_json(server, "/v1/completions", body)
+    lp, r = resp["choices"][0]["logprobs"], resp["receipt"]
+    n_p = len(r["prompt_token_ids"])
+    assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == n_p + 1
+    assert all(x <= 0 for x in lp["token_logprobs"][1:])
+    assert all(len(t) <= 2 for t in lp["top_logprobs"][1:])
+    assert resp["choices"][0]["text"] == "abcab" + r["text"]
+    assert r["logprobs"]["prompt"][0][0] == lp["token_logprobs"][1]
+    # the greedy token is the top-ranked one, with the same canonical value
+    assert r["logprobs"]["output"][0][1][0] == [r["output_token_ids"][0],
+                                                 r["logprobs"]["output"][0][0]]
+    res = _audit_one(server, model_and_key[1], tmp_path, "/v1/completions", body, resp,
+                     "--tier", "deep")
+    assert res.exit_code == 0, res.output
+    # a forged prompt logprob, receipt id recomputed (a provider's own receipt): rejected at
+    # a challenged prompt position (deep tier challenges them all)
+    from commitllm.verifier.receipt import build_receipt
+    forged = json.loads(json.dumps(r))
+    forged["logprobs"]["prompt"][1][0] -= 0.5
+    forged = build_receipt(forged["manifest"], forged["request"], forged["nonce"],
+                           forged["prompt_token_ids"], forged["output_token_ids"],
+                           forged["text"], forged["trace"], forged["logprobs"])
+    server.store.put(forged, 0, b"\0" * 16, server.worker.extra)  # greedy: seed unused
+    res = _audit_one(server, model_and_key[1], tmp_path, "/v1/completions", body,
+                     resp | {"receipt": forged}, "--tier", "deep")
+    assert res.exit_code == 1 and '"logprobs"' in res.stdout, res.output
+
+
+def test_chat_logprobs_and_token_prompts_verify(server, model_and_key, tmp_path):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+            "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    resp = _post_json(server, "/v1/chat/completions", body)
+    content = resp["choices"][0]["logprobs"]["content"]
+    assert len(content) == len(resp["receipt"]["output_token_ids"])
+    assert all(len(c["top_logprobs"]) == 3 for c in content)
+    res = _audit_one(server, model_and_key[1], tmp_path, "/v1/chat/completions", body, resp,
+                     "--tier", "full")
+    assert res.exit_code == 0, res.output
+    ids = resp["receipt"]["prompt_token_ids"][:4]
+    body = {"model": "tiny", "prompt": [ids], "max_tokens": 2, "temperature": 0,
+            "stop_token_ids": [ids[0]]}
+    resp = _post_json(server, "/v1/completions", body)
+    assert resp["receipt"]["prompt_token_ids"] == ids
+    res = _audit_one(server, model_and_key[1], tmp_path, "/v1/completions", body, resp)
+    assert res.exit_code == 0, res.output
+
+
+def test_stop_strings_never_stream_past_the_cut(server):
+    base = {"model": "tiny", "prompt": "abc", "max_tokens": 12, "temperature": 0}
+    full = _post_json(server, "/v1/completions", base)["choices"][0]["text"]
+    stop = full[3:5]
+    got = "".join(c.choices[0].text for c in client(server).completions.create(
+        **base, stop=[stop], stream=True))
+    assert got == full[:full.index(stop)]

@@ -29,6 +29,16 @@ def _mac(secret: bytes, body: dict) -> str:
 MAX_LAYERS = 4096  # no released decoder has a tenth of this
 
 
+def logit_start(receipt: dict) -> int:
+    """The first position whose logits the verifier checks: the one that chose the first output
+    token, or 0 when the receipt commits prompt logprobs (echo with logprobs): then a challenged
+    prompt position's logits are checked against its committed logprobs too."""
+    out = receipt["manifest"].get("output")
+    if isinstance(out, dict) and out.get("echo") is True and out.get("logprobs") is not None:
+        return 0
+    return len(receipt["prompt_token_ids"]) - 1
+
+
 def derive(secret: bytes, receipt: dict, tier: str, nonce: bytes | None = None,
            positions: list[int] | str | None = None, n_layers: int | None = None) -> dict:
     """The challenge for `receipt` at `tier`. positions: None (tier default), 'generated'
@@ -56,7 +66,7 @@ def derive(secret: bytes, receipt: dict, tier: str, nonce: bytes | None = None,
     kv = {str(l): sorted(rng.choice(horizon, min(k, horizon), replace=False).tolist()) for l in layers}
     body = {"version": CHALLENGE_VERSION, "receipt_id": receipt["receipt_id"], "tier": tier,
             "nonce": nonce.hex(), "positions": pos, "layers": layers, "kv_sample": kv,
-            "decode_positions": [p for p in pos if p >= first_decode]}
+            "decode_positions": [p for p in pos if p >= logit_start(receipt)]}
     return body | {"mac": _mac(secret, body)}
 
 
@@ -106,7 +116,7 @@ def shape_error(challenge, receipt: dict, n_layers: int) -> str | None:
         return "challenge version, receipt_id, tier, nonce and mac must be strings"
     if c["tier"] not in TIERS or not re.fullmatch(r"[0-9a-f]{1,128}", c["nonce"]):
         return "challenge tier or nonce malformed"
-    n, first = receipt["trace"]["positions"], len(receipt["prompt_token_ids"]) - 1
+    n, first = receipt["trace"]["positions"], logit_start(receipt)
     if not (_ascending(c["positions"], 0, n) and c["positions"]):
         return f"challenge positions must be sorted, unique and in [0, {n})"
     if not (_ascending(c["layers"], 0, n_layers) and c["layers"]):
@@ -118,7 +128,8 @@ def shape_error(challenge, receipt: dict, n_layers: int) -> str | None:
         return ("challenge K/V sample must name each challenged layer, its rows sorted and below "
                 "the horizon")
     if c["decode_positions"] != [p for p in c["positions"] if p >= first]:
-        return "challenge decode positions are not the challenged positions that choose a token"
+        return ("challenge decode positions are not the challenged positions whose logits are "
+                "checked")
     return None
 
 

@@ -13,9 +13,11 @@ import struct
 import blake3
 
 from .commitment import canonical_json
+from .outputs import policy_error
 from .request import RequestError, check_text
 
-RECEIPT_VERSION = "commitllm-receipt/2"  # 2: no manifest `chat` flag (the request says)
+RECEIPT_VERSION = "commitllm-receipt/3"  # 3: manifest `output` (stop, logprobs, echo) and the
+# committed `logprobs`; 2: no manifest `chat` flag (the request says)
 MAX_RECEIPT_BYTES = 64 * 1024 * 1024
 _D = {k: f"commitllm/{k}/v1\x00".encode()
       for k in ("manifest", "request", "io", "receipt", "seed")}
@@ -52,13 +54,15 @@ def receipt_id(body: dict) -> str:
 
 
 def build_receipt(manifest: dict, request: dict, nonce: str, prompt_ids: list[int],
-                  output_ids: list[int], text: str, trace: dict) -> dict:
+                  output_ids: list[int], text: str, trace: dict,
+                  logprobs: dict | None = None) -> dict:
     mh, rh = manifest_hash(manifest), request_hash(request)
     body = {
         "version": RECEIPT_VERSION, "manifest": manifest, "manifest_hash": mh,
         "request": request, "request_hash": rh, "nonce": nonce,
         "prompt_token_ids": list(prompt_ids), "output_token_ids": list(output_ids), "text": text,
         "io_chain": io_chain(mh, rh, nonce, prompt_ids, output_ids), "trace": trace,
+        "logprobs": logprobs,
     }
     body["receipt_id"] = receipt_id(body)
     return body
@@ -85,7 +89,8 @@ class ReceiptError(ValueError):
 
 _FIELDS = {"version": str, "manifest": dict, "manifest_hash": str, "request": dict,
            "request_hash": str, "nonce": str, "prompt_token_ids": list, "output_token_ids": list,
-           "text": str, "io_chain": str, "trace": dict, "receipt_id": str}
+           "text": str, "io_chain": str, "trace": dict, "receipt_id": str,
+           "logprobs": (dict, type(None))}
 _TRACE = {"positions": int, "layers": int, "residual_root": str, "kv_root": str}
 
 
@@ -95,6 +100,7 @@ def check_receipt(r, *, vocab_size: int | None = None, max_positions: int | None
     (code token_range) and prompt + output fit in max_positions (code context_length), checked
     before any hash is computed over them."""
     _shape(r)
+    check_logprobs(r, vocab_size)
     n_tok = len(r["prompt_token_ids"]) + len(r["output_token_ids"])
     if max_positions is not None and n_tok > max_positions:
         raise ReceiptError("context_length", f"{n_tok} prompt + output tokens exceed the "
@@ -144,7 +150,7 @@ def _exact_keys(d: dict, want, where: str) -> None:
 _MANIFEST = {"spec_version": str, "numerics_digest": str, "profile": dict, "model_commitment": str,
              "rope_digest": str, "tokenizer_hash": (str, type(None)),
              "chat_template_hash": (str, type(None)), "sampling": dict,
-             "seed_commitment": (str, type(None)), "limits": dict}
+             "seed_commitment": (str, type(None)), "limits": dict, "output": dict}
 _PROFILE = {"name": str, "weight_qmax": int, "act_qmax": int, "kv_qmax": int, "head_qmax": int}
 _LIMITS = ("max_tokens", "eos_token_ids", "context_length")
 _SAMPLING = ("temperature", "top_k", "top_p")
@@ -190,6 +196,48 @@ def _manifest(m) -> None:
             and len(set(eos)) == len(eos)):
         raise bad("limits eos_token_ids must be a list of distinct token ids")
     check_sampling(m["sampling"])
+    problem = policy_error(m["output"])
+    if problem:
+        raise bad(f"manifest.output: {problem}")
+
+
+def _is_lp(x) -> bool:
+    return isinstance(x, float) and -1e300 < x <= 0.0
+
+
+def _lp_entries(xs, n: int, top: int, where: str) -> None:
+    """n entries [logprob, [[id, logprob] x top]]: types and counts (values: the verifier's
+    replay at challenged positions)."""
+    bad = lambda msg: ReceiptError("receipt_malformed", f"logprobs.{where}: {msg}")  # noqa: E731
+    if not isinstance(xs, list) or len(xs) != n:
+        raise bad(f"not a list of {n} entries")
+    for e in xs:
+        if not (isinstance(e, list) and len(e) == 2 and _is_lp(e[0]) and isinstance(e[1], list)
+                and len(e[1]) == top):
+            raise bad(f"an entry is not [logprob, [{top} x [id, logprob]]]")
+        for t in e[1]:
+            if not (isinstance(t, list) and len(t) == 2 and _is_int(t[0]) and 0 <= t[0] < 2**32
+                    and _is_lp(t[1])):
+                raise bad("a top entry is not [token id, logprob]")
+
+
+def check_logprobs(r, vocab_size: int | None = None) -> None:
+    """The committed logprobs have the shape the manifest's output policy asks: null when off;
+    else {prompt: null or one entry per prompt token after the first (echo), output: one entry
+    per output token}, each with min(k, vocab) top entries."""
+    lp, k = r["logprobs"], r["manifest"]["output"]["logprobs"]
+    if k is None:
+        if lp is not None:
+            raise ReceiptError("receipt_malformed", "logprobs committed that were not asked for")
+        return
+    if not isinstance(lp, dict) or set(lp) != {"prompt", "output"}:
+        raise ReceiptError("receipt_malformed", "logprobs must be {prompt, output}")
+    top = k if vocab_size is None else min(k, vocab_size)
+    if r["manifest"]["output"]["echo"]:
+        _lp_entries(lp["prompt"], len(r["prompt_token_ids"]) - 1, top, "prompt")
+    elif lp["prompt"] is not None:
+        raise ReceiptError("receipt_malformed", "prompt logprobs without echo")
+    _lp_entries(lp["output"], len(r["output_token_ids"]), top, "output")
 
 
 def _shape(r) -> None:
@@ -199,7 +247,7 @@ def _shape(r) -> None:
     _exact_keys(r, _FIELDS, "receipt")
     for k, t in _FIELDS.items():
         if not isinstance(r.get(k), t):
-            raise bad(f"field {k!r} missing or not a {t.__name__}")
+            raise bad(f"field {k!r} missing or of the wrong JSON type")
     if r["version"] != RECEIPT_VERSION:
         raise bad(f"unsupported receipt version {r['version']!r}")
     _exact_keys(r["trace"], _TRACE, "trace")

@@ -14,6 +14,7 @@ import numpy as np
 from . import freivalds
 from .native.attention import attention  # the spec's, softmax passes compiled when built
 from .numerics.exp2 import swiglu
+from .numerics.logprobs import entry as lp_entry
 from .numerics.norm import rmsnorm
 from .numerics.quant import dequantize, quantize_rows
 from .numerics.rope import apply_rope
@@ -151,13 +152,19 @@ def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray):
 
 
 def replay_decode(ctx: Ctx, final: dict, positions, z_lm: np.ndarray, tokens: list[int],
-                  params: SamplingParams) -> None:
-    """Final norm, LM head (Freivalds), decode policy at each position: must yield tokens[t+1]."""
+                  params: SamplingParams, first: int | None = None, logprobs: dict | None = None,
+                  top: int | None = None) -> None:
+    """Final norm, LM head (Freivalds), decode policy at each position from `first` (the one that
+    chose the first output token): must yield tokens[t+1]. With top (the receipt's logprobs),
+    every position's committed logprobs entry must be the canonical one; positions before
+    `first` (prompt logprobs, echo) are checked for that alone."""
     with ctx.timer.span("decode"):
-        _replay_decode(ctx, final, positions, z_lm, tokens, params)
+        _replay_decode(ctx, final, positions, z_lm, tokens, params,
+                       0 if first is None else first, logprobs, top)
 
 
-def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params) -> None:
+def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params, first, logprobs,
+                   top) -> None:
     x = _rows(final, positions)
     t0 = time.perf_counter()
     n = rmsnorm(x, ctx.key.arrays["final_norm"], ctx.cfg.rms_norm_eps)
@@ -165,8 +172,19 @@ def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params) -> No
     logits = _linear(ctx, "lm_head", n, z_lm, "freivalds_lm_head")
     t0 = time.perf_counter()
     for row, t in zip(logits, positions):
-        got = sample(row, params, int(t) + 1)
-        if got != tokens[int(t) + 1]:
-            raise Reject("decode", f"position {int(t) + 1}: policy gives {got}, "
-                                   f"receipt has {tokens[int(t) + 1]}")
+        t = int(t)
+        if top is not None:
+            part, i = ("output", t - first) if t >= first else ("prompt", t)
+            if logprobs[part] is None:
+                raise Reject("logprobs", f"position {t}: no committed {part} logprobs")
+            want = lp_entry(row, tokens[t + 1], top)
+            if logprobs[part][i] != want:
+                raise Reject("logprobs", f"position {t + 1}: the committed {part} logprobs are "
+                                         f"not the canonical ones of the replayed logits")
+        if t < first:
+            continue
+        got = sample(row, params, t + 1)
+        if got != tokens[t + 1]:
+            raise Reject("decode", f"position {t + 1}: policy gives {got}, "
+                                   f"receipt has {tokens[t + 1]}")
     ctx.timer.add("rest", t0)

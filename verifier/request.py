@@ -3,9 +3,11 @@ verifier, so what the server honours and what the verifier checks cannot drift a
 
 Every field is either bound (it changes what the engine computes, and the verifier compares it
 with the receipt: the prompt or messages, max_tokens / max_completion_tokens, temperature, top_p,
-top_k, seed, nonce), inert (it changes only the transport or the OpenAI bookkeeping: model,
-stream, stream_options, user) or accepted at its neutral value only (what the exact engine cannot
-honour verifiably: stop, logprobs, penalties, tools ...). A field outside the list is refused by
+top_k, seed, nonce, and what is returned beside the tokens: stop, stop_token_ids, logprobs,
+top_logprobs, echo, see verifier/outputs.py), inert (it changes only the transport or the OpenAI
+bookkeeping: model, stream, stream_options, user) or accepted at its neutral value only (what the
+exact engine cannot honour verifiably: penalties, logit_bias, tools ...; n > 1, as one receipt
+answers one sequence: a client that wants n sequences sends n requests). A field outside the list is refused by
 both sides: the server with a 400, the verifier with `request_invalid` (fail closed).
 
 Chat or plain completion comes from the request itself (messages -> chat, prompt -> completion)
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 import blake3
 
 from .numerics.sampler import SamplingParams
+from .outputs import MAX_STOP, MAX_STOP_CHARS, MAX_STOP_IDS, MAX_TOP_LOGPROBS, OutputPolicy
 
 CHAT, COMPLETION = "chat", "completion"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
@@ -40,17 +43,17 @@ _SEED_DOMAIN = b"commitllm/default-seed/v1\0"
 _FIELDS = {"model": _BOTH, "messages": (CHAT,), "prompt": (COMPLETION,), "max_tokens": _BOTH,
            "max_completion_tokens": (CHAT,), "temperature": _BOTH, "top_p": _BOTH,
            "top_k": _BOTH, "seed": _BOTH, "nonce": _BOTH, "stream": _BOTH,
-           "stream_options": _BOTH, "user": _BOTH}
+           "stream_options": _BOTH, "user": _BOTH, "stop": _BOTH, "stop_token_ids": _BOTH,
+           "logprobs": _BOTH, "top_logprobs": (CHAT,), "echo": (COMPLETION,)}
 # Fields accepted only at their neutral value (what the engine does anyway), per kind.
 _NEUTRAL = {"n": ((1,), _BOTH), "logit_bias": ((None, {}), _BOTH),
             "presence_penalty": ((None, 0, 0.0), _BOTH),
-            "frequency_penalty": ((None, 0, 0.0), _BOTH), "stop": ((None, [], ""), _BOTH),
-            "logprobs": ((None, False), _BOTH), "top_logprobs": ((None, 0), (CHAT,)),
+            "frequency_penalty": ((None, 0, 0.0), _BOTH),
             "tools": ((None, []), (CHAT,)), "tool_choice": ((None, "none"), (CHAT,)),
             "functions": ((None, []), (CHAT,)), "function_call": ((None, "none"), (CHAT,)),
             "parallel_tool_calls": ((None,), (CHAT,)),
             "response_format": ((None, {"type": "text"}), (CHAT,)),
-            "echo": ((None, False), (COMPLETION,)), "best_of": ((None, 1), (COMPLETION,)),
+            "best_of": ((None, 1), (COMPLETION,)),
             "suffix": ((None, ""), (COMPLETION,))}
 
 
@@ -78,6 +81,7 @@ class ClientRequest:
     model: str | None
     stream: bool
     include_usage: bool
+    output: OutputPolicy = OutputPolicy()  # stop, logprobs, echo
 
     def sampling(self, seed: int) -> SamplingParams:
         """The decode policy the request asks for; seed: the client's, or the server's draw."""
@@ -135,12 +139,16 @@ def parse(body, kind: str | None = None, endpoint: str | None = None) -> ClientR
         float(_number(body, "temperature", DEFAULT_TEMPERATURE)),
         float(_number(body, "top_p", DEFAULT_TOP_P)), _typed(body, "top_k", int, DEFAULT_TOP_K),
         _typed(body, "seed", int, None), nonce, _typed(body, "model", str, None),
-        _typed(body, "stream", bool, False), bool(opts.get("include_usage", False)))
+        _typed(body, "stream", bool, False), bool(opts.get("include_usage", False)),
+        _output(body, kind))
     req.sampling(0)  # every decode setting in range (SamplingParams says which is not)
     return req
 
 
 def _check_keys(body: dict, kind: str) -> None:
+    if type(body.get("n")) is int and body["n"] > 1:
+        raise RequestError("n", "n > 1 is not served: one receipt answers one sequence; send n "
+                                "requests (each gets its own receipt and nonce)")
     for k, v in body.items():
         if k in _NEUTRAL:
             values, kinds = _NEUTRAL[k]
@@ -196,6 +204,48 @@ def check_text(v, where: str, depth: int = 0) -> None:
             check_text(x, where, depth + 1)
 
 
+def _output(body: dict, kind: str) -> OutputPolicy:
+    """stop / stop_token_ids / logprobs / top_logprobs / echo as the receipt binds them."""
+    stop = body.get("stop")
+    if stop is None or stop == "":
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise RequestError("stop", f"stop must be a string or a list of at most {MAX_STOP} "
+                                   f"non-empty strings of at most {MAX_STOP_CHARS} characters")
+    stop = list(dict.fromkeys(stop))  # a repeated string stops at the same place
+    ids = body.get("stop_token_ids")
+    ids = [] if ids is None else ids
+    if (not isinstance(ids, list) or len(ids) > MAX_STOP_IDS
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32
+                       for t in ids)):
+        raise RequestError("stop_token_ids", f"stop_token_ids must be a list of at most "
+                                             f"{MAX_STOP_IDS} token ids")
+    ids = list(dict.fromkeys(ids))
+    lp, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == CHAT:
+        if lp is not None and not isinstance(lp, bool):
+            raise RequestError("logprobs", "logprobs must be a bool for a chat request")
+        if top is not None and (not isinstance(top, int) or isinstance(top, bool)
+                                or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise RequestError("top_logprobs", f"top_logprobs must be an integer in "
+                                               f"[0, {MAX_TOP_LOGPROBS}]")
+        if top and not lp:
+            raise RequestError("top_logprobs", "top_logprobs needs logprobs: true")
+        k = (top or 0) if lp else None
+    else:
+        lp = None if lp is False else lp  # false: off, as null (clients send it so)
+        if lp is not None and (not isinstance(lp, int) or isinstance(lp, bool)
+                               or not 0 <= lp <= MAX_TOP_LOGPROBS):
+            raise RequestError("logprobs", f"logprobs must be an integer in "
+                                           f"[0, {MAX_TOP_LOGPROBS}] for a completion request")
+        k = lp
+    echo = _typed(body, "echo", bool, False) if kind == COMPLETION else False
+    return OutputPolicy(tuple(stop), tuple(ids), k, echo)
+
+
 def _messages(body: dict) -> dict:
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
@@ -209,12 +259,17 @@ def _messages(body: dict) -> dict:
 
 
 def _prompt(body: dict) -> dict:
+    """{"prompt": text} or {"prompt": [token ids]} (what evaluation harnesses send: the ids are
+    bound as they are, no tokenizer in between)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # the client's list form of one prompt
+    if isinstance(prompt, list) and prompt and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in prompt):
+        return {"prompt": prompt}
     if not isinstance(prompt, str):
-        raise RequestError("prompt", "prompt must be a string or a list of one string (one "
-                                     "prompt per request)")
+        raise RequestError("prompt", "prompt must be a string, a list of token ids, or a list of "
+                                     "one of them (one prompt per request)")
     return {"prompt": prompt}
 
 
@@ -258,4 +313,7 @@ def mismatch(req: ClientRequest, receipt: dict, params: SamplingParams) -> str |
         return f"{req.max_tokens_param}: the client {asked}, the receipt has {lim['max_tokens']}"
     if req.nonce is not None and req.nonce != receipt["nonce"]:
         return "nonce: the receipt does not carry the client's nonce"
+    if canonical_json(req.output.manifest()) != canonical_json(man["output"]):
+        return (f"stop/logprobs/echo: the client asked {req.output.manifest()}, the receipt has "
+                f"{man['output']}")
     return None

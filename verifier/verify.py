@@ -19,6 +19,7 @@ from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
 from .opened import check_types
 from .opening import MATRICES, Plan, PlanError, array_specs, embed_specs, plan
+from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
 from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
 
@@ -95,8 +96,14 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     check_receipt(receipt, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
     v.ok("receipt", "structure, manifest/request hashes, IO chain, receipt id, token count")
     if text is not None:
-        if not (isinstance(text, str) and hmac.compare_digest(text.encode(), receipt["text"].encode())):
-            raise Reject("text_mismatch", "the content the client received is not the receipt's text")
+        try:
+            shown = returned_text(receipt, tokenizer)
+        except ValueError as e:
+            raise Reject("text_mismatch", f"cannot rebuild the text the client was shown: {e}")
+        if not (isinstance(text, str) and hmac.compare_digest(text.encode(), shown.encode())):
+            raise Reject("text_mismatch", "the content the client received is not the receipt's "
+                                          "text" + (" after the echoed prompt"
+                                                    if shown is not receipt["text"] else ""))
         v.ok("text", "the content the client received is the receipt's text")
     if nonce is not None:
         if not hmac.compare_digest(receipt["nonce"].encode(), nonce.encode()):
@@ -114,10 +121,12 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     if request is not None or endpoint is not None:
         _check_client_request(receipt, request, params, endpoint)
         v.ok("request", "the receipt's request and decode settings are the client's")
-    _check_stop_policy(receipt, key)
-    v.ok("stop_policy", "EOS and max_tokens respected")
+    policy = OutputPolicy.from_manifest(receipt["manifest"]["output"])
+    text_rule = _check_stop_policy(receipt, key, policy, tokenizer)
+    v.ok("stop_policy", "EOS, stop token ids, stop strings and max_tokens respected: it ended "
+                        "at the first point the rule allows")
     if tokenizer is not None:
-        _check_io_binding(tokenizer, receipt)
+        _check_io_binding(tokenizer, receipt, text_rule)
         v.ok("io_binding", "prompt ids re-derived from the request; text = detokenized output")
     elif io_binding:
         raise Reject("io_binding_unavailable", "no tokenizer (the key has none): the prompt and "
@@ -153,9 +162,13 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
                    f"{len(next(iter(p.kv.values()), []))} K/V rows)")
     if p.lm:
         _expect(arrays, "z.lm.pos", p.lm)
-        replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params)
+        replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params,
+                      len(receipt["prompt_token_ids"]) - 1, receipt["logprobs"], policy.logprobs)
+    lp = "" if policy.logprobs is None else (
+        f", and their committed logprobs (top {policy.logprobs}"
+        f"{', prompt positions too' if policy.prompt_logprobs else ''}) are the canonical ones")
     v.ok("decode", f"{len(p.lm)} decode steps (the challenged positions that emit a token) "
-                   f"reproduce the committed tokens")
+                   f"reproduce the committed tokens{lp}")
 
 
 def _check_manifest(key, receipt) -> None:
@@ -224,7 +237,10 @@ def _check_client_request(receipt, request, params: SamplingParams, endpoint) ->
         raise Reject("request_mismatch", why)
 
 
-def _check_stop_policy(receipt, key) -> None:
+def _check_stop_policy(receipt, key, policy: OutputPolicy, tokenizer) -> str | None:
+    """The stop rule (verifier/outputs.py) over the receipt's tokens; returns the text the rule
+    returns (stop strings cut), or None without a tokenizer (then no stop strings are allowed:
+    they cannot be checked)."""
     lim, out = receipt["manifest"]["limits"], receipt["output_token_ids"]
     eos = set(lim["eos_token_ids"])
     tok = key.meta.get("tokenizer")
@@ -234,10 +250,24 @@ def _check_stop_policy(receipt, key) -> None:
             raise Reject("stop_policy", f"EOS set {sorted(eos)} is not the model's {sorted(want)}")
     if len(out) > lim["max_tokens"]:
         raise Reject("stop_policy", f"{len(out)} tokens exceed max_tokens {lim['max_tokens']}")
-    if any(t in eos for t in out[:-1]):
-        raise Reject("stop_policy", "generation continued past an EOS token")
-    if out[-1] not in eos and len(out) != lim["max_tokens"]:
-        raise Reject("stop_policy", "generation stopped early without EOS")
+    enders = eos | set(policy.stop_token_ids)
+    if any(t in enders for t in out[:-1]):
+        raise Reject("stop_policy", "generation continued past an EOS or stop token")
+    if not policy.stop:
+        if out[-1] not in enders and len(out) != lim["max_tokens"]:
+            raise Reject("stop_policy", "generation stopped early without EOS or a stop token")
+        return tokenizer.decode(out) if tokenizer is not None else None
+    if tokenizer is None:
+        raise Reject("stop_policy", "stop strings cannot be checked without the key's tokenizer")
+    scan = StopScan(tokenizer, policy, eos, lim["max_tokens"])
+    for i, t in enumerate(out):
+        if scan.push(t) and i < len(out) - 1:
+            raise Reject("stop_policy", f"generation continued past a stop string (it occurs "
+                                        f"after output token {i + 1} of {len(out)})")
+    if scan.cut is None and out[-1] not in enders and len(out) != lim["max_tokens"]:
+        raise Reject("stop_policy", "generation stopped early: no EOS, stop token or stop "
+                                    "string, and max_tokens not reached")
+    return scan.final_text()
 
 
 def _config_eos(cfg: dict) -> list[int]:
@@ -245,7 +275,7 @@ def _config_eos(cfg: dict) -> list[int]:
     return [] if e is None else (list(e) if isinstance(e, list) else [e])
 
 
-def _check_io_binding(tok, receipt) -> None:
+def _check_io_binding(tok, receipt, text: str) -> None:
     req = receipt["request"]
     if ("messages" in req) == ("prompt" in req):
         raise Reject("prompt_binding", "request has not exactly one of 'prompt' and 'messages'")
@@ -258,12 +288,16 @@ def _check_io_binding(tok, receipt) -> None:
         ids = tok.encode_chat(req["messages"])
     elif isinstance(req["prompt"], str):  # a plain completion: no chat template, whatever the
         ids = tok.encode(req["prompt"])  # provider's manifest says (the request's shape decides)
+    elif isinstance(req["prompt"], list) and req["prompt"] and all(
+            type(t) is int for t in req["prompt"]):
+        ids = req["prompt"]  # the client's own token ids
     else:
-        raise Reject("prompt_binding", "the request's prompt is not a string")
+        raise Reject("prompt_binding", "the request's prompt is neither a string nor token ids")
     if ids != receipt["prompt_token_ids"]:
         raise Reject("prompt_binding", "prompt token ids are not the tokenization of the request")
-    if tok.decode(receipt["output_token_ids"]) != receipt["text"]:
-        raise Reject("output_binding", "text is not the detokenization of the output ids")
+    if not hmac.compare_digest(text.encode(), receipt["text"].encode()):
+        raise Reject("output_binding", "text is not the detokenization of the output ids (cut "
+                                       "before the first stop string, when one ended it)")
 
 
 def _expect(arrays, name, positions) -> None:

@@ -218,7 +218,8 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
                 raise _unavailable(e) from None
             except Exception as e:  # noqa: BLE001 - no receipt, no answer: say why
                 raise ApiError(500, f"generation failed: {e}", code="server_error") from None
-            return response(kind, _rid(kind, receipt), cfg.model_id, receipt, reason)
+            return response(kind, _rid(kind, receipt), cfg.model_id, receipt, reason,
+                            worker.tokenizer)
         finally:
             if not streaming:
                 gate.__exit__()
@@ -253,7 +254,12 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
         return StreamingResponse(gen(), media_type="text/event-stream")
 
     async def _sse(kind, p, events: asyncio.Queue, fut):
-        rid, deltas, first = _stream_id(kind), TextDeltas(worker.tokenizer), True
+        rid, deltas, first = _stream_id(kind), TextDeltas(worker.tokenizer, p.seq.output.stop), True
+        if p.seq.output.echo:  # the prompt first, as it is returned without streaming
+            prompt = p.seq.request["prompt"]
+            yield _event(chunk(kind, rid, cfg.model_id, prompt if isinstance(prompt, str)
+                               else worker.tokenizer.decode(prompt), first=True))
+            first = False
         while (t := await events.get()) is not None:
             if delta := deltas.push(t):
                 yield _event(chunk(kind, rid, cfg.model_id, delta, first=first))

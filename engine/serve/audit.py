@@ -4,7 +4,7 @@ is re-executed, and the size of its answer bounded before it is computed.
 The server cannot check a challenge's MAC (the secret is the verifier's), so it checks its shape:
 every list sorted, duplicate-free and in range for this receipt (positions below the receipt's
 trace length, layers below the model's, K/V samples below the challenged horizon, decode
-positions among the positions and past the prompt). The work of an opening is then at most one
+positions among the positions and past the prompt, unless the receipt commits prompt logprobs). The work of an opening is then at most one
 re-execution of the receipt (bounded by the context), and its answer's size is computed from the
 plan and refused over the limit (413) before the re-execution starts."""
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from ...verifier.challenge import CHALLENGE_VERSION, TIERS
+from ...verifier.challenge import CHALLENGE_VERSION, TIERS, logit_start
 from ...verifier.opening import plan
 
 KEYS = {"version", "receipt_id", "tier", "nonce", "positions", "layers", "kv_sample",
@@ -36,7 +36,7 @@ def check_challenge(c, receipt: dict, n_layers: int) -> None:
             raise BadChallenge(f"{k} is not a 32-byte hex digest")
     if not isinstance(c["nonce"], str) or not _HEX.match(c["nonce"]):
         raise BadChallenge("nonce is not a hex string of at most 64 bytes")
-    n, first_decode = receipt["trace"]["positions"], len(receipt["prompt_token_ids"]) - 1
+    n, first_decode = receipt["trace"]["positions"], logit_start(receipt)
     if receipt["trace"]["layers"] != n_layers:
         raise BadChallenge("the receipt's layer count is not the model's")
     pos = _ascending(c["positions"], "positions", 0, n)

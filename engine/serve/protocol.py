@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from ...verifier import request as request_mod
+from ...verifier.outputs import returned_text
 from ..receipts import SeqRequest
 
 
@@ -53,7 +54,12 @@ def parse(body, kind: str, model_id: str, tokenizer, limits: Limits) -> Parsed:
     max_tokens = _max_tokens(req, len(prompt_ids), limits)
     nonce = req.nonce if req.nonce is not None else os.urandom(16).hex()
     params = req.sampling(request_mod.default_seed(nonce))  # the client's seed if given
-    seq = SeqRequest(req.binding, prompt_ids, params, max_tokens, nonce)
+    if req.stream and req.output.logprobs is not None:
+        raise ApiError(400, "logprobs are served without streaming (stream: false): they are "
+                            "committed in the receipt, which comes with the last chunk", "stream")
+    if req.output.stop and tokenizer is None:
+        raise ApiError(400, "stop strings need the model's tokenizer", "stop")
+    seq = SeqRequest(req.binding, prompt_ids, params, max_tokens, nonce, output=req.output)
     return Parsed(seq, req.stream, req.include_usage)
 
 
@@ -67,7 +73,14 @@ def _messages(req, tokenizer) -> list[int]:
 
 
 def _prompt(req, tokenizer) -> list[int]:
-    ids = tokenizer.encode(req.binding["prompt"])
+    prompt = req.binding["prompt"]
+    if isinstance(prompt, list):  # the client's token ids, bound as sent
+        vocab = tokenizer.vocab_size if tokenizer is not None else None
+        if vocab is not None and max(prompt) >= vocab:
+            raise ApiError(400, f"prompt token id {max(prompt)} is not below the vocabulary size "
+                                f"{vocab}", "prompt")
+        return list(prompt)
+    ids = tokenizer.encode(prompt)
     if not ids:
         raise ApiError(400, "prompt is empty", "prompt")
     return ids
@@ -101,7 +114,7 @@ def _max_tokens(req, n_prompt: int, limits: Limits) -> int:
 # --- responses ----------------------------------------------------------------------------------
 
 def finish(reason: str | None) -> str:
-    return "stop" if reason == "eos" else "length"
+    return "stop" if reason in ("eos", "stop") else "length"
 
 
 def usage(receipt: dict) -> dict:
@@ -109,12 +122,54 @@ def usage(receipt: dict) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
-def response(kind: str, rid: str, model_id: str, receipt: dict, reason: str | None) -> dict:
+def _token(tokenizer, i: int) -> str:
+    return tokenizer.decode([i], skip_special_tokens=False)
+
+
+def chat_logprobs(receipt: dict, tokenizer) -> dict | None:
+    """OpenAI's chat `logprobs` ({content: [...]}) rendered from the receipt's committed ones."""
+    lp = receipt["logprobs"]
+    if lp is None:
+        return None
+
+    def one(i, v):
+        t = _token(tokenizer, i)
+        return {"token": t, "logprob": v, "bytes": list(t.encode())}
+    return {"content": [one(i, e[0]) | {"top_logprobs": [one(j, w) for j, w in e[1]]}
+                        for i, e in zip(receipt["output_token_ids"], lp["output"])]}
+
+
+def completion_logprobs(receipt: dict, tokenizer) -> dict | None:
+    """The completions `logprobs` ({tokens, token_logprobs, top_logprobs, text_offset}) from the
+    receipt; with echo the prompt's tokens come first (the first has no logprob)."""
+    lp = receipt["logprobs"]
+    if lp is None:
+        return None
+    ids, entries = list(receipt["output_token_ids"]), list(lp["output"])
+    if lp["prompt"] is not None:
+        ids = receipt["prompt_token_ids"] + ids
+        entries = [None, *lp["prompt"], *entries]
+    tokens = [_token(tokenizer, i) for i in ids]
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e[0] for e in entries],
+            "top_logprobs": [None if e is None else {_token(tokenizer, j): w for j, w in e[1]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
+def response(kind: str, rid: str, model_id: str, receipt: dict, reason: str | None,
+             tokenizer=None) -> dict:
     choice = {"index": 0, "finish_reason": finish(reason), "logprobs": None}
     if kind == "chat":
         choice["message"] = {"role": "assistant", "content": receipt["text"]}
+        choice["logprobs"] = chat_logprobs(receipt, tokenizer)
     else:
-        choice["text"] = receipt["text"]
+        choice["text"] = returned_text(receipt, tokenizer)
+        choice["logprobs"] = completion_logprobs(receipt, tokenizer)
     return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": model_id, "choices": [choice],
             "usage": usage(receipt), "receipt": receipt}

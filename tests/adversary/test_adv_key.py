@@ -116,7 +116,7 @@ def test_cached_key_rebuilds_a_damaged_one(world, tmp_path, monkeypatch):
     monkeypatch.setenv("COMMITLLM_CACHE", str(tmp_path))
     first = receipts.cached_key(world.qm, None)
     (path,) = (tmp_path / "keys").glob("*.key")
-    assert f"-v{KEY_VERSION}.key" in path.name
+    assert f"-v{KEY_VERSION}-" in path.name  # and the spec digest: another spec, another key
     _rewrite(path, META_EDITS["embed-root"])
     again = receipts.cached_key(world.qm, None)
     assert again.meta["embed_root"] == first.meta["embed_root"] and again.secret != first.secret

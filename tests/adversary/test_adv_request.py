@@ -140,9 +140,11 @@ def test_greedy_honest_without_seed(world):
 
 # --- fields the verifier does not know, or knows only at their neutral value --------------------
 
-UNKNOWN = {"unknown-field": {"foo": 1}, "stop-sequence": {"stop": ["\n"]},
+UNKNOWN = {"unknown-field": {"foo": 1}, "five-stop-strings": {"stop": list("abcde")},
+           "empty-stop-string": {"stop": ["\n", ""]}, "stop-not-text": {"stop": [1]},
            "logprobs": {"logprobs": True}, "penalty": {"presence_penalty": 0.5},
-           "n": {"n": 2}, "logprobs-zero-is-not-false": {"logprobs": 0},
+           "n": {"n": 2}, "top-logprobs-in-completion": {"top_logprobs": 1},
+           "logprobs-over-20": {"logprobs": 21}, "echo-not-bool": {"echo": 1},
            "chat-only-field-in-completion": {"max_completion_tokens": 16},
            "messages-and-prompt": {"messages": USER}, "not-an-object": None,
            "bad-type": {"top_k": 1.5}, "bool-as-int": {"max_tokens": True},

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SPEC_VERSION = "commitllm-numerics/2"  # 2: sampler draws depend on the client's nonce
+SPEC_VERSION = "commitllm-numerics/3"  # 3: canonical logprobs (numerics/logprobs.py); 2: sampler
+# draws depend on the client's nonce
 
 # 127 * 257: the largest magnitude whose two int8 planes (x = hi*256 + lo) both lie in
 # [-128, 127], so every 16-bit value maps onto int8 tensor cores without a third plane.
