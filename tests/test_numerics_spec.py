@@ -509,3 +509,25 @@ def test_top_p_integer_widths():
     assert (z_max << spec_sampler.TOP_P_BITS) < 2**63
     assert (2**spec_sampler.TOP_P_BITS) * z_max < 2**63
     assert Fraction(int(np.rint(np.float64(0.9) * 2**24)), 2**24) == Fraction(15099494, 2**24)
+
+
+def test_canonical_logprobs_are_close_to_the_real_ones_and_rank_like_greedy():
+    import mpmath
+    from commitllm.verifier.numerics import logprobs as L
+
+    rng = np.random.default_rng(3)
+    for spread in (0.5, 5.0, 40.0):
+        x = (rng.standard_normal(4099) * spread).astype(np.float32)
+        x[[7, 11]] = x.max()  # a tie at the top: the lower id ranks first, as greedy picks it
+        lp, _ = L.logprobs_of(L.distances(x))
+        x64 = x.astype(np.float64)
+        ref = x64 - x64.max() - np.log(np.exp(x64 - x64.max()).sum())
+        assert np.abs(lp - ref).max() < 1e-5
+        assert L.ranked(x, 3)[:2].tolist() == [7, 11] and int(np.argmax(x)) == 7
+        e = L.entry(x, 5, 2)
+        assert e[0] == lp[5] and e[1] == [[7, lp[7]], [11, lp[11]]]
+    for z in (2**30, 2**30 + 1, 3 * 2**40 + 12345, 2**62 - 1):
+        want = mpmath.floor(mpmath.log(mpmath.mpf(z) / 2**30, 2) * 2**32)
+        assert abs(L.log2_fixed(z) - int(want)) <= 1  # truncated squarings: within one ulp
+    with pytest.raises(FloatingPointError):
+        L.distances(np.array([0.0, np.inf], dtype=np.float32))

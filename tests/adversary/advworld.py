@@ -172,7 +172,8 @@ class World:
             return served
         r = served.receipt
         new = build_receipt({**r["manifest"], **manifest}, r["request"], r["nonce"],
-                            r["prompt_token_ids"], r["output_token_ids"], r["text"], r["trace"])
+                            r["prompt_token_ids"], r["output_token_ids"], r["text"], r["trace"],
+                            r["logprobs"])
         return Served(new, {**served.transcript, "receipt": new})
 
     @staticmethod
