@@ -714,3 +714,24 @@ def test_stop_strings_never_stream_past_the_cut(server):
     got = "".join(c.choices[0].text for c in client(server).completions.create(
         **base, stop=[stop], stream=True))
     assert got == full[:full.index(stop)]
+
+
+def test_streamed_echo_and_stop_exchange_audits_with_its_text(server, model_and_key, tmp_path):
+    """A streamed completion with echo and a stop string, saved as the client read it: the
+    audit checks the text it saw (the prompt, then the cut text) against the receipt."""
+    base = {"model": "tiny", "prompt": "abc", "max_tokens": 12, "temperature": 0}
+    full = _post_json(server, "/v1/completions", base)["choices"][0]["text"]
+    body = base | {"stop": [full[3:5]], "echo": True, "stream": True}
+    chunks = [c.model_dump() for c in client(server).completions.create(**body)]
+    text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+    assert text == "abc" + full[:full.index(full[3:5])]
+    (tmp_path / "s.json").write_text(json.dumps({"endpoint": "/v1/completions", "request": body,
+                                                 "chunks": chunks}))
+    res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "s.json"), "--json")
+    (row,) = json.loads(res.stdout)["rows"]
+    assert res.exit_code == 0 and row["text_checked"] and row["request_checked"], res.output
+    chunks[0]["choices"][0]["text"] = "abd"  # the echoed prompt, altered
+    (tmp_path / "s.json").write_text(json.dumps({"endpoint": "/v1/completions", "request": body,
+                                                 "chunks": chunks}))
+    res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "s.json"), "--json")
+    assert res.exit_code == 1 and '"text_mismatch"' in res.stdout, res.output
