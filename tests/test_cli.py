@@ -112,7 +112,7 @@ def test_spec_json_lists_constants():
     res = runner.invoke(verifier_app, ["spec", "--json"])
     assert res.exit_code == 0
     consts = json.loads(res.stdout)
-    assert consts["spec_version"] == "commitllm-numerics/2"
+    assert consts["spec_version"] == "commitllm-numerics/3"
     assert set(consts["profiles"]) == {"w8a16", "w16a16", "a8"}
 
 

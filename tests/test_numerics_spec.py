@@ -36,7 +36,7 @@ def nearest_f32(x: mpmath.mpf) -> np.float32:
 # ---------------------------------------------------------------- profiles and constants
 
 def test_version_and_profiles():
-    assert SPEC_VERSION == "commitllm-numerics/2"
+    assert SPEC_VERSION == "commitllm-numerics/3"
     assert profiles.QMAX16 == 127 * 257 == 32639 and profiles.QMAX8 == 127
     # 127*257 = 127*256 + 127: the largest magnitude whose planes hi, lo both fit [-128, 127]
     for v in (32639, -32639):
