@@ -334,6 +334,12 @@ def open_cmd(
     err.print(f"wrote {out} ({size} bytes)")
 
 
+
+
+class Batching(str, Enum):
+    continuous = "continuous"
+    static = "static"
+
 @app.command()
 def serve(
     model: str = typer.Option("default", help=MODEL_HELP),
@@ -347,7 +353,19 @@ def serve(
     retention_days: float = typer.Option(0.0, min=0.0, help="Drop transcripts older than this "
                                                             "(0 = keep forever); their receipts "
                                                             "can then no longer be opened."),
-    max_batch: int = typer.Option(16, min=1, help="Most requests run together in one batch."),
+    max_batch: int = typer.Option(16, min=1, help="Most requests run together: sequences in the "
+                                                 "running batch (continuous) or requests in one "
+                                                 "batch (static)."),
+    batching: Batching = typer.Option(Batching.continuous, help="continuous: a request joins the "
+                                      "running batch at the next step and leaves it when done, "
+                                      "prompts prefilled in chunks beside the decodes; static: "
+                                      "the pending requests run as one batch and newcomers wait "
+                                      "for it (for comparison). Receipts are the same bytes."),
+    token_budget: int = typer.Option(256, min=2, help="Continuous batching: most tokens fed in "
+                                                      "one step (one per decoding sequence, the "
+                                                      "rest prompt chunks); must exceed "
+                                                      "--max-batch. Smaller bounds the wait for "
+                                                      "the next token behind long prompts."),
     max_concurrent: int = typer.Option(64, min=1, help="Most requests in flight; more get 429."),
     max_body_kib: int = typer.Option(1024, min=1, help="Largest request body (KiB); more get 413."),
     max_tokens_cap: int = typer.Option(None, min=1, help="Refuse (400) a request that would "
@@ -397,6 +415,9 @@ def serve(
         _fail(f"serving needs the engine extra (fastapi, uvicorn): {e}")
     check_out_dir(store, "--store")
     check_cache()
+    if batching == Batching.continuous and token_budget <= max_batch:
+        _fail(f"--token-budget ({token_budget}) must exceed --max-batch ({max_batch}): a step of "
+              "decodes would leave no room for prefill")
     try:
         app_, worker, st = build(model, profile, store, err, served_name=served_name,
                                  retention_days=retention_days, max_batch=max_batch,
@@ -405,7 +426,8 @@ def serve(
                                  tp_timeout=tp_timeout, on_fatal=(shutdown := Shutdown(err)),
                                  api_key=api_key or None, audit_key=audit_key or None,
                                  max_audit_queue=max_audit_queue,
-                                 max_opening_bytes=max_opening_mib << 20)
+                                 max_opening_bytes=max_opening_mib << 20,
+                                 batching=batching.value, token_budget=token_budget)
     except EngineError as e:
         _fail(str(e))
     except OSError as e:

@@ -90,8 +90,9 @@ def check_request(prompts: list[list[int]], max_tokens, vocab_size: int, max_len
 class Recorder:
     """Collects, per sequence, what the receipt commits: residual rows of every layer."""
 
-    def __init__(self, n_seqs: int):
-        self.rows: list[list[list[torch.Tensor]]] = [[] for _ in range(n_seqs)]
+    def __init__(self, n_seqs: int = 0):
+        # sequence id -> its rows, step by step (ids 0..n-1 to start; a scheduler adds its own)
+        self.rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(n_seqs)}
 
     def step(self, model: ExactModel, seq_ids: list[int], caches, tokens,
              all_logits: bool = False) -> list[torch.Tensor]:
@@ -100,13 +101,16 @@ class Recorder:
         lengths = [len(t) for t in tokens]
         for layer_x in resid:
             for i, part in zip(seq_ids, layer_x.cpu().split(lengths)):
-                self.rows[i].append(part)
+                self.rows.setdefault(i, []).append(part)
         return out
 
     def residuals(self, i: int, n_layers: int):
         """fp32 numpy [L+1, T, H] for sequence i."""
         per_layer = [torch.cat(self.rows[i][l::n_layers + 1]) for l in range(n_layers + 1)]
         return torch.stack(per_layer).numpy()
+
+    def drop(self, i: int) -> None:
+        self.rows.pop(i, None)
 
 
 def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_tokens,
@@ -142,7 +146,7 @@ def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_toke
     logits = [logits[i] for i in live]
     while live:
         live = [i for j, i in enumerate(live)
-                if _pick(logits[j], params[i], results[i], on_token, i, eos_ids, max_tokens[i],
+                if pick(logits[j], params[i], results[i], on_token, i, eos_ids, max_tokens[i],
                          stops[i], want[i][0]) is not None]
         if cancelled is not None:
             for i in [i for i in live if cancelled(i)]:
@@ -168,17 +172,22 @@ def _prefill(model: ExactModel, caches, prompts, chunk: int, run, results=None,
         out = run(model, idx, [caches[i] for i in idx], parts, all_logits=everything)
         for i, part, lg in zip(idx, parts, out):
             if everything and results[i].prompt_logprobs is not None:
-                rows = lg.numpy()
-                for j in range(len(part)):
-                    t = start + j  # row t predicts prompt token t + 1
-                    if t + 1 < len(prompts[i]):
-                        results[i].prompt_logprobs.append(
-                            lp_mod.entry(rows[j], prompts[i][t + 1], want[i][0]))
+                prompt_entries(results[i], start, lg, want[i][0])
             last[i] = lg[-1:]
     return last
 
 
-def _pick(logits, params, res: Result, on_token, i, eos_ids, max_tokens,
+def prompt_entries(res: Result, start: int, rows: torch.Tensor, top: int) -> None:
+    """Append the prompt logprobs of a prefill chunk from `start`: row j of its logits predicts
+    prompt token start + j + 1 (the last prompt row predicts the first output token: not here)."""
+    rows, prompt = rows.numpy(), res.prompt_token_ids
+    for j in range(len(rows)):
+        t = start + j
+        if t + 1 < len(prompt):
+            res.prompt_logprobs.append(lp_mod.entry(rows[j], prompt[t + 1], top))
+
+
+def pick(logits, params, res: Result, on_token, i, eos_ids, max_tokens,
           stop: StopScan | None = None, top: int | None = None) -> int | None:
     """Choose the next token; returns None when the sequence is finished."""
     position = len(res.prompt_token_ids) + len(res.token_ids)
@@ -216,7 +225,7 @@ def generate_reference(model: ReferenceModel, prompts: list[list[int]], params: 
         if max_tokens == 0:
             continue
         logits, cache = model.prefill(torch.tensor([p]))
-        while _pick(logits[0].float(), params, res, on_token, i, eos_ids, max_tokens) is not None:
+        while pick(logits[0].float(), params, res, on_token, i, eos_ids, max_tokens) is not None:
             logits, cache = model.decode_step(torch.tensor([res.token_ids[-1]]), cache)
     return results
 

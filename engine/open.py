@@ -3,6 +3,8 @@ receipt's roots, and reveal what the challenge asks for. Nothing per token was r
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -23,13 +25,16 @@ def _proof_array(hashes: list[bytes]) -> np.ndarray:
     return np.frombuffer(b"".join(hashes), dtype=np.uint8).reshape(-1, 32).copy()
 
 
-def reexecute(model: ExactModel, tokens: list[int], p: Plan):
-    """One pass over tokens; returns (cache, residuals [L+1, T, H], z rows by (name, layer))."""
+def reexecute(model: ExactModel, tokens: list[int], p: Plan, guard=nullcontext):
+    """One pass over tokens; returns (cache, residuals [L+1, T, H], z rows by (name, layer)).
+    guard(): a context held around each chunk's forward (a server's model lock, so generation
+    steps run between the chunks of an opening)."""
     cache, resid, z = SeqCache(), [], {}
     want = {l: set(p.z.get(l, [])) | set(p.zq.get(l, [])) for l in range(model.cfg.num_layers)}
     for start in range(0, len(tokens), CHUNK):
         chunk, tr, rs = tokens[start:start + CHUNK], {}, []
-        model.forward([cache], [chunk], tr, residuals=rs, trace_attention=False)
+        with guard():
+            model.forward([cache], [chunk], tr, residuals=rs, trace_attention=False)
         resid.append(torch.stack(rs).cpu().numpy())  # a device model's rows
         for l, positions in want.items():
             rows = [t - start for t in sorted(positions) if start <= t < start + len(chunk)]
@@ -45,16 +50,19 @@ def lm_accumulators(model: ExactModel, final_rows: np.ndarray) -> np.ndarray:
     return model.lm_accumulators(torch.from_numpy(np.ascontiguousarray(final_rows))).numpy()
 
 
-def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tree=None):
-    """(meta, arrays) for the container; raises OpenError if the re-run differs from the receipt."""
+def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tree=None,
+                  guard=nullcontext):
+    """(meta, arrays) for the container; raises OpenError if the re-run differs from the receipt.
+    guard(): held around each use of the model (see reexecute)."""
     receipt = transcript["receipt"]
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     L = model.cfg.num_layers
     p = plan(challenge, L, receipt)  # its shape checked against the receipt first
     with torch.inference_mode():
-        cache, resid, z = reexecute(model, tokens[:-1], p)
-    cache = model.full_cache(cache)
-    lm = lm_accumulators(model, resid[L][p.lm]) if p.lm else None  # before any early exit:
+        cache, resid, z = reexecute(model, tokens[:-1], p, guard)
+    with guard():
+        cache = model.full_cache(cache)
+        lm = lm_accumulators(model, resid[L][p.lm]) if p.lm else None  # before any early exit:
     trees = trace_roots(resid, cache)  # a sharded model's ranks all take part in both
     if (trees.resid_root.hex(), trees.kv_root.hex()) != (receipt["trace"]["residual_root"],
                                                          receipt["trace"]["kv_root"]):

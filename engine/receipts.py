@@ -82,18 +82,23 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
     t1 = time.perf_counter()
     receipts, transcripts = [], []
     for i, (s, res) in enumerate(zip(seqs, results)):
-        if res.finish_reason == "cancelled":
-            receipts.append(None)
-            transcripts.append(None)
-            continue
-        salt = os.urandom(16) if s.salt is None else s.salt
-        trees = trace_roots(rec.residuals(i, model.cfg.num_layers), model.full_cache(caches[i]))
-        r = make_receipt(com, s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
-                         res.prompt_token_ids, res.token_ids, trees, s.output, res.text,
-                         _logprobs(res))
-        receipts.append(r)
-        transcripts.append({"receipt": r, "seed": s.params.seed, "salt": salt.hex()})
+        tr = None if res.finish_reason == "cancelled" else sign_one(
+            com, model, s, res, rec.residuals(i, model.cfg.num_layers), caches[i], eos_ids)
+        receipts.append(None if tr is None else tr["receipt"])
+        transcripts.append(tr)
     return Signed(results, receipts, transcripts, t1 - t0, time.perf_counter() - t1)
+
+
+def sign_one(com: Committer, model: ExactModel, s: SeqRequest, res, resid, cache: SeqCache,
+             eos_ids) -> dict:
+    """The transcript {receipt, seed, salt} of one finished sequence: resid fp32 [L+1, T, H] and
+    its cache are what its generation recorded (static batch or continuous scheduler alike)."""
+    salt = os.urandom(16) if s.salt is None else s.salt
+    trees = trace_roots(resid, model.full_cache(cache))
+    r = make_receipt(com, s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
+                     res.prompt_token_ids, res.token_ids, trees, s.output, res.text,
+                     _logprobs(res))
+    return {"receipt": r, "seed": s.params.seed, "salt": salt.hex()}
 
 
 def _logprobs(res) -> dict | None:

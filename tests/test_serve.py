@@ -151,9 +151,11 @@ def test_receipts_are_batch_invariant(server):
     assert batched == alone  # greedy: no salt in the receipt, so every byte is committed
 
 
-def test_worker_batch_receipts_equal_alone(server, tmp_path):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_worker_batch_receipts_equal_alone(server, tmp_path, batching):
     """Sampled requests with injected salts: the receipts made in one batch of six (different
-    prompt lengths, settings and max_tokens) equal, byte for byte, those made one at a time."""
+    prompt lengths, settings and max_tokens) equal, byte for byte, those made one at a time; with
+    continuous batching the prompts are also split over steps by a small token budget."""
     from commitllm.engine.receipts import SeqRequest
     from commitllm.engine.serve.store import SqliteStore
     from commitllm.engine.serve.worker import Job, Worker
@@ -166,7 +168,7 @@ def test_worker_batch_receipts_equal_alone(server, tmp_path):
 
     def receipts(groups):
         w = Worker(w0.model, tok, w0.eos_ids, SqliteStore(tmp_path / f"s{len(groups)}"), {},
-                   start=False)
+                   start=False, batching=batching, token_budget=9, max_batch=6)
         with w0.lock:  # the server's worker stays off the model meanwhile
             futs = [w.submit(Job(s)) for s in groups[0]]
             w.start()
@@ -177,7 +179,10 @@ def test_worker_batch_receipts_equal_alone(server, tmp_path):
         return out, w.stats
 
     batched, st = receipts([seqs])
-    assert (st.batches, st.largest_batch) == (1, 6)
+    if batching == "static":
+        assert (st.batches, st.largest_batch) == (1, 6)
+    else:  # 2 + 9 + ... + 37 prompt tokens, at most 9 tokens a step: prompts split over steps
+        assert 1 < st.largest_batch <= 6 and st.batches > 14 and st.requests == 6
     alone, st = receipts([[]] + [[s] for s in seqs])
     assert st.largest_batch == 1
     assert batched == alone

@@ -27,6 +27,7 @@ from .worker import Job, Worker, WorkerDown
 MAX_RECEIPTS_LISTED = 1000
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks for its client
 AUDIT_RETRY_AFTER_S = 5  # what a 429 from a full audit queue tells the auditor
+BUSY_RETRY_AFTER_S = 1  # what a 429 from too many requests in flight tells the client
 
 
 @dataclass
@@ -96,7 +97,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
 
     client, auditor = [Depends(_client)], [Depends(_auditor)]
     app = FastAPI(title="CommitLLM", docs_url=None, redoc_url=None, openapi_url=None)
-    gate = _Gate(cfg.max_concurrent)
+    gate = _Gate(cfg.max_concurrent, retry_after=BUSY_RETRY_AFTER_S)
     audits = _Gate(cfg.max_audit_queue, "audits queued", AUDIT_RETRY_AFTER_S)
     audit_pool = ThreadPoolExecutor(1, thread_name_prefix="commitllm-audit")  # one at a time
     committer = Committer(worker.model, worker.tokenizer)
@@ -127,9 +128,12 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
     @app.get("/v1/stats", dependencies=client)
     async def stats():
         st = worker.stats
-        return {"batches": st.batches, "requests": st.requests, "largest_batch": st.largest_batch,
-                "mean_batch": st.requests / st.batches if st.batches else 0.0,
-                "cancelled": st.cancelled, "in_flight": gate.busy}
+        return {"batching": worker.batching, "batches": st.batches, "requests": st.requests,
+                "largest_batch": st.largest_batch,
+                "mean_batch": st.batched / st.batches if st.batches else 0.0,
+                "mean_step_tokens": st.step_tokens / st.batches
+                if st.batches and worker.batching == "continuous" else None,
+                "cancelled": st.cancelled, "failed": st.failed, "in_flight": gate.busy}
 
     @app.get("/v1/receipts", dependencies=auditor)
     async def receipts(limit: int = 100):

@@ -6,6 +6,7 @@ import signal
 import time
 from pathlib import Path
 
+from ..batching import DEFAULT_TOKEN_BUDGET
 from ..runner import EngineError, Runner
 from .app import ServerConfig, create_app
 from .protocol import Limits
@@ -18,7 +19,8 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
           max_body_bytes: int = 1 << 20, max_tokens_cap: int | None = None, tp: int = 1,
           tp_timeout: float = 60.0, on_fatal=None, api_key: str | None = None,
           audit_key: str | None = None, max_audit_queue: int = 4,
-          max_opening_bytes: int = 1 << 30):
+          max_opening_bytes: int = 1 << 30, batching: str = "continuous",
+          token_budget: int = DEFAULT_TOKEN_BUDGET):
     """(app, worker, store). Raises EngineError on a bad model. With tp > 1 (or under torchrun)
     the model is sharded over tp ranks; worker.stop() then stops them, and on_fatal(message) is
     called if the group fails while serving."""
@@ -37,7 +39,8 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
                     {"model": model if model == "default" else str(Path(model).resolve()),
                      "profile": profile}, max_batch=max_batch,
                     heartbeat_s=tp_timeout / 4 if runner.tp is not None else None,
-                    on_fatal=on_fatal, release=runner.close)
+                    on_fatal=on_fatal, release=runner.close, batching=batching,
+                    token_budget=token_budget)
     name = served_name or (runner.loaded.folder.name if model != "default" else "default")
     cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, max_tokens_cap),
                        max_body_bytes, max_concurrent, api_key, audit_key, max_audit_queue,

@@ -1,11 +1,17 @@
-"""The engine worker: one thread that takes the pending requests and runs them as one batch.
+"""The engine worker: one thread that runs the requests on the model.
 
-Requests that arrive while a batch runs go into the next batch. The exact engine is batch-
-invariant, so a receipt does not depend on which requests shared its batch. A receipt is stored
-durably before its request is answered; openings re-execute under the same lock as generation.
-The lock is first come, first served (FairLock), and the server runs openings one at a time from
-their own bounded queue (app.py), so a batch waits for at most the one opening ahead of it: a
-re-execution of at most one context, whatever the number of audits asked for.
+Continuous batching (the default, engine/batching.py): a request joins the running batch at the
+next step and leaves it the step it finishes; prompts are prefilled in chunks beside the decodes
+under a per-step token budget. Static batching (`serve --batching static`, kept for comparison):
+the pending requests run as one batch, and requests that arrive meanwhile wait for the next. The
+exact engine is batch-invariant, so a receipt does not depend on either choice or on which
+requests shared its steps. A receipt is stored durably before its request is answered.
+
+Openings re-execute on the audit thread, taking the model lock for one prefill chunk at a time
+(engine/open.py): the lock is first come, first served (FairLock), so generation steps and an
+opening's chunks alternate, and a step waits for at most one chunk of one opening (the server
+runs openings one at a time from their own bounded queue, app.py). A static batch holds the lock
+for its whole run.
 
 Tensor-parallel (`serve --tp N`): the model is rank 0 of a group. Every use of it is serialized by
 the lock, an idle worker sends a heartbeat so the followers' wait for the next command stays inside
@@ -18,10 +24,12 @@ import queue
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from ..batching import DEFAULT_TOKEN_BUDGET, Scheduler, StepError
 from ..open import build_opening
 from ..receipts import SeqRequest, sign_batch
 from ..tp.comm import TPError
@@ -43,10 +51,13 @@ class Cancelled(Exception):
 
 @dataclass
 class Stats:
-    batches: int = 0
+    batches: int = 0  # static batches, or forward steps of the continuous scheduler
     requests: int = 0
-    largest_batch: int = 0
+    largest_batch: int = 0  # most sequences in one batch or step
     cancelled: int = 0
+    batched: int = 0  # sequences summed over batches or steps (mean_batch = batched / batches)
+    step_tokens: int = 0  # tokens fed summed over steps (continuous)
+    failed: int = 0
 
 
 class FairLock:
@@ -93,11 +104,20 @@ class Worker:
     def __init__(self, model, tokenizer, eos_ids, store, extra: dict, max_batch: int = 16,
                  batch_wait_s: float = 0.005, start: bool = True, heartbeat_s: float | None = None,
                  on_fatal: Callable[[str], None] | None = None,
-                 release: Callable[[bool], None] | None = None):
+                 release: Callable[[bool], None] | None = None, batching: str = "continuous",
+                 token_budget: int = DEFAULT_TOKEN_BUDGET):
         """heartbeat_s: call model.heartbeat() after this long idle (tensor-parallel models);
-        release(failed): frees the model at stop() (stops the tensor-parallel ranks)."""
+        release(failed): frees the model at stop() (stops the tensor-parallel ranks).
+        batching: 'continuous' (max_batch sequences at a time, token_budget tokens a step) or
+        'static' (up to max_batch pending requests as one batch)."""
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
+        if batching == "continuous" and token_budget <= max_batch:
+            raise ValueError(f"the token budget ({token_budget}) must exceed the batch size "
+                             f"({max_batch}): a step of decodes would leave no room for prefill")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.store, self.extra = store, extra
+        self.batching, self.token_budget = batching, token_budget
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.heartbeat_s, self.on_fatal, self.release = heartbeat_s, on_fatal, release
         self.fatal: str | None = None
@@ -132,17 +152,24 @@ class Worker:
         WorkerDown once the model is unusable. transcript: the stored one (read here if None)."""
         if transcript is None:
             transcript = self.store.get(str(challenge.get("receipt_id")))
+        if self.fatal is not None:
+            raise WorkerDown(self.fatal)
+        try:
+            return build_opening(self.model, transcript, challenge, guard=self._guard)
+        except TPError as e:
+            self._down(str(e))
+            raise WorkerDown(self.fatal) from None
+
+    @contextmanager
+    def _guard(self):
+        """The model lock around one use of the model by an opening (one prefill chunk)."""
         with self.lock:
             if self.fatal is not None:
                 raise WorkerDown(self.fatal)
-            try:
-                return build_opening(self.model, transcript, challenge)
-            except TPError as e:
-                self._down(str(e))
-                raise WorkerDown(self.fatal) from None
+            yield
 
     def _down(self, why: str) -> None:
-        """Called with the lock held: the tensor-parallel group is gone."""
+        """The tensor-parallel group is gone: refuse everything from now on."""
         if self.fatal is None:
             self.fatal = f"the tensor-parallel group failed: {why}"
             if self.on_fatal is not None:
@@ -166,6 +193,8 @@ class Worker:
                         self.lock.release()
 
     def _loop(self) -> None:
+        if self.batching == "continuous":
+            return self._loop_continuous()
         while True:
             job = self._next()
             if job is None:
@@ -212,18 +241,108 @@ class Worker:
             return
         self.stats.batches += 1
         self.stats.requests += len(batch)
+        self.stats.batched += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
         for j, tr, res in zip(batch, signed.transcripts, signed.results):
             if tr is None:
                 self.stats.cancelled += 1
                 j.done.set_exception(Cancelled("the client disconnected"))
                 continue
-            try:  # stored (durably) before answered: a receipt the client holds can be opened
-                self.store.put(tr["receipt"], tr["seed"], bytes.fromhex(tr["salt"]), self.extra)
-            except Exception as e:  # noqa: BLE001
-                j.done.set_exception(e)
-                continue
-            j.done.set_result((tr["receipt"], res.finish_reason))
+            self._answer(j, tr, res.finish_reason)
+        self._maybe_purge()
+
+    def _answer(self, j: Job, tr: dict, reason: str) -> None:
+        try:  # stored (durably) before answered: a receipt the client holds can be opened
+            self.store.put(tr["receipt"], tr["seed"], bytes.fromhex(tr["salt"]), self.extra)
+        except Exception as e:  # noqa: BLE001
+            self.stats.failed += 1
+            j.done.set_exception(e)
+            return
+        j.done.set_result((tr["receipt"], reason))
+
+    def _maybe_purge(self) -> None:
         if time.monotonic() - self._purged > PURGE_EVERY_S and hasattr(self.store, "purge"):
             self.store.purge()
             self._purged = time.monotonic()
+
+    def _loop_continuous(self) -> None:
+        """Admit pending jobs between steps (up to max_batch running), run one step under the
+        model lock, answer the jobs that finished in it; block on the queue only when idle."""
+        sched = Scheduler(self.model, self.tokenizer, self.eos_ids, self.token_budget,
+                          self.max_batch)
+        jobs: dict[int, Job] = {}
+        stopping = False
+        while True:
+            if not len(sched):
+                if stopping:
+                    return
+                job = self._next()
+                if job is None:
+                    return
+                self._admit(sched, jobs, job)
+            while not stopping and not sched.full():
+                try:
+                    job = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True  # finish what runs, admit nothing more
+                else:
+                    self._admit(sched, jobs, job)
+            if not len(sched):
+                continue
+            try:
+                with self.lock:
+                    if self.fatal is not None:
+                        raise WorkerDown(self.fatal)
+                    n_work = len(sched.plan())
+                    finished = sched.step()
+            except StepError as e:
+                cause = e.cause
+                if isinstance(cause, TPError):
+                    self._down(str(cause))
+                    cause = WorkerDown(self.fatal)
+                for f in e.finished:
+                    j = jobs.pop(f.uid)
+                    if f.error is None:  # cancelled before the failed step
+                        self.stats.cancelled += 1
+                        j.done.set_exception(Cancelled("the client disconnected"))
+                    else:
+                        self.stats.failed += 1
+                        j.done.set_exception(cause)
+                continue
+            except WorkerDown as e:
+                for uid in [r.uid for r in sched.running]:
+                    jobs.pop(uid).done.set_exception(e)
+                sched = Scheduler(self.model, self.tokenizer, self.eos_ids, self.token_budget,
+                                  self.max_batch)
+                continue
+            self.stats.batches += 1
+            self.stats.batched += n_work
+            self.stats.step_tokens = sched.step_tokens
+            self.stats.largest_batch = max(self.stats.largest_batch, n_work)
+            for f in finished:
+                j = jobs.pop(f.uid)
+                if f.transcript is None and f.error is None:
+                    self.stats.cancelled += 1
+                    j.done.set_exception(Cancelled("the client disconnected"))
+                elif f.error is not None:
+                    self.stats.failed += 1
+                    j.done.set_exception(f.error)
+                else:
+                    self.stats.requests += 1
+                    self._answer(j, f.transcript, f.result.finish_reason)
+            self._maybe_purge()
+
+    def _admit(self, sched: Scheduler, jobs: dict, job: Job) -> None:
+        if job.cancelled:  # gone before it started
+            self.stats.cancelled += 1
+            job.done.set_exception(Cancelled("the client disconnected"))
+            return
+        try:
+            uid = sched.add(job.seq, job.on_token, lambda j=job: j.cancelled)
+        except ValueError as e:
+            self.stats.failed += 1
+            job.done.set_exception(e)
+            return
+        jobs[uid] = job
