@@ -1,16 +1,20 @@
-"""Load test of the OpenAI-compatible server: N concurrent clients (the official openai client)
-send a fixed number of requests; throughput and latency percentiles; then every receipt is
-audited against the live server (the client's request checked too). Zero lost or unverifiable
-receipts is the pass condition (exit 1 otherwise).
+"""Load test of the OpenAI-compatible server, continuous against static batching in one run: for
+each client count (1, 4, 16, 32 by default) N concurrent clients (the official openai client,
+streaming) send a mixed workload: most requests short, every 4th one a long answer (4x max
+tokens), every 4th (offset 1) a long prompt. Figures: requests/s, tokens/s, time to first token
+(the first streamed text) and whole-request latency p50/p99; then every receipt is audited
+against the live server with the client's request and the text it read checked. Zero lost or
+rejected receipts is the pass condition (exit 1 otherwise).
 
-The server runs as a subprocess (`commitllm-engine serve`) on a fresh SQLite store. --model tiny
-builds the tiny random test model with a character tokenizer (tests/tinymodels.py); 'default' is
-SmolLM2-135M-Instruct. Results go to OUT/serve_load.{json,md}, one entry per model, with machine,
-commit and the machine's load (other processes' share of the cores just before the run, and the
-load average).
+The server runs as a subprocess (`commitllm-engine serve --batching B`) on a fresh SQLite store,
+one per batching mode, warmed up once. --model tiny builds the tiny random test model with a
+character tokenizer (tests/tinymodels.py); 'default' is SmolLM2-135M-Instruct. Results go to
+OUT/serve_load.{json,md}, one entry per model, with machine, commit and the machine's load
+(other processes' share of the cores just before each run, and the load average).
 
-    python bench/serve_load.py [--model tiny|default|FOLDER] [--clients 4] [--requests 32]
-                               [--max-tokens 16] [--temperature 0.8] [--tier routine]
+    python bench/serve_load.py [--model tiny|default|FOLDER] [--clients 1,4,16,32]
+                               [--requests-per-client 2] [--max-tokens 16] [--temperature 0.8]
+                               [--batching continuous,static] [--tier routine]
 """
 
 from __future__ import annotations
@@ -71,36 +75,60 @@ def keygen(model, out: Path) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+LONG_PROMPT = ("Summarize the following notes in one sentence. " + " ".join(
+    f"Note {i}: the {w} river flows past the old mill and the market square." for i, w in
+    enumerate(["north", "south", "east", "west", "upper", "lower", "quiet", "busy"] * 4)))
+
+
+def workload(i: int, max_tokens: int, long_prompt: str) -> tuple[str, int]:
+    """Request i's (prompt, max_tokens): every 4th a long answer, every 4th + 1 a long prompt."""
+    if i % 4 == 1:
+        return long_prompt, max_tokens
+    return PROMPTS[i % len(PROMPTS)], max_tokens * 4 if i % 4 == 0 else max_tokens
+
+
 def run_clients(url: str, model_id: str, clients: int, requests: int, max_tokens: int,
-                temperature: float) -> tuple[list[dict], list[str], float]:
-    """(results, errors, wall seconds): `requests` requests spread over `clients` threads."""
+                temperature: float, long_prompt: str = LONG_PROMPT,
+                tag: str = "load") -> tuple[list[dict], list[str], float]:
+    """(results, errors, wall seconds): `requests` streamed requests spread over `clients`
+    threads; each result has the request, receipt, text read, latency and time to first text."""
     import openai
 
     todo, lock, results, errors = list(range(requests)), threading.Lock(), [], []
 
     def client() -> None:
-        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=900)
         while True:
             with lock:
                 if not todo:
                     return
-                i = todo.pop()
-            req = {"model": model_id, "messages": [{"role": "user",
-                                                    "content": PROMPTS[i % len(PROMPTS)]}],
-                   "max_tokens": max_tokens, "temperature": temperature, "seed": i,
-                   "nonce": f"load-{i}"}
+                i = todo.pop(0)
+            prompt, n = workload(i, max_tokens, long_prompt)
+            req = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
+                   "max_tokens": n, "temperature": temperature, "seed": i,
+                   "nonce": f"{tag}-{i}", "stream": True}
             t0 = time.perf_counter()
+            first, parts, receipt = None, [], None
             try:
-                r = c.chat.completions.create(**{k: v for k, v in req.items() if k != "nonce"},
-                                              extra_body={"nonce": req["nonce"]})
+                for ch in c.chat.completions.create(
+                        **{k: v for k, v in req.items() if k != "nonce"},
+                        extra_body={"nonce": req["nonce"]}):
+                    if ch.choices and ch.choices[0].delta.content:
+                        first = first or time.perf_counter() - t0
+                        parts.append(ch.choices[0].delta.content)
+                    receipt = getattr(ch, "receipt", None) or receipt
             except openai.APIError as e:
                 with lock:
                     errors.append(f"request {i}: {e}")
                 continue
             dt = time.perf_counter() - t0
             with lock:
-                results.append({"request": req, "receipt": r.receipt, "latency_s": dt,
-                                "text": r.choices[0].message.content})
+                if receipt is None:
+                    errors.append(f"request {i}: the stream ended without a receipt")
+                    continue
+                results.append({"request": req, "receipt": receipt, "latency_s": dt,
+                                "ttft_s": first if first is not None else dt,
+                                "text": "".join(parts)})
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     t0 = time.perf_counter()
@@ -129,7 +157,45 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def _quantiles(xs: list[float]) -> dict | None:
+    if not xs:
+        return None
+    return {"p50": percentile(xs, 0.5), "p90": percentile(xs, 0.9), "p99": percentile(xs, 0.99),
+            "max": max(xs)}
+
+
+def one_run(url: str, model_id: str, key: Path, clients: int, requests: int, args,
+            tag: str) -> dict:
+    load_before = others_share(2.0)
+    loadavg = os.getloadavg()
+    with urllib.request.urlopen(f"{url}/v1/stats") as resp:
+        before = json.loads(resp.read())
+    results, errors, wall = run_clients(url, model_id, clients, requests, args.max_tokens,
+                                        args.temperature, args.long_prompt, tag=tag)
+    with urllib.request.urlopen(f"{url}/v1/stats") as resp:
+        stats = json.loads(resp.read())
+    steps = stats["batches"] - before["batches"]
+    rows, audit_s = audit_all(url, key, results, args.tier)
+    tokens = sum(len(r["receipt"]["output_token_ids"]) for r in results)
+    rejected = [f"{r.item.receipt['receipt_id'][:12]}: {r.verdict.reason} {r.verdict.detail}"
+                for r in rows if not r.verdict.accepted]
+    return {
+        "clients": clients, "requests": requests, "completed": len(results),
+        "lost": requests - len(results), "errors": errors[:10], "wall_s": wall,
+        "requests_per_s": len(results) / wall, "tokens": tokens, "tokens_per_s": tokens / wall,
+        "ttft_s": _quantiles([r["ttft_s"] for r in results]),
+        "latency_s": _quantiles([r["latency_s"] for r in results]),
+        "audited": len(rows), "accepted": len(rows) - len(rejected), "rejected": rejected,
+        "audit_s": audit_s,
+        "server": {"batches_or_steps": steps, "largest_batch": stats["largest_batch"],
+                   "mean_batch": stats["mean_batch"], "mean_step_tokens":
+                   stats.get("mean_step_tokens")},
+        "load": {"others_share_before": load_before, "loadavg_1_5_15": loadavg},
+    }
+
+
 def measure(args) -> dict:
+    runs = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
         model = args.model
@@ -138,90 +204,123 @@ def measure(args) -> dict:
             from tinymodels import make_tiny_chat_model
 
             model = make_tiny_chat_model(tmp / "tiny")
+            args.long_prompt = LONG_PROMPT[:120]  # a character tokenizer, 256 positions
         keygen(model, tmp / "key")
-        port = free_port()
-        load_before = others_share(2.0)
-        proc = start_server(model, tmp / "store", port, "--max-batch", str(args.max_batch))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            with urllib.request.urlopen(f"{url}/v1/models") as resp:
-                model_id = json.loads(resp.read())["data"][0]["id"]
-            run_clients(url, model_id, 1, 1, 2, 0.0)  # warm-up (not counted)
-            loadavg = os.getloadavg()
-            results, errors, wall = run_clients(url, model_id, args.clients, args.requests,
-                                                args.max_tokens, args.temperature)
-            with urllib.request.urlopen(f"{url}/v1/stats") as resp:
-                stats = json.loads(resp.read())  # includes the warm-up's batch of one
-            rows, audit_s = audit_all(url, tmp / "key", results, args.tier)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=60)
-    lat = [r["latency_s"] for r in results]
-    tokens = sum(len(r["receipt"]["output_token_ids"]) for r in results)
-    rejected = [f"{r.item.receipt['receipt_id'][:12]}: {r.verdict.reason} {r.verdict.detail}"
-                for r in rows if not r.verdict.accepted]
-    return {
-        "model": args.model, "clients": args.clients, "requests": args.requests,
-        "max_tokens": args.max_tokens, "temperature": args.temperature,
-        "max_batch": args.max_batch, "tier": args.tier,
-        "completed": len(results), "lost": args.requests - len(results), "errors": errors[:10],
-        "wall_s": wall, "requests_per_s": len(results) / wall, "tokens": tokens,
-        "tokens_per_s": tokens / wall,
-        "latency_s": {"p50": percentile(lat, 0.5), "p90": percentile(lat, 0.9),
-                      "p99": percentile(lat, 0.99), "max": max(lat)} if lat else None,
-        "audited": len(rows), "accepted": len(rows) - len(rejected), "rejected": rejected,
-        "audit_s": audit_s, "server_batches": stats,
-        "load": {"others_share_before": load_before, "loadavg_1_5_15": loadavg},
-    }
+        for batching in args.batching:
+            port = free_port()
+            proc = start_server(model, tmp / f"store-{batching}", port, "--max-batch",
+                                str(args.max_batch), "--batching", batching, "--token-budget",
+                                str(args.token_budget), "--max-concurrent", "256")
+            url = f"http://127.0.0.1:{port}"
+            try:
+                with urllib.request.urlopen(f"{url}/v1/models") as resp:
+                    model_id = json.loads(resp.read())["data"][0]["id"]
+                run_clients(url, model_id, 1, 2, 2, 0.0, tag="warm")  # not counted
+                for n in args.clients:
+                    requests = max(args.min_requests, args.requests_per_client * n)
+                    print(f"{args.model} {batching} {n} clients, {requests} requests ...",
+                          file=sys.stderr, flush=True)
+                    runs.append({"batching": batching} | one_run(
+                        url, model_id, tmp / "key", n, requests, args, f"{batching}-{n}"))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+    return {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "max_batch": args.max_batch, "token_budget": args.token_budget, "tier": args.tier,
+            "workload": "every 4th request 4x max tokens, every 4th (+1) a long prompt",
+            "runs": runs, "ratios": ratios(runs)}
+
+
+def ratios(runs: list[dict]) -> dict:
+    """continuous / static at each client count: throughput, and p99 TTFT (static / continuous)."""
+    by = {(r["batching"], r["clients"]): r for r in runs}
+    out = {}
+    for (b, n), r in by.items():
+        s = by.get(("static", n))
+        if b == "continuous" and s is not None and s["tokens_per_s"] and r["ttft_s"]:
+            out[str(n)] = {"throughput": r["tokens_per_s"] / s["tokens_per_s"],
+                           "requests_per_s": r["requests_per_s"] / s["requests_per_s"],
+                           "ttft_p99_static_over_continuous":
+                               s["ttft_s"]["p99"] / r["ttft_s"]["p99"]}
+    return out
 
 
 def markdown(data: dict) -> str:
-    rows = []
-    for r in data["runs"].values():
-        lat = r["latency_s"] or {}
-        load, sb = r["load"], r.get("server_batches") or {}
-        rows.append([r["model"], r["clients"], f"{r['completed']}/{r['requests']}",
-                     r["max_tokens"], f"{r['requests_per_s']:.2f}", f"{r['tokens_per_s']:.1f}",
-                     " / ".join(f"{lat.get(k, float('nan')):.2f}" for k in ("p50", "p90", "p99")),
-                     f"{sb.get('mean_batch', float('nan')):.1f} / {sb.get('largest_batch', '?')}",
-                     r["lost"], f"{r['accepted']}/{r['audited']}", f"{r['audit_s']:.1f}",
-                     (f"{(load['others_share_before'] or 0) * 100:.0f} %, "
-                      f"{load['loadavg_1_5_15'][0]:.2f}")])
-    table = md_table(["model", "clients", "completed", "max tokens", "req/s", "tokens/s",
-                      "latency p50 / p90 / p99 (s)", "batch mean / max", "lost", "audited ok", "audit (s)",
-                      "others' CPU before, loadavg"], rows)
-    about = ("Each run: the server in a subprocess on a fresh SQLite store, the clients are "
-             "threads of one process using the official openai client (chat completions, "
-             "sampled, one seed per request); then every receipt is challenged and verified "
-             "against the live server with the client's request checked. Latency is per request "
-             "(whole response); the machine is shared, so 'others' CPU before' is the share of "
-             "all cores other processes used in the 2 s before the run.")
-    return "\n\n".join(["# Serving load test (bench/serve_load.py)",
-                        provenance_md(data["provenance"]), about, table])
+    parts = ["# Serving load test (bench/serve_load.py)", provenance_md(data["provenance"]),
+             "Each run: the server in a subprocess on a fresh SQLite store (one per batching "
+             "mode), the clients are threads of one process using the official openai client "
+             "(streamed chat completions, sampled, one seed per request; every 4th request asks "
+             "for 4x the max tokens, every 4th + 1 sends a long prompt); then every receipt is "
+             "challenged and verified against the live server with the client's request and the "
+             "text it read checked. TTFT: time to the first streamed text. The machine is "
+             "shared: 'others' CPU' is the share of all cores other processes used in the 2 s "
+             "before each run."]
+    for m in data["models"].values():
+        rows = []
+        for r in m["runs"]:
+            t, lat, sv, load = r["ttft_s"] or {}, r["latency_s"] or {}, r["server"], r["load"]
+            nan = float("nan")
+            rows.append([r["batching"], r["clients"], f"{r['completed']}/{r['requests']}",
+                         f"{r['requests_per_s']:.2f}", f"{r['tokens_per_s']:.1f}",
+                         f"{t.get('p50', nan):.2f} / {t.get('p99', nan):.2f}",
+                         f"{lat.get('p50', nan):.2f} / {lat.get('p99', nan):.2f}",
+                         f"{sv['mean_batch']:.1f} / {sv['largest_batch']}", r["lost"],
+                         f"{r['accepted']}/{r['audited']}",
+                         f"{(load['others_share_before'] or 0) * 100:.0f} %, "
+                         f"{load['loadavg_1_5_15'][0]:.2f}"])
+        parts.append(f"## {m['model']} (max tokens {m['max_tokens']}, max batch "
+                     f"{m['max_batch']}, token budget {m['token_budget']}, {m['tier']} audit)")
+        parts.append(md_table(["batching", "clients", "completed", "req/s", "tokens/s",
+                               "TTFT p50 / p99 (s)", "latency p50 / p99 (s)",
+                               "batch mean / max", "lost", "audited ok", "others' CPU, load"],
+                              rows))
+        if m["ratios"]:
+            parts.append(md_table(
+                ["clients", "throughput continuous / static", "req/s continuous / static",
+                 "TTFT p99 static / continuous"],
+                [[n, f"{x['throughput']:.2f}x", f"{x['requests_per_s']:.2f}x",
+                  f"{x['ttft_p99_static_over_continuous']:.2f}x"]
+                 for n, x in m["ratios"].items()]))
+    return "\n\n".join(parts)
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help="tiny, default, or an HF folder")
-    ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--clients", type=_csv(int), default=[1, 4, 16, 32],
+                    help="client counts, comma-separated")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--min-requests", type=int, default=8, help="fewest requests in a run")
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--token-budget", type=int, default=256)
+    ap.add_argument("--batching", type=_csv(str), default=["continuous", "static"])
     ap.add_argument("--tier", default="routine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    args.long_prompt = LONG_PROMPT
     run = measure(args)
     path = args.out / "serve_load.json"
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {"runs": {}}
-    data["runs"][args.model] = run | {"provenance": provenance()}
+        data["models"]
+    except (OSError, ValueError, KeyError):
+        data = {"models": {}}
+    data["models"][args.model] = run | {"provenance": provenance()}
     data["provenance"] = provenance()
     write_results(args.out, "serve_load", data, markdown(data))
-    print(json.dumps({k: v for k, v in run.items() if k != "errors"}, indent=1))
-    ok = run["lost"] == 0 and not run["rejected"] and run["audited"] == run["completed"]
+    print(json.dumps(run["ratios"], indent=1))
+    for r in run["runs"]:
+        print(f"{r['batching']:>10} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s, "
+              f"TTFT p99 {r['ttft_s']['p99'] if r['ttft_s'] else float('nan'):.2f} s, "
+              f"lost {r['lost']}, accepted {r['accepted']}/{r['audited']}")
+    ok = all(r["lost"] == 0 and not r["rejected"] and r["audited"] == r["completed"]
+             for r in run["runs"])
     return 0 if ok else 1
 
 

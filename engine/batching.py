@@ -15,12 +15,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
+from ..verifier.commitment import leaf_hashes
 from ..verifier.outputs import StopScan
 from .commit import Committer
 from .exact.model import ExactModel, SeqCache
-from .generate import Recorder, Result, check_request, pick, prompt_entries
+from .exact.paged import KVPool, PagedCache
+from .generate import Result, check_request, pick, prompt_entries
+from .prefix import PrefixCache
 from .receipts import SeqRequest, sign_one
 
 DEFAULT_TOKEN_BUDGET = 256  # tokens per step: decodes first, then prefill chunks
@@ -35,14 +39,20 @@ class Running:
     on_token: Callable[[int], None] | None
     cancelled: Callable[[], bool]
     result: Result
-    cache: SeqCache = field(default_factory=SeqCache)
+    cache: object  # SeqCache, or a PagedCache in the scheduler's pool
     stop: StopScan | None = None
-    prefilled: int = 0  # prompt tokens already in the cache
-    next_token: int | None = None  # sampled, not yet fed (a decoding sequence)
+    leaves: list | None = None  # [L+1][positions so far]: residual leaf hashes
+    preempted: int = 0  # times its cache was given up and recomputed
+    fresh: bool = True  # an empty cache the prefix cache has not been asked about yet
+
+    def context(self) -> list[int]:
+        """Every token this sequence feeds: the prompt, then each sampled token (the last one
+        sampled is fed by the next step)."""
+        return self.seq.prompt_ids + self.result.token_ids
 
     @property
     def decoding(self) -> bool:
-        return self.next_token is not None
+        return bool(self.result.token_ids) and self.cache.length == len(self.context()) - 1
 
 
 @dataclass
@@ -57,22 +67,32 @@ class Finished:
 
 class Scheduler:
     """The running batch of a serving engine. add() a sequence at any time; step() runs one
-    forward over the batch and returns the sequences that finished in it, signed."""
+    forward over the batch and returns the sequences that finished in it, signed.
+
+    pool: a KVPool; every sequence's K/V rows then live in its blocks (engine/exact/paged.py).
+    A step reserves the blocks it will write first; when the pool is short, decodes take blocks
+    from the most recently admitted sequences (preempted: their blocks freed, recomputed later,
+    which is exact, so their receipts do not change) and prefills wait. prefix: a PrefixCache on
+    the same pool (engine/prefix.py)."""
 
     def __init__(self, model: ExactModel, tokenizer, eos_ids,
-                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_seqs: int = 16):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_seqs: int = 16,
+                 pool: KVPool | None = None, prefix: PrefixCache | None = None):
         if token_budget <= max_seqs:
             raise ValueError(f"the token budget per step ({token_budget}) must exceed the most "
                              f"sequences in a step ({max_seqs}): decodes would leave no room "
                              "for prefill")
+        if prefix is not None and prefix.pool is not pool:
+            raise ValueError("the prefix cache must use the scheduler's K/V pool")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, tuple(eos_ids)
         self.token_budget, self.max_seqs = token_budget, max_seqs
+        self.pool, self.prefix = pool, prefix
         self.running: list[Running] = []  # in admission order
-        self.recorder = Recorder()
         self.committer = Committer(model, tokenizer)
         _ = self.committer.model_commitment, self.committer._hashes
         self._uid = 0
-        self.steps = self.step_tokens = self.step_seqs = 0
+        self.steps = self.step_tokens = self.step_seqs = self.preemptions = 0
+        self.last_work: list[tuple[Running, list[int]]] = []
 
     def __len__(self) -> int:
         return len(self.running)
@@ -89,6 +109,12 @@ class Scheduler:
                       self.model.cfg.max_position_embeddings)
         if self.tokenizer is None and seq.output.stop:
             raise ValueError("stop strings need the model's tokenizer")
+        if self.pool is not None:
+            need = self.pool.blocks_for(len(seq.prompt_ids) + seq.max_tokens)
+            if need > self.pool.n_blocks:
+                raise ValueError(f"{len(seq.prompt_ids)} prompt + {seq.max_tokens} new tokens "
+                                 f"need {need} K/V blocks; the whole pool has "
+                                 f"{self.pool.n_blocks} (serve --kv-cache-mib)")
         res = Result(list(seq.prompt_ids))
         if seq.output.logprobs is not None:
             res.logprobs = []
@@ -96,35 +122,83 @@ class Scheduler:
         stop = (StopScan(self.tokenizer, seq.output, self.eos_ids, seq.max_tokens)
                 if self.tokenizer is not None else None)
         uid, self._uid = self._uid, self._uid + 1
-        self.running.append(Running(uid, seq, on_token, cancelled, res, stop=stop))
+        cache = SeqCache() if self.pool is None else PagedCache(self.pool)
+        r = Running(uid, seq, on_token, cancelled, res, cache, stop=stop)
+        self._reset(r)
+        self.running.append(r)
         return uid
+
+    def _reset(self, r: Running) -> None:
+        """An empty cache (new or preempted); the prefix cache is asked when it is next planned."""
+        r.leaves = [[] for _ in range(self.model.cfg.num_layers + 1)]
+        r.fresh = True
+
+    def _lookup(self, r: Running) -> None:
+        r.fresh = False
+        if self.prefix is None or r.result.prompt_logprobs is not None:
+            return
+        found = self.prefix.match(r.context())
+        if found:
+            r.cache.attach([c.block for c in found], len(found) * self.pool.block_size)
+            for c in found:
+                for l, ls in enumerate(c.leaves):
+                    r.leaves[l] += ls
+
+    def _preempt(self, r: Running) -> None:
+        r.cache.free()
+        r.preempted += 1
+        self.preemptions += 1
+        self._reset(r)
 
     def plan(self) -> list[tuple[Running, list[int]]]:
         """This step's (sequence, tokens to feed): every decoding sequence one token, then the
-        prefilling ones chunks of their prompts from what is left of the budget."""
-        work = [(r, [r.next_token]) for r in self.running if r.decoding]
-        left = self.token_budget - len(work)
-        for r in self.running:
-            if r.decoding or left <= 0:
+        others chunks of their context from what is left of the budget, oldest first. With a
+        pool, the blocks are reserved here: a sequence short of blocks preempts the youngest
+        sequences admitted after it that are not in this step, or waits."""
+        budget, work, taken = self.token_budget, [], set()
+        order = [r for r in self.running if r.decoding] + [r for r in self.running
+                                                          if not r.decoding]
+        for r in order:
+            if budget <= 0 and not r.decoding:
+                break
+            if r.fresh:
+                self._lookup(r)
+            ctx = r.context()
+            n = 1 if r.decoding else min(len(ctx) - r.cache.length, budget)
+            if self.pool is not None and not self._reserve(r, n, taken):
                 continue
-            n = min(len(r.seq.prompt_ids) - r.prefilled, left)
-            work.append((r, r.seq.prompt_ids[r.prefilled:r.prefilled + n]))
-            left -= n
+            work.append((r, ctx[r.cache.length:r.cache.length + n]))
+            taken.add(r.uid)
+            budget -= n
+        if not work and self.running:  # the oldest can always preempt the rest (add() checks)
+            raise RuntimeError("no running sequence could be scheduled")
         return work
+
+    def _reserve(self, r: Running, n: int, taken: set) -> bool:
+        while not r.cache.reserve(n):
+            mine = self.running.index(r)
+            younger = [v for v in self.running[mine + 1:] if v.uid not in taken and v.cache.blocks]
+            if not younger:
+                return False  # waits for a step with more room
+            self._preempt(younger[-1])
+        return True
 
     def step(self) -> list[Finished]:
         """One forward; the sequences that finished (or were cancelled) in it. An error of the
         forward itself is raised after every running sequence was failed with it."""
-        done = [self._leave(r, None) for r in self.running if r.cancelled()]
+        done = [self._leave(r, None) for r in list(self.running) if r.cancelled()]
         work = self.plan()
+        self.last_work = work
         if not work:
             return done
         everything = any(not r.decoding and r.result.prompt_logprobs is not None
-                         for r, _ in work)
+                         and r.cache.length < len(r.seq.prompt_ids) - 1 for r, _ in work)
+        starts = [r.cache.length for r, _ in work]
+        resid: list[torch.Tensor] = []
         try:
-            out = self.recorder.step(self.model, [r.uid for r, _ in work],
-                                     [r.cache for r, _ in work], [t for _, t in work],
-                                     all_logits=everything)
+            out = self.model.forward([r.cache for r, _ in work], [t for _, t in work],
+                                     residuals=resid, all_logits=everything)
+            self._record(work, starts, resid)
         except Exception as e:
             for r in list(self.running):
                 done.append(self._leave(r, None, e))
@@ -132,35 +206,56 @@ class Scheduler:
         self.steps += 1
         self.step_tokens += sum(len(t) for _, t in work)
         self.step_seqs += len(work)
-        for (r, toks), logits in zip(work, out):
-            if not r.decoding:
-                if everything and r.result.prompt_logprobs is not None:
-                    prompt_entries(r.result, r.prefilled, logits, r.seq.output.logprobs)
-                r.prefilled += len(toks)
-                if r.prefilled < len(r.seq.prompt_ids):
-                    continue  # more prompt to come
+        for (r, toks), start, logits in zip(work, starts, out):
+            res = r.result
+            if everything and res.prompt_logprobs is not None:
+                prompt_entries(res, start, logits, r.seq.output.logprobs,
+                               skip=len(res.prompt_logprobs))
+            self._cache_blocks(r, start)
+            if r.cache.length < len(r.context()):
+                continue  # more context to feed
             params = replace(r.seq.params, nonce=r.seq.nonce)
             on_token = None if r.on_token is None else (lambda _i, t, f=r.on_token: f(t))
-            tok = pick(logits[-1:], params, r.result, on_token, r.uid, self.eos_ids,
+            tok = pick(logits[-1:], params, res, on_token, r.uid, self.eos_ids,
                        r.seq.max_tokens, r.stop, r.seq.output.logprobs)
             if tok is None:
                 done.append(self._finish(r))
-            else:
-                r.next_token = tok
         return done
+
+    def _record(self, work, starts, resid: list[torch.Tensor]) -> None:
+        """The residual leaves of this step's positions, hashed per layer over the whole step."""
+        pos = np.concatenate([np.arange(a, a + len(t)) for a, (_, t) in zip(starts, work)])
+        bounds = np.cumsum([0] + [len(t) for _, t in work])
+        for l, x in enumerate(resid):
+            leaves = leaf_hashes(b"resid", l, pos, [x.cpu().numpy()])
+            for i, (r, _) in enumerate(work):
+                r.leaves[l] += leaves[bounds[i]:bounds[i + 1]]
+
+    def _cache_blocks(self, r: Running, start: int) -> None:
+        """Offer the blocks this step filled to the prefix cache."""
+        if self.prefix is None:
+            return
+        bs = self.pool.block_size
+        first, end = start // bs, r.cache.length // bs
+        if end <= first:
+            return
+        hashes = self.prefix.hashes(r.context(), end)
+        for b in range(first, end):
+            leaves = [ls[b * bs:(b + 1) * bs] for ls in r.leaves]
+            self.prefix.insert(hashes[b], r.cache.blocks[b], leaves)
 
     def _finish(self, r: Running) -> Finished:
         try:
-            resid = self.recorder.residuals(r.uid, self.model.cfg.num_layers)
-            tr = sign_one(self.committer, self.model, r.seq, r.result, resid, r.cache,
-                          self.eos_ids)
+            tr = sign_one(self.committer, self.model, r.seq, r.result, None, r.cache,
+                          self.eos_ids, resid_leaves=r.leaves)
         except Exception as e:  # noqa: BLE001 - this sequence gets the error, not the batch
             return self._leave(r, None, e)
         return self._leave(r, tr)
 
     def _leave(self, r: Running, transcript: dict | None, error: Exception | None = None):
         self.running.remove(r)
-        self.recorder.drop(r.uid)
+        if isinstance(r.cache, PagedCache):
+            r.cache.free()
         if transcript is None and error is None:
             r.result.finish_reason = "cancelled"
         return Finished(r.uid, r.result, transcript, error)
@@ -176,11 +271,12 @@ class StepError(RuntimeError):
 
 def run_all(model: ExactModel, tokenizer, eos_ids, seqs: list[SeqRequest],
             arrivals: list[int] | None = None, token_budget: int = DEFAULT_TOKEN_BUDGET,
-            max_seqs: int = 16) -> list[Finished]:
+            max_seqs: int = 16, pool: KVPool | None = None,
+            prefix: PrefixCache | None = None) -> list[Finished]:
     """Run seqs through a scheduler; arrivals[i]: the step before which sequence i is added
     (default all at once), so tests can stagger them. Results in the order of seqs."""
     arrivals = [0] * len(seqs) if arrivals is None else arrivals
-    sched = Scheduler(model, tokenizer, eos_ids, token_budget, max_seqs)
+    sched = Scheduler(model, tokenizer, eos_ids, token_budget, max_seqs, pool, prefix)
     uid_of, out, step = {}, {}, 0
     pending = sorted(range(len(seqs)), key=lambda i: arrivals[i])
     while pending or len(sched):

@@ -366,6 +366,17 @@ def serve(
                                                       "rest prompt chunks); must exceed "
                                                       "--max-batch. Smaller bounds the wait for "
                                                       "the next token behind long prompts."),
+    kv_cache_mib: int = typer.Option(None, min=1, help="Continuous batching: the K/V pool (paged, "
+                                     "16-position blocks), allocated once; when full, prefills "
+                                     "wait and decodes preempt the newest requests (recomputed "
+                                     "later, receipts unchanged); a request that could never fit "
+                                     "is refused (400). Default: a quarter of the memory "
+                                     "available at start, at most 4 GiB, at least one full "
+                                     "context."),
+    prefix_cache: bool = typer.Option(True, help="Continuous batching: reuse the K/V blocks of "
+                                      "prompts that share a prefix (system prompt, earlier "
+                                      "turns); exact, so receipts are the same bytes. Hit rate "
+                                      "in /v1/stats."),
     max_concurrent: int = typer.Option(64, min=1, help="Most requests in flight; more get 429."),
     max_body_kib: int = typer.Option(1024, min=1, help="Largest request body (KiB); more get 413."),
     max_tokens_cap: int = typer.Option(None, min=1, help="Refuse (400) a request that would "
@@ -427,7 +438,8 @@ def serve(
                                  api_key=api_key or None, audit_key=audit_key or None,
                                  max_audit_queue=max_audit_queue,
                                  max_opening_bytes=max_opening_mib << 20,
-                                 batching=batching.value, token_budget=token_budget)
+                                 batching=batching.value, token_budget=token_budget,
+                                 kv_cache_mib=kv_cache_mib, prefix_cache=prefix_cache)
     except EngineError as e:
         _fail(str(e))
     except OSError as e:

@@ -60,10 +60,12 @@ class Committer:
         }
 
 
-def trace_roots(resid: np.ndarray, cache: SeqCache) -> TraceTrees:
-    """Trees over a sequence's residuals [L+1, T, H] and the K/V rows of its cache."""
+def trace_roots(resid: np.ndarray | None, cache: SeqCache, resid_leaves=None) -> TraceTrees:
+    """Trees over a sequence's residuals [L+1, T, H] (or their leaves [L+1][T]) and the K/V
+    rows of its cache."""
     stack = lambda xs: np.stack([x.cpu().numpy() for x in xs])  # noqa: E731  [L, T, ...]
-    return TraceTrees(resid, stack(cache.k), stack(cache.sk), stack(cache.v), stack(cache.sv))
+    return TraceTrees(resid, stack(cache.k), stack(cache.sk), stack(cache.v), stack(cache.sv),
+                      resid_leaves)
 
 
 def make_receipt(committer: Committer, request: dict, nonce: str, params: SamplingParams,

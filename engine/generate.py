@@ -177,13 +177,14 @@ def _prefill(model: ExactModel, caches, prompts, chunk: int, run, results=None,
     return last
 
 
-def prompt_entries(res: Result, start: int, rows: torch.Tensor, top: int) -> None:
+def prompt_entries(res: Result, start: int, rows: torch.Tensor, top: int, skip: int = 0) -> None:
     """Append the prompt logprobs of a prefill chunk from `start`: row j of its logits predicts
-    prompt token start + j + 1 (the last prompt row predicts the first output token: not here)."""
+    prompt token start + j + 1 (the last prompt row predicts the first output token: not here).
+    skip: entries already made (a recomputed chunk adds none twice)."""
     rows, prompt = rows.numpy(), res.prompt_token_ids
     for j in range(len(rows)):
         t = start + j
-        if t + 1 < len(prompt):
+        if skip <= t and t + 1 < len(prompt):
             res.prompt_logprobs.append(lp_mod.entry(rows[j], prompt[t + 1], top))
 
 

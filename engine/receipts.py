@@ -90,11 +90,11 @@ def sign_batch(model: ExactModel, tokenizer, seqs: list[SeqRequest], eos_ids, on
 
 
 def sign_one(com: Committer, model: ExactModel, s: SeqRequest, res, resid, cache: SeqCache,
-             eos_ids) -> dict:
-    """The transcript {receipt, seed, salt} of one finished sequence: resid fp32 [L+1, T, H] and
-    its cache are what its generation recorded (static batch or continuous scheduler alike)."""
+             eos_ids, resid_leaves=None) -> dict:
+    """The transcript {receipt, seed, salt} of one finished sequence: resid fp32 [L+1, T, H] (or
+    its leaves [L+1][T]) and its cache are what its generation recorded."""
     salt = os.urandom(16) if s.salt is None else s.salt
-    trees = trace_roots(resid, model.full_cache(cache))
+    trees = trace_roots(resid, model.full_cache(cache), resid_leaves)
     r = make_receipt(com, s.request, s.nonce, s.params, salt, s.max_tokens, eos_ids,
                      res.prompt_token_ids, res.token_ids, trees, s.output, res.text,
                      _logprobs(res))

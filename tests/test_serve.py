@@ -289,12 +289,17 @@ def test_serve_load_bench_smoke(tmp_path):
     """bench/serve_load.py end to end on the tiny model: nothing lost, every receipt verifies."""
     from bench import serve_load
 
-    assert serve_load.main(["--requests", "4", "--clients", "2", "--max-tokens", "4",
+    assert serve_load.main(["--clients", "1,3", "--min-requests", "4", "--max-tokens", "4",
                             "--out", str(tmp_path)]) == 0
-    run = json.loads((tmp_path / "serve_load.json").read_text())["runs"]["tiny"]
-    assert (run["completed"], run["lost"], run["accepted"]) == (4, 0, 4)
-    assert run["server_batches"]["requests"] == 5  # the 4 and a warm-up
-    assert "| tiny | 2 | 4/4 |" in (tmp_path / "serve_load.md").read_text()
+    m = json.loads((tmp_path / "serve_load.json").read_text())["models"]["tiny"]
+    got = [(r["batching"], r["clients"], r["completed"], r["lost"], r["accepted"])
+           for r in m["runs"]]
+    assert got == [("continuous", 1, 4, 0, 4), ("continuous", 3, 6, 0, 6),
+                   ("static", 1, 4, 0, 4), ("static", 3, 6, 0, 6)]
+    assert all(r["ttft_s"]["p50"] <= r["latency_s"]["p50"] for r in m["runs"])
+    assert set(m["ratios"]) == {"1", "3"}
+    md = (tmp_path / "serve_load.md").read_text()
+    assert "| continuous | 3 | 6/6 |" in md and "| static | 1 | 4/4 |" in md
 
 
 def test_default_model_chat_stream_and_audit(smollm2, tmp_path):
@@ -740,3 +745,38 @@ def test_streamed_echo_and_stop_exchange_audits_with_its_text(server, model_and_
                                                  "chunks": chunks}))
     res = _audit(server, model_and_key[1], "--receipts", str(tmp_path / "s.json"), "--json")
     assert res.exit_code == 1 and '"text_mismatch"' in res.stdout, res.output
+
+
+def test_prefix_cache_hits_in_stats_and_receipts_audit(server, model_and_key, tmp_path):
+    """Chat requests sharing a system prompt hit the prefix cache (/v1/stats); their receipts are
+    the bytes a cold server gives and audit as accepted."""
+    c = client(server)
+    model_id = c.models.list().data[0].id
+    system = {"role": "system", "content": "you answer every question in exactly one word."}
+    reqs = [{"model": model_id, "messages": [system, {"role": "user", "content": q}],
+             "max_tokens": 4, "temperature": 0, "nonce": f"prefix-{q}"}
+            for q in ("sky?", "sea?", "sun?")]
+    send = lambda cl, r: cl.chat.completions.create(  # noqa: E731
+        **{k: v for k, v in r.items() if k != "nonce"}, extra_body={"nonce": r["nonce"]})
+    with urllib.request.urlopen(f"{server.url}/v1/stats") as resp:
+        before = json.loads(resp.read())["kv_cache"]["prefix_cache"]
+    got = [send(c, r) for r in reqs]
+    with urllib.request.urlopen(f"{server.url}/v1/stats") as resp:
+        stats = json.loads(resp.read())
+    after = stats["kv_cache"]["prefix_cache"]
+    assert stats["batching"] == "continuous" and stats["kv_cache"]["bytes"] > 0
+    assert after["hits"] - before["hits"] >= 2 and after["hit_tokens"] > before["hit_tokens"]
+    cold = ThreadServer(model_and_key[0], tmp_path / "cold", prefix_cache=False)
+    try:
+        c2 = client(cold)
+        fresh = [send(c2, r) for r in reqs]
+        with urllib.request.urlopen(f"{cold.url}/v1/stats") as resp:
+            assert "prefix_cache" not in json.loads(resp.read())["kv_cache"]
+    finally:
+        cold.stop()
+    assert [g.receipt for g in got] == [f.receipt for f in fresh]  # greedy: no salt
+    for i, (r, g) in enumerate(zip(reqs, got)):
+        (tmp_path / f"{i}.json").write_text(json.dumps({"request": r, "receipt": g.receipt}))
+    res = _audit(server, model_and_key[1], "--receipts", str(tmp_path), "--tier", "full")
+    assert res.exit_code == 0, res.output
+    assert "3 of 3 receipts audited: 3 accepted" in res.output

@@ -107,11 +107,15 @@ def layer_leaf(kind: bytes, layer: int, root: bytes) -> bytes:
 class TraceTrees:
     """Per-layer position trees for residuals (L + 1 layers) and K/V rows (L layers)."""
 
-    def __init__(self, resid: np.ndarray, k, sk, v, sv):
-        """resid fp32 [L+1, T, H]; k, v int [L, T, nkv, d]; sk, sv fp32 [L, T, nkv]."""
-        pos = range(resid.shape[1])
-        self.resid_trees = [MerkleTree(leaf_hashes(b"resid", l, pos, [resid[l]]))
+    def __init__(self, resid: np.ndarray | None, k, sk, v, sv, resid_leaves=None):
+        """resid fp32 [L+1, T, H]; k, v int [L, T, nkv, d]; sk, sv fp32 [L, T, nkv].
+        resid_leaves: the residual leaves [L+1][T] instead of resid, hashed as they were made
+        (the serving scheduler's, some from the prefix cache)."""
+        if resid_leaves is None:
+            pos = range(resid.shape[1])
+            resid_leaves = [leaf_hashes(b"resid", l, pos, [resid[l]])
                             for l in range(resid.shape[0])]
+        self.resid_trees = [MerkleTree(list(leaves)) for leaves in resid_leaves]
         self.kv_trees = [MerkleTree(leaf_hashes(b"kv", l, range(k.shape[1]),
                                                 [k[l], sk[l], v[l], sv[l]]))
                          for l in range(k.shape[0])]

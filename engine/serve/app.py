@@ -133,7 +133,8 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
                 "mean_batch": st.batched / st.batches if st.batches else 0.0,
                 "mean_step_tokens": st.step_tokens / st.batches
                 if st.batches and worker.batching == "continuous" else None,
-                "cancelled": st.cancelled, "failed": st.failed, "in_flight": gate.busy}
+                "cancelled": st.cancelled, "failed": st.failed, "preemptions": st.preemptions,
+                "in_flight": gate.busy, "kv_cache": worker.kv_stats()}
 
     @app.get("/v1/receipts", dependencies=auditor)
     async def receipts(limit: int = 100):
@@ -220,6 +221,8 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
                 receipt, reason = await _result(req, Job(p.seq))
             except WorkerDown as e:
                 raise _unavailable(e) from None
+            except ValueError as e:  # refused by the engine (a request the K/V pool cannot hold)
+                raise ApiError(400, str(e)) from None
             except Exception as e:  # noqa: BLE001 - no receipt, no answer: say why
                 raise ApiError(500, f"generation failed: {e}", code="server_error") from None
             return response(kind, _rid(kind, receipt), cfg.model_id, receipt, reason,

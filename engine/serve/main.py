@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..batching import DEFAULT_TOKEN_BUDGET
+from ..exact.paged import KVPool, default_kv_bytes
 from ..runner import EngineError, Runner
 from .app import ServerConfig, create_app
 from .protocol import Limits
@@ -20,10 +21,12 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
           tp_timeout: float = 60.0, on_fatal=None, api_key: str | None = None,
           audit_key: str | None = None, max_audit_queue: int = 4,
           max_opening_bytes: int = 1 << 30, batching: str = "continuous",
-          token_budget: int = DEFAULT_TOKEN_BUDGET):
+          token_budget: int = DEFAULT_TOKEN_BUDGET, kv_cache_mib: int | None = None,
+          prefix_cache: bool = True):
     """(app, worker, store). Raises EngineError on a bad model. With tp > 1 (or under torchrun)
     the model is sharded over tp ranks; worker.stop() then stops them, and on_fatal(message) is
-    called if the group fails while serving."""
+    called if the group fails while serving. Continuous batching on one process keeps K/V rows
+    in a paged pool of kv_cache_mib (default: default_kv_bytes) with prefix caching."""
     if api_key is not None and audit_key is not None and api_key == audit_key:
         raise EngineError("the audit key must differ from the client API key")
     runner = Runner.create(model, "exact", profile, console, tp=tp, tp_timeout=tp_timeout)
@@ -35,12 +38,22 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
     except BaseException:
         runner.close()
         raise
+    kv_bytes = None
+    if batching == "continuous" and runner.tp is None:
+        cfg_, prof = runner.loaded.cfg, runner.model.profile
+        kv_bytes = (kv_cache_mib << 20 if kv_cache_mib is not None
+                    else default_kv_bytes(cfg_, prof))
+        if kv_bytes < KVPool.bytes_for(cfg_, prof, 1):
+            runner.close()
+            store.close()
+            raise EngineError(f"--kv-cache-mib {kv_cache_mib} holds no K/V block")
     worker = Worker(runner.model, runner.tokenizer, runner.eos_ids(), store,
                     {"model": model if model == "default" else str(Path(model).resolve()),
                      "profile": profile}, max_batch=max_batch,
                     heartbeat_s=tp_timeout / 4 if runner.tp is not None else None,
                     on_fatal=on_fatal, release=runner.close, batching=batching,
-                    token_budget=token_budget)
+                    token_budget=token_budget, kv_cache_bytes=kv_bytes,
+                    prefix_cache=prefix_cache)
     name = served_name or (runner.loaded.folder.name if model != "default" else "default")
     cfg = ServerConfig(name, Limits(runner.loaded.cfg.max_position_embeddings, max_tokens_cap),
                        max_body_bytes, max_concurrent, api_key, audit_key, max_audit_queue,

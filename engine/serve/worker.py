@@ -30,6 +30,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from ..batching import DEFAULT_TOKEN_BUDGET, Scheduler, StepError
+from ..exact.paged import DEFAULT_BLOCK, KVPool
+from ..prefix import PrefixCache
 from ..open import build_opening
 from ..receipts import SeqRequest, sign_batch
 from ..tp.comm import TPError
@@ -58,6 +60,7 @@ class Stats:
     batched: int = 0  # sequences summed over batches or steps (mean_batch = batched / batches)
     step_tokens: int = 0  # tokens fed summed over steps (continuous)
     failed: int = 0
+    preemptions: int = 0  # sequences whose K/V blocks were given up and recomputed
 
 
 class FairLock:
@@ -105,11 +108,14 @@ class Worker:
                  batch_wait_s: float = 0.005, start: bool = True, heartbeat_s: float | None = None,
                  on_fatal: Callable[[str], None] | None = None,
                  release: Callable[[bool], None] | None = None, batching: str = "continuous",
-                 token_budget: int = DEFAULT_TOKEN_BUDGET):
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, kv_cache_bytes: int | None = None,
+                 prefix_cache: bool = False, kv_block: int = DEFAULT_BLOCK):
         """heartbeat_s: call model.heartbeat() after this long idle (tensor-parallel models);
         release(failed): frees the model at stop() (stops the tensor-parallel ranks).
         batching: 'continuous' (max_batch sequences at a time, token_budget tokens a step) or
-        'static' (up to max_batch pending requests as one batch)."""
+        'static' (up to max_batch pending requests as one batch). kv_cache_bytes: continuous
+        batching keeps K/V rows in a paged pool of this size (None: per-sequence buffers);
+        prefix_cache: reuse the K/V blocks of shared prefixes (needs the pool)."""
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
         if batching == "continuous" and token_budget <= max_batch:
@@ -118,6 +124,11 @@ class Worker:
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.store, self.extra = store, extra
         self.batching, self.token_budget = batching, token_budget
+        self.pool = self.prefix = None
+        if kv_cache_bytes is not None and batching == "continuous":
+            self.pool = KVPool(model.cfg, model.profile, kv_cache_bytes, kv_block)
+            self.prefix = PrefixCache(self.pool) if prefix_cache else None
+        self.kv_peak_blocks = 0
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
         self.heartbeat_s, self.on_fatal, self.release = heartbeat_s, on_fatal, release
         self.fatal: str | None = None
@@ -268,8 +279,7 @@ class Worker:
     def _loop_continuous(self) -> None:
         """Admit pending jobs between steps (up to max_batch running), run one step under the
         model lock, answer the jobs that finished in it; block on the queue only when idle."""
-        sched = Scheduler(self.model, self.tokenizer, self.eos_ids, self.token_budget,
-                          self.max_batch)
+        sched = self._scheduler()
         jobs: dict[int, Job] = {}
         stopping = False
         while True:
@@ -295,8 +305,8 @@ class Worker:
                 with self.lock:
                     if self.fatal is not None:
                         raise WorkerDown(self.fatal)
-                    n_work = len(sched.plan())
                     finished = sched.step()
+                    n_work = len(sched.last_work)
             except StepError as e:
                 cause = e.cause
                 if isinstance(cause, TPError):
@@ -314,12 +324,16 @@ class Worker:
             except WorkerDown as e:
                 for uid in [r.uid for r in sched.running]:
                     jobs.pop(uid).done.set_exception(e)
-                sched = Scheduler(self.model, self.tokenizer, self.eos_ids, self.token_budget,
-                                  self.max_batch)
+                for r in list(sched.running):
+                    sched._leave(r, None)  # its blocks back to the pool
+                sched = self._scheduler()
                 continue
             self.stats.batches += 1
             self.stats.batched += n_work
             self.stats.step_tokens = sched.step_tokens
+            self.stats.preemptions = sched.preemptions
+            if self.pool is not None:
+                self.kv_peak_blocks = max(self.kv_peak_blocks, self.pool.used_blocks())
             self.stats.largest_batch = max(self.stats.largest_batch, n_work)
             for f in finished:
                 j = jobs.pop(f.uid)
@@ -333,6 +347,21 @@ class Worker:
                     self.stats.requests += 1
                     self._answer(j, f.transcript, f.result.finish_reason)
             self._maybe_purge()
+
+    def _scheduler(self) -> Scheduler:
+        return Scheduler(self.model, self.tokenizer, self.eos_ids, self.token_budget,
+                         self.max_batch, self.pool, self.prefix)
+
+    def kv_stats(self) -> dict | None:
+        """The K/V pool's size and use (continuous batching with a pool), prefix-cache hits."""
+        if self.pool is None:
+            return None
+        p = self.pool
+        out = {"bytes": p.nbytes, "block_positions": p.block_size, "blocks": p.n_blocks,
+               "used_blocks": p.used_blocks(), "peak_used_blocks": self.kv_peak_blocks}
+        if self.prefix is not None:
+            out["prefix_cache"] = self.prefix.stats()
+        return out
 
     def _admit(self, sched: Scheduler, jobs: dict, job: Job) -> None:
         if job.cancelled:  # gone before it started

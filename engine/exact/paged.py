@@ -1,0 +1,191 @@
+"""A paged K/V cache: fixed-size blocks from one pool sized in bytes, a block table per sequence.
+
+KVPool holds every layer's K/V rows for `n_blocks` blocks of `block_size` positions (int8 or int16
+rows and fp32 scales, as the profile quantizes them), allocated once: the pool never grows, and
+its size is what `serve --kv-cache-mib` gives. PagedCache is a sequence's view of it with the same
+interface as SeqCache (k, sk, v, sv indexed by layer give the filled rows [S, ...], append writes
+new rows in place), so the model, openings and commitments read it unchanged. A sequence reserves
+the blocks a step will write before the step runs (reserve(); False when the pool has too few free
+blocks: the scheduler then waits or preempts), so a full pool never fails mid-forward.
+
+Blocks are reference counted: a full block can be shared by sequences with the same prefix
+(engine/prefix.py) and is read-only from then on; a sequence only writes its own last block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+DEFAULT_BLOCK = 16  # positions per block
+
+
+class PoolFull(RuntimeError):
+    """Not enough free K/V blocks (the scheduler reserves before a step, so this is a bug)."""
+
+
+class KVPool:
+    def __init__(self, cfg, profile, max_bytes: int, block_size: int = DEFAULT_BLOCK):
+        if block_size < 1:
+            raise ValueError("the K/V block size must be >= 1")
+        L, nkv, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+        kv_dtype = torch.int8 if profile.kv_qmax <= 127 else torch.int16
+        self.block_bytes = self.bytes_for(cfg, profile, block_size, block_size)
+        n_blocks = int(max_bytes // self.block_bytes)
+        if n_blocks < 1:
+            raise ValueError(f"a K/V pool of {max_bytes} bytes holds no block of {block_size} "
+                             f"positions ({self.block_bytes} bytes)")
+        self.block_size, self.n_blocks = block_size, n_blocks
+        self.k = torch.zeros((L, n_blocks, block_size, nkv, d), dtype=kv_dtype)
+        self.v = torch.zeros_like(self.k)
+        self.sk = torch.zeros((L, n_blocks, block_size, nkv), dtype=torch.float32)
+        self.sv = torch.zeros_like(self.sk)
+        self.refs = np.zeros(n_blocks, dtype=np.int64)
+        self._free = list(range(n_blocks - 1, -1, -1))  # a stack: low ids first
+        self.evictor = None  # prefix cache: frees unreferenced cached blocks on demand
+
+    @staticmethod
+    def bytes_for(cfg, profile, positions: int, block_size: int = DEFAULT_BLOCK) -> int:
+        """Bytes of the blocks holding `positions` positions."""
+        item = 1 if profile.kv_qmax <= 127 else 2
+        per = cfg.num_layers * block_size * cfg.num_kv_heads * (2 * cfg.head_dim * item + 8)
+        return math.ceil(positions / block_size) * per
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.nelement() for t in (self.k, self.v, self.sk, self.sv))
+
+    def blocks_for(self, positions: int) -> int:
+        return math.ceil(positions / self.block_size)
+
+    def free_blocks(self) -> int:
+        """Blocks an allocation can get: free ones and cached ones nobody uses."""
+        return len(self._free) + (self.evictor.evictable() if self.evictor is not None else 0)
+
+    def used_blocks(self) -> int:
+        return int((self.refs > 0).sum())
+
+    def alloc(self) -> int:
+        if not self._free and self.evictor is not None:
+            self.evictor.evict_one()
+        if not self._free:
+            raise PoolFull("no free K/V block")
+        b = self._free.pop()
+        self.refs[b] = 1
+        return b
+
+    def incref(self, b: int) -> None:
+        self.refs[b] += 1
+
+    def decref(self, b: int) -> None:
+        self.refs[b] -= 1
+        if self.refs[b] < 0:
+            raise AssertionError(f"K/V block {b} released twice")
+        if self.refs[b] == 0 and (self.evictor is None or not self.evictor.keeps(b)):
+            self._free.append(b)
+
+    def release(self, b: int) -> None:
+        """A cached block the prefix cache gave up (refcount 0): back to the free list."""
+        if self.refs[b] == 0:
+            self._free.append(b)
+
+
+class _Rows:
+    """cache.k (or sk, v, sv): indexed by layer, the sequence's filled rows gathered from its
+    blocks [S, ...]; iterates over the layers (what commitments stack)."""
+
+    def __init__(self, cache: "PagedCache", store: torch.Tensor):
+        self.cache, self.store = cache, store
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        c = self.cache
+        n = c.filled[layer]
+        if n == 0:
+            return self.store[layer, :0, 0]
+        nb = c.pool.blocks_for(n)
+        idx = torch.tensor(c.blocks[:nb], dtype=torch.int64)
+        rows = self.store[layer].index_select(0, idx)
+        return rows.reshape(nb * c.pool.block_size, *rows.shape[2:])[:n]
+
+    def __len__(self) -> int:
+        return self.store.shape[0]
+
+    def __iter__(self):
+        return (self[l] for l in range(len(self)))
+
+
+class PagedCache:
+    """One sequence's K/V rows in a KVPool (the SeqCache interface)."""
+
+    def __init__(self, pool: KVPool):
+        self.pool, self.blocks, self.length = pool, [], 0
+        self.filled = [0] * pool.k.shape[0]  # rows written per layer (a step writes layer by layer)
+        self.k, self.sk = _Rows(self, pool.k), _Rows(self, pool.sk)
+        self.v, self.sv = _Rows(self, pool.v), _Rows(self, pool.sv)
+
+    def reserve(self, n_new: int) -> bool:
+        """Make room for n_new more positions; False (nothing taken) when the pool cannot."""
+        need = self.pool.blocks_for(self.length + n_new) - len(self.blocks)
+        if need <= 0:
+            return True
+        if need > self.pool.free_blocks():
+            return False
+        self.blocks += [self.pool.alloc() for _ in range(need)]
+        return True
+
+    def attach(self, blocks: list[int], length: int) -> None:
+        """Start from shared full blocks (a prefix-cache hit): they are read, never written."""
+        if self.blocks or self.length:
+            raise ValueError("a prefix can only be attached to an empty cache")
+        for b in blocks:
+            self.pool.incref(b)
+        self.blocks = list(blocks)
+        self.length = length
+        self.filled = [length] * len(self.filled)
+
+    def append(self, layer: int, k, sk, v, sv) -> None:
+        p, bs = self.pool, self.pool.block_size
+        a, n = self.filled[layer], k.shape[0]
+        if p.blocks_for(a + n) > len(self.blocks):
+            raise PoolFull(f"{a + n} positions need more K/V blocks than were reserved")
+        done = 0
+        while done < n:
+            blk, off = self.blocks[(a + done) // bs], (a + done) % bs
+            m = min(bs - off, n - done)
+            for store, x in ((p.k, k), (p.sk, sk), (p.v, v), (p.sv, sv)):
+                store[layer, blk, off:off + m] = x[done:done + m]
+            done += m
+        self.filled[layer] = a + n
+
+    def free(self) -> None:
+        """Give every block back (a finished, cancelled or preempted sequence)."""
+        for b in self.blocks:
+            self.pool.decref(b)
+        self.blocks, self.length = [], 0
+        self.filled = [0] * len(self.filled)
+
+
+DEFAULT_KV_SHARE = 0.25  # of the memory available at start
+DEFAULT_KV_CAP = 4 << 30
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def default_kv_bytes(cfg, profile, block_size: int = DEFAULT_BLOCK) -> int:
+    """A quarter of the memory available now, at most 4 GiB, at least one full context."""
+    one = KVPool.bytes_for(cfg, profile, cfg.max_position_embeddings, block_size)
+    avail = available_memory()
+    share = DEFAULT_KV_CAP if avail is None else min(int(avail * DEFAULT_KV_SHARE), DEFAULT_KV_CAP)
+    return max(share, one)
