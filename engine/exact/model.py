@@ -15,6 +15,7 @@ from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QLinear, QuantizedModel
 from . import ops
 from .gemm import ExactWeight
+from .paged import PagedStep
 
 
 class TorchLinear:
@@ -165,6 +166,7 @@ class _Step:
     cos: torch.Tensor  # [N, d/2]
     sin: torch.Tensor
     trace_attention: bool = True  # record scores/weights (single-sequence traces only)
+    paged: object = None  # the PagedStep when every cache is in one K/V pool (False: none)
 
 
 class _TorchLayer:
@@ -211,10 +213,22 @@ class _TorchLayer:
         one padded batch, longer ones (prefill chunks) one at a time in query tiles."""
         out = torch.empty((qq.shape[0], qq.shape[1] * qq.shape[2]), dtype=torch.float32)
         starts = np.concatenate([[0], np.cumsum(step.lengths)[:-1]]).tolist()
-        for cache, n, a in zip(step.caches, step.lengths, starts):
-            cache.append(i, kq[a:a + n], sk[a:a + n], vq[a:a + n], sv[a:a + n])
+        if step.paged is None:
+            step.paged = PagedStep.of(step.caches, step.lengths) or False
+        if step.paged:
+            step.paged.write(i, kq, sk, vq, sv)
+        else:
+            for cache, n, a in zip(step.caches, step.lengths, starts):
+                cache.append(i, kq[a:a + n], sk[a:a + n], vq[a:a + n], sv[a:a + n])
         single = [j for j, n in enumerate(step.lengths) if n == 1]
-        if len(single) > 1:
+        if len(single) > 1 and step.paged:
+            rows = torch.tensor([starts[j] for j in single])
+            for j in single:
+                ops.check_bounds(qq.shape[-1], step.caches[j].length + 1, kvq)
+            k_, sk_, v_, sv_ = step.paged.padded(i, single)
+            out[rows] = ops._attend(qq[rows][:, None], sq[rows][:, None], k_, sk_, v_, sv_,
+                                    step.pos[rows][:, None], kvq)[:, 0]
+        elif len(single) > 1:
             rows = torch.tensor([starts[j] for j in single])
             cs = [step.caches[j] for j in single]
             out[rows] = ops.attention_batch(qq[rows], sq[rows], [c.k[i] for c in cs],

@@ -189,3 +189,59 @@ def default_kv_bytes(cfg, profile, block_size: int = DEFAULT_BLOCK) -> int:
     avail = available_memory()
     share = DEFAULT_KV_CAP if avail is None else min(int(avail * DEFAULT_KV_SHARE), DEFAULT_KV_CAP)
     return max(share, one)
+
+
+class PagedStep:
+    """One forward step over sequences that all live in one pool: the slots their new rows go to
+    and the blocks their keys come from, worked out once for every layer. write() puts a layer's
+    new K/V rows of the whole step in place in one copy per tensor; padded() gathers a layer's
+    keys of some of the sequences as [B, S_max, ...] in one index per tensor (the padding reads
+    other rows of the pool: finite values at positions no query sees, so their weights and
+    products are exact zeros, as with attention_batch's zero padding)."""
+
+    def __init__(self, caches: list[PagedCache], lengths: list[int]):
+        self.caches, self.lengths = caches, lengths
+        self.pool = pool = caches[0].pool
+        bs = pool.block_size
+        slots = []
+        for c, n in zip(caches, lengths):
+            if pool.blocks_for(c.length + n) > len(c.blocks):
+                raise PoolFull(f"{c.length + n} positions need more K/V blocks than were reserved")
+            pos = np.arange(c.length, c.length + n)
+            slots.append(np.asarray(c.blocks, dtype=np.int64)[pos // bs] * bs + pos % bs)
+        self.slots = torch.from_numpy(np.concatenate(slots))
+        self._gather: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def of(caches, lengths) -> "PagedStep | None":
+        if caches and all(isinstance(c, PagedCache) for c in caches) and all(
+                c.pool is caches[0].pool for c in caches):
+            return PagedStep(caches, lengths)
+        return None
+
+    def write(self, layer: int, k, sk, v, sv) -> None:
+        p = self.pool
+        for store, x in ((p.k, k), (p.sk, sk), (p.v, v), (p.sv, sv)):
+            flat = store[layer].view(-1, *store.shape[3:])
+            flat.index_copy_(0, self.slots, x.to(store.dtype))
+        for c, n in zip(self.caches, self.lengths):
+            c.filled[layer] += n
+
+    def padded(self, layer: int, which: list[int]):
+        """k, sk, v, sv [B, S_max, ...] of sequences `which` (indices into the step's caches),
+        with every row each has after this step's write."""
+        key = tuple(which)
+        if key not in self._gather:
+            p = self.pool
+            ends = [self.caches[j].length + self.lengths[j] for j in which]
+            nb = max(p.blocks_for(e) for e in ends)
+            idx = [self.caches[j].blocks[:nb] + [0] * (nb - len(self.caches[j].blocks[:nb]))
+                   for j in which]
+            self._gather[key] = (torch.tensor(idx, dtype=torch.int64).reshape(-1), nb)
+        idx, nb = self._gather[key]
+        bsz, s_max = len(which), nb * self.pool.block_size
+        out = []
+        for store in (self.pool.k, self.pool.sk, self.pool.v, self.pool.sv):
+            rows = store[layer].index_select(0, idx)
+            out.append(rows.reshape(bsz, s_max, *rows.shape[2:]))
+        return out
