@@ -82,6 +82,17 @@ def _row_setup(q_ptr, sq_ptr, qpos_ptr, kvh, R, G, stride_qt, stride_qh, stride_
 
 
 @triton.jit
+def _phys(j, hi, bt_ptr, BS, PAGED: tl.constexpr):
+    """The storage row of logical keys j: j itself, or (paged) block_table[j // BS] * BS + j % BS
+    (keys past hi read block 0's rows, masked like every invisible key)."""
+    if PAGED:
+        blk = tl.load(bt_ptr + j // BS, mask=j < hi, other=0)
+        return blk.to(tl.int64) * BS + (j % BS)
+    else:
+        return j.to(tl.int64)
+
+
+@triton.jit
 def _key_range(pos, S, CHUNK):
     """Keys [lo, hi) of this split that any row of the block can see, and the split's end."""
     lo = tl.program_id(2) * CHUNK
@@ -91,15 +102,15 @@ def _key_range(pos, S, CHUNK):
 
 
 @triton.jit
-def _tile_logits(qa, qb, sq, pos, j, end, hi, k_base, sk_base, stride_kt, stride_skt, d, scale,
-                 KV_PLANES: tl.constexpr, BLOCK_D: tl.constexpr):
+def _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_base, sk_base, stride_kt, stride_skt, d,
+                 scale, KV_PLANES: tl.constexpr, BLOCK_D: tl.constexpr):
     """Logits L int32 [BLOCK_M, BLOCK_N] and visibility of keys j (spec steps 1-2).
 
     S exact (int64 from int32 plane dots); u = ((f32(S) * sq) * sk) * scale;
     L = clamp(rint(u * 256), -2^30, 2^30).
     """
     dd = tl.arange(0, BLOCK_D)
-    kt = tl.load(k_base + j[None, :].to(tl.int64) * stride_kt + dd[:, None],
+    kt = tl.load(k_base + pj[None, :] * stride_kt + dd[:, None],
                  mask=(j[None, :] < hi) & (dd[:, None] < d), other=0)  # [BLOCK_D, BLOCK_N]
     if KV_PLANES == 2:
         ka, kb = _planes(kt)
@@ -110,7 +121,7 @@ def _tile_logits(qa, qb, sq, pos, j, end, hi, k_base, sk_base, stride_kt, stride
         s = (s2.to(tl.int64) * 65536 + s1.to(tl.int64) * 256) + s0.to(tl.int64)
     else:
         s = tl.dot(qa, kt.to(tl.int8), out_dtype=tl.int32).to(tl.int64)
-    sk = tl.load(sk_base + j.to(tl.int64) * stride_skt, mask=j < hi, other=1.0)
+    sk = tl.load(sk_base + pj * stride_skt, mask=j < hi, other=1.0)
     u = ((s.to(tl.float32) * sq[:, None]) * sk[None, :]) * scale
     lg = rint_f32(u * 256.0)
     lg = tl.minimum(tl.maximum(lg, -1073741824.0), 1073741824.0).to(tl.int32)
@@ -157,7 +168,7 @@ def _store_out(out_ptr, acc, pm, z, t, h, valid, d, stride_ot, BLOCK_D: tl.const
 @triton.jit
 def _attn_rowmax_kernel(
     # inputs
-    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, scale,
+    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, scale, bt_ptr, BS,
     # output: partial row max int32 [N_SPLIT, NKV, R]
     pmax_ptr,
     # sizes and strides
@@ -165,6 +176,7 @@ def _attn_rowmax_kernel(
     stride_skt,
     # meta
     KV_PLANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     """Sweep 1, program (row block, kv head, split): pmax = max of L over this split's visible keys
     (-2^30 - 1 when none). q int [T, nh, d], sq fp32 [T, nh], q_pos int32 [T], k int [S, nkv, d],
@@ -177,7 +189,8 @@ def _attn_rowmax_kernel(
     m = tl.full([BLOCK_M], -1073741825, tl.int32)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        lg, vis = _tile_logits(qa, qb, sq, pos, j, end, hi, k_ptr + kvh * stride_kh,
+        pj = _phys(j, hi, bt_ptr, BS, PAGED)
+        lg, vis = _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_ptr + kvh * stride_kh,
                                sk_ptr + kvh, stride_kt, stride_skt, d, scale, KV_PLANES, BLOCK_D)
         m = tl.maximum(m, tl.max(tl.where(vis, lg, -1073741825), axis=1))
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,7 +200,7 @@ def _attn_rowmax_kernel(
 @triton.jit
 def _attn_sums_kernel(
     # inputs
-    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, sv_ptr, table_ptr, pmax_ptr, scale,
+    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, sv_ptr, table_ptr, pmax_ptr, scale, bt_ptr, BS,
     # outputs: partial Z int64 and partial P fp32, [N_SPLIT, NKV, R]
     z_ptr, pm_ptr,
     # sizes and strides
@@ -195,6 +208,7 @@ def _attn_sums_kernel(
     stride_kh, stride_skt, stride_svt,
     # meta
     KV_PLANES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     """Sweep 2: rowmax = max over splits of pmax; w = table weights; Z = sum w (int64) and
     P = max_j (f32(w_j) * 2^-15) * sv_j over this split's visible keys (0 when none).
@@ -210,11 +224,12 @@ def _attn_sums_kernel(
     pm = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        lg, vis = _tile_logits(qa, qb, sq, pos, j, end, hi, k_ptr + kvh * stride_kh,
+        pj = _phys(j, hi, bt_ptr, BS, PAGED)
+        lg, vis = _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_ptr + kvh * stride_kh,
                                sk_ptr + kvh, stride_kt, stride_skt, d, scale, KV_PLANES, BLOCK_D)
         w = _tile_weights(lg, vis, rowmax, table_ptr)
         z += tl.sum(w.to(tl.int64), axis=1)
-        sv = tl.load(sv_ptr + kvh + j.to(tl.int64) * stride_svt, mask=j < hi, other=0.0)
+        sv = tl.load(sv_ptr + kvh + pj * stride_svt, mask=j < hi, other=0.0)
         pm = tl.maximum(pm, tl.max((w.to(tl.float32) * 3.0517578125e-05) * sv[None, :], axis=1))
     off = (tl.program_id(2) * NKV + kvh) * R + r
     tl.store(z_ptr + off, z, mask=valid)
@@ -225,7 +240,7 @@ def _attn_sums_kernel(
 def _attn_values_kernel(
     # inputs
     q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, table_ptr, pmax_ptr, z_ptr, pm_ptr,
-    scale,
+    scale, bt_ptr, BS,
     # outputs: partial A int64 [N_SPLIT, NKV, R, d], or out fp32 [T, nh * d] when DIRECT
     acc_ptr, out_ptr,
     # sizes and strides
@@ -233,7 +248,7 @@ def _attn_values_kernel(
     stride_kh, stride_skt, stride_vt, stride_vh, stride_svt, stride_ot,
     # meta
     KV_PLANES: tl.constexpr, DIRECT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGED: tl.constexpr,
 ):
     """Sweep 3: P = max over splits; c_j = rint((p_j / P) * 2^15) (div.rn); A = sum_j c_j V_j
     exactly (int8 planes of c and V, see the module docstring). v int [S, nkv, d]."""
@@ -253,16 +268,17 @@ def _attn_values_kernel(
     cs_b = tl.zeros([BLOCK_D], tl.int32)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
-        lg, vis = _tile_logits(qa, qb, sq, pos, j, end, hi, k_ptr + kvh * stride_kh,
+        pj = _phys(j, hi, bt_ptr, BS, PAGED)
+        lg, vis = _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_ptr + kvh * stride_kh,
                                sk_ptr + kvh, stride_kt, stride_skt, d, scale, KV_PLANES, BLOCK_D)
         w = _tile_weights(lg, vis, rowmax, table_ptr)
-        sv = tl.load(sv_ptr + kvh + j.to(tl.int64) * stride_svt, mask=j < hi, other=0.0)
+        sv = tl.load(sv_ptr + kvh + pj * stride_svt, mask=j < hi, other=0.0)
         p = (w.to(tl.float32) * 3.0517578125e-05) * sv[None, :]  # w * 2^-15 is exact
         c = rint_f32(tl.math.div_rn(p, pm[:, None]) * 32768.0).to(tl.int32)
         cl = ((c + 128) & 255) - 128
         chm = (((c - cl) >> 8) - 128).to(tl.int8)  # high byte - 128, in [-128, 0]
         cl = cl.to(tl.int8)
-        vt = tl.load(v_ptr + kvh * stride_vh + j[:, None].to(tl.int64) * stride_vt + dd[None, :],
+        vt = tl.load(v_ptr + kvh * stride_vh + pj[:, None] * stride_vt + dd[None, :],
                      mask=(j[:, None] < hi) & (dd[None, :] < d), other=0)  # [BLOCK_N, BLOCK_D]
         if KV_PLANES == 2:
             va, vb = _planes(vt)
@@ -362,10 +378,21 @@ def pick_splits(rows: int, s_len: int, block_n: int) -> int:
 
 
 def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, n_split: int | None = None,
-              config: AttnConfig | None = None) -> torch.Tensor:
+              config: AttnConfig | None = None, block_table: torch.Tensor | None = None,
+              block_size: int = 0, seq_len: int | None = None) -> torch.Tensor:
     """q int [T, nh, d], sq fp32 [T, nh]; k, v int [S, nkv, d], sk, sv fp32 [S, nkv];
-    q_pos int [T] (query t sees keys j <= q_pos[t] < S). Returns fp32 [T, nh * d]."""
-    t_len, nh, d, s_len, nkv = _check(q, sq, k, sk, v, sv, q_pos, qmax)
+    q_pos int [T] (query t sees keys j <= q_pos[t] < S). Returns fp32 [T, nh * d].
+
+    Paged (engine/exact/paged.py's layout): k, sk, v, sv are one layer of a pool viewed as
+    [n_blocks * block_size, ...] rows, block_table int [>= ceil(seq_len / block_size)] the
+    sequence's blocks, seq_len its S; key j is row block_table[j // block_size] * block_size +
+    j % block_size. The same bits as the contiguous rows (tested)."""
+    paged = block_table is not None
+    if paged:
+        t_len, nh, d, s_len, nkv = _check_paged(q, sq, k, sk, v, sv, q_pos, qmax, block_table,
+                                                block_size, seq_len)
+    else:
+        t_len, nh, d, s_len, nkv = _check(q, sq, k, sk, v, sv, q_pos, qmax)
     g = nh // nkv
     rows = t_len * g
     cfg = config or pick_config(rows)
@@ -392,12 +419,16 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, n_split: int | None = None,
     scale = float(score_scale(d))
     table = softmax_table_on(dev)
     qs = (q.stride(0), q.stride(1), sq.stride(0), sq.stride(1))
-    _attn_rowmax_kernel[grid](q, sq, pos, k, sk, scale, pmax, rows, g, nkv, s_len, chunk, d,
+    bt = (block_table.to(device=dev, dtype=torch.int32).contiguous() if paged else pos,
+          block_size if paged else 1)
+    meta["PAGED"] = paged
+    _attn_rowmax_kernel[grid](q, sq, pos, k, sk, scale, *bt, pmax, rows, g, nkv, s_len, chunk, d,
                               *qs, k.stride(0), k.stride(1), sk.stride(0), **meta)
-    _attn_sums_kernel[grid](q, sq, pos, k, sk, sv, table, pmax, scale, zp, pmp, rows, g, nkv,
-                            s_len, chunk, splits, d, *qs, k.stride(0), k.stride(1), sk.stride(0),
-                            sv.stride(0), **meta)
-    _attn_values_kernel[grid](q, sq, pos, k, sk, v, sv, table, pmax, zp, pmp, scale, accp, out,
+    _attn_sums_kernel[grid](q, sq, pos, k, sk, sv, table, pmax, scale, *bt, zp, pmp, rows, g,
+                            nkv, s_len, chunk, splits, d, *qs, k.stride(0), k.stride(1),
+                            sk.stride(0), sv.stride(0), **meta)
+    _attn_values_kernel[grid](q, sq, pos, k, sk, v, sv, table, pmax, zp, pmp, scale, *bt, accp,
+                              out,
                               rows, g, nkv, s_len, chunk, splits, d, *qs, k.stride(0),
                               k.stride(1), sk.stride(0), v.stride(0), v.stride(1), sv.stride(0),
                               out.stride(0), DIRECT=direct, **meta)
@@ -408,7 +439,31 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, n_split: int | None = None,
     return out
 
 
-def _check(q, sq, k, sk, v, sv, q_pos, qmax: int):
+def _check_paged(q, sq, k, sk, v, sv, q_pos, qmax: int, block_table, block_size: int,
+                 seq_len):
+    """_check for the paged layout: the pool's rows, then the table covers seq_len keys with
+    blocks inside the pool; returns (T, nh, d, seq_len, nkv)."""
+    t_len, nh, d, rows, nkv = _check(q, sq, k, sk, v, sv, q_pos, qmax, positions=False)
+    if block_size < 1 or rows % block_size:
+        raise ValueError(f"{rows} pool rows are not whole blocks of {block_size}")
+    if seq_len is None or not 0 < seq_len <= rows:
+        raise ValueError(f"seq_len must be in [1, {rows}], got {seq_len}")
+    check_tensor("block_table", block_table, (torch.int32, torch.int64), 1)
+    need = -(-seq_len // block_size)
+    if block_table.shape[0] < need:
+        raise ValueError(f"{seq_len} keys need {need} blocks, the table has "
+                         f"{block_table.shape[0]}")
+    if block_table.device.type == "cpu" and (int(block_table[:need].min()) < 0 or
+                                             int(block_table[:need].max()) >= rows // block_size):
+        raise ValueError(f"block ids must lie in [0, {rows // block_size})")
+    check_bounds(d, seq_len, qmax)
+    if q_pos.device.type == "cpu" and t_len and (int(q_pos.min()) < 0 or
+                                                 int(q_pos.max()) >= seq_len):
+        raise ValueError(f"query positions must lie in [0, {seq_len})")
+    return t_len, nh, d, seq_len, nkv
+
+
+def _check(q, sq, k, sk, v, sv, q_pos, qmax: int, positions: bool = True):
     """Validate dtypes/shapes/strides; returns (T, nh, d, S, nkv)."""
     kv_dtype = int_dtype(qmax)
     check_tensor("q", q, kv_dtype, 3)
@@ -426,7 +481,9 @@ def _check(q, sq, k, sk, v, sv, q_pos, qmax: int):
     same_device(q, sq, k, sk, v, sv)
     if nkv == 0 or nh % nkv:
         raise ValueError(f"{nh} query heads over {nkv} K/V heads")
-    check_bounds(d, s_len, qmax)
-    if q_pos.device.type == "cpu" and t_len and (int(q_pos.min()) < 0 or int(q_pos.max()) >= s_len):
-        raise ValueError(f"query positions must lie in [0, {s_len})")
+    if positions:
+        check_bounds(d, s_len, qmax)
+        if q_pos.device.type == "cpu" and t_len and (int(q_pos.min()) < 0 or
+                                                     int(q_pos.max()) >= s_len):
+            raise ValueError(f"query positions must lie in [0, {s_len})")
     return t_len, nh, d, s_len, nkv

@@ -70,12 +70,12 @@ def gemm_variants() -> list[KernelVariant]:
 
 
 def attention_variants(head_dims=(128, 64)) -> list[KernelVariant]:
-    """Each config x sweep x head_dim (Llama-3 128, SmolLM2 64), for 16-bit and 8-bit K/V; the
-    combine per (BLOCK_M, warps, BLOCK_D)."""
+    """Each config x sweep x head_dim (Llama-3 128, SmolLM2 64), for 16-bit and 8-bit K/V, and
+    the paged-layout form of the decode configs; the combine per (BLOCK_M, warps, BLOCK_D)."""
     types = dict(sq_ptr="*fp32", qpos_ptr="*i32", sk_ptr="*fp32", sv_ptr="*fp32",
                  table_ptr="*i32", pmax_ptr="*i32", z_ptr="*i64", pm_ptr="*fp32",
-                 acc_ptr="*i64", out_ptr="*fp32", scale="fp32",
-                 **_i32("R", "G", "NKV", "S", "CHUNK", "N_SPLIT", "d", "stride_qt", "stride_qh",
+                 acc_ptr="*i64", out_ptr="*fp32", scale="fp32", bt_ptr="*i32",
+                 **_i32("BS", "R", "G", "NKV", "S", "CHUNK", "N_SPLIT", "d", "stride_qt", "stride_qh",
                         "stride_sqt", "stride_sqh", "stride_kt", "stride_kh", "stride_skt",
                         "stride_vt", "stride_vh", "stride_svt", "stride_ot"))
     sweeps = (("rowmax", attention._attn_rowmax_kernel, {}),
@@ -89,8 +89,13 @@ def attention_variants(head_dims=(128, 64)) -> list[KernelVariant]:
                 ce = dict(KV_PLANES=planes, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=bd)
                 tag = f"{c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages},d{bd},kv{8 * planes}"
                 tys = dict(types, q_ptr=it, k_ptr=it, v_ptr=it)
-                out += [KernelVariant(f"attn_{name}[{tag}]", fn, tys, dict(ce, **extra),
-                                      c.num_warps, c.num_stages) for name, fn, extra in sweeps]
+                out += [KernelVariant(f"attn_{name}[{tag}]", fn, tys,
+                                      dict(ce, PAGED=False, **extra), c.num_warps, c.num_stages)
+                        for name, fn, extra in sweeps]
+                if c in attention.DECODE_CONFIGS:
+                    out += [KernelVariant(f"attn_{name}_paged[{tag}]", fn, tys,
+                                          dict(ce, PAGED=True, **extra), c.num_warps,
+                                          c.num_stages) for name, fn, extra in sweeps]
             name = f"attn_combine[{c.block_m}w{c.num_warps},d{bd}]"
             combines[name] = KernelVariant(name, attention._attn_combine_kernel, types,
                                            dict(BLOCK_M=c.block_m, BLOCK_D=bd), c.num_warps)

@@ -115,3 +115,55 @@ def test_split_bound_enforced():
     with pytest.raises(OverflowError):
         ka.attention(q, sq, k, sk, k, sk, pos, 127, n_split=1)
     assert ka.pick_splits(1, s, 64) >= 2
+
+
+def _paged(args, qmax, bs, seed):
+    """The same keys scattered over a pool of `bs`-position blocks in a shuffled order, every other
+    pool row holding unrelated quantized values (stale rows a block can hold)."""
+    q, sq, k, sk, v, sv, pos = args
+    rng = np.random.default_rng(seed)
+    s, nkv, d = k.shape
+    nb = -(-s // bs)
+    n_pool = 2 * nb + 3
+    table = rng.permutation(n_pool)[:nb].astype(np.int32)
+    junk = lambda shape: spec_quant.quantize_rows(  # noqa: E731
+        (rng.standard_normal(shape) * 5).astype(F32), qmax)
+    (pk, psk), (pv, psv) = junk((n_pool * bs, nkv, d)), junk((n_pool * bs, nkv, d))
+    rows = (table[np.arange(s) // bs].astype(np.int64) * bs + np.arange(s) % bs)
+    pk[rows], psk[rows], pv[rows], psv[rows] = k, sk, v, sv
+    return (q, sq, pk, psk, pv, psv, pos), table
+
+
+@pytest.mark.parametrize("splits", (1, 3))
+@pytest.mark.parametrize("bs", (1, 5, 16))
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("shape", [(1, 37, 3, 1, 6), (1, 150, 8, 2, 32), (7, 40, 4, 2, 16)],
+                         ids=str)
+def test_paged_layout_equals_spec(shape, qmax, bs, splits):
+    """The paged read (engine/exact/paged.py's block table) gives the contiguous kernel's bits,
+    decode and prefill, with stale rows around the sequence's blocks."""
+    rng = np.random.default_rng(sum(shape) + qmax + bs)
+    args = _inputs(rng, *shape, qmax)
+    q, sq, k, sk, v, sv, pos = args
+    want = spec_attn.attention(q, sq, k, sk, v, sv, pos, qmax)
+    pooled, table = _paged(args, qmax, bs, bs)
+    got = ka.attention(*(torch.from_numpy(a) for a in pooled), qmax, n_split=splits,
+                       block_table=torch.from_numpy(table), block_size=bs, seq_len=k.shape[0])
+    assert_bits_equal(got, want, "paged attention out")
+
+
+def test_paged_layout_rejects_bad_tables():
+    rng = np.random.default_rng(0)
+    args = _inputs(rng, 1, 20, 2, 1, 8, 127)
+    pooled, table = _paged(args, 127, 4, 0)
+    t = lambda a: [torch.from_numpy(x) for x in a]  # noqa: E731
+    with pytest.raises(ValueError, match="blocks, the table has"):
+        ka.attention(*t(pooled), 127, block_table=torch.from_numpy(table[:2]), block_size=4,
+                     seq_len=20)
+    bad = table.copy()
+    bad[0] = 10_000
+    with pytest.raises(ValueError, match="block ids"):
+        ka.attention(*t(pooled), 127, block_table=torch.from_numpy(bad), block_size=4, seq_len=20)
+    with pytest.raises(ValueError, match="whole blocks"):
+        ka.attention(*t(pooled), 127, block_table=torch.from_numpy(table), block_size=7,
+                     seq_len=20)

@@ -76,7 +76,9 @@ def test_quick_variants_compile_clean():
     names = {r["name"].split("[")[0] for r in reps}
     assert names == {"rmsnorm_quant", "quantize_rows", "rope_quant", "swiglu_quant", "gemm",
                      "attn_rowmax",
-                     "attn_sums", "attn_values", "attn_values_direct", "attn_combine"}
+                     "attn_sums", "attn_values", "attn_values_direct", "attn_combine",
+                     "attn_rowmax_paged", "attn_sums_paged", "attn_values_paged",
+                     "attn_values_direct_paged"}
     assert {r["cc"] for r in reps} == {80, 90}
     for r in reps:
         assert r["ok"] and not r["error"] and not r["findings"], r
