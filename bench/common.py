@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -238,3 +239,14 @@ def md_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def serving_model(name: str, tmp: Path):
+    """What `serve --model` takes for a bench's --model: 'tiny' builds the tiny random test model
+    with a character tokenizer (tests/tinymodels.py) under tmp; anything else is passed on."""
+    if name != "tiny":
+        return name
+    sys.path.insert(0, str(REPO / "tests"))
+    from tinymodels import make_tiny_chat_model
+
+    return make_tiny_chat_model(Path(tmp) / "tiny")

@@ -34,7 +34,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
-from bench.common import RESULTS, md_table, others_share, provenance, provenance_md, write_results
+from bench.common import (RESULTS, md_table, others_share, provenance, provenance_md,
+                          serving_model, write_results)
 
 PROMPTS = ["Name three rivers.", "What is a prime number?", "Write a haiku about rain.",
            "Explain gravity to a child.", "List two colours.", "Why is the sky blue?"]
@@ -189,7 +190,8 @@ def one_run(url: str, model_id: str, key: Path, clients: int, requests: int, arg
         "audit_s": audit_s,
         "server": {"batches_or_steps": steps, "largest_batch": stats["largest_batch"],
                    "mean_batch": stats["mean_batch"], "mean_step_tokens":
-                   stats.get("mean_step_tokens")},
+                   stats.get("mean_step_tokens"), "preemptions": stats.get("preemptions"),
+                   "kv_cache": stats.get("kv_cache")},
         "load": {"others_share_before": load_before, "loadavg_1_5_15": loadavg},
     }
 
@@ -198,12 +200,8 @@ def measure(args) -> dict:
     runs = []
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         tmp = Path(tmp)
-        model = args.model
-        if model == "tiny":
-            sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-            from tinymodels import make_tiny_chat_model
-
-            model = make_tiny_chat_model(tmp / "tiny")
+        model = serving_model(args.model, tmp)
+        if args.model == "tiny":
             args.long_prompt = LONG_PROMPT[:120]  # a character tokenizer, 256 positions
         keygen(model, tmp / "key")
         for batching in args.batching:
@@ -252,7 +250,9 @@ def markdown(data: dict) -> str:
              "(streamed chat completions, sampled, one seed per request; every 4th request asks "
              "for 4x the max tokens, every 4th + 1 sends a long prompt); then every receipt is "
              "challenged and verified against the live server with the client's request and the "
-             "text it read checked. TTFT: time to the first streamed text. The machine is "
+             "text it read checked. TTFT: time to the first streamed text. K/V peak: the most pool "
+             "blocks in use at once (cumulative over the server's runs), against the pool's "
+             "size; prefix hits: the share of looked-up prompt tokens found cached. The machine is "
              "shared: 'others' CPU' is the share of all cores other processes used in the 2 s "
              "before each run."]
     for m in data["models"].values():
@@ -260,11 +260,16 @@ def markdown(data: dict) -> str:
         for r in m["runs"]:
             t, lat, sv, load = r["ttft_s"] or {}, r["latency_s"] or {}, r["server"], r["load"]
             nan = float("nan")
+            kv = sv.get("kv_cache") or {}
+            pc = kv.get("prefix_cache") or {}
+            kv_cell = (f"{kv['peak_used_blocks'] * kv['bytes'] / kv['blocks'] / 2**20:.1f} / "
+                       f"{kv['bytes'] / 2**20:.0f} MiB, {pc.get('token_hit_rate', 0) * 100:.0f} %"
+                       if kv else "-")
             rows.append([r["batching"], r["clients"], f"{r['completed']}/{r['requests']}",
                          f"{r['requests_per_s']:.2f}", f"{r['tokens_per_s']:.1f}",
                          f"{t.get('p50', nan):.2f} / {t.get('p99', nan):.2f}",
                          f"{lat.get('p50', nan):.2f} / {lat.get('p99', nan):.2f}",
-                         f"{sv['mean_batch']:.1f} / {sv['largest_batch']}", r["lost"],
+                         f"{sv['mean_batch']:.1f} / {sv['largest_batch']}", kv_cell, r["lost"],
                          f"{r['accepted']}/{r['audited']}",
                          f"{(load['others_share_before'] or 0) * 100:.0f} %, "
                          f"{load['loadavg_1_5_15'][0]:.2f}"])
@@ -272,7 +277,8 @@ def markdown(data: dict) -> str:
                      f"{m['max_batch']}, token budget {m['token_budget']}, {m['tier']} audit)")
         parts.append(md_table(["batching", "clients", "completed", "req/s", "tokens/s",
                                "TTFT p50 / p99 (s)", "latency p50 / p99 (s)",
-                               "batch mean / max", "lost", "audited ok", "others' CPU, load"],
+                               "batch mean / max", "K/V peak / pool, prefix hits", "lost",
+                               "audited ok", "others' CPU, load"],
                               rows))
         if m["ratios"]:
             parts.append(md_table(

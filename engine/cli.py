@@ -370,9 +370,9 @@ def serve(
                                      "16-position blocks), allocated once; when full, prefills "
                                      "wait and decodes preempt the newest requests (recomputed "
                                      "later, receipts unchanged); a request that could never fit "
-                                     "is refused (400). Default: a quarter of the memory "
-                                     "available at start, at most 4 GiB, at least one full "
-                                     "context."),
+                                     "is refused (400). Default: twice what --max-batch full "
+                                     "contexts need, at most a quarter of the memory available "
+                                     "at start and 4 GiB, at least one full context."),
     prefix_cache: bool = typer.Option(True, help="Continuous batching: reuse the K/V blocks of "
                                       "prompts that share a prefix (system prompt, earlier "
                                       "turns); exact, so receipts are the same bytes. Hit rate "

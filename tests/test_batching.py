@@ -50,6 +50,13 @@ def _alone(model, tok, seqs):
             for s in seqs]
 
 
+def _opening_bytes(opening) -> bytes:
+    from commitllm.verifier import container
+    from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
+
+    return container.dumps(OPENING_MAGIC, OPENING_VERSION, *opening)
+
+
 def _dump(fin):
     assert fin.error is None, fin.error
     return json.dumps(fin.transcript, sort_keys=True)
@@ -351,11 +358,13 @@ def test_prefix_cache_hits_and_receipts_unchanged(world, blocks):
                     prefix=prefix)  # all at once, the cache warm
     assert [_dump(f) for f in again] == alone
     key = build_key(qm, tok, secret=bytes(range(32)))
-    for fin in again[:2]:
+    for fin, ref in zip(again[:2], alone):
         r = fin.transcript["receipt"]
         c = ch.derive(key.secret, r, "deep", nonce=b"n" * 16)
-        v = verify(key, r, c, *build_opening(model, fin.transcript, c), key_tokenizer(key),
-                   io_binding=True)
+        opening = build_opening(model, fin.transcript, c)
+        assert _opening_bytes(opening) == _opening_bytes(
+            build_opening(model, json.loads(ref), c))  # the opening's bytes too
+        v = verify(key, r, c, *opening, key_tokenizer(key), io_binding=True)
         assert v.accepted, (v.reason, v.detail)
 
 

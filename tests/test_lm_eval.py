@@ -75,3 +75,23 @@ def test_lm_eval_run_completes_and_every_receipt_verifies(model_and_key, tmp_pat
                 assert json.loads(r.read())["choices"][0]["text"] == s["filtered_resps"][0]
     finally:
         srv.stop()
+
+
+def test_bench_lm_eval_tiny_concurrency(tmp_path):
+    """bench/lm_eval.py on the tiny model at 1 and 3 concurrent requests (continuous batching):
+    same answers at both, every receipt accepted."""
+    exe = os.environ.get("LM_EVAL") or shutil.which("lm_eval")
+    if not exe:
+        pytest.skip("lm_eval is not installed (set LM_EVAL to its command)")
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from bench import lm_eval as bench_lm_eval
+
+    assert bench_lm_eval.main(["--model", "tiny", "--concurrency", "1,3", "--lm-eval", exe,
+                               "--out", str(tmp_path)]) == 0
+    runs = json.loads((tmp_path / "lm_eval.json").read_text())["models"]["tiny"]["runs"]
+    assert [r["concurrent"] for r in runs] == [1, 3]
+    assert all(r["same_answers_as_first"] and r["audit"]["accepted"] == r["audit"]["audited"]
+               for r in runs)

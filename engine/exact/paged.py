@@ -38,8 +38,11 @@ class KVPool:
             raise ValueError(f"a K/V pool of {max_bytes} bytes holds no block of {block_size} "
                              f"positions ({self.block_bytes} bytes)")
         self.block_size, self.n_blocks = block_size, n_blocks
-        self.k = torch.zeros((L, n_blocks, block_size, nkv, d), dtype=kv_dtype)
-        self.v = torch.zeros_like(self.k)
+        # K/V rows: memory is only touched as blocks are written (any int bit pattern is a
+        # finite value). Scales: zeros, so rows no sequence wrote are finite where a padded read
+        # sees them (their weights are 0, and 0 times a finite scale is 0).
+        self.k = torch.empty((L, n_blocks, block_size, nkv, d), dtype=kv_dtype)
+        self.v = torch.empty_like(self.k)
         self.sk = torch.zeros((L, n_blocks, block_size, nkv), dtype=torch.float32)
         self.sv = torch.zeros_like(self.sk)
         self.refs = np.zeros(n_blocks, dtype=np.int64)
@@ -183,12 +186,13 @@ def available_memory() -> int | None:
     return None
 
 
-def default_kv_bytes(cfg, profile, block_size: int = DEFAULT_BLOCK) -> int:
-    """A quarter of the memory available now, at most 4 GiB, at least one full context."""
+def default_kv_bytes(cfg, profile, max_seqs: int, block_size: int = DEFAULT_BLOCK) -> int:
+    """Room for twice what max_seqs full contexts need (the rest holds cached prefixes), at most
+    a quarter of the memory available now and 4 GiB, at least one full context."""
     one = KVPool.bytes_for(cfg, profile, cfg.max_position_embeddings, block_size)
     avail = available_memory()
     share = DEFAULT_KV_CAP if avail is None else min(int(avail * DEFAULT_KV_SHARE), DEFAULT_KV_CAP)
-    return max(share, one)
+    return max(min(share, 2 * max_seqs * one), one)
 
 
 class PagedStep:
