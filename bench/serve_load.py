@@ -165,6 +165,11 @@ def _quantiles(xs: list[float]) -> dict | None:
             "max": max(xs)}
 
 
+MODES = {"continuous": ("--batching", "continuous"),
+         "continuous-nocache": ("--batching", "continuous", "--no-prefix-cache"),
+         "static": ("--batching", "static")}
+
+
 def one_run(url: str, model_id: str, key: Path, clients: int, requests: int, args,
             tag: str) -> dict:
     load_before = others_share(2.0)
@@ -206,9 +211,10 @@ def measure(args) -> dict:
         keygen(model, tmp / "key")
         for batching in args.batching:
             port = free_port()
+            flags = MODES[batching]
             proc = start_server(model, tmp / f"store-{batching}", port, "--max-batch",
-                                str(args.max_batch), "--batching", batching, "--token-budget",
-                                str(args.token_budget), "--max-concurrent", "256")
+                                str(args.max_batch), "--token-budget", str(args.token_budget),
+                                "--max-concurrent", "256", *flags)
             url = f"http://127.0.0.1:{port}"
             try:
                 with urllib.request.urlopen(f"{url}/v1/models") as resp:
@@ -230,16 +236,19 @@ def measure(args) -> dict:
 
 
 def ratios(runs: list[dict]) -> dict:
-    """continuous / static at each client count: throughput, and p99 TTFT (static / continuous)."""
+    """Each continuous mode against static at each client count: throughput, and p99 TTFT
+    (static / continuous). Keys: 'N' (continuous) and 'N nocache'."""
     by = {(r["batching"], r["clients"]): r for r in runs}
     out = {}
     for (b, n), r in by.items():
         s = by.get(("static", n))
-        if b == "continuous" and s is not None and s["tokens_per_s"] and r["ttft_s"]:
-            out[str(n)] = {"throughput": r["tokens_per_s"] / s["tokens_per_s"],
-                           "requests_per_s": r["requests_per_s"] / s["requests_per_s"],
-                           "ttft_p99_static_over_continuous":
-                               s["ttft_s"]["p99"] / r["ttft_s"]["p99"]}
+        if b != "static" and s is not None and s["tokens_per_s"] and r["ttft_s"]:
+            key = str(n) if b == "continuous" else f"{n} nocache"
+            out[key] = {"mode": b, "clients": n,
+                        "throughput": r["tokens_per_s"] / s["tokens_per_s"],
+                        "requests_per_s": r["requests_per_s"] / s["requests_per_s"],
+                        "ttft_p99_static_over_continuous":
+                            s["ttft_s"]["p99"] / r["ttft_s"]["p99"]}
     return out
 
 
@@ -248,7 +257,9 @@ def markdown(data: dict) -> str:
              "Each run: the server in a subprocess on a fresh SQLite store (one per batching "
              "mode), the clients are threads of one process using the official openai client "
              "(streamed chat completions, sampled, one seed per request; every 4th request asks "
-             "for 4x the max tokens, every 4th + 1 sends a long prompt); then every receipt is "
+             "for 4x the max tokens, every 4th + 1 sends a long prompt; the prompts repeat, so "
+             "'continuous' gains from the prefix cache too: 'continuous-nocache' is continuous "
+             "batching with the prefix cache off); then every receipt is "
              "challenged and verified against the live server with the client's request and the "
              "text it read checked. TTFT: time to the first streamed text. K/V peak: the most pool "
              "blocks in use at once (cumulative over the server's runs), against the pool's "
@@ -282,10 +293,10 @@ def markdown(data: dict) -> str:
                               rows))
         if m["ratios"]:
             parts.append(md_table(
-                ["clients", "throughput continuous / static", "req/s continuous / static",
-                 "TTFT p99 static / continuous"],
-                [[n, f"{x['throughput']:.2f}x", f"{x['requests_per_s']:.2f}x",
-                  f"{x['ttft_p99_static_over_continuous']:.2f}x"]
+                ["mode", "clients", "throughput / static", "req/s / static",
+                 "TTFT p99 static / this"],
+                [[x.get("mode", "continuous"), x.get("clients", n), f"{x['throughput']:.2f}x",
+                  f"{x['requests_per_s']:.2f}x", f"{x['ttft_p99_static_over_continuous']:.2f}x"]
                  for n, x in m["ratios"].items()]))
     return "\n\n".join(parts)
 
@@ -305,10 +316,15 @@ def main(argv=None) -> int:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--token-budget", type=int, default=256)
-    ap.add_argument("--batching", type=_csv(str), default=["continuous", "static"])
+    ap.add_argument("--batching", type=_csv(str), default=["continuous", "continuous-nocache",
+                                                           "static"],
+                    help=f"modes, comma-separated, of {sorted(MODES)}")
     ap.add_argument("--tier", default="routine")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    bad = [b for b in args.batching if b not in MODES]
+    if bad:
+        ap.error(f"unknown --batching {bad}; known: {sorted(MODES)}")
     args.long_prompt = LONG_PROMPT
     run = measure(args)
     path = args.out / "serve_load.json"

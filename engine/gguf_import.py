@@ -25,7 +25,8 @@ from ..verifier.checkpoint import expected_shapes
 from ..verifier.config import ConfigError, ModelConfig, RopeScaling
 from ..verifier.tokenizer import Tokenizer, TokenizerError, TokenizerSpec
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -33,7 +34,8 @@ _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
 _BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 frequency factors, turned back into config fields
 # Llama 3.x values; llama.cpp's converter reads the same defaults when the config omits them.
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -136,7 +138,8 @@ def _kv_heads(meta: dict, arch: str, heads: int) -> int:
 
 
 def hf_config_dict(meta: dict, tensor_names: set[str]) -> dict:
-    """The HF ``config.json`` fields the GGUF metadata describes (llama.* or qwen2.* keys)."""
+    """The HF ``config.json`` fields the GGUF metadata describes (llama.*, qwen2.* or qwen3.*
+    keys)."""
     arch = _req(meta, "general.architecture")
     if arch not in ARCHITECTURES:
         raise GGUFError(f"unsupported architecture {arch!r} (field 'general.architecture'); "

@@ -1,4 +1,4 @@
-"""fp32 reference forward of a Llama/Qwen2 decoder in plain torch.
+"""fp32 reference forward of a Llama/Qwen2/Qwen3 decoder in plain torch.
 
 This is NOT the exact path. It exists to prove that checkpoint loading and the architecture are
 right: on tiny random checkpoints it matches transformers (eager attention, fp32) to 1e-4. To get
@@ -138,8 +138,11 @@ class ReferenceModel:
         for name, n in heads.items():
             w = self.weights[f"{p}self_attn.{name}_proj.weight"]
             bias = self.weights.get(f"{p}self_attn.{name}_proj.bias")
-            y = F.linear(h, w, bias).view(b, t, n, self.cfg.head_dim).transpose(1, 2)
-            out.append(y)
+            y = F.linear(h, w, bias).view(b, t, n, self.cfg.head_dim)
+            norm = self.weights.get(f"{p}self_attn.{name}_norm.weight")  # Qwen3: per head
+            if norm is not None:
+                y = _rms_norm(y, norm, self.cfg.rms_norm_eps)
+            out.append(y.transpose(1, 2))
         q, k, v = out
         return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 

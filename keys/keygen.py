@@ -79,6 +79,9 @@ def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progre
     for i, layer in enumerate(qm.layers):
         arrays[f"layers.{i}.attn_norm"] = layer.attn_norm
         arrays[f"layers.{i}.mlp_norm"] = layer.mlp_norm
+        if qm.cfg.qk_norm:
+            arrays[f"layers.{i}.q_norm"] = layer.q_norm
+            arrays[f"layers.{i}.k_norm"] = layer.k_norm
     arrays["final_norm"] = qm.final_norm
     meta = {
         "spec_version": SPEC_VERSION,

@@ -97,6 +97,12 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    """Folder of the tiny Qwen3 (RMSNorm per q/k head, head_dim 24 != H / heads, tied head)."""
+    return _session_checkpoint(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
 def tiny_odd(tmp_path_factory) -> Path:
     """Folder of the tiny Llama with odd sizes (hidden 40, 5 heads, 1 K/V head, vocab 101)."""
     return _session_checkpoint(tmp_path_factory, "odd")

@@ -135,3 +135,15 @@ def test_generate_triton_backend_audit_accepts(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)  # one document: the generation, the audit inside
     assert [row["accepted"] for row in out["audit"]] == [True], out
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_inspect_names_the_family_and_what_is_verified(kind, request):
+    from commitllm.verifier.config import FAMILIES
+
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    res = runner.invoke(verifier_app, ["inspect", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert info["family"] == kind and info["verified"] == FAMILIES[kind]
+    assert info["config"]["model_type"] == kind

@@ -185,3 +185,54 @@ def test_transformers5_rope_layout_is_read(tmp_path):
     cfg = ModelConfig.from_hf(folder)
     assert cfg.rope_theta == 500000.0
     assert cfg.rope_scaling is not None and cfg.rope_scaling.factor == 8.0
+
+
+def _qwen3_raw(**extra) -> dict:
+    raw = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 128,
+           "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+           "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 256,
+           "sliding_window": None, "use_sliding_window": False, "attention_bias": False,
+           "layer_types": ["full_attention"] * 2}
+    return raw | extra
+
+
+def test_qwen3_config_fields():
+    from commitllm.verifier.config import ModelConfig
+
+    cfg = ModelConfig.from_dict(_qwen3_raw())
+    assert cfg.family == "qwen3" and cfg.qk_norm and not cfg.attention_bias
+    assert cfg.head_dim == 24 and cfg.q_size == 96  # head_dim from the file, not H / heads
+    assert ModelConfig.from_dict(cfg.to_hf_dict()) == cfg
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"attention_bias": True}, "attention_bias"),
+    ({"use_sliding_window": True, "sliding_window": 4096}, "sliding_window"),
+    ({"layer_types": ["full_attention", "sliding_attention"]}, "layer_types"),
+])
+def test_qwen3_unsupported_fields_refused(extra, field):
+    from commitllm.verifier.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(_qwen3_raw(**extra))
+
+
+def test_qwen3_missing_head_norm_refused(tiny_qwen3):
+    """A Qwen3 checkpoint without its q/k norm weights is refused by name."""
+    from commitllm.verifier.checkpoint import CheckpointError, expected_shapes, load_checkpoint
+
+    cfg, _ = load_checkpoint(tiny_qwen3)
+    assert "model.layers.0.self_attn.q_norm.weight" in expected_shapes(cfg)
+    folder = tiny_qwen3.parent / "qwen3_no_norm"
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(tiny_qwen3, folder, dirs_exist_ok=True)
+    f = next(folder.glob("*.safetensors"))
+    t = load_file(str(f))
+    t.pop("model.layers.1.self_attn.k_norm.weight")
+    save_file(t, str(f))
+    with pytest.raises(CheckpointError, match="k_norm"):
+        load_checkpoint(folder)

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from . import cliutil, container, progress
 from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError
+from .config import FAMILIES, ConfigError
 from .digest import numerics_constants, weights_digest
 from .numerics import get_profile
 from .numerics.rope import RopeTable
@@ -62,7 +62,8 @@ def inspect(
     except (CheckpointError, ConfigError, ValueError, OSError) as e:
         typer.echo(f"error: {e}", err=True)  # one plain line: no wrapping, no markup
         raise typer.Exit(2)
-    info = {"folder": str(folder), "profile": prof.name, "config": cfg.to_hf_dict(),
+    info = {"folder": str(folder), "family": cfg.family, "verified": FAMILIES[cfg.family],
+            "profile": prof.name, "config": cfg.to_hf_dict(),
             "parameters": int(sum(a.size for a in tensors.values())),
             "weights_blake3": weights_digest(qm), "rope_table_sha256": RopeTable(cfg).digest()}
     if as_json:

@@ -11,7 +11,18 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                           "Qwen3ForCausalLM": "qwen3"}
+
+
+# What the verifier replays for each family, beyond what every family shares: every linear
+# (Freivalds against the key), RMSNorm, RoPE, integer-softmax attention at every opened
+# position over every opened K/V row, SwiGLU, the residual chain, the LM head and the decode policy.
+FAMILIES = {
+    "llama": "Llama 2/3 (llama3 RoPE scaling, GQA, tied or untied head)",
+    "qwen2": "Qwen2 / Qwen2.5: + q/k/v biases (from the key)",
+    "qwen3": "Qwen3 dense: + RMSNorm over each q and k head before RoPE (weights from the key)",
+}
 
 
 class ConfigError(ValueError):
@@ -30,9 +41,9 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama/Qwen2 decoder."""
+    """Shapes and constants of a Llama/Qwen2/Qwen3 decoder."""
 
-    family: str  # "llama" or "qwen2": decides the q/k/v bias
+    family: str  # "llama", "qwen2" (q/k/v biases) or "qwen3" (RMSNorm per head on q and k)
     vocab_size: int  # rows of the embedding and of the LM head
     hidden_size: int  # H, width of the residual stream
     intermediate_size: int  # F, width of the MLP
@@ -48,6 +59,11 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None  # llama3 scaling, or none
     bos_token_id: int | None = None  # beginning-of-sequence token, if any
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops on any
+
+    @property
+    def qk_norm(self) -> bool:
+        """q and k get an RMSNorm over each head (weights [head_dim]) before RoPE (Qwen3)."""
+        return self.family == "qwen3"
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -153,8 +169,9 @@ class ModelConfig:
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
-        if self.family == "llama":
+        if self.family in ("llama", "qwen3"):
             out["attention_bias"] = self.attention_bias
+        if self.family == "llama":
             out["mlp_bias"] = False
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
@@ -185,7 +202,7 @@ def _family(raw: dict) -> str:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
     model_type = raw.get("model_type")
-    if not archs and model_type in ("llama", "qwen2"):
+    if not archs and model_type in ("llama", "qwen2", "qwen3"):
         return model_type
     shown = archs or model_type
     raise ConfigError(f"unsupported architecture {shown!r} (field 'architectures'); "
@@ -197,8 +214,11 @@ def _refuse_unsupported(raw: dict) -> None:
         if raw.get(key):
             raise ConfigError(f"mixture-of-experts models are not supported (field {key!r})")
     if raw.get("use_sliding_window") or (raw.get("sliding_window") and raw.get("model_type") not in
-                                         ("qwen2",)):
+                                         ("qwen2", "qwen3")):
         raise ConfigError("sliding-window attention is not supported (field 'sliding_window')")
+    if any(t != "full_attention" for t in raw.get("layer_types") or []):
+        raise ConfigError("layers other than full attention are not supported (field "
+                          "'layer_types')")
     if raw.get("use_qk_norm") or raw.get("qk_norm"):
         raise ConfigError("q/k norm (Qwen3 style) is not supported yet (field 'qk_norm')")
     act = raw.get("hidden_act", "silu")
@@ -226,7 +246,8 @@ def _attention_bias(raw: dict, family: str) -> bool:
     if family == "qwen2":
         return True  # Qwen2 always has q/k/v biases and none on o_proj
     if raw.get("attention_bias"):
-        raise ConfigError("Llama attention_bias is not supported (field 'attention_bias')")
+        name = {"llama": "Llama", "qwen3": "Qwen3"}[family]
+        raise ConfigError(f"{name} attention_bias is not supported (field 'attention_bias')")
     return False
 
 

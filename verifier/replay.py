@@ -17,7 +17,7 @@ from .numerics.exp2 import swiglu
 from .numerics.logprobs import entry as lp_entry
 from .numerics.norm import rmsnorm
 from .numerics.quant import dequantize, quantize_rows
-from .numerics.rope import apply_rope
+from .numerics.forward import split_qkv
 from .numerics.sampler import SamplingParams, sample
 
 
@@ -122,7 +122,7 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
     ctx.timer.add("rest", t0)
     qkv = _linear(ctx, f"layers.{l}.qkv", a, np.concatenate([zs["qkv"], zq_rows]), "freivalds_qkv")
     t0 = time.perf_counter()
-    q, (kq, sk), (vq, sv) = _qkv(ctx, qkv, pos)
+    q, (kq, sk), (vq, sv) = _qkv(ctx, qkv, pos, l)
     k_all, sk_all, v_all, sv_all = kv[l]
     if not (np.array_equal(kq, k_all[pos]) and np.array_equal(sk, sk_all[pos])
             and np.array_equal(vq, v_all[pos]) and np.array_equal(sv, sv_all[pos])):
@@ -141,13 +141,12 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
         raise Reject("residual_chain", f"layer {l}: replayed output differs from committed x_{l + 1}")
 
 
-def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray):
-    cfg, kvq, t = ctx.cfg, ctx.profile.kv_qmax, qkv.shape[0]
+def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray, l: int):
+    cfg, kvq = ctx.cfg, ctx.profile.kv_qmax
     cos, sin = ctx.rope.lookup(pos)
-    q = apply_rope(qkv[:, :cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim), cos, sin)
-    k = apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads,
-                                                                      cfg.head_dim), cos, sin)
-    v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    norms = ((ctx.key.arrays[f"layers.{l}.q_norm"], ctx.key.arrays[f"layers.{l}.k_norm"])
+             if cfg.qk_norm else (None, None))
+    q, k, v = split_qkv(cfg, qkv, *norms, cos, sin)
     return quantize_rows(q, kvq), quantize_rows(k, kvq), quantize_rows(v, kvq)
 
 

@@ -182,6 +182,8 @@ class _TorchLayer:
         self.o = TorchLinear(layer.o, wq)
         self.gate_up = TorchLinear(layer.gate_up, wq)
         self.down = TorchLinear(layer.down, wq)
+        self.q_norm, self.k_norm = (None if w is None else torch.from_numpy(w)
+                                    for w in (layer.q_norm, layer.k_norm))
 
     def __call__(self, m: ExactModel, i: int, x: torch.Tensor, step: _Step, tr) -> torch.Tensor:
         cfg, aq, kvq = m.cfg, m.profile.act_qmax, m.profile.kv_qmax
@@ -189,8 +191,13 @@ class _TorchLayer:
         nh, nkv, q_size, kv_size, f = self.sizes(cfg)
         a = ops.rmsnorm(x, self.attn_norm, cfg.rms_norm_eps)
         qkv = self.qkv(a, aq, tr, "qkv")
-        q = ops.apply_rope(qkv[:, :q_size].reshape(n, nh, d), step.cos, step.sin)
-        k = ops.apply_rope(qkv[:, q_size:q_size + kv_size].reshape(n, nkv, d), step.cos, step.sin)
+        q = qkv[:, :q_size].reshape(n, nh, d)
+        k = qkv[:, q_size:q_size + kv_size].reshape(n, nkv, d)
+        if self.q_norm is not None:  # Qwen3: RMSNorm over each head before RoPE
+            q = ops.head_norm(q, self.q_norm, cfg.rms_norm_eps)
+            k = ops.head_norm(k, self.k_norm, cfg.rms_norm_eps)
+        q = ops.apply_rope(q, step.cos, step.sin)
+        k = ops.apply_rope(k, step.cos, step.sin)
         v = qkv[:, q_size + kv_size:].reshape(n, nkv, d)
         # per (token, head) rows: one call over the q, k and v heads side by side, then views
         qkv_q, qkv_s = ops.quantize_rows(torch.cat([q, k, v], dim=1), kvq)

@@ -80,6 +80,12 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (x * r.unsqueeze(1)) * weight.unsqueeze(0)
 
 
+def head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Spec forward.head_norm: rmsnorm over each head of x [T, n, d] (Qwen3's q/k norm)."""
+    t, n, d = x.shape
+    return rmsnorm(x.reshape(t * n, d), weight, eps).reshape(t, n, d)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, d], cos/sin [T, d/2]: out1 = x1*c - x2*s, out2 = x2*c + x1*s."""
     half = x.shape[-1] // 2

@@ -111,8 +111,29 @@ class TritonModel(ExactModel):
         return list(logits.split(1)) if not all_logits else list(logits.split(lengths))
 
 
+def head_normed(qkv: torch.Tensor, q_norm, k_norm, nh: int, nkv: int, eps: float, qmax: int):
+    """qkv fp32 [T, (nh + 2 nkv) d] with every q and k head RMSNormed (Qwen3's q/k norm), by the
+    rmsnorm_quant kernel over the heads' rows (its fp32 output, the spec's head_norm)."""
+    if q_norm is None:
+        return qkv
+    t = qkv.shape[0]
+    d = qkv.shape[1] // (nh + 2 * nkv)
+    out = qkv.clone()
+    for lo, n, w in ((0, nh, q_norm), (nh * d, nkv, k_norm)):
+        rows = qkv[:, lo:lo + n * d].reshape(t * n, d).contiguous()
+        y, _, _ = rmsnorm_quant.rmsnorm_quant(rows, w, eps, qmax, store_y=True)
+        out[:, lo:lo + n * d] = y.reshape(t, n * d)
+    return out
+
+
+def _device_norms(layer, device):
+    return tuple(None if w is None else torch.from_numpy(w).to(device)
+                 for w in (layer.q_norm, layer.k_norm))
+
+
 class _TritonLayer:
     def __init__(self, layer, wq: int, device: torch.device):
+        self.q_norm, self.k_norm = _device_norms(layer, device)
         self.attn_norm = torch.from_numpy(layer.attn_norm).to(device)
         self.mlp_norm = torch.from_numpy(layer.mlp_norm).to(device)
         self.qkv, self.o = TritonLinear(layer.qkv, wq, device), TritonLinear(layer.o, wq, device)
@@ -124,6 +145,8 @@ class _TritonLayer:
         keep = tr is not None  # fp32 intermediates are only written when traced
         a, qa, sa = rmsnorm_quant.rmsnorm_quant(x, self.attn_norm, eps, aq, store_y=keep)
         qkv = self.qkv(qa, sa, tr, "qkv")
+        qkv = head_normed(qkv, self.q_norm, self.k_norm, cfg.num_heads, cfg.num_kv_heads, eps,
+                          kvq)
         (qq, sq), (kq, sk), (vq, sv) = rope_quant.rope_quant(
             qkv, step.cos, step.sin, cfg.num_heads, cfg.num_kv_heads, kvq)
         o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq)

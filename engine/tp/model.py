@@ -91,6 +91,8 @@ class _TPLayer(_TorchLayer):
     def __init__(self, layer, wq: int, cfg, p: Plan, comm: Comm):
         spans = layer_spans(cfg, p)
         self.local = (p.heads, p.kv_heads, p.q_size, p.kv_size, p.ffn)
+        self.q_norm, self.k_norm = (None if w is None else torch.from_numpy(w)  # per head
+                                    for w in (layer.q_norm, layer.k_norm))
         self.attn_norm = torch.from_numpy(layer.attn_norm)
         self.mlp_norm = torch.from_numpy(layer.mlp_norm)
         self.qkv = ColumnLinear(rows(layer.qkv, spans["qkv"]), wq, comm,

@@ -24,7 +24,8 @@ from ...kernels import gemm, rmsnorm_quant, rope_quant, swiglu_quant
 from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QuantizedModel
 from ..exact import ops
-from ..exact.triton_backend import TritonLinear, TritonModel, _TritonLayer
+from ..exact.triton_backend import (TritonLinear, TritonModel, _device_norms, _TritonLayer,
+                                    head_normed)
 from .comm import Comm
 from .model import TPModel, gather_columns, gather_vocab
 from .shard import Plan, cols, layer_spans, rows
@@ -35,6 +36,7 @@ class _TPTritonLayer(_TritonLayer):
         spans = layer_spans(cfg, p)
         self.comm, self.heads, self.kv_heads = comm, p.heads, p.kv_heads
         self.parts = {"qkv": [p.q_size, p.kv_size, p.kv_size], "gate_up": [p.ffn, p.ffn]}
+        self.q_norm, self.k_norm = _device_norms(layer, device)  # per head: every rank's heads
         self.attn_norm = torch.from_numpy(layer.attn_norm).to(device)
         self.mlp_norm = torch.from_numpy(layer.mlp_norm).to(device)
         self.qkv = TritonLinear(rows(layer.qkv, spans["qkv"]), wq, device)
@@ -67,6 +69,7 @@ class _TPTritonLayer(_TritonLayer):
         cfg, aq, kvq, eps = m.cfg, m.profile.act_qmax, m.profile.kv_qmax, m.cfg.rms_norm_eps
         _, qa, sa = rmsnorm_quant.rmsnorm_quant(x, self.attn_norm, eps, aq, store_y=False)
         qkv = self._column("qkv", qa, sa, tr)
+        qkv = head_normed(qkv, self.q_norm, self.k_norm, self.heads, self.kv_heads, eps, kvq)
         (qq, sq), (kq, sk), (vq, sv) = rope_quant.rope_quant(
             qkv, step.cos, step.sin, self.heads, self.kv_heads, kvq)
         o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq)

@@ -49,17 +49,33 @@ def _lin(x, lin: QLinear, model: QuantizedModel, tr: dict | None, name: str) -> 
     return y
 
 
+def head_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm over each head of x fp32 [T, n, d] with one weight [d] (Qwen3's q/k norm): the
+    spec's rmsnorm of the T * n rows of width d."""
+    t, n, d = x.shape
+    return rmsnorm(np.ascontiguousarray(x.reshape(t * n, d)), weight, eps).reshape(t, n, d)
+
+
+def split_qkv(cfg, qkv: np.ndarray, q_norm, k_norm, cos, sin):
+    """q [T, nh, d], k, v [T, nkv, d] from the qkv linear's output fp32 [T, (nh + 2 nkv) d]:
+    q and k head-normed (when the family has q/k norms, before RoPE) and rotated."""
+    t, nh, nkv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = qkv[:, :cfg.q_size].reshape(t, nh, d)
+    k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(t, nkv, d)
+    if cfg.qk_norm:
+        q, k = head_norm(q, q_norm, cfg.rms_norm_eps), head_norm(k, k_norm, cfg.rms_norm_eps)
+    v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(t, nkv, d)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 def layer_forward(model, i: int, x, cache: KVCache, positions, rope: RopeTable, tr) -> np.ndarray:
     """One decoder block on x fp32 [T, H] at `positions`; appends its K/V rows to `cache`."""
     cfg, layer = model.cfg, model.layers[i]
-    t, nh, nkv, d = x.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     qmax = model.profile.kv_qmax
     a = rmsnorm(x, layer.attn_norm, cfg.rms_norm_eps)
     qkv = _lin(a, layer.qkv, model, tr, "qkv")
     cos, sin = rope.lookup(positions)
-    q = apply_rope(qkv[:, :cfg.q_size].reshape(t, nh, d), cos, sin)
-    k = apply_rope(qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(t, nkv, d), cos, sin)
-    v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(t, nkv, d)
+    q, k, v = split_qkv(cfg, qkv, layer.q_norm, layer.k_norm, cos, sin)
     (qq, sq), (kq, sk), (vq, sv) = (quantize_rows(a_, qmax) for a_ in (q, k, v))
     cache.append(i, kq, sk, vq, sv)
     parts = {} if tr is not None else None
@@ -97,4 +113,5 @@ def forward(model: QuantizedModel, ids, cache: KVCache, rope: RopeTable,
     return logits
 
 
-__all__ = ["KVCache", "embed", "forward", "layer_forward", "dequantize"]
+__all__ = ["KVCache", "embed", "forward", "head_norm", "layer_forward", "split_qkv",
+           "dequantize"]

@@ -41,6 +41,8 @@ class QLayer:
     mlp_norm: np.ndarray  # fp32 [H]
     gate_up: QLinear  # [2F, H]
     down: QLinear  # [H, F]
+    q_norm: np.ndarray | None = None  # fp32 [d]: RMSNorm of each q head before RoPE (Qwen3)
+    k_norm: np.ndarray | None = None  # fp32 [d]: the same for each k head
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class QuantizedModel:
         for i, layer in enumerate(self.layers):
             for f in fields(QLayer):
                 value = getattr(layer, f.name)
+                if value is None:
+                    continue
                 if isinstance(value, QLinear):
                     _put(out, f"layers.{i}.{f.name}", value)
                 else:
@@ -76,7 +80,8 @@ class QuantizedModel:
         layers = tuple(
             QLayer(attn_norm=t[f"layers.{i}.attn_norm"], qkv=_get(t, f"layers.{i}.qkv"),
                    o=_get(t, f"layers.{i}.o"), mlp_norm=t[f"layers.{i}.mlp_norm"],
-                   gate_up=_get(t, f"layers.{i}.gate_up"), down=_get(t, f"layers.{i}.down"))
+                   gate_up=_get(t, f"layers.{i}.gate_up"), down=_get(t, f"layers.{i}.down"),
+                   q_norm=t.get(f"layers.{i}.q_norm"), k_norm=t.get(f"layers.{i}.k_norm"))
             for i in range(cfg.num_layers))
         lm = embed if cfg.tie_word_embeddings else _get(t, "lm_head")
         model = cls(cfg, profile, embed, layers, t["final_norm"], lm)
@@ -109,6 +114,13 @@ def check_shapes(m: QuantizedModel) -> None:
         want[f"layers.{i}.down"] = (layer.down, (h, f))
         for norm in (layer.attn_norm, layer.mlp_norm):
             _expect(f"layers.{i} norm", norm, (h,), np.dtype(F32))
+        for name, norm in (("q_norm", layer.q_norm), ("k_norm", layer.k_norm)):
+            if c.qk_norm:
+                if norm is None:
+                    raise ValueError(f"layers.{i}.{name}: missing ({c.family} normalizes q/k heads)")
+                _expect(f"layers.{i}.{name}", norm, (c.head_dim,), np.dtype(F32))
+            elif norm is not None:
+                raise ValueError(f"layers.{i}.{name}: {c.family} has no q/k head norm")
     _expect("final_norm", m.final_norm, (h,), np.dtype(F32))
     for name, (lin, shape) in [*want.items(), *head.items()]:
         _expect(name + ".q", lin.q, shape, hdt if name in head else wdt)
@@ -144,6 +156,9 @@ def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
     if cfg.attention_bias:
         qkv_b = np.concatenate([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
     gate_up = np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+    norms = {}
+    if cfg.qk_norm:
+        norms = dict(q_norm=_f32(t[a + "q_norm.weight"]), k_norm=_f32(t[a + "k_norm.weight"]))
     return QLayer(
         attn_norm=_f32(t[p + "input_layernorm.weight"]),
         qkv=QLinear.from_float(qkv_w, qmax, qkv_b),
@@ -151,6 +166,7 @@ def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
         mlp_norm=_f32(t[p + "post_attention_layernorm.weight"]),
         gate_up=QLinear.from_float(gate_up, qmax),
         down=QLinear.from_float(t[p + "mlp.down_proj.weight"], qmax),
+        **norms,
     )
 
 
