@@ -380,3 +380,27 @@ def test_prefix_cache_skipped_for_prompt_logprobs(world):
     got = run_all(model, tok, EOS, seqs, [0, 10], pool=pool, prefix=prefix)
     assert prefix.lookups == 0
     assert [_dump(f) for f in got] == _alone(model, tok, seqs)
+
+
+def test_worker_survives_a_scheduler_bug(world, tmp_path, monkeypatch):
+    """An error outside the forward (here: planning) fails the requests that were running with
+    that error and the worker goes on serving the next ones."""
+    from commitllm.engine import batching
+    from commitllm.engine.serve.worker import Job
+
+    _, tok, _ = world
+    real, calls = batching.Scheduler.plan, {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("planning bug")
+        return real(self)
+    monkeypatch.setattr(batching.Scheduler, "plan", flaky)
+    w = _worker(world, tmp_path)
+    first = w.submit(Job(_long(tok, 20)))
+    with pytest.raises(RuntimeError, match="planning bug"):
+        first.result(60)
+    receipt, reason = w.submit(Job(_long(tok, 3, "after", "after"))).result(60)
+    w.stop()
+    assert receipt["output_token_ids"] and w.stats.failed == 1

@@ -321,12 +321,13 @@ class Worker:
                         self.stats.failed += 1
                         j.done.set_exception(cause)
                 continue
-            except WorkerDown as e:
-                for uid in [r.uid for r in sched.running]:
+            except Exception as e:  # noqa: BLE001 - WorkerDown, or a bug outside the forward:
+                for uid in [r.uid for r in sched.running]:  # every running request learns why
+                    self.stats.failed += 1
                     jobs.pop(uid).done.set_exception(e)
                 for r in list(sched.running):
                     sched._leave(r, None)  # its blocks back to the pool
-                sched = self._scheduler()
+                sched = self._scheduler()  # the worker goes on with the next requests
                 continue
             self.stats.batches += 1
             self.stats.batched += n_work
