@@ -52,10 +52,10 @@ class Flow:
         meta, arrays = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
         return meta, {k: np.array(v) for k, v in arrays.items()}  # writable copies for tampering
 
-    def verify(self, challenge, meta, arrays, receipt=None):
+    def verify(self, challenge, meta, arrays, receipt=None, threads: int = 1):
         tok = key_tokenizer(self.key)
         return verify(self.key, receipt or self.receipt, challenge, meta, arrays, tok,
-                      io_binding=tok is not None)
+                      io_binding=tok is not None, threads=threads)
 
 
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
@@ -220,3 +220,39 @@ def test_malformed_opening_never_crashes(flow):
         broken = dict(arrays, **{name: np.zeros((1,), np.int8)})
         v = flow.verify(c, meta, broken)
         assert not v.accepted and v.reason
+
+
+@pytest.fixture(scope="module")
+def four_layers(tmp_path_factory):
+    from tinymodels import make_tiny_checkpoint
+
+    return _qm(make_tiny_checkpoint(tmp_path_factory.mktemp("four"), "llama",
+                                    overrides={"num_hidden_layers": 4}))
+
+
+@pytest.mark.parametrize("tamper", [None, "z.2.down", "z.3.o+z.0.qkv", "kv.1.k"])
+def test_verdict_does_not_depend_on_threads(four_layers, tamper):
+    """The challenged layers replayed on 1, 2 and 4 threads: the same verdict, reason, detail and
+    list of checks; with tampering in two layers, the first layer's reason (as in one thread)."""
+    flow = Flow(four_layers, params=SAMPLED)
+    c = flow.challenge("full")
+    assert len({int(k.split(".")[1]) for k in flow.open(c)[1] if k.startswith("z.") and
+                k.split(".")[1].isdigit()}) == 4
+    meta, arrays = flow.open(c)
+    for name in (tamper or "").split("+"):
+        if name:
+            arrays[name].reshape(-1)[0] += 1
+    got = []
+    for n in (1, 2, 4):
+        v = flow.verify(c, meta, arrays, threads=n)
+        got.append((v.accepted, v.reason, v.detail, v.checks))
+    assert got[0] == got[1] == got[2]
+    assert got[0][0] is (tamper is None), got[0][1:3]
+    if tamper == "z.3.o+z.0.qkv":
+        assert "layers.0.qkv" in got[0][2]  # the first failing layer in order decides
+
+
+def test_threads_must_be_positive(flow):
+    c = flow.challenge("routine")
+    with pytest.raises(ValueError, match="threads"):
+        flow.verify(c, *flow.open(c), threads=0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +52,7 @@ class Verdict:
 def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
            expected_nonce: str | None = None, expected_request: dict | None = None,
            expected_endpoint: str | None = None, expected_text: str | None = None, *,
-           io_binding: bool = True) -> Verdict:
+           io_binding: bool = True, threads: int = 1) -> Verdict:
     """Run every check; the first failure rejects with its reason code. The client's side, from
     what the client saved itself (never from the server's answer): expected_nonce, its own nonce
     (freshness); expected_request, the request body exactly as it sent it, every field checked
@@ -59,12 +61,17 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
     tokenizer: the key's (keygen.key_tokenizer), for prompt and output binding; without one the
     verdict rejects with io_binding_unavailable unless the caller says io_binding=False, and then
     the verdict lists io_binding as unchecked (the receipt's text and request are not bound to its
-    token ids)."""
+    token ids). threads: challenged layers replayed on this many threads; the verdict, its reason
+    and the checks listed are the same for every count (the first failing layer in layer order
+    decides, as in one thread); timing parts are then summed over threads."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
     v, t0 = Verdict(), time.perf_counter()
     timer = Timer()
     client = (expected_nonce, expected_request, expected_endpoint, expected_text)
     try:
-        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, *client, io_binding)
+        _run(v, key, receipt, challenge, meta, arrays, tokenizer, timer, *client, io_binding,
+             threads)
         v.accepted = True
     except Reject as e:
         v.reason, v.detail = e.code, e.detail
@@ -90,7 +97,7 @@ def verify(key, receipt, challenge, meta: dict, arrays: dict, tokenizer=None,
 
 
 def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, nonce,
-         request, endpoint, text, io_binding: bool) -> None:
+         request, endpoint, text, io_binding: bool, threads: int = 1) -> None:
     cfg = ModelConfig.from_dict(key.meta["config"])
     prof = Profile(**key.meta["profile"])
     check_receipt(receipt, vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings)
@@ -155,8 +162,7 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
     z, zq = _z_tables(arrays, p)
     ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
-    for l in sorted(p.z):
-        replay_layer(ctx, l, resid, kv, z, zq)
+    _replay_layers(ctx, sorted(p.z), resid, kv, z, zq, threads)
     v.ok("layers", f"{len(p.z)} layers x {n_pos} challenged positions replayed bit-exactly, "
                    f"and {sum(map(len, p.zq.values()))} K/V-sample rows' Q/K/V (attention over "
                    f"{len(next(iter(p.kv.values()), []))} K/V rows)")
@@ -169,6 +175,32 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
         f"{', prompt positions too' if policy.prompt_logprobs else ''}) are the canonical ones")
     v.ok("decode", f"{len(p.lm)} decode steps (the challenged positions that emit a token) "
                    f"reproduce the committed tokens{lp}")
+
+
+def _replay_layers(ctx: Ctx, layers: list[int], resid, kv, z, zq, threads: int) -> None:
+    """replay_layer for each layer; with threads > 1 on a pool, each layer with its own timer
+    (merged after), and the first layer in order that failed raises what it raised, exactly
+    what one thread would have raised first (a layer's replay reads only committed values)."""
+    if threads == 1 or len(layers) < 2:
+        for l in layers:
+            replay_layer(ctx, l, resid, kv, z, zq)
+        return
+
+    def one(l):
+        c = dataclasses.replace(ctx, timer=Timer())
+        try:
+            replay_layer(c, l, resid, kv, z, zq)
+            return c.timer, None
+        except Exception as e:  # noqa: BLE001 - re-raised below, in layer order
+            return c.timer, e
+    with ThreadPoolExecutor(min(threads, len(layers)), thread_name_prefix="verify") as pool:
+        done = list(pool.map(one, layers))
+    for t, _ in done:
+        for part, sec in t.parts.items():
+            ctx.timer.parts[part] += sec
+    for _, e in done:
+        if e is not None:
+            raise e
 
 
 def _check_manifest(key, receipt) -> None:
