@@ -250,3 +250,18 @@ def serving_model(name: str, tmp: Path):
     from tinymodels import make_tiny_chat_model
 
     return make_tiny_chat_model(Path(tmp) / "tiny")
+
+
+def record_model_run(out_dir: Path, name: str, model: str, run: dict, markdown) -> dict:
+    """Add one model's run to OUT/NAME.json (the other models' entries kept) and rewrite
+    NAME.{json,md}; markdown(data) renders the whole file. Returns the data written."""
+    path = Path(out_dir) / f"{name}.json"
+    try:
+        data = json.loads(path.read_text())
+        data["models"]
+    except (OSError, ValueError, KeyError):
+        data = {"models": {}}
+    data["models"][model] = run | {"provenance": provenance()}
+    data["provenance"] = provenance()
+    write_results(out_dir, name, data, markdown(data))
+    return data

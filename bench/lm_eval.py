@@ -25,8 +25,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
-from bench.common import (RESULTS, md_table, others_share, provenance, provenance_md,
-                          serving_model, write_results)
+from bench.common import (RESULTS, md_table, others_share, provenance_md, record_model_run,
+                          serving_model)
 from bench.serve_load import free_port, keygen, start_server
 
 # Small, local, answerable tasks (no dataset downloads). gen: a short answer ended by a newline or
@@ -187,15 +187,7 @@ def main(argv=None) -> int:
     if args.model == "tiny":
         args.max_length = min(args.max_length, 256)
     run = measure(args)
-    path = args.out / "lm_eval.json"
-    try:
-        data = json.loads(path.read_text())
-        data["models"]
-    except (OSError, ValueError, KeyError):
-        data = {"models": {}}
-    data["models"][args.model] = run | {"provenance": provenance()}
-    data["provenance"] = provenance()
-    write_results(args.out, "lm_eval", data, markdown(data))
+    data = record_model_run(args.out, "lm_eval", args.model, run, markdown)
     print(markdown(data))
     ok = all(r["same_answers_as_first"] and r["audit"]["exit"] == 0
              and r["audit"]["accepted"] == r["audit"]["audited"] > 0 for r in run["runs"])

@@ -34,8 +34,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `bench` importable from the repo root
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow HF kernels
-from bench.common import (RESULTS, md_table, others_share, provenance, provenance_md,
-                          serving_model, write_results)
+from bench.common import (RESULTS, md_table, others_share, provenance_md, record_model_run,
+                          serving_model)
 
 PROMPTS = ["Name three rivers.", "What is a prime number?", "Write a haiku about rain.",
            "Explain gravity to a child.", "List two colours.", "Why is the sky blue?"]
@@ -327,15 +327,7 @@ def main(argv=None) -> int:
         ap.error(f"unknown --batching {bad}; known: {sorted(MODES)}")
     args.long_prompt = LONG_PROMPT
     run = measure(args)
-    path = args.out / "serve_load.json"
-    try:
-        data = json.loads(path.read_text())
-        data["models"]
-    except (OSError, ValueError, KeyError):
-        data = {"models": {}}
-    data["models"][args.model] = run | {"provenance": provenance()}
-    data["provenance"] = provenance()
-    write_results(args.out, "serve_load", data, markdown(data))
+    data = record_model_run(args.out, "serve_load", args.model, run, markdown)
     print(json.dumps(run["ratios"], indent=1))
     for r in run["runs"]:
         print(f"{r['batching']:>10} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s, "
