@@ -135,7 +135,7 @@ class Scheduler:
 
     def _lookup(self, r: Running) -> None:
         r.fresh = False
-        if self.prefix is None or r.result.prompt_logprobs is not None:
+        if self.prefix is None or r.result.prompt_logprobs is not None or r.cache.length:
             return
         found = self.prefix.match(r.context())
         if found:
@@ -145,6 +145,7 @@ class Scheduler:
                     r.leaves[l] += ls
 
     def _preempt(self, r: Running) -> None:
+        getattr(self, "_preempted_now", set()).add(r.uid)
         r.cache.free()
         r.preempted += 1
         self.preemptions += 1
@@ -152,27 +153,55 @@ class Scheduler:
 
     def plan(self) -> list[tuple[Running, list[int]]]:
         """This step's (sequence, tokens to feed): every decoding sequence one token, then the
-        others chunks of their context from what is left of the budget, oldest first. With a
-        pool, the blocks are reserved here: a sequence short of blocks preempts the youngest
-        sequences admitted after it that are not in this step, or waits."""
+        prefilling ones chunks of their context from what is left of the budget, shared fairly
+        (each gets up to an equal share, what a short prompt leaves goes to the others, oldest
+        first): a short prompt behind long ones is done in one step, so its first token waits
+        about one step, not for the prompts ahead of it. With a pool, the blocks are reserved
+        here: a sequence short of blocks preempts the youngest sequences admitted after it that
+        are not in this step, or waits."""
         budget, work, taken = self.token_budget, [], set()
-        order = [r for r in self.running if r.decoding] + [r for r in self.running
-                                                          if not r.decoding]
-        for r in order:
-            if budget <= 0 and not r.decoding:
-                break
+        self._preempted_now: set[int] = set()
+        for r in [r for r in self.running if r.decoding]:
+            if r.uid in self._preempted_now:
+                continue  # preempted for an older decode: recomputed from its context later
+            if self.pool is not None and not self._reserve(r, 1, taken):
+                continue
+            work.append((r, [r.context()[-1]]))
+            taken.add(r.uid)
+            budget -= 1
+        prefills = [r for r in self.running if not r.decoding]
+        for r in prefills:
             if r.fresh:
                 self._lookup(r)
-            ctx = r.context()
-            n = 1 if r.decoding else min(len(ctx) - r.cache.length, budget)
+        for r, n in self._shares(prefills, budget):
+            if r.uid in self._preempted_now:
+                continue  # its cache was just given up: it is planned afresh next step
             if self.pool is not None and not self._reserve(r, n, taken):
                 continue
-            work.append((r, ctx[r.cache.length:r.cache.length + n]))
+            at = r.cache.length
+            work.append((r, r.context()[at:at + n]))
             taken.add(r.uid)
-            budget -= n
         if not work and self.running:  # the oldest can always preempt the rest (add() checks)
             raise RuntimeError("no running sequence could be scheduled")
         return work
+
+    @staticmethod
+    def _shares(prefills: list[Running], budget: int) -> list[tuple[Running, int]]:
+        """Tokens per prefilling sequence (in admission order): rounds of an equal share of what
+        is left, each capped at what the sequence still has to feed."""
+        want = {r.uid: len(r.context()) - r.cache.length for r in prefills}
+        grant = dict.fromkeys(want, 0)
+        pending = [r for r in prefills if want[r.uid] > 0]
+        while budget > 0 and pending:
+            share = max(budget // len(pending), 1)
+            for r in pending:
+                g = min(want[r.uid] - grant[r.uid], share, budget)
+                grant[r.uid] += g
+                budget -= g
+                if budget == 0:
+                    break
+            pending = [r for r in pending if grant[r.uid] < want[r.uid]]
+        return [(r, grant[r.uid]) for r in prefills if grant[r.uid] > 0]
 
     def _reserve(self, r: Running, n: int, taken: set) -> bool:
         while not r.cache.reserve(n):

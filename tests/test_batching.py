@@ -5,6 +5,7 @@ by any token budget, or left early beside others; and its opening verifies."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from tinymodels import make_tiny_chat_model
@@ -404,3 +405,45 @@ def test_worker_survives_a_scheduler_bug(world, tmp_path, monkeypatch):
     receipt, reason = w.submit(Job(_long(tok, 3, "after", "after"))).result(60)
     w.stop()
     assert receipt["output_token_ids"] and w.stats.failed == 1
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("COMMITLLM_SCHEDULE_SEEDS", "6"))))
+def test_random_schedules_under_pressure(world, seed):
+    """Random arrivals, budgets, batch sizes, pool sizes and prefix caching: every receipt is the
+    bytes of its sequence run alone, and the pool is empty at the end."""
+    import random
+
+    from commitllm.engine.prefix import PrefixCache
+
+    model, tok, _ = world
+    rnd = random.Random(seed)
+    seqs = _seqs(tok) + _shared_prefix_seqs(tok)[:3]
+    rnd.shuffle(seqs)
+    bs = rnd.choice([2, 4, 8])
+    longest = max(len(s.prompt_ids) + s.max_tokens for s in seqs)
+    pool = _pool(model, max(rnd.choice([20, 24, 32, 200]), -(-longest // bs)), block_size=bs)
+    prefix = PrefixCache(pool) if rnd.random() < 0.7 else None
+    max_seqs = rnd.randint(1, 6)
+    got = run_all(model, tok, EOS, seqs, [rnd.randint(0, 30) for _ in seqs],
+                  token_budget=rnd.randint(max_seqs + 1, 48), max_seqs=max_seqs, pool=pool,
+                  prefix=prefix)
+    assert [_dump(f) for f in got] == _alone(model, tok, seqs)
+    assert pool.used_blocks() == 0 or prefix is not None
+
+
+def test_short_prompt_is_not_stuck_behind_long_prefills(world):
+    """Fair prefill shares: a short prompt admitted beside two long ones gets its first token in
+    its first step (oldest-first chunking would make it wait for both long prompts)."""
+    model, tok, _ = world
+    long_a, long_b = (SeqRequest({"prompt": t}, tok.encode(t), SamplingParams(), 2, n)
+                      for t, n in (("a" * 150, "a"), ("b" * 150, "b")))
+    short = SeqRequest({"prompt": "hi"}, tok.encode("hi"), SamplingParams(), 2, "s")
+    sched = Scheduler(model, tok, EOS, token_budget=24, max_seqs=3)
+    seen = []
+    for s, name in ((long_a, "a"), (long_b, "b"), (short, "s")):
+        sched.add(s, on_token=lambda _t, n=name: seen.append((n, sched.steps)))
+    while len(sched):
+        sched.step()
+    first = {n: step for n, step in reversed(seen)}
+    assert first["s"] == 1  # the first step's forward already gave the short prompt its token
+    assert first["a"] > 5 and first["b"] > 5
