@@ -2,9 +2,9 @@
 leave it as soon as they finish.
 
 Every step is one forward over a mix of sequences: each decoding sequence feeds its last token,
-and prefilling sequences feed the next chunk of their prompt with what is left of the step's
-token budget (oldest first), so a long prompt is spread over several steps instead of stalling
-every other sequence's next token. The exact engine is batch-invariant and chunk-invariant (every
+and prefilling sequences feed chunks of their prompt from what is left of the step's token budget
+(shared fairly, see Scheduler.plan), so a long prompt is spread over several steps instead of
+stalling every other sequence's next token. The exact engine is batch-invariant and chunk-invariant (every
 op is per token except attention, which is per sequence), so what a sequence computes, and so its
 receipt, does not depend on which sequences shared its steps or how its prompt was split: the
 tests compare receipts byte for byte with the sequence run alone.
@@ -30,6 +30,10 @@ from .receipts import SeqRequest, sign_one
 DEFAULT_TOKEN_BUDGET = 256  # tokens per step: decodes first, then prefill chunks
 
 
+class Refused(ValueError):
+    """A request the scheduler cannot run (the client's to fix: 400, not a server error)."""
+
+
 @dataclass
 class Running:
     """One sequence in the scheduler: its request, cache, what it produced so far."""
@@ -42,7 +46,7 @@ class Running:
     cache: object  # SeqCache, or a PagedCache in the scheduler's pool
     stop: StopScan | None = None
     leaves: list | None = None  # [L+1][positions so far]: residual leaf hashes
-    preempted: int = 0  # times its cache was given up and recomputed
+    hashes: list | None = None  # prefix-cache hashes of its full blocks so far (chained)
     fresh: bool = True  # an empty cache the prefix cache has not been asked about yet
 
     def context(self) -> list[int]:
@@ -50,9 +54,19 @@ class Running:
         sampled is fed by the next step)."""
         return self.seq.prompt_ids + self.result.token_ids
 
+    def context_len(self) -> int:
+        return len(self.seq.prompt_ids) + len(self.result.token_ids)
+
+    def feed(self, n: int) -> list[int]:
+        """The next n tokens of the context after what the cache holds."""
+        at, p = self.cache.length, self.seq.prompt_ids
+        if at >= len(p):
+            return self.result.token_ids[at - len(p):at - len(p) + n]
+        return (p[at:at + n] + self.result.token_ids[:max(0, at + n - len(p))])[:n]
+
     @property
     def decoding(self) -> bool:
-        return bool(self.result.token_ids) and self.cache.length == len(self.context()) - 1
+        return bool(self.result.token_ids) and self.cache.length == self.context_len() - 1
 
 
 @dataclass
@@ -91,8 +105,9 @@ class Scheduler:
         self.committer = Committer(model, tokenizer)
         _ = self.committer.model_commitment, self.committer._hashes
         self._uid = 0
-        self.steps = self.step_tokens = self.step_seqs = self.preemptions = 0
+        self.steps = self.step_tokens = self.preemptions = 0
         self.last_work: list[tuple[Running, list[int]]] = []
+        self._preempted_now: set[int] = set()  # preempted while planning this step
 
     def __len__(self) -> int:
         return len(self.running)
@@ -102,19 +117,22 @@ class Scheduler:
 
     def add(self, seq: SeqRequest, on_token: Callable[[int], None] | None = None,
             cancelled: Callable[[], bool] = lambda: False) -> int:
-        """Admit a sequence (ValueError for a request the model cannot run); returns its id."""
+        """Admit a sequence (Refused for a request the model cannot run); returns its id."""
         if seq.max_tokens < 1:
-            raise ValueError("a receipt needs at least one generated token (max_tokens >= 1)")
-        check_request([seq.prompt_ids], seq.max_tokens, self.model.cfg.vocab_size,
-                      self.model.cfg.max_position_embeddings)
+            raise Refused("a receipt needs at least one generated token (max_tokens >= 1)")
+        try:
+            check_request([seq.prompt_ids], seq.max_tokens, self.model.cfg.vocab_size,
+                          self.model.cfg.max_position_embeddings)
+        except ValueError as e:
+            raise Refused(str(e)) from None
         if self.tokenizer is None and seq.output.stop:
-            raise ValueError("stop strings need the model's tokenizer")
+            raise Refused("stop strings need the model's tokenizer")
         if self.pool is not None:
             need = self.pool.blocks_for(len(seq.prompt_ids) + seq.max_tokens)
             if need > self.pool.n_blocks:
-                raise ValueError(f"{len(seq.prompt_ids)} prompt + {seq.max_tokens} new tokens "
-                                 f"need {need} K/V blocks; the whole pool has "
-                                 f"{self.pool.n_blocks} (serve --kv-cache-mib)")
+                raise Refused(f"{len(seq.prompt_ids)} prompt + {seq.max_tokens} new tokens "
+                              f"need {need} K/V blocks; the whole pool has "
+                              f"{self.pool.n_blocks} (serve --kv-cache-mib)")
         res = Result(list(seq.prompt_ids))
         if seq.output.logprobs is not None:
             res.logprobs = []
@@ -131,13 +149,14 @@ class Scheduler:
     def _reset(self, r: Running) -> None:
         """An empty cache (new or preempted); the prefix cache is asked when it is next planned."""
         r.leaves = [[] for _ in range(self.model.cfg.num_layers + 1)]
+        r.hashes = []
         r.fresh = True
 
     def _lookup(self, r: Running) -> None:
         r.fresh = False
         if self.prefix is None or r.result.prompt_logprobs is not None or r.cache.length:
             return
-        found = self.prefix.match(r.context())
+        found, r.hashes = self.prefix.match(r.context())
         if found:
             r.cache.attach([c.block for c in found], len(found) * self.pool.block_size)
             for c in found:
@@ -145,9 +164,8 @@ class Scheduler:
                     r.leaves[l] += ls
 
     def _preempt(self, r: Running) -> None:
-        getattr(self, "_preempted_now", set()).add(r.uid)
+        self._preempted_now.add(r.uid)
         r.cache.free()
-        r.preempted += 1
         self.preemptions += 1
         self._reset(r)
 
@@ -160,13 +178,13 @@ class Scheduler:
         here: a sequence short of blocks preempts the youngest sequences admitted after it that
         are not in this step, or waits."""
         budget, work, taken = self.token_budget, [], set()
-        self._preempted_now: set[int] = set()
+        self._preempted_now.clear()
         for r in [r for r in self.running if r.decoding]:
             if r.uid in self._preempted_now:
                 continue  # preempted for an older decode: recomputed from its context later
             if self.pool is not None and not self._reserve(r, 1, taken):
                 continue
-            work.append((r, [r.context()[-1]]))
+            work.append((r, [r.result.token_ids[-1]]))
             taken.add(r.uid)
             budget -= 1
         prefills = [r for r in self.running if not r.decoding]
@@ -178,8 +196,7 @@ class Scheduler:
                 continue  # its cache was just given up: it is planned afresh next step
             if self.pool is not None and not self._reserve(r, n, taken):
                 continue
-            at = r.cache.length
-            work.append((r, r.context()[at:at + n]))
+            work.append((r, r.feed(n)))
             taken.add(r.uid)
         if not work and self.running:  # the oldest can always preempt the rest (add() checks)
             raise RuntimeError("no running sequence could be scheduled")
@@ -189,7 +206,7 @@ class Scheduler:
     def _shares(prefills: list[Running], budget: int) -> list[tuple[Running, int]]:
         """Tokens per prefilling sequence (in admission order): rounds of an equal share of what
         is left, each capped at what the sequence still has to feed."""
-        want = {r.uid: len(r.context()) - r.cache.length for r in prefills}
+        want = {r.uid: r.context_len() - r.cache.length for r in prefills}
         grant = dict.fromkeys(want, 0)
         pending = [r for r in prefills if want[r.uid] > 0]
         while budget > 0 and pending:
@@ -229,19 +246,16 @@ class Scheduler:
                                      residuals=resid, all_logits=everything)
             self._record(work, starts, resid)
         except Exception as e:
-            for r in list(self.running):
-                done.append(self._leave(r, None, e))
-            raise StepError(e, done) from e
+            raise StepError(e, done + self.abort(e)) from e
         self.steps += 1
         self.step_tokens += sum(len(t) for _, t in work)
-        self.step_seqs += len(work)
         for (r, toks), start, logits in zip(work, starts, out):
             res = r.result
             if everything and res.prompt_logprobs is not None:
                 prompt_entries(res, start, logits, r.seq.output.logprobs,
                                skip=len(res.prompt_logprobs))
             self._cache_blocks(r, start)
-            if r.cache.length < len(r.context()):
+            if r.cache.length < r.context_len():
                 continue  # more context to feed
             params = replace(r.seq.params, nonce=r.seq.nonce)
             on_token = None if r.on_token is None else (lambda _i, t, f=r.on_token: f(t))
@@ -268,10 +282,11 @@ class Scheduler:
         first, end = start // bs, r.cache.length // bs
         if end <= first:
             return
-        hashes = self.prefix.hashes(r.context(), end)
+        if len(r.hashes) < end:  # only the new blocks' tokens are hashed
+            r.hashes = self.prefix.hashes(r.context()[:end * bs], end, r.hashes)
         for b in range(first, end):
             leaves = [ls[b * bs:(b + 1) * bs] for ls in r.leaves]
-            self.prefix.insert(hashes[b], r.cache.blocks[b], leaves)
+            self.prefix.insert(r.hashes[b], r.cache.blocks[b], leaves)
 
     def _finish(self, r: Running) -> Finished:
         try:
@@ -280,6 +295,10 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - this sequence gets the error, not the batch
             return self._leave(r, None, e)
         return self._leave(r, tr)
+
+    def abort(self, error: Exception | None = None) -> list[Finished]:
+        """Every running sequence leaves (with the error, or cancelled), its blocks freed."""
+        return [self._leave(r, None, error) for r in list(self.running)]
 
     def _leave(self, r: Running, transcript: dict | None, error: Exception | None = None):
         self.running.remove(r)

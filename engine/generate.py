@@ -90,9 +90,8 @@ def check_request(prompts: list[list[int]], max_tokens, vocab_size: int, max_len
 class Recorder:
     """Collects, per sequence, what the receipt commits: residual rows of every layer."""
 
-    def __init__(self, n_seqs: int = 0):
-        # sequence id -> its rows, step by step (ids 0..n-1 to start; a scheduler adds its own)
-        self.rows: dict[int, list[torch.Tensor]] = {i: [] for i in range(n_seqs)}
+    def __init__(self, n_seqs: int):
+        self.rows: list[list[list[torch.Tensor]]] = [[] for _ in range(n_seqs)]
 
     def step(self, model: ExactModel, seq_ids: list[int], caches, tokens,
              all_logits: bool = False) -> list[torch.Tensor]:
@@ -101,16 +100,13 @@ class Recorder:
         lengths = [len(t) for t in tokens]
         for layer_x in resid:
             for i, part in zip(seq_ids, layer_x.cpu().split(lengths)):
-                self.rows.setdefault(i, []).append(part)
+                self.rows[i].append(part)
         return out
 
     def residuals(self, i: int, n_layers: int):
         """fp32 numpy [L+1, T, H] for sequence i."""
         per_layer = [torch.cat(self.rows[i][l::n_layers + 1]) for l in range(n_layers + 1)]
         return torch.stack(per_layer).numpy()
-
-    def drop(self, i: int) -> None:
-        self.rows.pop(i, None)
 
 
 def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_tokens,

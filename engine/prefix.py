@@ -36,24 +36,27 @@ class PrefixCache:
         pool.evictor = self
         self._by_hash: OrderedDict[bytes, Cached] = OrderedDict()  # least recently used first
         self._of_block: dict[int, bytes] = {}
+        self.idle = 0  # cached blocks no sequence holds (what eviction can free)
         self.lookups = self.hits = self.query_tokens = self.hit_tokens = self.evictions = 0
 
-    def hashes(self, tokens: list[int], n_blocks: int) -> list[bytes]:
-        """Chained block hashes: block i's covers every token id of blocks 0..i."""
-        bs, out, h = self.pool.block_size, [], b"commitllm-prefix-v1"
-        for i in range(n_blocks):
+    def hashes(self, tokens: list[int], n_blocks: int, known: list[bytes] = ()) -> list[bytes]:
+        """Chained block hashes: block i's covers every token id of blocks 0..i. known: the
+        hashes of the first blocks already computed (only the rest are hashed)."""
+        bs, out = self.pool.block_size, list(known[:n_blocks])
+        h = out[-1] if out else b"commitllm-prefix-v1"
+        for i in range(len(out), n_blocks):
             ids = np.asarray(tokens[i * bs:(i + 1) * bs], dtype="<u4").tobytes()
             h = blake3.blake3(h + ids).digest()
             out.append(h)
         return out
 
-    def match(self, tokens: list[int]) -> list[Cached]:
+    def match(self, tokens: list[int]) -> tuple[list[Cached], list[bytes]]:
         """The cached blocks of the longest cached prefix of tokens, leaving at least one token
-        to compute (its logits pick the next token)."""
+        to compute (its logits pick the next token), and the hashes of those blocks."""
         self.lookups += 1
         self.query_tokens += len(tokens)
-        found = []
-        for h in self.hashes(tokens, (len(tokens) - 1) // self.pool.block_size):
+        found, hashes = [], self.hashes(tokens, (len(tokens) - 1) // self.pool.block_size)
+        for h in hashes:
             c = self._by_hash.get(h)
             if c is None:
                 break
@@ -62,7 +65,7 @@ class PrefixCache:
         if found:
             self.hits += 1
             self.hit_tokens += len(found) * self.pool.block_size
-        return found
+        return found, hashes[:len(found)]
 
     def insert(self, h: bytes, block: int, leaves: list) -> None:
         """Keep a full block under its chained hash (the first one computed stays)."""
@@ -76,15 +79,14 @@ class PrefixCache:
         return block in self._of_block
 
     def evictable(self) -> int:
-        if not self._of_block:
-            return 0
-        return int((self.pool.refs[list(self._of_block)] == 0).sum())
+        return self.idle
 
     def evict_one(self) -> None:
         for h, c in self._by_hash.items():
             if self.pool.refs[c.block] == 0:
                 del self._by_hash[h]
                 del self._of_block[c.block]
+                self.idle -= 1
                 self.pool.release(c.block)
                 self.evictions += 1
                 return

@@ -230,11 +230,9 @@ class _TorchLayer:
         single = [j for j, n in enumerate(step.lengths) if n == 1]
         if len(single) > 1 and step.paged:
             rows = torch.tensor([starts[j] for j in single])
-            for j in single:
-                ops.check_bounds(qq.shape[-1], step.caches[j].length + 1, kvq)
-            k_, sk_, v_, sv_ = step.paged.padded(i, single)
-            out[rows] = ops._attend(qq[rows][:, None], sq[rows][:, None], k_, sk_, v_, sv_,
-                                    step.pos[rows][:, None], kvq)[:, 0]
+            out[rows] = ops.attention_padded(qq[rows], sq[rows], *step.paged.padded(i, single),
+                                             step.pos[rows],
+                                             [step.caches[j].length + 1 for j in single], kvq)
         elif len(single) > 1:
             rows = torch.tensor([starts[j] for j in single])
             cs = [step.caches[j] for j in single]

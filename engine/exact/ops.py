@@ -182,12 +182,18 @@ def attention_batch(q, sq, ks, sks, vs, svs, q_pos, qmax: int) -> torch.Tensor:
     weight is 0, so its products add exact zeros and the row max and sums are those of the
     sequence alone. Returns fp32 [B, nh * d], each row equal to attention() on its sequence.
     """
-    for kb in ks:
-        check_bounds(q.shape[-1], kb.shape[0], qmax)
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
-    out = _attend(q[:, None], sq[:, None], pad(ks), pad(sks), pad(vs), pad(svs), q_pos[:, None],
-                  qmax)
-    return out[:, 0]
+    return attention_padded(q, sq, pad(ks), pad(sks), pad(vs), pad(svs), q_pos,
+                            [kb.shape[0] for kb in ks], qmax)
+
+
+def attention_padded(q, sq, k, sk, v, sv, q_pos, lengths: list[int], qmax: int) -> torch.Tensor:
+    """attention_batch over keys already padded to one length: k int [B, S_max, nkv, d] (sk, v,
+    sv alike), lengths[b] the real keys of sequence b. Padding rows may hold any finite values:
+    no row sees a key past its q_pos, so their weights are 0 and their products exact zeros."""
+    for n in lengths:
+        check_bounds(q.shape[-1], n, qmax)
+    return _attend(q[:, None], sq[:, None], k, sk, v, sv, q_pos[:, None], qmax)[:, 0]
 
 
 def _wide(d: int, qmax: int) -> torch.dtype:

@@ -80,14 +80,19 @@ class KVPool:
         return b
 
     def incref(self, b: int) -> None:
+        if self.refs[b] == 0:  # only a cached block nobody held is taken up again
+            self.evictor.idle -= 1
         self.refs[b] += 1
 
     def decref(self, b: int) -> None:
         self.refs[b] -= 1
         if self.refs[b] < 0:
             raise AssertionError(f"K/V block {b} released twice")
-        if self.refs[b] == 0 and (self.evictor is None or not self.evictor.keeps(b)):
-            self._free.append(b)
+        if self.refs[b] == 0:
+            if self.evictor is not None and self.evictor.keeps(b):
+                self.evictor.idle += 1
+            else:
+                self._free.append(b)
 
     def release(self, b: int) -> None:
         """A cached block the prefix cache gave up (refcount 0): back to the free list."""
@@ -149,18 +154,11 @@ class PagedCache:
         self.filled = [length] * len(self.filled)
 
     def append(self, layer: int, k, sk, v, sv) -> None:
-        p, bs = self.pool, self.pool.block_size
-        a, n = self.filled[layer], k.shape[0]
-        if p.blocks_for(a + n) > len(self.blocks):
-            raise PoolFull(f"{a + n} positions need more K/V blocks than were reserved")
-        done = 0
-        while done < n:
-            blk, off = self.blocks[(a + done) // bs], (a + done) % bs
-            m = min(bs - off, n - done)
-            for store, x in ((p.k, k), (p.sk, sk), (p.v, v), (p.sv, sv)):
-                store[layer, blk, off:off + m] = x[done:done + m]
-            done += m
-        self.filled[layer] = a + n
+        """SeqCache.append: layer's rows for the positions after `length` (a forward step)."""
+        if self.filled[layer] != self.length:
+            raise ValueError(f"layer {layer} already holds {self.filled[layer]} rows, the cache "
+                             f"{self.length}")
+        PagedStep([self], [k.shape[0]]).write(layer, k, sk, v, sv)
 
     def free(self) -> None:
         """Give every block back (a finished, cancelled or preempted sequence)."""

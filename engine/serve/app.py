@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ...verifier import container, safejson
 from ...verifier.numerics.sampler import SamplingParams
 from ...verifier.opening import OPENING_MAGIC, OPENING_VERSION
+from ..batching import Refused
 from ..commit import Committer
 from ..generate import TextDeltas
 from ..open import OpenError
@@ -221,7 +222,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
                 receipt, reason = await _result(req, Job(p.seq))
             except WorkerDown as e:
                 raise _unavailable(e) from None
-            except ValueError as e:  # refused by the engine (a request the K/V pool cannot hold)
+            except Refused as e:  # the scheduler cannot run it (e.g. more than the K/V pool)
                 raise ApiError(400, str(e)) from None
             except Exception as e:  # noqa: BLE001 - no receipt, no answer: say why
                 raise ApiError(500, f"generation failed: {e}", code="server_error") from None

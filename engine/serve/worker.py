@@ -29,7 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ..batching import DEFAULT_TOKEN_BUDGET, Scheduler, StepError
+from ..batching import DEFAULT_TOKEN_BUDGET, Refused, Scheduler, StepError
 from ..exact.paged import DEFAULT_BLOCK, KVPool
 from ..prefix import PrefixCache
 from ..open import build_opening
@@ -118,9 +118,6 @@ class Worker:
         prefix_cache: reuse the K/V blocks of shared prefixes (needs the pool)."""
         if batching not in ("continuous", "static"):
             raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
-        if batching == "continuous" and token_budget <= max_batch:
-            raise ValueError(f"the token budget ({token_budget}) must exceed the batch size "
-                             f"({max_batch}): a step of decodes would leave no room for prefill")
         self.model, self.tokenizer, self.eos_ids = model, tokenizer, eos_ids
         self.store, self.extra = store, extra
         self.batching, self.token_budget = batching, token_budget
@@ -130,6 +127,9 @@ class Worker:
             self.prefix = PrefixCache(self.pool) if prefix_cache else None
         self.kv_peak_blocks = 0
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
+        # built here so a bad budget is refused at construction (Scheduler checks it)
+        self.sched = Scheduler(model, tokenizer, eos_ids, token_budget, max_batch, self.pool,
+                               self.prefix) if batching == "continuous" else None
         self.heartbeat_s, self.on_fatal, self.release = heartbeat_s, on_fatal, release
         self.fatal: str | None = None
         self.lock = FairLock()  # one user of the model at a time: a batch or an opening
@@ -279,7 +279,7 @@ class Worker:
     def _loop_continuous(self) -> None:
         """Admit pending jobs between steps (up to max_batch running), run one step under the
         model lock, answer the jobs that finished in it; block on the queue only when idle."""
-        sched = self._scheduler()
+        sched = self.sched
         jobs: dict[int, Job] = {}
         stopping = False
         while True:
@@ -312,23 +312,11 @@ class Worker:
                 if isinstance(cause, TPError):
                     self._down(str(cause))
                     cause = WorkerDown(self.fatal)
-                for f in e.finished:
-                    j = jobs.pop(f.uid)
-                    if f.error is None:  # cancelled before the failed step
-                        self.stats.cancelled += 1
-                        j.done.set_exception(Cancelled("the client disconnected"))
-                    else:
-                        self.stats.failed += 1
-                        j.done.set_exception(cause)
+                self._settle(jobs, e.finished, cause)
                 continue
             except Exception as e:  # noqa: BLE001 - WorkerDown, or a bug outside the forward:
-                for uid in [r.uid for r in sched.running]:  # every running request learns why
-                    self.stats.failed += 1
-                    jobs.pop(uid).done.set_exception(e)
-                for r in list(sched.running):
-                    sched._leave(r, None)  # its blocks back to the pool
-                sched = self._scheduler()  # the worker goes on with the next requests
-                continue
+                self._settle(jobs, sched.abort(e), e)  # every running request learns why, and
+                continue  # the worker goes on with the next ones
             self.stats.batches += 1
             self.stats.batched += n_work
             self.stats.step_tokens = sched.step_tokens
@@ -336,22 +324,23 @@ class Worker:
             if self.pool is not None:
                 self.kv_peak_blocks = max(self.kv_peak_blocks, self.pool.used_blocks())
             self.stats.largest_batch = max(self.stats.largest_batch, n_work)
-            for f in finished:
-                j = jobs.pop(f.uid)
-                if f.transcript is None and f.error is None:
-                    self.stats.cancelled += 1
-                    j.done.set_exception(Cancelled("the client disconnected"))
-                elif f.error is not None:
-                    self.stats.failed += 1
-                    j.done.set_exception(f.error)
-                else:
-                    self.stats.requests += 1
-                    self._answer(j, f.transcript, f.result.finish_reason)
+            self._settle(jobs, finished)
             self._maybe_purge()
 
-    def _scheduler(self) -> Scheduler:
-        return Scheduler(self.model, self.tokenizer, self.eos_ids, self.token_budget,
-                         self.max_batch, self.pool, self.prefix)
+    def _settle(self, jobs: dict, finished, error: Exception | None = None) -> None:
+        """Answer the jobs of sequences that left the batch: a receipt, a cancellation, or their
+        error (`error` instead of each one's own, when given)."""
+        for f in finished:
+            j = jobs.pop(f.uid)
+            if f.transcript is None and f.error is None:
+                self.stats.cancelled += 1
+                j.done.set_exception(Cancelled("the client disconnected"))
+            elif f.error is not None:
+                self.stats.failed += 1
+                j.done.set_exception(error or f.error)
+            else:
+                self.stats.requests += 1
+                self._answer(j, f.transcript, f.result.finish_reason)
 
     def kv_stats(self) -> dict | None:
         """The K/V pool's size and use (continuous batching with a pool), prefix-cache hits."""
@@ -371,7 +360,7 @@ class Worker:
             return
         try:
             uid = sched.add(job.seq, job.on_token, lambda j=job: j.cancelled)
-        except ValueError as e:
+        except Refused as e:
             self.stats.failed += 1
             job.done.set_exception(e)
             return

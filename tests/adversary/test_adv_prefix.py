@@ -71,7 +71,7 @@ def test_poisoned_pool_block_cannot_be_opened(world, what):
     a, b = _two(world)
     first = _run(world, model, pool, prefix, [_seq(world, a)], [0])
     assert first == _honest(world, model, [_seq(world, a)])
-    blk = prefix.match(b)[0].block
+    blk = prefix.match(b)[0][0].block
     store = getattr(pool, what)
     store[0, blk, 1] = store[0, blk, 1] + (1 if what == "k" else 0.5)
     served = _run(world, model, pool, prefix, [_seq(world, b, "other")], [0])[0]
@@ -89,7 +89,7 @@ def test_block_filed_under_another_prefix_cannot_be_opened(world):
     a, _ = _two(world)
     other = [t + 1 if t + 1 < model.cfg.vocab_size else 3 for t in a]
     _run(world, model, pool, prefix, [_seq(world, other)], [0])
-    cached = prefix.match(other)
+    cached, _ = prefix.match(other)
     for c_, h in zip(cached, prefix.hashes(a, len(cached))):  # filed under a's hashes too
         prefix._by_hash[h] = c_
     served = _run(world, model, pool, prefix, [_seq(world, a, "victim")], [0])[0]
@@ -105,7 +105,7 @@ def test_wrong_cached_residual_leaf_cannot_be_opened(world):
     model, pool, prefix = _setup(world)
     a, b = _two(world)
     _run(world, model, pool, prefix, [_seq(world, a)], [0])
-    c0 = prefix.match(b)[0]
+    c0 = prefix.match(b)[0][0]
     c0.leaves[1][2] = bytes(32)
     served = _run(world, model, pool, prefix, [_seq(world, b, "other")], [0])[0]
     honest = _honest(world, model, [_seq(world, b, "other")])[0]
