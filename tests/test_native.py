@@ -183,3 +183,113 @@ def test_verifier_attention_with_the_core_equals_the_spec(qmax, spread, case):
                 f"verifier attention {case}")
     table, cut = fast._full_table()
     assert cut == ops._CUT and np.array_equal(table, ops._FULL_TABLE.numpy())
+
+
+# ---------------------------------------------------------------- attn_fused: the whole attention
+
+def _routes() -> list[int]:
+    return list(range(native.best_route() + 1))
+
+
+def _fused(q, sq, k, sk, v, sv, q_pos, n_threads=None):
+    """attn_fused on one sequence in the spec's layout ([T, nh, d] queries, [S, nkv, d] keys)."""
+    from commitllm.verifier.native.attention import _full_table
+    t_len, nh, d = q.shape
+    s_len, nkv, _ = k.shape
+    g = nh // nkv
+    table, cut = _full_table()
+    out, z, m = native.attn_fused(
+        np.ascontiguousarray(q.transpose(1, 0, 2)).reshape(nh * t_len, d),
+        np.ascontiguousarray(sq.T).reshape(-1), native.pack_keys(k[None]),
+        np.ascontiguousarray(sk.T), native.pack_values(v[None]), np.ascontiguousarray(sv.T),
+        np.clip(np.tile(np.asarray(q_pos, np.int64) + 1, nh), 0, s_len), g * t_len, d,
+        float(spec_attn.score_scale(d)), 256.0, table, cut, n_threads=n_threads)
+    return out.reshape(nh, t_len, d).transpose(1, 0, 2).reshape(t_len, nh * d)
+
+
+@pytest.fixture
+def each_route():
+    yield _routes()
+    native.use_route(-1)
+
+
+@needs_core
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("case", sorted(ATTN_CASES))
+def test_attn_fused_every_route_and_thread_split_equals_the_spec(qmax, case, each_route):
+    """Plain C, AVX2 and AVX-512 VNNI (those this CPU has) and 1, 2 or 3 threads: the spec's bits."""
+    t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
+    x = _attn_inputs(qmax, t, s, nh, nkv, d, seed=5, spread=12.0 if qmax > 127 else 1.5)
+    want = spec_attn.attention(*x, np.asarray(q_pos), qmax)
+    for r in each_route:
+        assert native.use_route(r) == r
+        for n in (1, 2, 3):
+            assert_same(_fused(*x, q_pos, n_threads=n), want, f"{case} route {r} threads {n}")
+
+
+@needs_core
+@pytest.mark.parametrize("d", [1, 7, 64, 300, 512])  # odd, one pair chunk, two chunks (> 256)
+def test_attn_fused_worst_magnitudes_stay_exact(d, each_route):
+    """Every int16 extreme (-32768 and 32767 in q, k and v) at every head width the bounds allow,
+    with more keys than one int32 flush of value sums (128): the integer sums never overflow."""
+    rng = np.random.default_rng(d)
+    s, t = 300, 3
+    q = np.where(rng.random((t, 2, d)) < 0.5, -32768, 32767).astype(np.int16)
+    q[0] = 32767  # hi plane 128, lo plane -1 everywhere
+    k = np.where(rng.random((s, 1, d)) < 0.5, -32768, 32767).astype(np.int16)
+    k[:, :, :] = k[:1]  # equal logits: every coefficient is 2^15, the largest
+    v = np.where(rng.random((s, 1, d)) < 0.5, -32768, 32767).astype(np.int16)
+    v[:, :, 0] = -32768
+    sq = np.full((t, 2), 2.0**-20, np.float32)
+    sk = np.full((s, 1), 2.0**-20, np.float32)
+    sv = rng.uniform(0.5, 2.0, (s, 1)).astype(np.float32)
+    q_pos = np.array([s - 3, s - 2, s - 1])
+    want = spec_attn.attention(q, sq, k, sk, v, sv, q_pos, 32767)
+    for r in each_route:
+        native.use_route(r)
+        assert_same(_fused(q, sq, k, sk, v, sv, q_pos), want, f"d={d} route {r}")
+
+
+@needs_core
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+def test_pack_reads_any_strides(dtype):
+    """pack_keys / pack_values read the cache's [B, S, H, d] layout (and strided views of it)
+    into the documented block layouts, zeros in the padding."""
+    rng = np.random.default_rng(1)
+    big = rng.integers(-100, 100, (2, 37, 3, 10)).astype(dtype)
+    x = big[:, ::2, :, 1:8]  # [2, 19, 3, 7], no unit strides left
+    g = x.transpose(0, 2, 1, 3).reshape(6, 19, 7).astype(np.int16)
+    kp = native.pack_keys(x)
+    assert kp.shape == (6, 2, 4, 16, 2) and kp.dtype == np.int16
+    want = np.zeros((6, 32, 8), np.int16)
+    want[:, :19, :7] = g
+    assert np.array_equal(kp, want.reshape(6, 2, 16, 4, 2).transpose(0, 1, 3, 2, 4))
+    vp = native.pack_values(x)
+    assert vp.shape == (6, 10, 32, 2)
+    want = np.zeros((6, 20, 32), np.int16)
+    want[:, :19, :7] = g
+    assert np.array_equal(vp, want.reshape(6, 10, 2, 32).transpose(0, 1, 3, 2))
+    assert np.array_equal(native.pack_keys(g), kp)
+    with pytest.raises(TypeError):
+        native.pack_keys(g.astype(np.int32))
+
+
+@needs_core
+def test_attn_fused_fails_closed():
+    """Inconsistent shapes raise before any C runs; an underflowed value scale raises."""
+    q = np.ones((2, 4), np.int16)
+    k = np.ones((1, 3, 4), np.int16)
+    kp, vp = native.pack_keys(k), native.pack_values(k)
+    ones = np.ones((1, 3), np.float32)
+    table, cut = ops._FULL_TABLE.numpy(), ops._CUT
+    nvis = np.array([3, 3])
+    args = (np.ones(2, np.float32), kp, ones, vp)
+    with pytest.raises(ValueError, match="shapes"):
+        native.attn_fused(q, *args, ones, nvis, 3, 4, 1.0, 256.0, table, cut)  # 2 rows != 1 x 3
+    with pytest.raises(ValueError, match="shapes"):
+        native.attn_fused(q, *args, np.ones((1, 2), np.float32), nvis, 2, 4, 1.0, 256.0, table, cut)
+    with pytest.raises(FloatingPointError, match="underflowed"):
+        native.attn_fused(q, *args, np.zeros((1, 3), np.float32), nvis, 2, 4, 1.0, 256.0, table,
+                          cut)
+    out, z, m = native.attn_fused(q, *args, ones, nvis, 2, 4, 1.0, 256.0, table, cut)
+    assert np.array_equal(out, np.ones((2, 4), np.float32)) and list(z) == [3 * 2**15] * 2

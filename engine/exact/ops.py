@@ -155,6 +155,9 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     t_len, nh, d = q.shape
     s_len = k.shape[0]
     check_bounds(d, s_len, qmax)
+    if parts is None and use_native():  # the compiled core tiles the rows itself
+        return _native_attend(q[None], sq[None], k[None], sk[None], v[None], sv[None],
+                              q_pos[None])[0]
     if parts is not None:
         out = _attend(q[None], sq[None], k[None], sk[None], v[None], sv[None], q_pos[None], qmax,
                       parts)
@@ -222,6 +225,8 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     (check_bounds keeps both below 2^53); invisible keys get a logit far below every clamped one,
     so their weight, coefficient and products are exactly 0 (the spec's masks, by value).
     """
+    if parts is None and prepared is None and use_native():
+        return _native_attend(q, sq, k, sk, v, sv, q_pos)
     bsz, t_len, nh, d = q.shape
     s_len, nkv = k.shape[1], k.shape[2]
     g = nh // nkv
@@ -239,6 +244,26 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     acc = torch.matmul(c, vt)  # [B, nkv, gT, d], exact integers
     out = (acc.to(F32) / z.to(F64).to(F32).unsqueeze(-1)) * m
     return out.reshape(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(bsz, t_len, nh * d)
+
+
+def _native_attend(q, sq, k, sk, v, sv, q_pos) -> torch.Tensor:
+    """_attend (no trace) in the compiled core (verifier/native/attn.c): exact integer scores
+    and value sums in 16-bit pair products, the softmax passes and the output division, tiled
+    over query rows, so memory is linear in S. The same bits (tests/test_native.py)."""
+    bsz, t_len, nh, d = q.shape
+    s_len, nkv = k.shape[1], k.shape[2]
+    g = nh // nkv
+    rows = lambda x: x.reshape(bsz, t_len, nkv, g, *x.shape[3:]).permute(  # noqa: E731
+        0, 2, 3, 1, *range(4, x.dim() + 1)).contiguous()  # [B, nkv, g, T, ...]
+    grp = lambda x: x.permute(0, 2, 1).to(F32).contiguous().reshape(bsz * nkv, s_len)  # noqa
+    nvis = (q_pos + 1).clamp(0, s_len).to(I64)[:, None, None, :].expand(bsz, nkv, g, t_len)
+    out, _, _ = native.attn_fused(
+        rows(q).reshape(-1, d).numpy(), rows(sq).to(F32).reshape(-1).numpy(),
+        native.pack_keys(k.numpy()), grp(sk).numpy(), native.pack_values(v.numpy()),
+        grp(sv).numpy(), nvis.contiguous().reshape(-1).numpy(), g * t_len, d,
+        float(score_scale(d)), float(1 << LOGIT_FRAC_BITS), _FULL_TABLE.numpy(), _CUT)
+    return torch.from_numpy(out).view(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(
+        bsz, t_len, nh * d)
 
 
 def use_native() -> bool:

@@ -28,7 +28,7 @@ SOURCE = Path(__file__).with_name("attn.c")
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 1
+ABI = 2
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -106,6 +106,13 @@ def _declare(so) -> None:
     so.commitllm_native_abi.restype = i64
     so.attn_coefs.restype = i64
     so.attn_coefs.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, f32, f32, p, i64, p, p, p]
+    so.attn_fused.restype = i64
+    so.attn_fused.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+                              f32, f32, p, i64, p, p, p]
+    so.attn_route.restype = so.attn_best_route.restype = i64
+    so.attn_route.argtypes = [i64]
+    so.attn_pack.restype = i64
+    so.attn_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p]
 
 
 def _ptr(a: np.ndarray, dtype) -> int:
@@ -170,3 +177,135 @@ def attn_coefs(s: np.ndarray, sq: np.ndarray, sk: np.ndarray, sv: np.ndarray,
         if code:
             raise MemoryError("attn_coefs: out of memory")
     return c, z, m
+
+
+# ---------------------------------------------------------------- the whole attention (attn_fused)
+
+KEY_BLOCK = 16  # attn.c's KB: keys per score block
+DIM_BLOCK = 32  # value dims per pass
+
+
+def use_route(r: int = -1) -> int:
+    """Make attn_fused take SIMD route r (0 plain C, 1 AVX2, 2 AVX-512 VNNI; -1 or one the CPU
+    lacks: the best it has) and return the route now in use. Every route gives the same
+    integers; tests run each one the machine has."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    return int(so.attn_route(r))
+
+
+def best_route() -> int:
+    so = lib()
+    return -1 if so is None else int(so.attn_best_route())
+
+
+def pack_queries(q: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """q int8/int16 [R, d] -> int16 planes [R, dp] (dp = d rounded up to even, zero filled):
+    int16 rows as q = 256 * hi + lo with hi, lo in [-128, 128]; int8 rows are one plane."""
+    rows, d = q.shape
+    dp = d + d % 2
+    q16 = np.zeros((rows, dp), np.int16)
+    q16[:, :d] = q
+    if q.dtype == np.int8:
+        return q16, None
+    if q.dtype != np.int16:
+        raise TypeError(f"queries must be int8 or int16, got {q.dtype}")
+    lo = (((q16.astype(np.int32) + 128) & 255) - 128).astype(np.int16)
+    hi = ((q16.astype(np.int32) - lo) >> 8).astype(np.int16)
+    return hi, lo
+
+
+def _pack(x: np.ndarray, vals: bool, width: int, blocks: int, per: int) -> np.ndarray:
+    """attn.c's attn_pack over x int8/int16 [G, S, d] or [B, S, H, d] (the cache's layout, any
+    strides); G = B * H groups in that order."""
+    if x.ndim == 4:
+        x = x.transpose(0, 2, 1, 3)  # [B, H, S, d]
+    elif x.ndim == 3:
+        x = x[None]
+    else:
+        raise ValueError("pack: expected [G, S, d] or [B, S, H, d]")
+    if x.dtype not in (np.int8, np.int16):
+        raise TypeError(f"pack: int8 or int16 expected, got {x.dtype}")
+    bsz, heads, s, d = x.shape
+    es = x.dtype.itemsize
+    if any(st % es or st < 0 for st in x.strides):
+        raise ValueError("pack: unaligned or negative strides")
+    st = [v // es for v in x.strides]
+    shape = (bsz * heads, blocks, width // 2, per, 2) if not vals else (bsz * heads, blocks,
+                                                                         width, 2)
+    out = np.empty(shape, np.int16)
+    code = lib().attn_pack(x.ctypes.data, es, int(vals), bsz, heads, s, d, *st, width, blocks,
+                           out.ctypes.data)
+    if code:
+        raise ValueError("pack: inconsistent sizes")
+    return out
+
+
+def pack_keys(k: np.ndarray) -> np.ndarray:
+    """k int8/int16 [G, S, d] (or [B, S, H, d]) -> int16 [G, ceil(S/16), dp/2, 16, 2]: blocks of
+    16 keys, a lane a key, two dims per lane; zeros past S and d (dp = d rounded up to even)."""
+    s, d = k.shape[-3] if k.ndim == 4 else k.shape[1], k.shape[-1]
+    return _pack(k, False, d + d % 2, -(-s // KEY_BLOCK), KEY_BLOCK)
+
+
+def pack_values(v: np.ndarray) -> np.ndarray:
+    """v int8/int16 [G, S, d] (or [B, S, H, d]) -> int16 [G, ceil(S/2), dv, 2]: pairs of keys, a
+    lane a dim (dv = d rounded up to 32); zeros past S and d."""
+    s, d = v.shape[-3] if v.ndim == 4 else v.shape[1], v.shape[-1]
+    return _pack(v, True, -(-d // DIM_BLOCK) * DIM_BLOCK, -(-s // 2), 2)
+
+
+def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp: np.ndarray,
+               sv: np.ndarray, nvis: np.ndarray, rows_per_group: int, d: int, scale: float,
+               frac: float, table: np.ndarray, cut: int, n_threads: int | None = None):
+    """The spec's attention over groups of query rows sharing one K/V head (see attn.c):
+    q int8/int16 [R, d] (R = G * rows_per_group), sq fp32 [R], kp / vp from pack_keys /
+    pack_values over [G, S, d], sk / sv fp32 [G, S], nvis int64 [R] (row r sees keys
+    0 .. nvis[r]-1, at least one). Returns (out fp32 [R, d], z int64 [R], m fp32 [R]).
+    Rows are independent, so the thread split changes no bit."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    rows = q.shape[0]
+    g, n_keys = sk.shape
+    qh, ql = pack_queries(q)
+    dp = qh.shape[1]
+    nkb, dv, nvp = kp.shape[1], vp.shape[2], vp.shape[1]
+    if (q.shape != (rows, d) or sq.shape != (rows,) or nvis.shape != (rows,)
+            or rows != g * rows_per_group or sv.shape != sk.shape
+            or kp.shape != (g, nkb, dp // 2, KEY_BLOCK, 2) or nkb * KEY_BLOCK < n_keys
+            or vp.shape != (g, nvp, dv, 2) or 2 * nvp < n_keys or dv < d or dv % DIM_BLOCK
+            or table.shape != (cut + 1,)):
+        raise ValueError("attn_fused: inconsistent shapes")
+    out = np.empty((rows, d), np.float32)
+    z = np.empty(rows, np.int64)
+    m = np.empty(rows, np.float32)
+    ptrs = (_ptr(qh, np.int16), 0 if ql is None else _ptr(ql, np.int16), _ptr(kp, np.int16),
+            _ptr(vp, np.int16), _ptr(sq, np.float32), _ptr(sk, np.float32), _ptr(sv, np.float32),
+            _ptr(nvis, np.int64))
+    tail = (scale, frac, _ptr(table, np.int32), cut, out.ctypes.data, z.ctypes.data,
+            m.ctypes.data)
+    # contiguous row ranges of about equal work (visible keys), one per thread
+    work = np.cumsum(np.clip(nvis, 1, n_keys) * 1.0)
+    n = max(1, min(n_threads or threads(), int(work[-1] * d) // (1 << 21) + 1 if rows else 1))
+    bounds = [0] + [int(np.searchsorted(work, work[-1] * i / n)) for i in range(1, n)] + [rows]
+
+    def run(a: int, b: int) -> int:
+        if a >= b:
+            return 0
+        return so.attn_fused(*ptrs, a, b - a, rows_per_group, n_keys, dp, nkb, dv, nvp, d,
+                             *tail)
+    if n == 1:
+        codes = [run(0, rows)]
+    else:
+        pool = _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
+        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+    for code in codes:
+        if code == -1:
+            raise FloatingPointError("attention value scale underflowed to zero")
+        if code == -2:
+            raise FloatingPointError("attention logit is NaN")
+        if code:
+            raise MemoryError("attn_fused: out of memory")
+    return out, z, m

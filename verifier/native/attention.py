@@ -1,7 +1,6 @@
-"""The spec's attention (verifier/numerics/attention.py) with its softmax passes in the compiled
-core: the scores and value sums stay the spec's exact float64 GEMMs, the per-element passes in
-between run in attn.c. Same bits as the spec (tests/test_native.py); without the core it is the
-spec itself."""
+"""The spec's attention (verifier/numerics/attention.py) in the compiled core (attn.c's
+attn_fused): exact integer scores and value sums, the softmax passes and the output division.
+Same bits as the spec (tests/test_native.py); without the core it is the spec itself."""
 
 from __future__ import annotations
 
@@ -9,8 +8,7 @@ import numpy as np
 
 from ..numerics import attention as spec
 from ..numerics.exp2 import LOGIT_FRAC_BITS, softmax_table
-from ..numerics.quant import int_to_f32
-from . import attn_coefs, lib
+from . import attn_fused, lib, pack_keys, pack_values
 
 _TABLES: dict = {}
 
@@ -30,24 +28,21 @@ def _full_table() -> tuple[np.ndarray, int]:
 
 
 def attention(q, sq, k, sk, v, sv, q_pos, qmax: int) -> np.ndarray:
-    """spec.attention (no trace), its softmax passes compiled when the core is available."""
-    if lib() is None or spec.COEF_BITS != 15 or spec.LOGIT_CLAMP != 2**30:
+    """spec.attention (no trace), in the compiled core when it is available (attn_fused: integer
+    scores and value sums, softmax passes, output), else the spec itself."""
+    small = all(x.dtype in (np.int8, np.int16) for x in (q, k, v))
+    if lib() is None or not small or spec.COEF_BITS != 15 or spec.LOGIT_CLAMP != 2**30:
         return spec.attention(q, sq, k, sk, v, sv, q_pos, qmax)
     t_len, nh, d = q.shape
     s_len, nkv, _ = k.shape
     spec.check_bounds(d, s_len, qmax)
     g = nh // nkv
-    qf = q.astype(np.float64).transpose(1, 0, 2)  # [nh, T, d]
-    kf = k.astype(np.float64).transpose(1, 2, 0)  # [nkv, d, S]
-    scores = np.ascontiguousarray(spec._grouped(qf, kf, nkv).reshape(nh * t_len, s_len))
+    rows = np.ascontiguousarray(q.transpose(1, 0, 2)).reshape(nh * t_len, d)  # [nkv, g, T] rows
     nvis = np.clip(np.tile(np.asarray(q_pos, dtype=np.int64) + 1, nh), 0, s_len)
     table, cut = _full_table()
-    c, z, m = attn_coefs(scores, np.ascontiguousarray(sq.T, dtype=np.float32).reshape(-1),
-                         np.ascontiguousarray(sk.T, dtype=np.float32),
-                         np.ascontiguousarray(sv.T, dtype=np.float32), g * t_len, nvis,
-                         float(spec.score_scale(d)), float(1 << LOGIT_FRAC_BITS), table, cut)
-    acc = spec._grouped(c.reshape(nh, t_len, s_len), v.astype(np.float64).transpose(1, 0, 2),
-                        nkv).astype(np.int64)
-    zf = int_to_f32(z.reshape(nh, t_len))[..., None]
-    out = ((int_to_f32(acc) / zf) * m.reshape(nh, t_len, 1)).astype(np.float32)
-    return out.transpose(1, 0, 2).reshape(t_len, nh * d)
+    out, _, _ = attn_fused(rows, np.ascontiguousarray(sq.T, dtype=np.float32).reshape(-1),
+                           pack_keys(k[None]), np.ascontiguousarray(sk.T, dtype=np.float32),
+                           pack_values(v[None]), np.ascontiguousarray(sv.T, dtype=np.float32),
+                           nvis, g * t_len, d, float(spec.score_scale(d)),
+                           float(1 << LOGIT_FRAC_BITS), table, cut)
+    return out.reshape(nh, t_len, d).transpose(1, 0, 2).reshape(t_len, nh * d)

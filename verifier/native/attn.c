@@ -21,6 +21,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
 #error "float expressions must be evaluated in binary32 (FLT_EVAL_METHOD == 0)"
@@ -39,7 +40,93 @@ static inline float rint_even(float x) {
     return copysignf(a < TWO23 ? r : a, x);
 }
 
-int64_t commitllm_native_abi(void) { return 1; }
+int64_t commitllm_native_abi(void) { return 2; }
+
+/* Elementwise loops written for the vectorizer, cloned per instruction set (every lane does the
+ * same IEEE binary32 operations as the scalar code; integer steps are exact). */
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.
+ * 0 on success; -1: the value scale underflowed to 0 (or was NaN); -2: a logit was NaN. */
+CLONES static int row_pass(const float *sr, int64_t n, float sqr, const float *skg,
+                           const float *svg, float scale, float frac, const int32_t *table,
+                           int64_t cut, int32_t *lg, float *p, int64_t *z, float *m) {
+    int32_t top = INT32_MIN, bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float t = sr[j] * sqr;
+        t = t * skg[j];
+        t = t * scale;
+        t = t * frac;
+        float l = rint_even(t);
+        l = l > LOGIT_CLAMP ? LOGIT_CLAMP : l;
+        l = l < -LOGIT_CLAMP ? -LOGIT_CLAMP : l;
+        p[j] = l;  /* scratch: the clamped logit (NaN stays NaN) */
+    }
+    for (int64_t j = 0; j < n; j++) {
+        const float l = p[j];
+        const int32_t nan = l != l;
+        bad |= nan;
+        const int32_t li = (int32_t)(nan ? 0.0f : l);
+        lg[j] = li;
+        top = li > top ? li : top;
+    }
+    if (bad) return -2;
+    /* distances min(top - l, cut) without int32 overflow: logits below top - cut are raised to it */
+    const int32_t low = (int32_t)((int64_t)top - cut), icut = (int32_t)cut;
+    const float coef_down = 1.0f / 32768.0f;
+    int64_t zr = 0;
+    int32_t mbits = 0;  /* max of p as bits: p >= 0 is ordered like its bit pattern */
+    for (int64_t j = 0; j < n; j++) {
+        const int32_t l = lg[j] < low ? low : lg[j];
+        int32_t dist = top - l;
+        dist = dist > icut ? icut : dist;
+        const int32_t w = table[dist];
+        zr += w;
+        float pj = (float)w * coef_down;
+        pj = pj * svg[j];
+        p[j] = pj;
+        int32_t bits;
+        memcpy(&bits, &pj, 4);
+        mbits = bits > mbits ? bits : mbits;
+    }
+    float mr;
+    memcpy(&mr, &mbits, 4);
+    if (!(mr > 0.0f)) return -1;
+    *z = zr;
+    *m = mr;
+    return 0;
+}
+
+/* c_j = rint(f32(f32(p_j / m) * 2^15)), an integer in [0, 2^15]. */
+static inline float coef(float pj, float m) {
+    float q = pj / m;
+    q = q * 32768.0f;
+    return rint_even(q);
+}
+
+CLONES static void coefs_f64(const float *p, int64_t n, float m, double *c) {
+    for (int64_t j = 0; j < n; j++) c[j] = (double)coef(p[j], m);
+}
+
+/* the coefficients as the planes c = 256 * hi + lo, hi in [0, 128], lo in [0, 255]; p is
+ * overwritten with the coefficients as fp32 */
+CLONES static void coef_planes(float *p, int64_t n, float m, int16_t *hi, int16_t *lo) {
+    for (int64_t j = 0; j < n; j++) p[j] = coef(p[j], m);
+    for (int64_t j = 0; j < n; j++) {
+        const int32_t c = (int32_t)p[j];
+        hi[j] = (int16_t)(c >> 8);
+        lo[j] = (int16_t)(c & 255);
+    }
+}
+
+/* exact integer scores (|s| < 2^53) to binary32 through binary64, as the spec rounds them */
+CLONES static void scores_f32(const int64_t *s, int64_t n, float *row) {
+    for (int64_t j = 0; j < n; j++) row[j] = (float)(double)s[j];
+}
 
 /* 0 on success; -1: a row's value scale underflowed to 0; -2: a logit was NaN; -3: no memory. */
 int64_t attn_coefs(const void *scores, int64_t f64, int64_t row0, int64_t rows, int64_t n_keys, const float *sq,
@@ -49,14 +136,13 @@ int64_t attn_coefs(const void *scores, int64_t f64, int64_t row0, int64_t rows, 
     const size_t width = (size_t)(n_keys > 0 ? n_keys : 1);
     int32_t *lg = malloc(sizeof(int32_t) * width);
     float *row = malloc(sizeof(float) * width);
-    if (!lg || !row) { free(lg); free(row); return -3; }
-    const float coef_down = 1.0f / 32768.0f, coef_up = 32768.0f;
-    for (int64_t r = 0; r < rows; r++) {
+    float *p = malloc(sizeof(float) * width);
+    if (!lg || !row || !p) { free(lg); free(row); free(p); return -3; }
+    int64_t code = 0;
+    for (int64_t r = 0; r < rows && !code; r++) {
         const float *sr = (const float *)scores + r * n_keys;
         const int64_t grp = (row0 + r) / rows_per_group;
-        const float *skg = sk + grp * n_keys, *svg = sv + grp * n_keys;
         double *cr = c + r * n_keys;
-        const float sqr = sq[r];
         int64_t n = nvis[r];
         if (n > n_keys) n = n_keys;
         if (n < 0) n = 0;
@@ -65,45 +151,333 @@ int64_t attn_coefs(const void *scores, int64_t f64, int64_t row0, int64_t rows, 
             for (int64_t j = 0; j < n; j++) row[j] = (float)d[j];
             sr = row;
         }
-        int32_t top = INT32_MIN;
-        int bad = 0;
-        for (int64_t j = 0; j < n; j++) {
-            float t = sr[j] * sqr;
-            t = t * skg[j];
-            t = t * scale;
-            t = t * frac;
-            float l = rint_even(t);
-            l = l > LOGIT_CLAMP ? LOGIT_CLAMP : l;
-            l = l < -LOGIT_CLAMP ? -LOGIT_CLAMP : l;
-            bad |= l != l;  /* NaN */
-            const int32_t li = (int32_t)(l != l ? 0.0f : l);
-            lg[j] = li;
-            top = li > top ? li : top;
-        }
-        if (bad) { free(lg); free(row); return -2; }
-        int64_t zr = 0;
-        float mr = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            int64_t dist = (int64_t)top - (int64_t)lg[j];
-            if (dist > cut) dist = cut;
-            const int32_t w = table[dist];
-            zr += w;
-            float p = (float)w * coef_down;
-            p = p * svg[j];
-            cr[j] = (double)p;
-            if (p > mr) mr = p;
-        }
-        if (!(mr > 0.0f)) { free(lg); free(row); return -1; }
-        for (int64_t j = 0; j < n; j++) {
-            float q = (float)cr[j] / mr;
-            q = q * coef_up;
-            cr[j] = (double)rint_even(q);
-        }
+        code = row_pass(sr, n, sq[r], sk + grp * n_keys, sv + grp * n_keys, scale, frac, table,
+                        cut, lg, p, z + r, m + r);
+        if (code) break;
+        coefs_f64(p, n, m[r], cr);
         for (int64_t j = n; j < n_keys; j++) cr[j] = 0.0;
-        z[r] = zr;
-        m[r] = mr;
     }
     free(lg);
     free(row);
+    free(p);
+    return code;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The whole attention of the spec, integer products included (attn_fused).
+ *
+ * Scores s = q . k and value sums A_i = sum_j c_j v_ji are exact integers (int64). They are
+ * computed with 16-bit pair products summed in int32, which cannot overflow by these bounds:
+ *   q = 256 * qh + ql with qh, ql in [-128, 128] (any int16; a8 rows are one plane, qh = q),
+ *   so a pair of products qh*k is at most 2 * 128 * 2^15 = 2^23 and 128 pairs (256 dims) stay
+ *   below 2^30 before they are widened into int64;
+ *   c = 256 * ch + cl with ch in [0, 128], cl in [0, 255], so a pair of cl*v is below 2^24 and
+ *   64 pairs (128 keys) stay below 2^30 before they are widened.
+ * Any order of exact integer sums gives the same integers, so the SIMD routes (AVX-512 VNNI,
+ * AVX2) and the plain C one agree bit for bit; tests compare each with the numpy spec.
+ *
+ * Layouts (prepared by commitllm.verifier.native.prepare):
+ *   qh, ql  int16 [rows][dp]           query planes, dp = head dim rounded up to even (zeros)
+ *   kp      int16 [G][nkb][dp/2][16][2] keys in blocks of 16; lane = key, pair = 2 dims
+ *   vp      int16 [G][nvp][dv][2]      values in pairs of keys; lane = dim, dv = dim up to 32
+ *   sk, sv  fp32 [G][S]; sq fp32 [rows]; nvis int64 [rows]: row r sees keys 0 .. nvis[r]-1
+ * Row r belongs to group r / rows_per_group (one K/V head of one sequence).
+ * Output: out fp32 [rows][d] = (f32(A) / f32(Z)) * M, and z int64 [rows], m fp32 [rows].
+ * Every row-indexed pointer is the array's base; the call computes rows row0 .. row0+rows-1.
+ * ------------------------------------------------------------------------------------------ */
+
+#define KB 16      /* keys per score block */
+#define QCHUNK 128 /* dim pairs summed in int32 before widening (scores) */
+#define VCHUNK 64  /* key pairs summed in int32 before widening (values) */
+#define TR 4       /* query rows per tile */
+
+typedef struct {
+    const int32_t *q[2][TR];  /* planes hi, lo of each tile row, as int32 pairs */
+    int planes;
+} qtile;
+
+/* scores of the tile's TR rows against one block of 16 keys (npairs dim pairs): out[r][16] */
+static void score_plain(const qtile *t, const int16_t *kb, int64_t npairs, int64_t *out) {
+    for (int r = 0; r < TR; r++) {
+        int64_t acc[KB] = {0};
+        for (int h = 0; h < t->planes; h++) {
+            const int16_t *q = (const int16_t *)t->q[h][r];
+            for (int64_t p = 0; p < npairs; p++) {
+                const int16_t *k = kb + p * 2 * KB;
+                for (int l = 0; l < KB; l++) {
+                    const int64_t v = (int64_t)q[2 * p] * k[2 * l] + (int64_t)q[2 * p + 1] * k[2 * l + 1];
+                    acc[l] += h == 0 && t->planes == 2 ? v * 256 : v;
+                }
+            }
+        }
+        for (int l = 0; l < KB; l++) out[r * KB + l] = acc[l];
+    }
+}
+
+/* acc[r][0..32) += sum over key pairs p of (c pairs of row r) . (value pairs), dims d0..d0+32 */
+static void value_plain(const int32_t *ch[TR], const int32_t *cl[TR], const int16_t *vp,
+                        int64_t dv, int64_t d0, int64_t p0, int64_t p1, int64_t *acc[TR]) {
+    for (int r = 0; r < TR; r++) {
+        const int16_t *h = (const int16_t *)ch[r], *lo = (const int16_t *)cl[r];
+        for (int64_t p = p0; p < p1; p++) {
+            const int16_t *v = vp + (p * dv + d0) * 2;
+            const int64_t h0 = h[2 * p], h1 = h[2 * p + 1], l0 = lo[2 * p], l1 = lo[2 * p + 1];
+            for (int i = 0; i < 32; i++) {
+                const int64_t a = v[2 * i], b = v[2 * i + 1];
+                acc[r][d0 + i] += (h0 * a + h1 * b) * 256 + (l0 * a + l1 * b);
+            }
+        }
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define AVX2 __attribute__((target("avx2")))
+
+VNNI static inline void add_wide512(int64_t *dst, __m512i hi, __m512i lo, int two) {
+    /* dst[0..16) += (two ? 256 * hi + lo : hi), the int32 lanes widened to int64 */
+    __m512i h0 = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(hi));
+    __m512i h1 = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(hi, 1));
+    if (two) {
+        h0 = _mm512_add_epi64(_mm512_slli_epi64(h0, 8),
+                              _mm512_cvtepi32_epi64(_mm512_castsi512_si256(lo)));
+        h1 = _mm512_add_epi64(_mm512_slli_epi64(h1, 8),
+                              _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lo, 1)));
+    }
+    _mm512_storeu_si512(dst, _mm512_add_epi64(_mm512_loadu_si512(dst), h0));
+    _mm512_storeu_si512(dst + 8, _mm512_add_epi64(_mm512_loadu_si512(dst + 8), h1));
+}
+
+VNNI static void score_vnni(const qtile *t, const int16_t *kb, int64_t npairs, int64_t *out) {
+    for (int i = 0; i < TR * KB; i++) out[i] = 0;
+    const int two = t->planes == 2;
+    for (int64_t c0 = 0; c0 < npairs; c0 += QCHUNK) {
+        const int64_t c1 = c0 + QCHUNK < npairs ? c0 + QCHUNK : npairs;
+        __m512i h[TR], l[TR];
+        for (int r = 0; r < TR; r++) h[r] = l[r] = _mm512_setzero_si512();
+        for (int64_t p = c0; p < c1; p++) {
+            const __m512i k = _mm512_loadu_si512(kb + p * 2 * KB);
+            for (int r = 0; r < TR; r++) {
+                h[r] = _mm512_dpwssd_epi32(h[r], _mm512_set1_epi32(t->q[0][r][p]), k);
+                if (two) l[r] = _mm512_dpwssd_epi32(l[r], _mm512_set1_epi32(t->q[1][r][p]), k);
+            }
+        }
+        for (int r = 0; r < TR; r++) add_wide512(out + r * KB, h[r], l[r], two);
+    }
+}
+
+VNNI static void value_vnni(const int32_t *ch[TR], const int32_t *cl[TR], const int16_t *vp,
+                            int64_t dv, int64_t d0, int64_t p0, int64_t p1, int64_t *acc[TR]) {
+    __m512i h[TR][2], l[TR][2];
+    for (int r = 0; r < TR; r++) h[r][0] = h[r][1] = l[r][0] = l[r][1] = _mm512_setzero_si512();
+    for (int64_t p = p0; p < p1; p++) {
+        const int16_t *v = vp + (p * dv + d0) * 2;
+        const __m512i v0 = _mm512_loadu_si512(v), v1 = _mm512_loadu_si512(v + 32);
+        for (int r = 0; r < TR; r++) {
+            const __m512i bh = _mm512_set1_epi32(ch[r][p]), bl = _mm512_set1_epi32(cl[r][p]);
+            h[r][0] = _mm512_dpwssd_epi32(h[r][0], bh, v0);
+            h[r][1] = _mm512_dpwssd_epi32(h[r][1], bh, v1);
+            l[r][0] = _mm512_dpwssd_epi32(l[r][0], bl, v0);
+            l[r][1] = _mm512_dpwssd_epi32(l[r][1], bl, v1);
+        }
+    }
+    for (int r = 0; r < TR; r++) {
+        add_wide512(acc[r] + d0, h[r][0], l[r][0], 1);
+        add_wide512(acc[r] + d0 + 16, h[r][1], l[r][1], 1);
+    }
+}
+
+AVX2 static inline void add_wide256(int64_t *dst, __m256i hi, __m256i lo, int two) {
+    __m256i h0 = _mm256_cvtepi32_epi64(_mm256_castsi256_si128(hi));
+    __m256i h1 = _mm256_cvtepi32_epi64(_mm256_extracti128_si256(hi, 1));
+    if (two) {
+        h0 = _mm256_add_epi64(_mm256_slli_epi64(h0, 8),
+                              _mm256_cvtepi32_epi64(_mm256_castsi256_si128(lo)));
+        h1 = _mm256_add_epi64(_mm256_slli_epi64(h1, 8),
+                              _mm256_cvtepi32_epi64(_mm256_extracti128_si256(lo, 1)));
+    }
+    _mm256_storeu_si256((__m256i *)dst, _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)dst), h0));
+    _mm256_storeu_si256((__m256i *)(dst + 4),
+                        _mm256_add_epi64(_mm256_loadu_si256((const __m256i *)(dst + 4)), h1));
+}
+
+AVX2 static void score_avx2(const qtile *t, const int16_t *kb, int64_t npairs, int64_t *out) {
+    for (int i = 0; i < TR * KB; i++) out[i] = 0;
+    const int two = t->planes == 2;
+    for (int half = 0; half < 2; half++) {
+        for (int64_t c0 = 0; c0 < npairs; c0 += QCHUNK) {
+            const int64_t c1 = c0 + QCHUNK < npairs ? c0 + QCHUNK : npairs;
+            __m256i h[TR], l[TR];
+            for (int r = 0; r < TR; r++) h[r] = l[r] = _mm256_setzero_si256();
+            for (int64_t p = c0; p < c1; p++) {
+                const __m256i k = _mm256_loadu_si256((const __m256i *)(kb + p * 2 * KB + 16 * half));
+                for (int r = 0; r < TR; r++) {
+                    h[r] = _mm256_add_epi32(h[r], _mm256_madd_epi16(_mm256_set1_epi32(t->q[0][r][p]), k));
+                    if (two)
+                        l[r] = _mm256_add_epi32(l[r], _mm256_madd_epi16(_mm256_set1_epi32(t->q[1][r][p]), k));
+                }
+            }
+            for (int r = 0; r < TR; r++) add_wide256(out + r * KB + 8 * half, h[r], l[r], two);
+        }
+    }
+}
+
+AVX2 static void value_avx2(const int32_t *ch[TR], const int32_t *cl[TR], const int16_t *vp,
+                            int64_t dv, int64_t d0, int64_t p0, int64_t p1, int64_t *acc[TR]) {
+    for (int e = 0; e < 32; e += 8) {
+        __m256i h[TR], l[TR];
+        for (int r = 0; r < TR; r++) h[r] = l[r] = _mm256_setzero_si256();
+        for (int64_t p = p0; p < p1; p++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(vp + (p * dv + d0 + e) * 2));
+            for (int r = 0; r < TR; r++) {
+                h[r] = _mm256_add_epi32(h[r], _mm256_madd_epi16(_mm256_set1_epi32(ch[r][p]), v));
+                l[r] = _mm256_add_epi32(l[r], _mm256_madd_epi16(_mm256_set1_epi32(cl[r][p]), v));
+            }
+        }
+        for (int r = 0; r < TR; r++) add_wide256(acc[r] + d0 + e, h[r], l[r], 1);
+    }
+}
+#endif
+
+typedef void (*score_fn)(const qtile *, const int16_t *, int64_t, int64_t *);
+typedef void (*value_fn)(const int32_t *[TR], const int32_t *[TR], const int16_t *, int64_t,
+                         int64_t, int64_t, int64_t, int64_t *[TR]);
+
+/* Which route attn_fused takes: 0 plain C, 1 AVX2, 2 AVX-512 VNNI; the best the CPU has unless
+ * attn_route(r) asked for a lower one (tests run every route the machine can). */
+static int route_forced = -1;
+
+int64_t attn_best_route(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vnni"))
+        return 2;
+    if (__builtin_cpu_supports("avx2")) return 1;
+#endif
+    return 0;
+}
+
+/* Set the route (-1: the best); returns the route now in use, lowered to what the CPU has. */
+int64_t attn_route(int64_t r) {
+    const int64_t best = attn_best_route();
+    route_forced = r < 0 || r > best ? -1 : (int)r;
+    return route_forced < 0 ? best : route_forced;
+}
+
+int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, const int16_t *vp,
+                   const float *sq, const float *sk, const float *sv, const int64_t *nvis,
+                   int64_t row0, int64_t rows, int64_t rows_per_group, int64_t n_keys, int64_t dp,
+                   int64_t nkb, int64_t dv, int64_t nvp, int64_t d, float scale, float frac,
+                   const int32_t *table, int64_t cut, float *out, int64_t *z, float *m) {
+    const int64_t route = route_forced < 0 ? attn_best_route() : route_forced;
+    score_fn score = score_plain;
+    value_fn value = value_plain;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (route == 2) { score = score_vnni; value = value_vnni; }
+    if (route == 1) { score = score_avx2; value = value_avx2; }
+#endif
+    const int64_t npairs = dp / 2, width = nkb * KB;
+    int64_t *sc = malloc(sizeof(int64_t) * TR * width);      /* scores of the tile, [TR][width] */
+    int64_t *blk = malloc(sizeof(int64_t) * TR * KB);
+    float *row = malloc(sizeof(float) * width);
+    int32_t *lg = malloc(sizeof(int32_t) * width);
+    float *p = malloc(sizeof(float) * width);
+    int32_t *cpl = malloc(sizeof(int32_t) * 2 * TR * nvp);   /* c planes hi, lo as int32 pairs */
+    int64_t *acc = malloc(sizeof(int64_t) * TR * dv);
+    int64_t code = 0;
+    if (!sc || !blk || !row || !lg || !p || !cpl || !acc) code = -3;
+    for (int64_t a = row0; a < row0 + rows && !code;) {
+        const int64_t grp = a / rows_per_group;
+        int64_t b = a + TR;
+        if (b > row0 + rows) b = row0 + rows;
+        if (b > (grp + 1) * rows_per_group) b = (grp + 1) * rows_per_group;
+        const int nr = (int)(b - a);
+        int64_t nv[TR], top = 0;
+        qtile t;
+        t.planes = ql ? 2 : 1;
+        for (int r = 0; r < TR; r++) {
+            const int64_t rr = a + (r < nr ? r : nr - 1);  /* padding rows repeat the last one */
+            int64_t n = nvis[rr];
+            nv[r] = n < 0 ? 0 : n > n_keys ? n_keys : n;
+            top = nv[r] > top ? nv[r] : top;
+            t.q[0][r] = (const int32_t *)(qh + rr * dp);
+            t.q[1][r] = ql ? (const int32_t *)(ql + rr * dp) : 0;
+        }
+        /* scores for every key block that some tile row sees */
+        const int16_t *kg = kp + grp * nkb * npairs * 2 * KB;
+        const int64_t blocks = (top + KB - 1) / KB;
+        for (int64_t kb = 0; kb < blocks; kb++) {
+            score(&t, kg + kb * npairs * 2 * KB, npairs, blk);
+            for (int r = 0; r < TR; r++)
+                for (int l = 0; l < KB; l++) sc[r * width + kb * KB + l] = blk[r * KB + l];
+        }
+        /* softmax passes per row, then the coefficient planes */
+        const int64_t pairs = (top + 1) / 2;
+        const int32_t *ch[TR], *cl[TR];
+        int64_t *ar[TR];
+        for (int r = 0; r < TR; r++) {
+            int16_t *hr = (int16_t *)(cpl + (2 * r) * nvp), *lr = (int16_t *)(cpl + (2 * r + 1) * nvp);
+            ch[r] = (const int32_t *)hr;
+            cl[r] = (const int32_t *)lr;
+            ar[r] = acc + r * dv;
+            for (int64_t i = 0; i < dv; i++) ar[r][i] = 0;
+            for (int64_t j = 0; j < 2 * pairs; j++) hr[j] = lr[j] = 0;
+            if (r >= nr) continue;  /* a padding row: zero coefficients, its sums unused */
+            const int64_t n = nv[r];
+            scores_f32(sc + r * width, n, row);
+            code = row_pass(row, n, sq[a + r], sk + grp * n_keys, sv + grp * n_keys, scale,
+                            frac, table, cut, lg, p, z + a + r, m + a + r);
+            if (code) break;
+            coef_planes(p, n, m[a + r], hr, lr);
+        }
+        if (code) break;
+        /* value sums over the visible key pairs, widened every VCHUNK pairs */
+        const int16_t *vg = vp + grp * nvp * dv * 2;
+        for (int64_t d0 = 0; d0 < dv; d0 += 32)
+            for (int64_t p0 = 0; p0 < pairs; p0 += VCHUNK)
+                value(ch, cl, vg, dv, d0, p0, p0 + VCHUNK < pairs ? p0 + VCHUNK : pairs, ar);
+        for (int r = 0; r < nr; r++) {
+            const float zf = (float)(double)z[a + r], mr = m[a + r];
+            float *o = out + (a + r) * d;
+            for (int64_t i = 0; i < d; i++) {
+                float v = (float)(double)ar[r][i];
+                v = v / zf;
+                o[i] = v * mr;
+            }
+        }
+        a = b;
+    }
+    free(sc); free(blk); free(row); free(lg); free(p); free(cpl); free(acc);
+    return code;
+}
+
+/* Pack keys or values for attn_fused from any strided int8/int16 array src[B][H][S][d] (strides in
+ * elements), group g = b * H + h; every padding element is written as 0.
+ *   keys   (vals == 0): dst int16 [G][nkb][dp/2][16][2], width = dp (even, >= d), blocks = nkb
+ *   values (vals != 0): dst int16 [G][nvp][dv][2],       width = dv (>= d),      blocks = nvp */
+int64_t attn_pack(const void *src, int64_t esize, int64_t vals, int64_t B, int64_t H, int64_t S,
+                  int64_t d, int64_t sb, int64_t sh, int64_t ss, int64_t sd, int64_t width,
+                  int64_t blocks, int16_t *dst) {
+    const int64_t per = vals ? 2 : KB;  /* keys per block */
+    if (blocks * per < S || width < d || (!vals && width % 2)) return -4;
+    const int64_t gsize = blocks * per * width;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++) {
+            int16_t *g = dst + (b * H + h) * gsize;
+            for (int64_t s = 0; s < blocks * per; s++) {
+                const int64_t off = b * sb + h * sh + (s < S ? s : 0) * ss;
+                for (int64_t i = 0; i < width; i++) {
+                    int16_t x = 0;
+                    if (s < S && i < d)
+                        x = esize == 1 ? ((const int8_t *)src)[off + i * sd]
+                                       : ((const int16_t *)src)[off + i * sd];
+                    const int64_t at = vals ? ((s / 2) * width + i) * 2 + s % 2
+                                            : (((s / KB) * (width / 2) + i / 2) * KB + s % KB) * 2 + i % 2;
+                    g[at] = x;
+                }
+            }
+        }
     return 0;
 }
