@@ -52,6 +52,34 @@ def test_tiny_models_equal_spec(tiny_checkpoint, profile):
     assert np.array_equal(spec_logits, eng_logits.numpy())
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("route", ["compiled", "torch"])
+def test_untraced_forward_equals_spec_on_either_route(tiny_checkpoint, profile, route,
+                                                      monkeypatch):
+    """What serving runs (no trace): the compiled core's linears (plane products recombined and
+    dequantized in one C pass) and attention, forced at every size, or the torch route: the
+    spec's logits at every position, for a prefill and two decode steps."""
+    from commitllm.engine.exact import model as model_mod, ops
+    from commitllm.verifier import native
+    if route == "compiled":
+        if native.lib() is None:
+            pytest.skip(f"no compiled core: {native.error()}")
+        monkeypatch.setattr(model_mod, "FUSED_MIN_ROWS", 0)
+        monkeypatch.setattr(ops, "NATIVE_MIN_SCORES", 0)
+    else:
+        monkeypatch.setattr(ops, "NATIVE", False)
+    qm = _quantized(tiny_checkpoint, profile)
+    ids = np.random.default_rng(8).integers(0, qm.cfg.vocab_size, 41).tolist()
+    spec_cache, rope = KVCache(qm.cfg.num_layers), RopeTable(qm.cfg)
+    want = forward(qm, np.array(ids), spec_cache, rope)
+    eng, cache = ExactModel(qm), SeqCache()
+    got = eng.forward([cache], [ids], all_logits=True)[0]
+    assert np.array_equal(want, got.numpy())
+    for tok in (3, 11):
+        want = forward(qm, np.array([tok]), spec_cache, rope)
+        assert np.array_equal(want[-1], eng.forward([cache], [[tok]])[0].numpy().reshape(-1))
+
+
 def test_decode_steps_equal_spec(tiny_qwen2):
     """After a prefill, each decode step's trace equals the spec run over the same cache."""
     qm = _quantized(tiny_qwen2, "w8a16")

@@ -24,13 +24,13 @@ def _both(qmax, case, spread, tile=None):
     t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
     x = _attn_inputs(qmax, t, s, nh, nkv, d, seed=7, spread=spread)
     q_pos = np.asarray(q_pos, dtype=np.int64)
-    out = []
+    out, least = [], ops.NATIVE_MIN_SCORES
     for on in (True, False):
-        ops.NATIVE = on
+        ops.NATIVE, ops.NATIVE_MIN_SCORES = on, 0  # the core for every size, small ones included
         try:
             out.append(ops.attention(*map(_t, (*x, q_pos)), qmax, tile_elems=tile))
         finally:
-            ops.NATIVE = True
+            ops.NATIVE, ops.NATIVE_MIN_SCORES = True, least
     return out, spec_attn.attention(*x, q_pos, qmax)
 
 
@@ -270,6 +270,9 @@ def test_pack_reads_any_strides(dtype):
     want[:, :19, :7] = g
     assert np.array_equal(vp, want.reshape(6, 10, 2, 32).transpose(0, 1, 3, 2))
     assert np.array_equal(native.pack_keys(g), kp)
+    xt = torch.from_numpy(big)[:, ::2, :, 1:8]  # the engine's torch twins, same layouts
+    assert np.array_equal(ops.pack_keys(xt).numpy(), kp)
+    assert np.array_equal(ops.pack_values(xt).numpy(), vp)
     with pytest.raises(TypeError):
         native.pack_keys(g.astype(np.int32))
 
@@ -293,3 +296,31 @@ def test_attn_fused_fails_closed():
                           cut)
     out, z, m = native.attn_fused(q, *args, ones, nvis, 2, 4, 1.0, 256.0, table, cut)
     assert np.array_equal(out, np.ones((2, 4), np.float32)) and list(z) == [3 * 2**15] * 2
+
+
+@needs_core
+@pytest.mark.parametrize("wq, xq", [(127, 127), (127, 32639), (32639, 32639)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_dequant_planes_equals_the_torch_route(wq, xq, bias):
+    """Plane products recombined and dequantized in one C pass: the torch route's int64
+    accumulator and fp32 output, every plane count, with and without bias, int32 extremes in the
+    plane products (full-range rows) and rows split over threads."""
+    from commitllm.engine.exact.gemm import ExactWeight
+    g = torch.Generator().manual_seed(wq + xq)
+    w = torch.randint(-wq, wq + 1, (70, 300), generator=g).to(torch.int16 if wq > 127 else torch.int8)
+    w[0] = -wq
+    x = torch.randn(37, 300, generator=g)
+    x[0] = -1.0  # a row of -qmax against a row of -qmax: the largest products
+    qx, sx = ops.quantize_rows(x, xq)
+    sw = torch.rand(70, generator=g) * 1e-3 + 1e-6
+    b = torch.randn(70, generator=g) if bias else None
+    weight = ExactWeight(w, wq)
+    want = ops.dequantize(weight.matmul(qx, xq), sx, sw, b)
+    parts, nx = weight.plane_products(qx, xq)
+    assert parts.shape == (1 if wq <= 127 else 2, nx * 37, 70)
+    for n in (1, 2, 3):
+        got = native.dequant_planes(parts.numpy(), nx, sx.numpy(), sw.numpy(),
+                                    None if b is None else b.numpy(), n_threads=n)
+        assert_same(torch.from_numpy(got), want.numpy(), f"threads {n}")
+    with pytest.raises(ValueError, match="shapes"):
+        native.dequant_planes(parts.numpy(), nx, sx.numpy()[:-1], sw.numpy(), None)

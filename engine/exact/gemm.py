@@ -88,6 +88,19 @@ class ExactWeight:
         return z
 
 
+    def plane_products(self, qx: torch.Tensor, x_qmax: int) -> tuple[torch.Tensor, int]:
+        """The int32 plane products of qx @ q.T, [weight planes, activation planes * M, N] (most
+        significant first), and the number of activation planes: matmul() before recombining."""
+        if self.k * x_qmax * self.qmax >= EXACT_F64:
+            raise OverflowError(f"K={self.k} can exceed 2^53")
+        xs = planes(qx, x_qmax)
+        stacked = (torch.cat(xs) if len(xs) > 1 else xs[0]).contiguous()  # [P*M, K]
+        out = torch.empty((len(self.planes_t), stacked.shape[0], self.n), dtype=torch.int32)
+        for i, wp in enumerate(self.planes_t):
+            torch._int_mm(stacked, wp, out=out[i])
+        return out, len(xs)
+
+
 def _recombine(part: torch.Tensor, n_planes: int, m: int) -> torch.Tensor:
     """int32 plane products [P*M, N] -> int64 [M, N], in place on one int64 tensor (a prefill's
     LM head is [M, 49152]: fresh temporaries there cost more than the products)."""

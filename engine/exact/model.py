@@ -11,11 +11,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ...verifier import native
 from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QLinear, QuantizedModel
 from . import ops
 from .gemm import ExactWeight
 from .paged import PagedStep
+
+
+# rows from which an untraced linear recombines and dequantizes in the compiled core: below it
+# the per-call overhead costs more than the pass saves (decode steps); the bits are the same
+FUSED_MIN_ROWS = 64
 
 
 class TorchLinear:
@@ -25,9 +31,21 @@ class TorchLinear:
         self.weight = ExactWeight(torch.from_numpy(np.ascontiguousarray(lin.q)), qmax)
         self.scale = torch.from_numpy(lin.s)
         self.bias = None if lin.bias is None else torch.from_numpy(lin.bias)
+        # untraced calls recombine and dequantize in the compiled core, one pass (a subclass that
+        # quantizes or accumulates otherwise, as tensor parallelism's row split, keeps its steps)
+        self.fused = (type(self).quantize is TorchLinear.quantize
+                      and type(self).accumulate is TorchLinear.accumulate)
 
     def __call__(self, x: torch.Tensor, act_qmax: int, tr: dict | None, name: str):
         qx, sx = self.quantize(x, act_qmax)
+        if (tr is None and self.fused and x.shape[0] >= FUSED_MIN_ROWS and ops.NATIVE
+                and self.weight.use_int_mm and native.lib()):
+            parts, nx = self.weight.plane_products(qx, act_qmax)
+            with torch.profiler.record_function("commitllm::dequant_planes"):
+                y = native.dequant_planes(parts.numpy(), nx, sx.contiguous().numpy(),
+                                          self.scale.numpy(),
+                                          None if self.bias is None else self.bias.numpy())
+            return self.output(torch.from_numpy(y))
         z = self.accumulate(qx, act_qmax)
         if tr is not None:
             tr.update(self.traced(name, qx, sx, z))

@@ -141,6 +141,9 @@ _MASKED = -(2**40)
 TILE_ELEMS = 1 << 21
 # the compiled softmax passes when the core is built (tests switch it off to compare both routes)
 NATIVE = True
+# score elements (heads x queries x keys) from which a call takes the compiled core: below it the
+# torch route's fewer per-call steps are faster (short decode steps); the bits are the same
+NATIVE_MIN_SCORES = 4096
 
 
 def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
@@ -155,7 +158,7 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     t_len, nh, d = q.shape
     s_len = k.shape[0]
     check_bounds(d, s_len, qmax)
-    if parts is None and use_native():  # the compiled core tiles the rows itself
+    if parts is None and use_native(t_len * nh * s_len):  # the compiled core tiles rows itself
         return _native_attend(q[None], sq[None], k[None], sk[None], v[None], sv[None],
                               q_pos[None])[0]
     if parts is not None:
@@ -225,10 +228,11 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     (check_bounds keeps both below 2^53); invisible keys get a logit far below every clamped one,
     so their weight, coefficient and products are exactly 0 (the spec's masks, by value).
     """
-    if parts is None and prepared is None and use_native():
+    if parts is None and prepared is None and use_native(q.shape[0] * q.shape[1] * q.shape[2]
+                                                         * k.shape[1]):
         return _native_attend(q, sq, k, sk, v, sv, q_pos)
     bsz, t_len, nh, d = q.shape
-    s_len, nkv = k.shape[1], k.shape[2]
+    nkv = k.shape[2]
     g = nh // nkv
     kt, vt = prepared if prepared is not None else (_keys(k, d, qmax), _values(v))
     wide = kt.dtype
@@ -237,10 +241,7 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     qg = rows(q).to(wide)  # [B, nkv, gT, d]
     scores = torch.matmul(qg, kt)  # [B, nkv, gT, S], exact
     pos = rows(q_pos.unsqueeze(-1).unsqueeze(-1).expand(bsz, t_len, nkv, g).unsqueeze(-1))
-    if parts is None and use_native():
-        c, z, m = _native_coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, g * t_len)
-    else:
-        c, z, m = _coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, parts, t_len)
+    c, z, m = _coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, parts, t_len)
     acc = torch.matmul(c, vt)  # [B, nkv, gT, d], exact integers
     out = (acc.to(F32) / z.to(F64).to(F32).unsqueeze(-1)) * m
     return out.reshape(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(bsz, t_len, nh * d)
@@ -257,38 +258,46 @@ def _native_attend(q, sq, k, sk, v, sv, q_pos) -> torch.Tensor:
         0, 2, 3, 1, *range(4, x.dim() + 1)).contiguous()  # [B, nkv, g, T, ...]
     grp = lambda x: x.permute(0, 2, 1).to(F32).contiguous().reshape(bsz * nkv, s_len)  # noqa
     nvis = (q_pos + 1).clamp(0, s_len).to(I64)[:, None, None, :].expand(bsz, nkv, g, t_len)
-    out, _, _ = native.attn_fused(
-        rows(q).reshape(-1, d).numpy(), rows(sq).to(F32).reshape(-1).numpy(),
-        native.pack_keys(k.numpy()), grp(sk).numpy(), native.pack_values(v.numpy()),
-        grp(sv).numpy(), nvis.contiguous().reshape(-1).numpy(), g * t_len, d,
-        float(score_scale(d)), float(1 << LOGIT_FRAC_BITS), _FULL_TABLE.numpy(), _CUT)
+    with torch.profiler.record_function("commitllm::attn_fused"):  # C time shows in profiles
+        out, _, _ = native.attn_fused(
+            rows(q).reshape(-1, d).numpy(), rows(sq).to(F32).reshape(-1).numpy(),
+            pack_keys(k).numpy(), grp(sk).numpy(), pack_values(v).numpy(),
+            grp(sv).numpy(), nvis.contiguous().reshape(-1).numpy(), g * t_len, d,
+            float(score_scale(d)), float(1 << LOGIT_FRAC_BITS), _FULL_TABLE.numpy(), _CUT)
     return torch.from_numpy(out).view(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(
         bsz, t_len, nh * d)
 
 
-def use_native() -> bool:
-    """Whether the compiled softmax passes (commitllm.verifier.native) run: NATIVE and built."""
-    return NATIVE and _NATIVE_CONSTANTS and native.lib() is not None
+def pack_keys(k: torch.Tensor) -> torch.Tensor:
+    """native.pack_keys in torch (two parallel copies instead of one strided C pass):
+    k int [B, S, H, d] -> int16 [B * H, ceil(S/16), dp/2, 16, 2], zeros past S and d."""
+    bsz, s_len, heads, d = k.shape
+    dp, nkb = d + d % 2, -(-s_len // native.KEY_BLOCK)
+    buf = k.new_zeros((bsz, nkb * native.KEY_BLOCK, heads, dp), dtype=torch.int16)
+    buf[:, :s_len, :, :d] = k
+    return buf.view(bsz, nkb, native.KEY_BLOCK, heads, dp // 2, 2).permute(
+        0, 3, 1, 4, 2, 5).contiguous().view(bsz * heads, nkb, dp // 2, native.KEY_BLOCK, 2)
+
+
+def pack_values(v: torch.Tensor) -> torch.Tensor:
+    """native.pack_values in torch: v int [B, S, H, d] -> int16 [B * H, ceil(S/2), dv, 2]."""
+    bsz, s_len, heads, d = v.shape
+    dv, nvp = -(-d // native.DIM_BLOCK) * native.DIM_BLOCK, -(-s_len // 2)
+    buf = v.new_zeros((bsz, nvp * 2, heads, dv), dtype=torch.int16)
+    buf[:, :s_len, :, :d] = v
+    return buf.view(bsz, nvp, 2, heads, dv).permute(0, 3, 1, 4, 2).contiguous().view(
+        bsz * heads, nvp, dv, 2)
+
+
+def use_native(scores: int | None = None) -> bool:
+    """Whether the compiled attention (commitllm.verifier.native) runs: NATIVE, built, and (given
+    the score elements of a call) at least NATIVE_MIN_SCORES of them."""
+    return (NATIVE and _NATIVE_CONSTANTS and (scores is None or scores >= NATIVE_MIN_SCORES)
+            and native.lib() is not None)
 
 
 # attn.c has the spec's constants written in; a change of the spec turns it off, not wrong
 _NATIVE_CONSTANTS = COEF_BITS == 15 and LOGIT_CLAMP == 2**30
-
-
-def _native_coefs(scores, sq_rows, sk, sv, pos, d: int, rows_per_group: int):
-    """_coefs' c, z, m by the compiled core (no trace): one pass per row instead of a dozen
-    torch passes over [B, nkv, gT, S]; the same bits (tests/test_native.py)."""
-    bsz, nkv, gt, s_len = scores.shape
-    s32 = scores.reshape(-1, s_len).contiguous()  # fp32 or float64: attn.c rounds the latter
-    grp = lambda x: x.permute(0, 2, 1).to(F32).contiguous().reshape(-1, s_len).numpy()  # noqa
-    nvis = (pos.reshape(-1) + 1).clamp_(0, s_len).to(I64).contiguous()
-    c, z, m = native.attn_coefs(s32.numpy(), sq_rows.reshape(-1).to(F32).contiguous().numpy(),
-                                grp(sk), grp(sv), rows_per_group, nvis.numpy(),
-                                float(score_scale(d)), float(1 << LOGIT_FRAC_BITS),
-                                _FULL_TABLE.numpy(), _CUT)
-    shape = (bsz, nkv, gt)
-    return (torch.from_numpy(c).view(*shape, s_len), torch.from_numpy(z).view(shape),
-            torch.from_numpy(m).view(*shape, 1))
 
 
 def _coefs(scores, sq_rows, sk, sv, pos, d: int, parts: dict | None, t_len: int):

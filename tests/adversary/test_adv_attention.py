@@ -98,3 +98,31 @@ def test_sliding_window_attention(world):
     p = attention_cheat(world.qm, "window", layer=None, window=4)
     s = world.serve(p)
     assert_rejected(world.audit(s, p, "full", positions=[20]), "freivalds_o")
+
+
+@pytest.fixture(params=["compiled-best", "compiled-plain", "spec"])
+def verifier_route(request, monkeypatch):
+    """The verifier's attention replay in the compiled core (its best SIMD route, or plain C) or
+    in the numpy spec: each must reach the same verdict for the same reason."""
+    from commitllm.verifier import native, replay
+    from commitllm.verifier.numerics import attention as spec_attn
+    if request.param == "spec":
+        monkeypatch.setattr(replay, "attention", spec_attn.attention)
+    elif native.lib() is None:
+        pytest.skip(f"no compiled core: {native.error()}")
+    else:
+        native.use_route(0 if request.param == "compiled-plain" else -1)
+    yield request.param
+    if native.lib() is not None:
+        native.use_route(-1)
+
+
+@pytest.mark.parametrize("kind", ["score", "weight", "output"])
+def test_attention_cheat_rejected_by_every_verifier_route(world, verifier_route, kind):
+    """A changed score, weight or output at the last position is refused by the compiled replay
+    and by the spec alike, and the honest run is accepted by each."""
+    pos = WHERE["last"]
+    p = attention_cheat(world.qm, kind, layer=1, positions=[pos])
+    assert_rejected(world.audit(world.serve(p), p, "full", positions=[pos]), "freivalds_o")
+    honest = world.audit(world.served, None, "full", positions=[pos])
+    assert honest.accepted, honest.reason

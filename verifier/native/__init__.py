@@ -112,6 +112,8 @@ def _declare(so) -> None:
     so.attn_route.restype = so.attn_best_route.restype = i64
     so.attn_route.argtypes = [i64]
     so.attn_pack.restype = i64
+    so.dequant_planes.restype = i64
+    so.dequant_planes.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p]
     so.attn_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p]
 
 
@@ -309,3 +311,38 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
         if code:
             raise MemoryError("attn_fused: out of memory")
     return out, z, m
+
+
+# ---------------------------------------------------------------- linear outputs (dequant_planes)
+
+def dequant_planes(parts: np.ndarray, nx: int, sx: np.ndarray, sw: np.ndarray,
+                   bias: np.ndarray | None, n_threads: int | None = None) -> np.ndarray:
+    """A linear's exact accumulator from its int8-plane products and its dequantized output in
+    one pass (see attn.c): parts int32 [nw, nx * M, N] (weight planes, then activation planes,
+    most significant first), sx fp32 [M], sw fp32 [N], bias fp32 [N] or None -> fp32 [M, N],
+    ((f32(z) * sx) * sw) + bias with z the recombined int64 accumulator."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    nw, rows, n = parts.shape
+    m = rows // nx if nx > 0 else 0
+    if (nx <= 0 or rows != nx * m or sx.shape != (m,) or sw.shape != (n,)
+            or (bias is not None and bias.shape != (n,)) or nw * nx > 4):
+        raise ValueError("dequant_planes: inconsistent shapes")
+    y = np.empty((m, n), np.float32)
+    args = (_ptr(parts, np.int32), nw, nx, m, n)
+    tail = (_ptr(sx, np.float32), _ptr(sw, np.float32),
+            0 if bias is None else _ptr(bias, np.float32), y.ctypes.data)
+    k = max(1, min(n_threads or 1, m * n // (1 << 16) + 1))
+    bounds = [m * i // k for i in range(k + 1)]
+
+    def run(a: int, b: int) -> int:
+        return so.dequant_planes(*args, a, b, *tail) if a < b else 0
+    if k == 1:
+        codes = [run(0, m)]
+    else:
+        pool = _pool.get(k) or _pool.setdefault(k, ThreadPoolExecutor(k))
+        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+    if any(codes):
+        raise MemoryError("dequant_planes: out of memory")
+    return y

@@ -481,3 +481,48 @@ int64_t attn_pack(const void *src, int64_t esize, int64_t vals, int64_t B, int64
         }
     return 0;
 }
+
+/* Recombine int8-plane products and dequantize a linear's output in one pass (the engine's
+ * untraced linears): parts int32 [nw][nx * M][N] holds the plane products of nw weight planes
+ * and nx activation planes (most significant first), so the exact accumulator is
+ *   z[m][n] = sum_w 256^(nw - 1 - w) * sum_x 256^(nx - 1 - x) * parts[w][x * M + m][n]  (int64),
+ * and y[m][n] = ((f32(f64(z)) * sx[m]) * sw[n]) + bias[n] (no bias: the product alone), the
+ * spec's dequantize, each fp32 operation rounded once, in this order. Rows m0 .. m1-1. */
+CLONES static void dequant_row(const int32_t *parts, int64_t nw, int64_t nx, int64_t M, int64_t N,
+                               int64_t m, float sxm, const float *sw, const float *bias, float *y,
+                               int64_t *z) {
+    int64_t *t = z + N;  /* one weight plane's sum over the activation planes */
+    for (int64_t n = 0; n < N; n++) z[n] = 0;
+    for (int64_t w = 0; w < nw; w++) {
+        for (int64_t n = 0; n < N; n++) t[n] = 0;
+        for (int64_t x = 0; x < nx; x++) {
+            const int32_t *p = parts + ((w * nx + x) * M + m) * N;
+            for (int64_t n = 0; n < N; n++) t[n] = t[n] * 256 + p[n];
+        }
+        for (int64_t n = 0; n < N; n++) z[n] = z[n] * 256 + t[n];
+    }
+    if (bias) {
+        for (int64_t n = 0; n < N; n++) {
+            float v = (float)(double)z[n];
+            v = v * sxm;
+            v = v * sw[n];
+            y[n] = v + bias[n];
+        }
+    } else {
+        for (int64_t n = 0; n < N; n++) {
+            float v = (float)(double)z[n];
+            v = v * sxm;
+            y[n] = v * sw[n];
+        }
+    }
+}
+
+int64_t dequant_planes(const int32_t *parts, int64_t nw, int64_t nx, int64_t M, int64_t N,
+                       int64_t m0, int64_t m1, const float *sx, const float *sw,
+                       const float *bias, float *y) {
+    int64_t *z = malloc(sizeof(int64_t) * 2 * (size_t)(N > 0 ? N : 1));
+    if (!z) return -3;
+    for (int64_t m = m0; m < m1; m++) dequant_row(parts, nw, nx, M, N, m, sx[m], sw, bias, y + m * N, z);
+    free(z);
+    return 0;
+}
