@@ -217,7 +217,7 @@ def each_route():
 @pytest.mark.parametrize("qmax", QMAXES)
 @pytest.mark.parametrize("case", sorted(ATTN_CASES))
 def test_attn_fused_every_route_and_thread_split_equals_the_spec(qmax, case, each_route):
-    """Plain C, AVX2 and AVX-512 VNNI (those this CPU has) and 1, 2 or 3 threads: the spec's bits."""
+    """Plain C, AVX2 and AVX-512 VNNI (those this CPU has), 1, 2 or 3 threads: the spec's bits."""
     t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
     x = _attn_inputs(qmax, t, s, nh, nkv, d, seed=5, spread=12.0 if qmax > 127 else 1.5)
     want = spec_attn.attention(*x, np.asarray(q_pos), qmax)
@@ -290,7 +290,8 @@ def test_attn_fused_fails_closed():
     with pytest.raises(ValueError, match="shapes"):
         native.attn_fused(q, *args, ones, nvis, 3, 4, 1.0, 256.0, table, cut)  # 2 rows != 1 x 3
     with pytest.raises(ValueError, match="shapes"):
-        native.attn_fused(q, *args, np.ones((1, 2), np.float32), nvis, 2, 4, 1.0, 256.0, table, cut)
+        native.attn_fused(q, *args, np.ones((1, 2), np.float32), nvis, 2, 4, 1.0, 256.0, table,
+                          cut)
     with pytest.raises(FloatingPointError, match="underflowed"):
         native.attn_fused(q, *args, np.zeros((1, 3), np.float32), nvis, 2, 4, 1.0, 256.0, table,
                           cut)
@@ -307,7 +308,8 @@ def test_dequant_planes_equals_the_torch_route(wq, xq, bias):
     plane products (full-range rows) and rows split over threads."""
     from commitllm.engine.exact.gemm import ExactWeight
     g = torch.Generator().manual_seed(wq + xq)
-    w = torch.randint(-wq, wq + 1, (70, 300), generator=g).to(torch.int16 if wq > 127 else torch.int8)
+    w = torch.randint(-wq, wq + 1, (70, 300), generator=g).to(
+        torch.int16 if wq > 127 else torch.int8)
     w[0] = -wq
     x = torch.randn(37, 300, generator=g)
     x[0] = -1.0  # a row of -qmax against a row of -qmax: the largest products

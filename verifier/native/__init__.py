@@ -126,6 +126,25 @@ def _ptr(a: np.ndarray, dtype) -> int:
 _pool: dict[int, ThreadPoolExecutor] = {}
 
 
+def _split_run(run, bounds: list[int], name: str) -> None:
+    """run(a, b) over consecutive row ranges, on a thread pool when there are several (ctypes
+    releases the GIL); the C codes become exceptions: -1 underflowed value scale, -2 NaN logit,
+    anything else out of memory."""
+    if len(bounds) == 2:
+        codes = [run(bounds[0], bounds[1])]
+    else:
+        n = len(bounds) - 1
+        pool = _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
+        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+    for code in codes:
+        if code == -1:
+            raise FloatingPointError("attention value scale underflowed to zero")
+        if code == -2:
+            raise FloatingPointError("attention logit is NaN")
+        if code:
+            raise MemoryError(f"{name}: out of memory")
+
+
 def threads() -> int:
     """Threads for row-parallel routines: every core (at most 16)."""
     return max(1, min(os.cpu_count() or 1, 16))
@@ -161,23 +180,12 @@ def attn_coefs(s: np.ndarray, sq: np.ndarray, sk: np.ndarray, sv: np.ndarray,
     def run(a: int, b: int) -> int:
         if a == b:
             return 0
-        return so.attn_coefs(ps + (8 if wide else 4) * a * n_keys, int(wide), a, b - a, n_keys, psq + 4 * a, psk, psv,
-                             rows_per_group,
-                             pnv + 8 * a, scale, frac, ptab, cut,
+        return so.attn_coefs(ps + (8 if wide else 4) * a * n_keys, int(wide), a, b - a, n_keys,
+                             psq + 4 * a, psk, psv, rows_per_group, pnv + 8 * a, scale, frac,
+                             ptab, cut,
                              c.ctypes.data + 8 * a * n_keys, z.ctypes.data + 8 * a,
                              m.ctypes.data + 4 * a)
-    if n == 1:
-        codes = [run(0, rows)]
-    else:
-        pool = _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
-        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
-    for code in codes:
-        if code == -1:
-            raise FloatingPointError("attention value scale underflowed to zero")
-        if code == -2:
-            raise FloatingPointError("attention logit is NaN")
-        if code:
-            raise MemoryError("attn_coefs: out of memory")
+    _split_run(run, bounds, "attn_coefs")
     return c, z, m
 
 
@@ -283,6 +291,8 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
     out = np.empty((rows, d), np.float32)
     z = np.empty(rows, np.int64)
     m = np.empty(rows, np.float32)
+    if rows == 0:
+        return out, z, m
     ptrs = (_ptr(qh, np.int16), 0 if ql is None else _ptr(ql, np.int16), _ptr(kp, np.int16),
             _ptr(vp, np.int16), _ptr(sq, np.float32), _ptr(sk, np.float32), _ptr(sv, np.float32),
             _ptr(nvis, np.int64))
@@ -290,7 +300,7 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
             m.ctypes.data)
     # contiguous row ranges of about equal work (visible keys), one per thread
     work = np.cumsum(np.clip(nvis, 1, n_keys) * 1.0)
-    n = max(1, min(n_threads or threads(), int(work[-1] * d) // (1 << 21) + 1 if rows else 1))
+    n = max(1, min(n_threads or threads(), int(work[-1] * d) // (1 << 21) + 1))
     bounds = [0] + [int(np.searchsorted(work, work[-1] * i / n)) for i in range(1, n)] + [rows]
 
     def run(a: int, b: int) -> int:
@@ -298,18 +308,7 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
             return 0
         return so.attn_fused(*ptrs, a, b - a, rows_per_group, n_keys, dp, nkb, dv, nvp, d,
                              *tail)
-    if n == 1:
-        codes = [run(0, rows)]
-    else:
-        pool = _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
-        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
-    for code in codes:
-        if code == -1:
-            raise FloatingPointError("attention value scale underflowed to zero")
-        if code == -2:
-            raise FloatingPointError("attention logit is NaN")
-        if code:
-            raise MemoryError("attn_fused: out of memory")
+    _split_run(run, bounds, "attn_fused")
     return out, z, m
 
 
@@ -338,11 +337,5 @@ def dequant_planes(parts: np.ndarray, nx: int, sx: np.ndarray, sw: np.ndarray,
 
     def run(a: int, b: int) -> int:
         return so.dequant_planes(*args, a, b, *tail) if a < b else 0
-    if k == 1:
-        codes = [run(0, m)]
-    else:
-        pool = _pool.get(k) or _pool.setdefault(k, ThreadPoolExecutor(k))
-        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
-    if any(codes):
-        raise MemoryError("dequant_planes: out of memory")
+    _split_run(run, bounds, "dequant_planes")
     return y
