@@ -12,6 +12,7 @@ from ..verifier.numerics import logprobs as lp_mod
 from ..verifier.numerics.sampler import SamplingParams, sample
 from ..verifier.outputs import StopScan
 from .exact.model import ExactModel, SeqCache
+from .exact.paged import KVPool, PagedCache
 from .reference import ReferenceModel
 
 
@@ -132,7 +133,7 @@ def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_toke
         if k is not None:
             res.logprobs = []
             res.prompt_logprobs = [] if prompt_lp else None
-    caches = [SeqCache() for _ in prompts] if caches is None else caches
+    caches = default_caches(model, prompts, max_tokens) if caches is None else caches
     if max(max_tokens, default=0) == 0:
         return results
     run = recorder.step if recorder is not None else (
@@ -152,6 +153,23 @@ def generate_exact(model: ExactModel, prompts: list[list[int]], params, max_toke
             logits = run(model, live, [caches[i] for i in live],
                          [[results[i].token_ids[-1]] for i in live])
     return results
+
+
+def default_caches(model: ExactModel, prompts: list[list[int]], max_tokens: list[int]) -> list:
+    """One SeqCache for a single sequence (or a backend with caches of its own); several
+    sequences on the torch backend share one paged pool sized for all they can reach, so a step
+    writes and gathers each layer's K/V once instead of once per sequence. The values are the
+    same either way (tests/test_batching.py: the paged forward equals SeqCache)."""
+    if len(prompts) < 2 or type(model) is not ExactModel:
+        return [SeqCache() for _ in prompts]
+    need = [len(p) + m for p, m in zip(prompts, max_tokens)]
+    cfg, prof = model.cfg, model.profile
+    pool = KVPool(cfg, prof, sum(KVPool.bytes_for(cfg, prof, n) for n in need))
+    caches = [PagedCache(pool) for _ in prompts]
+    for c, n in zip(caches, need):
+        if not c.reserve(n):
+            raise AssertionError("a pool sized for the batch could not hold it")
+    return caches
 
 
 def _prefill(model: ExactModel, caches, prompts, chunk: int, run, results=None,
