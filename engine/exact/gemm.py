@@ -74,31 +74,36 @@ class ExactWeight:
 
     def matmul(self, qx: torch.Tensor, x_qmax: int) -> torch.Tensor:
         """z = qx @ q.T exactly, int64 [M, N]."""
-        if self.k * x_qmax * self.qmax >= EXACT_F64:
-            raise OverflowError(f"K={self.k} can exceed 2^53")
+        self._check(x_qmax)
         if not self.use_int_mm:
             return (qx.to(torch.float64) @ self.f64_t).long()
-        xs = planes(qx, x_qmax)
-        m = qx.shape[0]
-        stacked = torch.cat(xs) if len(xs) > 1 else xs[0]  # [P*M, K]
+        stacked, n_x = self._stacked(qx, x_qmax)
         z = None
         for wp in self.planes_t:
-            part = _recombine(_int_mm(stacked, wp), len(xs), m)  # int64 [M, N]
+            part = _recombine(_int_mm(stacked, wp), n_x, qx.shape[0])  # int64 [M, N]
             z = part if z is None else z.mul_(256).add_(part)
         return z
 
-
     def plane_products(self, qx: torch.Tensor, x_qmax: int) -> tuple[torch.Tensor, int]:
         """The int32 plane products of qx @ q.T, [weight planes, activation planes * M, N] (most
-        significant first), and the number of activation planes: matmul() before recombining."""
-        if self.k * x_qmax * self.qmax >= EXACT_F64:
-            raise OverflowError(f"K={self.k} can exceed 2^53")
-        xs = planes(qx, x_qmax)
-        stacked = (torch.cat(xs) if len(xs) > 1 else xs[0]).contiguous()  # [P*M, K]
+        significant first), and the number of activation planes: matmul() before recombining
+        (int8 path only)."""
+        self._check(x_qmax)
+        stacked, n_x = self._stacked(qx, x_qmax)
         out = torch.empty((len(self.planes_t), stacked.shape[0], self.n), dtype=torch.int32)
         for i, wp in enumerate(self.planes_t):
             torch._int_mm(stacked, wp, out=out[i])
-        return out, len(xs)
+        return out, n_x
+
+    def _check(self, x_qmax: int) -> None:
+        if self.k * x_qmax * self.qmax >= EXACT_F64:
+            raise OverflowError(f"K={self.k} can exceed 2^53")
+
+    @staticmethod
+    def _stacked(qx: torch.Tensor, x_qmax: int) -> tuple[torch.Tensor, int]:
+        """qx's int8 planes stacked row-wise [P*M, K] (contiguous, as _int_mm needs), and P."""
+        xs = planes(qx, x_qmax)
+        return (torch.cat(xs) if len(xs) > 1 else xs[0]).contiguous(), len(xs)
 
 
 def _recombine(part: torch.Tensor, n_planes: int, m: int) -> torch.Tensor:
