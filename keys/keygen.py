@@ -13,13 +13,14 @@ from ..verifier import container
 from ..verifier.commitment import commit_model
 from ..verifier.digest import numerics_constants
 from ..verifier.commitment import canonical_json
-from ..verifier.freivalds import CHECKS, PRIMES, limbs, project, secret_vectors
+from ..verifier.freivalds import SCHEME, Prepared, prepare, project, secret_vector
 from ..verifier.numerics import SPEC_VERSION
 from ..verifier.numerics.rope import RopeTable
 from ..verifier.numerics.weights import QuantizedModel
 
 KEY_MAGIC = b"CLLMKEY\x00"
-KEY_VERSION = 3  # 3: a keyed MAC over every field; 2: Freivalds rows modulo two primes
+KEY_VERSION = 4  # 4: one Freivalds row modulo 2^61 - 1; 3: a keyed MAC over every field;
+#                 2: Freivalds rows modulo two primes
 MAC_CONTEXT = "commitllm 2026 key file mac v1"  # blake3 derive_key context for the MAC key
 MAX_KEY_BYTES = 1 << 34
 MATRICES = ("qkv", "o", "gate_up", "down")
@@ -38,19 +39,18 @@ class Key:
         return bytes(self.arrays["secret"])
 
     def r(self, label: str) -> np.ndarray:
-        """The secret vectors of matrix `label` (recomputed from the secret, never stored)."""
-        return secret_vectors(self.secret, label, self.meta["rows"][label])
+        """The secret row of matrix `label` (recomputed from the secret, never stored)."""
+        return secret_vector(self.secret, label, self.meta["rows"][label])
 
     def v(self, label: str) -> np.ndarray:
         return self.arrays[f"{label}.v"]
 
-    def limbs(self, label: str) -> tuple[np.ndarray, np.ndarray]:
-        """(limbs(r), limbs(v)) of matrix `label`, what freivalds.check multiplies by: derived
-        on first use and kept in memory with the key (the secret stream costs ~1 ms per 10^4
-        rows, more than the check itself)."""
+    def prepared(self, label: str) -> tuple[Prepared, Prepared]:
+        """(r, v) of matrix `label` as freivalds.check takes them: derived on first use and kept
+        in memory with the key (the secret stream costs more than the check itself)."""
         got = self._limbs.get(label)
         if got is None:
-            got = self._limbs[label] = (limbs(self.r(label)), limbs(self.v(label)))
+            got = self._limbs[label] = (prepare(self.r(label)), prepare(self.v(label)))
         return got
 
 
@@ -68,7 +68,7 @@ def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progre
     arrays: dict[str, np.ndarray] = {"secret": np.frombuffer(secret, dtype=np.uint8).copy()}
     rows = {}
     for label, lin in _linears(qm):
-        r = secret_vectors(secret, label, lin.q.shape[0])
+        r = secret_vector(secret, label, lin.q.shape[0])
         arrays[f"{label}.v"] = project(r, lin.q)
         arrays[f"{label}.s"] = lin.s
         if lin.bias is not None:
@@ -93,7 +93,7 @@ def build_key(qm: QuantizedModel, tokenizer, secret: bytes | None = None, progre
         "config_digest": com["config_digest"].hex(),
         "rope_digest": RopeTable(qm.cfg).digest(),
         "numerics_digest": numerics_digest(),
-        "freivalds": {"primes": list(PRIMES), "checks_per_prime": CHECKS},
+        "freivalds": dict(SCHEME),
         "rows": rows,
         "tokenizer_hash": tokenizer.tokenizer_hash() if tokenizer else None,
         "chat_template_hash": tokenizer.chat_template_hash() if tokenizer else None,
@@ -179,7 +179,6 @@ def load_key(path: Path) -> Key:
             meta["mac"].encode("utf-8", "replace"), key_mac(meta, arrays).encode()):
         raise container.ContainerError(f"{path}: the key's MAC does not verify (the file was "
                                        f"altered or damaged); run `commitllm keygen` again")
-    fr = meta.get("freivalds") or {}
-    if fr.get("primes") != list(PRIMES) or fr.get("checks_per_prime") != CHECKS:
+    if meta.get("freivalds") != SCHEME:
         raise container.ContainerError(f"{path}: key built for another Freivalds scheme; rebuild it")
     return Key(meta, arrays)

@@ -1,7 +1,8 @@
-"""The verifier's fast paths equal their plain references bit for bit: the float64-BLAS Freivalds
-arithmetic (verifier/freivalds.py: limbs, dot_mod, project) equals the int64 reference at the
-extremes of every range it accepts and a single changed accumulator fails the check; the batched
-Merkle leaves (commitment.leaf_hashes) equal resid_leaf / kv_leaf row by row; the grouped
+"""The verifier's fast paths equal their plain references bit for bit: the Freivalds arithmetic
+modulo 2^61 - 1 (verifier/freivalds.py: dot on the numpy route and on every SIMD route of the
+compiled core, project) equals the Python-integer reference at the extremes of every range it
+accepts, values beyond the bound are refused on every route, and a single changed accumulator
+fails the check; the batched Merkle leaves (commitment.leaf_hashes) equal resid_leaf / kv_leaf row by row; the grouped
 attention equals a per-head loop; RoPE rows built for a few positions equal the table's rows."""
 
 from __future__ import annotations
@@ -10,21 +11,36 @@ import numpy as np
 import pytest
 from commitllm.verifier import freivalds
 from commitllm.verifier.commitment import kv_leaf, leaf_hashes, resid_leaf
-from commitllm.verifier.freivalds import PRIMES, check, dot_mod, dot_mod_reference, limbs, moduli
+from commitllm.verifier import native
+from commitllm.verifier.freivalds import P, check, dot, dot_reference, prepare
 from commitllm.verifier.numerics import attention as attn
 from commitllm.verifier.numerics import rope
 
-MODS = moduli()[:, None]
+def _routes():
+    """Each route of freivalds.dot this machine has, as native flags: numpy (False), then every
+    SIMD route of the compiled core (True, with that route set while the caller runs)."""
+    yield False
+    if native.lib() is not None:
+        try:
+            for r in range(native.best_route() + 1):
+                native.use_route(r)
+                yield True
+        finally:
+            native.use_route(-1)
+
+
+def _dots(prep, b, bound):
+    return [freivalds.dot(prep, b, bound, native=nat) for nat in _routes()]
 
 
 def _residues(rng, n: int, extreme: bool = False) -> np.ndarray:
-    if extreme:  # p - 1 everywhere: the largest limbs
-        return np.broadcast_to(MODS - 1, (len(MODS), n)).astype(np.int64).copy()
-    return rng.integers(0, MODS, size=(len(MODS), n), dtype=np.int64)
+    if extreme:  # P - 1 everywhere: the largest limbs
+        return np.full(n, P - 1, dtype=np.int64)
+    return rng.integers(0, P, size=n, dtype=np.int64)
 
 
-@pytest.mark.parametrize("n", [1, 7, 576, 4096, 14336, 57344, 128256])
-def test_dot_mod_equals_reference(n):
+@pytest.mark.parametrize("n", [1, 7, 576, 1023, 1025, 4096, 14336, 57344, 128256])
+def test_dot_equals_reference_on_every_route(n):
     rng = np.random.default_rng(n)
     bound = n * 32639 * 32639  # the largest accumulator bound the profiles give for this K
     for extreme in (False, True):
@@ -32,37 +48,61 @@ def test_dot_mod_equals_reference(n):
         b = rng.integers(-bound, bound + 1, size=(5, n), dtype=np.int64)
         b[0], b[1] = bound, -bound  # rows at both ends of the range
         b[2, ::2] = -bound
-        assert np.array_equal(dot_mod(limbs(a), b, bound), dot_mod_reference(a, b))
+        want = dot_reference(a, b)
+        for got in _dots(prepare(a), b, bound) + [dot(prepare(a), b.astype(np.float64), bound)]:
+            assert got.dtype == np.uint64 and np.array_equal(got, want)
 
 
-def test_dot_mod_small_operands_and_int16():
+@pytest.mark.parametrize("dtype, qmax", [(np.int8, 127), (np.int16, 32639), (np.int32, 2**31 - 1)])
+def test_dot_narrow_operands_on_every_route(dtype, qmax):
     rng = np.random.default_rng(1)
-    a = _residues(rng, 300)
-    x = rng.integers(-32639, 32640, size=(3, 300)).astype(np.int16)
-    assert np.array_equal(dot_mod(limbs(a), x, 32639), dot_mod_reference(a, x))
+    for n in (1, 9, 300, 4096):
+        a = _residues(rng, n, extreme=n == 9)
+        x = rng.integers(-qmax, qmax + 1, size=(3, n)).astype(dtype)
+        x[0] = qmax
+        x[1] = -qmax
+        for got in _dots(prepare(a), x, qmax):
+            assert np.array_equal(got, dot_reference(a, x))
     zero = np.zeros((2, 300), dtype=np.int64)
-    assert np.array_equal(dot_mod(limbs(a), zero, 0), np.zeros((2, len(MODS)), np.int64))
+    for got in _dots(prepare(_residues(rng, 300)), zero, 0):
+        assert np.array_equal(got, np.zeros(2, np.uint64))
 
 
-def test_dot_mod_refuses_values_beyond_the_bound():
-    a = _residues(np.random.default_rng(2), 10)
-    b = np.full((1, 10), 1001, dtype=np.int64)
+def test_dot_refuses_values_beyond_the_bound_on_every_route():
+    a = prepare(_residues(np.random.default_rng(2), 2000))
+    for value in (1001, -1001):
+        for i in (0, 1500, 1999):  # in a SIMD block, in the second block and in the tail
+            bad = np.zeros((2, 2000), dtype=np.int64)
+            bad[1, i] = value
+            for nat in _routes():
+                for b in (bad, bad.astype(np.int16)):
+                    with pytest.raises(OverflowError):
+                        dot(a, b, 1000, native=nat)
     with pytest.raises(OverflowError):
-        dot_mod(limbs(a), b, 1000)
-    with pytest.raises(OverflowError):
-        dot_mod(limbs(a), -b, 1000)
+        dot(a, np.zeros((1, 2000), np.int64), 2**53)
     with pytest.raises(ValueError):
-        limbs(np.full((4, 3), 2**31, dtype=np.int64))
+        prepare(np.full(3, P, dtype=np.int64))
+    with pytest.raises(ValueError):
+        prepare(np.full(3, -1, dtype=np.int64))
+
+
+def test_secret_vector_is_keyed_and_in_range():
+    r = freivalds.secret_vector(b"\x07" * 32, "layers.0.o", 4096)
+    assert r.dtype == np.int64 and r.shape == (4096,) and r.min() >= 0 and r.max() < P
+    assert r.max() > 2**60  # the top 61 bits are used
+    assert not np.array_equal(r, freivalds.secret_vector(b"\x08" * 32, "layers.0.o", 4096))
+    assert not np.array_equal(r, freivalds.secret_vector(b"\x07" * 32, "layers.1.o", 4096))
+    assert np.array_equal(r[:10], freivalds.secret_vector(b"\x07" * 32, "layers.0.o", 10))
 
 
 def test_project_blocks_equal_reference():
     rng = np.random.default_rng(3)
     w = rng.integers(-32639, 32640, size=(1000, 64)).astype(np.int16)
     w[0] = 32639
-    r = _residues(rng, 1000)
-    want = dot_mod_reference(r, w.T.astype(np.int64)).T  # v[c, k] = sum_n r[c, n] w[n, k]
-    for block in (1, 7, 4096):
-        assert np.array_equal(freivalds.project(r, w, block=block), want)
+    for r in (_residues(rng, 1000), _residues(rng, 1000, extreme=True)):
+        want = dot_reference(r, w.T)  # v[k] = sum_n r[n] w[n, k]
+        for block in (1, 7, 4096):
+            assert np.array_equal(freivalds.project(r, w, block=block).astype(np.uint64), want)
 
 
 def test_check_accepts_exact_and_rejects_one_flipped_accumulator():
@@ -72,15 +112,20 @@ def test_check_accepts_exact_and_rejects_one_flipped_accumulator():
     x = rng.integers(-qx, qx + 1, size=(6, k)).astype(np.int16)
     x[0] = qx
     z = x.astype(np.int64) @ w.T.astype(np.int64)
-    r = freivalds.secret_vectors(b"\x07" * 32, "m", n)
-    rl, vl = limbs(r), limbs(freivalds.project(r, w))
+    r = freivalds.secret_vector(b"\x07" * 32, "m", n)
+    rp, vp = prepare(r), prepare(freivalds.project(r, w))
     bound = k * qx * qw
-    assert check(rl, vl, x, z, qx, bound).all()
-    for delta in (1, -1, PRIMES[0], PRIMES[1], PRIMES[0] * PRIMES[1] % bound):
-        bad = z.copy()
-        bad[3, 17] += delta
-        ok = check(rl, vl, x, bad, qx, max(bound, int(np.abs(bad).max())))
-        assert not ok[3] and ok[[0, 1, 2, 4, 5]].all()
+    for nat in _routes():
+        assert check(rp, vp, x, z, qx, bound, native=nat).all()
+        for delta in (1, -1, 2**31, 2**31 - 1, 2**40, bound):
+            bad = z.copy()
+            bad[3, 17] += delta
+            ok = check(rp, vp, x, bad, qx, max(bound, int(np.abs(bad).max())), native=nat)
+            assert not ok[3] and ok[[0, 1, 2, 4, 5]].all()
+        with pytest.raises(OverflowError):  # z + P would alias: the bound refuses it first
+            bad = z.copy()
+            bad[0, 0] += P
+            check(rp, vp, x, bad, qx, bound, native=nat)
 
 
 def test_leaf_hashes_equal_per_row_leaves():

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from commitllm.verifier import freivalds
-from commitllm.verifier.freivalds import dot_mod, dot_mod_reference, limbs, moduli
 from commitllm.verifier.numerics import exp2 as spec_exp2
 from commitllm.verifier.numerics import norm as spec_norm
 from commitllm.verifier.numerics import quant as spec_quant
@@ -84,29 +82,6 @@ def _ref_silu(g):
 
 def _ref_swiglu(gate, up):
     return (_ref_silu(gate) * up).astype(F32)
-
-
-def _ref_dot_mod(a_limbs, b, bound):
-    """dot_mod with integer limb shifts and one product per limb (the previous form)."""
-    n, rows = a_limbs.shape[0], a_limbs.shape[1] // 2
-    w = freivalds.b_limb_bits(n)
-    count = 1
-    while bound >> (count * w):
-        count += 1
-    b = b.astype(np.int64, copy=False)
-    m = b.shape[0]
-    acc = np.zeros((count, m, 2 * rows), dtype=np.float64)
-    for i in range(count):
-        part = b >> (i * w) if i == count - 1 else (b >> (i * w)) & ((1 << w) - 1)
-        acc[i] += part.astype(np.float64) @ a_limbs
-    sums = acc.astype(np.int64).reshape(count, m, 2, rows)
-    mods = moduli()
-    out = np.zeros((m, rows), dtype=np.int64)
-    for i in range(count):
-        for j in range(2):
-            scale = np.array([pow(2, i * w + j * 16, int(p)) for p in mods], dtype=np.int64)
-            out = np.mod(out + np.mod(sums[i, :, j], mods) * scale, mods)
-    return out
 
 
 # ---------------------------------------------------------------- inputs
@@ -271,30 +246,6 @@ def test_swiglu_and_silu_equal_previous(tf):
         assert _same(spec_exp2.swiglu(gate, up), _ref_swiglu(gate, up))
         assert _same(spec_exp2.silu(gate), _ref_silu(gate))
         assert _same(spec_exp2.silu(gate[0]), _ref_silu(gate[0]))  # 1-D
-
-
-# ---------------------------------------------------------------- Freivalds limbs
-
-@pytest.mark.parametrize("n,bound", [(7, 2**40), (4096, 4096 * 32639 * 127),
-                                     (28672, 4096 * 32639 * 127), (57344, 57344 * 32639**2),
-                                     (300, 2**53 - 1), (300, 2**61)], ids=str)
-def test_dot_mod_limbs_equal_previous(n, bound):
-    """One product over all limbs, float64 limbs of a float64 b, and the integer path beyond
-    2^53 equal the previous per-limb integer form (and the int64 reference)."""
-    rng = np.random.default_rng(n)
-    a = rng.integers(0, moduli()[:, None], size=(len(moduli()), n), dtype=np.int64)
-    b = rng.integers(-bound, bound + 1, size=(6, n), dtype=np.int64)
-    b[0], b[1] = bound, -bound
-    b[2, ::2] = -bound
-    b[3, :] = 0
-    want = _ref_dot_mod(limbs(a), b, bound)
-    assert np.array_equal(want, dot_mod_reference(a, b))
-    assert np.array_equal(dot_mod(limbs(a), b, bound), want)
-    if bound < 2**53:
-        assert np.array_equal(dot_mod(limbs(a), b.astype(np.float64), bound), want)
-    else:
-        with pytest.raises(OverflowError):
-            dot_mod(limbs(a), b.astype(np.float64), bound)
 
 
 # ---------------------------------------------------------------- RoPE rows

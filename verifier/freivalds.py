@@ -1,142 +1,187 @@
-"""Freivalds checks of exact integer matmuls modulo two primes below 2^31.
+"""Freivalds checks of exact integer matmuls with one secret row modulo P = 2^61 - 1.
 
-For W [N, K] the key holds secret rows r [C, N] and v = r W mod p_c [C, K]: CHECKS rows for each
-prime in PRIMES. An opened accumulator z [N] claimed to equal W x passes when r z == v x
-(mod p_c) for every row. The verifier also bounds every opened |z| by K * qmax_x * qmax_w
-(< 2^53), so a forged z' != z differs from z by less than p_1 * p_2 (~2^62) and is therefore
-different modulo at least one prime; that prime's two independent rows each let it pass with
-probability at most 1/p ~ 2^-31: at most 2^-62 per check. (One prime alone would not do: with
-K = 576 and int16 x int8 the bound 2.4e9 already exceeds 2^31 - 1, so z + p would alias.)
-Arithmetic is exact: the sums go through float64 BLAS on limbs small enough that every product
-and partial sum is an integer below 2^53 (see dot_mod); `dot_mod_reference` is the plain int64
-twin the tests compare it with.
+For W [N, K] the key holds v = r W mod P [K] for a secret row r [N] (residues in [0, P)). An
+opened accumulator row z [N] claimed to equal W x passes when r z == v x (mod P). The verifier
+first bounds every opened |z| by K * qmax_x * qmax_w (< 2^53), so a forged z' != W x differs
+from it by d with 0 < |d_i| < 2^54 < P in some coordinate i: d != 0 mod P, and for any fixed
+value of the other coordinates of r exactly one residue of r_i makes r d == 0 (mod P); r_i takes
+each residue with probability at most 2^-60 (see secret_vector), so a forged row passes with
+probability at most 2^-60 per check. docs/PROTOCOL.md has the argument in full.
+
+Arithmetic is exact on every route, and every route gives the same residues:
+  - the compiled core (native.fv_dot): the secret as three limbs of at most 21 bits, exact int64
+    block sums, reduced modulo P (2^61 = 1 mod P) and recombined by rotations;
+  - numpy (`dot`, without the compiled core): the secret as four 16-bit limbs in float64, the
+    opened integers as limbs of w = 37 - ceil(log2 N) bits, one float64 BLAS product in which
+    every product and partial sum is an integer below 2^53;
+  - `dot_reference`: Python integers, the tests' reference.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from dataclasses import dataclass
 
 import blake3
 import numpy as np
 
-PRIMES = (2**31 - 1, 2**31 - 19)
-CHECKS = 2  # rows per prime
-_DOMAIN = b"commitllm/freivalds/v2\x00"
+P = 2**61 - 1
+SCHEME = {"modulus": "2^61-1", "rows": 1}  # the key's "freivalds" metadata
+_DOMAIN = b"commitllm/freivalds/v3\x00"
+USE_NATIVE: bool | None = None  # dot's route when not given: None, the compiled core when built
+_P64 = np.uint64(P)
 
 
-def moduli() -> np.ndarray:
-    """The prime of each secret row, int64 [len(PRIMES) * CHECKS]."""
-    return np.repeat(np.array(PRIMES, dtype=np.int64), CHECKS)
-
-
-_MODULI = moduli()
-_MODULI.setflags(write=False)
-
-
-def secret_vectors(secret: bytes, label: str, n: int) -> np.ndarray:
-    """r [rows, n], row c uniform in [0, p_c) up to 2^-33 bias, from blake3 keyed by the secret."""
+def secret_vector(secret: bytes, label: str, n: int) -> np.ndarray:
+    """r int64 [n] in [0, P) from blake3-XOF keyed by the secret over the label: the top 61 bits
+    of each little-endian u64, reduced mod P (2^61 - 1 -> 0). Residue 0 then has probability
+    2^-60 and every other one 2^-61."""
     if len(secret) != 32:
         raise ValueError("the Freivalds secret is 32 bytes")
-    mods = moduli()
-    stream = blake3.blake3(_DOMAIN + label.encode(), key=secret).digest(length=8 * n * len(mods))
-    raw = np.frombuffer(stream, dtype="<u8").reshape(len(mods), n)
-    return (raw % mods[:, None].astype(np.uint64)).astype(np.int64)
+    stream = blake3.blake3(_DOMAIN + label.encode(), key=secret).digest(length=8 * n)
+    raw = np.frombuffer(stream, dtype="<u8") >> np.uint64(3)
+    return np.where(raw == _P64, np.uint64(0), raw).astype(np.int64)
+
+
+def _mod_i64(s: np.ndarray) -> np.ndarray:
+    """int64 (any value) -> uint64 residues mod P."""
+    return np.mod(s, np.int64(P)).astype(np.uint64)
+
+
+def _shift(x: np.ndarray, k: int) -> np.ndarray:
+    """x * 2^k mod P for uint64 residues x: a rotation of 61 bits (2^61 = 1 mod P)."""
+    k %= 61
+    if k == 0:
+        return x
+    return ((x << np.uint64(k)) & _P64) | (x >> np.uint64(61 - k))
+
+
+def _add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    s = a + b  # both below P < 2^61: no wrap
+    return np.where(s >= _P64, s - _P64, s)
+
+
+A_LIMB = 16  # the secret's limbs in the numpy route
+A_LIMBS = 4  # 16 + 16 + 16 + 13 bits
+EXACT_BITS = 53  # float64 holds every integer below 2^53
+BLOCK_ELEMS = 1 << 15  # elements of b per column block (its limbs: a few times that)
 
 
 def project(r: np.ndarray, w: np.ndarray, block: int = 4096) -> np.ndarray:
-    """v = r W mod p_c, int64 [rows, K], exact.
+    """v = r W mod P, int64 [K], exact, for int8/int16 W [N, K].
 
-    r = hi * 2^16 + lo; each of r_lo @ W and r_hi @ W goes through float64 BLAS with every
-    partial sum below N * 2^16 * 2^15 (< 2^53 for N < 2^22), then recombines modulo p_c. W is
-    converted to float64 `block` rows at a time (a 70B MLP matrix would take 3.8 GB at once).
-    """
-    if w.shape[0] >= 2**22:
-        raise OverflowError("too many rows for an exact float64 projection")
-    mods = moduli()[:, None]
-    acc = np.zeros((r.shape[0], w.shape[1]), dtype=np.int64)
+    r is cut into four 16-bit limbs; each limb row times a block of W goes through float64 BLAS
+    with every partial sum below N * 2^16 * 2^15 (< 2^53 for N < 2^22); the sums are reduced
+    mod P and recombined by rotations. W is converted to float64 `block` rows at a time (a 70B
+    MLP matrix would take 3.8 GB at once)."""
+    if w.shape[0] >= 2**22 or np.abs(w).max(initial=0) > 2**15:
+        raise OverflowError("too many rows or too wide weights for an exact float64 projection")
+    if r.shape != (w.shape[0],):
+        raise ValueError(f"project: r {r.shape} does not match W {w.shape}")
+    acc = np.zeros(w.shape[1], dtype=np.uint64)
     for i in range(0, w.shape[0], block):
-        wf, ri = w[i:i + block].astype(np.float64), r[:, i:i + block]
-        lo = ((ri & 0xFFFF).astype(np.float64) @ wf).astype(np.int64)
-        hi = ((ri >> 16).astype(np.float64) @ wf).astype(np.int64)
-        acc = np.mod(acc + np.mod(hi, mods) * 65536 + lo, mods)  # < 2^31 + 2^47 + 2^53
-    return acc
+        wf, ri = w[i:i + block].astype(np.float64), r[i:i + block]
+        parts = np.stack([(ri >> (A_LIMB * j)) & 0xFFFF for j in range(A_LIMBS)]).astype(
+            np.float64) @ wf  # [4, K], |.| < 2^53: exact
+        for j in range(A_LIMBS):
+            acc = _add(acc, _shift(_mod_i64(parts[j].astype(np.int64)), A_LIMB * j))
+    return acc.astype(np.int64)
 
 
-A_LIMB = 16  # residues < 2^31 split into two 16-bit limbs
-EXACT_BITS = 53  # float64 holds every integer below 2^53
-BLOCK_ELEMS = 1 << 15  # elements of b per column block in dot_mod (its limbs: 2-3 times that)
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """A secret vector (r, or v = r W) in the forms the dot products multiply by: int64 [3, N]
+    limbs of 21, 20, 20 bits for the compiled core, float64 [N, 4] 16-bit limbs for numpy (built when first used)."""
+
+    a: np.ndarray  # int64 [N], residues
+
+    @property
+    def n(self) -> int:
+        return self.a.shape[0]
+
+    def native_limbs(self) -> np.ndarray:
+        return _cached(self, "_native", lambda: np.ascontiguousarray(np.stack(
+            [self.a & 0x1FFFFF, (self.a >> 21) & 0xFFFFF, self.a >> 41])))
+
+    def float_limbs(self) -> np.ndarray:
+        return _cached(self, "_float", lambda: np.ascontiguousarray(np.stack(
+            [(self.a >> (A_LIMB * j)) & 0xFFFF for j in range(A_LIMBS)], axis=1)
+            .astype(np.float64)))
 
 
-def limbs(a: np.ndarray) -> np.ndarray:
-    """Residues a [R, N] (0 <= a < 2^31) as float64 [N, 2R]: the low 16-bit limbs, then the
-    high ones. What dot_mod multiplies by; a verifier computes it once per matrix."""
-    if a.dtype != np.int64 or np.any((a < 0) | (a >= 2**31)):
-        raise ValueError("limbs expects int64 residues below 2^31")
-    return np.ascontiguousarray(np.concatenate([a & 0xFFFF, a >> A_LIMB]).T, dtype=np.float64)
+def _cached(obj, name: str, make):
+    got = obj.__dict__.get(name)
+    if got is None:
+        got = make()
+        object.__setattr__(obj, name, got)
+    return got
+
+
+def prepare(a: np.ndarray) -> Prepared:
+    """Check that a is int64 [N] residues below P and wrap it for `dot`."""
+    a = np.asarray(a)
+    if a.dtype != np.int64 or a.ndim != 1 or np.any((a < 0) | (a >= P)):
+        raise ValueError("a Freivalds vector is int64 [N] residues below 2^61 - 1")
+    return Prepared(a)
+
+
+def dot(prep: Prepared, b: np.ndarray, bound: int, native: bool | None = None) -> np.ndarray:
+    """sum_i a[i] * b[m, i] mod P for int b [M, N] with |b| <= bound (< 2^53): uint64 [M].
+
+    b may also be float64 holding integers (an int array converted exactly). Values beyond the
+    bound are refused (OverflowError). native: the compiled core (default: when it is built)."""
+    n = prep.n
+    if b.ndim != 2 or b.shape[1] != n or not (b.dtype.kind == "i" or b.dtype == np.float64):
+        raise ValueError(f"freivalds.dot: b {b.dtype} {b.shape} does not match N = {n}")
+    if bound >= 2**EXACT_BITS:
+        raise OverflowError(f"freivalds.dot: bound {bound} is not below 2^53")
+    from . import native as core
+
+    if native is None:
+        native = USE_NATIVE if USE_NATIVE is not None else core.lib() is not None
+    if native and b.dtype != np.float64:
+        return core.fv_dot(prep.native_limbs(), b, bound)  # checks the bound on the way
+    if b.size and (b.max() > bound or b.min() < -bound):
+        raise OverflowError("freivalds.dot: a value of b exceeds its bound")
+    if native:
+        return core.fv_dot(prep.native_limbs(), b.astype(np.int64), bound)  # exact below 2^53
+    return _dot_numpy(prep.float_limbs(), b, bound)
 
 
 def b_limb_bits(n: int) -> int:
-    """Width of the limbs of b in dot_mod: n * 2^16 * 2^bits <= 2^53 keeps every sum exact."""
+    """Width of the limbs of b in the numpy route: n * 2^16 * 2^bits <= 2^53 keeps sums exact."""
     return EXACT_BITS - A_LIMB - max(1, int(n - 1).bit_length())
 
 
-def dot_mod(a_limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
-    """sum_k a[c, k] * b[m, k] mod p_c for int b [M, N] with |b| <= bound: int64 [M, R].
-
-    a_limbs = limbs(a). b is cut into signed limbs of w = b_limb_bits(N) bits (low limbs in
-    [0, 2^w), the top one arithmetic-shifted, |top| <= 2^w), so each limb-by-limb product is at
-    most (2^16 - 1) * 2^w and each BLAS sum over N terms at most N (2^16 - 1) 2^w < 2^53: exact
-    in any order (also summed block by block: every partial sum is a sum of fewer such terms).
-    The sums are reduced modulo p_c and recombined with 2^shift mod p_c.
-
-    b may also be float64 holding integers (an int array converted exactly, bound < 2^53): its
-    limbs are then cut in float64, floor(b / 2^w) and b - 2^w floor(b / 2^w), every step exact,
-    the same limbs as the integer shifts give.
-    """
-    n, rows = a_limbs.shape[0], a_limbs.shape[1] // 2
-    if (b.ndim != 2 or b.shape[-1] != n or rows != len(moduli())
-            or not (b.dtype.kind == "i" or b.dtype == np.float64)):
-        raise ValueError(f"dot_mod: b {b.dtype} {b.shape} does not match limbs {a_limbs.shape}")
+def _dot_numpy(a_limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
+    """The numpy route of `dot`: b cut into signed limbs of w = b_limb_bits(N) bits (low limbs
+    in [0, 2^w), the top one arithmetic-shifted, |top| <= 2^w), so each limb-by-limb product is
+    at most (2^16 - 1) 2^w and each BLAS sum over N terms below 2^53: exact in any order (also
+    block by block). The [count * M, 4] sums are reduced mod P and recombined by rotations by
+    i w + 16 j. float64 b is cut in float64 (floor(b / 2^w), b - 2^w floor(b / 2^w): exact)."""
+    n, m = a_limbs.shape[0], b.shape[0]
     w = b_limb_bits(n)
-    if w < 1 or bound >= 2**62 or (b.dtype.kind == "f" and bound >= 2**EXACT_BITS):
-        raise OverflowError(f"dot_mod: N={n} with bound {bound} cannot be summed exactly")
+    if w < 1:
+        raise OverflowError(f"freivalds.dot: N={n} is too large for exact float64 sums")
     count = 1
     while bound >> (count * w):
         count += 1
-    if b.max(initial=0) > bound or b.min(initial=0) < -bound:
-        raise OverflowError("dot_mod: a value of b exceeds its bound")
-    m = b.shape[0]
-    acc = np.zeros((count * m, 2 * rows), dtype=np.float64)
+    acc = np.zeros((count * m, A_LIMBS), dtype=np.float64)
     step = min(max(BLOCK_ELEMS // max(m, 1), 2048), n) if n else 1
     for s in range(0, n, step):  # column blocks: the limb temporaries stay in cache
-        # all limbs of the block in one product: the limbs of a are read once
-        acc += _limbs_of(b[:, s:s + step], w, count, bound) @ a_limbs[s:s + step]  # exact
-    mods = _MODULI
-    sums = np.mod(acc.astype(np.int64).reshape(count, m, 2, rows), mods)  # < 2^31
-    sums *= _limb_scales(w, count)[:, None]  # 2^(i w + 16 j) mod p_c: products < 2^62
-    np.mod(sums, mods, out=sums)
-    return np.mod(sums.sum(axis=(0, 2)), mods)  # 2 count terms < 2^31 each
-
-
-@lru_cache(maxsize=64)
-def _limb_scales(w: int, count: int) -> np.ndarray:
-    """2^(i w + 16 j) mod p_c, int64 [count, 2, rows]: the weight of limb i of b times limb j
-    of a."""
-    out = np.array([[[pow(2, i * w + j * A_LIMB, int(p)) for p in _MODULI] for j in range(2)]
-                    for i in range(count)], dtype=np.int64)
-    out.setflags(write=False)
+        acc += _limbs_of(b[:, s:s + step], w, count) @ a_limbs[s:s + step]  # exact
+    sums = _mod_i64(acc.astype(np.int64)).reshape(count, m, A_LIMBS)
+    out = np.zeros(m, dtype=np.uint64)
+    for i in range(count):
+        for j in range(A_LIMBS):
+            out = _add(out, _shift(sums[i, :, j], i * w + A_LIMB * j))
     return out
 
 
-def _limbs_of(blk: np.ndarray, w: int, count: int, bound: int) -> np.ndarray:
+def _limbs_of(blk: np.ndarray, w: int, count: int) -> np.ndarray:
     """The count limbs of w bits of blk [m, k] (lowest first), float64 [count * m, k]."""
     if count == 1:
         return blk.astype(np.float64, copy=False)  # exact: |b| <= bound < 2^w
     out = np.empty((count, *blk.shape), dtype=np.float64)
-    if bound >= 2**EXACT_BITS:  # int64 beyond float64's integers: integer shifts
-        for i in range(count):
-            out[i] = blk >> (i * w) if i == count - 1 else (blk >> (i * w)) & ((1 << w) - 1)
-        return out.reshape(count * blk.shape[0], blk.shape[1])
     rest = blk.astype(np.float64, copy=False)  # exact: |b| <= bound < 2^53
     for i in range(count - 1):  # floor(b / 2^w) and b - 2^w floor(b / 2^w): exact
         hi = np.multiply(rest, 2.0 ** -w, out=out[i + 1])
@@ -147,17 +192,16 @@ def _limbs_of(blk: np.ndarray, w: int, count: int, bound: int) -> np.ndarray:
     return out.reshape(count * blk.shape[0], blk.shape[1])
 
 
-def dot_mod_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """dot_mod in plain int64 (each product reduced before summing): the tests' reference."""
-    mods = moduli()
-    bm = np.mod(b.astype(np.int64)[:, None, :], mods[None, :, None])  # [M, rows, K]
-    prod = np.mod(a[None, :, :] * bm, mods[None, :, None])
-    return np.mod(prod.sum(axis=-1), mods[None, :])
+def dot_reference(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`dot` in Python integers: the tests' reference, uint64 [M]."""
+    a = [int(x) for x in np.asarray(a).tolist()]
+    return np.array([sum(x * int(y) for x, y in zip(a, row)) % P
+                     for row in np.asarray(b).tolist()], dtype=np.uint64)
 
 
-def check(r_limbs: np.ndarray, v_limbs: np.ndarray, x: np.ndarray, z: np.ndarray,
-          x_bound: int, z_bound: int) -> np.ndarray:
-    """Per row of x [M, K] / z [M, N]: True where r z == v x (mod p_c) for every secret row.
-    r_limbs = limbs(r), v_limbs = limbs(v); |x| <= x_bound and |z| <= z_bound (range-checked
-    by the caller; dot_mod refuses values beyond them)."""
-    return np.all(dot_mod(r_limbs, z, z_bound) == dot_mod(v_limbs, x, x_bound), axis=-1)
+def check(r: Prepared, v: Prepared, x: np.ndarray, z: np.ndarray, x_bound: int, z_bound: int,
+          native: bool | None = None) -> np.ndarray:
+    """Per row of x [M, K] / z [M, N]: True where r z == v x (mod P). |x| <= x_bound and
+    |z| <= z_bound (range-checked by the caller; `dot` refuses values beyond them)."""
+    return dot(r, z, z_bound, native) == dot(v, x, x_bound, native)
+

@@ -73,8 +73,8 @@ class Ctx:
 def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, z_bound: int,
                code: str) -> None:
     t0 = time.perf_counter()
-    r_limbs, v_limbs = ctx.key.limbs(label)
-    ok = freivalds.check(r_limbs, v_limbs, x, z, ctx.profile.act_qmax, z_bound)
+    r, v = ctx.key.prepared(label)
+    ok = freivalds.check(r, v, x, z, ctx.profile.act_qmax, z_bound)
     ctx.timer.add("freivalds", t0)
     if not np.all(ok):
         raise Reject(code, f"{label}: accumulator of row {int(np.argmin(ok))} fails Freivalds")
@@ -84,8 +84,8 @@ def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np
     """Quantize x, bound z, check z = W q(x) by Freivalds, dequantize.
 
     z is converted to float64 once (exact below 2^53; beyond it, rounding is monotone, so
-    f64(z) > bound exactly when z > bound): the bound check, the Freivalds limbs and the
-    dequantization all read the float64 copy."""
+    f64(z) > bound exactly when z > bound): the bound check and the dequantization read the
+    float64 copy; Freivalds reads z itself."""
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
     if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
@@ -93,7 +93,7 @@ def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np
     zf = z.astype(np.float64)
     if zf.size and (zf.max() > bound or zf.min() < -bound):
         raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
-    _freivalds(ctx, label, qx, zf, bound, code)
+    _freivalds(ctx, label, qx, z, bound, code)
     return dequantize(zf, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
 
 

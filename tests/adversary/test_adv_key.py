@@ -55,11 +55,13 @@ META_EDITS = {
     "mac-removed": lambda m: m.pop("mac"),
     "mac-zeroed": lambda m: m.__setitem__("mac", "0" * 64),
     "extra-field": lambda m: m.__setitem__("note", "hi"),
+    "freivalds-scheme": lambda m: m.__setitem__("freivalds", {"primes": [2147483647],
+                                                              "checks_per_prime": 2}),
 }
 ARRAY_EDITS = {
     "norm-weight": lambda a: a["final_norm"].__setitem__(0, a["final_norm"][0] * 2),
     "scale": lambda a: a["lm_head.s"].__setitem__(0, 1.0),
-    "projection": lambda a: a["lm_head.v"].__setitem__((0, 0), a["lm_head.v"][0, 0] + 1),
+    "projection": lambda a: a["lm_head.v"].__setitem__(0, a["lm_head.v"][0] + 1),
     "secret": lambda a: a["secret"].__setitem__(0, a["secret"][0] ^ 1),
     "array-added": lambda a: a.__setitem__("extra", np.zeros(4, np.float32)),
     "array-removed": lambda a: a.pop("layers.0.attn_norm"),

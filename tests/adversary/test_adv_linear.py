@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from advcheats import biased, scaled, tapped
 from advworld import assert_rejected
-from commitllm.verifier.freivalds import PRIMES
+from commitllm.verifier.freivalds import P
 
 # (matrix, layer, output column): one accumulator column off at every position
 FAMILIES = [("qkv", 0, 5), ("o", 1, 3), ("gate_up", 0, 100), ("down", 1, 7), ("lm_head", None, 9)]
@@ -39,10 +39,10 @@ ALIAS_GAP = ("Freivalds runs modulo p = 2^31 - 1 and nothing bounds the opened a
 
 @pytest.mark.parametrize("matrix, layer, col", FAMILIES, ids=IDS)
 def test_accumulator_aliased_modulo_the_freivalds_prime(world, matrix, layer, col):
-    """The provider computes with z + k p (p the Freivalds prime) in one column, consistently:
-    k = 1 in the decoder linears; k = 2^13 on the 16-bit LM head, where it makes token `col`'s
-    logit dominate (still far below the 2^53 the dequantization accepts)."""
-    p = tapped(world.qm, layer, matrix, col, PRIMES[0] * (2**13 if matrix == "lm_head" else 1))
+    """The provider computes with z + P (P = 2^61 - 1, the Freivalds modulus) in one column,
+    consistently: r.z == v.x mod P still holds, and on the LM head token `col`'s logit dominates.
+    Only the range check stands between it and acceptance (|z| <= K qmax_x qmax_w < 2^53)."""
+    p = tapped(world.qm, layer, matrix, col, P)
     s = world.serve(p)
     assert s.receipt["trace"] != world.served.receipt["trace"]  # the cheat changed the run
     if matrix == "lm_head":
@@ -77,3 +77,44 @@ def test_qwen2_bias_changed(qwen_world, channel, code):
     p = biased(w.qm, 1, channel, 0.5)
     s = w.serve(p)
     assert_rejected(w.audit(s, p), code)
+
+
+@pytest.fixture(params=["compiled-best", "compiled-plain", "numpy"])
+def freivalds_route(request, monkeypatch):
+    """The verifier's Freivalds dot products in the compiled core (its best SIMD route, or plain
+    C) or in numpy float64 limbs: each must reach the same verdict for the same reason."""
+    from commitllm.verifier import freivalds, native
+    if request.param == "numpy":
+        monkeypatch.setattr(freivalds, "USE_NATIVE", False)
+    elif native.lib() is None:
+        pytest.skip(f"no compiled core: {native.error()}")
+    else:
+        monkeypatch.setattr(freivalds, "USE_NATIVE", True)
+        native.use_route(0 if request.param == "compiled-plain" else -1)
+    yield request.param
+    if native.lib() is not None:
+        native.use_route(-1)
+
+
+# a changed accumulator by these amounts: the smallest, the old 31-bit primes' alias, a 2^31
+# carry (the compiled core's lo/hi split), and P itself (passes modulo P, caught by the range)
+DELTAS = [1, -1, 2**31 - 1, 2**31, P]
+
+
+@pytest.mark.parametrize("tier", ["routine", "full"])
+@pytest.mark.parametrize("delta", DELTAS, ids=str)
+def test_forged_accumulator_rejected_by_every_freivalds_route(world, freivalds_route, tier, delta):
+    """One opened accumulator moved by delta, in each matrix the tier opens, is refused on every
+    Freivalds route; the honest opening is accepted on each."""
+    c = world.challenge(world.served, tier)
+    meta, arrays = world.open(world.served, c)
+    honest = world.verify(world.served, c, meta, arrays)
+    assert honest.accepted, honest.reason
+    names = sorted(n for n in arrays if n.startswith("z.") and not n.endswith(".pos"))
+    assert "z.lm" in names and len(names) >= 5
+    for name in names:
+        bad = {k: v.copy() for k, v in arrays.items()}
+        z = bad[name]
+        z[len(z) // 2, z.shape[1] // 3] += delta
+        matrix = "lm_head" if name == "z.lm" else name.split(".")[-1]
+        assert_rejected(world.verify(world.served, c, meta, bad), f"freivalds_{matrix}")

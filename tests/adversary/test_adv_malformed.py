@@ -11,7 +11,7 @@ import torch
 from advcheats import layer_hook
 from advworld import assert_refused, assert_rejected, edited, resealed
 from commitllm.engine.exact import ops
-from commitllm.verifier.freivalds import PRIMES
+from commitllm.verifier.freivalds import P
 from commitllm.verifier.receipt import ReceiptError, build_receipt, check_receipt
 
 ORIG_QUANT = ops.quantize_rows
@@ -23,7 +23,7 @@ ORIG_QUANT = ops.quantize_rows
 def test_accumulator_beyond_2_53_passes_freivalds_then_crashes(world, opened):
     c, meta, arrays = opened
     arrays = {k: v.copy() for k, v in arrays.items()}
-    arrays["z.0.o"][0, 0] += np.int64(2**31) * np.int64(PRIMES[0])  # still == z mod p
+    arrays["z.0.o"][0, 0] += np.int64(P)  # still == z mod P, beyond 2^53
     assert_refused(world.verify(world.served.receipt, c, meta, arrays))
 
 

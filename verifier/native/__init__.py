@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCE = Path(__file__).with_name("attn.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c"))
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 2
+ABI = 3
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -64,16 +64,17 @@ def _build() -> Path:
     if cc is None:
         raise FileNotFoundError("no C compiler (cc) on PATH")
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    tag = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, ver, sys.platform)).encode())
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+                         + repr((FLAGS, ver, sys.platform)).encode())
     out = _private_dir(cache_dir()) / f"native-{tag.hexdigest()[:24]}.so"
     if out.exists():
         return out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / "native.so"
-        proc = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), str(SOURCE), "-lm"],
+        proc = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), *map(str, SOURCES), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"building {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"building the compiled core failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp_so, out)  # atomic: a concurrent process sees the old name or the whole file
     return out
 
@@ -115,6 +116,8 @@ def _declare(so) -> None:
     so.dequant_planes.restype = i64
     so.dequant_planes.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p]
     so.attn_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p]
+    so.fv_dot.restype = i64
+    so.fv_dot.argtypes = [p, i64, p, i64, i64, i64, p]
 
 
 def _ptr(a: np.ndarray, dtype) -> int:
@@ -339,3 +342,32 @@ def dequant_planes(parts: np.ndarray, nx: int, sx: np.ndarray, sw: np.ndarray,
         return so.dequant_planes(*args, a, b, *tail) if a < b else 0
     _split_run(run, bounds, "dequant_planes")
     return y
+
+
+# ---------------------------------------------------------------- Freivalds (freivalds.c)
+
+_FV_WIDTHS = {np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 4,
+              np.dtype(np.int64): 8}
+
+
+def fv_dot(limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
+    """sum_i a[i] b[m, i] mod 2^61 - 1 for each row of b int8/16/32/64 [M, N], with a given as
+    its limbs int64 [3, N] (see freivalds.c): uint64 [M] residues. Every |b| <= bound (< 2^62)
+    is checked on the way (OverflowError)."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    width = _FV_WIDTHS.get(b.dtype)
+    if width is None or b.ndim != 2 or limbs.shape != (3, b.shape[1]):
+        raise ValueError(f"fv_dot: b {b.dtype} {b.shape} does not match limbs {limbs.shape}")
+    b = np.ascontiguousarray(b)
+    out = np.empty(b.shape[0], np.uint64)
+    if not 0 <= bound < 2**62:
+        raise OverflowError(f"fv_dot: bound {bound} outside [0, 2^62)")
+    code = so.fv_dot(_ptr(limbs, np.int64), b.shape[1], b.ctypes.data, width, b.shape[0], bound,
+                     out.ctypes.data)
+    if code == -3:
+        raise OverflowError("fv_dot: a value of b exceeds its bound")
+    if code:
+        raise ValueError(f"fv_dot: code {code}")
+    return out

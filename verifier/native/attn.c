@@ -40,7 +40,7 @@ static inline float rint_even(float x) {
     return copysignf(a < TWO23 ? r : a, x);
 }
 
-int64_t commitllm_native_abi(void) { return 2; }
+int64_t commitllm_native_abi(void) { return 3; }
 
 /* Elementwise loops written for the vectorizer, cloned per instruction set (every lane does the
  * same IEEE binary32 operations as the scalar code; integer steps are exact). */
@@ -365,6 +365,9 @@ int64_t attn_route(int64_t r) {
     route_forced = r < 0 || r > best ? -1 : (int)r;
     return route_forced < 0 ? best : route_forced;
 }
+
+/* The route in use now (freivalds.c takes the same one). */
+int64_t attn_active_route(void) { return route_forced < 0 ? attn_best_route() : route_forced; }
 
 int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, const int16_t *vp,
                    const float *sq, const float *sk, const float *sv, const int64_t *nvis,

@@ -1,0 +1,205 @@
+/* Freivalds dot products modulo the Mersenne prime P = 2^61 - 1 (verifier/freivalds.py).
+ *
+ * fv_dot gives out[m] = sum_i a[i] * b[m, i] mod P for a secret vector a (residues below P,
+ * given as three limbs a = l0 + l1 2^21 + l2 2^41 with l0 < 2^21 and l1, l2 < 2^20) and integer
+ * rows b of int8, int16, int32 or int64 with |b| <= bound < 2^62 (checked; code -3 if not).
+ * The limbs are given as int64 [3][n]. Every step is an exact integer operation:
+ *   - an int64 b is cut into lo = b mod 2^31 in [0, 2^31) and hi = b >> 31 (arithmetic), both
+ *     within int32 as |b| < 2^62; narrower b is used as it is;
+ *   - each limb-by-value product is below 2^21 * 2^31 = 2^52 in magnitude, so a block of
+ *     FV_BLOCK = 1024 of them sums below 2^62 in int64, in any order;
+ *   - each block sum is reduced modulo P (2^61 = 1 mod P: fold the bits above 61 back in) and
+ *     added modulo P to that limb's total;
+ *   - the totals are recombined with 2^k mod P, a rotation of the 61-bit residue by k mod 61.
+ * Three routes, chosen like the attention's (AVX-512, AVX2, plain C): the same integer products
+ * summed in another order, hence the same block sums.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FV_P 0x1FFFFFFFFFFFFFFFULL
+#define FV_BLOCK 1024
+
+int64_t attn_active_route(void); /* attn.c */
+
+static inline uint64_t fv_fold(uint64_t x) { /* x mod P for any x < 2^64 */
+    x = (x & FV_P) + (x >> 61);              /* < 2^61 + 8 */
+    return x >= FV_P ? x - FV_P : x;
+}
+
+static inline uint64_t fv_of(int64_t s) { /* s mod P in [0, P) for |s| < 2^63 */
+    if (s >= 0) return fv_fold((uint64_t)s);
+    const uint64_t m = fv_fold((uint64_t)(-s));
+    return m ? FV_P - m : 0;
+}
+
+static inline uint64_t fv_add(uint64_t a, uint64_t b) { /* a, b < P */
+    const uint64_t s = a + b;
+    return s >= FV_P ? s - FV_P : s;
+}
+
+static inline uint64_t fv_shift(uint64_t x, int64_t k) { /* x 2^k mod P, x < P */
+    k %= 61;
+    return k ? ((x << k) & FV_P) | (x >> (61 - k)) : x;
+}
+
+/* Block sums s[0..3) (and s[3..6) for the hi part of int64 b) over len <= FV_BLOCK elements:
+ * s[j] = sum l_j[i] * v[i] with v the value (narrow b) or lo (int64 b), s[3 + j] with hi. */
+static int64_t sums_plain(const int64_t *l0, const int64_t *l1, const int64_t *l2,
+                          const void *b, int64_t btype, int64_t len, int64_t bound, int64_t s[6]) {
+    int64_t a[6] = {0, 0, 0, 0, 0, 0}, bad = 0;
+    for (int64_t i = 0; i < len; i++) {
+        int64_t x, h = 0;
+        if (btype == 1) x = ((const int8_t *)b)[i];
+        else if (btype == 2) x = ((const int16_t *)b)[i];
+        else if (btype == 4) x = ((const int32_t *)b)[i];
+        else { x = ((const int64_t *)b)[i]; }
+        bad |= (x > bound) | (x < -bound);
+        if (btype == 8) { h = x >> 31; x &= 0x7FFFFFFF; }
+        a[0] += (int64_t)l0[i] * x; a[1] += (int64_t)l1[i] * x; a[2] += (int64_t)l2[i] * x;
+        a[3] += (int64_t)l0[i] * h; a[4] += (int64_t)l1[i] * h; a[5] += (int64_t)l2[i] * h;
+    }
+    for (int j = 0; j < 6; j++) s[j] = a[j];
+    return bad;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+
+/* AVX-512: eight 64-bit lanes; _mm512_mul_epi32 multiplies the low 32 bits of each lane as
+ * signed integers into an exact 64-bit product. The limbs are below 2^21, lo in [0, 2^31) and
+ * hi within int32 (its low 32 bits are bits 31..62 of b, which a logical shift gives), so every
+ * lane product is the integer product. Each lane sums at most FV_BLOCK / 8 products. */
+__attribute__((target("avx512f"))) static int64_t sums_avx512(
+        const int64_t *l0, const int64_t *l1, const int64_t *l2, const void *b, int64_t btype,
+        int64_t len, int64_t bound, int64_t s[6]) {
+    const __m512i hib = _mm512_set1_epi64(bound), lob = _mm512_set1_epi64(-bound);
+    __mmask8 bad = 0;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, h0 = a0, h1 = a0, h2 = a0;
+    const __m512i m31 = _mm512_set1_epi64(0x7FFFFFFF);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const __m512i k0 = _mm512_loadu_si512((const void *)(l0 + i));
+        const __m512i k1 = _mm512_loadu_si512((const void *)(l1 + i));
+        const __m512i k2 = _mm512_loadu_si512((const void *)(l2 + i));
+        __m512i x;
+        if (btype == 8) {
+            const __m512i v = _mm512_loadu_si512((const void *)((const int64_t *)b + i));
+            bad |= _mm512_cmpgt_epi64_mask(v, hib) | _mm512_cmplt_epi64_mask(v, lob);
+            const __m512i hi = _mm512_srli_epi64(v, 31);
+            x = _mm512_and_si512(v, m31);
+            h0 = _mm512_add_epi64(h0, _mm512_mul_epi32(k0, hi));
+            h1 = _mm512_add_epi64(h1, _mm512_mul_epi32(k1, hi));
+            h2 = _mm512_add_epi64(h2, _mm512_mul_epi32(k2, hi));
+        } else if (btype == 2) {
+            x = _mm512_cvtepi16_epi64(_mm_loadu_si128((const __m128i *)((const int16_t *)b + i)));
+        } else if (btype == 1) {
+            x = _mm512_cvtepi8_epi64(_mm_loadl_epi64((const __m128i *)((const int8_t *)b + i)));
+        } else {
+            x = _mm512_cvtepi32_epi64(_mm256_loadu_si256((const __m256i *)((const int32_t *)b + i)));
+        }
+        if (btype != 8) bad |= _mm512_cmpgt_epi64_mask(x, hib) | _mm512_cmplt_epi64_mask(x, lob);
+        a0 = _mm512_add_epi64(a0, _mm512_mul_epi32(k0, x));
+        a1 = _mm512_add_epi64(a1, _mm512_mul_epi32(k1, x));
+        a2 = _mm512_add_epi64(a2, _mm512_mul_epi32(k2, x));
+    }
+    int64_t t[6];
+    const int64_t tail = sums_plain(l0 + i, l1 + i, l2 + i, (const char *)b + i * btype, btype,
+                                    len - i, bound, t);
+    s[0] = t[0] + _mm512_reduce_add_epi64(a0); s[1] = t[1] + _mm512_reduce_add_epi64(a1);
+    s[2] = t[2] + _mm512_reduce_add_epi64(a2); s[3] = t[3] + _mm512_reduce_add_epi64(h0);
+    s[4] = t[4] + _mm512_reduce_add_epi64(h1); s[5] = t[5] + _mm512_reduce_add_epi64(h2);
+    return tail | (bad != 0);
+}
+
+__attribute__((target("avx2"))) static int64_t hsum256(__m256i v) {
+    int64_t t[4];
+    _mm256_storeu_si256((__m256i *)t, v);
+    return t[0] + t[1] + t[2] + t[3];
+}
+
+/* AVX2: the same with four lanes (_mm256_mul_epi32). */
+__attribute__((target("avx2"))) static int64_t sums_avx2(
+        const int64_t *l0, const int64_t *l1, const int64_t *l2, const void *b, int64_t btype,
+        int64_t len, int64_t bound, int64_t s[6]) {
+    const __m256i hib = _mm256_set1_epi64x(bound), lob = _mm256_set1_epi64x(-bound);
+    __m256i bad = _mm256_setzero_si256();
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, h0 = a0, h1 = a0, h2 = a0;
+    const __m256i m31 = _mm256_set1_epi64x(0x7FFFFFFF);
+    int64_t i = 0;
+    for (; i + 4 <= len; i += 4) {
+        const __m256i k0 = _mm256_loadu_si256((const __m256i *)(l0 + i));
+        const __m256i k1 = _mm256_loadu_si256((const __m256i *)(l1 + i));
+        const __m256i k2 = _mm256_loadu_si256((const __m256i *)(l2 + i));
+        __m256i x;
+        if (btype == 8) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)((const int64_t *)b + i));
+            bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi64(v, hib),
+                                                       _mm256_cmpgt_epi64(lob, v)));
+            const __m256i hi = _mm256_srli_epi64(v, 31);
+            x = _mm256_and_si256(v, m31);
+            h0 = _mm256_add_epi64(h0, _mm256_mul_epi32(k0, hi));
+            h1 = _mm256_add_epi64(h1, _mm256_mul_epi32(k1, hi));
+            h2 = _mm256_add_epi64(h2, _mm256_mul_epi32(k2, hi));
+        } else if (btype == 2) {
+            int64_t w; memcpy(&w, (const int16_t *)b + i, 8);
+            x = _mm256_cvtepi16_epi64(_mm_cvtsi64_si128(w));
+        } else if (btype == 1) {
+            int32_t w; memcpy(&w, (const int8_t *)b + i, 4);
+            x = _mm256_cvtepi8_epi64(_mm_cvtsi32_si128(w));
+        } else {
+            x = _mm256_cvtepi32_epi64(_mm_loadu_si128((const __m128i *)((const int32_t *)b + i)));
+        }
+        if (btype != 8)
+            bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi64(x, hib),
+                                                       _mm256_cmpgt_epi64(lob, x)));
+        a0 = _mm256_add_epi64(a0, _mm256_mul_epi32(k0, x));
+        a1 = _mm256_add_epi64(a1, _mm256_mul_epi32(k1, x));
+        a2 = _mm256_add_epi64(a2, _mm256_mul_epi32(k2, x));
+    }
+    int64_t t[6];
+    const int64_t tail = sums_plain(l0 + i, l1 + i, l2 + i, (const char *)b + i * btype, btype,
+                                    len - i, bound, t);
+    s[0] = t[0] + hsum256(a0); s[1] = t[1] + hsum256(a1); s[2] = t[2] + hsum256(a2);
+    s[3] = t[3] + hsum256(h0); s[4] = t[4] + hsum256(h1); s[5] = t[5] + hsum256(h2);
+    return tail | !_mm256_testz_si256(bad, bad);
+}
+#endif
+
+typedef int64_t (*sums_fn)(const int64_t *, const int64_t *, const int64_t *, const void *,
+                           int64_t, int64_t, int64_t, int64_t[6]);
+
+static const int64_t LIMB_SHIFT[3] = {0, 21, 41};
+
+/* out[m] for rows m of b (btype: its width in bytes, 1, 2, 4 or 8; row-major [rows][n]), with
+ * every |b| <= bound < 2^62 checked on the way. 0 on success; -3: a value beyond the bound (out
+ * is then undefined); -5: bad btype or bound. */
+int64_t fv_dot(const int64_t *limbs, int64_t n, const void *b, int64_t btype, int64_t rows,
+               int64_t bound, uint64_t *out) {
+    sums_fn sums = sums_plain;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    const int64_t route = attn_active_route();
+    if (route == 2) sums = sums_avx512;
+    if (route == 1) sums = sums_avx2;
+#endif
+    if ((btype != 1 && btype != 2 && btype != 4 && btype != 8) || bound < 0
+        || bound >= ((int64_t)1 << 62)) /* hi = b >> 31 must fit int32 */
+        return -5;
+    int64_t bad = 0;
+    const int64_t *l0 = limbs, *l1 = limbs + n, *l2 = limbs + 2 * n;
+    for (int64_t m = 0; m < rows; m++) {
+        uint64_t tot[6] = {0, 0, 0, 0, 0, 0};
+        const char *row = (const char *)b + m * n * btype;
+        for (int64_t i0 = 0; i0 < n; i0 += FV_BLOCK) {
+            const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
+            int64_t s[6];
+            bad |= sums(l0 + i0, l1 + i0, l2 + i0, row + i0 * btype, btype, len, bound, s);
+            for (int j = 0; j < 6; j++) tot[j] = fv_add(tot[j], fv_of(s[j]));
+        }
+        uint64_t acc = 0;
+        for (int j = 0; j < 6; j++) acc = fv_add(acc, fv_shift(tot[j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
+        out[m] = acc;
+    }
+    return bad ? -3 : 0;
+}
