@@ -16,5 +16,5 @@ def packages() -> list[str]:
     return out
 
 
-# the compiled core's C source, built on first use (commitllm/verifier/native/__init__.py)
-setup(package_dir=ROOTS, packages=packages(), package_data={"commitllm.verifier.native": ["*.c"]})
+# the compiled core's C sources and header, built on first use (commitllm/verifier/native/__init__.py)
+setup(package_dir=ROOTS, packages=packages(), package_data={"commitllm.verifier.native": ["*.c", "*.h"]})

@@ -63,4 +63,8 @@ step "verifier venv: verify"
 "$WORK/verifier/bin/commitllm" verify --key verifier.key --receipt r.json --challenge c.json \
   --opening o.bin --nonce client-1 >verify.out || { cat verify.out >&2; exit 1; }
 grep -qx "ACCEPTED" verify.out || { cat verify.out >&2; exit 1; }
+# the installed wheel builds its compiled core (sources and header shipped, not a silent fallback)
+COMMITLLM_CACHE="$WORK/cache-verifier" "$WORK/verifier/bin/python" -c "
+from commitllm.verifier import native
+assert native.lib() is not None, f'the compiled core did not build from the wheel: {native.error()}'"
 step "passed"

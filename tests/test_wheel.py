@@ -55,9 +55,12 @@ def test_wheel_holds_every_module(wheel):
 
 
 def test_wheel_holds_the_compiled_core_source(wheel):
-    """The C source the verifier builds on first use ships; no prebuilt library does."""
+    """The C sources and headers the verifier builds on first use ship; no prebuilt library."""
     names = set(wheel.namelist())
-    assert "commitllm/verifier/native/attn.c" in names
+    src = Path(ROOT, "verifier", "native")
+    want = {f"commitllm/verifier/native/{p.name}" for p in (*src.glob("*.c"), *src.glob("*.h"))}
+    assert {"commitllm/verifier/native/attn.c", "commitllm/verifier/native/exact.h"} <= want
+    assert want <= names, f"missing from the wheel: {sorted(want - names)}"
     assert not [n for n in names if n.endswith((".so", ".dylib", ".dll"))]
 
 

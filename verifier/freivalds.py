@@ -9,8 +9,9 @@ each residue with probability at most 2^-60 (see secret_vector), so a forged row
 probability at most 2^-60 per check. docs/PROTOCOL.md has the argument in full.
 
 Arithmetic is exact on every route, and every route gives the same residues:
-  - the compiled core (native.fv_dot): the secret as three limbs of at most 21 bits, exact int64
-    block sums, reduced modulo P (2^61 = 1 mod P) and recombined by rotations;
+  - the compiled core (native.fv_dot): the secret read as its residues and cut in registers
+    into three limbs of at most 21 bits, exact int64 block sums, reduced modulo P (2^61 = 1
+    mod P) and recombined by rotations;
   - numpy (`dot`, without the compiled core): the secret as four 16-bit limbs in float64, the
     opened integers as limbs of w = 37 - ceil(log2 N) bits, one float64 BLAS product in which
     every product and partial sum is an integer below 2^53;
@@ -89,18 +90,14 @@ def project(r: np.ndarray, w: np.ndarray, block: int = 4096) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Prepared:
-    """A secret vector (r, or v = r W) in the forms the dot products multiply by: int64 [3, N]
-    limbs of 21, 20, 20 bits for the compiled core, float64 [N, 4] 16-bit limbs for numpy (built when first used)."""
+    """A secret vector (r, or v = r W) in the forms the dot products multiply by: its int64
+    residues (the compiled core) and float64 [N, 4] 16-bit limbs (numpy; built when first used)."""
 
     a: np.ndarray  # int64 [N], residues
 
     @property
     def n(self) -> int:
         return self.a.shape[0]
-
-    def native_limbs(self) -> np.ndarray:
-        return _cached(self, "_native", lambda: np.ascontiguousarray(np.stack(
-            [self.a & 0x1FFFFF, (self.a >> 21) & 0xFFFFF, self.a >> 41])))
 
     def float_limbs(self) -> np.ndarray:
         return _cached(self, "_float", lambda: np.ascontiguousarray(np.stack(
@@ -118,7 +115,7 @@ def _cached(obj, name: str, make):
 
 def prepare(a: np.ndarray) -> Prepared:
     """Check that a is int64 [N] residues below P and wrap it for `dot`."""
-    a = np.asarray(a)
+    a = np.ascontiguousarray(a)
     if a.dtype != np.int64 or a.ndim != 1 or np.any((a < 0) | (a >= P)):
         raise ValueError("a Freivalds vector is int64 [N] residues below 2^61 - 1")
     return Prepared(a)
@@ -139,11 +136,11 @@ def dot(prep: Prepared, b: np.ndarray, bound: int, native: bool | None = None) -
     if native is None:
         native = USE_NATIVE if USE_NATIVE is not None else core.lib() is not None
     if native and b.dtype != np.float64:
-        return core.fv_dot(prep.native_limbs(), b, bound)  # checks the bound on the way
+        return core.fv_dot(prep.a, b, bound)  # checks the bound on the way
     if b.size and (b.max() > bound or b.min() < -bound):
         raise OverflowError("freivalds.dot: a value of b exceeds its bound")
     if native:
-        return core.fv_dot(prep.native_limbs(), b.astype(np.int64), bound)  # exact below 2^53
+        return core.fv_dot(prep.a, b.astype(np.int64), bound)  # exact below 2^53
     return _dot_numpy(prep.float_limbs(), b, bound)
 
 

@@ -13,10 +13,8 @@ import numpy as np
 
 from . import freivalds
 from .native.attention import attention  # the spec's, softmax passes compiled when built
-from .numerics.exp2 import swiglu
+from .native.bridge import apply_rope, dequantize, quantize_rows, rmsnorm, swiglu  # the spec's
 from .numerics.logprobs import entry as lp_entry
-from .numerics.norm import rmsnorm
-from .numerics.quant import dequantize, quantize_rows
 from .numerics.forward import split_qkv
 from .numerics.sampler import SamplingParams, sample
 
@@ -80,21 +78,24 @@ def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, z_bound: int,
         raise Reject(code, f"{label}: accumulator of row {int(np.argmin(ok))} fails Freivalds")
 
 
-def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str) -> np.ndarray:
-    """Quantize x, bound z, check z = W q(x) by Freivalds, dequantize.
+def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str,
+            resid: np.ndarray | None = None) -> np.ndarray:
+    """Quantize x, bound z, check z = W q(x) by Freivalds, dequantize (and add resid, the
+    spec's resid + linear(x), in the same pass).
 
-    z is converted to float64 once (exact below 2^53; beyond it, rounding is monotone, so
-    f64(z) > bound exactly when z > bound): the bound check and the dequantization read the
-    float64 copy; Freivalds reads z itself."""
+    Every |z| is checked against K * qmax_x * qmax_w (< 2^53) by freivalds.dot before any
+    residue is trusted (its OverflowError is the rejection)."""
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
     if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
     bound = x.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
-    zf = z.astype(np.float64)
-    if zf.size and (zf.max() > bound or zf.min() < -bound):
-        raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w")
-    _freivalds(ctx, label, qx, z, bound, code)
-    return dequantize(zf, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"))
+    try:
+        _freivalds(ctx, label, qx, z, bound, code)
+    except OverflowError:
+        raise Reject(code, f"{label}: an accumulator exceeds the bound K * qmax_x * qmax_w") \
+            from None
+    return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"),
+                      resid)
 
 
 def _rows(table: dict, positions) -> np.ndarray:
@@ -131,14 +132,15 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
     t0 = ctx.timer.add("rest", t0)
     o = attention(q[0][:n], q[1][:n], k_all, sk_all, v_all, sv_all, pos[:n], kvq)
     ctx.timer.add("attention", t0)
-    h = x[:n] + _linear(ctx, f"layers.{l}.o", o, zs["o"], "freivalds_o")
+    h = _linear(ctx, f"layers.{l}.o", o, zs["o"], "freivalds_o", x[:n])  # x + linear(o)
     m = rmsnorm(h, ctx.key.arrays[f"layers.{l}.mlp_norm"], cfg.rms_norm_eps)
     gu = _linear(ctx, f"layers.{l}.gate_up", m, zs["gate_up"], "freivalds_gate_up")
     f = cfg.intermediate_size
     act = swiglu(gu[:, :f], gu[:, f:])
-    out = h + _linear(ctx, f"layers.{l}.down", act, zs["down"], "freivalds_down")
+    out = _linear(ctx, f"layers.{l}.down", act, zs["down"], "freivalds_down", h)  # h + ...
     if not np.array_equal(out, _rows(resid[l + 1], pos[:n])):
-        raise Reject("residual_chain", f"layer {l}: replayed output differs from committed x_{l + 1}")
+        raise Reject("residual_chain",
+                     f"layer {l}: replayed output differs from committed x_{l + 1}")
 
 
 def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray, l: int):
@@ -146,7 +148,7 @@ def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray, l: int):
     cos, sin = ctx.rope.lookup(pos)
     norms = ((ctx.key.arrays[f"layers.{l}.q_norm"], ctx.key.arrays[f"layers.{l}.k_norm"])
              if cfg.qk_norm else (None, None))
-    q, k, v = split_qkv(cfg, qkv, *norms, cos, sin)
+    q, k, v = split_qkv(cfg, qkv, *norms, cos, sin, apply_rope)
     return quantize_rows(q, kvq), quantize_rows(k, kvq), quantize_rows(v, kvq)
 
 

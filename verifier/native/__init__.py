@@ -24,11 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c"))
+HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag with the sources
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 3
+ABI = 4
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -64,7 +65,7 @@ def _build() -> Path:
     if cc is None:
         raise FileNotFoundError("no C compiler (cc) on PATH")
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)
+    tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)
                          + repr((FLAGS, ver, sys.platform)).encode())
     out = _private_dir(cache_dir()) / f"native-{tag.hexdigest()[:24]}.so"
     if out.exists():
@@ -118,6 +119,19 @@ def _declare(so) -> None:
     so.attn_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p]
     so.fv_dot.restype = i64
     so.fv_dot.argtypes = [p, i64, p, i64, i64, i64, p]
+    declare_bridge(so)
+
+
+def declare_bridge(so) -> None:
+    """The argument types of bridge.c's routines (bridge.py calls them)."""
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    for name, args in (("br_rmsnorm", [p, i64, i64, i64, p, f32, p]),
+                       ("br_quantize", [p, i64, i64, i64, i64, i64, p, p]),
+                       ("br_dequant", [p, i64, i64, p, p, p, p, i64, p]),
+                       ("br_swiglu", [p, p, i64, i64, i64, i64, f32, p, p]),
+                       ("br_rope", [p, i64, i64, i64, i64, i64, p, p, p])):
+        getattr(so, name).restype = i64
+        getattr(so, name).argtypes = args
 
 
 def _ptr(a: np.ndarray, dtype) -> int:
@@ -350,21 +364,21 @@ _FV_WIDTHS = {np.dtype(np.int8): 1, np.dtype(np.int16): 2, np.dtype(np.int32): 4
               np.dtype(np.int64): 8}
 
 
-def fv_dot(limbs: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
-    """sum_i a[i] b[m, i] mod 2^61 - 1 for each row of b int8/16/32/64 [M, N], with a given as
-    its limbs int64 [3, N] (see freivalds.c): uint64 [M] residues. Every |b| <= bound (< 2^62)
-    is checked on the way (OverflowError)."""
+def fv_dot(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
+    """sum_i a[i] b[m, i] mod 2^61 - 1 for each row of b int8/16/32/64 [M, N], with a the secret
+    residues int64 [N], each below 2^61 - 1 (freivalds.prepare checks; see freivalds.c): uint64
+    [M] residues. Every |b| <= bound (< 2^62) is checked on the way (OverflowError)."""
     so = lib()
     if so is None:
         raise RuntimeError("the compiled core is unavailable")
     width = _FV_WIDTHS.get(b.dtype)
-    if width is None or b.ndim != 2 or limbs.shape != (3, b.shape[1]):
-        raise ValueError(f"fv_dot: b {b.dtype} {b.shape} does not match limbs {limbs.shape}")
+    if width is None or b.ndim != 2 or a.shape != (b.shape[1],):
+        raise ValueError(f"fv_dot: b {b.dtype} {b.shape} does not match a {a.shape}")
     b = np.ascontiguousarray(b)
     out = np.empty(b.shape[0], np.uint64)
     if not 0 <= bound < 2**62:
         raise OverflowError(f"fv_dot: bound {bound} outside [0, 2^62)")
-    code = so.fv_dot(_ptr(limbs, np.int64), b.shape[1], b.ctypes.data, width, b.shape[0], bound,
+    code = so.fv_dot(_ptr(a, np.int64), b.shape[1], b.ctypes.data, width, b.shape[0], bound,
                      out.ctypes.data)
     if code == -3:
         raise OverflowError("fv_dot: a value of b exceeds its bound")

@@ -17,38 +17,12 @@
  * computes rows row0 .. row0 + rows - 1 of s, sq, nvis, c, z and m (pointers at those rows);
  * sk and sv point at group 0.
  */
-#include <float.h>
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if !defined(FLT_EVAL_METHOD) || FLT_EVAL_METHOD != 0
-#error "float expressions must be evaluated in binary32 (FLT_EVAL_METHOD == 0)"
-#endif
+#include "exact.h"
 
 #define LOGIT_CLAMP 1073741824.0f /* 2^30 */
-#define TWO23 8388608.0f
 
-/* rint in round-to-nearest-even for binary32 without a libm call: below 2^23 in magnitude,
- * (|x| + 2^23) - 2^23 rounds |x| to an integer in the default rounding mode (exact steps
- * otherwise, since no FMA contraction or reassociation is allowed); from 2^23 up x is already
- * an integer. The sign is put back with copysign so -0.4 gives -0, as rintf does. */
-static inline float rint_even(float x) {
-    const float a = fabsf(x);
-    const float r = (a + TWO23) - TWO23;
-    return copysignf(a < TWO23 ? r : a, x);
-}
+int64_t commitllm_native_abi(void) { return 4; }
 
-int64_t commitllm_native_abi(void) { return 3; }
-
-/* Elementwise loops written for the vectorizer, cloned per instruction set (every lane does the
- * same IEEE binary32 operations as the scalar code; integer steps are exact). */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define CLONES
-#endif
 
 /* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.
  * 0 on success; -1: the value scale underflowed to 0 (or was NaN); -2: a logit was NaN. */

@@ -1,9 +1,10 @@
 /* Freivalds dot products modulo the Mersenne prime P = 2^61 - 1 (verifier/freivalds.py).
  *
- * fv_dot gives out[m] = sum_i a[i] * b[m, i] mod P for a secret vector a (residues below P,
- * given as three limbs a = l0 + l1 2^21 + l2 2^41 with l0 < 2^21 and l1, l2 < 2^20) and integer
- * rows b of int8, int16, int32 or int64 with |b| <= bound < 2^62 (checked; code -3 if not).
- * The limbs are given as int64 [3][n]. Every step is an exact integer operation:
+ * fv_dot gives out[m] = sum_i a[i] * b[m, i] mod P for a secret vector a (int64 residues below
+ * P, [n]) and integer rows b of int8, int16, int32 or int64 with |b| <= bound < 2^62 (checked;
+ * code -3 if not). Every step is an exact integer operation:
+ *   - a is cut in registers into three limbs a = l0 + l1 2^21 + l2 2^41 with l0 < 2^21 and
+ *     l1, l2 < 2^20 (a mask and shifts; the secret is read as 8 bytes per element);
  *   - an int64 b is cut into lo = b mod 2^31 in [0, 2^31) and hi = b >> 31 (arithmetic), both
  *     within int32 as |b| < 2^62; narrower b is used as it is;
  *   - each limb-by-value product is below 2^21 * 2^31 = 2^52 in magnitude, so a block of
@@ -11,8 +12,10 @@
  *   - each block sum is reduced modulo P (2^61 = 1 mod P: fold the bits above 61 back in) and
  *     added modulo P to that limb's total;
  *   - the totals are recombined with 2^k mod P, a rotation of the 61-bit residue by k mod 61.
- * Three routes, chosen like the attention's (AVX-512, AVX2, plain C): the same integer products
- * summed in another order, hence the same block sums.
+ * Blocks of columns are the outer loop and rows the inner one, so each block of a is read from
+ * memory once and from L1 for every further row. Three routes, chosen like the attention's
+ * (AVX-512, AVX2, plain C): the same integer products summed in another order, hence the same
+ * block sums.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -46,10 +49,11 @@ static inline uint64_t fv_shift(uint64_t x, int64_t k) { /* x 2^k mod P, x < P *
 
 /* Block sums s[0..3) (and s[3..6) for the hi part of int64 b) over len <= FV_BLOCK elements:
  * s[j] = sum l_j[i] * v[i] with v the value (narrow b) or lo (int64 b), s[3 + j] with hi. */
-static int64_t sums_plain(const int64_t *l0, const int64_t *l1, const int64_t *l2,
-                          const void *b, int64_t btype, int64_t len, int64_t bound, int64_t s[6]) {
+static int64_t sums_plain(const int64_t *r, const void *b, int64_t btype, int64_t len,
+                          int64_t bound, int64_t s[6]) {
     int64_t a[6] = {0, 0, 0, 0, 0, 0}, bad = 0;
     for (int64_t i = 0; i < len; i++) {
+        const int64_t l0 = r[i] & 0x1FFFFF, l1 = (r[i] >> 21) & 0xFFFFF, l2 = r[i] >> 41;
         int64_t x, h = 0;
         if (btype == 1) x = ((const int8_t *)b)[i];
         else if (btype == 2) x = ((const int16_t *)b)[i];
@@ -57,8 +61,8 @@ static int64_t sums_plain(const int64_t *l0, const int64_t *l1, const int64_t *l
         else { x = ((const int64_t *)b)[i]; }
         bad |= (x > bound) | (x < -bound);
         if (btype == 8) { h = x >> 31; x &= 0x7FFFFFFF; }
-        a[0] += (int64_t)l0[i] * x; a[1] += (int64_t)l1[i] * x; a[2] += (int64_t)l2[i] * x;
-        a[3] += (int64_t)l0[i] * h; a[4] += (int64_t)l1[i] * h; a[5] += (int64_t)l2[i] * h;
+        a[0] += l0 * x; a[1] += l1 * x; a[2] += l2 * x;
+        a[3] += l0 * h; a[4] += l1 * h; a[5] += l2 * h;
     }
     for (int j = 0; j < 6; j++) s[j] = a[j];
     return bad;
@@ -72,17 +76,18 @@ static int64_t sums_plain(const int64_t *l0, const int64_t *l1, const int64_t *l
  * hi within int32 (its low 32 bits are bits 31..62 of b, which a logical shift gives), so every
  * lane product is the integer product. Each lane sums at most FV_BLOCK / 8 products. */
 __attribute__((target("avx512f"))) static int64_t sums_avx512(
-        const int64_t *l0, const int64_t *l1, const int64_t *l2, const void *b, int64_t btype,
-        int64_t len, int64_t bound, int64_t s[6]) {
+        const int64_t *r, const void *b, int64_t btype, int64_t len, int64_t bound, int64_t s[6]) {
     const __m512i hib = _mm512_set1_epi64(bound), lob = _mm512_set1_epi64(-bound);
     __mmask8 bad = 0;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, h0 = a0, h1 = a0, h2 = a0;
-    const __m512i m31 = _mm512_set1_epi64(0x7FFFFFFF);
+    const __m512i m31 = _mm512_set1_epi64(0x7FFFFFFF), m21 = _mm512_set1_epi64(0x1FFFFF);
+    const __m512i m20 = _mm512_set1_epi64(0xFFFFF);
     int64_t i = 0;
     for (; i + 8 <= len; i += 8) {
-        const __m512i k0 = _mm512_loadu_si512((const void *)(l0 + i));
-        const __m512i k1 = _mm512_loadu_si512((const void *)(l1 + i));
-        const __m512i k2 = _mm512_loadu_si512((const void *)(l2 + i));
+        const __m512i ra = _mm512_loadu_si512((const void *)(r + i));
+        const __m512i k0 = _mm512_and_si512(ra, m21);
+        const __m512i k1 = _mm512_and_si512(_mm512_srli_epi64(ra, 21), m20);
+        const __m512i k2 = _mm512_srli_epi64(ra, 41);
         __m512i x;
         if (btype == 8) {
             const __m512i v = _mm512_loadu_si512((const void *)((const int64_t *)b + i));
@@ -105,8 +110,7 @@ __attribute__((target("avx512f"))) static int64_t sums_avx512(
         a2 = _mm512_add_epi64(a2, _mm512_mul_epi32(k2, x));
     }
     int64_t t[6];
-    const int64_t tail = sums_plain(l0 + i, l1 + i, l2 + i, (const char *)b + i * btype, btype,
-                                    len - i, bound, t);
+    const int64_t tail = sums_plain(r + i, (const char *)b + i * btype, btype, len - i, bound, t);
     s[0] = t[0] + _mm512_reduce_add_epi64(a0); s[1] = t[1] + _mm512_reduce_add_epi64(a1);
     s[2] = t[2] + _mm512_reduce_add_epi64(a2); s[3] = t[3] + _mm512_reduce_add_epi64(h0);
     s[4] = t[4] + _mm512_reduce_add_epi64(h1); s[5] = t[5] + _mm512_reduce_add_epi64(h2);
@@ -121,17 +125,18 @@ __attribute__((target("avx2"))) static int64_t hsum256(__m256i v) {
 
 /* AVX2: the same with four lanes (_mm256_mul_epi32). */
 __attribute__((target("avx2"))) static int64_t sums_avx2(
-        const int64_t *l0, const int64_t *l1, const int64_t *l2, const void *b, int64_t btype,
-        int64_t len, int64_t bound, int64_t s[6]) {
+        const int64_t *r, const void *b, int64_t btype, int64_t len, int64_t bound, int64_t s[6]) {
     const __m256i hib = _mm256_set1_epi64x(bound), lob = _mm256_set1_epi64x(-bound);
     __m256i bad = _mm256_setzero_si256();
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, h0 = a0, h1 = a0, h2 = a0;
-    const __m256i m31 = _mm256_set1_epi64x(0x7FFFFFFF);
+    const __m256i m31 = _mm256_set1_epi64x(0x7FFFFFFF), m21 = _mm256_set1_epi64x(0x1FFFFF);
+    const __m256i m20 = _mm256_set1_epi64x(0xFFFFF);
     int64_t i = 0;
     for (; i + 4 <= len; i += 4) {
-        const __m256i k0 = _mm256_loadu_si256((const __m256i *)(l0 + i));
-        const __m256i k1 = _mm256_loadu_si256((const __m256i *)(l1 + i));
-        const __m256i k2 = _mm256_loadu_si256((const __m256i *)(l2 + i));
+        const __m256i ra = _mm256_loadu_si256((const __m256i *)(r + i));
+        const __m256i k0 = _mm256_and_si256(ra, m21);
+        const __m256i k1 = _mm256_and_si256(_mm256_srli_epi64(ra, 21), m20);
+        const __m256i k2 = _mm256_srli_epi64(ra, 41);
         __m256i x;
         if (btype == 8) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)((const int64_t *)b + i));
@@ -159,23 +164,25 @@ __attribute__((target("avx2"))) static int64_t sums_avx2(
         a2 = _mm256_add_epi64(a2, _mm256_mul_epi32(k2, x));
     }
     int64_t t[6];
-    const int64_t tail = sums_plain(l0 + i, l1 + i, l2 + i, (const char *)b + i * btype, btype,
-                                    len - i, bound, t);
+    const int64_t tail = sums_plain(r + i, (const char *)b + i * btype, btype, len - i, bound, t);
     s[0] = t[0] + hsum256(a0); s[1] = t[1] + hsum256(a1); s[2] = t[2] + hsum256(a2);
     s[3] = t[3] + hsum256(h0); s[4] = t[4] + hsum256(h1); s[5] = t[5] + hsum256(h2);
     return tail | !_mm256_testz_si256(bad, bad);
 }
 #endif
 
-typedef int64_t (*sums_fn)(const int64_t *, const int64_t *, const int64_t *, const void *,
-                           int64_t, int64_t, int64_t, int64_t[6]);
+typedef int64_t (*sums_fn)(const int64_t *, const void *, int64_t, int64_t, int64_t,
+                           int64_t[6]);
 
 static const int64_t LIMB_SHIFT[3] = {0, 21, 41};
 
+#define FV_ROWS 64 /* rows per pass over the columns (their running totals on the stack) */
+
 /* out[m] for rows m of b (btype: its width in bytes, 1, 2, 4 or 8; row-major [rows][n]), with
- * every |b| <= bound < 2^62 checked on the way. 0 on success; -3: a value beyond the bound (out
- * is then undefined); -5: bad btype or bound. */
-int64_t fv_dot(const int64_t *limbs, int64_t n, const void *b, int64_t btype, int64_t rows,
+ * a the secret residues int64 [n] (each below P: the caller checks) and every |b| <= bound < 2^62
+ * checked on the way. 0 on success; -3: a value beyond the bound (out is then undefined); -5:
+ * bad btype or bound. */
+int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_t rows,
                int64_t bound, uint64_t *out) {
     sums_fn sums = sums_plain;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -187,19 +194,25 @@ int64_t fv_dot(const int64_t *limbs, int64_t n, const void *b, int64_t btype, in
         || bound >= ((int64_t)1 << 62)) /* hi = b >> 31 must fit int32 */
         return -5;
     int64_t bad = 0;
-    const int64_t *l0 = limbs, *l1 = limbs + n, *l2 = limbs + 2 * n;
-    for (int64_t m = 0; m < rows; m++) {
-        uint64_t tot[6] = {0, 0, 0, 0, 0, 0};
-        const char *row = (const char *)b + m * n * btype;
+    for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
+        const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
+        uint64_t tot[FV_ROWS][6];
+        memset(tot, 0, sizeof tot);
         for (int64_t i0 = 0; i0 < n; i0 += FV_BLOCK) {
             const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
-            int64_t s[6];
-            bad |= sums(l0 + i0, l1 + i0, l2 + i0, row + i0 * btype, btype, len, bound, s);
-            for (int j = 0; j < 6; j++) tot[j] = fv_add(tot[j], fv_of(s[j]));
+            for (int64_t m = 0; m < mr; m++) {
+                const char *row = (const char *)b + ((m0 + m) * n + i0) * btype;
+                int64_t s[6];
+                bad |= sums(a + i0, row, btype, len, bound, s);
+                for (int j = 0; j < 6; j++) tot[m][j] = fv_add(tot[m][j], fv_of(s[j]));
+            }
         }
-        uint64_t acc = 0;
-        for (int j = 0; j < 6; j++) acc = fv_add(acc, fv_shift(tot[j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
-        out[m] = acc;
+        for (int64_t m = 0; m < mr; m++) {
+            uint64_t acc = 0;
+            for (int j = 0; j < 6; j++)
+                acc = fv_add(acc, fv_shift(tot[m][j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
+            out[m0 + m] = acc;
+        }
     }
     return bad ? -3 : 0;
 }

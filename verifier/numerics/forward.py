@@ -56,16 +56,17 @@ def head_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return rmsnorm(np.ascontiguousarray(x.reshape(t * n, d)), weight, eps).reshape(t, n, d)
 
 
-def split_qkv(cfg, qkv: np.ndarray, q_norm, k_norm, cos, sin):
+def split_qkv(cfg, qkv: np.ndarray, q_norm, k_norm, cos, sin, rope=apply_rope):
     """q [T, nh, d], k, v [T, nkv, d] from the qkv linear's output fp32 [T, (nh + 2 nkv) d]:
-    q and k head-normed (when the family has q/k norms, before RoPE) and rotated."""
+    q and k head-normed (when the family has q/k norms, before RoPE) and rotated (by `rope`,
+    apply_rope or a twin with its results)."""
     t, nh, nkv, d = qkv.shape[0], cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = qkv[:, :cfg.q_size].reshape(t, nh, d)
     k = qkv[:, cfg.q_size:cfg.q_size + cfg.kv_size].reshape(t, nkv, d)
     if cfg.qk_norm:
         q, k = head_norm(q, q_norm, cfg.rms_norm_eps), head_norm(k, k_norm, cfg.rms_norm_eps)
     v = qkv[:, cfg.q_size + cfg.kv_size:].reshape(t, nkv, d)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 def layer_forward(model, i: int, x, cache: KVCache, positions, rope: RopeTable, tr) -> np.ndarray:
@@ -93,7 +94,7 @@ def layer_forward(model, i: int, x, cache: KVCache, positions, rope: RopeTable, 
 
 def forward(model: QuantizedModel, ids, cache: KVCache, rope: RopeTable,
             trace: dict | None = None, logits_for: str = "all") -> np.ndarray:
-    """Run ids [T] after the cache's positions; returns logits fp32 [T, V] (or [1, V] for 'last')."""
+    """Run ids [T] after the cache's positions; returns logits fp32 [T, V] ([1, V] for 'last')."""
     ids = np.asarray(ids, dtype=np.int64)
     positions = cache.length + np.arange(len(ids))
     x = embed(model, ids)

@@ -1,0 +1,351 @@
+"""The bridge in C (verifier/native/bridge.c through bridge.py) gives the numpy spec's bits:
+RMSNorm, quantization at every profile's range, dequantization with the residual add, SwiGLU and
+RoPE, on random data, hypothesis examples and edge values (zeros, subnormals, rounding ties,
+magnitudes near fp32's limits, non-finite inputs), for strided inputs, for each instruction set
+the machine has (each built alone), and with the compiled core off. Comparisons are `==` on the
+bit patterns (NaN payloads and signed zeros included)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from commitllm.verifier import native
+from commitllm.verifier.native import bridge
+from commitllm.verifier.numerics import exp2 as spec_exp2
+from commitllm.verifier.numerics import norm as spec_norm
+from commitllm.verifier.numerics import quant as spec_quant
+from commitllm.verifier.numerics import rope as spec_rope
+from commitllm.verifier.numerics.profiles import PROFILES
+
+from test_numerics_ops import HYP
+
+needs_core = pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}")
+QMAXES = sorted({p.act_qmax for p in PROFILES.values()} | {p.kv_qmax for p in PROFILES.values()}
+                | {127, 32767})
+F32 = np.float32
+
+
+def bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view({4: np.uint32, 2: np.uint16, 1: np.uint8, 8: np.uint64}[a.dtype.itemsize])
+
+
+def same(got, want) -> None:
+    got, want = (np.asarray(x) for x in (got, want))
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(bits(got), bits(want)), \
+        f"{int(np.sum(bits(got) != bits(want)))} elements differ"
+
+
+def result(fn, *args):
+    """fn(*args), or the exception's type and message."""
+    try:
+        return fn(*args)
+    except (FloatingPointError, OverflowError, ValueError, TypeError) as e:
+        return type(e), str(e)
+
+
+def same_result(got, want) -> None:
+    if isinstance(want, tuple) and isinstance(want[0], type):
+        assert got == want
+    elif isinstance(want, tuple):
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for g, w in zip(got, want):
+            same(g, w)
+    else:
+        same(got, want)
+
+
+def _rows(rng, t, h, kind="normal"):
+    if kind == "normal":
+        return rng.standard_normal((t, h)).astype(F32) * F32(3)
+    if kind == "wide":  # magnitudes across fp32's range, subnormals included
+        m = rng.uniform(-1, 1, (t, h))
+        e = rng.integers(-149, 127, (t, h))
+        return np.ldexp(m, e).astype(F32)
+    if kind == "tiny":
+        return (rng.integers(-40, 41, (t, h)) * 2.0 ** -149).astype(F32)
+    if kind == "huge":
+        return (rng.uniform(-1, 1, (t, h)) * 3.4e38).astype(F32)
+    raise ValueError(kind)
+
+
+KINDS = ["normal", "wide", "tiny", "huge"]
+WIDTHS = [1, 7, 63, 64, 65, 576, 2051]
+
+
+def _spec_rmsnorm(x, w, eps):
+    return spec_norm.rmsnorm(x.copy(), w, eps)
+
+
+# ------------------------------------------------------------------------------ the C routines
+
+@needs_core
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("h", WIDTHS)
+def test_rmsnorm(kind, h):
+    rng = np.random.default_rng(h)
+    x = _rows(rng, 5, h, kind)
+    x[2] = 0  # a zero row
+    w = rng.standard_normal(h).astype(F32)
+    for eps in (1e-5, 1e-6, 0.0):
+        same_result(result(bridge.rmsnorm, x, w, eps), result(_spec_rmsnorm, x, w, eps))
+
+
+@needs_core
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantize_every_range(qmax, kind):
+    rng = np.random.default_rng(qmax)
+    x = _rows(rng, 6, 515, kind)
+    x[1] = 0
+    # ties: amax = qmax makes s = 1, so k + 1/2 lands exactly between two integers
+    x[3] = (rng.integers(-qmax, qmax, 515) + 0.5).astype(F32)
+    x[3, 0] = qmax
+    x[4] = -x[3]
+    same_result(bridge.quantize_rows(x, qmax), spec_quant.quantize_rows(x, qmax))
+    heads = np.ascontiguousarray(x[:, :512]).reshape(6, 4, 128)  # per (token, head), as for q
+    same_result(bridge.quantize_rows(heads, qmax), spec_quant.quantize_rows(heads, qmax))
+    same_result(bridge.quantize_rows(heads[:, 1:3], qmax),  # a strided view (v), copied
+                spec_quant.quantize_rows(heads[:, 1:3], qmax))
+
+
+@needs_core
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("resid", [False, True])
+def test_dequantize_and_residual(bias, resid):
+    rng = np.random.default_rng(5)
+    t, n = 7, 1031
+    z = rng.integers(-2**53 + 1, 2**53, (t, n), dtype=np.int64)
+    z[1] = rng.integers(-300, 300, n)
+    z[2, :4] = [2**53 - 1, -(2**53 - 1), 0, 2**24 + 1]  # extremes and an fp32 rounding tie
+    sx = rng.uniform(1e-6, 1e-2, t).astype(F32)
+    sw = rng.uniform(1e-6, 1e-2, n).astype(F32)
+    b = rng.standard_normal(n).astype(F32) if bias else None
+    r = rng.standard_normal((t, n)).astype(F32) if resid else None
+    want = spec_quant.dequantize(z, sx, sw, b)
+    if resid:
+        want = r + want
+    same(bridge.dequantize(z, sx, sw, b, r), want)
+
+
+@needs_core
+@pytest.mark.parametrize("big", [2**53, -2**53, np.iinfo(np.int64).min])
+def test_dequantize_refuses_what_the_spec_refuses(big):
+    z = np.zeros((2, 9), np.int64)
+    z[1, 4] = big
+    args = (z, np.ones(2, F32), np.ones(9, F32), None)
+    assert result(bridge.dequantize, *args) == result(spec_quant.dequantize, *args)
+    assert result(bridge.dequantize, *args)[0] is OverflowError
+
+
+def _spec_swiglu(g, u):
+    return spec_exp2.swiglu(g, u)
+
+
+@needs_core
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("f", [1, 17, 1536])
+def test_swiglu_on_the_halves_of_gate_up(kind, f):
+    rng = np.random.default_rng(f)
+    gu = _rows(rng, 5, 2 * f, kind)
+    gu[0, :f] = np.linspace(-80, 80, f)  # through the clamp at |g log2 e| = 64
+    gu[1, : min(f, 4)] = [0.0, -0.0, 2.0 ** -149, -(2.0 ** -149)][: min(f, 4)]
+    g, u = gu[:, :f], gu[:, f:]
+    same_result(result(bridge.swiglu, g, u), result(_spec_swiglu, g, u))
+
+
+@needs_core
+@pytest.mark.parametrize("heads,d", [(1, 2), (3, 64), (9, 128), (2, 6)])
+def test_rope_on_strided_views(heads, d):
+    rng = np.random.default_rng(d)
+    t = 5
+    qkv = rng.standard_normal((t, heads * d + 40)).astype(F32)
+    x = qkv[:, 8:8 + heads * d].reshape(t, heads, d)  # as split_qkv slices the qkv output
+    ang = rng.uniform(-10, 10, (t, d // 2))
+    cos, sin = np.cos(ang).astype(F32), np.sin(ang).astype(F32)
+    same(bridge.apply_rope(x, cos, sin), spec_rope.apply_rope(x, cos, sin))
+
+
+NONFINITE = [np.inf, -np.inf, np.nan, np.float32(np.nan) * -1]
+
+
+@needs_core
+@pytest.mark.parametrize("bad", NONFINITE)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_non_finite_values_take_the_spec(bad):
+    """A non-finite input (or output) gives exactly the spec's result: its exception, or its
+    values with the same NaN bits."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 70)).astype(F32)
+    x[1, 5] = bad
+    w = rng.standard_normal(70).astype(F32)
+    same_result(result(bridge.rmsnorm, x, w, 1e-5), result(_spec_rmsnorm, x, w, 1e-5))
+    same_result(result(bridge.quantize_rows, x, 127), result(spec_quant.quantize_rows, x, 127))
+    with np.errstate(invalid="ignore"):
+        same_result(result(bridge.swiglu, x[:, :35], x[:, 35:]),
+                    result(_spec_swiglu, x[:, :35], x[:, 35:]))
+    cs = rng.standard_normal((3, 35)).astype(F32)
+    same(bridge.apply_rope(x.reshape(3, 1, 70), cs, cs), spec_rope.apply_rope(x.reshape(3, 1, 70),
+                                                                              cs, cs))
+    z = rng.integers(-1000, 1000, (3, 70))
+    one = np.ones(3, F32)
+    same(bridge.dequantize(z, one, w, None, x), x + spec_quant.dequantize(z, one, w, None))
+    big = np.full(70, 3e38, F32)  # finite inputs, an infinite output
+    same(bridge.dequantize(z, one, big, None, None), spec_quant.dequantize(z, one, big, None))
+
+
+@needs_core
+def test_widths_and_layouts_the_routines_do_not_take():
+    rng = np.random.default_rng(2)
+    wide = rng.standard_normal((2, spec_norm.MAX_NORM_WIDTH + 1)).astype(F32)
+    w = np.ones(wide.shape[1], F32)
+    assert result(bridge.rmsnorm, wide, w, 1e-5) == result(_spec_rmsnorm, wide, w, 1e-5)
+    x = rng.standard_normal((4, 30)).astype(F32)
+    for view in (x.T, x[:, ::2], x[::-1], x.astype(np.float64), x[:, :0], x[:0]):
+        for fn, spec, args in ((bridge.rmsnorm, _spec_rmsnorm, (np.ones(view.shape[-1], F32),
+                                                                 1e-5)),
+                               (bridge.quantize_rows, spec_quant.quantize_rows, (127,))):
+            same_result(result(fn, view, *args), result(spec, view, *args))
+    same_result(result(bridge.rmsnorm, x, w[:30].astype(np.float64), 1e-5),
+                result(_spec_rmsnorm, x, w[:30].astype(np.float64), 1e-5))
+
+
+# ------------------------------------------------------------------------------- hypothesis
+
+def _f32_rows(max_w=80):
+    return hnp.arrays(F32, st.tuples(st.integers(1, 4), st.integers(1, max_w)),
+                      elements=st.floats(width=32, allow_nan=False, allow_infinity=False))
+
+
+@needs_core
+@HYP
+@given(x=_f32_rows(), qmax=st.sampled_from(QMAXES))
+def test_hypothesis_quantize(x, qmax):
+    same_result(result(bridge.quantize_rows, x, qmax), result(spec_quant.quantize_rows, x, qmax))
+
+
+@needs_core
+@HYP
+@given(x=_f32_rows(), eps=st.sampled_from([1e-5, 1e-6, 0.0]))
+def test_hypothesis_rmsnorm(x, eps):
+    w = np.linspace(-2, 2, x.shape[1]).astype(F32)
+    same_result(result(bridge.rmsnorm, x, w, eps), result(_spec_rmsnorm, x, w, eps))
+
+
+@needs_core
+@HYP
+@given(gu=_f32_rows(), data=st.data())
+def test_hypothesis_swiglu_and_rope(gu, data):
+    f = gu.shape[1] // 2
+    if not f:
+        return
+    g, u = gu[:, :f], gu[:, f:2 * f]
+    with np.errstate(all="ignore"):
+        same_result(result(bridge.swiglu, g, u), result(_spec_swiglu, g, u))
+        cs = data.draw(hnp.arrays(F32, (gu.shape[0], f), elements=st.floats(-1, 1, width=32)))
+        x = gu[:, :2 * f].reshape(gu.shape[0], 1, 2 * f)
+        same(bridge.apply_rope(x, cs, cs[::-1].copy()), spec_rope.apply_rope(x, cs, cs[::-1]))
+
+
+# ------------------------------------------------------------------- every build of the routines
+
+def _builds():
+    """bridge.c built alone per instruction set this CPU has (plain, AVX2, AVX-512)."""
+    flags = open("/proc/cpuinfo").read() if Path("/proc/cpuinfo").exists() else ""
+    out = [("plain", [])]
+    if " avx2" in flags:
+        out.append(("avx2", ["-mavx2"]))
+    if " avx512f" in flags:
+        out.append(("avx512", ["-mavx512f"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    cc = native._compiler()
+    if cc is None or native.lib() is None:
+        pytest.skip("no compiled core")
+    src = Path(native.__file__).with_name("bridge.c")
+    out = {}
+    for name, extra in _builds():
+        so = tmp_path_factory.mktemp(name) / "bridge.so"
+        subprocess.run([cc, *native.FLAGS, "-DCOMMITLLM_ONE_TARGET", *extra, "-o", str(so),
+                        str(src), "-lm"], check=True, capture_output=True, timeout=120)
+        lib = ctypes.CDLL(str(so))
+        native.declare_bridge(lib)
+        out[name] = lib
+    return out
+
+
+def test_each_instruction_set_gives_the_spec(builds, monkeypatch):
+    rng = np.random.default_rng(11)
+    x = _rows(rng, 6, 777, "wide")
+    x[2] = _rows(rng, 1, 777, "tiny")
+    w = rng.standard_normal(777).astype(F32)
+    z = rng.integers(-2**40, 2**40, (6, 777))
+    sx = np.abs(x[:, 0]) + F32(1e-30)
+    cs = rng.uniform(-1, 1, (6, 388)).astype(F32)
+    gu = _rows(rng, 6, 2 * 777, "normal") * F32(20)
+    r = x[:, :776].reshape(6, 1, 776)
+
+    def run(m):  # m: the bridge or the spec
+        return (m[0](x, w, 1e-5), m[1](x, 127), m[1](x, 32767), m[2](z, sx, w, w, x),
+                m[3](gu[:, :777], gu[:, 777:]), m[4](r, cs, cs))
+    want = run((_spec_rmsnorm, spec_quant.quantize_rows,
+                lambda z_, a, b, c, res: res + spec_quant.dequantize(z_, a, b, c),
+                spec_exp2.swiglu, spec_rope.apply_rope))
+    for name, lib in builds.items():
+        monkeypatch.setattr(bridge, "lib", lambda lib=lib: lib)
+        got = run((bridge.rmsnorm, bridge.quantize_rows, bridge.dequantize, bridge.swiglu,
+                   bridge.apply_rope))
+        for i, (g, wv) in enumerate(zip(got, want)):
+            try:
+                same_result(g, wv)
+            except AssertionError as e:
+                raise AssertionError(f"{name} build, routine {i}: {e}") from None
+
+
+def test_without_the_core_the_spec_runs(monkeypatch):
+    monkeypatch.setattr(bridge, "lib", lambda: None)
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 40)).astype(F32)
+    w = np.ones(40, F32)
+    same(bridge.rmsnorm(x, w, 1e-5), _spec_rmsnorm(x, w, 1e-5))
+    same_result(bridge.quantize_rows(x, 127), spec_quant.quantize_rows(x, 127))
+    same(bridge.swiglu(x[:, :20], x[:, 20:]), spec_exp2.swiglu(x[:, :20], x[:, 20:]))
+
+
+@needs_core
+def test_the_replays_layouts_take_the_compiled_route(monkeypatch):
+    """With the spec's functions made to fail, the bridge still answers for the layouts the
+    replay passes (rows of a stack, halves of gate_up, heads sliced from qkv): the equality tests
+    above compare the C routines, not the spec with itself."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 96)).astype(F32)
+    w = np.ones(96, F32)
+    want = (_spec_rmsnorm(x, w, 1e-5), spec_quant.quantize_rows(x, 127),
+            x + spec_quant.dequantize(np.ones((4, 96), np.int64), np.ones(4, F32), w, None),
+            spec_exp2.swiglu(x[:, :48], x[:, 48:]),
+            spec_rope.apply_rope(x.reshape(4, 2, 48), x[:, :24].copy(), x[:, 24:48].copy()))
+
+    def boom(*a, **k):
+        raise AssertionError("the spec was called")
+    for mod, name in ((spec_norm, "rmsnorm"), (spec_quant, "quantize_rows"),
+                      (spec_quant, "dequantize"), (spec_exp2, "swiglu"),
+                      (spec_rope, "apply_rope")):
+        monkeypatch.setattr(mod, name, boom)
+    got = (bridge.rmsnorm(x, w, 1e-5), bridge.quantize_rows(x, 127),
+           bridge.dequantize(np.ones((4, 96), np.int64), np.ones(4, F32), w, None, x),
+           bridge.swiglu(x[:, :48], x[:, 48:]),
+           bridge.apply_rope(x.reshape(4, 2, 48), x[:, :24].copy(), x[:, 24:48].copy()))
+    for g, wv in zip(got, want):
+        same_result(g, wv)

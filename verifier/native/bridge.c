@@ -1,0 +1,229 @@
+/* The replay's elementwise steps between the exact matmuls ("the bridge"), as the numpy spec
+ * computes them (verifier/numerics: norm.py, quant.py, exp2.py, rope.py), bit for bit.
+ *
+ * Every binary32 operation is written in the spec's order with no contraction (the build passes
+ * -ffp-contract=off and no fast-math; exact.h refuses wider float evaluation), so each lane of a
+ * vectorized loop does the same IEEE operations as the spec's numpy ufuncs. Integer steps and
+ * float64 steps on exact integers give the same value in any order.
+ *
+ * The routines return -1 when an input or an output is not finite, and the Python wrappers
+ * (bridge.py) then call the spec, which raises or computes what it defines: so whenever a routine
+ * returns 0 its outputs are finite, and finite IEEE results do not depend on operand order or on
+ * NaN payload rules. Rows are given by a pointer and a row stride in elements.
+ */
+#include "exact.h"
+
+/* max(max x, -min x) over n binary32 values (the spec's amax, up to the sign of a zero max,
+ * which no caller reads: both give s = 1 and e = 0), and whether all were finite. For non-NaN
+ * values |x| orders as its bits do (sign cleared), so the maximum is an unsigned integer
+ * maximum, which vectorizes; bits above those of FLT_MAX are an infinity or a NaN. */
+CLONES static float row_amax(const float *x, int64_t n, int *finite) {
+    const uint32_t *b = (const uint32_t *)x;
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t a = b[i] & 0x7fffffffu;
+        top = a > top ? a : top;
+    }
+    *finite = top <= 0x7f7fffffu;
+    float m;
+    memcpy(&m, &top, 4);
+    return m;
+}
+
+/* The exact sum of squares of X = rint(x * 2^(23 - e)) (norm.py's exact_sum_squares): |X| is
+ * rint(|x| 2^(23 - e)), computed as (a + 2^52) - 2^52 (round half even, exact steps since
+ * a <= 2^23); every product and partial sum is an integer below 2^53, so float64 adds in eight
+ * lanes over chunks of 64 elements (each chunk's total <= 64 * 2^46 = 2^52) are exact, and the
+ * chunk totals add in int64. */
+CLONES static int64_t row_sum_squares(const float *x, int64_t n, double scale) {
+    const double big = 4503599627370496.0; /* 2^52 */
+    int64_t ss = 0;
+    for (int64_t c = 0; c < n; c += 64) {
+        const int64_t len = n - c < 64 ? n - c : 64;
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0;
+        for (; i + 8 <= len; i += 8)
+            for (int j = 0; j < 8; j++) {
+                const double a = (fabs((double)x[c + i + j] * scale) + big) - big;
+                acc[j] += a * a;
+            }
+        for (; i < len; i++) {
+            const double a = (fabs((double)x[c + i] * scale) + big) - big;
+            acc[0] += a * a;
+        }
+        double t = 0.0;
+        for (int j = 0; j < 8; j++) t += acc[j];
+        ss += (int64_t)t;
+    }
+    return ss;
+}
+
+/* y[r] = (x[r] * rs) * w with rs = f32(1 / sqrt(ms + f64(eps))), ms = ldexp(f64(ss) / h,
+ * 2 (e - 23)): norm.py's rmsnorm for rows x [rows][h] (row stride xs) into y [rows][h]. */
+CLONES static int scale_row(const float *x, int64_t n, float rs, const float *w, float *y) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float t = x[i] * rs;
+        const float v = t * w[i];
+        bad |= !(fabsf(v) <= 3.40282347e38f);
+        y[i] = v;
+    }
+    return bad;
+}
+
+int64_t br_rmsnorm(const float *x, int64_t rows, int64_t h, int64_t xs, const float *w,
+                   float eps, float *y) {
+    if (h > 131071) return -2; /* MAX_NORM_WIDTH */
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * xs;
+        int finite;
+        const float amax = row_amax(xr, h, &finite);
+        if (!finite) return -1;
+        int e;
+        frexp((double)amax, &e);
+        const int64_t ss = row_sum_squares(xr, h, ldexp(1.0, 23 - e));
+        const double ms = ldexp((double)ss / (double)h, 2 * (e - 23));
+        const float rs = (float)(1.0 / sqrt(ms + (double)eps));
+        if (scale_row(xr, h, rs, w, y + r * h)) return -1;
+    }
+    return 0;
+}
+
+/* q = clip(rint(x / s), -qmax, qmax), s = amax / qmax (1 where that is 0): quant.py's
+ * quantize_rows for rows x [rows][k] (stride xs) into q (int8 when qbytes is 1, else int16)
+ * [rows][k] and s [rows]. */
+CLONES static void quant_row8(const float *x, int64_t n, float s, float qmax, int8_t *q) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = rint_even(x[i] / s);
+        v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+        q[i] = (int8_t)v;
+    }
+}
+
+CLONES static void quant_row16(const float *x, int64_t n, float s, float qmax, int16_t *q) {
+    for (int64_t i = 0; i < n; i++) {
+        float v = rint_even(x[i] / s);
+        v = v < -qmax ? -qmax : (v > qmax ? qmax : v);
+        q[i] = (int16_t)v;
+    }
+}
+
+int64_t br_quantize(const float *x, int64_t rows, int64_t k, int64_t xs, int64_t qmax,
+                    int64_t qbytes, void *q, float *s) {
+    if (qmax < 1 || qmax > 32767 || (qbytes == 1 && qmax > 127) || (qbytes != 1 && qbytes != 2))
+        return -2;
+    const float fq = (float)qmax;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * xs;
+        int finite;
+        const float amax = row_amax(xr, k, &finite);
+        if (!finite) return -1;
+        float sr = amax / fq;
+        if (sr == 0.0f) sr = 1.0f;
+        s[r] = sr;
+        if (qbytes == 1) quant_row8(xr, k, sr, fq, (int8_t *)q + r * k);
+        else quant_row16(xr, k, sr, fq, (int16_t *)q + r * k);
+    }
+    return 0;
+}
+
+/* y = ((f32(f64(z)) * sx) * sw) + bias [+ then resid + y]: quant.py's dequantize (and the
+ * residual add h = x + linear(...) after it) for z int64 [rows][n]; every |z| < 2^53 or -1. */
+CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float *sw,
+                              const float *bias, const float *resid, float *y) {
+    int bad = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t v = z[j];
+        bad |= (v >= 9007199254740992LL) | (v <= -9007199254740992LL);
+        float t = (float)(double)v;
+        t = t * sx;
+        t = t * sw[j];
+        y[j] = t;
+    }
+    if (bias)
+        for (int64_t j = 0; j < n; j++) y[j] = y[j] + bias[j];
+    if (resid)
+        for (int64_t j = 0; j < n; j++) y[j] = resid[j] + y[j];
+    for (int64_t j = 0; j < n; j++) bad |= !(fabsf(y[j]) <= 3.40282347e38f);
+    return bad;
+}
+
+int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, const float *sw,
+                   const float *bias, const float *resid, int64_t rs, float *y) {
+    for (int64_t r = 0; r < rows; r++)
+        if (dequant_row(z + r * n, n, sx[r], sw, bias, resid ? resid + r * rs : NULL, y + r * n))
+            return -1;
+    return 0;
+}
+
+/* out = (g / (1 + 2^clip(g * c, -64, 64))) * u, exp2 as exp2.py's: n = rint(y), f = y - n,
+ * Horner of degree 7 with the given fp32 coefficients, times 2^n from the bits (n + 127) << 23.
+ * g, u rows of f (strides gs, us), out [rows][f]. */
+CLONES static int swiglu_row(const float *g, const float *u, int64_t n, float neg_log2e,
+                             const float *c, float *out) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) {
+        const float gi = g[i], ui = u[i];
+        bad |= !(fabsf(gi) <= 3.40282347e38f) | !(fabsf(ui) <= 3.40282347e38f);
+        float y = gi * neg_log2e;
+        y = y < -64.0f ? -64.0f : (y > 64.0f ? 64.0f : y);
+        const float k = rint_even(y);
+        const float f = y - k;
+        float p = f * c[7];
+        p = p + c[6];
+        for (int d = 5; d >= 0; d--) {
+            p = p * f;
+            p = p + c[d];
+        }
+        const int32_t bits = ((int32_t)(k + 127.0f)) << 23;
+        float two_k;
+        memcpy(&two_k, &bits, 4);
+        p = p * two_k;
+        p = p + 1.0f;
+        p = gi / p;
+        p = p * ui;
+        bad |= !(fabsf(p) <= 3.40282347e38f);
+        out[i] = p;
+    }
+    return bad;
+}
+
+int64_t br_swiglu(const float *g, const float *u, int64_t rows, int64_t n, int64_t gs,
+                  int64_t us, float neg_log2e, const float *coefs, float *out) {
+    for (int64_t r = 0; r < rows; r++)
+        if (swiglu_row(g + r * gs, u + r * us, n, neg_log2e, coefs, out + r * n)) return -1;
+    return 0;
+}
+
+/* rope.py's apply_rope, rotate-half: out1 = (x1 * c) - (x2 * s), out2 = (x2 * c) + (x1 * s)
+ * for x [t][heads][d] (token stride xs, head stride hs), cos/sin [t][d/2], out contiguous
+ * [t][heads][d]. */
+CLONES static int rope_head(const float *x, int64_t half, const float *c, const float *s,
+                            float *o) {
+    int bad = 0;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[i] * c[i], b = x[half + i] * s[i];
+        const float v = a - b;
+        bad |= !(fabsf(v) <= 3.40282347e38f);
+        o[i] = v;
+    }
+    for (int64_t i = 0; i < half; i++) {
+        const float a = x[half + i] * c[i], b = x[i] * s[i];
+        const float v = a + b;
+        bad |= !(fabsf(v) <= 3.40282347e38f);
+        o[half + i] = v;
+    }
+    return bad;
+}
+
+int64_t br_rope(const float *x, int64_t t, int64_t heads, int64_t d, int64_t xs, int64_t hs,
+                const float *cos, const float *sin, float *out) {
+    if (d % 2) return -2;
+    const int64_t half = d / 2;
+    for (int64_t r = 0; r < t; r++)
+        for (int64_t h = 0; h < heads; h++)
+            if (rope_head(x + r * xs + h * hs, half, cos + r * half, sin + r * half,
+                          out + (r * heads + h) * d))
+                return -1;
+    return 0;
+}
