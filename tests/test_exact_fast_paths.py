@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from commitllm.verifier import freivalds
+from commitllm.verifier import freivalds, merkle
 from commitllm.verifier.commitment import kv_leaf, leaf_hashes, resid_leaf
 from commitllm.verifier import native
 from commitllm.verifier.freivalds import P, check, dot, dot_reference, prepare
@@ -166,3 +166,63 @@ def test_rope_rows_at_positions_equal_the_table():
     assert np.array_equal(few[0], table.cos[pos]) and np.array_equal(few[1], table.sin[pos])
     assert np.array_equal(rope.build_rows(table.cos_b, table.sin_b, np.array([], np.int64))[0],
                           np.ones((0, len(table.freqs)), np.float32))
+
+
+def test_leaf_hashes_of_big_endian_and_strided_rows():
+    """Rows given big-endian or as strided views hash as their little-endian bytes."""
+    rng = np.random.default_rng(8)
+    k = rng.integers(-300, 300, (5, 2, 4)).astype(np.int16)
+    sk = rng.random((5, 2)).astype(np.float32)
+    want = leaf_hashes(b"kv", 1, range(5), [k, sk, k, sk])
+    assert leaf_hashes(b"kv", 1, range(5), [k.astype(">i2"), sk.astype(">f4"), k, sk]) == want
+    wide = np.zeros((5, 2, 8), np.int16)
+    wide[:, :, ::2] = k
+    assert leaf_hashes(b"kv", 1, range(5), [wide[:, :, ::2], sk, k, sk]) == want
+
+
+def _multiproof_reference(leaves, n_leaves, proof, root):
+    """The earlier dict-based rebuild: the same answer for every input."""
+    known, width, used = dict(leaves), n_leaves, 0
+    while width > 1:
+        nxt = {}
+        for i in sorted(known):
+            if i // 2 in nxt:
+                continue
+            sib = i ^ 1
+            if sib >= width:
+                nxt[i // 2] = known[i]
+                continue
+            if sib in known:
+                other = known[sib]
+            elif used < len(proof) and len(proof[used]) == 32:
+                other, used = proof[used], used + 1
+            else:
+                return False
+            nxt[i // 2] = (merkle.node_hash(known[i], other) if i % 2 == 0
+                           else merkle.node_hash(other, known[i]))
+        known, width = nxt, (width + 1) // 2
+    return used == len(proof) and known[0] == root
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 8, 33, 100])
+def test_verify_multiproof_one_pass_per_level(n):
+    """The one-pass rebuild accepts exactly what the dict-based one did: honest subsets
+    (contiguous ranges, scattered, all), and refuses dropped, extra, swapped or cut proofs."""
+    rng = np.random.default_rng(n)
+    leaves = [merkle.leaf_hash(b"t", bytes([i % 256, i // 256])) for i in range(n)]
+    tree = merkle.MerkleTree(leaves)
+    subsets = [range(n), range(n // 3, n), sorted(set(rng.integers(0, n, 3).tolist()))]
+    for idx in subsets:
+        got = {i: leaves[i] for i in idx}
+        proof = merkle.multiproof(tree, idx)
+        assert merkle.verify_multiproof(got, n, proof, tree.root)
+        bad_proofs = [proof + [b"\0" * 32], proof[:-1], proof[::-1] if len(proof) > 1 else None,
+                      [p[:31] for p in proof] if proof else None]
+        for bad in [b for b in bad_proofs if b is not None and b != proof]:
+            want = _multiproof_reference(got, n, bad, tree.root)
+            assert merkle.verify_multiproof(got, n, bad, tree.root) == want
+            assert not want
+        wrong = dict(got)
+        first = next(iter(wrong))
+        wrong[first] = merkle.leaf_hash(b"t", b"other")
+        assert not merkle.verify_multiproof(wrong, n, proof, tree.root)

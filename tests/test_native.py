@@ -326,3 +326,21 @@ def test_dequant_planes_equals_the_torch_route(wq, xq, bias):
         assert_same(torch.from_numpy(got), want.numpy(), f"threads {n}")
     with pytest.raises(ValueError, match="shapes"):
         native.dequant_planes(parts.numpy(), nx, sx.numpy()[:-1], sw.numpy(), None)
+
+
+def test_thread_budget_is_per_thread_and_restored():
+    """The verifier's layer threads give their row-split passes a share of the cores; the budget
+    holds for the calling thread only and is restored after (nesting included)."""
+    import threading
+
+    full = native.threads()
+    seen = []
+    with native.thread_budget(1):
+        assert native.threads() == 1
+        with native.thread_budget(3):
+            assert native.threads() == 3
+        assert native.threads() == 1
+        t = threading.Thread(target=lambda: seen.append(native.threads()))
+        t.start()
+        t.join()
+    assert seen == [full] and native.threads() == full

@@ -71,20 +71,24 @@ def commit_model(qm: QuantizedModel) -> dict:
 def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:
     """leaf_hash(kind + <II layer, position>, row bytes of each array, little-endian) for every
     position at once: arrays hold one row per position ([n, ...] each). The same bytes as
-    resid_leaf / kv_leaf, built in one numpy pass (per-row Python was most of the proof check)."""
+    resid_leaf / kv_leaf, written into one preallocated [n, width] buffer (one copy per array,
+    byte order converted on the way) and hashed a row at a time from it."""
     n = len(positions)
     if n == 0:
         return []
-    head = np.frombuffer(LEAF_PREFIX + kind + struct.pack("<I", layer), dtype=np.uint8)
-    cols = [np.broadcast_to(head, (n, len(head))),
-            np.asarray(positions, dtype="<u4").reshape(n, 1).view(np.uint8)]
-    for a in arrays:
-        a = np.asarray(a)
-        cols.append(np.ascontiguousarray(a.reshape(n, -1).astype(a.dtype.newbyteorder("<")))
-                    .view(np.uint8))
-    rows = np.concatenate(cols, axis=1)
-    mv, w = memoryview(rows.tobytes()), rows.shape[1]
-    return [blake3.blake3(mv[i * w:(i + 1) * w]).digest() for i in range(n)]
+    head = LEAF_PREFIX + kind + struct.pack("<I", layer)
+    parts = [np.asarray(a).reshape(n, -1) for a in arrays]
+    off = len(head) + 4
+    w = off + sum(a.shape[1] * a.dtype.itemsize for a in parts)
+    rows = np.empty((n, w), np.uint8)
+    rows[:, :len(head)] = np.frombuffer(head, np.uint8)
+    rows[:, len(head):off] = np.asarray(positions, dtype="<u4").reshape(n, 1).view(np.uint8)
+    for a in parts:
+        width = a.shape[1] * a.dtype.itemsize
+        np.copyto(rows[:, off:off + width].view(a.dtype.newbyteorder("<")), a, casting="equiv")
+        off += width
+    mv, b3 = memoryview(rows).cast("B"), blake3.blake3
+    return [b3(mv[i * w:(i + 1) * w]).digest() for i in range(n)]
 
 
 def resid_leaf(layer: int, pos: int, x: np.ndarray) -> bytes:

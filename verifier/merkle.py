@@ -109,25 +109,32 @@ def multiproof(tree: MerkleTree, indices) -> list[bytes]:
 
 def verify_multiproof(leaves: dict[int, bytes], n_leaves: int, proof: list[bytes],
                       root: bytes) -> bool:
-    """True when `leaves` (index -> leaf hash) and `proof` rebuild `root` exactly."""
+    """True when `leaves` (index -> leaf hash) and `proof` rebuild `root` exactly.
+
+    Each level is one pass over its known nodes in index order: a node pairs with its known
+    sibling, is carried up when it has none (the last of an odd level), or takes the next proof
+    hash (the order `multiproof` writes them)."""
     if not leaves or n_leaves > 2**MAX_DEPTH or any(not 0 <= i < n_leaves for i in leaves):
         return False
-    known, width, used = dict(leaves), n_leaves, 0
+    items, width, used, b3 = sorted(leaves.items()), n_leaves, 0, blake3.blake3
     while width > 1:
-        nxt: dict[int, bytes] = {}
-        for i in sorted(known):
-            if i // 2 in nxt:
+        nxt: list[tuple[int, bytes]] = []
+        k, count = 0, len(items)
+        while k < count:
+            i, h = items[k]
+            if i % 2 == 0 and k + 1 < count and items[k + 1][0] == i + 1:
+                nxt.append((i // 2, b3(NODE_PREFIX + h + items[k + 1][1]).digest()))
+                k += 2
                 continue
-            sib = i ^ 1
-            if sib >= width:
-                nxt[i // 2] = known[i]
+            k += 1
+            if (i ^ 1) >= width:
+                nxt.append((i // 2, h))
                 continue
-            if sib in known:
-                other = known[sib]
-            elif used < len(proof) and len(proof[used]) == 32:
-                other, used = proof[used], used + 1
-            else:
+            if used >= len(proof) or len(proof[used]) != 32:
                 return False
-            nxt[i // 2] = node_hash(known[i], other) if i % 2 == 0 else node_hash(other, known[i])
-        known, width = nxt, (width + 1) // 2
+            other, used = proof[used], used + 1
+            pair = NODE_PREFIX + (h + other if i % 2 == 0 else other + h)
+            nxt.append((i // 2, b3(pair).digest()))
+        items, width = nxt, (width + 1) // 2
+    known = dict(items)
     return used == len(proof) and hmac.compare_digest(known[0], root)

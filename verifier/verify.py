@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import challenge as challenge_mod
+from . import native
 from . import request as request_mod
 from .commitment import embed_leaf, layer_roots_match, leaf_hashes
 from .config import ModelConfig
@@ -186,14 +187,18 @@ def _replay_layers(ctx: Ctx, layers: list[int], resid, kv, z, zq, threads: int) 
             replay_layer(ctx, l, resid, kv, z, zq)
         return
 
+    n = min(threads, len(layers))
+    inner = max(1, native.threads() // n)  # the cores left to each layer's row-split passes
+
     def one(l):
         c = dataclasses.replace(ctx, timer=Timer())
         try:
-            replay_layer(c, l, resid, kv, z, zq)
+            with native.thread_budget(inner):
+                replay_layer(c, l, resid, kv, z, zq)
             return c.timer, None
         except Exception as e:  # noqa: BLE001 - re-raised below, in layer order
             return c.timer, e
-    with ThreadPoolExecutor(min(threads, len(layers)), thread_name_prefix="verify") as pool:
+    with ThreadPoolExecutor(n, thread_name_prefix="verify") as pool:
         done = list(pool.map(one, layers))
     for t, _ in done:
         for part, sec in t.parts.items():

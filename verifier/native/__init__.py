@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -162,9 +163,26 @@ def _split_run(run, bounds: list[int], name: str) -> None:
             raise MemoryError(f"{name}: out of memory")
 
 
+_local = threading.local()
+
+
 def threads() -> int:
-    """Threads for row-parallel routines: every core (at most 16)."""
-    return max(1, min(os.cpu_count() or 1, 16))
+    """Threads for row-parallel routines: every core (at most 16), or the budget that
+    thread_budget gave the calling thread."""
+    return getattr(_local, "budget", None) or max(1, min(os.cpu_count() or 1, 16))
+
+
+@contextmanager
+def thread_budget(n: int):
+    """Row-parallel routines called from this thread use at most n threads inside (the
+    verifier's layer threads share the cores instead of each splitting rows over all of them).
+    The split of rows changes no bit."""
+    before = getattr(_local, "budget", None)
+    _local.budget = max(1, int(n))
+    try:
+        yield
+    finally:
+        _local.budget = before
 
 
 def attn_coefs(s: np.ndarray, sq: np.ndarray, sk: np.ndarray, sv: np.ndarray,
