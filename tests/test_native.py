@@ -344,3 +344,23 @@ def test_thread_budget_is_per_thread_and_restored():
         t.start()
         t.join()
     assert seen == [full] and native.threads() == full
+
+
+def test_background_build_returns_at_once_and_the_next_process_loads_it(monkeypatch, tmp_path):
+    """build_in_background: with no library yet lib() is None at once (the reason says so) and a
+    detached process builds it; a later process (fresh state) finds and loads it."""
+    import time
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COMMITLLM_CACHE", str(cache))
+    monkeypatch.setattr(native, "_state", {})
+    native.build_in_background()
+    t0 = time.perf_counter()
+    assert native.lib() is None
+    assert time.perf_counter() - t0 < 1.0 and "background" in native.error()
+    while not list((cache / "native").glob("native-*.so")):
+        assert time.perf_counter() - t0 < 120, "the background build did not finish"
+        time.sleep(0.1)
+    monkeypatch.setattr(native, "_state", {})
+    assert native.lib() is not None  # built by the other process: loaded, not rebuilt
+    assert native.use_route(-1) == native.best_route()

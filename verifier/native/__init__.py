@@ -61,34 +61,75 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build() -> Path:
+def _target() -> tuple[str, Path]:
+    """The compiler and the library path for this source, flags and compiler version."""
     cc = _compiler()
     if cc is None:
         raise FileNotFoundError("no C compiler (cc) on PATH")
     ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     tag = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)
                          + repr((FLAGS, ver, sys.platform)).encode())
-    out = _private_dir(cache_dir()) / f"native-{tag.hexdigest()[:24]}.so"
+    return cc, cache_dir() / f"native-{tag.hexdigest()[:24]}.so"
+
+
+def _build() -> Path:
+    """Build the library unless it is there: each source compiled in its own process at once,
+    then linked, into a private temporary folder, and moved into place atomically."""
+    cc, out = _target()
+    _private_dir(out.parent)
     if out.exists():
         return out
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        objs = [Path(tmp) / f"{src.stem}.o" for src in SOURCES]
+        procs = [subprocess.Popen([cc, *FLAGS[:-1], "-c", "-o", str(o), str(src)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for src, o in zip(SOURCES, objs)]
+        errs = [p.communicate(timeout=120)[1] for p in procs]
+        bad = [e for p, e in zip(procs, errs) if p.returncode != 0]
+        if bad:
+            raise RuntimeError(f"building the compiled core failed: {bad[0].strip()[-500:]}")
         tmp_so = Path(tmp) / "native.so"
-        proc = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), *map(str, SOURCES), "-lm"],
+        proc = subprocess.run([cc, *FLAGS, "-o", str(tmp_so), *map(str, objs), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
-            raise RuntimeError(f"building the compiled core failed: {proc.stderr.strip()[-500:]}")
+            raise RuntimeError(f"linking the compiled core failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp_so, out)  # atomic: a concurrent process sees the old name or the whole file
     return out
 
 
+def build_in_background(on: bool = True) -> None:
+    """When the library is not built yet, lib() starts its build in a detached process and
+    returns None at once (callers take their numpy or torch route, the same bits) instead of
+    waiting for the compiler: for short runs such as one CLI verification, where the build
+    (about two seconds) would cost more than it saves. Later processes load the library."""
+    _state["background"] = on
+
+
+def _spawn_build() -> None:
+    subprocess.Popen([sys.executable, "-c", "from commitllm.verifier import native; "
+                      "native._build()"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
 def lib():
-    """The loaded library, or None (no compiler, build failed, or COMMITLLM_NATIVE=0)."""
+    """The loaded library, or None (no compiler, build failed, building in the background, or
+    COMMITLLM_NATIVE=0)."""
     if not enabled():
         return None
+    so = _state.get("lib")
+    if so is not None:
+        return so
     with _lock:
         if "lib" not in _state:
             _state["lib"], _state["error"] = None, None
             try:
+                if _state.get("background"):
+                    _, path = _target()
+                    if not path.exists():
+                        _private_dir(path.parent)
+                        _spawn_build()
+                        raise RuntimeError("the compiled core is being built in the background "
+                                           "(the next run uses it)")
                 so = ctypes.CDLL(str(_build()))
                 if so.commitllm_native_abi() != ABI:
                     raise RuntimeError("the compiled core's ABI does not match")
