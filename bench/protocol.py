@@ -162,9 +162,10 @@ def verify_parts(timing: dict) -> dict:
 
 
 def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes,
-                 warmup: int = 1, open_runs: int = 1) -> dict:
+                 warmup: int = 1, open_runs: int = 1, also_threads: int = 0) -> dict:
     """Challenge, open (`open_runs` timed runs), serialize, verify (`verify_runs` timed runs after
-    `warmup` untimed ones) one receipt at one tier."""
+    `warmup` untimed ones) one receipt at one tier; with also_threads > 1, the verification timed
+    again with that many layer threads (its verdict must be the one-thread verdict)."""
     from commitllm.engine.open import build_opening
     from commitllm.verifier import challenge, container
     from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
@@ -183,6 +184,15 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
     io = setup.io_tokenizer is not None  # a key without a tokenizer: io_binding unchecked
     verify_t, verdicts = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
                                                     io_binding=io), verify_runs, warmup=warmup)
+    threaded = None
+    if also_threads > 1:
+        t_thr, v_thr = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
+                                                  io_binding=io, threads=also_threads),
+                                 verify_runs, warmup=warmup)
+        if {(v.accepted, v.reason) for v in v_thr} != {(v.accepted, v.reason) for v in verdicts}:
+            raise SystemExit(f"{tier}: the verdict with {also_threads} threads differs")
+        threaded = {"threads": also_threads,
+                    **Timing(tuple(1e3 * v.timing["total"] for v in v_thr)).to_dict()}
     n = len(c["positions"])
     per_pos = {p: Timing(tuple(1e3 * verify_parts(v.timing)[p] / n for v in verdicts)).to_dict()
                for p in PARTS + SPANS}
@@ -196,6 +206,7 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
             "open_timing_s": open_t.to_dict(),
             "verify_ms_per_position": per_pos, "verify_runs": verify_runs, "warmup": warmup,
             "verify_ms": Timing(tuple(1e3 * v.timing["total"] for v in verdicts)).to_dict(),
+            "verify_ms_threaded": threaded,
             "contention": _worst(open_t.contention, verify_t.contention),
             "accepted": not bad,
             "reject": None if not bad else f"{bad[0].reason}: {bad[0].detail}"}
