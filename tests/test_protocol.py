@@ -230,10 +230,15 @@ def four_layers(tmp_path_factory):
                                     overrides={"num_hidden_layers": 4}))
 
 
-@pytest.mark.parametrize("tamper", [None, "z.2.down", "z.3.o+z.0.qkv", "kv.1.k"])
+@pytest.mark.parametrize("tamper", [None, "z.2.down", "z.3.o+z.0.qkv", "kv.1.k",
+                                    "kv.2.k+z.0.qkv", "resid.3.rows+z.1.down",
+                                    "embed.q+z.0.gate_up", "z.1.pos+kv.3.v", "z.2.pos"])
 def test_verdict_does_not_depend_on_threads(four_layers, tamper):
     """The challenged layers replayed on 1, 2 and 4 threads: the same verdict, reason, detail and
-    list of checks; with tampering in two layers, the first layer's reason (as in one thread)."""
+    list of checks; with tampering in two layers, the first layer's reason (as in one thread).
+    With threads the replay runs while the Merkle proofs are hashed: a failed proof, then the
+    embedding check, still come before any replay failure; position lists are refused before
+    either."""
     flow = Flow(four_layers, params=SAMPLED)
     c = flow.challenge("full")
     assert len({int(k.split(".")[1]) for k in flow.open(c)[1] if k.startswith("z.") and
@@ -250,6 +255,11 @@ def test_verdict_does_not_depend_on_threads(four_layers, tamper):
     assert got[0][0] is (tamper is None), got[0][1:3]
     if tamper == "z.3.o+z.0.qkv":
         assert "layers.0.qkv" in got[0][2]  # the first failing layer in order decides
+    first = {"kv.2.k+z.0.qkv": "merkle_kv", "resid.3.rows+z.1.down": "merkle_residual",
+             "embed.q+z.0.gate_up": "merkle_embedding", "z.1.pos+kv.3.v": "opening_mismatch",
+             "z.2.pos": "opening_mismatch"}
+    if tamper in first:
+        assert got[0][1] == first[tamper], got[0][1:3]
 
 
 def test_threads_must_be_positive(flow):

@@ -7,6 +7,7 @@ import hmac
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,18 +153,38 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
                 | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
     v.ok("types", "every opened array has the dtype, shape and range the key implies")
     t_merkle = time.perf_counter()
-    resid, kv = _check_trace_proofs(receipt, arrays, p, cfg)
-    timer.merkle = time.perf_counter() - t_merkle
+    resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
+    ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
+
+    def replay():
+        z, zq = _z_tables(arrays, p)
+        ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
+        _replay_layers(ctx, sorted(p.z), resid, kv, z, zq, threads)
+        return z
+    # With threads > 1 the layers are replayed while this thread hashes the Merkle proofs (the
+    # hashing holds the GIL, the replay's compiled passes do not); the verdict is still the
+    # serial one: a failed proof, then the embedding check, then the replay's first failure.
+    pending = None
+    if threads > 1:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="verify-replay")
+        pending = pool.submit(replay)
+        pool.shutdown(wait=False)
+    try:
+        _check_proofs(proofs)
+    finally:
+        timer.merkle = time.perf_counter() - t_merkle
+        if pending is not None:
+            futures_wait([pending])  # never return (or reject) with the replay still running
     v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
                    f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
     _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
     n_pos = len(set(challenge["positions"]))
     v.ok("embedding", f"{len(p.embed)} input rows ({n_pos} challenged positions, "
                       f"{len(p.embed) - n_pos} K/V-sample rows) equal their proven embedding rows")
-    ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
-    z, zq = _z_tables(arrays, p)
-    ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
-    _replay_layers(ctx, sorted(p.z), resid, kv, z, zq, threads)
+    if pending is None:
+        replay()
+    else:
+        pending.result()  # re-raises the replay's first failure, after the checks before it
     v.ok("layers", f"{len(p.z)} layers x {n_pos} challenged positions replayed bit-exactly, "
                    f"and {sum(map(len, p.zq.values()))} K/V-sample rows' Q/K/V (attention over "
                    f"{len(next(iter(p.kv.values()), []))} K/V rows)")
@@ -350,7 +371,10 @@ def _proof(arrays, name) -> list[bytes]:
     return [bytes(r) for r in a]
 
 
-def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
+def _trace_tables(receipt, arrays, p: Plan, cfg):
+    """The opened residual and K/V rows as tables, after every structural check (layer roots
+    against the receipt, positions, shapes, dtypes, finite residuals, proof lists), and the
+    Merkle proofs still to check, in order (residual layers, then K/V layers)."""
     L = cfg.num_layers
     rl, kl = _proof(arrays, "resid.layer_roots"), _proof(arrays, "kv.layer_roots")
     if len(rl) != L + 1 or len(kl) != L:
@@ -359,7 +383,7 @@ def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
     if not (layer_roots_match(b"resid", rl, bytes.fromhex(receipt["trace"]["residual_root"]))
             and layer_roots_match(b"kv", kl, bytes.fromhex(receipt["trace"]["kv_root"]))):
         raise Reject("trace_root", "layer roots do not hash to the receipt's trace roots")
-    resid = {}
+    resid, kv, proofs = {}, {}, []
     for l, pos in p.resid.items():
         _expect(arrays, f"resid.{l}.pos", pos)
         rows = arrays[f"resid.{l}.rows"]
@@ -367,15 +391,10 @@ def _check_trace_proofs(receipt, arrays, p: Plan, cfg):
             raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
         if not np.all(np.isfinite(rows)):
             raise Reject("nonfinite", f"resid.{l}.rows holds a non-finite value")
-        leaves = dict(zip(pos, leaf_hashes(b"resid", l, pos, [rows])))
-        if not verify_multiproof(leaves, n, _proof(arrays, f"resid.{l}.proof"), rl[l]):
-            raise Reject("merkle_residual", f"residual rows of layer {l} are not the committed ones")
+        proofs.append((b"resid", l, pos, [rows], _proof(arrays, f"resid.{l}.proof"), rl[l], n,
+                       "merkle_residual", f"residual rows of layer {l} are not the committed "
+                                          f"ones"))
         resid[l] = {t: rows[i] for i, t in enumerate(pos)}
-    return resid, _kv_tables(arrays, p, cfg, kl, n)
-
-
-def _kv_tables(arrays, p: Plan, cfg, kl, n) -> dict:
-    kv = {}
     shape = (cfg.num_kv_heads, cfg.head_dim)
     for l, pos in p.kv.items():
         _expect(arrays, f"kv.{l}.pos", pos)
@@ -384,11 +403,18 @@ def _kv_tables(arrays, p: Plan, cfg, kl, n) -> dict:
                 or sk.shape != (len(pos), shape[0]) or sv.shape != sk.shape
                 or sk.dtype != np.float32 or sv.dtype != np.float32 or k.dtype.kind != "i"):
             raise Reject("opening_malformed", f"kv.{l}: wrong shapes or dtypes")
-        leaves = dict(zip(pos, leaf_hashes(b"kv", l, pos, [k, sk, v, sv])))
-        if not verify_multiproof(leaves, n, _proof(arrays, f"kv.{l}.proof"), kl[l]):
-            raise Reject("merkle_kv", f"K/V rows of layer {l} are not the committed ones")
+        proofs.append((b"kv", l, pos, [k, sk, v, sv], _proof(arrays, f"kv.{l}.proof"), kl[l], n,
+                       "merkle_kv", f"K/V rows of layer {l} are not the committed ones"))
         kv[l] = (k, sk, v, sv)
-    return kv
+    return resid, kv, proofs
+
+
+def _check_proofs(proofs) -> None:
+    """Each proof in order; the first that fails rejects."""
+    for kind, l, pos, rows, proof, root, n, code, detail in proofs:
+        leaves = dict(zip(pos, leaf_hashes(kind, l, pos, rows)))
+        if not verify_multiproof(leaves, n, proof, root):
+            raise Reject(code, detail)
 
 
 def _check_embedding(key, arrays, x0: dict, ids: list[int], positions: list[int]) -> None:

@@ -165,13 +165,15 @@ def test_accumulator_beyond_its_bound_rejected_on_every_route(world, freivalds_r
         assert "exceeds the bound" in v.detail
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tier", ["routine", "deep"])
-def test_forged_accumulator_rejected_with_either_bridge(world, bridge_route, tier):
+def test_forged_accumulator_rejected_with_either_bridge(world, bridge_route, tier, threads):
     """The honest opening is accepted, and a one-off accumulator refused, with the bridge in C
-    and in numpy."""
+    and in numpy, on one thread and with the layers replayed while the proofs are hashed; with
+    a K/V row changed too, the Merkle proof is the reason on every route (it comes first)."""
     c = world.challenge(world.served, tier)
     meta, arrays = world.open(world.served, c)
-    honest = world.verify(world.served, c, meta, arrays)
+    honest = world.verify(world.served, c, meta, arrays, threads=threads)
     assert honest.accepted, honest.reason
     for name in ("z.0.gate_up", "z.1.down", "z.lm"):
         if name not in arrays:
@@ -179,4 +181,7 @@ def test_forged_accumulator_rejected_with_either_bridge(world, bridge_route, tie
         bad = {k: v.copy() for k, v in arrays.items()}
         bad[name][-1, 2] += 1
         matrix = "lm_head" if name == "z.lm" else name.split(".")[-1]
-        assert_rejected(world.verify(world.served, c, meta, bad), f"freivalds_{matrix}")
+        assert_rejected(world.verify(world.served, c, meta, bad, threads=threads),
+                        f"freivalds_{matrix}")
+        bad["kv.1.v"][0, 0, 0] ^= 1
+        assert_rejected(world.verify(world.served, c, meta, bad, threads=threads), "merkle_kv")
