@@ -434,41 +434,48 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
  * elements), group g = b * H + h; every padding element is written as 0.
  *   keys   (vals == 0): dst int16 [G][nkb][dp/2][16][2], width = dp (even, >= d), blocks = nkb
  *   values (vals != 0): dst int16 [G][nvp][dv][2],       width = dv (>= d),      blocks = nvp */
+/* The packing loops for rows of contiguous dims of element type T (int8_t or int16_t). */
+#define PACK_ROWS(T) \
+        for (int64_t b = 0; b < B; b++) \
+            for (int64_t h = 0; h < H; h++) { \
+                int16_t *o = dst + (b * H + h) * gsize; \
+                const T *base = (const T *)src + b * sb + h * sh; \
+                for (int64_t blk = 0; blk < blocks; blk++) { \
+                    const T *row[KB]; \
+                    for (int64_t l = 0; l < per; l++) { \
+                        const int64_t s = blk * per + l; \
+                        row[l] = s < S ? base + s * ss : 0; \
+                    } \
+                    if (vals) {  /* [dv][2]: dim i of keys 2 blk and 2 blk + 1 side by side */ \
+                        for (int64_t i = 0; i < width; i++) { \
+                            o[2 * i] = row[0] && i < d ? row[0][i] : 0; \
+                            o[2 * i + 1] = row[1] && i < d ? row[1][i] : 0; \
+                        } \
+                    } else {  /* [dp/2][16][2]: dims 2p, 2p+1 of 16 keys */ \
+                        for (int64_t p = 0; p < width / 2; p++) { \
+                            const int64_t i = 2 * p; \
+                            for (int64_t l = 0; l < KB; l++) { \
+                                o[(p * KB + l) * 2] = row[l] && i < d ? row[l][i] : 0; \
+                                o[(p * KB + l) * 2 + 1] = row[l] && i + 1 < d ? row[l][i + 1] : 0; \
+                            } \
+                        } \
+                    } \
+                    o += per * width; \
+                } \
+            } \
+        return 0;
+
 int64_t attn_pack(const void *src, int64_t esize, int64_t vals, int64_t B, int64_t H, int64_t S,
                   int64_t d, int64_t sb, int64_t sh, int64_t ss, int64_t sd, int64_t width,
                   int64_t blocks, int16_t *dst) {
     const int64_t per = vals ? 2 : KB;  /* keys per block */
     if (blocks * per < S || width < d || (!vals && width % 2)) return -4;
     const int64_t gsize = blocks * per * width;
-    if (sd == 1 && esize == 2) {  /* rows of contiguous int16 dims: the usual case, no index math */
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t h = 0; h < H; h++) {
-                int16_t *o = dst + (b * H + h) * gsize;
-                const int16_t *base = (const int16_t *)src + b * sb + h * sh;
-                for (int64_t blk = 0; blk < blocks; blk++) {
-                    const int16_t *row[KB];
-                    for (int64_t l = 0; l < per; l++) {
-                        const int64_t s = blk * per + l;
-                        row[l] = s < S ? base + s * ss : 0;
-                    }
-                    if (vals) {  /* [dv][2]: dim i of keys 2 blk and 2 blk + 1 side by side */
-                        for (int64_t i = 0; i < width; i++) {
-                            o[2 * i] = row[0] && i < d ? row[0][i] : 0;
-                            o[2 * i + 1] = row[1] && i < d ? row[1][i] : 0;
-                        }
-                    } else {  /* [dp/2][16][2]: dims 2p, 2p+1 of 16 keys */
-                        for (int64_t p = 0; p < width / 2; p++) {
-                            const int64_t i = 2 * p;
-                            for (int64_t l = 0; l < KB; l++) {
-                                o[(p * KB + l) * 2] = row[l] && i < d ? row[l][i] : 0;
-                                o[(p * KB + l) * 2 + 1] = row[l] && i + 1 < d ? row[l][i + 1] : 0;
-                            }
-                        }
-                    }
-                    o += per * width;
-                }
-            }
-        return 0;
+    if (sd == 1 && esize == 2) {  /* rows of contiguous dims: the usual case, no index math */
+        PACK_ROWS(int16_t)
+    }
+    if (sd == 1 && esize == 1) {
+        PACK_ROWS(int8_t)
     }
     for (int64_t b = 0; b < B; b++)
         for (int64_t h = 0; h < H; h++) {
