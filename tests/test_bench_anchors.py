@@ -97,3 +97,14 @@ def test_freivalds_compare_runs(monkeypatch):
     assert len(calls) == 8
     for slow, fast in zip(calls[::2], calls[1::2]):  # both routes give the same residues
         assert all(np.array_equal(a, b) for a, b in zip(slow, fast))
+
+
+def test_floors_measure_and_render(monkeypatch):
+    monkeypatch.setattr(anchors, "GOAL_CONTEXT", 64)
+    f = anchors.measure_floors(runs=1)
+    assert f["rows"] == 64 and f["leaf_bytes"] == 2 * 8 * 128 * 2 + 2 * 8 * 4 + 19 + 2 + 8
+    assert all(f[k] > 0 for k in ("leaf_hashes_ms", "stream_ms", "multiproof_ms", "pack_ms",
+                                  "call_ms", "leaf_gb_s"))
+    text = anchors._floors_md({"floors": f})
+    assert "63 node hashes" in text and "ms" in text
+    assert anchors._floors_md({}) == ""
