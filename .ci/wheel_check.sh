@@ -63,6 +63,10 @@ step "verifier venv: verify"
 "$WORK/verifier/bin/commitllm" verify --key verifier.key --receipt r.json --challenge c.json \
   --opening o.bin --nonce client-1 >verify.out || { cat verify.out >&2; exit 1; }
 grep -qx "ACCEPTED" verify.out || { cat verify.out >&2; exit 1; }
+# the same verification without the compiled core (numpy routes only): the same verdict
+COMMITLLM_NATIVE=0 "$WORK/verifier/bin/commitllm" verify --key verifier.key --receipt r.json \
+  --challenge c.json --opening o.bin --nonce client-1 >verify0.out || { cat verify0.out >&2; exit 1; }
+grep -qx "ACCEPTED" verify0.out || { cat verify0.out >&2; exit 1; }
 # the installed wheel builds its compiled core (sources and header shipped, not a silent fallback)
 COMMITLLM_CACHE="$WORK/cache-verifier" "$WORK/verifier/bin/python" -c "
 from commitllm.verifier import native

@@ -437,8 +437,8 @@ def _notes(d: dict) -> str:
             "layer) + once per token (LM-head Freivalds and decode policy, receipt, embedding "
             "rows), per challenged token. Freivalds+bridge is the part comparable with the "
             "published figures: every opened matmul checked with one secret row modulo "
-            "2^61 - 1 (as the published scheme, 2^-60 per check), plus norms, quantization, "
-            "RoPE, SwiGLU and the residual chain. Attention is the exact integer-softmax replay over "
+            "2^61 - 1 (2^-60 per check; the published scheme also checks one row), plus norms, "
+            "quantization, RoPE, SwiGLU and the residual chain. Attention is the exact integer-softmax replay over "
             "every proven K/V row; Merkle is the blake3 proofs of the residual and K/V rows "
             "(one leaf per K/V row: it grows with context). Opening MB scales the per-layer "
             "kinds (accumulators, K/V rows, residual rows, proofs) to the tier's layers. "
@@ -516,6 +516,53 @@ def update_readme(d: dict, readme: Path = README) -> None:
     atomic_write(readme, new)
 
 
+def bridge_compare(rows: int = 4, runs: int = 51) -> list[dict]:
+    """The bridge of one 8B-shape layer at `rows` positions, op by op: the numpy spec against the
+    compiled core (native/bridge.py), median microseconds per call; both give the same bits
+    (checked here before timing)."""
+    from commitllm.verifier.native import bridge
+    from commitllm.verifier.numerics import exp2, norm, quant, rope
+
+    from bench import common
+
+    dims = SHAPES["8b"]
+    h, f, nh, nkv = dims["hidden"], dims["mlp"], dims["heads"], dims["kv_heads"]
+    d = h // nh
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((rows, h)).astype(np.float32)
+    w = rng.standard_normal(h).astype(np.float32)
+    act = rng.standard_normal((rows, f)).astype(np.float32)
+    qkv = rng.standard_normal((rows, h + 2 * nkv * d)).astype(np.float32)
+    gu = rng.standard_normal((rows, 2 * f)).astype(np.float32)
+    z_gu = rng.integers(-2**30, 2**30, (rows, 2 * f))
+    z_o = rng.integers(-2**30, 2**30, (rows, h))
+    sx, s_gu = np.full(rows, 1e-6, np.float32), np.full(2 * f, 1e-3, np.float32)
+    cs = rng.uniform(-1, 1, (rows, d // 2)).astype(np.float32)
+    q = qkv[:, :h].reshape(rows, nh, d)
+
+    def spec_deq(z, a, b, c, r):
+        y = quant.dequantize(z, a, b, c)
+        return y if r is None else r + y
+    ops = [("rmsnorm", norm.rmsnorm, bridge.rmsnorm, (x, w, 1e-5)),
+           ("quantize 4096", quant.quantize_rows, bridge.quantize_rows, (x, 127)),
+           ("quantize 14336", quant.quantize_rows, bridge.quantize_rows, (act, 127)),
+           ("dequantize gate_up", spec_deq, bridge.dequantize, (z_gu, sx, s_gu, None, None)),
+           ("dequantize o + residual", spec_deq, bridge.dequantize, (z_o, sx, w, None, x)),
+           ("swiglu", exp2.swiglu, bridge.swiglu, (gu[:, :f], gu[:, f:])),
+           ("rope q", rope.apply_rope, bridge.apply_rope, (q, cs, cs)),
+           ("quantize q heads", quant.quantize_rows, bridge.quantize_rows, (q.copy(), 32767))]
+    out = []
+    for name, spec, fast, args in ops:
+        a, b = spec(*args), fast(*args)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            if not np.array_equal(np.asarray(u).view(np.uint8), np.asarray(v).view(np.uint8)):
+                raise SystemExit(f"{name}: the compiled bridge differs from the spec")
+        t = {k: 1e6 * common.time_runs(lambda _i, fn=fn: fn(*args), runs)[0].median
+             for k, fn in (("numpy_us", spec), ("compiled_us", fast))}
+        out.append({"op": name, **t})
+    return out
+
+
 def freivalds_compare(runs: int = 7) -> list[dict]:
     """The Freivalds arithmetic of one 8B-shape layer (routine: 4 positions, qkv also at 8 K/V
     sample rows), one secret row mod 2^61 - 1, by the numpy float64-limb route and by the
@@ -585,6 +632,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--freivalds", action="store_true",
                     help="only compare the Freivalds arithmetic (numpy float64 limbs vs the "
                          "compiled core) on one 8B-shape layer and print it")
+    ap.add_argument("--bridge", action="store_true",
+                    help="only compare the bridge ops (numpy spec vs the compiled core) of one "
+                         "8B-shape layer at 4 positions and print it")
     ap.add_argument("--floors", action="store_true",
                     help="only measure the floors of a routine audit (K/V leaf hashing, "
                          "multiproof, packing, one bridge call) into the results file")
@@ -608,6 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         ref, fast = sum(r["numpy_ms"] for r in rows), sum(r["compiled_ms"] for r in rows)
         print(f"one 8B-shape layer, routine: numpy {ref:.2f} ms, compiled {fast:.2f} ms "
               f"({ref / fast:.1f}x), load average {os.getloadavg()[0]:.1f}")
+        return 0
+    if args.bridge:
+        rows = bridge_compare()
+        for r in rows:
+            print(f"{r['op']:24s} numpy {r['numpy_us']:7.1f} us, compiled {r['compiled_us']:6.1f} "
+                  f"us ({r['numpy_us'] / r['compiled_us']:.1f}x)")
+        ref, fast = sum(r["numpy_us"] for r in rows), sum(r["compiled_us"] for r in rows)
+        print(f"these ops of one 8B-shape layer at 4 positions: numpy {ref:.0f} us, compiled "
+              f"{fast:.0f} us ({ref / fast:.1f}x), load average {os.getloadavg()[0]:.1f}")
         return 0
     if args.floors:
         if not js.exists():

@@ -152,7 +152,8 @@ def render_md(d: dict) -> str:
         "# Cold start of `commitllm verify` (SmolLM2, routine tier)", "",
         provenance_md(d["provenance"]), "",
         f"{d['settings']['runs']} runs each, opening {d['opening_bytes'] / 1e6:.1f} MB. first: a "
-        "fresh process on an empty build cache (builds the compiled core); fresh: a fresh process "
+        "fresh process on an empty build cache (it starts the compiled core's build in the "
+        "background and verifies on the numpy route); fresh: a fresh process "
         "with the cache in place; import: `python -c \"import commitllm.verifier.cli\"`; warm: "
         "verify() repeated in one process (the opening parsed each time).", "",
         md_table(["kind", "median ms", "min ms", "max ms"], rows), "",

@@ -108,3 +108,12 @@ def test_floors_measure_and_render(monkeypatch):
     text = anchors._floors_md({"floors": f})
     assert "63 node hashes" in text and "ms" in text
     assert anchors._floors_md({}) == ""
+
+
+def test_bridge_compare_checks_bits_and_times_both(monkeypatch):
+    from bench import common
+
+    monkeypatch.setattr(common, "time_runs", lambda fn, runs: (fn(0) is None or
+                                                                common.Timing((2e-6,)), None))
+    rows = anchors.bridge_compare(rows=2, runs=1)
+    assert len(rows) == 8 and all(r["numpy_us"] == 2.0 == r["compiled_us"] for r in rows)

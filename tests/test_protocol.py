@@ -266,3 +266,25 @@ def test_threads_must_be_positive(flow):
     c = flow.challenge("routine")
     with pytest.raises(ValueError, match="threads"):
         flow.verify(c, *flow.open(c), threads=0)
+
+
+@pytest.mark.parametrize("tamper", [None, "z.1.gate_up", "kv.2.v", "resid.1.rows", "z.lm"])
+def test_verdict_without_the_compiled_core_is_the_same(four_layers, tamper, monkeypatch):
+    """COMMITLLM_NATIVE=0 (attention, Freivalds and the bridge all on their numpy routes): the
+    same verdict, reason, detail and checks as with the compiled core, honest and tampered."""
+    from commitllm.verifier import native
+
+    flow = Flow(four_layers, params=SAMPLED)
+    c = flow.challenge("full")
+    meta, arrays = flow.open(c)
+    if tamper:
+        arrays[tamper].reshape(-1)[-1] += 1
+    got = []
+    for off in (False, True):
+        monkeypatch.setattr(native, "_state", {})
+        monkeypatch.setenv("COMMITLLM_NATIVE", "0" if off else "1")
+        assert (native.lib() is None) == off or native.error()
+        v = flow.verify(c, meta, arrays)
+        got.append((v.accepted, v.reason, v.detail, v.checks))
+    assert got[0] == got[1]
+    assert got[0][0] is (tamper is None), got[0][1:3]
