@@ -4,6 +4,10 @@
 Inputs are seeded and cover awkward shapes (length 1, odd, non-powers of two) and the real sizes of
 SmolLM2-135M (H=576, F=1536, d=64, 9/3 heads) and Llama-3-8B (H=4096, F=14336, d=128, 32/8 heads).
 There is no tolerance anywhere in this file: any difference is a bug in one of the two.
+
+Every test runs on both routes of the torch backend: its own torch ops, and the compiled core
+(verifier/native: the elementwise bridge and the attention passes) that the engine takes for CPU
+tensors when it is built.
 """
 
 from __future__ import annotations
@@ -29,6 +33,18 @@ F32 = np.float32
 QMAXES = sorted({p.act_qmax for p in PROFILES.values()} | {p.kv_qmax for p in PROFILES.values()})
 HYP = settings(derandomize=True, deadline=None, max_examples=150,
                suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.fixture(autouse=True, scope="module", params=["compiled", "torch"])
+def route(request):
+    """ops.NATIVE on (the compiled core where it is built) or off (torch ops only)."""
+    from commitllm.verifier import native
+    if request.param == "compiled" and native.lib() is None:
+        pytest.skip(f"no compiled core: {native.error()}")
+    before = ops.NATIVE
+    ops.NATIVE = request.param == "compiled"
+    yield request.param
+    ops.NATIVE = before
 
 
 # ---------------------------------------------------------------- mismatch helper

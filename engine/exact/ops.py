@@ -6,6 +6,7 @@ import torch
 
 from ...verifier.numerics import exp2 as spec_exp2
 from ...verifier import native
+from ...verifier.native import bridge
 from ...verifier.numerics.attention import COEF_BITS, LOGIT_CLAMP, check_bounds, score_scale
 from ...verifier.numerics.exp2 import LOGIT_FRAC_BITS
 from ...verifier.numerics.norm import MAX_NORM_WIDTH, NORM_FRAC_BITS
@@ -28,6 +29,16 @@ def int_to_f32(z: torch.Tensor) -> torch.Tensor:
     return z.to(F64).to(F32)
 
 
+def _bridged(*ts) -> bool:
+    """Whether an elementwise step takes the compiled bridge (verifier/native/bridge.c): NATIVE,
+    built, and every tensor an fp32 one in CPU memory (zero-copy numpy views). The bridge has the
+    spec's bits (tests/test_bridge_native.py) in one call where the torch route makes 5-30; it
+    falls back to the numpy spec for a layout or value it does not take, which raises what the
+    spec raises (a non-finite row to quantize: FloatingPointError)."""
+    return NATIVE and all(t is None or (t.device.type == "cpu" and t.dtype == F32) for t in ts) \
+        and native.lib() is not None
+
+
 def quantize_rows(x: torch.Tensor, qmax: int,
                   amax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Spec quant.quantize_rows: s = max|x| / qmax, q = clip(rint(x / s)); zero rows s=1, q=0.
@@ -35,6 +46,9 @@ def quantize_rows(x: torch.Tensor, qmax: int,
     amax: the rows' max|x| when x is a slice of wider rows (tensor parallelism: the max over the
     ranks' row_absmax, an exact reduction); every slice then gets the full row's scale and bits.
     """
+    if amax is None and x.dim() >= 2 and _bridged(x):
+        q, s = bridge.quantize_rows(x.numpy(), qmax)
+        return torch.from_numpy(q), torch.from_numpy(s)
     amax = x.abs().amax(dim=-1) if amax is None else amax
     if not torch.isfinite(amax).all():
         raise FloatingPointError("non-finite value in a row to quantize")
@@ -53,6 +67,9 @@ def row_absmax(x: torch.Tensor) -> torch.Tensor:
 
 def dequantize(z, sx, sw, bias) -> torch.Tensor:
     """((f32(z) * sx[t]) * sw[j]) + bias[j]."""
+    if z.dtype == I64 and z.dim() == 2 and z.device.type == "cpu" and _bridged(sx, sw, bias):
+        return torch.from_numpy(bridge.dequantize(
+            z.numpy(), sx.numpy(), sw.numpy(), None if bias is None else bias.numpy()))
     y = int_to_f32(z).mul_(sx.unsqueeze(1)).mul_(sw.unsqueeze(0))  # in place on a fresh tensor
     return y if bias is None else y.add_(bias.unsqueeze(0))
 
@@ -67,6 +84,8 @@ def int64_to_f64(v: torch.Tensor) -> torch.Tensor:
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Spec norm.rmsnorm: exact int64 sum of squares at the row max's exponent, float64 scalar."""
     h = x.shape[-1]
+    if x.dim() == 2 and _bridged(x, weight):
+        return torch.from_numpy(bridge.rmsnorm(x.numpy(), weight.numpy(), eps))
     if h > MAX_NORM_WIDTH:  # |X| <= 2^23, so H * 2^46 < 2^63 needs H < 2^17
         raise OverflowError(f"row width {h} exceeds {MAX_NORM_WIDTH}")
     amax = x.abs().amax(dim=-1)
@@ -88,6 +107,8 @@ def head_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, d], cos/sin [T, d/2]: out1 = x1*c - x2*s, out2 = x2*c + x1*s."""
+    if x.dim() == 3 and _bridged(x, cos, sin):
+        return torch.from_numpy(bridge.apply_rope(x.numpy(), cos.numpy(), sin.numpy()))
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos.unsqueeze(1), sin.unsqueeze(1)
@@ -108,6 +129,8 @@ def exp2(y: torch.Tensor) -> torch.Tensor:
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up with silu(g) = g / (1 + 2^clamp(g * -log2 e, -64, 64))."""
+    if gate.dim() == 2 and _bridged(gate, up):
+        return torch.from_numpy(bridge.swiglu(gate.numpy(), up.numpy()))
     lim = spec_exp2.SILU_CLAMP
     y = (gate * float(spec_exp2.NEG_LOG2E)).clamp(-lim, lim)
     return (gate / (1.0 + exp2(y))) * up
@@ -139,7 +162,8 @@ _FULL_TABLE, _CUT = full_table(_TABLE)
 _MASKED = -(2**40)
 # elements of one [heads, query rows, keys] block in prefill attention (the tile of the query axis)
 TILE_ELEMS = 1 << 21
-# the compiled softmax passes when the core is built (tests switch it off to compare both routes)
+# the compiled core when it is built: the softmax passes, and the elementwise steps (quantize,
+# dequantize, RMSNorm, RoPE, SwiGLU) through its bridge; tests switch it off to compare both routes
 NATIVE = True
 # score elements (heads x queries x keys) from which a call takes the compiled core: below it the
 # torch route's fewer per-call steps are faster (short decode steps); the bits are the same
