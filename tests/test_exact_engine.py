@@ -42,7 +42,14 @@ def _quantized(folder: Path, profile: str):
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-def test_tiny_models_equal_spec(tiny_checkpoint, profile):
+@pytest.mark.parametrize("gemm_rows", ["default", "every size"])
+def test_tiny_models_equal_spec(tiny_checkpoint, profile, gemm_rows, monkeypatch):
+    """The traced forward (what an opening commits) equals the spec on every intermediate, with
+    the linears' accumulators from _int_mm planes or, at every size, the compiled small-row GEMM
+    (at its default size only decode steps take it)."""
+    from commitllm.engine.exact import gemm
+    if gemm_rows == "every size":
+        monkeypatch.setattr(gemm, "GEMM_MAX_ROWS", 1 << 30)
     qm = _quantized(tiny_checkpoint, profile)
     ids = np.random.default_rng(5).integers(0, qm.cfg.vocab_size, 57)
     spec_tr, eng_tr = {}, {}
@@ -53,19 +60,24 @@ def test_tiny_models_equal_spec(tiny_checkpoint, profile):
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
-@pytest.mark.parametrize("route", ["compiled", "torch"])
+@pytest.mark.parametrize("route", ["compiled", "small-row gemm", "torch"])
 def test_untraced_forward_equals_spec_on_either_route(tiny_checkpoint, profile, route,
                                                       monkeypatch):
     """What serving runs (no trace): the compiled core's linears (plane products recombined and
-    dequantized in one C pass) and attention, forced at every size, or the torch route: the
-    spec's logits at every position, for a prefill and two decode steps."""
-    from commitllm.engine.exact import model as model_mod, ops
+    dequantized in one C pass, or the small-row GEMM of decode steps) and attention, forced at
+    every size, or the torch route: the spec's logits at every position, for a prefill and two
+    decode steps."""
+    from commitllm.engine.exact import gemm, model as model_mod, ops
     from commitllm.verifier import native
-    if route == "compiled":
+    if route != "torch":
         if native.lib() is None:
             pytest.skip(f"no compiled core: {native.error()}")
-        monkeypatch.setattr(model_mod, "FUSED_MIN_ROWS", 0)
         monkeypatch.setattr(ops, "NATIVE_MIN_SCORES", 0)
+    if route == "compiled":
+        monkeypatch.setattr(model_mod, "FUSED_MIN_ROWS", 0)
+    elif route == "small-row gemm":
+        monkeypatch.setattr(model_mod, "FUSED_MIN_ROWS", 1 << 30)
+        monkeypatch.setattr(gemm, "GEMM_MAX_ROWS", 1 << 30)
     else:
         monkeypatch.setattr(ops, "NATIVE", False)
     qm = _quantized(tiny_checkpoint, profile)

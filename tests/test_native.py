@@ -270,9 +270,9 @@ def test_pack_reads_any_strides(dtype):
     want[:, :19, :7] = g
     assert np.array_equal(vp, want.reshape(6, 10, 2, 32).transpose(0, 1, 3, 2))
     assert np.array_equal(native.pack_keys(g), kp)
-    xt = torch.from_numpy(big)[:, ::2, :, 1:8]  # the engine's torch twins, same layouts
-    assert np.array_equal(ops.pack_keys(xt).numpy(), kp)
-    assert np.array_equal(ops.pack_values(xt).numpy(), vp)
+    xt = torch.from_numpy(big)[:, ::2, :, 1:8]  # what the engine passes: a strided torch view
+    assert np.array_equal(native.pack_keys(xt.numpy()), kp)
+    assert np.array_equal(native.pack_values(xt.numpy()), vp)
     with pytest.raises(TypeError):
         native.pack_keys(g.astype(np.int32))
 
@@ -326,6 +326,59 @@ def test_dequant_planes_equals_the_torch_route(wq, xq, bias):
         assert_same(torch.from_numpy(got), want.numpy(), f"threads {n}")
     with pytest.raises(ValueError, match="shapes"):
         native.dequant_planes(parts.numpy(), nx, sx.numpy()[:-1], sw.numpy(), None)
+
+
+@needs_core
+@pytest.mark.parametrize("wdtype", [np.int8, np.int16])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (3, 17, 7), (5, 33, 256), (8, 960, 576),
+                                     (4, 20, 14336), (17, 40, 1001)])
+def test_small_row_gemm_is_exact_on_every_route(wdtype, m, n, k, each_route, monkeypatch):
+    """gemm_i16i8 = int64 numpy on every SIMD route and thread split: odd K (a padded pair), N
+    off the 16-column blocks, rows off the 4-row tiles, K = 14336 of the largest products (the
+    int32 sums of 128 pairs are widened before they can overflow), int16 weights as two planes."""
+    rng = np.random.default_rng(m * n + k)
+    wv = [-128, 127, 1, 0] if wdtype == np.int8 else [-32639, 32639, 255, -256, 0, 1]
+    x = rng.choice(np.array([-32768, 32767, -1, 0, 5], np.int16), (m, k))
+    w = rng.choice(np.array(wv, wdtype), (n, k))
+    if k == 14336:  # every product at its most negative, then its most positive, sum
+        x[0], w[0] = -32768, wv[0]
+        x[1], w[1] = 32767, wv[1]
+    want = x.astype(np.int64) @ w.astype(np.int64).T
+    wp = native.pack_weight(w)
+    assert wp.shape == (1 if wdtype == np.int8 else 2, -(-n // 16), -(-k // 2), 16, 2)
+    monkeypatch.setattr(native, "GEMM_SPLIT_WEIGHTS", 0)  # split however small the weight
+    x8 = np.clip(x, -128, 127).astype(np.int8)  # a8 activations: int8 rows
+    xs = np.repeat(x, 2, axis=1)[:, ::2]  # a strided view: copied into gemm.c's layout
+    for r in each_route:
+        assert native.use_route(r) == r
+        for t in (1, 2, 3):
+            got = native.gemm_i16i8(x, wp, n, n_threads=t)
+            assert got.dtype == np.int64 and np.array_equal(got, want), f"route {r} threads {t}"
+        assert np.array_equal(native.gemm_i16i8(x8, wp, n),
+                              x8.astype(np.int64) @ w.astype(np.int64).T), f"int8 x, route {r}"
+        assert np.array_equal(native.gemm_i16i8(xs, wp, n), want), f"strided x, route {r}"
+
+
+@needs_core
+def test_small_row_gemm_fails_closed():
+    """Shapes that do not match the packed weight, a weight not in its layout, int16 weights
+    without int8 planes: errors, not products of the wrong memory."""
+    w = np.ones((20, 9), np.int8)
+    wp = native.pack_weight(w)
+    x = np.ones((2, 9), np.int16)
+    assert np.array_equal(native.gemm_i16i8(x, wp, 20), np.full((2, 20), 9))
+    for bad_x, bad_n in ((np.ones((2, 11), np.int16), 20), (x, 33), (x, 0), (x, 16),
+                         (np.ones((2, 9), np.int32), 20), (np.ones(9, np.int16), 20)):
+        with pytest.raises(ValueError):
+            native.gemm_i16i8(bad_x, wp, bad_n)
+    with pytest.raises(ValueError, match="layout"):
+        native.gemm_i16i8(x, wp[0], 20)
+    with pytest.raises(ValueError, match="layout"):
+        native.gemm_i16i8(x, wp.astype(np.int16), 20)
+    with pytest.raises(ValueError, match="planes"):
+        native.pack_weight(np.full((2, 2), 32767, np.int16))
+    with pytest.raises(TypeError):
+        native.pack_weight(np.ones((2, 2), np.int32))
 
 
 def test_thread_budget_is_per_thread_and_restored():

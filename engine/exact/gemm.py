@@ -8,10 +8,16 @@ from functools import lru_cache
 
 import torch
 
+from ...verifier import native
 from ...verifier.numerics.quant import EXACT_F64
+from . import ops
 
 INT32_SAFE_K = 131071  # K * 128 * 128 < 2^31: a plane product cannot overflow int32
 
+
+# rows up to which matmul takes the compiled small-row GEMM (verifier/native/gemm.c: int16
+# activations times int8 weights, no planes): decode steps and short chunks; the same integers
+GEMM_MAX_ROWS = 16
 
 SPLIT_ROWS = 8192  # rows split at a time: int32 temporaries of a 128256 x 8192 head were 4 GB each
 
@@ -71,10 +77,26 @@ class ExactWeight:
             self.planes_t = [p.t() for p in planes(q, qmax)]  # [K, N] views for _int_mm
         else:
             self.f64_t = q.to(torch.float64).t()
+        self._cpu = q.device.type == "cpu" and qmax <= 127 * 257 and q.dtype in (torch.int8,
+                                                                                 torch.int16)
+        self._q = q if qmax > 127 else q.to(torch.int8)  # no copy for an int8 tensor
+        self._packed = None  # gemm.c's layout of the weight, made at its first small call
+
+    def small_rows(self, qx: torch.Tensor) -> bool:
+        """Whether matmul(qx) takes the compiled small-row GEMM: an int8/int16 CPU weight and
+        activations of at most GEMM_MAX_ROWS rows, and the compiled core on (ops.NATIVE)."""
+        return (self._cpu and qx.shape[0] <= GEMM_MAX_ROWS and qx.dim() == 2
+                and qx.device.type == "cpu" and qx.dtype in (torch.int8, torch.int16)
+                and ops.NATIVE and native.lib() is not None)
 
     def matmul(self, qx: torch.Tensor, x_qmax: int) -> torch.Tensor:
         """z = qx @ q.T exactly, int64 [M, N]."""
         self._check(x_qmax)
+        if self.small_rows(qx):
+            if self._packed is None:
+                self._packed = native.pack_weight(self._q.numpy())
+            with torch.profiler.record_function("commitllm::gemm_i16i8"):
+                return torch.from_numpy(native.gemm_i16i8(qx.numpy(), self._packed, self.n))
         if not self.use_int_mm:
             return (qx.to(torch.float64) @ self.f64_t).long()
         stacked, n_x = self._stacked(qx, x_qmax)

@@ -285,32 +285,11 @@ def _native_attend(q, sq, k, sk, v, sv, q_pos) -> torch.Tensor:
     with torch.profiler.record_function("commitllm::attn_fused"):  # C time shows in profiles
         out, _, _ = native.attn_fused(
             rows(q).reshape(-1, d).numpy(), rows(sq).to(F32).reshape(-1).numpy(),
-            pack_keys(k).numpy(), grp(sk).numpy(), pack_values(v).numpy(),
+            native.pack_keys(k.numpy()), grp(sk).numpy(), native.pack_values(v.numpy()),
             grp(sv).numpy(), nvis.contiguous().reshape(-1).numpy(), g * t_len, d,
             float(score_scale(d)), float(1 << LOGIT_FRAC_BITS), _FULL_TABLE.numpy(), _CUT)
     return torch.from_numpy(out).view(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(
         bsz, t_len, nh * d)
-
-
-def pack_keys(k: torch.Tensor) -> torch.Tensor:
-    """native.pack_keys in torch (two parallel copies instead of one strided C pass):
-    k int [B, S, H, d] -> int16 [B * H, ceil(S/16), dp/2, 16, 2], zeros past S and d."""
-    bsz, s_len, heads, d = k.shape
-    dp, nkb = d + d % 2, -(-s_len // native.KEY_BLOCK)
-    buf = k.new_zeros((bsz, nkb * native.KEY_BLOCK, heads, dp), dtype=torch.int16)
-    buf[:, :s_len, :, :d] = k
-    return buf.view(bsz, nkb, native.KEY_BLOCK, heads, dp // 2, 2).permute(
-        0, 3, 1, 4, 2, 5).contiguous().view(bsz * heads, nkb, dp // 2, native.KEY_BLOCK, 2)
-
-
-def pack_values(v: torch.Tensor) -> torch.Tensor:
-    """native.pack_values in torch: v int [B, S, H, d] -> int16 [B * H, ceil(S/2), dv, 2]."""
-    bsz, s_len, heads, d = v.shape
-    dv, nvp = -(-d // native.DIM_BLOCK) * native.DIM_BLOCK, -(-s_len // 2)
-    buf = v.new_zeros((bsz, nvp * 2, heads, dv), dtype=torch.int16)
-    buf[:, :s_len, :, :d] = v
-    return buf.view(bsz, nvp, 2, heads, dv).permute(0, 3, 1, 4, 2).contiguous().view(
-        bsz * heads, nvp, dv, 2)
 
 
 def use_native(scores: int | None = None) -> bool:

@@ -165,11 +165,13 @@ class ZTap:
 
 def tapped(qm_a, layer: int | None, matrix: str, col: int, delta: int) -> Provider:
     """The accumulator z[:, col] of one matrix off by `delta` at every position. The model is
-    A's, so the manifest is A's without any override."""
+    A's, so the manifest is A's without any override. A delta beyond 2^53 (z + P) runs on the
+    torch ops, whose int64 -> fp32 conversion takes any accumulator (the compiled bridge, as the
+    spec, refuses one it cannot convert exactly): a cheater runs whatever code serves it."""
     model = ExactModel(qm_a)
     lin = model.lm_head if matrix == "lm_head" else getattr(model.layers[layer], matrix)
     lin.weight = ZTap(lin.weight, col, delta)
-    return Provider(model)
+    return Provider(model, patches=((ops, "NATIVE", False),) if abs(delta) >= 2**53 else ())
 
 
 # --- RoPE, norms, numerics -----------------------------------------------------------------------
@@ -239,10 +241,11 @@ def softmax_table(qm_a) -> Provider:
 
 
 def exp2_poly(qm_a) -> Provider:
-    """SiLU's exp2 off by a relative 2^-12 (another polynomial), the numerics digest kept."""
+    """SiLU's exp2 off by a relative 2^-12 (another polynomial), the numerics digest kept; on the
+    torch ops (the compiled bridge has the spec's polynomial built in)."""
     def exp2(y):
         return ORIG_EXP2(y) * (1 + 2.0**-12)
-    return Provider(ExactModel(qm_a), ((ops, "exp2", exp2),))
+    return Provider(ExactModel(qm_a), ((ops, "exp2", exp2), (ops, "NATIVE", False)))
 
 
 # --- residual stream ------------------------------------------------------------------------------

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c"))
 HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag with the sources
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 4
+ABI = 5
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -159,6 +159,8 @@ def _declare(so) -> None:
     so.dequant_planes.restype = i64
     so.dequant_planes.argtypes = [p, i64, i64, i64, i64, i64, i64, p, p, p, p]
     so.attn_pack.argtypes = [p, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p]
+    so.gemm_i16i8.restype = i64
+    so.gemm_i16i8.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, p]
     so.fv_dot.restype = i64
     so.fv_dot.argtypes = [p, i64, p, i64, i64, i64, p]
     declare_bridge(so)
@@ -415,6 +417,69 @@ def dequant_planes(parts: np.ndarray, nx: int, sx: np.ndarray, sw: np.ndarray,
         return so.dequant_planes(*args, a, b, *tail) if a < b else 0
     _split_run(run, bounds, "dequant_planes")
     return y
+
+
+# ---------------------------------------------------------------- small-row GEMM (gemm.c)
+
+GEMM_BLOCK = 16  # gemm.c's GN: output columns per weight block
+# weights (N x K) from which gemm_i16i8 splits its blocks over threads: below it the pool's
+# dispatch costs more than the second core saves
+GEMM_SPLIT_WEIGHTS = 1 << 24
+
+
+def pack_weight(w: np.ndarray) -> np.ndarray:
+    """w [N, K] -> gemm.c's layout int8 [planes, ceil(N/16), ceil(K/2), 16, 2]: blocks of 16
+    output columns, a lane a column, two k per lane, zeros past N and K; an int8 w is one plane,
+    an int16 w two int8 ones (hi, lo with w = 256 * hi + lo; |w| <= 127 * 257 keeps hi in int8)."""
+    if w.dtype not in (np.int8, np.int16) or w.ndim != 2:
+        raise TypeError(f"pack_weight expects int8 or int16 [N, K], got {w.dtype} {w.shape}")
+    if w.dtype == np.int16:
+        lo = (((w.astype(np.int32) + 128) & 255) - 128)
+        hi = (w.astype(np.int32) - lo) >> 8
+        if hi.size and (hi.max() > 127 or hi.min() < -128):
+            raise ValueError("pack_weight: an int16 weight beyond 127 * 257 has no int8 planes")
+        planes = [hi.astype(np.int8), lo.astype(np.int8)]
+    else:
+        planes = [w]
+    n, k = w.shape
+    nb, kp = -(-n // GEMM_BLOCK), -(-k // 2)
+    out = np.zeros((len(planes), nb * GEMM_BLOCK, kp * 2), np.int8)
+    for i, p in enumerate(planes):
+        out[i, :n, :k] = p
+    return np.ascontiguousarray(out.reshape(len(planes), nb, GEMM_BLOCK, kp, 2)
+                                .transpose(0, 1, 3, 2, 4))
+
+
+def gemm_i16i8(x: np.ndarray, wp: np.ndarray, n: int, n_threads: int | None = None) -> np.ndarray:
+    """z = x @ w.T exactly, int64 [M, N], for x int16 (or int8) [M, K] and wp = pack_weight(w)
+    (see gemm.c: int32 sums of 128 pairs, widened; any int16 x int8 or int16)."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    if wp.ndim != 5 or wp.dtype != np.int8 or not wp.flags.c_contiguous:
+        raise ValueError("gemm_i16i8: the weight is not pack_weight's layout")
+    nw, nb, kp = wp.shape[:3]
+    if (x.ndim != 2 or x.dtype not in (np.int8, np.int16) or not 1 <= nw <= 2
+            or wp.shape[3:] != (GEMM_BLOCK, 2) or -(-x.shape[1] // 2) != kp
+            or not 0 < n <= nb * GEMM_BLOCK or nb * GEMM_BLOCK - n >= GEMM_BLOCK):
+        raise ValueError("gemm_i16i8: inconsistent shapes")
+    m = x.shape[0]
+    if x.dtype != np.int16 or x.shape[1] != 2 * kp or x.strides[1] != 2:
+        x16 = np.zeros((m, 2 * kp), np.int16)
+        x16[:, :x.shape[1]] = x
+        x = x16
+    z = np.empty((m, n), np.int64)
+    if m == 0:
+        return z
+    t = max(1, min(n_threads or threads(), nb)) if wp.size >= GEMM_SPLIT_WEIGHTS else 1
+    bounds = [nb * i // t for i in range(t + 1)]
+    ps = wp.strides[0]
+
+    def run(a: int, b: int) -> int:
+        return so.gemm_i16i8(x.ctypes.data, m, x.strides[0] // 2, wp.ctypes.data, nw, ps, kp, n,
+                             a, b, z.ctypes.data) if a < b else 0
+    _split_run(run, bounds, "gemm_i16i8")
+    return z
 
 
 # ---------------------------------------------------------------- Freivalds (freivalds.c)
