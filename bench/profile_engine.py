@@ -20,13 +20,17 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 from bench.common import RESULTS, provenance, provenance_md, write_results  # noqa: E402
 from commitllm.engine.exact.model import ExactModel, SeqCache  # noqa: E402
+from commitllm.engine.generate import default_caches  # noqa: E402
 from commitllm.engine.loader import load_model  # noqa: E402
 from commitllm.verifier.numerics import get_profile  # noqa: E402
 
 
 def _decode(model, batch: int, steps: int, prompt_len: int = 40):
-    caches = [SeqCache() for _ in range(batch)]
-    model.forward(caches, [[1 + (7 * i + j) % 1000 for j in range(prompt_len)] for i in range(batch)])
+    """Decode steps on the caches generate_exact gives such a batch (one paged pool from two
+    sequences on, as serving and bench/generate.py run)."""
+    prompts = [[1 + (7 * i + j) % 1000 for j in range(prompt_len)] for i in range(batch)]
+    caches = default_caches(model, prompts, [steps + 2] * batch)
+    model.forward(caches, prompts)
     toks = [[5 + i] for i in range(batch)]
     model.forward(caches, toks)  # warm
     with profile(activities=[ProfilerActivity.CPU]) as prof:
