@@ -81,16 +81,33 @@ LONG_PROMPT = ("Summarize the following notes in one sentence. " + " ".join(
     enumerate(["north", "south", "east", "west", "upper", "lower", "quiet", "busy"] * 4)))
 
 
-def workload(i: int, max_tokens: int, long_prompt: str) -> tuple[str, int]:
-    """Request i's (prompt, max_tokens): every 4th a long answer, every 4th + 1 a long prompt."""
-    if i % 4 == 1:
-        return long_prompt, max_tokens
-    return PROMPTS[i % len(PROMPTS)], max_tokens * 4 if i % 4 == 0 else max_tokens
+SYSTEM_PROMPT = ("You are a concise assistant for a public library. Answer in plain words, in at "
+                 "most three sentences, and say so when you do not know.")
+WORKLOADS = {
+    "repeat": "every 4th request 4x max tokens, every 4th (+1) a long prompt; the 6 short prompts "
+              "and the long one repeat",
+    "unique": "every 4th request 4x max tokens, every 4th (+1) a long prompt; every request "
+              "starts with one shared system prompt and its user turn is its own (a request "
+              "number in front), so the prefix cache can only reuse the system prompt",
+}
+
+
+def workload(i: int, max_tokens: int, long_prompt: str, kind: str = "repeat",
+             system: str = SYSTEM_PROMPT) -> tuple[list[dict], int]:
+    """Request i's (messages, max_tokens): every 4th a long answer, every 4th + 1 a long prompt;
+    kind 'unique': a shared system prompt, then a user turn no other request has."""
+    n = max_tokens * 4 if i % 4 == 0 else max_tokens
+    text = long_prompt if i % 4 == 1 else PROMPTS[i % len(PROMPTS)]
+    if kind == "unique":
+        return [{"role": "system", "content": system},
+                {"role": "user", "content": f"Request {i}. {text}"}], n
+    return [{"role": "user", "content": text}], n
 
 
 def run_clients(url: str, model_id: str, clients: int, requests: int, max_tokens: int,
                 temperature: float, long_prompt: str = LONG_PROMPT,
-                tag: str = "load") -> tuple[list[dict], list[str], float]:
+                tag: str = "load", kind: str = "repeat",
+                system: str = SYSTEM_PROMPT) -> tuple[list[dict], list[str], float]:
     """(results, errors, wall seconds): `requests` streamed requests spread over `clients`
     threads; each result has the request, receipt, text read, latency and time to first text."""
     import openai
@@ -104,8 +121,8 @@ def run_clients(url: str, model_id: str, clients: int, requests: int, max_tokens
                 if not todo:
                     return
                 i = todo.pop(0)
-            prompt, n = workload(i, max_tokens, long_prompt)
-            req = {"model": model_id, "messages": [{"role": "user", "content": prompt}],
+            messages, n = workload(i, max_tokens, long_prompt, kind, system)
+            req = {"model": model_id, "messages": messages,
                    "max_tokens": n, "temperature": temperature, "seed": i,
                    "nonce": f"{tag}-{i}", "stream": True}
             t0 = time.perf_counter()
@@ -177,7 +194,8 @@ def one_run(url: str, model_id: str, key: Path, clients: int, requests: int, arg
     with urllib.request.urlopen(f"{url}/v1/stats") as resp:
         before = json.loads(resp.read())
     results, errors, wall = run_clients(url, model_id, clients, requests, args.max_tokens,
-                                        args.temperature, args.long_prompt, tag=tag)
+                                        args.temperature, args.long_prompt, tag=tag,
+                                        kind=args.workload, system=args.system_prompt)
     with urllib.request.urlopen(f"{url}/v1/stats") as resp:
         stats = json.loads(resp.read())
     steps = stats["batches"] - before["batches"]
@@ -208,6 +226,7 @@ def measure(args) -> dict:
         model = serving_model(args.model, tmp)
         if args.model == "tiny":
             args.long_prompt = LONG_PROMPT[:120]  # a character tokenizer, 256 positions
+            args.system_prompt = SYSTEM_PROMPT[:40]
         keygen(model, tmp / "key")
         for batching in args.batching:
             port = free_port()
@@ -231,7 +250,7 @@ def measure(args) -> dict:
                 proc.wait(timeout=60)
     return {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
             "max_batch": args.max_batch, "token_budget": args.token_budget, "tier": args.tier,
-            "workload": "every 4th request 4x max tokens, every 4th (+1) a long prompt",
+            "workload": WORKLOADS[args.workload],
             "runs": runs, "ratios": ratios(runs)}
 
 
@@ -257,9 +276,11 @@ def markdown(data: dict) -> str:
              "Each run: the server in a subprocess on a fresh SQLite store (one per batching "
              "mode), the clients are threads of one process using the official openai client "
              "(streamed chat completions, sampled, one seed per request; every 4th request asks "
-             "for 4x the max tokens, every 4th + 1 sends a long prompt; the prompts repeat, so "
-             "'continuous' gains from the prefix cache too: 'continuous-nocache' is continuous "
-             "batching with the prefix cache off); then every receipt is "
+             "for 4x the max tokens, every 4th + 1 sends a long prompt; with the 'repeat' workload "
+             "the prompts repeat, so 'continuous' gains from the prefix cache too: "
+             "'continuous-nocache' is continuous batching with the prefix cache off; the "
+             "'unique prompts' sections give every request its own user turn); then every "
+             "receipt is "
              "challenged and verified against the live server with the client's request and the "
              "text it read checked. TTFT: time to the first streamed text. K/V peak: the most pool "
              "blocks in use at once (cumulative over the server's runs), against the pool's "
@@ -285,7 +306,8 @@ def markdown(data: dict) -> str:
                          f"{(load['others_share_before'] or 0) * 100:.0f} %, "
                          f"{load['loadavg_1_5_15'][0]:.2f}"])
         parts.append(f"## {m['model']} (max tokens {m['max_tokens']}, max batch "
-                     f"{m['max_batch']}, token budget {m['token_budget']}, {m['tier']} audit)")
+                     f"{m['max_batch']}, token budget {m['token_budget']}, {m['tier']} audit)\n\n"
+                     f"Workload: {m.get('workload', WORKLOADS['repeat'])}.")
         parts.append(md_table(["batching", "clients", "completed", "req/s", "tokens/s",
                                "TTFT p50 / p99 (s)", "latency p50 / p99 (s)",
                                "batch mean / max", "K/V peak / pool, prefix hits", "lost",
@@ -320,14 +342,20 @@ def main(argv=None) -> int:
                                                            "static"],
                     help=f"modes, comma-separated, of {sorted(MODES)}")
     ap.add_argument("--tier", default="routine")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="repeat",
+                    help="repeat: 6 short prompts and a long one, repeating (the prefix cache "
+                         "hits); unique: a shared system prompt, every user turn its own "
+                         "(results filed as 'MODEL, unique prompts')")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     bad = [b for b in args.batching if b not in MODES]
     if bad:
         ap.error(f"unknown --batching {bad}; known: {sorted(MODES)}")
-    args.long_prompt = LONG_PROMPT
+    args.long_prompt, args.system_prompt = LONG_PROMPT, SYSTEM_PROMPT
     run = measure(args)
-    data = record_model_run(args.out, "serve_load", args.model, run, markdown)
+    key = args.model if args.workload == "repeat" else f"{args.model}, unique prompts"
+    run["model"] = key
+    record_model_run(args.out, "serve_load", key, run, markdown)
     print(json.dumps(run["ratios"], indent=1))
     for r in run["runs"]:
         print(f"{r['batching']:>10} {r['clients']:>3} clients: {r['tokens_per_s']:.1f} tok/s, "

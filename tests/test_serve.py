@@ -300,6 +300,24 @@ def test_serve_load_bench_smoke(tmp_path):
     assert set(m["ratios"]) == {"1", "3"}
     md = (tmp_path / "serve_load.md").read_text()
     assert "| continuous | 3 | 6/6 |" in md and "| static | 1 | 4/4 |" in md
+    assert serve_load.main(["--clients", "2", "--min-requests", "4", "--max-tokens", "4",
+                            "--batching", "continuous", "--workload", "unique",
+                            "--out", str(tmp_path)]) == 0
+    models = json.loads((tmp_path / "serve_load.json").read_text())["models"]
+    assert set(models) == {"tiny", "tiny, unique prompts"}  # the repeat run kept beside it
+    u = models["tiny, unique prompts"]
+    assert [(r["completed"], r["lost"], r["accepted"]) for r in u["runs"]] == [(4, 0, 4)]
+    assert "## tiny, unique prompts" in (tmp_path / "serve_load.md").read_text()
+
+
+def test_serve_load_unique_workload_shares_only_the_system_prompt():
+    from bench import serve_load
+
+    reqs = [serve_load.workload(i, 8, "long text", "unique", "sys") for i in range(12)]
+    assert all(m[0] == {"role": "system", "content": "sys"} for m, _ in reqs)
+    assert len({m[1]["content"] for m, _ in reqs}) == 12  # no two user turns alike
+    assert [n for _, n in reqs[:4]] == [32, 8, 8, 8]
+    assert serve_load.workload(1, 8, "long text")[0] == [{"role": "user", "content": "long text"}]
 
 
 def test_default_model_chat_stream_and_audit(smollm2, tmp_path):
