@@ -243,8 +243,10 @@ def measure(args) -> dict:
                     requests = max(args.min_requests, args.requests_per_client * n)
                     print(f"{args.model} {batching} {n} clients, {requests} requests ...",
                           file=sys.stderr, flush=True)
+                    # the same nonces in every mode (each has its own server and store): the
+                    # same sampled answers, so the modes are compared on the same tokens
                     runs.append({"batching": batching} | one_run(
-                        url, model_id, tmp / "key", n, requests, args, f"{batching}-{n}"))
+                        url, model_id, tmp / "key", n, requests, args, f"load-{n}"))
             finally:
                 proc.terminate()
                 proc.wait(timeout=60)

@@ -297,6 +297,8 @@ def test_serve_load_bench_smoke(tmp_path):
     assert got == [("continuous", 1, 4, 0, 4), ("continuous", 3, 6, 0, 6),
                    ("static", 1, 4, 0, 4), ("static", 3, 6, 0, 6)]
     assert all(r["ttft_s"]["p50"] <= r["latency_s"]["p50"] for r in m["runs"])
+    tokens = {(r["batching"], r["clients"]): r["tokens"] for r in m["runs"]}
+    assert all(tokens["continuous", n] == tokens["static", n] for n in (1, 3))  # same answers
     assert set(m["ratios"]) == {"1", "3"}
     md = (tmp_path / "serve_load.md").read_text()
     assert "| continuous | 3 | 6/6 |" in md and "| static | 1 | 4/4 |" in md
