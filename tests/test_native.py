@@ -340,9 +340,8 @@ def test_small_row_gemm_is_exact_on_every_route(wdtype, m, n, k, each_route, mon
     wv = [-128, 127, 1, 0] if wdtype == np.int8 else [-32639, 32639, 255, -256, 0, 1]
     x = rng.choice(np.array([-32768, 32767, -1, 0, 5], np.int16), (m, k))
     w = rng.choice(np.array(wv, wdtype), (n, k))
-    if k == 14336:  # every product at its most negative, then its most positive, sum
-        x[0], w[0] = -32768, wv[0]
-        x[1], w[1] = 32767, wv[1]
+    if k == 14336:  # z[0, 0] sums only the largest positive products, z[0, 1] the most negative
+        x[0], w[0], w[1] = -32768, wv[0], wv[1]
     want = x.astype(np.int64) @ w.astype(np.int64).T
     wp = native.pack_weight(w)
     assert wp.shape == (1 if wdtype == np.int8 else 2, -(-n // 16), -(-k // 2), 16, 2)
@@ -375,7 +374,7 @@ def test_small_row_gemm_fails_closed():
         native.gemm_i16i8(x, wp[0], 20)
     with pytest.raises(ValueError, match="layout"):
         native.gemm_i16i8(x, wp.astype(np.int16), 20)
-    with pytest.raises(ValueError, match="planes"):
+    with pytest.raises(OverflowError, match="127\\*257"):
         native.pack_weight(np.full((2, 2), 32767, np.int16))
     with pytest.raises(TypeError):
         native.pack_weight(np.ones((2, 2), np.int32))

@@ -79,7 +79,7 @@ class ExactWeight:
             self.f64_t = q.to(torch.float64).t()
         self._cpu = q.device.type == "cpu" and qmax <= 127 * 257 and q.dtype in (torch.int8,
                                                                                  torch.int16)
-        self._q = q if qmax > 127 else q.to(torch.int8)  # no copy for an int8 tensor
+        self._q = q
         self._packed = None  # gemm.c's layout of the weight, made at its first small call
 
     def small_rows(self, qx: torch.Tensor) -> bool:
@@ -94,7 +94,8 @@ class ExactWeight:
         self._check(x_qmax)
         if self.small_rows(qx):
             if self._packed is None:
-                self._packed = native.pack_weight(self._q.numpy())
+                q = self._q if self.qmax > 127 else self._q.to(torch.int8)  # int8: no copy
+                self._packed = native.pack_weight(q.numpy())
             with torch.profiler.record_function("commitllm::gemm_i16i8"):
                 return torch.from_numpy(native.gemm_i16i8(qx.numpy(), self._packed, self.n))
         if not self.use_int_mm:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..numerics.quant import split_planes
+
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c"))
 HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag with the sources
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
@@ -433,14 +435,7 @@ def pack_weight(w: np.ndarray) -> np.ndarray:
     an int16 w two int8 ones (hi, lo with w = 256 * hi + lo; |w| <= 127 * 257 keeps hi in int8)."""
     if w.dtype not in (np.int8, np.int16) or w.ndim != 2:
         raise TypeError(f"pack_weight expects int8 or int16 [N, K], got {w.dtype} {w.shape}")
-    if w.dtype == np.int16:
-        lo = (((w.astype(np.int32) + 128) & 255) - 128)
-        hi = (w.astype(np.int32) - lo) >> 8
-        if hi.size and (hi.max() > 127 or hi.min() < -128):
-            raise ValueError("pack_weight: an int16 weight beyond 127 * 257 has no int8 planes")
-        planes = [hi.astype(np.int8), lo.astype(np.int8)]
-    else:
-        planes = [w]
+    planes = list(split_planes(w)) if w.dtype == np.int16 else [w]  # OverflowError past 127*257
     n, k = w.shape
     nb, kp = -(-n // GEMM_BLOCK), -(-k // 2)
     out = np.zeros((len(planes), nb * GEMM_BLOCK, kp * 2), np.int8)

@@ -35,6 +35,15 @@ static inline int32_t pair32(const int16_t *x) {
     return v;
 }
 
+/* the GR row pointers of the tile at row r0, and how many are real: rows past the last repeat
+ * row r0 (computed, never stored) */
+static inline int tile_rows(const int16_t *x, int64_t rows, int64_t xs, int64_t r0,
+                            const int16_t *xr[GR]) {
+    const int nr = rows - r0 < GR ? (int)(rows - r0) : GR;
+    for (int r = 0; r < GR; r++) xr[r] = x + (r0 + (r < nr ? r : 0)) * xs;
+    return nr;
+}
+
 static void block_plain(const int16_t *x, int64_t rows, int64_t xs, const int8_t *wb,
                         int64_t kp, int64_t *acc /* [rows][GN] */) {
     for (int64_t r = 0; r < rows; r++) {
@@ -65,9 +74,8 @@ VNNI static void block_vnni(const int16_t *x, int64_t rows, int64_t xs, const in
                             int64_t kp, int64_t *acc) {
     for (int64_t i = 0; i < rows * GN; i++) acc[i] = 0;
     for (int64_t r0 = 0; r0 < rows; r0 += GR) {
-        const int nr = rows - r0 < GR ? (int)(rows - r0) : GR;
-        const int16_t *xr[GR];  /* rows past the last repeat row r0: computed, never stored */
-        for (int r = 0; r < GR; r++) xr[r] = x + (r0 + (r < nr ? r : 0)) * xs;
+        const int16_t *xr[GR];
+        const int nr = tile_rows(x, rows, xs, r0, xr);
         for (int64_t c0 = 0; c0 < kp; c0 += GCHUNK) {
             const int64_t c1 = c0 + GCHUNK < kp ? c0 + GCHUNK : kp;
             __m512i a[GR];
@@ -96,9 +104,8 @@ AVX2 static void block_avx2(const int16_t *x, int64_t rows, int64_t xs, const in
                             int64_t kp, int64_t *acc) {
     for (int64_t i = 0; i < rows * GN; i++) acc[i] = 0;
     for (int64_t r0 = 0; r0 < rows; r0 += GR) {
-        const int nr = rows - r0 < GR ? (int)(rows - r0) : GR;
-        const int16_t *xr[GR];  /* rows past the last repeat row r0: computed, never stored */
-        for (int r = 0; r < GR; r++) xr[r] = x + (r0 + (r < nr ? r : 0)) * xs;
+        const int16_t *xr[GR];
+        const int nr = tile_rows(x, rows, xs, r0, xr);
         for (int half = 0; half < 2; half++) {  /* lanes 0-7, then 8-15 */
             for (int64_t c0 = 0; c0 < kp; c0 += GCHUNK) {
                 const int64_t c1 = c0 + GCHUNK < kp ? c0 + GCHUNK : kp;
