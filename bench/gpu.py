@@ -573,6 +573,20 @@ def exactness_cases(ctx: Ctx) -> list:
                             lambda d, qmax=qmax, c=c, s=splits: attn_run(d, qmax, c, s),
                             c == ka.pick_config(shape[0] * shape[2] // shape[3])
                             and splits is None)
+    # Mistral's sliding window: a third of the keys, the picked config, two split counts
+    for kind, shapes in (("decode", P.attn_decode), ("prefill", P.attn_prefill)):
+        for shape in shapes:
+            w = max(1, shape[1] // 3)
+            qmax = qmaxes[0]
+            inp = (lambda shape=shape, qmax=qmax: attn_inp(shape, qmax, sum(shape) + qmax))
+            spec = (lambda a, qmax=qmax, w=w: {"out": spec_attn.attention(
+                a["q"], a["sq"], a["k"], a["sk"], a["v"], a["sv"], a["pos"], qmax, window=w)})
+            for splits in (None, 3):
+                add(f"attention {kind} window", f"window={w},splits={splits or 'auto'}", shape,
+                    qmax, inp, spec,
+                    lambda d, qmax=qmax, w=w, s=splits: {"out": ka.attention(
+                        d["q"], d["sq"], d["k"], d["sk"], d["v"], d["sv"], d["pos"], qmax,
+                        n_split=s, window=w)})
     # what the engine launches first, every other config after: a box that runs out cuts configs
     # the launchers never pick before it cuts a kernel
     cases.sort(key=lambda c: not c["picked"])

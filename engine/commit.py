@@ -57,6 +57,7 @@ class Committer:
             "limits": {"max_tokens": max_tokens, "eos_token_ids": list(eos_ids),
                        "context_length": cfg.max_position_embeddings},
             "output": output.manifest(),
+            "attention": {"window": cfg.sliding_window},
         }
 
 

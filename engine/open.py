@@ -57,7 +57,7 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
     receipt = transcript["receipt"]
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     L = model.cfg.num_layers
-    p = plan(challenge, L, receipt)  # its shape checked against the receipt first
+    p = plan(challenge, L, receipt, window=model.cfg.sliding_window)  # shape checked first
     with torch.inference_mode():
         cache, resid, z = reexecute(model, tokens[:-1], p, guard)
     with guard():

@@ -1,4 +1,4 @@
-"""fp32 reference forward of a Llama/Qwen2/Qwen3 decoder in plain torch.
+"""fp32 reference forward of a Llama/Qwen2/Qwen3/Mistral decoder in plain torch.
 
 This is NOT the exact path. It exists to prove that checkpoint loading and the architecture are
 right: on tiny random checkpoints it matches transformers (eager attention, fp32) to 1e-4. To get
@@ -147,7 +147,8 @@ class ReferenceModel:
         return _apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal GQA. q [B, nh, T, d], k, v [B, kvh, S, d] (queries are the last T of S)."""
+        """Causal GQA (under a sliding window, a query at p sees keys j > p - window only).
+        q [B, nh, T, d], k, v [B, kvh, S, d] (queries are the last T of S)."""
         b, _, t, _ = q.shape
         s = k.shape[2]
         k = k.repeat_interleave(self.cfg.group_size, dim=1)  # [B, nh, S, d]
@@ -155,6 +156,8 @@ class ReferenceModel:
         scores = torch.matmul(q, k.transpose(2, 3)) * self.scaling  # [B, nh, T, S]
         query_pos = torch.arange(s - t, s)[:, None]  # [T, 1]
         future = torch.arange(s)[None, :] > query_pos  # [T, S]
+        if self.cfg.sliding_window is not None:
+            future |= torch.arange(s)[None, :] <= query_pos - self.cfg.sliding_window
         scores = scores.masked_fill(future, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         out = torch.matmul(probs, v)  # [B, nh, T, d]

@@ -45,9 +45,10 @@ MAX_SPLIT_KEYS = 65535  # 2 * 65535 * 2^14 < 2^31 for the int32 plane accumulato
 assert LOGIT_CLAMP == 1073741824
 
 
-def attention_reference(q, sq, k, sk, v, sv, q_pos, qmax: int) -> torch.Tensor:
+def attention_reference(q, sq, k, sk, v, sv, q_pos, qmax: int,
+                        window: int | None = None) -> torch.Tensor:
     """Plain torch (the CPU backend's op): out fp32 [T, nh * d]."""
-    return ops.attention(q, sq, k, sk, v, sv, q_pos.to(torch.int64), qmax)
+    return ops.attention(q, sq, k, sk, v, sv, q_pos.to(torch.int64), qmax, window=window)
 
 
 # ------------------------------------------------------------------------------ device helpers
@@ -93,18 +94,22 @@ def _phys(j, hi, bt_ptr, BS, PAGED: tl.constexpr):
 
 
 @triton.jit
-def _key_range(pos, S, CHUNK):
-    """Keys [lo, hi) of this split that any row of the block can see, and the split's end."""
-    lo = tl.program_id(2) * CHUNK
-    end = tl.minimum(lo + CHUNK, S)
+def _key_range(pos, S, CHUNK, window):
+    """Keys [lo, hi) of this split that any row of the block can see (from the earliest row's
+    first visible key under a sliding window of `window` keys; 0: none), and the split's end."""
+    start = tl.program_id(2) * CHUNK
+    end = tl.minimum(start + CHUNK, S)
     hi = tl.minimum(end, tl.max(pos, axis=0) + 1)
+    first = tl.min(tl.where(pos >= 0, pos, 2147483647), axis=0) - window + 1  # rows past R: -1
+    lo = tl.where(window > 0, tl.maximum(start, first), start)
     return lo, hi, end
 
 
 @triton.jit
 def _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_base, sk_base, stride_kt, stride_skt, d,
-                 scale, KV_PLANES: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Logits L int32 [BLOCK_M, BLOCK_N] and visibility of keys j (spec steps 1-2).
+                 scale, window, KV_PLANES: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Logits L int32 [BLOCK_M, BLOCK_N] and visibility of keys j (spec steps 1-2): j <= pos,
+    and j > pos - window under a sliding window (window > 0).
 
     S exact (int64 from int32 plane dots); u = ((f32(S) * sq) * sk) * scale;
     L = clamp(rint(u * 256), -2^30, 2^30).
@@ -126,6 +131,7 @@ def _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_base, sk_base, stride_kt, st
     lg = rint_f32(u * 256.0)
     lg = tl.minimum(tl.maximum(lg, -1073741824.0), 1073741824.0).to(tl.int32)
     vis = (j[None, :] <= pos[:, None]) & (j[None, :] < end)
+    vis = vis & ((j[None, :] >= pos[:, None] - window + 1) | (window == 0))
     return lg, vis
 
 
@@ -168,7 +174,7 @@ def _store_out(out_ptr, acc, pm, z, t, h, valid, d, stride_ot, BLOCK_D: tl.const
 @triton.jit
 def _attn_rowmax_kernel(
     # inputs
-    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, scale, bt_ptr, BS,
+    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, scale, window, bt_ptr, BS,
     # output: partial row max int32 [N_SPLIT, NKV, R]
     pmax_ptr,
     # sizes and strides
@@ -185,13 +191,14 @@ def _attn_rowmax_kernel(
     _t, _h, valid, pos, sq, qa, qb = _row_setup(q_ptr, sq_ptr, qpos_ptr, kvh, R, G, stride_qt,
                                                 stride_qh, stride_sqt, stride_sqh, d, KV_PLANES,
                                                 BLOCK_M, BLOCK_D)
-    lo, hi, end = _key_range(pos, S, CHUNK)
+    lo, hi, end = _key_range(pos, S, CHUNK, window)
     m = tl.full([BLOCK_M], -1073741825, tl.int32)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         pj = _phys(j, hi, bt_ptr, BS, PAGED)
         lg, vis = _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_ptr + kvh * stride_kh,
-                               sk_ptr + kvh, stride_kt, stride_skt, d, scale, KV_PLANES, BLOCK_D)
+                               sk_ptr + kvh, stride_kt, stride_skt, d, scale, window, KV_PLANES,
+                               BLOCK_D)
         m = tl.maximum(m, tl.max(tl.where(vis, lg, -1073741825), axis=1))
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     tl.store(pmax_ptr + (tl.program_id(2) * NKV + kvh) * R + r, m, mask=valid)
@@ -200,7 +207,7 @@ def _attn_rowmax_kernel(
 @triton.jit
 def _attn_sums_kernel(
     # inputs
-    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, sv_ptr, table_ptr, pmax_ptr, scale, bt_ptr, BS,
+    q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, sv_ptr, table_ptr, pmax_ptr, scale, window, bt_ptr, BS,
     # outputs: partial Z int64 and partial P fp32, [N_SPLIT, NKV, R]
     z_ptr, pm_ptr,
     # sizes and strides
@@ -219,14 +226,15 @@ def _attn_sums_kernel(
                                                 BLOCK_M, BLOCK_D)
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rowmax = _global_rowmax(pmax_ptr, kvh, r, valid, R, NKV, N_SPLIT)
-    lo, hi, end = _key_range(pos, S, CHUNK)
+    lo, hi, end = _key_range(pos, S, CHUNK, window)
     z = tl.zeros([BLOCK_M], tl.int64)
     pm = tl.zeros([BLOCK_M], tl.float32)
     for j0 in range(lo, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         pj = _phys(j, hi, bt_ptr, BS, PAGED)
         lg, vis = _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_ptr + kvh * stride_kh,
-                               sk_ptr + kvh, stride_kt, stride_skt, d, scale, KV_PLANES, BLOCK_D)
+                               sk_ptr + kvh, stride_kt, stride_skt, d, scale, window, KV_PLANES,
+                               BLOCK_D)
         w = _tile_weights(lg, vis, rowmax, table_ptr)
         z += tl.sum(w.to(tl.int64), axis=1)
         sv = tl.load(sv_ptr + kvh + pj * stride_svt, mask=j < hi, other=0.0)
@@ -240,7 +248,7 @@ def _attn_sums_kernel(
 def _attn_values_kernel(
     # inputs
     q_ptr, sq_ptr, qpos_ptr, k_ptr, sk_ptr, v_ptr, sv_ptr, table_ptr, pmax_ptr, z_ptr, pm_ptr,
-    scale, bt_ptr, BS,
+    scale, window, bt_ptr, BS,
     # outputs: partial A int64 [N_SPLIT, NKV, R, d], or out fp32 [T, nh * d] when DIRECT
     acc_ptr, out_ptr,
     # sizes and strides
@@ -259,7 +267,7 @@ def _attn_values_kernel(
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rowmax = _global_rowmax(pmax_ptr, kvh, r, valid, R, NKV, N_SPLIT)
     pm = _global_pmax(pm_ptr, kvh, r, valid, R, NKV, N_SPLIT)
-    lo, hi, end = _key_range(pos, S, CHUNK)
+    lo, hi, end = _key_range(pos, S, CHUNK, window)
     dd = tl.arange(0, BLOCK_D)
     a2 = tl.zeros([BLOCK_M, BLOCK_D], tl.int32)
     a1 = tl.zeros([BLOCK_M, BLOCK_D], tl.int32)
@@ -270,7 +278,8 @@ def _attn_values_kernel(
         j = j0 + tl.arange(0, BLOCK_N)
         pj = _phys(j, hi, bt_ptr, BS, PAGED)
         lg, vis = _tile_logits(qa, qb, sq, pos, j, pj, end, hi, k_ptr + kvh * stride_kh,
-                               sk_ptr + kvh, stride_kt, stride_skt, d, scale, KV_PLANES, BLOCK_D)
+                               sk_ptr + kvh, stride_kt, stride_skt, d, scale, window, KV_PLANES,
+                               BLOCK_D)
         w = _tile_weights(lg, vis, rowmax, table_ptr)
         sv = tl.load(sv_ptr + kvh + pj * stride_svt, mask=j < hi, other=0.0)
         p = (w.to(tl.float32) * 3.0517578125e-05) * sv[None, :]  # w * 2^-15 is exact
@@ -379,9 +388,11 @@ def pick_splits(rows: int, s_len: int, block_n: int) -> int:
 
 def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, n_split: int | None = None,
               config: AttnConfig | None = None, block_table: torch.Tensor | None = None,
-              block_size: int = 0, seq_len: int | None = None) -> torch.Tensor:
+              block_size: int = 0, seq_len: int | None = None,
+              window: int | None = None) -> torch.Tensor:
     """q int [T, nh, d], sq fp32 [T, nh]; k, v int [S, nkv, d], sk, sv fp32 [S, nkv];
-    q_pos int [T] (query t sees keys j <= q_pos[t] < S). Returns fp32 [T, nh * d].
+    q_pos int [T] (query t sees keys j <= q_pos[t] < S, and under a sliding window of `window`
+    keys only j > q_pos[t] - window). Returns fp32 [T, nh * d].
 
     Paged (engine/exact/paged.py's layout): k, sk, v, sv are one layer of a pool viewed as
     [n_blocks * block_size, ...] rows, block_table int [>= ceil(seq_len / block_size)] the
@@ -417,17 +428,21 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, n_split: int | None = None,
                 BLOCK_D=max(32, triton.next_power_of_2(d)), num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages, enable_fp_fusion=False)
     scale = float(score_scale(d))
+    if window is not None and not 0 < window < 2**31:
+        raise ValueError(f"window must be in [1, 2^31), got {window}")
+    win = 0 if window is None else int(window)
     table = softmax_table_on(dev)
     qs = (q.stride(0), q.stride(1), sq.stride(0), sq.stride(1))
     bt = (block_table.to(device=dev, dtype=torch.int32).contiguous() if paged else pos,
           block_size if paged else 1)
     meta["PAGED"] = paged
-    _attn_rowmax_kernel[grid](q, sq, pos, k, sk, scale, *bt, pmax, rows, g, nkv, s_len, chunk, d,
+    _attn_rowmax_kernel[grid](q, sq, pos, k, sk, scale, win, *bt, pmax, rows, g, nkv, s_len, chunk, d,
                               *qs, k.stride(0), k.stride(1), sk.stride(0), **meta)
-    _attn_sums_kernel[grid](q, sq, pos, k, sk, sv, table, pmax, scale, *bt, zp, pmp, rows, g,
+    _attn_sums_kernel[grid](q, sq, pos, k, sk, sv, table, pmax, scale, win, *bt, zp, pmp, rows, g,
                             nkv, s_len, chunk, splits, d, *qs, k.stride(0), k.stride(1),
                             sk.stride(0), sv.stride(0), **meta)
-    _attn_values_kernel[grid](q, sq, pos, k, sk, v, sv, table, pmax, zp, pmp, scale, *bt, accp,
+    _attn_values_kernel[grid](q, sq, pos, k, sk, v, sv, table, pmax, zp, pmp, scale, win, *bt,
+                              accp,
                               out,
                               rows, g, nkv, s_len, chunk, splits, d, *qs, k.stride(0),
                               k.stride(1), sk.stride(0), v.stride(0), v.stride(1), sv.stride(0),

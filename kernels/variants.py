@@ -75,8 +75,9 @@ def attention_variants(head_dims=(128, 64)) -> list[KernelVariant]:
     types = dict(sq_ptr="*fp32", qpos_ptr="*i32", sk_ptr="*fp32", sv_ptr="*fp32",
                  table_ptr="*i32", pmax_ptr="*i32", z_ptr="*i64", pm_ptr="*fp32",
                  acc_ptr="*i64", out_ptr="*fp32", scale="fp32", bt_ptr="*i32",
-                 **_i32("BS", "R", "G", "NKV", "S", "CHUNK", "N_SPLIT", "d", "stride_qt", "stride_qh",
-                        "stride_sqt", "stride_sqh", "stride_kt", "stride_kh", "stride_skt",
+                 **_i32("window", "BS", "R", "G", "NKV", "S", "CHUNK", "N_SPLIT", "d",
+                        "stride_qt", "stride_qh", "stride_sqt", "stride_sqh", "stride_kt",
+                        "stride_kh", "stride_skt",
                         "stride_vt", "stride_vh", "stride_svt", "stride_ot"))
     sweeps = (("rowmax", attention._attn_rowmax_kernel, {}),
               ("sums", attention._attn_sums_kernel, {}),

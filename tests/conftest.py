@@ -11,6 +11,8 @@ The kinds (see ``TINY_KINDS``) cover what the engine must get right:
                          frequency table (keep / blend / divide all occur), rope_theta 5e5, and
                          head_dim 24 != hidden / heads.
 * ``qwen2``              q/k/v biases (random, non-zero), rope_theta 1e6.
+* ``qwen3``              RMSNorm over each q and k head, head_dim 24 != hidden / heads, tied head.
+* ``mistral``            a sliding attention window of 5 keys (shorter than most test sequences).
 * ``odd``                odd sizes: hidden 40, 5 heads over 1 K/V head, intermediate 72, vocab 101.
 
 Weights are redrawn after HF's own init, larger than HF's defaults (linear N(0, 0.2), norms
@@ -100,6 +102,12 @@ def tiny_qwen2(tmp_path_factory) -> Path:
 def tiny_qwen3(tmp_path_factory) -> Path:
     """Folder of the tiny Qwen3 (RMSNorm per q/k head, head_dim 24 != H / heads, tied head)."""
     return _session_checkpoint(tmp_path_factory, "qwen3")
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral(tmp_path_factory) -> Path:
+    """Folder of the tiny Mistral (sliding window of 5 keys)."""
+    return _session_checkpoint(tmp_path_factory, "mistral")
 
 
 @pytest.fixture(scope="session")

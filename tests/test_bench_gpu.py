@@ -40,7 +40,8 @@ def test_dry_run_through_the_wrapper(tmp_path):
     assert len(ex) == st["exactness"]["n_cases"] and all(c["equal"] for c in ex)
     kernels = {c["kernel"] for c in ex}
     assert kernels == {"rmsnorm_quant", "quantize_rows", "swiglu_quant", "rope_quant", "gemm",
-                       "attention decode", "attention prefill"}
+                       "attention decode", "attention prefill", "attention decode window",
+                       "attention prefill window"}
     assert {c["width"] for c in ex if c["kernel"] == "rmsnorm_quant"} == {32639, 127}
     runs = st["receipts"]["runs"]
     assert {r["model"] for r in runs} == {"smollm2-tiny", "llama3-tiny"}

@@ -137,7 +137,7 @@ def test_generate_triton_backend_audit_accepts(tmp_path):
     assert [row["accepted"] for row in out["audit"]] == [True], out
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
 def test_inspect_names_the_family_and_what_is_verified(kind, request):
     from commitllm.verifier.config import FAMILIES
 
@@ -147,3 +147,4 @@ def test_inspect_names_the_family_and_what_is_verified(kind, request):
     info = json.loads(res.stdout)
     assert info["family"] == kind and info["verified"] == FAMILIES[kind]
     assert info["config"]["model_type"] == kind
+    assert info["config"].get("sliding_window") == (5 if kind == "mistral" else None)

@@ -171,6 +171,12 @@ def test_hf_folder_through_gguf_round_trips(tmp_path, tiny_checkpoint):
     """HF -> (llama.cpp layout) GGUF -> read_gguf gives back the same config and tensors, for
     every tiny kind: GQA, tied + llama3 scaling + head_dim 24, qwen2 biases, odd sizes."""
     cfg, tensors = load_checkpoint(tiny_checkpoint)
+    if cfg.sliding_window is not None:  # llama.cpp has no Mistral architecture with its window
+        for arch, extra in (("mistral", {}), ("llama", {"llama.attention.sliding_window": 5})):
+            path = write_gguf(tmp_path / f"{arch}.gguf", cfg, tensors, arch=arch, extra_meta=extra)
+            with pytest.raises(GGUFError, match="architecture 'mistral'|sliding-window"):
+                read_gguf(path)
+        return
     got_cfg, got, spec = read_gguf(write_gguf(tmp_path / "m.gguf", cfg, tensors))
     assert got_cfg == cfg
     assert sorted(got) == sorted(tensors)

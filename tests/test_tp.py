@@ -53,7 +53,7 @@ DIVISIBLE = {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads"
 PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [100, 4, 60]]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
 def tp_tiny(request, tmp_path_factory):
     folder = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tp_{request.param}"), request.param,
                                   overrides=DIVISIBLE)

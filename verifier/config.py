@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                           "Qwen3ForCausalLM": "qwen3"}
+                           "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
 
 
 # What the verifier replays for each family, beyond what every family shares: every linear
@@ -22,6 +22,8 @@ FAMILIES = {
     "llama": "Llama 2/3 (llama3 RoPE scaling, GQA, tied or untied head)",
     "qwen2": "Qwen2 / Qwen2.5: + q/k/v biases (from the key)",
     "qwen3": "Qwen3 dense: + RMSNorm over each q and k head before RoPE (weights from the key)",
+    "mistral": "Mistral: + sliding-window attention (each query sees its last `sliding_window` "
+               "keys; openings carry only the window's K/V rows)",
 }
 
 
@@ -41,9 +43,10 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of a Llama/Qwen2/Qwen3 decoder."""
+    """Shapes and constants of a Llama/Qwen2/Qwen3/Mistral decoder."""
 
-    family: str  # "llama", "qwen2" (q/k/v biases) or "qwen3" (RMSNorm per head on q and k)
+    family: str  # "llama", "qwen2" (q/k/v biases), "qwen3" (RMSNorm per head on q and k) or
+    # "mistral" (a sliding attention window)
     vocab_size: int  # rows of the embedding and of the LM head
     hidden_size: int  # H, width of the residual stream
     intermediate_size: int  # F, width of the MLP
@@ -59,6 +62,9 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None  # llama3 scaling, or none
     bos_token_id: int | None = None  # beginning-of-sequence token, if any
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)  # generation stops on any
+    # Mistral: a query at position p sees only keys j with p - sliding_window < j <= p (None:
+    # every key j <= p, as in the other families)
+    sliding_window: int | None = None
 
     @property
     def qk_norm(self) -> bool:
@@ -81,6 +87,11 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        w = self.sliding_window
+        if w is not None and (self.family != "mistral" or isinstance(w, bool)
+                              or not isinstance(w, int) or not 0 < w < 2**31):
+            raise ConfigError(f"sliding_window must be a positive integer below 2^31 (Mistral "
+                              f"only), got {w!r}")
 
     @property
     def q_size(self) -> int:
@@ -147,6 +158,7 @@ class ModelConfig:
             rope_scaling=_rope_scaling(rope.get("rope_scaling")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
+            sliding_window=raw.get("sliding_window") if family == "mistral" else None,
         )
 
     def to_hf_dict(self) -> dict:
@@ -173,6 +185,8 @@ class ModelConfig:
             out["attention_bias"] = self.attention_bias
         if self.family == "llama":
             out["mlp_bias"] = False
+        if self.family == "mistral":
+            out["sliding_window"] = self.sliding_window
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
         if self.bos_token_id is not None:
@@ -202,7 +216,7 @@ def _family(raw: dict) -> str:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
     model_type = raw.get("model_type")
-    if not archs and model_type in ("llama", "qwen2", "qwen3"):
+    if not archs and model_type in ("llama", "qwen2", "qwen3", "mistral"):
         return model_type
     shown = archs or model_type
     raise ConfigError(f"unsupported architecture {shown!r} (field 'architectures'); "
@@ -213,8 +227,10 @@ def _refuse_unsupported(raw: dict) -> None:
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
         if raw.get(key):
             raise ConfigError(f"mixture-of-experts models are not supported (field {key!r})")
-    if raw.get("use_sliding_window") or (raw.get("sliding_window") and raw.get("model_type") not in
-                                         ("qwen2", "qwen3")):
+    mistral = "MistralForCausalLM" in (raw.get("architectures") or []) or (
+        not raw.get("architectures") and raw.get("model_type") == "mistral")
+    if raw.get("use_sliding_window") or (raw.get("sliding_window") and not mistral
+                                         and raw.get("model_type") not in ("qwen2", "qwen3")):
         raise ConfigError("sliding-window attention is not supported (field 'sliding_window')")
     if any(t != "full_attention" for t in raw.get("layer_types") or []):
         raise ConfigError("layers other than full attention are not supported (field "
@@ -246,7 +262,7 @@ def _attention_bias(raw: dict, family: str) -> bool:
     if family == "qwen2":
         return True  # Qwen2 always has q/k/v biases and none on o_proj
     if raw.get("attention_bias"):
-        name = {"llama": "Llama", "qwen3": "Qwen3"}[family]
+        name = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
         raise ConfigError(f"{name} attention_bias is not supported (field 'attention_bias')")
     return False
 

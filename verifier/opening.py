@@ -2,7 +2,10 @@
 
 Container (verifier/container.py) with magic CLLMOPN, version 1. Arrays, per layer l:
   resid.{l}.pos / .rows fp32 [n, H] / .proof u8 [m, 32]     residual x_l rows + multiproof
-  kv.{l}.pos / .k / .sk / .v / .sv / .proof                 K/V rows 0..horizon-1 + multiproof
+  kv.{l}.pos / .k / .sk / .v / .sv / .proof                 K/V rows 0..horizon-1 (under a
+                                                            sliding window: from the earliest
+                                                            challenged position's first visible
+                                                            key, plus the K/V sample) + multiproof
   z.{l}.pos / .qkv / .o / .gate_up / .down  int64          accumulators at challenged positions
   zq.{l}.pos / .qkv  int64                                  accumulators of the K/V sample
   resid.layer_roots u8 [L+1, 32], kv.layer_roots u8 [L, 32]
@@ -18,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .numerics.attention import first_visible
+
 OPENING_MAGIC = b"CLLMOPN\x00"
 OPENING_VERSION = 1
 MATRICES = ("qkv", "o", "gate_up", "down")
@@ -28,7 +33,7 @@ class Plan:
     """Positions to open, by kind; every list sorted and duplicate-free."""
 
     resid: dict[int, list[int]]  # residual layer (0..L) -> positions
-    kv: dict[int, list[int]]  # layer -> K/V positions (0..horizon-1)
+    kv: dict[int, list[int]]  # layer -> K/V positions (0..horizon-1, or the window's and sample)
     z: dict[int, list[int]]  # layer -> positions replayed in full
     zq: dict[int, list[int]]  # layer -> positions whose K/V derivation is re-checked
     lm: list[int]  # positions whose logits are checked against the next token
@@ -39,10 +44,13 @@ class PlanError(ValueError):
     """A challenge that does not fit its receipt or the model (checked before allocating)."""
 
 
-def plan(challenge: dict, n_layers: int, receipt: dict | None = None) -> Plan:
+def plan(challenge: dict, n_layers: int, receipt: dict | None = None,
+         window: int | None = None) -> Plan:
     """What `challenge` opens. receipt: when given, the challenge's shape is checked against it
     and the model's n_layers first (challenge.shape_error), so nothing is sized from an
-    unchecked challenge; PlanError says why it does not fit."""
+    unchecked challenge; PlanError says why it does not fit. window: the model's sliding
+    attention window (ModelConfig.sliding_window): the K/V rows no challenged position sees are
+    not opened, except those of the K/V sample."""
     if receipt is not None:
         from .challenge import shape_error
 
@@ -52,6 +60,7 @@ def plan(challenge: dict, n_layers: int, receipt: dict | None = None) -> Plan:
     pos = sorted(set(challenge["positions"]))
     layers = sorted(set(challenge["layers"]))
     horizon = max(pos) + 1
+    first = int(first_visible(pos[0], window))  # the earliest key a challenged position sees
     resid: dict[int, set] = {0: set(pos), n_layers: set(challenge["decode_positions"])}
     zq = {}
     for l in layers:
@@ -60,7 +69,7 @@ def plan(challenge: dict, n_layers: int, receipt: dict | None = None) -> Plan:
         resid.setdefault(l, set()).update(pos, sample)
         resid.setdefault(l + 1, set()).update(pos)
     return Plan(resid={l: sorted(v) for l, v in sorted(resid.items()) if v},
-                kv={l: list(range(horizon)) for l in layers},
+                kv={l: sorted(set(range(first, horizon)) | set(zq[l])) for l in layers},
                 z={l: pos for l in layers}, zq={l: s for l, s in zq.items() if s},
                 lm=sorted(set(challenge["decode_positions"])),
                 embed=sorted(set(pos) | set(zq.get(0, []))))  # every opened x_0 row

@@ -150,7 +150,8 @@ def _exact_keys(d: dict, want, where: str) -> None:
 _MANIFEST = {"spec_version": str, "numerics_digest": str, "profile": dict, "model_commitment": str,
              "rope_digest": str, "tokenizer_hash": (str, type(None)),
              "chat_template_hash": (str, type(None)), "sampling": dict,
-             "seed_commitment": (str, type(None)), "limits": dict, "output": dict}
+             "seed_commitment": (str, type(None)), "limits": dict, "output": dict,
+             "attention": dict}
 _PROFILE = {"name": str, "weight_qmax": int, "act_qmax": int, "kv_qmax": int, "head_qmax": int}
 _LIMITS = ("max_tokens", "eos_token_ids", "context_length")
 _SAMPLING = ("temperature", "top_k", "top_p")
@@ -195,6 +196,10 @@ def _manifest(m) -> None:
     if not (isinstance(eos, list) and all(_is_int(t) and 0 <= t < 2**32 for t in eos)
             and len(set(eos)) == len(eos)):
         raise bad("limits eos_token_ids must be a list of distinct token ids")
+    _exact_keys(m["attention"], ("window",), "manifest.attention")
+    w = m["attention"]["window"]
+    if w is not None and not (_is_int(w) and 0 < w < 2**31):
+        raise bad("attention window must be null or an integer in [1, 2^31)")
     check_sampling(m["sampling"])
     problem = policy_error(m["output"])
     if problem:

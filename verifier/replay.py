@@ -14,6 +14,7 @@ import numpy as np
 from . import freivalds
 from .native.attention import attention  # the spec's, softmax passes compiled when built
 from .native.bridge import apply_rope, dequantize, quantize_rows, rmsnorm, swiglu  # the spec's
+from .numerics.attention import first_visible
 from .numerics.logprobs import entry as lp_entry
 from .numerics.forward import split_qkv
 from .numerics.sampler import SamplingParams, sample
@@ -105,7 +106,8 @@ def _rows(table: dict, positions) -> np.ndarray:
 def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
     """Layer l at its challenged positions (full) and its K/V sample (derivation only).
 
-    resid[l]: position -> x_l row; kv[l]: (k, sk, v, sv) arrays over positions 0..horizon-1;
+    resid[l]: position -> x_l row; kv[l]: (positions, k, sk, v, sv), the opened K/V rows
+    (positions sorted: every key a challenged position sees, and the K/V sample);
     z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows).
     """
     with ctx.timer.span():
@@ -124,13 +126,24 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
     qkv = _linear(ctx, f"layers.{l}.qkv", a, np.concatenate([zs["qkv"], zq_rows]), "freivalds_qkv")
     t0 = time.perf_counter()
     q, (kq, sk), (vq, sv) = _qkv(ctx, qkv, pos, l)
-    k_all, sk_all, v_all, sv_all = kv[l]
-    if not (np.array_equal(kq, k_all[pos]) and np.array_equal(sk, sk_all[pos])
-            and np.array_equal(vq, v_all[pos]) and np.array_equal(sv, sv_all[pos])):
+    kpos, k_all, sk_all, v_all, sv_all = kv[l]
+    at = np.searchsorted(kpos, pos)
+    if not (np.all(at < len(kpos)) and np.array_equal(kpos[np.minimum(at, len(kpos) - 1)], pos)):
+        raise Reject("opening_malformed", f"layer {l}: a derived K/V row is not opened")
+    if not (np.array_equal(kq, k_all[at]) and np.array_equal(sk, sk_all[at])
+            and np.array_equal(vq, v_all[at]) and np.array_equal(sv, sv_all[at])):
         raise Reject("kv_mismatch", f"layer {l}: a committed K/V row differs from its derivation")
     n = len(p_full)
     t0 = ctx.timer.add("rest", t0)
-    o = attention(q[0][:n], q[1][:n], k_all, sk_all, v_all, sv_all, pos[:n], kvq)
+    # the keys the challenged positions see: positions lo .. max(p_full), every one opened
+    lo, hi = int(first_visible(pos[:n].min(), cfg.sliding_window)), int(pos[:n].max()) + 1
+    a = int(np.searchsorted(kpos, lo))
+    if not np.array_equal(kpos[a:a + hi - lo], np.arange(lo, hi)):
+        raise Reject("opening_malformed", f"layer {l}: the K/V rows {lo}..{hi - 1} the "
+                                          f"challenged positions see are not all opened")
+    b = a + hi - lo
+    o = attention(q[0][:n], q[1][:n], k_all[a:b], sk_all[a:b], v_all[a:b], sv_all[a:b],
+                  pos[:n] - lo, kvq, window=cfg.sliding_window)
     ctx.timer.add("attention", t0)
     h = _linear(ctx, f"layers.{l}.o", o, zs["o"], "freivalds_o", x[:n])  # x + linear(o)
     m = rmsnorm(h, ctx.key.arrays[f"layers.{l}.mlp_norm"], cfg.rms_norm_eps)

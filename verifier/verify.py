@@ -147,7 +147,7 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
         v.checks.append({"check": "io_binding", "ok": None,
                          "detail": "NOT CHECKED (no tokenizer): the request and text are not "
                                    "bound to the token ids"})
-    p = plan(challenge, cfg.num_layers, receipt)
+    p = plan(challenge, cfg.num_layers, receipt, window=cfg.sliding_window)
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     check_types(arrays, array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
                 | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
@@ -239,6 +239,10 @@ def _check_manifest(key, receipt) -> None:
         raise Reject("manifest_mismatch", "profile differs from the key's")
     if receipt["trace"]["layers"] != km["config"]["num_hidden_layers"]:
         raise Reject("manifest_mismatch", "trace layer count differs from the model's")
+    window = ModelConfig.from_dict(km["config"]).sliding_window
+    if man["attention"] != {"window": window}:
+        raise Reject("manifest_mismatch", f"attention window {man['attention'].get('window')!r} "
+                                          f"is not the model's {window!r}")
     ctx = man["limits"]["context_length"]
     if ctx != km["config"]["max_position_embeddings"]:
         raise Reject("manifest_mismatch", f"context_length {ctx} is not the model's "
@@ -405,7 +409,7 @@ def _trace_tables(receipt, arrays, p: Plan, cfg):
             raise Reject("opening_malformed", f"kv.{l}: wrong shapes or dtypes")
         proofs.append((b"kv", l, pos, [k, sk, v, sv], _proof(arrays, f"kv.{l}.proof"), kl[l], n,
                        "merkle_kv", f"K/V rows of layer {l} are not the committed ones"))
-        kv[l] = (k, sk, v, sv)
+        kv[l] = (np.asarray(pos, dtype=np.int64), k, sk, v, sv)
     return resid, kv, proofs
 
 

@@ -221,7 +221,7 @@ class _TorchLayer:
         qkv_q, qkv_s = ops.quantize_rows(torch.cat([q, k, v], dim=1), kvq)
         (qq, kq, vq), (sq, sk, sv) = (t.split([nh, nkv, nkv], dim=1) for t in (qkv_q, qkv_s))
         parts = {} if tr is not None and len(step.caches) == 1 and step.trace_attention else None
-        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts)
+        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts, cfg.sliding_window)
         h = x + self.o(o, aq, tr, "o")
         mm = ops.rmsnorm(h, self.mlp_norm, cfg.rms_norm_eps)
         gu = self.gate_up(mm, aq, tr, "gate_up")
@@ -233,9 +233,11 @@ class _TorchLayer:
             tr.update({f"attn.{k_}": v_ for k_, v_ in (parts or {}).items()})
         return out
 
-    def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq, parts) -> torch.Tensor:
+    def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq, parts,
+                window: int | None = None) -> torch.Tensor:
         """Each sequence's new rows against its cache: the one-row sequences of a decode step in
-        one padded batch, longer ones (prefill chunks) one at a time in query tiles."""
+        one padded batch, longer ones (prefill chunks) one at a time in query tiles; `window`:
+        the model's sliding attention window (None: causal over every earlier key)."""
         out = torch.empty((qq.shape[0], qq.shape[1] * qq.shape[2]), dtype=torch.float32)
         starts = np.concatenate([[0], np.cumsum(step.lengths)[:-1]]).tolist()
         if step.paged is None:
@@ -250,17 +252,18 @@ class _TorchLayer:
             rows = torch.tensor([starts[j] for j in single])
             out[rows] = ops.attention_padded(qq[rows], sq[rows], *step.paged.padded(i, single),
                                              step.pos[rows],
-                                             [step.caches[j].length + 1 for j in single], kvq)
+                                             [step.caches[j].length + 1 for j in single], kvq,
+                                             window)
         elif len(single) > 1:
             rows = torch.tensor([starts[j] for j in single])
             cs = [step.caches[j] for j in single]
             out[rows] = ops.attention_batch(qq[rows], sq[rows], [c.k[i] for c in cs],
                                             [c.sk[i] for c in cs], [c.v[i] for c in cs],
-                                            [c.sv[i] for c in cs], step.pos[rows], kvq)
+                                            [c.sv[i] for c in cs], step.pos[rows], kvq, window)
         for j, (cache, n, a) in enumerate(zip(step.caches, step.lengths, starts)):
             if len(single) > 1 and n == 1:
                 continue
             sl = slice(a, a + n)
             out[sl] = ops.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
-                                    cache.sv[i], step.pos[sl], kvq, parts)
+                                    cache.sv[i], step.pos[sl], kvq, parts, window=window)
         return out

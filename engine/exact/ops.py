@@ -7,7 +7,8 @@ import torch
 from ...verifier.numerics import exp2 as spec_exp2
 from ...verifier import native
 from ...verifier.native import bridge
-from ...verifier.numerics.attention import COEF_BITS, LOGIT_CLAMP, check_bounds, score_scale
+from ...verifier.numerics.attention import (COEF_BITS, LOGIT_CLAMP, check_bounds, first_visible,
+                                           score_scale)
 from ...verifier.numerics.exp2 import LOGIT_FRAC_BITS
 from ...verifier.numerics.norm import MAX_NORM_WIDTH, NORM_FRAC_BITS
 
@@ -171,40 +172,48 @@ NATIVE_MIN_SCORES = 4096
 
 
 def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
-              tile_elems: int | None = None) -> torch.Tensor:
+              tile_elems: int | None = None, window: int | None = None) -> torch.Tensor:
     """Spec attention.attention for one sequence (keys at positions 0..S-1), torch tensors.
 
     The query axis goes in tiles of about `tile_elems` score elements, each against only the keys
-    its rows can see (q_pos ascending), so memory is linear in S. Every row's values are computed
-    from its own keys alone, so the tile size does not change a bit (tested). A trace (`parts`)
-    takes the whole [nh, T, S] block in the spec's form.
+    its rows can see (q_pos ascending; with a sliding window of `window` keys, only the keys from
+    the tile's first visible one), so memory is linear in S. Every row's values are computed
+    from its own visible keys alone, so the tile size does not change a bit (tested). A trace
+    (`parts`) takes the whole [nh, T, S] block in the spec's form.
     """
     t_len, nh, d = q.shape
     s_len = k.shape[0]
     check_bounds(d, s_len, qmax)
-    if parts is None and use_native(t_len * nh * s_len):  # the compiled core tiles rows itself
-        return _native_attend(q[None], sq[None], k[None], sk[None], v[None], sv[None],
-                              q_pos[None])[0]
     if parts is not None:
         out = _attend(q[None], sq[None], k[None], sk[None], v[None], sv[None], q_pos[None], qmax,
-                      parts)
+                      parts, window=window)
         return out[0]
+    if window is not None and t_len:  # keys before the first query's window: seen by no row
+        lo = int(first_visible(int(q_pos.min()), window))
+        if lo > 0:
+            k, sk, v, sv, q_pos = k[lo:], sk[lo:], v[lo:], sv[lo:], q_pos - lo
+            s_len -= lo
+    if use_native(t_len * nh * s_len):  # the compiled core tiles rows itself
+        return _native_attend(q[None], sq[None], k[None], sk[None], v[None], sv[None],
+                              q_pos[None], window)[0]
     tile = max(1, (tile_elems or TILE_ELEMS) // max(1, nh * s_len))
     if tile >= t_len:
         return _attend(q[None], sq[None], k[None], sk[None], v[None], sv[None], q_pos[None],
-                       qmax)[0]
+                       qmax, window=window)[0]
     kt, vt = _keys(k[None], d, qmax), _values(v[None])  # converted once for every tile
     outs = []
     for a in range(0, t_len, tile):
         b = min(t_len, a + tile)
         keys = min(s_len, int(q_pos[a:b].max()) + 1)
-        outs.append(_attend(q[None, a:b], sq[None, a:b], k[None, :keys], sk[None, :keys],
-                            v[None, :keys], sv[None, :keys], q_pos[None, a:b], qmax,
-                            prepared=(kt[..., :keys], vt[:, :, :keys]))[0])
+        lo = 0 if window is None else int(first_visible(int(q_pos[a:b].min()), window))
+        outs.append(_attend(q[None, a:b], sq[None, a:b], k[None, lo:keys], sk[None, lo:keys],
+                            v[None, lo:keys], sv[None, lo:keys], q_pos[None, a:b] - lo, qmax,
+                            prepared=(kt[..., lo:keys], vt[:, :, lo:keys]), window=window)[0])
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def attention_batch(q, sq, ks, sks, vs, svs, q_pos, qmax: int) -> torch.Tensor:
+def attention_batch(q, sq, ks, sks, vs, svs, q_pos, qmax: int,
+                    window: int | None = None) -> torch.Tensor:
     """One query row per sequence (a decode step) against each sequence's own keys, in one batch.
 
     q int [B, nh, d], sq [B, nh]; ks[b] int [S_b, nkv, d], sks[b] [S_b, nkv] (vs, svs alike);
@@ -214,16 +223,18 @@ def attention_batch(q, sq, ks, sks, vs, svs, q_pos, qmax: int) -> torch.Tensor:
     """
     pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # noqa: E731
     return attention_padded(q, sq, pad(ks), pad(sks), pad(vs), pad(svs), q_pos,
-                            [kb.shape[0] for kb in ks], qmax)
+                            [kb.shape[0] for kb in ks], qmax, window)
 
 
-def attention_padded(q, sq, k, sk, v, sv, q_pos, lengths: list[int], qmax: int) -> torch.Tensor:
+def attention_padded(q, sq, k, sk, v, sv, q_pos, lengths: list[int], qmax: int,
+                     window: int | None = None) -> torch.Tensor:
     """attention_batch over keys already padded to one length: k int [B, S_max, nkv, d] (sk, v,
     sv alike), lengths[b] the real keys of sequence b. Padding rows may hold any finite values:
     no row sees a key past its q_pos, so their weights are 0 and their products exact zeros."""
     for n in lengths:
         check_bounds(q.shape[-1], n, qmax)
-    return _attend(q[:, None], sq[:, None], k, sk, v, sv, q_pos[:, None], qmax)[:, 0]
+    return _attend(q[:, None], sq[:, None], k, sk, v, sv, q_pos[:, None], qmax,
+                   window=window)[:, 0]
 
 
 def _wide(d: int, qmax: int) -> torch.dtype:
@@ -244,17 +255,18 @@ def _values(v: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
-            prepared: tuple | None = None) -> torch.Tensor:
+            prepared: tuple | None = None, window: int | None = None) -> torch.Tensor:
     """The spec's passes over a batch: q [B, T, nh, d], k/v [B, S, nkv, d], q_pos [B, T].
 
     The g = nh / nkv query heads of a K/V head share one matmul of g * T rows (no repeated keys).
     Scores and value sums are exact integers in fp32 when d * qmax^2 < 2^24, else in float64
     (check_bounds keeps both below 2^53); invisible keys get a logit far below every clamped one,
-    so their weight, coefficient and products are exactly 0 (the spec's masks, by value).
+    so their weight, coefficient and products are exactly 0 (the spec's masks, by value):
+    keys past q_pos, and under a sliding window of `window` keys those before q_pos - window + 1.
     """
     if parts is None and prepared is None and use_native(q.shape[0] * q.shape[1] * q.shape[2]
                                                          * k.shape[1]):
-        return _native_attend(q, sq, k, sk, v, sv, q_pos)
+        return _native_attend(q, sq, k, sk, v, sv, q_pos, window)
     bsz, t_len, nh, d = q.shape
     nkv = k.shape[2]
     g = nh // nkv
@@ -265,13 +277,13 @@ def _attend(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
     qg = rows(q).to(wide)  # [B, nkv, gT, d]
     scores = torch.matmul(qg, kt)  # [B, nkv, gT, S], exact
     pos = rows(q_pos.unsqueeze(-1).unsqueeze(-1).expand(bsz, t_len, nkv, g).unsqueeze(-1))
-    c, z, m = _coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, parts, t_len)
+    c, z, m = _coefs(scores, rows(sq.unsqueeze(-1)), sk, sv, pos, d, parts, t_len, window)
     acc = torch.matmul(c, vt)  # [B, nkv, gT, d], exact integers
     out = (acc.to(F32) / z.to(F64).to(F32).unsqueeze(-1)) * m
     return out.reshape(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(bsz, t_len, nh * d)
 
 
-def _native_attend(q, sq, k, sk, v, sv, q_pos) -> torch.Tensor:
+def _native_attend(q, sq, k, sk, v, sv, q_pos, window: int | None = None) -> torch.Tensor:
     """_attend (no trace) in the compiled core (verifier/native/attn.c): exact integer scores
     and value sums in 16-bit pair products, the softmax passes and the output division, tiled
     over query rows, so memory is linear in S. The same bits (tests/test_native.py)."""
@@ -281,13 +293,17 @@ def _native_attend(q, sq, k, sk, v, sv, q_pos) -> torch.Tensor:
     rows = lambda x: x.reshape(bsz, t_len, nkv, g, *x.shape[3:]).permute(  # noqa: E731
         0, 2, 3, 1, *range(4, x.dim() + 1)).contiguous()  # [B, nkv, g, T, ...]
     grp = lambda x: x.permute(0, 2, 1).to(F32).contiguous().reshape(bsz * nkv, s_len)  # noqa
-    nvis = (q_pos + 1).clamp(0, s_len).to(I64)[:, None, None, :].expand(bsz, nkv, g, t_len)
+    each = lambda x: x.to(I64)[:, None, None, :].expand(bsz, nkv, g, t_len).contiguous(  # noqa
+        ).reshape(-1).numpy()
+    nvis = each((q_pos + 1).clamp(0, s_len))
+    nlo = None if window is None else each((q_pos - (window - 1)).clamp(min=0))
     with torch.profiler.record_function("commitllm::attn_fused"):  # C time shows in profiles
         out, _, _ = native.attn_fused(
             rows(q).reshape(-1, d).numpy(), rows(sq).to(F32).reshape(-1).numpy(),
             native.pack_keys(k.numpy()), grp(sk).numpy(), native.pack_values(v.numpy()),
-            grp(sv).numpy(), nvis.contiguous().reshape(-1).numpy(), g * t_len, d,
-            float(score_scale(d)), float(1 << LOGIT_FRAC_BITS), _FULL_TABLE.numpy(), _CUT)
+            grp(sv).numpy(), nvis, g * t_len, d,
+            float(score_scale(d)), float(1 << LOGIT_FRAC_BITS), _FULL_TABLE.numpy(), _CUT,
+            nlo=nlo)
     return torch.from_numpy(out).view(bsz, nkv, g, t_len, d).permute(0, 3, 1, 2, 4).reshape(
         bsz, t_len, nh * d)
 
@@ -303,7 +319,8 @@ def use_native(scores: int | None = None) -> bool:
 _NATIVE_CONSTANTS = COEF_BITS == 15 and LOGIT_CLAMP == 2**30
 
 
-def _coefs(scores, sq_rows, sk, sv, pos, d: int, parts: dict | None, t_len: int):
+def _coefs(scores, sq_rows, sk, sv, pos, d: int, parts: dict | None, t_len: int,
+           window: int | None = None):
     """Logits, table weights, Z, value scale M and coefficients c (float64, exact integers) of
     the spec's passes, by torch ops over the whole [B, nkv, gT, S] block."""
     bsz, nkv, gt, s_len = scores.shape
@@ -312,7 +329,10 @@ def _coefs(scores, sq_rows, sk, sv, pos, d: int, parts: dict | None, t_len: int)
     t.mul_(sq_rows).mul_(sk.permute(0, 2, 1).unsqueeze(2))
     t.mul_(float(score_scale(d))).mul_(float(1 << LOGIT_FRAC_BITS))
     logits = t.round_().clamp_(-LOGIT_CLAMP, LOGIT_CLAMP).to(I64)
-    hidden = torch.arange(s_len).view(1, 1, 1, s_len) > pos  # [B, nkv, gT, S]
+    keys = torch.arange(s_len).view(1, 1, 1, s_len)
+    hidden = keys > pos  # [B, nkv, gT, S]
+    if window is not None:
+        hidden |= keys < pos - (window - 1)
     logits.masked_fill_(hidden, _MASKED)
     row_max = logits.amax(dim=-1, keepdim=True)
     w = _FULL_TABLE[(row_max - logits).clamp_(max=_CUT)]  # int32, <= 2^15

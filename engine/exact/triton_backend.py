@@ -149,7 +149,7 @@ class _TritonLayer:
                           kvq)
         (qq, sq), (kq, sk), (vq, sv) = rope_quant.rope_quant(
             qkv, step.cos, step.sin, cfg.num_heads, cfg.num_kv_heads, kvq)
-        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq)
+        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, cfg.sliding_window)
         qo, so = quantize.quantize_rows(o, aq)
         step.scales += [sa, sq, sk, sv, so]
         h = self.o(qo, so, tr, "o", resid=x)
@@ -164,14 +164,15 @@ class _TritonLayer:
                       mlp_in=mm, act=act, out=out)
         return out
 
-    def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq) -> torch.Tensor:
+    def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq,
+                window: int | None = None) -> torch.Tensor:
         outs, start = [], 0
         for cache, n in zip(step.caches, step.lengths):
             sl = slice(start, start + n)
             cache.append(i, kq[sl].contiguous(), sk[sl].contiguous(), vq[sl].contiguous(),
                          sv[sl].contiguous())
             outs.append(attention.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
-                                            cache.sv[i], step.pos[sl], kvq))
+                                            cache.sv[i], step.pos[sl], kvq, window=window))
             start += n
         return torch.cat(outs)
 

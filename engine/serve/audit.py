@@ -67,7 +67,7 @@ def _ascending(xs, name: str, lo: int, hi: int) -> list[int]:
 def opening_bytes(c: dict, cfg, kv_itemsize: int = 2) -> int:
     """Bytes of the opening's arrays for a checked challenge (proofs and embedding rows
     bounded from above), computed from the plan before anything is re-executed."""
-    p = plan(c, cfg.num_layers)
+    p = plan(c, cfg.num_layers, window=cfg.sliding_window)
     h, kvh, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
     z_row = 8 * ((cfg.num_heads + 2 * kvh) * hd + h + 2 * cfg.intermediate_size + h)
     proof = 32 * 64  # a multiproof holds at most ~log2(n) hashes per opened row; 64 is above it

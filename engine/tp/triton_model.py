@@ -72,7 +72,7 @@ class _TPTritonLayer(_TritonLayer):
         qkv = head_normed(qkv, self.q_norm, self.k_norm, self.heads, self.kv_heads, eps, kvq)
         (qq, sq), (kq, sk), (vq, sv) = rope_quant.rope_quant(
             qkv, step.cos, step.sin, self.heads, self.kv_heads, kvq)
-        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq)
+        o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, cfg.sliding_window)
         h, so = self._row("o", o, aq, x, tr)
         _, qm, sm = rmsnorm_quant.rmsnorm_quant(h, self.mlp_norm, eps, aq, store_y=False)
         gu = self._column("gate_up", qm, sm, tr)

@@ -19,14 +19,18 @@ F32, F64, I64 = torch.float32, torch.float64, torch.int64
 ORIG_ATTEND, ORIG_ATTENTION = _TorchLayer._attend, ops.attention
 
 
-def attention_variant(q, sq, k, sk, v, sv, q_pos, qmax, kind: str, window: int = 4):
-    """ops.attention (same code, same order) with one deviation of `kind`:
+def attention_variant(q, sq, k, sk, v, sv, q_pos, qmax, kind: str, window: int = 4,
+                      model_window: int | None = None):
+    """ops.attention (same code, same order; model_window: the model's sliding window, honoured
+    unless the deviation is about it) with one deviation of `kind`:
     score: head 0's fixed-point logit of key 0 raised by 1.0 (log2 units);
     weight: head 0's softmax weight of key 0 doubled plus one;
     output: head 0's output row scaled by 1 + 2^-10;
     future: the causal mask admits position q_pos + 1;
     gqa: query head h reads K/V head h mod nkv instead of h // group;
-    window: only the last `window` keys are visible (a cheap sliding-window kernel)."""
+    window: only the last `window` keys are visible (a cheap sliding-window kernel, or a wider
+    or narrower window than the model's);
+    unwindowed: the model's sliding window ignored (every earlier key visible)."""
     t_len, nh, d = q.shape
     s_len, nkv, _ = k.shape
     kh = torch.arange(nkv).repeat_interleave(nh // nkv)
@@ -35,8 +39,9 @@ def attention_variant(q, sq, k, sk, v, sv, q_pos, qmax, kind: str, window: int =
     scores = torch.matmul(q.to(F64).transpose(0, 1), k.to(F64)[:, kh].permute(1, 2, 0)).to(I64)
     keys, qp = torch.arange(s_len).view(1, 1, -1), q_pos.view(1, -1, 1)
     visible = keys <= qp + (1 if kind == "future" else 0)
-    if kind == "window":
-        visible = visible & (keys > qp - window)
+    span = window if kind == "window" else None if kind == "unwindowed" else model_window
+    if span is not None:
+        visible = visible & (keys > qp - span)
     t = ((ops.int_to_f32(scores) * sq.t().unsqueeze(2)) * sk[:, kh].t().unsqueeze(1))
     t = t * float(score_scale(d))
     logits = torch.round(t * float(1 << LOGIT_FRAC_BITS)).clamp(-LOGIT_CLAMP, LOGIT_CLAMP).to(I64)
@@ -68,11 +73,11 @@ class _LayerClock:
     def attend_hook(self, edit=None):
         clock = self
 
-        def _attend(layer_self, i, step, qq, sq, kq, sk, vq, sv, kvq, parts):
+        def _attend(layer_self, i, step, qq, sq, kq, sk, vq, sv, kvq, parts, window=None):
             clock.layer = i
             if edit is not None:
                 kq, sk, vq, sv = edit(i, step.pos, kq.clone(), sk.clone(), vq.clone(), sv.clone())
-            return ORIG_ATTEND(layer_self, i, step, qq, sq, kq, sk, vq, sv, kvq, parts)
+            return ORIG_ATTEND(layer_self, i, step, qq, sq, kq, sk, vq, sv, kvq, parts, window)
         return _attend
 
 
@@ -82,14 +87,15 @@ def attention_cheat(qm_a, kind: str, layer: int | None, positions=None, **kw) ->
     clock = _LayerClock()
     wanted = None if positions is None else {int(p) for p in positions}
 
-    def attention(q, sq, k, sk, v, sv, q_pos, qmax, parts=None):
-        honest = ORIG_ATTENTION(q, sq, k, sk, v, sv, q_pos, qmax, parts)
+    def attention(q, sq, k, sk, v, sv, q_pos, qmax, parts=None, tile_elems=None, window=None):
+        honest = ORIG_ATTENTION(q, sq, k, sk, v, sv, q_pos, qmax, parts, window=window)
         if layer is not None and clock.layer != layer:
             return honest
         rows = torch.tensor([wanted is None or int(p) in wanted for p in q_pos])
         if not bool(rows.any()):
             return honest
-        cheat = attention_variant(q, sq, k, sk, v, sv, q_pos, qmax, kind, **kw)
+        cheat = attention_variant(q, sq, k, sk, v, sv, q_pos, qmax, kind, model_window=window,
+                                  **kw)
         return torch.where(rows.unsqueeze(1), cheat, honest)
 
     return Provider(ExactModel(qm_a), ((_TorchLayer, "_attend", clock.attend_hook()),

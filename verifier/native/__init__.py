@@ -32,7 +32,7 @@ HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag wi
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 5
+ABI = 6
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -153,7 +153,7 @@ def _declare(so) -> None:
     so.attn_coefs.restype = i64
     so.attn_coefs.argtypes = [p, i64, i64, i64, i64, p, p, p, i64, p, f32, f32, p, i64, p, p, p]
     so.attn_fused.restype = i64
-    so.attn_fused.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64,
+    so.attn_fused.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64,
                               f32, f32, p, i64, p, p, p]
     so.attn_route.restype = so.attn_best_route.restype = i64
     so.attn_route.argtypes = [i64]
@@ -348,11 +348,13 @@ def pack_values(v: np.ndarray) -> np.ndarray:
 
 def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp: np.ndarray,
                sv: np.ndarray, nvis: np.ndarray, rows_per_group: int, d: int, scale: float,
-               frac: float, table: np.ndarray, cut: int, n_threads: int | None = None):
+               frac: float, table: np.ndarray, cut: int, n_threads: int | None = None,
+               nlo: np.ndarray | None = None):
     """The spec's attention over groups of query rows sharing one K/V head (see attn.c):
     q int8/int16 [R, d] (R = G * rows_per_group), sq fp32 [R], kp / vp from pack_keys /
     pack_values over [G, S, d], sk / sv fp32 [G, S], nvis int64 [R] (row r sees keys
-    0 .. nvis[r]-1, at least one). Returns (out fp32 [R, d], z int64 [R], m fp32 [R]).
+    0 .. nvis[r]-1, at least one), nlo int64 [R] or None (a sliding window: row r sees only
+    keys nlo[r] .. nvis[r]-1). Returns (out fp32 [R, d], z int64 [R], m fp32 [R]).
     Rows are independent, so the thread split changes no bit."""
     so = lib()
     if so is None:
@@ -366,7 +368,8 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
             or rows != g * rows_per_group or sv.shape != sk.shape
             or kp.shape != (g, nkb, dp // 2, KEY_BLOCK, 2) or nkb * KEY_BLOCK < n_keys
             or vp.shape != (g, nvp, dv, 2) or 2 * nvp < n_keys or dv < d or dv % DIM_BLOCK
-            or table.shape != (cut + 1,)):
+            or table.shape != (cut + 1,)
+            or (nlo is not None and (nlo.shape != (rows,) or nlo.dtype != np.int64))):
         raise ValueError("attn_fused: inconsistent shapes")
     out = np.empty((rows, d), np.float32)
     z = np.empty(rows, np.int64)
@@ -375,11 +378,12 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
         return out, z, m
     ptrs = (_ptr(qh, np.int16), 0 if ql is None else _ptr(ql, np.int16), _ptr(kp, np.int16),
             _ptr(vp, np.int16), _ptr(sq, np.float32), _ptr(sk, np.float32), _ptr(sv, np.float32),
-            _ptr(nvis, np.int64))
+            _ptr(nvis, np.int64), 0 if nlo is None else _ptr(nlo, np.int64))
     tail = (scale, frac, _ptr(table, np.int32), cut, out.ctypes.data, z.ctypes.data,
             m.ctypes.data)
     # contiguous row ranges of about equal work (visible keys), one per thread
-    work = np.cumsum(np.clip(nvis, 1, n_keys) * 1.0)
+    seen = np.clip(nvis, 1, n_keys) - (0 if nlo is None else np.clip(nlo, 0, n_keys - 1))
+    work = np.cumsum(np.maximum(seen, 1) * 1.0)
     n = max(1, min(n_threads or threads(), int(work[-1] * d) // (1 << 21) + 1))
     bounds = [0] + [int(np.searchsorted(work, work[-1] * i / n)) for i in range(1, n)] + [rows]
 

@@ -27,22 +27,24 @@ def _full_table() -> tuple[np.ndarray, int]:
     return _TABLES["t"]
 
 
-def attention(q, sq, k, sk, v, sv, q_pos, qmax: int) -> np.ndarray:
+def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, window: int | None = None) -> np.ndarray:
     """spec.attention (no trace), in the compiled core when it is available (attn_fused: integer
     scores and value sums, softmax passes, output), else the spec itself."""
     small = all(x.dtype in (np.int8, np.int16) for x in (q, k, v))
     if lib() is None or not small or spec.COEF_BITS != 15 or spec.LOGIT_CLAMP != 2**30:
-        return spec.attention(q, sq, k, sk, v, sv, q_pos, qmax)
+        return spec.attention(q, sq, k, sk, v, sv, q_pos, qmax, window=window)
     t_len, nh, d = q.shape
     s_len, nkv, _ = k.shape
     spec.check_bounds(d, s_len, qmax)
     g = nh // nkv
     rows = np.ascontiguousarray(q.transpose(1, 0, 2)).reshape(nh * t_len, d)  # [nkv, g, T] rows
-    nvis = np.clip(np.tile(np.asarray(q_pos, dtype=np.int64) + 1, nh), 0, s_len)
+    pos = np.tile(np.asarray(q_pos, dtype=np.int64), nh)
+    nvis = np.clip(pos + 1, 0, s_len)
+    nlo = None if window is None else spec.first_visible(pos, window).astype(np.int64)
     table, cut = _full_table()
     out, _, _ = attn_fused(rows, np.ascontiguousarray(sq.T, dtype=np.float32).reshape(-1),
                            pack_keys(k[None]), np.ascontiguousarray(sk.T, dtype=np.float32),
                            pack_values(v[None]), np.ascontiguousarray(sv.T, dtype=np.float32),
                            nvis, g * t_len, d, float(spec.score_scale(d)),
-                           float(1 << LOGIT_FRAC_BITS), table, cut)
+                           float(1 << LOGIT_FRAC_BITS), table, cut, nlo=nlo)
     return out.reshape(nh, t_len, d).transpose(1, 0, 2).reshape(t_len, nh * d)

@@ -21,7 +21,7 @@
 
 #define LOGIT_CLAMP 1073741824.0f /* 2^30 */
 
-int64_t commitllm_native_abi(void) { return 5; }
+int64_t commitllm_native_abi(void) { return 6; }
 
 
 /* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.
@@ -154,7 +154,9 @@ int64_t attn_coefs(const void *scores, int64_t f64, int64_t row0, int64_t rows, 
  *   qh, ql  int16 [rows][dp]           query planes, dp = head dim rounded up to even (zeros)
  *   kp      int16 [G][nkb][dp/2][16][2] keys in blocks of 16; lane = key, pair = 2 dims
  *   vp      int16 [G][nvp][dv][2]      values in pairs of keys; lane = dim, dv = dim up to 32
- *   sk, sv  fp32 [G][S]; sq fp32 [rows]; nvis int64 [rows]: row r sees keys 0 .. nvis[r]-1
+ *   sk, sv  fp32 [G][S]; sq fp32 [rows]; nvis int64 [rows]: row r sees keys 0 .. nvis[r]-1,
+ *           nlo int64 [rows] or NULL (all 0): ... and only keys from nlo[r] on (a sliding
+ *           window); hidden keys get coefficient 0 and add nothing, so skipping them is exact
  * Row r belongs to group r / rows_per_group (one K/V head of one sequence).
  * Output: out fp32 [rows][d] = (f32(A) / f32(Z)) * M, and z int64 [rows], m fp32 [rows].
  * Every row-indexed pointer is the array's base; the call computes rows row0 .. row0+rows-1.
@@ -345,6 +347,7 @@ int64_t attn_active_route(void) { return route_forced < 0 ? attn_best_route() : 
 
 int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, const int16_t *vp,
                    const float *sq, const float *sk, const float *sv, const int64_t *nvis,
+                   const int64_t *nlo,
                    int64_t row0, int64_t rows, int64_t rows_per_group, int64_t n_keys, int64_t dp,
                    int64_t nkb, int64_t dv, int64_t nvp, int64_t d, float scale, float frac,
                    const int32_t *table, int64_t cut, float *out, int64_t *z, float *m) {
@@ -371,21 +374,24 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
         if (b > row0 + rows) b = row0 + rows;
         if (b > (grp + 1) * rows_per_group) b = (grp + 1) * rows_per_group;
         const int nr = (int)(b - a);
-        int64_t nv[TR], top = 0;
+        int64_t nv[TR], nl[TR], top = 0, bot = n_keys;
         qtile t;
         t.planes = ql ? 2 : 1;
         for (int r = 0; r < TR; r++) {
             const int64_t rr = a + (r < nr ? r : nr - 1);  /* padding rows repeat the last one */
             int64_t n = nvis[rr];
             nv[r] = n < 0 ? 0 : n > n_keys ? n_keys : n;
+            const int64_t f = nlo ? nlo[rr] : 0;
+            nl[r] = f < 0 ? 0 : f > nv[r] ? nv[r] : f;
             top = nv[r] > top ? nv[r] : top;
+            bot = nl[r] < bot ? nl[r] : bot;
             t.q[0][r] = (const int32_t *)(qh + rr * dp);
             t.q[1][r] = ql ? (const int32_t *)(ql + rr * dp) : 0;
         }
         /* scores for every key block that some tile row sees */
         const int16_t *kg = kp + grp * nkb * npairs * 2 * KB;
         const int64_t blocks = (top + KB - 1) / KB;
-        for (int64_t kb = 0; kb < blocks; kb++) {
+        for (int64_t kb = bot / KB; kb < blocks; kb++) {
             score(&t, kg + kb * npairs * 2 * KB, npairs, blk);
             for (int r = 0; r < TR; r++)
                 for (int l = 0; l < KB; l++) sc[r * width + kb * KB + l] = blk[r * KB + l];
@@ -402,18 +408,18 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
             for (int64_t i = 0; i < dv; i++) ar[r][i] = 0;
             for (int64_t j = 0; j < 2 * pairs; j++) hr[j] = lr[j] = 0;
             if (r >= nr) continue;  /* a padding row: zero coefficients, its sums unused */
-            const int64_t n = nv[r];
-            scores_f32(sc + r * width, n, row);
-            code = row_pass(row, n, sq[a + r], sk + grp * n_keys, sv + grp * n_keys, scale,
-                            frac, table, cut, lg, p, z + a + r, m + a + r);
+            const int64_t f = nl[r], n = nv[r] - f;  /* keys f .. nv[r]-1 */
+            scores_f32(sc + r * width + f, n, row);
+            code = row_pass(row, n, sq[a + r], sk + grp * n_keys + f, sv + grp * n_keys + f,
+                            scale, frac, table, cut, lg, p, z + a + r, m + a + r);
             if (code) break;
-            coef_planes(p, n, m[a + r], hr, lr);
+            coef_planes(p, n, m[a + r], hr + f, lr + f);
         }
         if (code) break;
         /* value sums over the visible key pairs, widened every VCHUNK pairs */
         const int16_t *vg = vp + grp * nvp * dv * 2;
         for (int64_t d0 = 0; d0 < dv; d0 += 32)
-            for (int64_t p0 = 0; p0 < pairs; p0 += VCHUNK)
+            for (int64_t p0 = bot / 2; p0 < pairs; p0 += VCHUNK)
                 value(ch, cl, vg, dv, d0, p0, p0 + VCHUNK < pairs ? p0 + VCHUNK : pairs, ar);
         for (int r = 0; r < nr; r++) {
             const float zf = (float)(double)z[a + r], mr = m[a + r];

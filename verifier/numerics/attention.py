@@ -27,11 +27,22 @@ def check_bounds(head_dim: int, n_keys: int, qmax: int) -> None:
         raise OverflowError(f"attention bounds exceeded (d={head_dim}, keys={n_keys}, qmax={qmax})")
 
 
-def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) -> np.ndarray:
+def first_visible(q_pos, window: int | None):
+    """The first key a query at q_pos sees: 0 (causal), or q_pos - window + 1 under a sliding
+    window of `window` keys (Mistral: key j is visible iff q_pos - window < j <= q_pos),
+    clamped at 0. Works on ints and integer arrays alike."""
+    if window is None:
+        return np.zeros_like(np.asarray(q_pos))
+    return np.maximum(np.asarray(q_pos) - (window - 1), 0)
+
+
+def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None,
+              window: int | None = None) -> np.ndarray:
     """Causal GQA attention for one sequence whose keys sit at positions 0..S-1.
 
     q int [T, nh, d], sq fp32 [T, nh]; k, v int [S, nkv, d], sk, sv fp32 [S, nkv];
-    q_pos int [T] (query t sees keys j <= q_pos[t]). Returns fp32 [T, nh * d].
+    q_pos int [T] (query t sees keys j <= q_pos[t], and with a sliding window of `window` keys
+    only j > q_pos[t] - window). Returns fp32 [T, nh * d].
     """
     t_len, nh, d = q.shape
     s_len, nkv, _ = k.shape
@@ -41,7 +52,10 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, parts: dict | None = None) 
     qf = q.astype(np.float64).transpose(1, 0, 2)  # [nh, T, d]
     kf = k.astype(np.float64).transpose(1, 2, 0)  # [nkv, d, S]
     scores = _grouped(qf, kf, nkv).astype(np.int64)  # [nh, T, S] exact
-    visible = np.arange(s_len)[None, None, :] <= np.asarray(q_pos)[None, :, None]  # [1, T, S]
+    j = np.arange(s_len)[None, None, :]
+    visible = j <= np.asarray(q_pos)[None, :, None]  # [1, T, S]
+    if window is not None:
+        visible &= j >= first_visible(q_pos, window)[None, :, None]
     sqh = sq.T[:, :, None]  # [nh, T, 1]
     skh = sk[:, kh].T[:, None, :]  # [nh, 1, S]
     t = ((int_to_f32(scores) * sqh) * skh) * score_scale(d)

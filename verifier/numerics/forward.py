@@ -80,7 +80,8 @@ def layer_forward(model, i: int, x, cache: KVCache, positions, rope: RopeTable, 
     (qq, sq), (kq, sk), (vq, sv) = (quantize_rows(a_, qmax) for a_ in (q, k, v))
     cache.append(i, kq, sk, vq, sv)
     parts = {} if tr is not None else None
-    o = attention(qq, sq, cache.k[i], cache.sk[i], cache.v[i], cache.sv[i], positions, qmax, parts)
+    o = attention(qq, sq, cache.k[i], cache.sk[i], cache.v[i], cache.sv[i], positions, qmax, parts,
+                  window=cfg.sliding_window)
     h = x + _lin(o, layer.o, model, tr, "o")
     m = rmsnorm(h, layer.mlp_norm, cfg.rms_norm_eps)
     gu = _lin(m, layer.gate_up, model, tr, "gate_up")
