@@ -1,5 +1,8 @@
 """Protocol costs at Llama-3.1-8B and Llama-3.1-70B layer shapes, against the published CommitLLM
-figures: verifier time, opening size, commitment overhead, retained state, re-execution time.
+figures: verifier time, opening size, commitment overhead, retained state, re-execution time;
+and at Mixtral-8x7B's (`--shapes mixtral`, results in anchors_moe.*: 8 experts of MLP 14336,
+2 per token, vocabulary 32000, 32 layers), the mixture-of-experts family's cost per challenged
+token (the router and the two selected experts' matmuls by Freivalds, the routing replayed).
 
 Each shape is built with its exact layer dimensions (8B: hidden 4096, 32 heads, 8 K/V heads, MLP
 14336; 70B: hidden 8192, 64 heads, 8 K/V heads, MLP 28672; vocabulary 128256; Llama-3.1 RoPE) and
@@ -64,6 +67,11 @@ SHAPES = {  # Llama-3.1 layer shapes; "tiny" is for the smoke test only
     "70b": {"hidden": 8192, "heads": 64, "kv_heads": 8, "mlp": 28672, "vocab": 128256,
             "layers": 80},
     "tiny": {"hidden": 64, "heads": 4, "kv_heads": 2, "mlp": 96, "vocab": 512, "layers": 12},
+    # Mixtral-8x7B-v0.1 (causal: its config's sliding_window is null); "tiny-moe": tests only
+    "mixtral": {"hidden": 4096, "heads": 32, "kv_heads": 8, "mlp": 14336, "vocab": 32000,
+                "layers": 32, "experts": 8, "top_k": 2},
+    "tiny-moe": {"hidden": 64, "heads": 4, "kv_heads": 2, "mlp": 48, "vocab": 512, "layers": 12,
+                 "experts": 4, "top_k": 2},
 }
 
 # The published CommitLLM figures (verifier: Freivalds and SiLU only, no attention).
@@ -88,10 +96,20 @@ COMMAND = "python bench/anchors.py"
 
 def llama_config(shape: str, layers: int):
     """A Llama-3.1 config with the shape's dimensions and `layers` layers (tied head: one 16-bit
-    head matrix in memory instead of two; the verifier's LM-head check is the same)."""
+    head matrix in memory instead of two; the verifier's LM-head check is the same); a Mixtral
+    config (rope_theta 1e6, no scaling, no window) for a shape with experts."""
     from commitllm.verifier.config import ModelConfig
 
     s = SHAPES[shape]
+    if "experts" in s:
+        return ModelConfig.from_dict({
+            "architectures": ["MixtralForCausalLM"], "hidden_size": s["hidden"],
+            "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
+            "intermediate_size": s["mlp"], "vocab_size": s["vocab"], "num_hidden_layers": layers,
+            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768,
+            "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1,
+            "sliding_window": None, "num_local_experts": s["experts"],
+            "num_experts_per_tok": s["top_k"]})
     return ModelConfig.from_dict({
         "architectures": ["LlamaForCausalLM"], "hidden_size": s["hidden"],
         "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
@@ -105,7 +123,8 @@ def llama_config(shape: str, layers: int):
 def random_model(cfg, profile_name: str = "w8a16", seed: int = 0):
     """Random integer weights at cfg's shapes; scales keep activations near unit size."""
     from commitllm.verifier.numerics import get_profile
-    from commitllm.verifier.numerics.weights import QLayer, QLinear, QuantizedModel, check_shapes
+    from commitllm.verifier.numerics.weights import (QExperts, QLayer, QLinear, QuantizedModel,
+                                                     check_shapes)
 
     prof, rng = get_profile(profile_name), np.random.default_rng(seed)
 
@@ -116,8 +135,16 @@ def random_model(cfg, profile_name: str = "w8a16", seed: int = 0):
 
     h, f, wq = cfg.hidden_size, cfg.intermediate_size, prof.weight_qmax
     ones = np.ones(h, dtype=np.float32)
+    def mlp() -> dict:
+        if not cfg.moe:
+            return {"gate_up": lin(2 * f, h, wq), "down": lin(h, f, wq)}
+        n = cfg.num_experts
+        return {"gate_up": None, "down": None, "experts": QExperts(
+            lin(n, h, wq), tuple(lin(2 * f, h, wq) for _ in range(n)),
+            tuple(lin(h, f, wq) for _ in range(n)))}
+
     layers = tuple(QLayer(ones, lin(cfg.q_size + 2 * cfg.kv_size, h, wq), lin(h, cfg.q_size, wq),
-                          ones, lin(2 * f, h, wq), lin(h, f, wq)) for _ in range(cfg.num_layers))
+                          ones, **mlp()) for _ in range(cfg.num_layers))
     head = lin(cfg.vocab_size, h, prof.head_qmax)
     qm = QuantizedModel(cfg, prof, head, layers, ones, head)
     check_shapes(qm)
@@ -244,8 +271,20 @@ def _goal(name: str, got: float, limit: float) -> dict:
             "over_by": None if got <= limit else (got / limit - 1 if limit else got)}
 
 
+def results_name(shapes) -> str:
+    """anchors for the dense shapes (the README's block), anchors_moe for a run of MoE shapes
+    only: a Mixtral run never overwrites the 8B / 70B figures."""
+    return "anchors_moe" if all("experts" in SHAPES[s] for s in shapes) else "anchors"
+
+
+def _depths(d: dict) -> str:
+    return " / ".join(str(SHAPES[s]["layers"]) for s in d["settings"]["shapes"])
+
+
 def render_md(d: dict) -> str:
-    return "\n\n".join(["# Protocol costs at Llama-3.1-8B / 70B layer shapes",
+    names = {"8b": "Llama-3.1-8B", "70b": "Llama-3.1-70B", "mixtral": "Mixtral-8x7B"}
+    title = " / ".join(names.get(s, s) for s in d["settings"]["shapes"])
+    return "\n\n".join([f"# Protocol costs at {title} layer shapes",
                         provenance_md(d["provenance"]), _settings_md(d), summary_md(d),
                         "## Measured per tier (at the measured depth)\n\n" + _measured_table(d),
                         f"Total run time {d['elapsed_s']:.0f} s."])
@@ -255,7 +294,8 @@ def summary_md(d: dict, command: str | None = None) -> str:
     """The scaled table, the goals and the notes (also the README's block)."""
     cmd = command or d["settings"]["command"]
     return "\n\n".join([
-        f"Reproduce: `{cmd}` (writes bench/results/anchors.{{json,md,png}}).",
+        f"Reproduce: `{cmd}` (writes bench/results/"
+        f"{results_name(d['settings']['shapes'])}.{{json,md,png}}).",
         "### Per challenged token, scaled to the real depth\n\n" + _scaled_table(d),
         ("Published CommitLLM (Freivalds and SiLU only, no attention): verifier "
          "0.66 ms (8B, 10 layers), 1.98 ms (8B, all), 1.27 ms (70B, 10 layers), 10.1 ms (70B, "
@@ -374,7 +414,7 @@ def _opening_why(d: dict) -> str:
 def _settings_md(d: dict) -> str:
     s = d["settings"]
     return (f"Shapes {', '.join(s['shapes'])}, {s['layers']} layer(s) measured per shape and scaled "
-            f"to 32 / 80 layers; contexts {s['contexts']} trace positions (70B only up to "
+            f"to {_depths(d)} layers; contexts {s['contexts']} trace positions (70B only up to "
             f"{s['max_context_70b']}; random prompt + "
             f"{s['gen_tokens']} greedy tokens), deep tier up to {s['deep_max']} positions; "
             f"{s['verify_runs']} timed verifications after one warm-up (verifier figures: the "
@@ -461,7 +501,7 @@ def plot(d: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = {"8b": "tab:blue", "70b": "tab:red", "tiny": "tab:gray"}
+    colors = {"8b": "tab:blue", "70b": "tab:red", "mixtral": "tab:green", "tiny": "tab:gray"}
     markers = {"routine": "o", "full": "s"}
     for s in d["shapes"]:
         col = colors.get(s["shape"], "k")
@@ -491,7 +531,7 @@ def plot(d: dict, path: Path) -> None:
         ax.set_ylabel(unit)
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=6)
-    fig.suptitle(f"scaled to 32 / 80 layers from {d['settings']['layers']} measured; "
+    fig.suptitle(f"scaled to {_depths(d)} layers from {d['settings']['layers']} measured; "
                  f"commit {d['provenance']['git']['commit'][:10] if d['provenance']['git']['commit'] else '?'}",
                  fontsize=8)
     fig.tight_layout()
@@ -607,7 +647,9 @@ def _compare_one(rng, name: str, m: int, n: int, k: int, runs: int) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="8b,70b", help="comma list of 8b, 70b (tiny: tests)")
+    ap.add_argument("--shapes", default="8b,70b",
+                    help="comma list of 8b, 70b, or mixtral alone (its results go to "
+                         "anchors_moe.*; tiny, tiny-moe: tests)")
     ap.add_argument("--contexts", default="128,1024,4096", help="trace positions per receipt")
     ap.add_argument("--max-context-70b", type=int, default=1024,
                     help="70B shape: only contexts up to this (its 4096-position prefill and "
@@ -645,6 +687,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.shapes = [s for s in args.shapes.split(",") if s]
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     bad = [s for s in args.shapes if s not in SHAPES]
+    moe = {"experts" in SHAPES[s] for s in args.shapes if s in SHAPES}
+    if not bad and len(moe) > 1:
+        ap.error("run the MoE shapes (mixtral) apart from the dense ones: their results go to "
+                 "anchors_moe.*")
     if bad or args.layers < 1 or not args.contexts or min(args.contexts) <= args.gen_tokens:
         ap.error(f"unknown shape {bad}" if bad else "need layers >= 1 and contexts > gen-tokens")
     return args
@@ -699,9 +745,10 @@ def main(argv: list[str] | None = None) -> int:
             "published": PUBLISHED, "shapes": shapes, "elapsed_s": time.perf_counter() - start}
     data["goals"] = goals(data)
     args.out.mkdir(parents=True, exist_ok=True)
-    js, md = write_results(args.out, "anchors", data, render_md(data))
-    plot(data, args.out / "anchors.png")
-    print(f"wrote {js}, {md} and anchors.png ({data['elapsed_s']:.0f} s)")
+    name = results_name(args.shapes)
+    js, md = write_results(args.out, name, data, render_md(data))
+    plot(data, args.out / f"{name}.png")
+    print(f"wrote {js}, {md} and {name}.png ({data['elapsed_s']:.0f} s)")
     ok = all(t["accepted"] for s in shapes for c in s["contexts"] for t in c["tiers"].values())
     return 0 if ok else 1
 

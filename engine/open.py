@@ -10,7 +10,7 @@ import torch
 
 from ..verifier.commitment import embed_leaves
 from ..verifier.merkle import MerkleTree, multiproof
-from ..verifier.opening import MATRICES, Plan, plan
+from ..verifier.opening import Plan, matrices, plan
 from .commit import trace_roots
 from .exact.model import ExactModel, SeqCache
 
@@ -38,7 +38,7 @@ def reexecute(model: ExactModel, tokens: list[int], p: Plan, guard=nullcontext):
         resid.append(torch.stack(rs).cpu().numpy())  # a device model's rows
         for l, positions in want.items():
             rows = [t - start for t in sorted(positions) if start <= t < start + len(chunk)]
-            for m in MATRICES:
+            for m in matrices(model.cfg):
                 part = tr[f"layers.{l}.{m}.z"].cpu().numpy()[rows]
                 z.setdefault((m, l), []).append(part)
     z = {k: np.concatenate(v) for k, v in z.items()}
@@ -71,7 +71,7 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
               "kv.layer_roots": _proof_array(trees.kv_layer_roots)}
     _put_resid(arrays, trees, resid, p)
     _put_kv(arrays, trees, cache, p)
-    _put_z(arrays, z, p)
+    _put_z(arrays, z, p, matrices(model.cfg))
     if p.lm:
         arrays["z.lm.pos"] = np.array(p.lm, dtype=np.int64)
         arrays["z.lm"] = lm
@@ -97,12 +97,12 @@ def _put_kv(arrays, trees, cache: SeqCache, p: Plan) -> None:
         arrays[f"kv.{l}.proof"] = _proof_array(multiproof(trees.kv_trees[l], pos))
 
 
-def _put_z(arrays, z, p: Plan) -> None:
+def _put_z(arrays, z, p: Plan, names) -> None:
     for l, pos in p.z.items():
         both = sorted(set(pos) | set(p.zq.get(l, [])))
         idx = [both.index(t) for t in pos]
         arrays[f"z.{l}.pos"] = np.array(pos, dtype=np.int64)
-        for m in MATRICES:
+        for m in names:
             arrays[f"z.{l}.{m}"] = z[(m, l)][idx]
         if p.zq.get(l):
             qidx = [both.index(t) for t in p.zq[l]]

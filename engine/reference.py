@@ -1,4 +1,4 @@
-"""fp32 reference forward of a Llama/Qwen2/Qwen3/Mistral decoder in plain torch.
+"""fp32 reference forward of a Llama/Qwen2/Qwen3/Mistral/Mixtral decoder in plain torch.
 
 This is NOT the exact path. It exists to prove that checkpoint loading and the architecture are
 right: on tiny random checkpoints it matches transformers (eager attention, fp32) to 1e-4. To get
@@ -164,10 +164,29 @@ class ReferenceModel:
         return out.transpose(1, 2).reshape(b, t, -1)
 
     def _mlp(self, p: str, h: torch.Tensor) -> torch.Tensor:
-        """SwiGLU: down(silu(gate(h)) * up(h)). [B, T, H] -> [B, T, H]."""
+        """SwiGLU: down(silu(gate(h)) * up(h)). [B, T, H] -> [B, T, H]; Mixtral: the router's
+        softmax over every expert, the top k renormalized, each token through its k experts."""
+        if self.cfg.moe:
+            return self._experts(p + "block_sparse_moe.", h)
         gate = F.linear(h, self.weights[p + "mlp.gate_proj.weight"])  # [B, T, F]
         up = F.linear(h, self.weights[p + "mlp.up_proj.weight"])
         return F.linear(F.silu(gate) * up, self.weights[p + "mlp.down_proj.weight"])
+
+    def _experts(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        w = self.weights
+        x = h.reshape(-1, h.shape[-1])
+        probs = torch.softmax(F.linear(x, w[p + "gate.weight"]), dim=-1, dtype=torch.float32)
+        top, idx = torch.topk(probs, self.cfg.experts_per_token, dim=-1)
+        top = top / top.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(self.cfg.num_experts):
+            rows, slot = torch.where(idx == e)
+            if len(rows) == 0:
+                continue
+            q = f"{p}experts.{e}."
+            y = F.silu(F.linear(x[rows], w[q + "w1.weight"])) * F.linear(x[rows], w[q + "w3.weight"])
+            out.index_add_(0, rows, F.linear(y, w[q + "w2.weight"]) * top[rows, slot, None])
+        return out.reshape(h.shape)
 
     def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, d] for positions start..start+T-1, fp32 as in HF's rotary embedding."""

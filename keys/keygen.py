@@ -23,7 +23,6 @@ KEY_VERSION = 4  # 4: one Freivalds row modulo 2^61 - 1; 3: a keyed MAC over eve
 #                 2: Freivalds rows modulo two primes
 MAC_CONTEXT = "commitllm 2026 key file mac v1"  # blake3 derive_key context for the MAC key
 MAX_KEY_BYTES = 1 << 34
-MATRICES = ("qkv", "o", "gate_up", "down")
 
 
 @dataclass
@@ -56,8 +55,7 @@ class Key:
 
 def _linears(qm: QuantizedModel):
     for i, layer in enumerate(qm.layers):
-        for m in MATRICES:
-            yield f"layers.{i}.{m}", getattr(layer, m)
+        yield from layer.linears(i)  # a Mixtral layer: its router and every expert's matrices
     yield "lm_head", qm.lm_head
 
 

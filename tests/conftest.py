@@ -13,6 +13,7 @@ The kinds (see ``TINY_KINDS``) cover what the engine must get right:
 * ``qwen2``              q/k/v biases (random, non-zero), rope_theta 1e6.
 * ``qwen3``              RMSNorm over each q and k head, head_dim 24 != hidden / heads, tied head.
 * ``mistral``            a sliding attention window of 5 keys (shorter than most test sequences).
+* ``mixtral``            4 experts, 2 per token, a window of 6 keys.
 * ``odd``                odd sizes: hidden 40, 5 heads over 1 K/V head, intermediate 72, vocab 101.
 
 Weights are redrawn after HF's own init, larger than HF's defaults (linear N(0, 0.2), norms
@@ -108,6 +109,12 @@ def tiny_qwen3(tmp_path_factory) -> Path:
 def tiny_mistral(tmp_path_factory) -> Path:
     """Folder of the tiny Mistral (sliding window of 5 keys)."""
     return _session_checkpoint(tmp_path_factory, "mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """Folder of the tiny Mixtral (4 experts, top 2, sliding window of 6 keys)."""
+    return _session_checkpoint(tmp_path_factory, "mixtral")
 
 
 @pytest.fixture(scope="session")

@@ -78,9 +78,34 @@ def test_anchors_pipeline_tiny(tmp_path):
         anchors.update_readme(d, readme)
 
 
+def test_anchors_pipeline_tiny_moe(tmp_path):
+    """The MoE shape's run: its own results file (the dense figures untouched), every tier
+    accepted, the opening carrying the router and k experts per challenged (layer, position)."""
+    out = tmp_path / "results"
+    (out).mkdir()
+    (out / "anchors.json").write_text("{}")
+    rc = anchors.main(["--shapes", "tiny-moe", "--contexts", "12", "--gen-tokens", "3",
+                       "--deep-max", "12", "--verify-runs", "1", "--gen-threads", "1",
+                       "--out", str(out)])
+    assert rc == 0 and (out / "anchors.json").read_text() == "{}"
+    d = json.loads((out / "anchors_moe.json").read_text())
+    assert "Protocol costs at tiny-moe" in (out / "anchors_moe.md").read_text()
+    (s,) = d["shapes"]
+    tiers = s["contexts"][0]["tiers"]
+    assert set(tiers) == {"routine", "full", "deep"} and all(t["accepted"] for t in tiers.values())
+    cfg = anchors.llama_config("tiny-moe", 1)
+    assert cfg.moe and (cfg.num_experts, cfg.experts_per_token) == (4, 2)
+    # per challenged (layer, position): qkv, o, router, and 2 x (gate_up + down) accumulators
+    per = 8 * (cfg.q_size + 2 * cfg.kv_size + 64 + 4 + 2 * (2 * 48 + 64))
+    f = tiers["full"]
+    assert f["breakdown_bytes"]["layer_acc"] == per * f["positions"] * f["layers"]
+
+
 def test_anchors_rejects_bad_arguments(capsys):
     with pytest.raises(SystemExit):
         anchors.parse_args(["--shapes", "13b"])
+    with pytest.raises(SystemExit):  # a MoE shape is run apart from the dense ones
+        anchors.parse_args(["--shapes", "8b,mixtral"])
     with pytest.raises(SystemExit):
         anchors.parse_args(["--contexts", "3", "--gen-tokens", "4"])
 

@@ -116,6 +116,7 @@ def test_spec_json_lists_constants():
     assert set(consts["profiles"]) == {"w8a16", "w16a16", "a8"}
 
 
+@pytest.mark.slow  # the CLI around the Triton backend (its bytes: kernels/test_triton_backend.py)
 def test_generate_triton_backend_audit_accepts(tmp_path):
     """`generate --backend triton --audit`: the opening (LM-head accumulators included) is built
     on the Triton backend and verifies. A subprocess: the interpreter is chosen at import."""
@@ -137,7 +138,7 @@ def test_generate_triton_backend_audit_accepts(tmp_path):
     assert [row["accepted"] for row in out["audit"]] == [True], out
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "mixtral"])
 def test_inspect_names_the_family_and_what_is_verified(kind, request):
     from commitllm.verifier.config import FAMILIES
 
@@ -147,4 +148,8 @@ def test_inspect_names_the_family_and_what_is_verified(kind, request):
     info = json.loads(res.stdout)
     assert info["family"] == kind and info["verified"] == FAMILIES[kind]
     assert info["config"]["model_type"] == kind
-    assert info["config"].get("sliding_window") == (5 if kind == "mistral" else None)
+    assert info["config"].get("sliding_window") == {"mistral": 5, "mixtral": 6}.get(kind)
+    if kind == "mixtral":
+        conf = info["config"]
+        assert (conf["num_local_experts"], conf["num_experts_per_tok"]) == (4, 2)
+        assert "experts" in info["verified"]

@@ -171,6 +171,13 @@ def test_hf_folder_through_gguf_round_trips(tmp_path, tiny_checkpoint):
     """HF -> (llama.cpp layout) GGUF -> read_gguf gives back the same config and tensors, for
     every tiny kind: GQA, tied + llama3 scaling + head_dim 24, qwen2 biases, odd sizes."""
     cfg, tensors = load_checkpoint(tiny_checkpoint)
+    if cfg.moe:  # llama.cpp's Mixtral is arch llama with expert_count: refused, not misread
+        dense = {n: t for n, t in tensors.items() if "block_sparse_moe" not in n}
+        path = write_gguf(tmp_path / "moe.gguf", cfg, dense, arch="llama",
+                          extra_meta={"llama.expert_count": cfg.num_experts})
+        with pytest.raises(GGUFError, match="mixture-of-experts"):
+            read_gguf(path)
+        return
     if cfg.sliding_window is not None:  # llama.cpp has no Mistral architecture with its window
         for arch, extra in (("mistral", {}), ("llama", {"llama.attention.sliding_window": 5})):
             path = write_gguf(tmp_path / f"{arch}.gguf", cfg, tensors, arch=arch, extra_meta=extra)

@@ -53,7 +53,25 @@ DIVISIBLE = {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads"
 PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [100, 4, 60]]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "mixtral"]
+
+
+def cases(default: set, *degrees: int) -> list:
+    """(family, degree) cases, `slow` outside `default` (a set of families, or of (family,
+    degree) pairs). The tiny families share every TP path except their own: Qwen2's QKV bias,
+    Qwen3's per-head norms, Mistral's window (per head, nothing crosses ranks), Mixtral's split
+    experts; the default suite runs each path once, -m slow runs them all."""
+    out = []
+    for fam in FAMILIES:
+        for tp in degrees or (None,):
+            on = fam in default or (fam, tp) in default
+            vals = fam if tp is None else (fam, tp)
+            out.append(pytest.param(*([vals] if tp is None else vals),
+                                    marks=[] if on else [pytest.mark.slow]))
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
 def tp_tiny(request, tmp_path_factory):
     folder = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tp_{request.param}"), request.param,
                                   overrides=DIVISIBLE)
@@ -102,7 +120,7 @@ def test_tp1_communicator_is_the_single_process_path(tp_tiny):
     assert all(torch.equal(tr_a[k], tr_b[k]) for k in tr_a)
 
 
-@pytest.mark.parametrize("tp", [2, 3])
+@pytest.mark.parametrize("tp_tiny, tp", cases(set(FAMILIES), 2, 3), indirect=["tp_tiny"])
 def test_tp_receipts_and_openings_are_bit_identical(tp_tiny, tp):
     folder, loaded, qm = tp_tiny
     ref = ExactModel(qm)
@@ -128,7 +146,8 @@ def test_tp_receipts_and_openings_are_bit_identical(tp_tiny, tp):
 
 # TP 3 (interpreted Triton) is slow and adds no path TP 2 lacks (TP 3 is covered by the torch
 # engine above): -m slow.
-@pytest.mark.parametrize("tp", [2, pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("tp_tiny, tp", cases({("llama", 2), ("mixtral", 2)}, 2, 3),
+                         indirect=["tp_tiny"])
 def test_tp_triton_backend_gives_the_exact_engine_bytes(tp_tiny, tp):
     """The Triton kernels sharded (interpreted here): the same ids and receipt bytes as the
     unsharded torch engine, sampled, and at TP 2 the same opening bytes."""
@@ -255,6 +274,7 @@ def test_cli_refuses_a_degree_that_does_not_divide(smollm2, tmp_path):
     assert np.all([not _alive(p) for p in _children(os.getpid())])
 
 
+@pytest.mark.parametrize("tp_tiny", cases({"llama"}), indirect=True)
 def test_bench_tp_runs_and_checks_ids(tp_tiny):
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (last: kernels/ must not shadow)
     from bench import tp as bench_tp

@@ -32,11 +32,16 @@ TINY_KINDS: dict[str, dict] = {
     "mistral": dict(family="mistral", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                     intermediate_size=96, vocab_size=128, rope_theta=1000000.0, rms_norm_eps=1e-5,
                     tie_word_embeddings=False, sliding_window=5),
+    # 4 experts, 2 per token, and a window of 6 keys (Mixtral is Mistral's attention)
+    "mixtral": dict(family="mixtral", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, vocab_size=128, rope_theta=1000000.0, rms_norm_eps=1e-5,
+                    tie_word_embeddings=False, sliding_window=6, num_local_experts=4,
+                    num_experts_per_tok=2),
     "odd": dict(family="llama", hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
                 intermediate_size=72, vocab_size=101, rope_theta=10000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=False),
 }
-_SEEDS = {"llama": 1, "llama_tied_scaled": 2, "qwen2": 3, "odd": 4, "qwen3": 5, "mistral": 6}
+_SEEDS = {"llama": 1, "llama_tied_scaled": 2, "qwen2": 3, "odd": 4, "qwen3": 5, "mistral": 6, "mixtral": 7}
 LINEAR_STD = 0.2  # std of every linear weight, bias and embedding row
 NORM_NOISE = 0.1  # norm weights are 1 + NORM_NOISE * N(0, 1)
 
@@ -67,12 +72,13 @@ def make_tiny_checkpoint(folder: Path, kind: str, rope_format: str = "hub",
 
 def _build_model(kind: str, overrides: dict | None = None):
     import torch
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
+                              Qwen2Config, Qwen3Config)
 
     spec = dict(TINY_KINDS[kind]) | (overrides or {})
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config,
-                  "qwen3": Qwen3Config, "mistral": MistralConfig}[spec.pop("family")]
+                  "qwen3": Qwen3Config, "mistral": MistralConfig,
+                  "mixtral": MixtralConfig}[spec.pop("family")]
     config = config_cls(**(_COMMON | spec))
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                             attn_implementation="eager")

@@ -46,6 +46,14 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qk_norm:
             shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
+        if cfg.moe:  # Mixtral: the router, then w1 (gate), w3 (up), w2 (down) per expert
+            m = p + "block_sparse_moe."
+            shapes[m + "gate.weight"] = (cfg.num_experts, h)
+            for e in range(cfg.num_experts):
+                shapes[m + f"experts.{e}.w1.weight"] = (f, h)
+                shapes[m + f"experts.{e}.w3.weight"] = (f, h)
+                shapes[m + f"experts.{e}.w2.weight"] = (h, f)
+            continue
         shapes[p + "mlp.gate_proj.weight"] = (f, h)
         shapes[p + "mlp.up_proj.weight"] = (f, h)
         shapes[p + "mlp.down_proj.weight"] = (h, f)

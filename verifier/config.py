@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                           "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral"}
+                           "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
+                           "MixtralForCausalLM": "mixtral"}
+MAX_EXPERTS = 1024  # experts per layer a config may ask for (Mixtral 8, Qwen3-MoE 128)
 
 
 # What the verifier replays for each family, beyond what every family shares: every linear
@@ -24,6 +26,9 @@ FAMILIES = {
     "qwen3": "Qwen3 dense: + RMSNorm over each q and k head before RoPE (weights from the key)",
     "mistral": "Mistral: + sliding-window attention (each query sees its last `sliding_window` "
                "keys; openings carry only the window's K/V rows)",
+    "mixtral": "Mixtral: + mixture of experts: the router by Freivalds, top-k selection and "
+               "combination weights replayed exactly, every selected expert's linears by "
+               "Freivalds (a key row per expert matrix); a sliding window when the config has one",
 }
 
 
@@ -46,7 +51,7 @@ class ModelConfig:
     """Shapes and constants of a Llama/Qwen2/Qwen3/Mistral decoder."""
 
     family: str  # "llama", "qwen2" (q/k/v biases), "qwen3" (RMSNorm per head on q and k) or
-    # "mistral" (a sliding attention window)
+    # "mistral" (a sliding attention window) or "mixtral" (experts, maybe a window)
     vocab_size: int  # rows of the embedding and of the LM head
     hidden_size: int  # H, width of the residual stream
     intermediate_size: int  # F, width of the MLP
@@ -65,6 +70,15 @@ class ModelConfig:
     # Mistral: a query at position p sees only keys j with p - sliding_window < j <= p (None:
     # every key j <= p, as in the other families)
     sliding_window: int | None = None
+    # Mixtral: each layer's MLP is num_experts experts of width intermediate_size, of which each
+    # token takes experts_per_token (0, 0: a dense MLP)
+    num_experts: int = 0
+    experts_per_token: int = 0
+
+    @property
+    def moe(self) -> bool:
+        """Every layer's MLP is a mixture of experts (Mixtral)."""
+        return self.num_experts > 0
 
     @property
     def qk_norm(self) -> bool:
@@ -87,11 +101,19 @@ class ModelConfig:
             raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        moe = (self.num_experts, self.experts_per_token)
+        if self.family == "mixtral":
+            if not all(isinstance(n, int) and not isinstance(n, bool) for n in moe) or not (
+                    1 <= self.experts_per_token <= self.num_experts <= MAX_EXPERTS):
+                raise ConfigError(f"num_local_experts and num_experts_per_tok must be integers "
+                                  f"with 1 <= per token <= experts <= {MAX_EXPERTS}, got {moe}")
+        elif moe != (0, 0):
+            raise ConfigError(f"{self.family} has no experts (num_experts {moe[0]})")
         w = self.sliding_window
-        if w is not None and (self.family != "mistral" or isinstance(w, bool)
+        if w is not None and (self.family not in ("mistral", "mixtral") or isinstance(w, bool)
                               or not isinstance(w, int) or not 0 < w < 2**31):
             raise ConfigError(f"sliding_window must be a positive integer below 2^31 (Mistral "
-                              f"only), got {w!r}")
+                              f"and Mixtral only), got {w!r}")
 
     @property
     def q_size(self) -> int:
@@ -158,7 +180,9 @@ class ModelConfig:
             rope_scaling=_rope_scaling(rope.get("rope_scaling")),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
-            sliding_window=raw.get("sliding_window") if family == "mistral" else None,
+            sliding_window=raw.get("sliding_window") if family in ("mistral", "mixtral") else None,
+            num_experts=raw.get("num_local_experts") if family == "mixtral" else 0,
+            experts_per_token=raw.get("num_experts_per_tok") if family == "mixtral" else 0,
         )
 
     def to_hf_dict(self) -> dict:
@@ -185,8 +209,11 @@ class ModelConfig:
             out["attention_bias"] = self.attention_bias
         if self.family == "llama":
             out["mlp_bias"] = False
-        if self.family == "mistral":
+        if self.family in ("mistral", "mixtral"):
             out["sliding_window"] = self.sliding_window
+        if self.family == "mixtral":
+            out["num_local_experts"] = self.num_experts
+            out["num_experts_per_tok"] = self.experts_per_token
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
         if self.bos_token_id is not None:
@@ -216,7 +243,7 @@ def _family(raw: dict) -> str:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
     model_type = raw.get("model_type")
-    if not archs and model_type in ("llama", "qwen2", "qwen3", "mistral"):
+    if not archs and model_type in ("llama", "qwen2", "qwen3", "mistral", "mixtral"):
         return model_type
     shown = archs or model_type
     raise ConfigError(f"unsupported architecture {shown!r} (field 'architectures'); "
@@ -224,11 +251,16 @@ def _family(raw: dict) -> str:
 
 
 def _refuse_unsupported(raw: dict) -> None:
+    archs = raw.get("architectures") or []
+    named = lambda arch, mt: arch in archs or (not archs and raw.get("model_type") == mt)  # noqa
+    mixtral = named("MixtralForCausalLM", "mixtral")
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if raw.get(key):
-            raise ConfigError(f"mixture-of-experts models are not supported (field {key!r})")
-    mistral = "MistralForCausalLM" in (raw.get("architectures") or []) or (
-        not raw.get("architectures") and raw.get("model_type") == "mistral")
+        if raw.get(key) and not (mixtral and key == "num_local_experts"):
+            raise ConfigError(f"mixture-of-experts models other than Mixtral are not supported "
+                              f"(field {key!r})")
+    if mixtral and not raw.get("num_local_experts"):
+        raise ConfigError("missing field 'num_local_experts'")
+    mistral = named("MistralForCausalLM", "mistral") or mixtral
     if raw.get("use_sliding_window") or (raw.get("sliding_window") and not mistral
                                          and raw.get("model_type") not in ("qwen2", "qwen3")):
         raise ConfigError("sliding-window attention is not supported (field 'sliding_window')")
@@ -262,7 +294,8 @@ def _attention_bias(raw: dict, family: str) -> bool:
     if family == "qwen2":
         return True  # Qwen2 always has q/k/v biases and none on o_proj
     if raw.get("attention_bias"):
-        name = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+        name = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral",
+                "mixtral": "Mixtral"}[family]
         raise ConfigError(f"{name} attention_bias is not supported (field 'attention_bias')")
     return False
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from .numerics import SPEC_VERSION, PROFILES
 from .numerics import logprobs as lp
+from .numerics import moe
 from .numerics.attention import COEF_BITS, LOGIT_CLAMP
 from .numerics.exp2 import (EXP2_DEGREE, EXP_TABLE_BITS, LOGIT_FRAC_BITS, NEG_LOG2E, SILU_CLAMP,
                             exp2_coefficients, softmax_table)
@@ -41,6 +42,8 @@ def numerics_constants() -> dict:
         "exp2_coefficients_f32_hex": [float(c).hex() for c in exp2_coefficients()],
         "silu_clamp": SILU_CLAMP,
         "neg_log2e_f32_hex": float(NEG_LOG2E).hex(),
+        "moe": {"route_scale_f32_hex": float(moe.ROUTE_SCALE).hex(), "select": moe.SELECT_RULE,
+                "combine": moe.COMBINE_RULE},
         "logprobs": {"frac_bits": lp.FRAC_BITS, "split": lp.SPLIT, "weight_bits": lp.WEIGHT_BITS,
                      "log_frac_bits": lp.LOG_FRAC_BITS, "max_distance": lp.MAX_DISTANCE,
                      "log2e_f64_hex": lp.LOG2E.hex(), "ln2_f64_hex": lp.LN2.hex(),

@@ -7,6 +7,9 @@ Container (verifier/container.py) with magic CLLMOPN, version 1. Arrays, per lay
                                                             challenged position's first visible
                                                             key, plus the K/V sample) + multiproof
   z.{l}.pos / .qkv / .o / .gate_up / .down  int64          accumulators at challenged positions
+                                                            (Mixtral: + .router [n, E]; .gate_up
+                                                            / .down [n, k, .] of the selected
+                                                            experts in ascending order)
   zq.{l}.pos / .qkv  int64                                  accumulators of the K/V sample
   resid.layer_roots u8 [L+1, 32], kv.layer_roots u8 [L, 32]
   z.lm.pos / z.lm int64 [n, V]                              LM-head accumulators, decode checks
@@ -26,6 +29,13 @@ from .numerics.attention import first_visible
 OPENING_MAGIC = b"CLLMOPN\x00"
 OPENING_VERSION = 1
 MATRICES = ("qkv", "o", "gate_up", "down")
+MOE_MATRICES = ("qkv", "o", "router", "gate_up", "down")  # gate_up, down: [n, k, .] per expert
+
+
+def matrices(cfg) -> tuple[str, ...]:
+    """The accumulators an opening carries per challenged (layer, position): for a Mixtral
+    layer the router's and the k selected experts' gate_up and down, in ascending expert order."""
+    return MOE_MATRICES if cfg.moe else MATRICES
 
 
 @dataclass(frozen=True)
@@ -124,10 +134,14 @@ def array_specs(cfg, profile, rows: dict, p: Plan, n_positions: int) -> dict[str
         for x in ("sk", "sv"):
             out[f"kv.{l}.{x}"] = Spec(f32, (n, kv_shape[0]), normal=True, max_value=top)
         out[f"kv.{l}.proof"] = proof(n, n_positions)
+    k = cfg.experts_per_token
     for l, pos in p.z.items():
         out[f"z.{l}.pos"] = positions(pos)
-        for m in MATRICES:
-            out[f"z.{l}.{m}"] = Spec(i64, (len(pos), rows[f"layers.{l}.{m}"]))
+        for m in matrices(cfg):
+            if cfg.moe and m in ("gate_up", "down"):  # every expert's matrix has the same rows
+                out[f"z.{l}.{m}"] = Spec(i64, (len(pos), k, rows[f"layers.{l}.experts.0.{m}"]))
+            else:
+                out[f"z.{l}.{m}"] = Spec(i64, (len(pos), rows[f"layers.{l}.{m}"]))
         if p.zq.get(l):
             out[f"zq.{l}.pos"] = positions(p.zq[l])
             out[f"zq.{l}.qkv"] = Spec(i64, (len(p.zq[l]), rows[f"layers.{l}.qkv"]))

@@ -15,6 +15,7 @@ from . import freivalds
 from .native.attention import attention  # the spec's, softmax passes compiled when built
 from .native.bridge import apply_rope, dequantize, quantize_rows, rmsnorm, swiglu  # the spec's
 from .numerics.attention import first_visible
+from .numerics import moe
 from .numerics.logprobs import entry as lp_entry
 from .numerics.forward import split_qkv
 from .numerics.sampler import SamplingParams, sample
@@ -147,13 +148,42 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
     ctx.timer.add("attention", t0)
     h = _linear(ctx, f"layers.{l}.o", o, zs["o"], "freivalds_o", x[:n])  # x + linear(o)
     m = rmsnorm(h, ctx.key.arrays[f"layers.{l}.mlp_norm"], cfg.rms_norm_eps)
-    gu = _linear(ctx, f"layers.{l}.gate_up", m, zs["gate_up"], "freivalds_gate_up")
-    f = cfg.intermediate_size
-    act = swiglu(gu[:, :f], gu[:, f:])
-    out = _linear(ctx, f"layers.{l}.down", act, zs["down"], "freivalds_down", h)  # h + ...
+    if cfg.moe:
+        out = _replay_experts(ctx, l, m, zs, h)
+    else:
+        gu = _linear(ctx, f"layers.{l}.gate_up", m, zs["gate_up"], "freivalds_gate_up")
+        f = cfg.intermediate_size
+        act = swiglu(gu[:, :f], gu[:, f:])
+        out = _linear(ctx, f"layers.{l}.down", act, zs["down"], "freivalds_down", h)  # h + ...
     if not np.array_equal(out, _rows(resid[l + 1], pos[:n])):
         raise Reject("residual_chain",
                      f"layer {l}: replayed output differs from committed x_{l + 1}")
+
+
+def _replay_experts(ctx: Ctx, l: int, m: np.ndarray, zs: dict, h: np.ndarray) -> np.ndarray:
+    """A Mixtral MLP at the challenged positions (numerics/moe.py): the router's accumulator by
+    Freivalds, the selection and weights derived here from its logits (never read from the
+    opening), each selected expert's gate_up and down accumulators by that expert's own secret
+    rows; returns h + the combination."""
+    cfg = ctx.cfg
+    f, k = cfg.intermediate_size, cfg.experts_per_token
+    r = _linear(ctx, f"layers.{l}.router", m, zs["router"], "freivalds_router")
+    t0 = time.perf_counter()
+    try:
+        sel, g = moe.route(r, k)
+    except FloatingPointError as e:
+        raise Reject("nonfinite", f"layer {l}: router logits ({e})") from None
+    ctx.timer.add("rest", t0)
+    outs = np.zeros((m.shape[0], k, cfg.hidden_size), np.float32)
+    for e in np.unique(sel):
+        rows, slot = np.nonzero(sel == e)
+        p = f"layers.{l}.experts.{int(e)}."
+        gu = _linear(ctx, p + "gate_up", m[rows], np.ascontiguousarray(zs["gate_up"][rows, slot]),
+                     "freivalds_gate_up")
+        act = swiglu(gu[:, :f], gu[:, f:])
+        outs[rows, slot] = _linear(ctx, p + "down", act,
+                                   np.ascontiguousarray(zs["down"][rows, slot]), "freivalds_down")
+    return (h + moe.combine(outs, g)).astype(np.float32)
 
 
 def _qkv(ctx: Ctx, qkv: np.ndarray, pos: np.ndarray, l: int):

@@ -22,7 +22,7 @@ from .numerics.profiles import Profile
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
 from .opened import check_types
-from .opening import MATRICES, Plan, PlanError, array_specs, embed_specs, plan
+from .opening import Plan, PlanError, array_specs, embed_specs, matrices, plan
 from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
 from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
@@ -157,7 +157,7 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
 
     def replay():
-        z, zq = _z_tables(arrays, p)
+        z, zq = _z_tables(arrays, p, matrices(cfg))
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
         _replay_layers(ctx, sorted(p.z), resid, kv, z, zq, threads)
         return z
@@ -439,11 +439,11 @@ def _check_embedding(key, arrays, x0: dict, ids: list[int], positions: list[int]
             raise Reject("embedding", f"position {pos}: input residual is not token {t}'s embedding")
 
 
-def _z_tables(arrays, p: Plan):
+def _z_tables(arrays, p: Plan, names):
     z, zq = {}, {}
     for l, pos in p.z.items():
         _expect(arrays, f"z.{l}.pos", pos)
-        rows = {m: arrays[f"z.{l}.{m}"] for m in MATRICES}
+        rows = {m: arrays[f"z.{l}.{m}"] for m in names}
         if any(r.dtype != np.int64 or r.shape[0] != len(pos) for r in rows.values()):
             raise Reject("opening_malformed", f"z.{l}: accumulators of the wrong type or count")
         z[l] = (pos, rows)

@@ -65,6 +65,50 @@ class TorchLinear:
         return y
 
 
+class TorchExperts:
+    """A Mixtral MLP (verifier/numerics/moe.py): the router, then each selected expert's SwiGLU
+    MLP over the rows that chose it, combined by the routing weights in ascending expert order.
+    Each row's values depend on that row alone (no capacity), so batching changes no bit."""
+
+    def __init__(self, ex, wq: int):
+        self.router = TorchLinear(ex.router, wq)
+        self.gate_up = [TorchLinear(lin, wq) for lin in ex.gate_up]
+        self.down = [TorchLinear(lin, wq) for lin in ex.down]
+
+    @staticmethod
+    def _apply(lin: TorchLinear, x: torch.Tensor, aq: int):
+        qx, sx = lin.quantize(x, aq)
+        z = lin.accumulate(qx, aq)
+        return ops.dequantize(z, sx, lin.scale, lin.bias), z
+
+    def full(self, lin: TorchLinear, z: torch.Tensor) -> torch.Tensor:
+        """A gate_up's full-width accumulators (tensor parallelism gathers its column split)."""
+        return z
+
+    def __call__(self, cfg, m: torch.Tensor, aq: int, tr: dict | None):
+        """(y fp32 [T, H], act fp32 [T, k, F]); the trace as the spec's experts_forward (act:
+        the intermediate columns this device computes)."""
+        k, t, hid = cfg.experts_per_token, m.shape[0], cfg.hidden_size
+        f = self.gate_up[0].scale.shape[0] // 2  # this device's intermediate width
+        sel, g = ops.moe_route(self.router(m, aq, tr, "router"), k)
+        outs = torch.empty((t, k, hid), dtype=torch.float32)
+        act = torch.empty((t, k, f), dtype=torch.float32)
+        f2 = 2 * cfg.intermediate_size
+        gu_z = torch.empty((t, k, f2), dtype=torch.int64) if tr is not None else None
+        dn_z = torch.empty((t, k, hid), dtype=torch.int64) if tr is not None else None
+        for e in torch.unique(sel).tolist():  # each expert once, over the rows that chose it
+            rows, slot = (sel == e).nonzero(as_tuple=True)
+            gu, z1 = self._apply(self.gate_up[e], m[rows], aq)
+            a = ops.swiglu(gu[:, :f], gu[:, f:])
+            y, z2 = self._apply(self.down[e], a, aq)
+            outs[rows, slot], act[rows, slot] = y, a
+            if tr is not None:
+                gu_z[rows, slot], dn_z[rows, slot] = self.full(self.gate_up[e], z1), z2
+        if tr is not None:
+            tr.update({"gate_up.z": gu_z, "down.z": dn_z, "experts.sel": sel, "experts.g": g})
+        return ops.moe_combine(outs, g), act
+
+
 @dataclass
 class SeqCache:
     """One sequence's K/V rows per layer: int [S, nkv, d] and fp32 scales [S, nkv].
@@ -198,8 +242,10 @@ class _TorchLayer:
         self.mlp_norm = torch.from_numpy(layer.mlp_norm)
         self.qkv = TorchLinear(layer.qkv, wq)
         self.o = TorchLinear(layer.o, wq)
-        self.gate_up = TorchLinear(layer.gate_up, wq)
-        self.down = TorchLinear(layer.down, wq)
+        self.experts = None if layer.experts is None else TorchExperts(layer.experts, wq)
+        if layer.experts is None:
+            self.gate_up = TorchLinear(layer.gate_up, wq)
+            self.down = TorchLinear(layer.down, wq)
         self.q_norm, self.k_norm = (None if w is None else torch.from_numpy(w)
                                     for w in (layer.q_norm, layer.k_norm))
 
@@ -224,9 +270,13 @@ class _TorchLayer:
         o = self._attend(i, step, qq, sq, kq, sk, vq, sv, kvq, parts, cfg.sliding_window)
         h = x + self.o(o, aq, tr, "o")
         mm = ops.rmsnorm(h, self.mlp_norm, cfg.rms_norm_eps)
-        gu = self.gate_up(mm, aq, tr, "gate_up")
-        act = ops.swiglu(gu[:, :f], gu[:, f:])
-        out = h + self.down(act, aq, tr, "down")
+        if self.experts is not None:
+            y, act = self.experts(cfg, mm, aq, tr)
+            out = h + y
+        else:
+            gu = self.gate_up(mm, aq, tr, "gate_up")
+            act = ops.swiglu(gu[:, :f], gu[:, f:])
+            out = h + self.down(act, aq, tr, "down")
         if tr is not None:
             tr.update(x=x, attn_in=a, q=qq, sq=sq, k=kq, sk=sk, v=vq, sv=sv, attn=o, h=h,
                       mlp_in=mm, act=act, out=out)

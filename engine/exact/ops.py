@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ...verifier.numerics import exp2 as spec_exp2
+from ...verifier.numerics import moe as spec_moe
 from ...verifier import native
 from ...verifier.native import bridge
 from ...verifier.numerics.attention import (COEF_BITS, LOGIT_CLAMP, check_bounds, first_visible,
@@ -143,6 +144,29 @@ _TABLE = torch.from_numpy(spec_exp2.softmax_table())
 def table_weights(distance: torch.Tensor) -> torch.Tensor:
     shift = torch.clamp(distance >> LOGIT_FRAC_BITS, max=31)
     return _TABLE[distance & ((1 << LOGIT_FRAC_BITS) - 1)] >> shift
+
+
+def moe_route(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec moe.route: the k experts with the largest router logits fp32 [T, E] (ties: the
+    lower index), ascending, int64 [T, k]; their weights g fp32 [T, k] by the integer softmax."""
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError("non-finite router logit")
+    order = torch.sort(-logits, dim=1, stable=True).indices[:, :k]  # descending, stable
+    sel = torch.sort(order, dim=1).values
+    r = logits.gather(1, sel)
+    fixed = torch.round((r * float(spec_moe.ROUTE_SCALE)) * float(1 << LOGIT_FRAC_BITS))
+    lg = fixed.clamp(-LOGIT_CLAMP, LOGIT_CLAMP).to(I64)
+    w = table_weights(lg.amax(dim=1, keepdim=True) - lg).to(I64)
+    z = w.sum(dim=1, keepdim=True)
+    return sel, w.to(F32) / z.to(F32)
+
+
+def moe_combine(e: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Spec moe.combine: y = g_0 e_0, then y + g_i e_i in slot order, one fp32 op each."""
+    y = g[:, 0:1] * e[:, 0]
+    for i in range(1, e.shape[1]):
+        y = y + g[:, i:i + 1] * e[:, i]
+    return y
 
 
 def full_table(table: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -17,6 +17,7 @@ import torch
 from ...kernels import attention, gemm, quantize, rmsnorm_quant, rope_quant, swiglu_quant
 from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QLinear, QuantizedModel
+from . import ops
 from .model import ExactModel, SeqCache
 
 
@@ -111,6 +112,43 @@ class TritonModel(ExactModel):
         return list(logits.split(1)) if not all_logits else list(logits.split(lengths))
 
 
+class TritonExperts:
+    """A Mixtral MLP (verifier/numerics/moe.py) on the kernels: the router GEMM on the quantized
+    MLP input, the routing by the torch backend's rule (a handful of values per token), then each
+    selected expert's gate_up GEMM, SwiGLU+quant and down GEMM over the rows that chose it; the
+    combination is one fp32 multiply and one add per slot (separate ops, no FMA)."""
+
+    def __init__(self, ex, wq: int, device: torch.device):
+        self.router = TritonLinear(ex.router, wq, device)
+        self.gate_up = [TritonLinear(lin, wq, device) for lin in ex.gate_up]
+        self.down = [TritonLinear(lin, wq, device) for lin in ex.down]
+
+    def __call__(self, cfg, qm, sm, h, step: _Step, tr: dict | None, aq: int):
+        """(act fp32 [T, k, F], h + y fp32 [T, H]) from the MLP input quantized (qm, sm)."""
+        f, k, t, hid = cfg.intermediate_size, cfg.experts_per_token, qm.shape[0], cfg.hidden_size
+        sel, g = ops.moe_route(self.router(qm, sm, tr, "router"), k)
+        dev = qm.device
+        outs = torch.empty((t, k, hid), dtype=torch.float32, device=dev)
+        act = torch.empty((t, k, f), dtype=torch.float32, device=dev)
+        keep = tr is not None
+        gu_z = torch.empty((t, k, 2 * f), dtype=torch.int64, device=dev) if keep else None
+        dn_z = torch.empty((t, k, hid), dtype=torch.int64, device=dev) if keep else None
+        for e in torch.unique(sel).tolist():  # each expert once, over the rows that chose it
+            rows, slot = (sel == e).nonzero(as_tuple=True)
+            qx, sx = qm[rows].contiguous(), sm[rows].contiguous()
+            gu, z1 = gemm.linear(qx, self.gate_up[e].planes, sx, self.gate_up[e].scale,
+                                 trace=keep)
+            a, qa, sa = swiglu_quant.swiglu_quant(gu, aq, store_act=True)
+            y, z2 = gemm.linear(qa, self.down[e].planes, sa, self.down[e].scale, trace=keep)
+            step.scales.append(sa)
+            outs[rows, slot], act[rows, slot] = y, a
+            if keep:
+                gu_z[rows, slot], dn_z[rows, slot] = z1, z2
+        if keep:
+            tr.update({"gate_up.z": gu_z, "down.z": dn_z, "experts.sel": sel, "experts.g": g})
+        return act, h + ops.moe_combine(outs, g)
+
+
 def head_normed(qkv: torch.Tensor, q_norm, k_norm, nh: int, nkv: int, eps: float, qmax: int):
     """qkv fp32 [T, (nh + 2 nkv) d] with every q and k head RMSNormed (Qwen3's q/k norm), by the
     rmsnorm_quant kernel over the heads' rows (its fp32 output, the spec's head_norm)."""
@@ -137,8 +175,11 @@ class _TritonLayer:
         self.attn_norm = torch.from_numpy(layer.attn_norm).to(device)
         self.mlp_norm = torch.from_numpy(layer.mlp_norm).to(device)
         self.qkv, self.o = TritonLinear(layer.qkv, wq, device), TritonLinear(layer.o, wq, device)
-        self.gate_up = TritonLinear(layer.gate_up, wq, device)
-        self.down = TritonLinear(layer.down, wq, device)
+        self.experts = None if layer.experts is None else \
+            TritonExperts(layer.experts, wq, device)
+        if layer.experts is None:
+            self.gate_up = TritonLinear(layer.gate_up, wq, device)
+            self.down = TritonLinear(layer.down, wq, device)
 
     def __call__(self, m: TritonModel, i: int, x: torch.Tensor, step: _Step, tr) -> torch.Tensor:
         cfg, aq, kvq, eps = m.cfg, m.profile.act_qmax, m.profile.kv_qmax, m.cfg.rms_norm_eps
@@ -154,10 +195,14 @@ class _TritonLayer:
         step.scales += [sa, sq, sk, sv, so]
         h = self.o(qo, so, tr, "o", resid=x)
         mm, qm, sm = rmsnorm_quant.rmsnorm_quant(h, self.mlp_norm, eps, aq, store_y=keep)
-        gu = self.gate_up(qm, sm, tr, "gate_up")
-        act, qact, sact = swiglu_quant.swiglu_quant(gu, aq, store_act=keep)
-        out = self.down(qact, sact, tr, "down", resid=h)
-        step.scales += [sm, sact]
+        step.scales.append(sm)
+        if self.experts is not None:
+            act, out = self.experts(cfg, qm, sm, h, step, tr, aq)
+        else:
+            gu = self.gate_up(qm, sm, tr, "gate_up")
+            act, qact, sact = swiglu_quant.swiglu_quant(gu, aq, store_act=keep)
+            out = self.down(qact, sact, tr, "down", resid=h)
+            step.scales.append(sact)
         if tr is not None:
             tr.update(x=x, attn_in=a, q=qq.contiguous(), sq=sq.contiguous(), k=kq.contiguous(),
                       sk=sk.contiguous(), v=vq.contiguous(), sv=sv.contiguous(), attn=o, h=h,

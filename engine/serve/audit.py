@@ -69,7 +69,10 @@ def opening_bytes(c: dict, cfg, kv_itemsize: int = 2) -> int:
     bounded from above), computed from the plan before anything is re-executed."""
     p = plan(c, cfg.num_layers, window=cfg.sliding_window)
     h, kvh, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
-    z_row = 8 * ((cfg.num_heads + 2 * kvh) * hd + h + 2 * cfg.intermediate_size + h)
+    mlp = 2 * cfg.intermediate_size + h  # gate_up and down; Mixtral: the router + k experts'
+    if cfg.moe:
+        mlp = cfg.num_experts + cfg.experts_per_token * mlp
+    z_row = 8 * ((cfg.num_heads + 2 * kvh) * hd + h + mlp)
     proof = 32 * 64  # a multiproof holds at most ~log2(n) hashes per opened row; 64 is above it
     total = sum(len(v) * (4 * h + 8 + proof) for v in p.resid.values())
     total += sum(len(v) * (2 * kvh * hd * kv_itemsize + 8 * kvh + 8 + proof) for v in p.kv.values())

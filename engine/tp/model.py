@@ -18,7 +18,7 @@ import torch
 from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QuantizedModel
 from ..exact import ops
-from ..exact.model import ExactModel, SeqCache, TorchLinear, _TorchLayer
+from ..exact.model import ExactModel, SeqCache, TorchExperts, TorchLinear, _TorchLayer
 from .comm import Comm, TPError
 from .shard import Plan, cols, layer_spans, make_plan, rows
 
@@ -85,6 +85,22 @@ class RowLinear(TorchLinear):
                 f"{name}.z": z}
 
 
+class TPExperts(TorchExperts):
+    """A Mixtral MLP with every expert split as the dense MLP is: gate_up column-parallel, down
+    row-parallel (global absmax, int64 accumulators all-reduced). The router is replicated, so
+    every rank selects the same experts and runs their collectives in the same order."""
+
+    def __init__(self, ex, wq: int, cfg, p: Plan, comm: Comm):
+        span, lo = layer_spans(cfg, p)["gate_up"], p.rank * p.ffn
+        self.router = TorchLinear(ex.router, wq)
+        self.gate_up = [ColumnLinear(rows(lin, span), wq, comm, [p.ffn, p.ffn])
+                        for lin in ex.gate_up]
+        self.down = [RowLinear(cols(lin, lo, lo + p.ffn), wq, comm) for lin in ex.down]
+
+    def full(self, lin: ColumnLinear, z: torch.Tensor) -> torch.Tensor:
+        return lin.unshard(z)
+
+
 class _TPLayer(_TorchLayer):
     """A decoder block over this rank's heads and intermediate columns; the same __call__."""
 
@@ -99,9 +115,13 @@ class _TPLayer(_TorchLayer):
                                 [p.q_size, p.kv_size, p.kv_size])
         lo = p.rank * p.q_size
         self.o = RowLinear(cols(layer.o, lo, lo + p.q_size), wq, comm)
-        self.gate_up = ColumnLinear(rows(layer.gate_up, spans["gate_up"]), wq, comm,
-                                    [p.ffn, p.ffn])
-        self.down = RowLinear(cols(layer.down, p.rank * p.ffn, (p.rank + 1) * p.ffn), wq, comm)
+        self.experts = None if layer.experts is None else \
+            TPExperts(layer.experts, wq, cfg, p, comm)
+        if layer.experts is None:
+            self.gate_up = ColumnLinear(rows(layer.gate_up, spans["gate_up"]), wq, comm,
+                                        [p.ffn, p.ffn])
+            self.down = RowLinear(cols(layer.down, p.rank * p.ffn, (p.rank + 1) * p.ffn), wq,
+                                  comm)
 
     def sizes(self, cfg):
         return self.local

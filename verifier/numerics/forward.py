@@ -14,7 +14,8 @@ from .norm import rmsnorm
 from .quant import dequantize, linear
 from .rope import RopeTable, apply_rope
 from .quant import quantize_rows
-from .weights import QLinear, QuantizedModel
+from . import moe
+from .weights import QExperts, QLinear, QuantizedModel
 
 F32 = np.float32
 
@@ -69,6 +70,33 @@ def split_qkv(cfg, qkv: np.ndarray, q_norm, k_norm, cos, sin, rope=apply_rope):
     return rope(q, cos, sin), rope(k, cos, sin), v
 
 
+def experts_forward(model, ex: QExperts, m: np.ndarray, tr: dict | None):
+    """A Mixtral MLP on m fp32 [T, H] (numerics/moe.py): the router linear, the k selected
+    experts of each token (ascending index), each a SwiGLU MLP of its own linears, combined by
+    the routing weights. Returns (y fp32 [T, H], act fp32 [T, k, F]); the trace gets the
+    router's q/s/z, the experts' accumulators gate_up.z [T, k, 2F] and down.z [T, k, H], and
+    the routing (experts.sel, experts.g)."""
+    cfg, prof = model.cfg, model.profile
+    f, k, t = cfg.intermediate_size, cfg.experts_per_token, m.shape[0]
+    r = _lin(m, ex.router, model, tr, "router")
+    sel, g = moe.route(r, k)
+    gu_z = np.zeros((t, k, 2 * f), np.int64)
+    dn_z = np.zeros((t, k, cfg.hidden_size), np.int64)
+    act = np.zeros((t, k, f), F32)
+    outs = np.zeros((t, k, cfg.hidden_size), F32)
+    for e in np.unique(sel):  # each expert once, over the (token, slot) pairs that chose it
+        rows, slot = np.nonzero(sel == e)
+        gu, p1 = linear(m[rows], ex.gate_up[e].q, ex.gate_up[e].s, None, prof.act_qmax,
+                        prof.weight_qmax)
+        a = swiglu(gu[:, :f], gu[:, f:])
+        y, p2 = linear(a, ex.down[e].q, ex.down[e].s, None, prof.act_qmax, prof.weight_qmax)
+        gu_z[rows, slot], dn_z[rows, slot], act[rows, slot], outs[rows, slot] = \
+            p1["z"], p2["z"], a, y
+    if tr is not None:
+        tr.update({"gate_up.z": gu_z, "down.z": dn_z, "experts.sel": sel, "experts.g": g})
+    return moe.combine(outs, g), act
+
+
 def layer_forward(model, i: int, x, cache: KVCache, positions, rope: RopeTable, tr) -> np.ndarray:
     """One decoder block on x fp32 [T, H] at `positions`; appends its K/V rows to `cache`."""
     cfg, layer = model.cfg, model.layers[i]
@@ -84,9 +112,13 @@ def layer_forward(model, i: int, x, cache: KVCache, positions, rope: RopeTable, 
                   window=cfg.sliding_window)
     h = x + _lin(o, layer.o, model, tr, "o")
     m = rmsnorm(h, layer.mlp_norm, cfg.rms_norm_eps)
-    gu = _lin(m, layer.gate_up, model, tr, "gate_up")
-    act = swiglu(gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:])
-    out = (h + _lin(act, layer.down, model, tr, "down")).astype(F32)
+    if layer.experts is not None:
+        y, act = experts_forward(model, layer.experts, m, tr)
+        out = (h + y).astype(F32)
+    else:
+        gu = _lin(m, layer.gate_up, model, tr, "gate_up")
+        act = swiglu(gu[:, :cfg.intermediate_size], gu[:, cfg.intermediate_size:])
+        out = (h + _lin(act, layer.down, model, tr, "down")).astype(F32)
     if tr is not None:
         tr.update(x=x, attn_in=a, q=qq, sq=sq, k=kq, sk=sk, v=vq, sv=sv, attn=o, h=h, mlp_in=m,
                   act=act, out=out, **{f"attn.{k_}": v_ for k_, v_ in parts.items()})

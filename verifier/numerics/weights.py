@@ -32,17 +32,40 @@ class QLinear:
 
 
 @dataclass(frozen=True)
+class QExperts:
+    """A mixture-of-experts MLP (Mixtral): the router and each expert's fused gate/up and down."""
+
+    router: QLinear  # [E, H]: one logit per expert
+    gate_up: tuple[QLinear, ...]  # E x [2F, H]
+    down: tuple[QLinear, ...]  # E x [H, F]
+
+
+@dataclass(frozen=True)
 class QLayer:
-    """One decoder block: q/k/v fused by output rows ([q; k; v]), gate/up fused ([gate; up])."""
+    """One decoder block: q/k/v fused by output rows ([q; k; v]), gate/up fused ([gate; up]);
+    a mixture-of-experts layer has `experts` instead of gate_up and down."""
 
     attn_norm: np.ndarray  # fp32 [H]
     qkv: QLinear  # [(nh + 2 nkv) d, H]
     o: QLinear  # [H, nh d]
     mlp_norm: np.ndarray  # fp32 [H]
-    gate_up: QLinear  # [2F, H]
-    down: QLinear  # [H, F]
+    gate_up: QLinear | None  # [2F, H]
+    down: QLinear | None  # [H, F]
     q_norm: np.ndarray | None = None  # fp32 [d]: RMSNorm of each q head before RoPE (Qwen3)
     k_norm: np.ndarray | None = None  # fp32 [d]: the same for each k head
+    experts: QExperts | None = None  # Mixtral
+
+    def linears(self, i: int) -> list[tuple[str, QLinear]]:
+        """(label, linear) of every matrix of layer i, in the key's and the commitment's names:
+        layers.{i}.qkv, .o and then .gate_up, .down, or .router, .experts.{e}.gate_up / .down."""
+        p = f"layers.{i}."
+        out = [(p + "qkv", self.qkv), (p + "o", self.o)]
+        if self.experts is None:
+            return out + [(p + "gate_up", self.gate_up), (p + "down", self.down)]
+        out.append((p + "router", self.experts.router))
+        for e, (gu, dn) in enumerate(zip(self.experts.gate_up, self.experts.down)):
+            out += [(p + f"experts.{e}.gate_up", gu), (p + f"experts.{e}.down", dn)]
+        return out
 
 
 @dataclass(frozen=True)
@@ -63,13 +86,11 @@ class QuantizedModel:
         if not self.cfg.tie_word_embeddings:
             _put(out, "lm_head", self.lm_head)
         for i, layer in enumerate(self.layers):
+            for label, lin in layer.linears(i):
+                _put(out, label, lin)
             for f in fields(QLayer):
                 value = getattr(layer, f.name)
-                if value is None:
-                    continue
-                if isinstance(value, QLinear):
-                    _put(out, f"layers.{i}.{f.name}", value)
-                else:
+                if isinstance(value, np.ndarray):
                     out[f"layers.{i}.{f.name}"] = value
         return out
 
@@ -77,11 +98,21 @@ class QuantizedModel:
     def from_tensors(cls, cfg: ModelConfig, profile: Profile, t: dict[str, np.ndarray]):
         """Inverse of to_tensors; checks every array's shape and dtype."""
         embed = _get(t, "embed")
+        def experts(i: int) -> QExperts | None:
+            if not cfg.moe:
+                return None
+            p = f"layers.{i}."
+            return QExperts(_get(t, p + "router"),
+                            tuple(_get(t, p + f"experts.{e}.gate_up") for e in range(cfg.num_experts)),
+                            tuple(_get(t, p + f"experts.{e}.down") for e in range(cfg.num_experts)))
+
+        dense = lambda i, m: None if cfg.moe else _get(t, f"layers.{i}.{m}")  # noqa: E731
         layers = tuple(
             QLayer(attn_norm=t[f"layers.{i}.attn_norm"], qkv=_get(t, f"layers.{i}.qkv"),
                    o=_get(t, f"layers.{i}.o"), mlp_norm=t[f"layers.{i}.mlp_norm"],
-                   gate_up=_get(t, f"layers.{i}.gate_up"), down=_get(t, f"layers.{i}.down"),
-                   q_norm=t.get(f"layers.{i}.q_norm"), k_norm=t.get(f"layers.{i}.k_norm"))
+                   gate_up=dense(i, "gate_up"), down=dense(i, "down"),
+                   q_norm=t.get(f"layers.{i}.q_norm"), k_norm=t.get(f"layers.{i}.k_norm"),
+                   experts=experts(i))
             for i in range(cfg.num_layers))
         lm = embed if cfg.tie_word_embeddings else _get(t, "lm_head")
         model = cls(cfg, profile, embed, layers, t["final_norm"], lm)
@@ -108,10 +139,15 @@ def check_shapes(m: QuantizedModel) -> None:
     head = {"embed": (m.embed, (v, h)), "lm_head": (m.lm_head, (v, h))}
     want = {}
     for i, layer in enumerate(m.layers):
-        want[f"layers.{i}.qkv"] = (layer.qkv, (c.q_size + 2 * c.kv_size, h))
-        want[f"layers.{i}.o"] = (layer.o, (h, c.q_size))
-        want[f"layers.{i}.gate_up"] = (layer.gate_up, (2 * f, h))
-        want[f"layers.{i}.down"] = (layer.down, (h, f))
+        if (layer.experts is None) != (not c.moe) or (layer.gate_up is None) != c.moe or (
+                layer.down is None) != c.moe:
+            raise ValueError(f"layers.{i}: {'experts' if c.moe else 'a dense MLP'} expected")
+        if c.moe and not (len(layer.experts.gate_up) == len(layer.experts.down) == c.num_experts):
+            raise ValueError(f"layers.{i}: expected {c.num_experts} experts")
+        shapes = {"qkv": (c.q_size + 2 * c.kv_size, h), "o": (h, c.q_size), "router": (
+            c.num_experts, h), "gate_up": (2 * f, h), "down": (h, f)}
+        for label, lin in layer.linears(i):
+            want[label] = (lin, shapes[label.split(".")[-1]])
         for norm in (layer.attn_norm, layer.mlp_norm):
             _expect(f"layers.{i} norm", norm, (h,), np.dtype(F32))
         for name, norm in (("q_norm", layer.q_norm), ("k_norm", layer.k_norm)):
@@ -148,6 +184,16 @@ def quantize_model(cfg: ModelConfig, t: dict[str, np.ndarray], profile: Profile)
     return model
 
 
+def _quantize_experts(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QExperts:
+    m = p + "block_sparse_moe."
+    ex = [m + f"experts.{e}." for e in range(cfg.num_experts)]
+    return QExperts(
+        QLinear.from_float(t[m + "gate.weight"], qmax),
+        tuple(QLinear.from_float(np.concatenate([t[x + "w1.weight"], t[x + "w3.weight"]]), qmax)
+              for x in ex),
+        tuple(QLinear.from_float(t[x + "w2.weight"], qmax) for x in ex))
+
+
 def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
     a = p + "self_attn."
     qkv_w = np.concatenate([t[a + "q_proj.weight"], t[a + "k_proj.weight"],
@@ -155,7 +201,13 @@ def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
     qkv_b = None
     if cfg.attention_bias:
         qkv_b = np.concatenate([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
-    gate_up = np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+    mlp = {}
+    if cfg.moe:
+        mlp = dict(gate_up=None, down=None, experts=_quantize_experts(cfg, t, p, qmax))
+    else:
+        gate_up = np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
+        mlp = dict(gate_up=QLinear.from_float(gate_up, qmax),
+                   down=QLinear.from_float(t[p + "mlp.down_proj.weight"], qmax))
     norms = {}
     if cfg.qk_norm:
         norms = dict(q_norm=_f32(t[a + "q_norm.weight"]), k_norm=_f32(t[a + "k_norm.weight"]))
@@ -164,8 +216,7 @@ def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
         qkv=QLinear.from_float(qkv_w, qmax, qkv_b),
         o=QLinear.from_float(t[a + "o_proj.weight"], qmax),
         mlp_norm=_f32(t[p + "post_attention_layernorm.weight"]),
-        gate_up=QLinear.from_float(gate_up, qmax),
-        down=QLinear.from_float(t[p + "mlp.down_proj.weight"], qmax),
+        **mlp,
         **norms,
     )
 
