@@ -4,7 +4,11 @@ an HF folder (``config.json``, ``model.safetensors``, tokenizer files) that the 
 Dequantization is ``gguf.quants.dequantize`` (numpy). Two llama.cpp conventions are undone here:
 GGUF lists shapes fastest-moving dimension first (the reverse of numpy), and for the ``llama`` arch
 the converter permutes the rows of q and k so that each head's RoPE pairs sit next to each other
-(ggml's interleaved rotation) instead of half a head apart (HF's rotate_half).
+(ggml's interleaved rotation) instead of half a head apart (HF's rotate_half). Mixtral is the
+``llama`` arch with ``expert_count`` / ``expert_used_count`` and each layer's experts stacked into
+one [experts, rows, cols] tensor per matrix (``ffn_gate_exps``, ``ffn_up_exps``,
+``ffn_down_exps``, the router ``ffn_gate_inp``); they are split back into HF's per-expert
+matrices, and routing fields that would change llama.cpp's softmax top-k are refused.
 """
 
 from __future__ import annotations
@@ -35,7 +39,15 @@ _BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+                "ffn_gate_inp": "block_sparse_moe.gate"}
+# llama.cpp's Mixtral (arch llama with expert_count): each layer's experts stacked into one
+# [E, rows, cols] tensor per matrix; HF keeps one matrix per expert (w1 gate, w3 up, w2 down).
+_EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+# Mixture-of-experts fields whose other values would change the routing (llama.cpp defaults)
+_MOE_DEFAULTS = {"expert_shared_count": 0, "expert_group_count": 0,
+                 "expert_gating_func": int(gguf.ExpertGatingFuncType.SOFTMAX),
+                 "expert_weights_scale": 1.0}
 _ROPE_FREQS = "rope_freqs.weight"  # llama3 frequency factors, turned back into config fields
 # Llama 3.x values; llama.cpp's converter reads the same defaults when the config omits them.
 _LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -107,7 +119,13 @@ def _f32(x) -> float:
 def _refuse_unsupported(meta: dict, arch: str) -> None:
     k = lambda s: f"{arch}.{s}"
     if meta.get(k("expert_count")):
-        raise GGUFError(f"mixture-of-experts models are not supported (field {k('expert_count')!r})")
+        if arch != "llama":
+            raise GGUFError(f"mixture-of-experts models other than Mixtral (arch llama) are not "
+                            f"supported (field {k('expert_count')!r})")
+        for field, default in _MOE_DEFAULTS.items():
+            if meta.get(k(field), default) != default:
+                raise GGUFError(f"mixture-of-experts routing {field} = {meta[k(field)]!r} is not "
+                                f"Mixtral's ({default!r}); unsupported (field {k(field)!r})")
     if meta.get(k("attention.sliding_window")):
         raise GGUFError("sliding-window attention is not supported "
                         f"(field {k('attention.sliding_window')!r})")
@@ -149,6 +167,11 @@ def hf_config_dict(meta: dict, tensor_names: set[str]) -> dict:
     hidden, heads = int(k("embedding_length")), int(k("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(_req(meta, "tokenizer.ggml.tokens"))
     eos = [meta.get(f"tokenizer.ggml.{t}_token_id") for t in ("eos", "eot", "eom")]
+    moe = {}
+    if meta.get(f"{arch}.expert_count"):  # Mixtral: llama with experts, no sliding window
+        moe = {"architectures": ["MixtralForCausalLM"], "sliding_window": None,
+               "num_local_experts": int(k("expert_count")),
+               "num_experts_per_tok": int(k("expert_used_count"))}
     return {
         "architectures": [ARCHITECTURES[arch]],
         "vocab_size": int(vocab), "hidden_size": hidden,
@@ -162,7 +185,7 @@ def hf_config_dict(meta: dict, tensor_names: set[str]) -> dict:
         "tie_word_embeddings": "output.weight" not in tensor_names,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": list(dict.fromkeys(int(e) for e in eos if e is not None)),
-    }
+    } | moe
 
 
 def llama3_factors(theta: float, head_dim: int, s: RopeScaling) -> np.ndarray:
@@ -215,6 +238,10 @@ def _load_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> dict
     for t in reader.tensors:
         if t.name == _ROPE_FREQS:
             continue  # already folded into cfg.rope_scaling
+        stacked = _expert_names(t.name, cfg)
+        if stacked is not None:
+            _put_experts(out, t, stacked, shapes, path)
+            continue
         name = hf_name(t.name)
         if name is None or name not in shapes:
             what = f"{name} is not part of this {cfg.family} model" if name else "no HF name"
@@ -224,13 +251,36 @@ def _load_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> dict
             raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, expected "
                             f"{shapes[name]} for {name!r}")
         w = dequantize(t, path)
-        if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if cfg.family in ("llama", "mixtral") and name.endswith(("q_proj.weight",
+                                                                 "k_proj.weight")):
             w = unpermute_rows(w, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
         out[name] = w
     missing = [n for n in shapes if n not in out]
     if missing:
         raise GGUFError(f"{path}: missing {len(missing)} tensor(s), first {missing[0]!r}")
     return out
+
+
+def _expert_names(gguf_name: str, cfg: ModelConfig) -> list[str] | None:
+    """The HF names of a stacked expert tensor's matrices, expert by expert (None: not one)."""
+    m = re.fullmatch(r"blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight", gguf_name)
+    if m is None or not cfg.moe:
+        return None
+    return [f"model.layers.{int(m[1])}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[m[2]]}.weight"
+            for e in range(cfg.num_experts)]
+
+
+def _put_experts(out: dict, t, names: list[str], shapes: dict, path: Path) -> None:
+    """Split a stacked [E, rows, cols] expert tensor into its E matrices under their HF names."""
+    if names[0] not in shapes:
+        raise GGUFError(f"{path}: unexpected tensor {t.name!r} (its layer is not part of this "
+                        f"model; unsupported)")
+    want, shape = (len(names), *shapes[names[0]]), tuple(int(n) for n in reversed(t.shape))
+    if shape != want:
+        raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, expected {want}")
+    w = dequantize(t, path)
+    for e, name in enumerate(names):
+        out[name] = np.ascontiguousarray(w[e])
 
 
 def _config(reader: gguf.GGUFReader, meta: dict, path: Path) -> ModelConfig:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import gguf
@@ -86,8 +87,9 @@ def gguf_tensor_name(hf: str) -> str:
 def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
                qtype: Q = Q.F32, extra_meta: dict | None = None, skip: tuple = (),
                arch: str | None = None) -> Path:
-    """Write ``tensors`` (HF names, fp32) as llama.cpp would; 2-D weights in ``qtype``."""
-    arch = arch or cfg.family
+    """Write ``tensors`` (HF names, fp32) as llama.cpp would; weights in ``qtype``. Mixtral is
+    arch llama with its expert counts and each layer's experts stacked per matrix."""
+    arch = arch or ("llama" if cfg.moe else cfg.family)
     w = gguf.GGUFWriter(str(path), arch)
     meta = {f"{arch}.context_length": cfg.max_position_embeddings,
             f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.block_count": cfg.num_layers,
@@ -108,18 +110,36 @@ def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
     if cfg.rope_scaling is not None:
         orig = cfg.rope_scaling.original_max_position_embeddings
         meta[f"{arch}.rope.scaling.original_context_length"] = orig
+    if cfg.moe:
+        meta |= {f"{arch}.expert_count": cfg.num_experts,
+                 f"{arch}.expert_used_count": cfg.experts_per_token}
+        tensors = stack_experts(tensors, cfg)
     meta.update(extra_meta or {})
     for key, value in meta.items():
         if key not in skip and value is not None:
             _add_kv(w, key, value)
     for name, t in tensors.items():
-        if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             t = llama_cpp_permute(t, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
-        _add_tensor(w, gguf_tensor_name(name), t, qtype if t.ndim == 2 else Q.F32)
+        gname = name if name.startswith("blk.") else gguf_tensor_name(name)
+        _add_tensor(w, gname, t, qtype if t.ndim >= 2 else Q.F32)
     if cfg.rope_scaling is not None:
         w.add_tensor("rope_freqs.weight", llama3_rope_freqs_fp32(cfg))
     _finish(w)
     return path
+
+
+def stack_experts(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """llama.cpp's converter for Mixtral: the experts' w1 / w3 / w2 of each layer as one stacked
+    [E, rows, cols] tensor, blk.L.ffn_gate_exps / ffn_up_exps / ffn_down_exps."""
+    out = {n: t for n, t in tensors.items() if ".experts." not in n}
+    for layer in range(cfg.num_layers):
+        for wid, gname in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+            parts = [tensors.get(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{wid}.weight")
+                     for e in range(cfg.num_experts)]
+            if all(p is not None for p in parts):  # (a test may leave some out)
+                out[f"blk.{layer}.{gname}.weight"] = np.stack(parts)
+    return out
 
 
 def _finish(w: gguf.GGUFWriter) -> None:
@@ -171,13 +191,8 @@ def test_hf_folder_through_gguf_round_trips(tmp_path, tiny_checkpoint):
     """HF -> (llama.cpp layout) GGUF -> read_gguf gives back the same config and tensors, for
     every tiny kind: GQA, tied + llama3 scaling + head_dim 24, qwen2 biases, odd sizes."""
     cfg, tensors = load_checkpoint(tiny_checkpoint)
-    if cfg.moe:  # llama.cpp's Mixtral is arch llama with expert_count: refused, not misread
-        dense = {n: t for n, t in tensors.items() if "block_sparse_moe" not in n}
-        path = write_gguf(tmp_path / "moe.gguf", cfg, dense, arch="llama",
-                          extra_meta={"llama.expert_count": cfg.num_experts})
-        with pytest.raises(GGUFError, match="mixture-of-experts"):
-            read_gguf(path)
-        return
+    if cfg.moe:  # llama.cpp's Mixtral: arch llama, experts stacked, no window (llama has none)
+        cfg = replace(cfg, sliding_window=None)
     if cfg.sliding_window is not None:  # llama.cpp has no Mistral architecture with its window
         for arch, extra in (("mistral", {}), ("llama", {"llama.attention.sliding_window": 5})):
             path = write_gguf(tmp_path / f"{arch}.gguf", cfg, tensors, arch=arch, extra_meta=extra)
@@ -252,7 +267,11 @@ def test_llama3_rope_scaling_is_recovered_from_rope_freqs(tmp_path, tiny_llama_t
 
 @pytest.mark.parametrize("meta,field", [
     ({"general.architecture": "gemma"}, "general.architecture"),
-    ({"llama.expert_count": 8}, "llama.expert_count"),
+    ({"llama.expert_count": 8}, "llama.expert_used_count"),
+    ({"llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_gating_func": 2},
+     "llama.expert_gating_func"),
+    ({"llama.expert_count": 8, "llama.expert_used_count": 2, "llama.expert_shared_count": 1},
+     "llama.expert_shared_count"),
     ({"llama.rope.scaling.type": "yarn"}, "llama.rope.scaling.type"),
     ({"llama.attention.sliding_window": 4096}, "llama.attention.sliding_window"),
     ({"llama.rope.dimension_count": 8}, "llama.rope.dimension_count"),
@@ -284,6 +303,38 @@ def test_unknown_tensor_and_llama_bias_are_refused(tmp_path, tiny_llama):
     wrong = {**tensors, "model.norm.weight": np.ones(cfg.hidden_size + 1, np.float32)}
     with pytest.raises(GGUFError, match="output_norm.weight.*shape"):
         read_gguf(write_gguf(tmp_path / "w.gguf", cfg, wrong))
+
+
+def test_mixtral_stacked_experts(tmp_path, tiny_mixtral, tiny_llama):
+    """llama.cpp's Mixtral layout: a quantized stacked expert tensor reads back as each expert's
+    dequantize(quantize(w)); a stack of the wrong shape, a missing stack, a stack in a dense
+    model and expert counts on another architecture are refused by name."""
+    cfg, tensors = load_checkpoint(tiny_mixtral)
+    cfg = replace(cfg, sliding_window=None)
+    got_cfg, got, _ = read_gguf(write_gguf(tmp_path / "h.gguf", cfg, tensors, qtype=Q.F16))
+    assert got_cfg == cfg and sorted(got) == sorted(tensors)
+    for name, w in tensors.items():
+        if ".experts." in name:
+            assert_same(name, got[name], w.astype(np.float16).astype(np.float32))
+    down1 = "model.layers.1.block_sparse_moe.experts.{}.w2.weight"
+    short = {n: t for n, t in tensors.items() if not n.startswith(down1.split("{")[0])
+             or ".w2." not in n}
+    short["blk.1.ffn_down_exps.weight"] = np.stack([tensors[down1.format(e)]
+                                                    for e in range(cfg.num_experts - 1)])
+    with pytest.raises(GGUFError, match=r"ffn_down_exps.*shape \(3, 64, 48\), expected \(4,"):
+        read_gguf(write_gguf(tmp_path / "s.gguf", cfg, short))
+    gone = {n: t for n, t in tensors.items()
+            if not ("layers.0.block_sparse_moe.experts" in n and ".w3." in n)}
+    with pytest.raises(GGUFError, match=r"missing 4 tensor.*layers\.0\.block_sparse_moe\."
+                                        r"experts\.0\.w3"):
+        read_gguf(write_gguf(tmp_path / "g.gguf", cfg, gone))
+    dcfg, dense = load_checkpoint(tiny_llama)
+    extra = {**dense, "blk.0.ffn_gate_exps.weight": np.zeros((2, 8, dcfg.hidden_size), "f4")}
+    with pytest.raises(GGUFError, match="ffn_gate_exps.*unsupported"):
+        read_gguf(write_gguf(tmp_path / "d.gguf", dcfg, extra))
+    qwen = write_gguf(tmp_path / "q.gguf", cfg, tensors, arch="qwen2")
+    with pytest.raises(GGUFError, match="other than Mixtral.*qwen2.expert_count"):
+        read_gguf(qwen)
 
 
 # --- corrupt files ----------------------------------------------------------------------------
@@ -367,6 +418,9 @@ def test_smollm2_config(smollm2):
     assert (spec.model, spec.pre, len(spec.tokens)) == ("gpt2", "smollm", 49152)
 
 
+# 20 s of transformers' own GGUF dequantization; the end-to-end check that needs these tensors
+# (tests/test_reference_smollm2.py: logits equal transformers') runs by default: -m slow.
+@pytest.mark.slow
 def test_smollm2_tensors_equal_transformers(smollm2, transformers_state):
     """Same Q4_1/Q8_0 data, same float formula (d * q + m in fp32): equal bit for bit, q/k
     un-permuted included. lm_head is transformers' tied alias of the embedding."""
