@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -27,6 +28,8 @@ def _run(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
                           env=env)
 
 
+# The whole GPU script on the CPU (30 s here): run it with -m slow before a GPU session.
+@pytest.mark.slow
 def test_dry_run_through_the_wrapper(tmp_path):
     out = tmp_path / "gpu"
     p = _run(["bash", "bench/gpu.sh", str(out), "--dry-run"], timeout=300)

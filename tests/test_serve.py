@@ -285,6 +285,7 @@ def test_engine_open_reads_the_sqlite_store(server, model_and_key, tmp_path):
     assert res.exit_code == 0 and "ACCEPTED" in res.output, res.output
 
 
+@pytest.mark.slow  # the load bench end to end (its figures: bench/results/serve_load.md)
 def test_serve_load_bench_smoke(tmp_path):
     """bench/serve_load.py end to end on the tiny model: nothing lost, every receipt verifies."""
     from bench import serve_load

@@ -2,8 +2,9 @@
 accepted forgery. The long run is `python bench/fuzz.py --seconds N` (bench/results/fuzz.md).
 
 Each run is its own process (libFuzzer ends the process it runs in). The structured `verify`
-target runs under every profile; the raw-bytes targets under w8a16 (the parsers do not depend on
-the profile). Inputs per run: ADVERSARY_ATHERIS_RUNS (default 600).
+target runs under every profile (w8a16 by default, the others -m slow); the raw-bytes targets
+under w8a16 (the parsers do not depend on the profile). Inputs per run:
+ADVERSARY_ATHERIS_RUNS (default 600).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ pytest.importorskip("atheris")
 
 HARNESS = Path(__file__).resolve().parent / "fuzz_harness.py"
 RUNS = int(os.environ.get("ADVERSARY_ATHERIS_RUNS", "600"))
-CASES = [("verify", "w8a16"), ("verify", "a8"), ("verify", "w16a16"), ("container", "w8a16"),
+SLOW = [pytest.mark.slow]  # the other profiles' verify runs: -m slow (bench/fuzz.py runs all)
+CASES = [("verify", "w8a16"), pytest.param("verify", "a8", marks=SLOW),
+         pytest.param("verify", "w16a16", marks=SLOW), ("container", "w8a16"),
          ("receipt", "w8a16"), ("challenge", "w8a16"), ("request", "w8a16")]
 
 

@@ -1,6 +1,6 @@
 """The split-KV integer-softmax attention kernels (Triton interpreter) equal the numpy spec bit for
 bit: decode (one query, long cache, GQA) and prefill (causal, many queries), every tile config,
-every split count, 16-bit and 8-bit Q/K/V."""
+every split count, 16-bit and 8-bit Q/K/V (the large shapes' full grid: -m slow)."""
 
 from __future__ import annotations
 
@@ -37,19 +37,33 @@ def _check(args, qmax, **kw):
     assert_bits_equal(got, want, "attention out")
 
 
-@pytest.mark.parametrize("cfg", ka.CONFIGS, ids=str)
-@pytest.mark.parametrize("splits", (1, 3))  # split counts are normalized: no empty split
-@pytest.mark.parametrize("qmax", QMAXES)
-@pytest.mark.parametrize("shape", DECODE, ids=str)
+def _grid(shapes: list[tuple], big: int) -> list:
+    """(shape, qmax, splits, cfg) for every tile config, split count (normalized: no empty
+    split) and qmax. The shapes of more than a few thousand query-key pairs run one config each
+    by default, rotating from config `big` (the two grids together give every config a large
+    shape), 16-bit unsplit and 8-bit in 3 splits; the rest of their grid is `slow`."""
+    out = []
+    for shape in shapes:
+        heavy = shape[0] * shape[1] * shape[2] > 2000
+        for qmax in QMAXES:
+            for splits in (1, 3):
+                for j, cfg in enumerate(ka.CONFIGS):
+                    pair = (qmax == QMAXES[0]) == (splits == 1)  # 16-bit unsplit, 8-bit split
+                    slow = heavy and (j != big % len(ka.CONFIGS) or not pair)
+                    out.append(pytest.param(shape, qmax, splits, cfg,
+                                            id=f"{shape}-{qmax}-{splits}-{cfg}",
+                                            marks=[pytest.mark.slow] if slow else []))
+        big += heavy
+    return out
+
+
+@pytest.mark.parametrize("shape, qmax, splits, cfg", _grid(DECODE, 0))
 def test_decode_equals_spec(shape, qmax, splits, cfg):
     rng = np.random.default_rng(sum(shape) + qmax)
     _check(_inputs(rng, *shape, qmax), qmax, n_split=splits, config=cfg)
 
 
-@pytest.mark.parametrize("cfg", ka.CONFIGS, ids=str)
-@pytest.mark.parametrize("splits", (1, 3))
-@pytest.mark.parametrize("qmax", QMAXES)
-@pytest.mark.parametrize("shape", PREFILL, ids=str)
+@pytest.mark.parametrize("shape, qmax, splits, cfg", _grid(PREFILL, 2))
 def test_prefill_equals_spec(shape, qmax, splits, cfg):
     rng = np.random.default_rng(sum(shape) + qmax + 1)
     _check(_inputs(rng, *shape, qmax), qmax, n_split=splits, config=cfg)
