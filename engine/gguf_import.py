@@ -25,12 +25,13 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import save_file
 
-from ..verifier.checkpoint import expected_shapes
+from ..verifier.checkpoint import expected_shapes, expert_names
 from ..verifier.config import ConfigError, ModelConfig, RopeScaling
 from ..verifier.tokenizer import Tokenizer, TokenizerError, TokenizerSpec
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+MOE_ARCHS = {"llama": "MixtralForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}  # expert_count
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
                    Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 _TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
@@ -39,11 +40,10 @@ _BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
                 "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
                 "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
-                "ffn_gate_inp": "block_sparse_moe.gate"}
-# llama.cpp's Mixtral (arch llama with expert_count): each layer's experts stacked into one
-# [E, rows, cols] tensor per matrix; HF keeps one matrix per expert (w1 gate, w3 up, w2 down).
-_EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3", "ffn_down_exps": "w2"}
+                "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# llama.cpp's Mixtral (arch llama with expert_count) and Qwen3-MoE (qwen3moe): each layer's
+# experts stacked into one [E, rows, cols] tensor per matrix; HF keeps one matrix per expert.
+_EXPERT_SLOTS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
 # Mixture-of-experts fields whose other values would change the routing (llama.cpp defaults)
 _MOE_DEFAULTS = {"expert_shared_count": 0, "expert_group_count": 0,
                  "expert_gating_func": int(gguf.ExpertGatingFuncType.SOFTMAX),
@@ -119,9 +119,9 @@ def _f32(x) -> float:
 def _refuse_unsupported(meta: dict, arch: str) -> None:
     k = lambda s: f"{arch}.{s}"
     if meta.get(k("expert_count")):
-        if arch != "llama":
-            raise GGUFError(f"mixture-of-experts models other than Mixtral (arch llama) are not "
-                            f"supported (field {k('expert_count')!r})")
+        if arch not in MOE_ARCHS:
+            raise GGUFError(f"mixture-of-experts models other than Mixtral (arch llama) and "
+                            f"Qwen3-MoE (qwen3moe) are not supported (field {k('expert_count')!r})")
         for field, default in _MOE_DEFAULTS.items():
             if meta.get(k(field), default) != default:
                 raise GGUFError(f"mixture-of-experts routing {field} = {meta[k(field)]!r} is not "
@@ -168,7 +168,12 @@ def hf_config_dict(meta: dict, tensor_names: set[str]) -> dict:
     vocab = meta.get(f"{arch}.vocab_size") or len(_req(meta, "tokenizer.ggml.tokens"))
     eos = [meta.get(f"tokenizer.ggml.{t}_token_id") for t in ("eos", "eot", "eom")]
     moe = {}
-    if meta.get(f"{arch}.expert_count"):  # Mixtral: llama with experts, no sliding window
+    if arch == "qwen3moe":  # llama.cpp renormalizes the top-k weights, every layer sparse
+        moe = {"num_experts": int(k("expert_count")),
+               "num_experts_per_tok": int(k("expert_used_count")),
+               "moe_intermediate_size": int(k("expert_feed_forward_length")),
+               "norm_topk_prob": True}
+    elif meta.get(f"{arch}.expert_count"):  # Mixtral: llama with experts, no sliding window
         moe = {"architectures": ["MixtralForCausalLM"], "sliding_window": None,
                "num_local_experts": int(k("expert_count")),
                "num_experts_per_tok": int(k("expert_used_count"))}
@@ -262,20 +267,31 @@ def _load_tensors(reader: gguf.GGUFReader, cfg: ModelConfig, path: Path) -> dict
 
 
 def _expert_names(gguf_name: str, cfg: ModelConfig) -> list[str] | None:
-    """The HF names of a stacked expert tensor's matrices, expert by expert (None: not one)."""
-    m = re.fullmatch(r"blk\.(\d+)\.(ffn_(?:gate|up|down)_exps)\.weight", gguf_name)
+    """The HF names of a stacked expert tensor's matrices, expert by expert, or the router's
+    (one name); None: not a tensor of the experts."""
+    m = re.fullmatch(r"blk\.(\d+)\.(ffn_(?:gate|up|down)_exps|ffn_gate_inp)\.weight", gguf_name)
     if m is None or not cfg.moe:
         return None
-    return [f"model.layers.{int(m[1])}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[m[2]]}.weight"
-            for e in range(cfg.num_experts)]
+    router, experts = expert_names(cfg, int(m[1]))
+    if m[2] == "ffn_gate_inp":
+        return [router]
+    return [names[_EXPERT_SLOTS[m[2]]] for names in experts]
 
 
 def _put_experts(out: dict, t, names: list[str], shapes: dict, path: Path) -> None:
-    """Split a stacked [E, rows, cols] expert tensor into its E matrices under their HF names."""
+    """Split a stacked [E, rows, cols] expert tensor into its E matrices under their HF names
+    (the router: one matrix)."""
     if names[0] not in shapes:
         raise GGUFError(f"{path}: unexpected tensor {t.name!r} (its layer is not part of this "
                         f"model; unsupported)")
-    want, shape = (len(names), *shapes[names[0]]), tuple(int(n) for n in reversed(t.shape))
+    shape = tuple(int(n) for n in reversed(t.shape))
+    if t.name.endswith("ffn_gate_inp.weight"):
+        if shape != shapes[names[0]]:
+            raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, expected "
+                            f"{shapes[names[0]]} for {names[0]!r}")
+        out[names[0]] = dequantize(t, path)
+        return
+    want = (len(names), *shapes[names[0]])
     if shape != want:
         raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, expected {want}")
     w = dequantize(t, path)

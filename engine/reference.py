@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from commitllm.verifier.checkpoint import expected_shapes, load_checkpoint
+from commitllm.verifier.checkpoint import expected_shapes, expert_names, load_checkpoint
 from commitllm.verifier.config import ModelConfig
 
 from .rope_freqs import inv_freq
@@ -167,15 +167,15 @@ class ReferenceModel:
         """SwiGLU: down(silu(gate(h)) * up(h)). [B, T, H] -> [B, T, H]; Mixtral: the router's
         softmax over every expert, the top k renormalized, each token through its k experts."""
         if self.cfg.moe:
-            return self._experts(p + "block_sparse_moe.", h)
+            return self._experts(int(p.split(".")[2]), h)
         gate = F.linear(h, self.weights[p + "mlp.gate_proj.weight"])  # [B, T, F]
         up = F.linear(h, self.weights[p + "mlp.up_proj.weight"])
         return F.linear(F.silu(gate) * up, self.weights[p + "mlp.down_proj.weight"])
 
-    def _experts(self, p: str, h: torch.Tensor) -> torch.Tensor:
-        w = self.weights
+    def _experts(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        w, (router, names) = self.weights, expert_names(self.cfg, layer)
         x = h.reshape(-1, h.shape[-1])
-        probs = torch.softmax(F.linear(x, w[p + "gate.weight"]), dim=-1, dtype=torch.float32)
+        probs = torch.softmax(F.linear(x, w[router]), dim=-1, dtype=torch.float32)
         top, idx = torch.topk(probs, self.cfg.experts_per_token, dim=-1)
         top = top / top.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
@@ -183,9 +183,9 @@ class ReferenceModel:
             rows, slot = torch.where(idx == e)
             if len(rows) == 0:
                 continue
-            q = f"{p}experts.{e}."
-            y = F.silu(F.linear(x[rows], w[q + "w1.weight"])) * F.linear(x[rows], w[q + "w3.weight"])
-            out.index_add_(0, rows, F.linear(y, w[q + "w2.weight"]) * top[rows, slot, None])
+            gate, up, down = names[e]
+            y = F.silu(F.linear(x[rows], w[gate])) * F.linear(x[rows], w[up])
+            out.index_add_(0, rows, F.linear(y, w[down]) * top[rows, slot, None])
         return out.reshape(h.shape)
 
     def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -118,6 +118,12 @@ def tiny_mixtral(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen3_moe(tmp_path_factory) -> Path:
+    """Folder of the tiny Qwen3-MoE (q/k norm, head_dim 24, 4 experts of width 48, top 2)."""
+    return _session_checkpoint(tmp_path_factory, "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_odd(tmp_path_factory) -> Path:
     """Folder of the tiny Llama with odd sizes (hidden 40, 5 heads, 1 K/V head, vocab 101)."""
     return _session_checkpoint(tmp_path_factory, "odd")

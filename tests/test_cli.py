@@ -138,7 +138,7 @@ def test_generate_triton_backend_audit_accepts(tmp_path):
     assert [row["accepted"] for row in out["audit"]] == [True], out
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"])
 def test_inspect_names_the_family_and_what_is_verified(kind, request):
     from commitllm.verifier.config import FAMILIES
 
@@ -153,3 +153,8 @@ def test_inspect_names_the_family_and_what_is_verified(kind, request):
         conf = info["config"]
         assert (conf["num_local_experts"], conf["num_experts_per_tok"]) == (4, 2)
         assert "experts" in info["verified"]
+    if kind == "qwen3_moe":
+        conf = info["config"]
+        assert (conf["num_experts"], conf["num_experts_per_tok"], conf["moe_intermediate_size"],
+                conf["norm_topk_prob"]) == (4, 2, 48, True)
+        assert "experts" in info["verified"] and "q/k norm" in info["verified"]

@@ -17,7 +17,7 @@ from commitllm.engine import gguf_import
 from commitllm.engine.gguf_import import GGUFError, convert_gguf, read_gguf, unpermute_rows
 from commitllm.engine.loader import ModelNotFound, default_gguf
 from commitllm.verifier.tokenizer import Tokenizer
-from commitllm.verifier.checkpoint import load_checkpoint
+from commitllm.verifier.checkpoint import expert_names, load_checkpoint
 from commitllm.verifier.config import ModelConfig
 from gguf import GGMLQuantizationType as Q
 
@@ -89,7 +89,7 @@ def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
                arch: str | None = None) -> Path:
     """Write ``tensors`` (HF names, fp32) as llama.cpp would; weights in ``qtype``. Mixtral is
     arch llama with its expert counts and each layer's experts stacked per matrix."""
-    arch = arch or ("llama" if cfg.moe else cfg.family)
+    arch = arch or {"mixtral": "llama", "qwen3_moe": "qwen3moe"}.get(cfg.family, cfg.family)
     w = gguf.GGUFWriter(str(path), arch)
     meta = {f"{arch}.context_length": cfg.max_position_embeddings,
             f"{arch}.embedding_length": cfg.hidden_size, f"{arch}.block_count": cfg.num_layers,
@@ -112,7 +112,8 @@ def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
         meta[f"{arch}.rope.scaling.original_context_length"] = orig
     if cfg.moe:
         meta |= {f"{arch}.expert_count": cfg.num_experts,
-                 f"{arch}.expert_used_count": cfg.experts_per_token}
+                 f"{arch}.expert_used_count": cfg.experts_per_token,
+                 f"{arch}.expert_feed_forward_length": cfg.intermediate_size}
         tensors = stack_experts(tensors, cfg)
     meta.update(extra_meta or {})
     for key, value in meta.items():
@@ -130,13 +131,16 @@ def write_gguf(path: Path, cfg: ModelConfig, tensors: dict[str, np.ndarray],
 
 
 def stack_experts(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
-    """llama.cpp's converter for Mixtral: the experts' w1 / w3 / w2 of each layer as one stacked
-    [E, rows, cols] tensor, blk.L.ffn_gate_exps / ffn_up_exps / ffn_down_exps."""
+    """llama.cpp's converter for Mixtral and Qwen3-MoE: the experts' gate / up / down of each
+    layer as one stacked [E, rows, cols] tensor, blk.L.ffn_gate_exps / ffn_up_exps /
+    ffn_down_exps, and the router as blk.L.ffn_gate_inp."""
     out = {n: t for n, t in tensors.items() if ".experts." not in n}
     for layer in range(cfg.num_layers):
-        for wid, gname in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
-            parts = [tensors.get(f"model.layers.{layer}.block_sparse_moe.experts.{e}.{wid}.weight")
-                     for e in range(cfg.num_experts)]
+        router, experts = expert_names(cfg, layer)
+        if router in out:
+            out[f"blk.{layer}.ffn_gate_inp.weight"] = out.pop(router)
+        for j, gname in enumerate(("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")):
+            parts = [tensors.get(names[j]) for names in experts]
             if all(p is not None for p in parts):  # (a test may leave some out)
                 out[f"blk.{layer}.{gname}.weight"] = np.stack(parts)
     return out

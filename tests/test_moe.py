@@ -78,14 +78,43 @@ def test_dense_families_refuse_expert_fields():
         ModelConfig.from_dict(_raw(architectures=["MistralForCausalLM"], model_type="mistral"))
 
 
-@pytest.mark.parametrize("arch, field", [("Qwen3MoeForCausalLM", "num_experts"),
-                                         ("Qwen2MoeForCausalLM", "num_experts"),
+@pytest.mark.parametrize("arch, field", [("Qwen2MoeForCausalLM", "num_experts"),
                                          ("DeepseekV3ForCausalLM", "n_routed_experts")])
 def test_other_moe_architectures_refused(arch, field):
     raw = _raw(architectures=[arch], model_type=arch.lower(), num_local_experts=None,
                **{field: 64})
     with pytest.raises(ConfigError, match="unsupported architecture|mixture-of-experts"):
         ModelConfig.from_dict(raw)
+
+
+def _qwen3_moe(**extra) -> dict:
+    """Qwen3-30B-A3B's MoE fields at a small size."""
+    return _raw(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe",
+                num_local_experts=None, num_experts=8, moe_intermediate_size=32,
+                intermediate_size=96, head_dim=16, norm_topk_prob=True, decoder_sparse_step=1,
+                mlp_only_layers=[], use_sliding_window=False) | extra
+
+
+def test_qwen3_moe_config_reads_its_fields():
+    cfg = ModelConfig.from_dict(_qwen3_moe())
+    assert (cfg.family, cfg.qk_norm, cfg.moe) == ("qwen3_moe", True, True)
+    assert (cfg.num_experts, cfg.experts_per_token, cfg.intermediate_size) == (8, 2, 32)
+    assert ModelConfig.from_dict(cfg.to_hf_dict()) == cfg
+    # transformers 5 writes the count as num_local_experts; the same count twice is fine
+    assert ModelConfig.from_dict(_qwen3_moe(num_experts=None, num_local_experts=8)) == cfg
+    assert ModelConfig.from_dict(_qwen3_moe(num_local_experts=8)) == cfg
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"norm_topk_prob": False}, "norm_topk_prob"), ({"norm_topk_prob": None}, "norm_topk_prob"),
+    ({"decoder_sparse_step": 2}, "decoder_sparse_step"), ({"mlp_only_layers": [1]}, "mlp_only"),
+    ({"shared_expert_intermediate_size": 64}, "shared_expert"),
+    ({"num_local_experts": 4}, "differ"), ({"num_experts": None}, "num_experts"),
+    ({"moe_intermediate_size": None}, "moe_intermediate_size"),
+    ({"use_sliding_window": True}, "sliding"), ({"num_experts_per_tok": 9}, "experts")])
+def test_qwen3_moe_variants_the_spec_does_not_implement_are_refused(extra, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.from_dict(_qwen3_moe(**extra))
 
 
 def test_mixtral_without_an_expert_count_refused():

@@ -53,7 +53,7 @@ DIVISIBLE = {"hidden_size": 96, "num_attention_heads": 12, "num_key_value_heads"
 PROMPTS = [[5, 9, 14, 3, 77, 21, 8], [100, 4, 60]]
 
 
-FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "mixtral"]
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"]
 
 
 def cases(default: set, *degrees: int) -> list:

@@ -37,11 +37,18 @@ TINY_KINDS: dict[str, dict] = {
                     intermediate_size=48, vocab_size=128, rope_theta=1000000.0, rms_norm_eps=1e-5,
                     tie_word_embeddings=False, sliding_window=6, num_local_experts=4,
                     num_experts_per_tok=2),
+    # Qwen3's per-head q/k norm (head_dim 24 != 64 / 4) and 4 experts of width 48, 2 per token
+    "qwen3_moe": dict(family="qwen3_moe", hidden_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=24, intermediate_size=96,
+                      moe_intermediate_size=48, vocab_size=128, rope_theta=1000000.0,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False, num_experts=4,
+                      num_experts_per_tok=2, norm_topk_prob=True),
     "odd": dict(family="llama", hidden_size=40, num_attention_heads=5, num_key_value_heads=1,
                 intermediate_size=72, vocab_size=101, rope_theta=10000.0, rms_norm_eps=1e-6,
                 tie_word_embeddings=False),
 }
-_SEEDS = {"llama": 1, "llama_tied_scaled": 2, "qwen2": 3, "odd": 4, "qwen3": 5, "mistral": 6, "mixtral": 7}
+_SEEDS = {"llama": 1, "llama_tied_scaled": 2, "qwen2": 3, "odd": 4, "qwen3": 5, "mistral": 6,
+          "mixtral": 7, "qwen3_moe": 8}
 LINEAR_STD = 0.2  # std of every linear weight, bias and embedding row
 NORM_NOISE = 0.1  # norm weights are 1 + NORM_NOISE * N(0, 1)
 
@@ -73,12 +80,12 @@ def make_tiny_checkpoint(folder: Path, kind: str, rope_format: str = "hub",
 def _build_model(kind: str, overrides: dict | None = None):
     import torch
     from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, MixtralConfig,
-                              Qwen2Config, Qwen3Config)
+                              Qwen2Config, Qwen3Config, Qwen3MoeConfig)
 
     spec = dict(TINY_KINDS[kind]) | (overrides or {})
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config,
                   "qwen3": Qwen3Config, "mistral": MistralConfig,
-                  "mixtral": MixtralConfig}[spec.pop("family")]
+                  "mixtral": MixtralConfig, "qwen3_moe": Qwen3MoeConfig}[spec.pop("family")]
     config = config_cls(**(_COMMON | spec))
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                             attn_implementation="eager")

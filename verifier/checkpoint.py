@@ -24,6 +24,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that is missing, truncated, corrupt or does not match the config."""
 
 
+def expert_names(cfg: ModelConfig, layer: int) -> tuple[str, list[tuple[str, str, str]]]:
+    """HF names of layer `layer`'s router and of each expert's (gate, up, down) weights: Mixtral's
+    block_sparse_moe.gate and experts.e.w1 / w3 / w2, Qwen3-MoE's mlp.gate and
+    experts.e.gate_proj / up_proj / down_proj."""
+    if cfg.family == "mixtral":
+        m, names = f"model.layers.{layer}.block_sparse_moe.", ("w1", "w3", "w2")
+    else:
+        m, names = f"model.layers.{layer}.mlp.", ("gate_proj", "up_proj", "down_proj")
+    return m + "gate.weight", [tuple(f"{m}experts.{e}.{n}.weight" for n in names)
+                               for e in range(cfg.num_experts)]
+
+
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor the model needs, by HF name, with its shape."""
     h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
@@ -46,13 +58,11 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.qk_norm:
             shapes[p + "self_attn.q_norm.weight"] = (cfg.head_dim,)
             shapes[p + "self_attn.k_norm.weight"] = (cfg.head_dim,)
-        if cfg.moe:  # Mixtral: the router, then w1 (gate), w3 (up), w2 (down) per expert
-            m = p + "block_sparse_moe."
-            shapes[m + "gate.weight"] = (cfg.num_experts, h)
-            for e in range(cfg.num_experts):
-                shapes[m + f"experts.{e}.w1.weight"] = (f, h)
-                shapes[m + f"experts.{e}.w3.weight"] = (f, h)
-                shapes[m + f"experts.{e}.w2.weight"] = (h, f)
+        if cfg.moe:  # the router, then each expert's gate, up and down
+            router, experts = expert_names(cfg, i)
+            shapes[router] = (cfg.num_experts, h)
+            for gate, up, down in experts:
+                shapes[gate], shapes[up], shapes[down] = (f, h), (f, h), (h, f)
             continue
         shapes[p + "mlp.gate_proj.weight"] = (f, h)
         shapes[p + "mlp.up_proj.weight"] = (f, h)

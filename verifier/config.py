@@ -13,7 +13,8 @@ from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
-                           "MixtralForCausalLM": "mixtral"}
+                           "MixtralForCausalLM": "mixtral", "Qwen3MoeForCausalLM": "qwen3_moe"}
+MOE_FAMILIES = ("mixtral", "qwen3_moe")
 MAX_EXPERTS = 1024  # experts per layer a config may ask for (Mixtral 8, Qwen3-MoE 128)
 
 
@@ -29,6 +30,8 @@ FAMILIES = {
     "mixtral": "Mixtral: + mixture of experts: the router by Freivalds, top-k selection and "
                "combination weights replayed exactly, every selected expert's linears by "
                "Freivalds (a key row per expert matrix); a sliding window when the config has one",
+    "qwen3_moe": "Qwen3-MoE: Qwen3's per-head q/k norm + Mixtral's mixture of experts (top-k "
+                 "weights renormalized: norm_topk_prob; every layer sparse)",
 }
 
 
@@ -51,7 +54,8 @@ class ModelConfig:
     """Shapes and constants of a Llama/Qwen2/Qwen3/Mistral decoder."""
 
     family: str  # "llama", "qwen2" (q/k/v biases), "qwen3" (RMSNorm per head on q and k) or
-    # "mistral" (a sliding attention window) or "mixtral" (experts, maybe a window)
+    # "mistral" (a sliding attention window) or "mixtral" (experts, maybe a window) or
+    # "qwen3_moe" (Qwen3's q/k norm and experts)
     vocab_size: int  # rows of the embedding and of the LM head
     hidden_size: int  # H, width of the residual stream
     intermediate_size: int  # F, width of the MLP
@@ -70,20 +74,21 @@ class ModelConfig:
     # Mistral: a query at position p sees only keys j with p - sliding_window < j <= p (None:
     # every key j <= p, as in the other families)
     sliding_window: int | None = None
-    # Mixtral: each layer's MLP is num_experts experts of width intermediate_size, of which each
-    # token takes experts_per_token (0, 0: a dense MLP)
+    # Mixtral, Qwen3-MoE: each layer's MLP is num_experts experts of width intermediate_size
+    # (Qwen3-MoE's moe_intermediate_size), of which each token takes experts_per_token (0, 0: a
+    # dense MLP)
     num_experts: int = 0
     experts_per_token: int = 0
 
     @property
     def moe(self) -> bool:
-        """Every layer's MLP is a mixture of experts (Mixtral)."""
+        """Every layer's MLP is a mixture of experts (Mixtral, Qwen3-MoE)."""
         return self.num_experts > 0
 
     @property
     def qk_norm(self) -> bool:
         """q and k get an RMSNorm over each head (weights [head_dim]) before RoPE (Qwen3)."""
-        return self.family == "qwen3"
+        return self.family in ("qwen3", "qwen3_moe")
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -102,10 +107,10 @@ class ModelConfig:
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
         moe = (self.num_experts, self.experts_per_token)
-        if self.family == "mixtral":
+        if self.family in MOE_FAMILIES:
             if not all(isinstance(n, int) and not isinstance(n, bool) for n in moe) or not (
                     1 <= self.experts_per_token <= self.num_experts <= MAX_EXPERTS):
-                raise ConfigError(f"num_local_experts and num_experts_per_tok must be integers "
+                raise ConfigError(f"the expert count and num_experts_per_tok must be integers "
                                   f"with 1 <= per token <= experts <= {MAX_EXPERTS}, got {moe}")
         elif moe != (0, 0):
             raise ConfigError(f"{self.family} has no experts (num_experts {moe[0]})")
@@ -161,13 +166,14 @@ class ModelConfig:
                                   "and head_dim is not given")
             head_dim = hidden // num_heads
         rope = _rope_fields(raw)
+        ffn = "moe_intermediate_size" if family == "qwen3_moe" else "intermediate_size"
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
             family=family,
             vocab_size=_int(raw, "vocab_size"),
             hidden_size=hidden,
-            intermediate_size=_int(raw, "intermediate_size"),
+            intermediate_size=_int(raw, ffn),
             num_layers=_int(raw, "num_hidden_layers"),
             num_heads=num_heads,
             num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
@@ -181,8 +187,8 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=tuple(int(e) for e in eos_ids),
             sliding_window=raw.get("sliding_window") if family in ("mistral", "mixtral") else None,
-            num_experts=raw.get("num_local_experts") if family == "mixtral" else 0,
-            experts_per_token=raw.get("num_experts_per_tok") if family == "mixtral" else 0,
+            num_experts=_expert_count(raw) if family in MOE_FAMILIES else 0,
+            experts_per_token=raw.get("num_experts_per_tok") if family in MOE_FAMILIES else 0,
         )
 
     def to_hf_dict(self) -> dict:
@@ -205,7 +211,7 @@ class ModelConfig:
             "hidden_act": "silu",
             "torch_dtype": "float32",
         }
-        if self.family in ("llama", "qwen3"):
+        if self.family in ("llama", "qwen3", "qwen3_moe"):
             out["attention_bias"] = self.attention_bias
         if self.family == "llama":
             out["mlp_bias"] = False
@@ -214,6 +220,10 @@ class ModelConfig:
         if self.family == "mixtral":
             out["num_local_experts"] = self.num_experts
             out["num_experts_per_tok"] = self.experts_per_token
+        if self.family == "qwen3_moe":  # every layer sparse, the top k renormalized
+            out |= {"num_experts": self.num_experts, "num_experts_per_tok": self.experts_per_token,
+                    "moe_intermediate_size": self.intermediate_size, "norm_topk_prob": True,
+                    "decoder_sparse_step": 1, "mlp_only_layers": [], "use_sliding_window": False}
         if self.rope_scaling is not None:
             out["rope_scaling"] = {"rope_type": "llama3", **asdict(self.rope_scaling)}
         if self.bos_token_id is not None:
@@ -243,7 +253,7 @@ def _family(raw: dict) -> str:
         if arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
     model_type = raw.get("model_type")
-    if not archs and model_type in ("llama", "qwen2", "qwen3", "mistral", "mixtral"):
+    if not archs and model_type in ("llama", "qwen2", "qwen3", "mistral", "mixtral", "qwen3_moe"):
         return model_type
     shown = archs or model_type
     raise ConfigError(f"unsupported architecture {shown!r} (field 'architectures'); "
@@ -254,15 +264,21 @@ def _refuse_unsupported(raw: dict) -> None:
     archs = raw.get("architectures") or []
     named = lambda arch, mt: arch in archs or (not archs and raw.get("model_type") == mt)  # noqa
     mixtral = named("MixtralForCausalLM", "mixtral")
+    qwen3_moe = named("Qwen3MoeForCausalLM", "qwen3_moe")
+    allowed = {"num_local_experts"} if mixtral else (
+        {"num_experts", "num_local_experts"} if qwen3_moe else set())
     for key in ("num_experts", "num_local_experts", "n_routed_experts"):
-        if raw.get(key) and not (mixtral and key == "num_local_experts"):
-            raise ConfigError(f"mixture-of-experts models other than Mixtral are not supported "
-                              f"(field {key!r})")
+        if raw.get(key) and key not in allowed:
+            raise ConfigError(f"mixture-of-experts models other than Mixtral and Qwen3-MoE are "
+                              f"not supported (field {key!r})")
     if mixtral and not raw.get("num_local_experts"):
         raise ConfigError("missing field 'num_local_experts'")
+    if qwen3_moe:
+        _refuse_qwen3_moe(raw)
     mistral = named("MistralForCausalLM", "mistral") or mixtral
     if raw.get("use_sliding_window") or (raw.get("sliding_window") and not mistral
-                                         and raw.get("model_type") not in ("qwen2", "qwen3")):
+                                         and raw.get("model_type") not in
+                                         ("qwen2", "qwen3", "qwen3_moe")):
         raise ConfigError("sliding-window attention is not supported (field 'sliding_window')")
     if any(t != "full_attention" for t in raw.get("layer_types") or []):
         raise ConfigError("layers other than full attention are not supported (field "
@@ -276,6 +292,32 @@ def _refuse_unsupported(raw: dict) -> None:
         raise ConfigError("MLP biases are not supported (field 'mlp_bias')")
     if raw.get("pretraining_tp", 1) not in (1, None):
         raise ConfigError("pretraining_tp > 1 is not supported (field 'pretraining_tp')")
+
+
+def _expert_count(raw: dict):
+    """Experts per layer: Mixtral's num_local_experts, Qwen3-MoE's num_experts (transformers 5
+    writes it as num_local_experts); two different values are refused."""
+    counts = {raw[k] for k in ("num_experts", "num_local_experts") if raw.get(k) is not None}
+    if len(counts) > 1:
+        raise ConfigError(f"num_experts and num_local_experts differ ({sorted(counts)})")
+    return counts.pop() if counts else None
+
+
+def _refuse_qwen3_moe(raw: dict) -> None:
+    """Qwen3-MoE as the spec implements it: every layer sparse, the top-k weights renormalized
+    (the spec's softmax over the selected experts), no shared expert."""
+    if _expert_count(raw) is None:
+        raise ConfigError("missing field 'num_experts'")
+    if raw.get("norm_topk_prob") is not True:
+        raise ConfigError("Qwen3-MoE without norm_topk_prob (top-k weights not renormalized) is "
+                          "not supported (field 'norm_topk_prob')")
+    if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
+        raise ConfigError("Qwen3-MoE with dense layers is not supported (fields "
+                          "'decoder_sparse_step', 'mlp_only_layers')")
+    if raw.get("shared_expert_intermediate_size"):
+        raise ConfigError("shared experts are not supported (field "
+                          "'shared_expert_intermediate_size')")
+    _int(raw, "moe_intermediate_size")
 
 
 def _rope_fields(raw: dict) -> dict:
@@ -295,7 +337,7 @@ def _attention_bias(raw: dict, family: str) -> bool:
         return True  # Qwen2 always has q/k/v biases and none on o_proj
     if raw.get("attention_bias"):
         name = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral",
-                "mixtral": "Mixtral"}[family]
+                "mixtral": "Mixtral", "qwen3_moe": "Qwen3-MoE"}[family]
         raise ConfigError(f"{name} attention_bias is not supported (field 'attention_bias')")
     return False
 

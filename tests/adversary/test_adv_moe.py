@@ -6,7 +6,7 @@ verifier derives each challenged token's routing from the router's Freivalds-che
 (never from the opening), checks every selected expert's matmuls with that expert's secret rows
 and recomputes the combination: a wrong expert fails its Freivalds check (freivalds_gate_up), a
 wrong combination breaks the residual chain (residual_chain). The honest engine is accepted at
-every tier."""
+every tier. Mixtral and Qwen3-MoE alike."""
 
 from __future__ import annotations
 
@@ -25,9 +25,10 @@ HONEST_ROUTE = ops.moe_route
 HONEST_COMBINE = ops.moe_combine
 
 
-@pytest.fixture(scope="module")
-def world(tiny_mixtral) -> World:
-    w = World(quantized(tiny_mixtral))
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+def world(request) -> World:
+    """Each MoE family's tiny model (Qwen3-MoE: the same routing under Qwen3's q/k norm)."""
+    w = World(quantized(request.getfixturevalue(f"tiny_{request.param}")))
     assert w.qm.cfg.moe and w.qm.cfg.num_experts == 4 and w.qm.cfg.experts_per_token == 2
     return w
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from ..checkpoint import expert_names
 from ..config import ModelConfig
 from .profiles import Profile
 from .quant import quantize_rows
@@ -103,7 +104,8 @@ class QuantizedModel:
                 return None
             p = f"layers.{i}."
             return QExperts(_get(t, p + "router"),
-                            tuple(_get(t, p + f"experts.{e}.gate_up") for e in range(cfg.num_experts)),
+                            tuple(_get(t, p + f"experts.{e}.gate_up")
+                                  for e in range(cfg.num_experts)),
                             tuple(_get(t, p + f"experts.{e}.down") for e in range(cfg.num_experts)))
 
         dense = lambda i, m: None if cfg.moe else _get(t, f"layers.{i}.{m}")  # noqa: E731
@@ -184,14 +186,12 @@ def quantize_model(cfg: ModelConfig, t: dict[str, np.ndarray], profile: Profile)
     return model
 
 
-def _quantize_experts(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QExperts:
-    m = p + "block_sparse_moe."
-    ex = [m + f"experts.{e}." for e in range(cfg.num_experts)]
+def _quantize_experts(cfg: ModelConfig, t: dict, layer: int, qmax: int) -> QExperts:
+    router, ex = expert_names(cfg, layer)
     return QExperts(
-        QLinear.from_float(t[m + "gate.weight"], qmax),
-        tuple(QLinear.from_float(np.concatenate([t[x + "w1.weight"], t[x + "w3.weight"]]), qmax)
-              for x in ex),
-        tuple(QLinear.from_float(t[x + "w2.weight"], qmax) for x in ex))
+        QLinear.from_float(t[router], qmax),
+        tuple(QLinear.from_float(np.concatenate([t[gate], t[up]]), qmax) for gate, up, _ in ex),
+        tuple(QLinear.from_float(t[down], qmax) for _, _, down in ex))
 
 
 def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
@@ -203,7 +203,8 @@ def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
         qkv_b = np.concatenate([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
     mlp = {}
     if cfg.moe:
-        mlp = dict(gate_up=None, down=None, experts=_quantize_experts(cfg, t, p, qmax))
+        layer = int(p.split(".")[2])  # p is model.layers.<i>.
+        mlp = dict(gate_up=None, down=None, experts=_quantize_experts(cfg, t, layer, qmax))
     else:
         gate_up = np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
         mlp = dict(gate_up=QLinear.from_float(gate_up, qmax),
