@@ -1,9 +1,10 @@
-"""A short coverage-guided fuzz run (atheris) of every target in the default suite: no crash, no
+"""A short coverage-guided fuzz run (atheris) of the fuzz targets: no crash, no
 accepted forgery. The long run is `python bench/fuzz.py --seconds N` (bench/results/fuzz.md).
 
 Each run is its own process (libFuzzer ends the process it runs in). The structured `verify`
 target runs under every profile (w8a16 by default, the others -m slow); the raw-bytes targets
-under w8a16 (the parsers do not depend on the profile). Inputs per run:
+under w8a16 (the parsers do not depend on the profile; challenge and request: -m slow, their
+parsers' cases are in test_adv_typed.py and test_adv_request.py). Inputs per run:
 ADVERSARY_ATHERIS_RUNS (default 600).
 """
 
@@ -24,7 +25,8 @@ RUNS = int(os.environ.get("ADVERSARY_ATHERIS_RUNS", "600"))
 SLOW = [pytest.mark.slow]  # the other profiles' verify runs: -m slow (bench/fuzz.py runs all)
 CASES = [("verify", "w8a16"), pytest.param("verify", "a8", marks=SLOW),
          pytest.param("verify", "w16a16", marks=SLOW), ("container", "w8a16"),
-         ("receipt", "w8a16"), ("challenge", "w8a16"), ("request", "w8a16")]
+         ("receipt", "w8a16"), pytest.param("challenge", "w8a16", marks=SLOW),
+         pytest.param("request", "w8a16", marks=SLOW)]
 
 
 @pytest.fixture(scope="module")

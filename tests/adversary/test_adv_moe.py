@@ -25,7 +25,9 @@ HONEST_ROUTE = ops.moe_route
 HONEST_COMBINE = ops.moe_combine
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe"])
+# Qwen3-MoE's routing is Mixtral's (its honest round trip at every tier: test_protocol.py): -m slow
+@pytest.fixture(scope="module", params=["mixtral", pytest.param("qwen3_moe",
+                                                                marks=pytest.mark.slow)])
 def world(request) -> World:
     """Each MoE family's tiny model (Qwen3-MoE: the same routing under Qwen3's q/k norm)."""
     w = World(quantized(request.getfixturevalue(f"tiny_{request.param}")))
@@ -120,7 +122,7 @@ WEIGHT_CHEATS = {
 }
 
 
-@pytest.mark.parametrize("tier", ["routine", "full"])
+@pytest.mark.parametrize("tier", ["routine", pytest.param("full", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("cheat", sorted(WEIGHT_CHEATS))
 def test_wrong_combination_weights_rejected(world, cheat, tier):
     """The right experts and accumulators, combined with other weights: the layer's committed

@@ -38,9 +38,10 @@ def _prefill(qm, ids):
         assert_bits_equal(a, b, "residual")
 
 
-# llama_tied_scaled differs from llama only outside the kernels (RoPE tables, a tied head): -m slow
+# llama_tied_scaled differs from llama only outside the kernels (RoPE tables, a tied head),
+# qwen3_moe is qwen3's head norms + mixtral's experts, both run: -m slow
 @pytest.mark.parametrize("tiny_checkpoint", [
-    pytest.param(k, marks=[pytest.mark.slow] if k == "llama_tied_scaled" else [])
+    pytest.param(k, marks=[pytest.mark.slow] if k in ("llama_tied_scaled", "qwen3_moe") else [])
     for k in sorted(TINY_KINDS)], indirect=True)
 def test_tiny_models_prefill_equal_torch(tiny_checkpoint):
     qm = _quantized(tiny_checkpoint, "w8a16")
