@@ -1,8 +1,10 @@
 """Protocol costs at Llama-3.1-8B and Llama-3.1-70B layer shapes, against the published CommitLLM
 figures: verifier time, opening size, commitment overhead, retained state, re-execution time;
-and at Mixtral-8x7B's (`--shapes mixtral`, results in anchors_moe.*: 8 experts of MLP 14336,
-2 per token, vocabulary 32000, 32 layers), the mixture-of-experts family's cost per challenged
-token (the router and the two selected experts' matmuls by Freivalds, the routing replayed).
+and at Mixtral-8x7B's and Qwen3-30B-A3B's (`--shapes mixtral,qwen3-moe`, results in
+anchors_moe.*: 8 experts of MLP 14336, 2 per token, vocabulary 32000, 32 layers; 128 experts of
+768, 8 per token, head_dim 128 with q/k norm, vocabulary 151936, 48 layers), the
+mixture-of-experts families' cost per challenged token (the router and the selected experts'
+matmuls by Freivalds, the routing replayed).
 
 Each shape is built with its exact layer dimensions (8B: hidden 4096, 32 heads, 8 K/V heads, MLP
 14336; 70B: hidden 8192, 64 heads, 8 K/V heads, MLP 28672; vocabulary 128256; Llama-3.1 RoPE) and
@@ -72,6 +74,13 @@ SHAPES = {  # Llama-3.1 layer shapes; "tiny" is for the smoke test only
                 "layers": 32, "experts": 8, "top_k": 2},
     "tiny-moe": {"hidden": 64, "heads": 4, "kv_heads": 2, "mlp": 48, "vocab": 512, "layers": 12,
                  "experts": 4, "top_k": 2},
+    # Qwen3-30B-A3B: 128 experts of width 768, 8 per token, head_dim 128, q/k norm
+    "qwen3-moe": {"hidden": 2048, "heads": 32, "kv_heads": 4, "head_dim": 128, "mlp": 768,
+                  "vocab": 151936, "layers": 48, "experts": 128, "top_k": 8,
+                  "family": "qwen3_moe"},
+    "tiny-qwen3-moe": {"hidden": 64, "heads": 4, "kv_heads": 2, "head_dim": 24, "mlp": 32,
+                       "vocab": 512, "layers": 12, "experts": 8, "top_k": 3,
+                       "family": "qwen3_moe"},
 }
 
 # The published CommitLLM figures (verifier: Freivalds and SiLU only, no attention).
@@ -101,6 +110,16 @@ def llama_config(shape: str, layers: int):
     from commitllm.verifier.config import ModelConfig
 
     s = SHAPES[shape]
+    if s.get("family") == "qwen3_moe":
+        return ModelConfig.from_dict({
+            "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": s["hidden"],
+            "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
+            "head_dim": s["head_dim"], "intermediate_size": 6144,
+            "moe_intermediate_size": s["mlp"], "vocab_size": s["vocab"],
+            "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
+            "max_position_embeddings": 40960, "tie_word_embeddings": True, "bos_token_id": 0,
+            "eos_token_id": 1, "num_experts": s["experts"], "num_experts_per_tok": s["top_k"],
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
     if "experts" in s:
         return ModelConfig.from_dict({
             "architectures": ["MixtralForCausalLM"], "hidden_size": s["hidden"],
@@ -143,8 +162,10 @@ def random_model(cfg, profile_name: str = "w8a16", seed: int = 0):
             lin(n, h, wq), tuple(lin(2 * f, h, wq) for _ in range(n)),
             tuple(lin(h, f, wq) for _ in range(n)))}
 
+    d1 = np.ones(cfg.head_dim, dtype=np.float32)
+    norms = {"q_norm": d1, "k_norm": d1} if cfg.qk_norm else {}
     layers = tuple(QLayer(ones, lin(cfg.q_size + 2 * cfg.kv_size, h, wq), lin(h, cfg.q_size, wq),
-                          ones, **mlp()) for _ in range(cfg.num_layers))
+                          ones, **mlp(), **norms) for _ in range(cfg.num_layers))
     head = lin(cfg.vocab_size, h, prof.head_qmax)
     qm = QuantizedModel(cfg, prof, head, layers, ones, head)
     check_shapes(qm)
@@ -282,7 +303,8 @@ def _depths(d: dict) -> str:
 
 
 def render_md(d: dict) -> str:
-    names = {"8b": "Llama-3.1-8B", "70b": "Llama-3.1-70B", "mixtral": "Mixtral-8x7B"}
+    names = {"8b": "Llama-3.1-8B", "70b": "Llama-3.1-70B", "mixtral": "Mixtral-8x7B",
+             "qwen3-moe": "Qwen3-30B-A3B"}
     title = " / ".join(names.get(s, s) for s in d["settings"]["shapes"])
     return "\n\n".join([f"# Protocol costs at {title} layer shapes",
                         provenance_md(d["provenance"]), _settings_md(d), summary_md(d),
@@ -504,7 +526,8 @@ def plot(d: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colors = {"8b": "tab:blue", "70b": "tab:red", "mixtral": "tab:green", "tiny": "tab:gray"}
+    colors = {"8b": "tab:blue", "70b": "tab:red", "mixtral": "tab:green", "qwen3-moe": "tab:purple",
+              "tiny": "tab:gray"}
     markers = {"routine": "o", "full": "s"}
     for s in d["shapes"]:
         col = colors.get(s["shape"], "k")
@@ -651,7 +674,7 @@ def _compare_one(rng, name: str, m: int, n: int, k: int, runs: int) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="8b,70b",
-                    help="comma list of 8b, 70b, or mixtral alone (its results go to "
+                    help="comma list of 8b, 70b, or of mixtral, qwen3-moe (their results go to "
                          "anchors_moe.*; tiny, tiny-moe: tests)")
     ap.add_argument("--contexts", default="128,1024,4096", help="trace positions per receipt")
     ap.add_argument("--max-context-70b", type=int, default=1024,

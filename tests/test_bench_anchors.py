@@ -84,21 +84,23 @@ def test_anchors_pipeline_tiny_moe(tmp_path):
     out = tmp_path / "results"
     (out).mkdir()
     (out / "anchors.json").write_text("{}")
-    rc = anchors.main(["--shapes", "tiny-moe", "--contexts", "12", "--gen-tokens", "3",
-                       "--deep-max", "12", "--verify-runs", "1", "--gen-threads", "1",
-                       "--out", str(out)])
+    rc = anchors.main(["--shapes", "tiny-moe,tiny-qwen3-moe", "--contexts", "12",
+                       "--gen-tokens", "3", "--deep-max", "12", "--verify-runs", "1",
+                       "--gen-threads", "1", "--out", str(out)])
     assert rc == 0 and (out / "anchors.json").read_text() == "{}"
     d = json.loads((out / "anchors_moe.json").read_text())
-    assert "Protocol costs at tiny-moe" in (out / "anchors_moe.md").read_text()
-    (s,) = d["shapes"]
-    tiers = s["contexts"][0]["tiers"]
-    assert set(tiers) == {"routine", "full", "deep"} and all(t["accepted"] for t in tiers.values())
-    cfg = anchors.llama_config("tiny-moe", 1)
-    assert cfg.moe and (cfg.num_experts, cfg.experts_per_token) == (4, 2)
-    # per challenged (layer, position): qkv, o, router, and 2 x (gate_up + down) accumulators
-    per = 8 * (cfg.q_size + 2 * cfg.kv_size + 64 + 4 + 2 * (2 * 48 + 64))
-    f = tiers["full"]
-    assert f["breakdown_bytes"]["layer_acc"] == per * f["positions"] * f["layers"]
+    assert "Protocol costs at tiny-moe / tiny-qwen3-moe" in (out / "anchors_moe.md").read_text()
+    for s, (fam, experts, k, f) in zip(d["shapes"], [("mixtral", 4, 2, 48),
+                                                      ("qwen3_moe", 8, 3, 32)]):
+        tiers = s["contexts"][0]["tiers"]
+        assert set(tiers) == {"routine", "full", "deep"}
+        assert all(t["accepted"] for t in tiers.values())
+        cfg = anchors.llama_config(s["shape"], 1)
+        assert (cfg.family, cfg.num_experts, cfg.experts_per_token) == (fam, experts, k)
+        # per challenged (layer, position): qkv, o, router, and k x (gate_up + down)
+        per = 8 * (cfg.q_size + 2 * cfg.kv_size + 64 + experts + k * (2 * f + 64))
+        full = tiers["full"]
+        assert full["breakdown_bytes"]["layer_acc"] == per * full["positions"] * full["layers"]
 
 
 def test_anchors_rejects_bad_arguments(capsys):
