@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from advworld import Provider, World, assert_rejected, quantized
+from test_adv_moe import _weights as _spec_weights
 
 from commitllm.engine.exact import ops
 from commitllm.engine.exact.model import ExactModel, TorchExperts
@@ -58,14 +59,6 @@ def _with_layers(qm, fn, cfg=None):
     """qm with every layer's experts replaced by fn(experts)."""
     layers = tuple(replace(layer, experts=fn(layer.experts)) for layer in qm.layers)
     return replace(qm, layers=layers, cfg=cfg or qm.cfg)
-
-
-def _spec_weights(logits, sel):
-    masked = torch.full_like(logits, -1e30)
-    masked.scatter_(1, sel, logits.gather(1, sel))
-    got, g = HONEST_ROUTE(masked, sel.shape[1])
-    assert torch.equal(got, sel)
-    return g
 
 
 # --- the opening's layout: shapes, counts, dtypes, extra fields ----------------------------------
