@@ -11,7 +11,9 @@ Steps (each under its own time box; one over its box is stopped between cases an
   exactness  every Triton kernel at every config it can launch against the numpy spec with `==`
              (dtype, shape, every byte), awkward and Llama-3-8B shapes, 16- and 8-bit profiles
   receipts   random-weight checkpoints built on the spot (SmolLM2-135M shapes; Llama-3-8B layer
-             shapes, 2 layers): Triton backend on the device vs the torch exact engine on the CPU,
+             shapes, 2 layers; a small Mixtral, 8 experts of 2816, top 2, 4 layers: the routing
+             and combination on the device): Triton backend on the device vs the torch exact
+             engine on the CPU,
              receipts and openings byte-identical, the device's openings verified on the CPU
   timings    triton.testing.do_bench medians: GEMM vs torch._int_mm and cuBLAS bf16, attention vs
              bf16 SDPA, row kernels by their bytes; TB/s, TOPS, share of HBM peak, roofline floor
@@ -89,6 +91,8 @@ class ModelSpec:
     llama3_rope: bool = False
     max_pos: int = 8192
     std: float = 0.02
+    experts: int = 0  # Mixtral: experts per layer (each of width inter), 0 for a dense MLP
+    top_k: int = 0  # Mixtral: experts per token
 
 
 @dataclass
@@ -125,6 +129,10 @@ class Plan:
 SMOLLM2 = ModelSpec("smollm2-135m-shapes", 576, 1536, 30, 9, 3, 64, 49152, True, 100000.0)
 LLAMA8B = ModelSpec("llama3-8b-shapes-2-layers", 4096, 14336, 2, 32, 8, 128, 128256, False,
                     500000.0, llama3_rope=True)
+# Mixtral's routing and experts on the kernels: 8 experts of 2816, top 2 (a small MoE: the
+# kernels' shapes are the GEMM cases above; this checks the routing and combination bits)
+MIXTRAL = ModelSpec("mixtral-8x2816-4-layers", 1024, 2816, 4, 16, 4, 64, 32000, False, 1e6,
+                    experts=8, top_k=2)
 
 FULL = Plan(
     boxes=dict(env=30, exactness=140, receipts=170, timings=50, e2e=100),
@@ -140,7 +148,8 @@ FULL = Plan(
     attn_prefill=((40, 40, 9, 3, 64), (7, 130, 5, 1, 24), (512, 512, 32, 8, 128),
                   (64, 4096, 32, 8, 128)),
     attn_splits=(None, 1, 3),
-    models=(SMOLLM2, LLAMA8B), receipt_cases=((1, False), (1, True), (8, False), (8, True)),
+    models=(SMOLLM2, LLAMA8B, MIXTRAL),
+    receipt_cases=((1, False), (1, True), (8, False), (8, True)),
     receipt_tokens=64, receipt_prompt=24, bench_tokens=(1, 16, 512), bench_seq=4096,
     e2e_batches=(1, 8, 32), e2e_tokens=64, e2e_prompt=32, ttft_prompts=(512, 2048),
 )
@@ -154,9 +163,12 @@ DRY = Plan(
     models=(ModelSpec("smollm2-tiny", 48, 64, 2, 3, 1, 16, 96, True, 100000.0, max_pos=256,
                       std=0.2),
             ModelSpec("llama3-tiny", 64, 96, 1, 4, 2, 16, 128, False, 500000.0,
-                      llama3_rope=True, max_pos=256, std=0.2)),
+                      llama3_rope=True, max_pos=256, std=0.2),
+            ModelSpec("mixtral-tiny", 64, 48, 1, 4, 2, 16, 128, False, 1e6, max_pos=256,
+                      std=0.2, experts=4, top_k=2)),
     receipt_cases=((2, True), (1, False)), receipt_tokens=2, receipt_prompt=4,
-    receipt_cases_per_model=(((2, True),), ((1, False),)), bench_tokens=(1,), bench_seq=64,
+    receipt_cases_per_model=(((2, True),), ((1, False),), ((2, True),)), bench_tokens=(1,),
+    bench_seq=64,
     e2e_batches=(2,), e2e_tokens=2,
     e2e_prompt=3, ttft_prompts=(6,), e2e_models=1, bench_rows=True, tiny_timings=True,
     profiles=("w8a16", "a8"),
@@ -663,6 +675,11 @@ def model_config(spec: ModelSpec) -> dict:
         cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0,
                                "original_max_position_embeddings": min(8192, spec.max_pos // 8)}
+    if spec.experts:
+        cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral",
+                   num_local_experts=spec.experts, num_experts_per_tok=spec.top_k,
+                   sliding_window=None)
+        del cfg["mlp_bias"]
     return cfg
 
 
@@ -672,23 +689,14 @@ def write_checkpoint(spec: ModelSpec, folder: Path, device: str) -> dict:
     import torch
     from safetensors.torch import save_file
 
+    from commitllm.verifier.checkpoint import expected_shapes
+    from commitllm.verifier.config import ModelConfig
+
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(model_config(spec), indent=1))
+    raw = model_config(spec)
+    (folder / "config.json").write_text(json.dumps(raw, indent=1))
     g = torch.Generator(device=device).manual_seed(0)
-    h, f, d = spec.hidden, spec.inter, spec.head_dim
-    shapes = {"model.embed_tokens.weight": (spec.vocab, h), "model.norm.weight": (h,)}
-    if not spec.tied:
-        shapes["lm_head.weight"] = (spec.vocab, h)
-    for i in range(spec.layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,),
-                       p + "self_attn.q_proj.weight": (spec.heads * d, h),
-                       p + "self_attn.k_proj.weight": (spec.kv_heads * d, h),
-                       p + "self_attn.v_proj.weight": (spec.kv_heads * d, h),
-                       p + "self_attn.o_proj.weight": (h, spec.heads * d),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
+    shapes = expected_shapes(ModelConfig.from_dict(raw))  # every tensor the loader reads
     tensors = {}
     for name, shape in shapes.items():
         x = torch.randn(shape, generator=g, device=device, dtype=torch.float32)

@@ -47,7 +47,7 @@ def test_dry_run_through_the_wrapper(tmp_path):
                        "attention prefill window"}
     assert {c["width"] for c in ex if c["kernel"] == "rmsnorm_quant"} == {32639, 127}
     runs = st["receipts"]["runs"]
-    assert {r["model"] for r in runs} == {"smollm2-tiny", "llama3-tiny"}
+    assert {r["model"] for r in runs} == {"smollm2-tiny", "llama3-tiny", "mixtral-tiny"}
     assert {r["sampling"] for r in runs} == {"greedy", "sampled"}
     for r in runs:
         assert r["tokens_equal"] and r["receipts_identical"] == r["receipts"] == r["batch"]
