@@ -128,7 +128,7 @@ class ReferenceModel:
         a = self._attention(q, k, v)  # [B, T, nh*d]
         x = x + F.linear(a, self.weights[p + "self_attn.o_proj.weight"])
         h = _rms_norm(x, self.weights[p + "post_attention_layernorm.weight"], eps)
-        return x + self._mlp(p, h), k, v
+        return x + self._mlp(i, h), k, v
 
     def _qkv(self, p: str, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Projections, head split and RoPE. h [B, T, H] -> q [B, nh, T, d], k, v [B, kvh, T, d]."""
@@ -163,11 +163,12 @@ class ReferenceModel:
         out = torch.matmul(probs, v)  # [B, nh, T, d]
         return out.transpose(1, 2).reshape(b, t, -1)
 
-    def _mlp(self, p: str, h: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU: down(silu(gate(h)) * up(h)). [B, T, H] -> [B, T, H]; Mixtral: the router's
         softmax over every expert, the top k renormalized, each token through its k experts."""
         if self.cfg.moe:
-            return self._experts(int(p.split(".")[2]), h)
+            return self._experts(i, h)
+        p = f"model.layers.{i}."
         gate = F.linear(h, self.weights[p + "mlp.gate_proj.weight"])  # [B, T, F]
         up = F.linear(h, self.weights[p + "mlp.up_proj.weight"])
         return F.linear(F.silu(gate) * up, self.weights[p + "mlp.down_proj.weight"])

@@ -88,9 +88,16 @@ def _linear(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, code: str,
     Every |z| is checked against K * qmax_x * qmax_w (< 2^53) by freivalds.dot before any
     residue is trusted (its OverflowError is the rejection)."""
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
-    if z.dtype != np.int64 or z.shape != (x.shape[0], len(ctx.key.arrays[f"{label}.s"])):
+    return _linear_q(ctx, label, qx, sx, z, code, resid)
+
+
+def _linear_q(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, z: np.ndarray, code: str,
+              resid: np.ndarray | None = None) -> np.ndarray:
+    """_linear on an input already quantized (qx, sx): several linears that read the same rows
+    (a MoE layer's router and experts) quantize them once."""
+    if z.dtype != np.int64 or z.shape != (qx.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
-    bound = x.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
+    bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
     try:
         _freivalds(ctx, label, qx, z, bound, code)
     except OverflowError:
@@ -167,22 +174,21 @@ def _replay_experts(ctx: Ctx, l: int, m: np.ndarray, zs: dict, h: np.ndarray) ->
     rows; returns h + the combination."""
     cfg = ctx.cfg
     f, k = cfg.intermediate_size, cfg.experts_per_token
-    r = _linear(ctx, f"layers.{l}.router", m, zs["router"], "freivalds_router")
-    t0 = time.perf_counter()
+    qm, sm = quantize_rows(m, ctx.profile.act_qmax)  # once: the router and every expert read it
+    r = _linear_q(ctx, f"layers.{l}.router", qm, sm, zs["router"], "freivalds_router")
     try:
-        sel, g = moe.route(r, k)
+        sel, g = moe.route(r, k)  # (its time: "rest", by the layer's span)
     except FloatingPointError as e:
         raise Reject("nonfinite", f"layer {l}: router logits ({e})") from None
-    ctx.timer.add("rest", t0)
     outs = np.zeros((m.shape[0], k, cfg.hidden_size), np.float32)
     for e in np.unique(sel):
         rows, slot = np.nonzero(sel == e)
         p = f"layers.{l}.experts.{int(e)}."
-        gu = _linear(ctx, p + "gate_up", m[rows], np.ascontiguousarray(zs["gate_up"][rows, slot]),
-                     "freivalds_gate_up")
+        gu = _linear_q(ctx, p + "gate_up", qm[rows], sm[rows], zs["gate_up"][rows, slot],
+                       "freivalds_gate_up")  # (fancy indexing: contiguous copies)
         act = swiglu(gu[:, :f], gu[:, f:])
-        outs[rows, slot] = _linear(ctx, p + "down", act,
-                                   np.ascontiguousarray(zs["down"][rows, slot]), "freivalds_down")
+        outs[rows, slot] = _linear(ctx, p + "down", act, zs["down"][rows, slot],
+                                   "freivalds_down")
     return (h + moe.combine(outs, g)).astype(np.float32)
 
 

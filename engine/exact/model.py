@@ -76,8 +76,7 @@ class TorchExperts:
         self.down = [TorchLinear(lin, wq) for lin in ex.down]
 
     @staticmethod
-    def _apply(lin: TorchLinear, x: torch.Tensor, aq: int):
-        qx, sx = lin.quantize(x, aq)
+    def _apply(lin: TorchLinear, qx: torch.Tensor, sx: torch.Tensor, aq: int):
         z = lin.accumulate(qx, aq)
         return ops.dequantize(z, sx, lin.scale, lin.bias), z
 
@@ -96,11 +95,12 @@ class TorchExperts:
         f2 = 2 * cfg.intermediate_size
         gu_z = torch.empty((t, k, f2), dtype=torch.int64) if tr is not None else None
         dn_z = torch.empty((t, k, hid), dtype=torch.int64) if tr is not None else None
+        qm, sm = self.gate_up[0].quantize(m, aq)  # once (per row): every expert reads it
         for e in torch.unique(sel).tolist():  # each expert once, over the rows that chose it
             rows, slot = (sel == e).nonzero(as_tuple=True)
-            gu, z1 = self._apply(self.gate_up[e], m[rows], aq)
+            gu, z1 = self._apply(self.gate_up[e], qm[rows], sm[rows], aq)
             a = ops.swiglu(gu[:, :f], gu[:, f:])
-            y, z2 = self._apply(self.down[e], a, aq)
+            y, z2 = self._apply(self.down[e], *self.down[e].quantize(a, aq), aq)
             outs[rows, slot], act[rows, slot] = y, a
             if tr is not None:
                 gu_z[rows, slot], dn_z[rows, slot] = self.full(self.gate_up[e], z1), z2

@@ -124,22 +124,20 @@ class TritonExperts:
         self.down = [TritonLinear(lin, wq, device) for lin in ex.down]
 
     def __call__(self, cfg, qm, sm, h, step: _Step, tr: dict | None, aq: int):
-        """(act fp32 [T, k, F], h + y fp32 [T, H]) from the MLP input quantized (qm, sm)."""
-        f, k, t, hid = cfg.intermediate_size, cfg.experts_per_token, qm.shape[0], cfg.hidden_size
+        """(act fp32 [T, k, F], h + y fp32 [T, H]) from the MLP input quantized (qm, sm); act:
+        the intermediate columns this device computes."""
+        k, t, hid, keep = cfg.experts_per_token, qm.shape[0], cfg.hidden_size, tr is not None
         sel, g = ops.moe_route(self.router(qm, sm, tr, "router"), k)
-        dev = qm.device
+        dev, f = qm.device, self.gate_up[0].scale.shape[0] // 2
         outs = torch.empty((t, k, hid), dtype=torch.float32, device=dev)
         act = torch.empty((t, k, f), dtype=torch.float32, device=dev)
-        keep = tr is not None
-        gu_z = torch.empty((t, k, 2 * f), dtype=torch.int64, device=dev) if keep else None
-        dn_z = torch.empty((t, k, hid), dtype=torch.int64, device=dev) if keep else None
+        if keep:
+            gu_z = torch.empty((t, k, 2 * cfg.intermediate_size), dtype=torch.int64, device=dev)
+            dn_z = torch.empty((t, k, hid), dtype=torch.int64, device=dev)
         for e in torch.unique(sel).tolist():  # each expert once, over the rows that chose it
             rows, slot = (sel == e).nonzero(as_tuple=True)
-            qx, sx = qm[rows].contiguous(), sm[rows].contiguous()
-            gu, z1 = gemm.linear(qx, self.gate_up[e].planes, sx, self.gate_up[e].scale,
-                                 trace=keep)
-            a, qa, sa = swiglu_quant.swiglu_quant(gu, aq, store_act=True)
-            y, z2 = gemm.linear(qa, self.down[e].planes, sa, self.down[e].scale, trace=keep)
+            a, y, z1, z2, sa = self._expert(e, qm[rows].contiguous(), sm[rows].contiguous(), aq,
+                                            keep)
             step.scales.append(sa)
             outs[rows, slot], act[rows, slot] = y, a
             if keep:
@@ -147,6 +145,14 @@ class TritonExperts:
         if keep:
             tr.update({"gate_up.z": gu_z, "down.z": dn_z, "experts.sel": sel, "experts.g": g})
         return act, h + ops.moe_combine(outs, g)
+
+    def _expert(self, e: int, qx, sx, aq: int, keep: bool):
+        """Expert e on the rows (qx, sx): (act, y, gate_up z, down z, act scales); the z's
+        full-width (tensor parallelism gathers and sums them), None untraced."""
+        gu, z1 = gemm.linear(qx, self.gate_up[e].planes, sx, self.gate_up[e].scale, trace=keep)
+        a, qa, sa = swiglu_quant.swiglu_quant(gu, aq, store_act=True)
+        y, z2 = gemm.linear(qa, self.down[e].planes, sa, self.down[e].scale, trace=keep)
+        return a, y, z1, z2, sa
 
 
 def head_normed(qkv: torch.Tensor, q_norm, k_norm, nh: int, nkv: int, eps: float, qmax: int):

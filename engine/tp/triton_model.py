@@ -24,14 +24,14 @@ from ...kernels import gemm, rmsnorm_quant, rope_quant, swiglu_quant
 from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QuantizedModel
 from ..exact import ops
-from ..exact.triton_backend import (TritonLinear, TritonModel, _device_norms, _TritonLayer,
-                                    head_normed)
+from ..exact.triton_backend import (TritonExperts, TritonLinear, TritonModel, _device_norms,
+                                    _TritonLayer, head_normed)
 from .comm import Comm
 from .model import TPModel, gather_columns, gather_vocab
 from .shard import Plan, cols, layer_spans, rows
 
 
-class _TPTritonExperts:
+class _TPTritonExperts(TritonExperts):
     """A Mixtral MLP on the rank's columns of every expert, as the dense MLP is split: the router
     (replicated) on the quantized MLP input, so every rank picks the same experts and runs their
     collectives in the same order; each expert's gate_up GEMM on its rank rows, SwiGLU, the
@@ -39,37 +39,20 @@ class _TPTritonExperts:
 
     def __init__(self, ex, wq: int, cfg, p: Plan, comm: Comm, device: torch.device):
         span, lo = layer_spans(cfg, p)["gate_up"], p.rank * p.ffn
-        self.comm, self.parts, self.ffn = comm, [p.ffn, p.ffn], p.ffn
+        self.comm, self.parts = comm, [p.ffn, p.ffn]
         self.router = TritonLinear(ex.router, wq, device)
         self.gate_up = [TritonLinear(rows(lin, span), wq, device) for lin in ex.gate_up]
         self.down = [TritonLinear(cols(lin, lo, lo + p.ffn), wq, device) for lin in ex.down]
 
-    def __call__(self, cfg, qm, sm, h, step, tr: dict | None, aq: int) -> torch.Tensor:
-        """h + y fp32 [T, H]; traced: the router's and every slot's full-width accumulators."""
-        k, t, hid, keep = cfg.experts_per_token, qm.shape[0], cfg.hidden_size, tr is not None
-        sel, g = ops.moe_route(self.router(qm, sm, tr, "router"), k)
-        dev = qm.device
-        outs = torch.empty((t, k, hid), dtype=torch.float32, device=dev)
-        if keep:
-            gu_z = torch.empty((t, k, 2 * cfg.intermediate_size), dtype=torch.int64, device=dev)
-            dn_z = torch.empty((t, k, hid), dtype=torch.int64, device=dev)
-        for e in torch.unique(sel).tolist():  # each expert once, over the rows that chose it
-            rows_, slot = (sel == e).nonzero(as_tuple=True)
-            gu_lin, dn_lin = self.gate_up[e], self.down[e]
-            gu, z1 = gemm.linear(qm[rows_].contiguous(), gu_lin.planes, sm[rows_].contiguous(),
-                                 gu_lin.scale, trace=keep)
-            a, _, _ = swiglu_quant.swiglu_quant(gu, aq, store_act=True)
-            qa, sa = ops.quantize_rows(a, aq, self.comm.max_(ops.row_absmax(a)))
-            _, z2 = gemm.linear(qa, dn_lin.planes, sa, dn_lin.scale, trace=True)
-            z2 = self.comm.sum_(z2)
-            outs[rows_, slot] = ops.dequantize(z2, sa, dn_lin.scale, dn_lin.bias)
-            step.scales.append(sa)
-            if keep:
-                gu_z[rows_, slot] = gather_columns(self.comm, z1, self.parts)
-                dn_z[rows_, slot] = z2
-        if keep:
-            tr.update({"gate_up.z": gu_z, "down.z": dn_z, "experts.sel": sel, "experts.g": g})
-        return h + ops.moe_combine(outs, g)
+    def _expert(self, e: int, qx, sx, aq: int, keep: bool):
+        gu_lin, dn_lin = self.gate_up[e], self.down[e]
+        gu, z1 = gemm.linear(qx, gu_lin.planes, sx, gu_lin.scale, trace=keep)
+        a, _, _ = swiglu_quant.swiglu_quant(gu, aq, store_act=True)
+        qa, sa = ops.quantize_rows(a, aq, self.comm.max_(ops.row_absmax(a)))
+        _, z2 = gemm.linear(qa, dn_lin.planes, sa, dn_lin.scale, trace=True)
+        z2 = self.comm.sum_(z2)
+        y = ops.dequantize(z2, sa, dn_lin.scale, dn_lin.bias)
+        return a, y, gather_columns(self.comm, z1, self.parts) if keep else None, z2, sa
 
 
 class _TPTritonLayer(_TritonLayer):
@@ -121,7 +104,7 @@ class _TPTritonLayer(_TritonLayer):
         _, qm, sm = rmsnorm_quant.rmsnorm_quant(h, self.mlp_norm, eps, aq, store_y=False)
         step.scales += [sa, sq, sk, sv, so, sm]
         if self.experts is not None:
-            out = self.experts(cfg, qm, sm, h, step, tr, aq)
+            _, out = self.experts(cfg, qm, sm, h, step, tr, aq)
         else:
             gu = self._column("gate_up", qm, sm, tr)
             act, _, _ = swiglu_quant.swiglu_quant(gu, aq, store_act=True)

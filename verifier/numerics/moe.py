@@ -20,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 
 from .attention import LOGIT_CLAMP
-from .exp2 import LOGIT_FRAC_BITS, table_weights
+from .exp2 import LOGIT_FRAC_BITS, NEG_LOG2E, table_weights
 
 F32 = np.float32
-ROUTE_SCALE = F32(1.4426950408889634)  # f32(log2 e): natural-log logits to log2 units
+ROUTE_SCALE = -NEG_LOG2E  # f32(log2 e) (negation is exact): natural-log logits to log2 units
 # The rules by name, in the numerics constants (verifier/digest.py), so a key commits to them
 SELECT_RULE = "top-k of fp32 logits, equal logits to the lower index, selected kept ascending"
 COMBINE_RULE = "y = g0*e0, then y = y + gi*ei in ascending expert order, fp32, no fusion"

@@ -179,7 +179,7 @@ def quantize_model(cfg: ModelConfig, t: dict[str, np.ndarray], profile: Profile)
     qmax, hq = profile.weight_qmax, profile.head_qmax
     embed = QLinear.from_float(t["model.embed_tokens.weight"], hq)
     lm = embed if cfg.tie_word_embeddings else QLinear.from_float(t["lm_head.weight"], hq)
-    layers = tuple(_quantize_layer(cfg, t, f"model.layers.{i}.", qmax)
+    layers = tuple(_quantize_layer(cfg, t, i, qmax)
                    for i in range(cfg.num_layers))
     model = QuantizedModel(cfg, profile, embed, layers, _f32(t["model.norm.weight"]), lm)
     check_shapes(model)
@@ -194,7 +194,8 @@ def _quantize_experts(cfg: ModelConfig, t: dict, layer: int, qmax: int) -> QExpe
         tuple(QLinear.from_float(t[down], qmax) for _, _, down in ex))
 
 
-def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
+def _quantize_layer(cfg: ModelConfig, t: dict, i: int, qmax: int) -> QLayer:
+    p = f"model.layers.{i}."
     a = p + "self_attn."
     qkv_w = np.concatenate([t[a + "q_proj.weight"], t[a + "k_proj.weight"],
                             t[a + "v_proj.weight"]])
@@ -203,8 +204,7 @@ def _quantize_layer(cfg: ModelConfig, t: dict, p: str, qmax: int) -> QLayer:
         qkv_b = np.concatenate([t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]])
     mlp = {}
     if cfg.moe:
-        layer = int(p.split(".")[2])  # p is model.layers.<i>.
-        mlp = dict(gate_up=None, down=None, experts=_quantize_experts(cfg, t, layer, qmax))
+        mlp = dict(gate_up=None, down=None, experts=_quantize_experts(cfg, t, i, qmax))
     else:
         gate_up = np.concatenate([t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"]])
         mlp = dict(gate_up=QLinear.from_float(gate_up, qmax),
