@@ -106,35 +106,29 @@ COMMAND = "python bench/anchors.py"
 def llama_config(shape: str, layers: int):
     """A Llama-3.1 config with the shape's dimensions and `layers` layers (tied head: one 16-bit
     head matrix in memory instead of two; the verifier's LM-head check is the same); a Mixtral
-    config (rope_theta 1e6, no scaling, no window) for a shape with experts."""
+    config (rope_theta 1e6, no scaling, no window) or a Qwen3-MoE one for a shape with experts."""
     from commitllm.verifier.config import ModelConfig
 
     s = SHAPES[shape]
-    if s.get("family") == "qwen3_moe":
-        return ModelConfig.from_dict({
-            "architectures": ["Qwen3MoeForCausalLM"], "hidden_size": s["hidden"],
-            "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-            "head_dim": s["head_dim"], "intermediate_size": 6144,
-            "moe_intermediate_size": s["mlp"], "vocab_size": s["vocab"],
-            "num_hidden_layers": layers, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-            "max_position_embeddings": 40960, "tie_word_embeddings": True, "bos_token_id": 0,
-            "eos_token_id": 1, "num_experts": s["experts"], "num_experts_per_tok": s["top_k"],
-            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []})
+    base = {"hidden_size": s["hidden"], "num_attention_heads": s["heads"],
+            "num_key_value_heads": s["kv_heads"], "intermediate_size": s["mlp"],
+            "vocab_size": s["vocab"], "num_hidden_layers": layers, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1}
+    if s.get("family") == "qwen3_moe":  # Qwen3-30B-A3B's config.json fields
+        return ModelConfig.from_dict(base | {
+            "architectures": ["Qwen3MoeForCausalLM"], "head_dim": s["head_dim"],
+            "intermediate_size": 6144, "moe_intermediate_size": s["mlp"], "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6, "max_position_embeddings": 40960, "num_experts": s["experts"],
+            "num_experts_per_tok": s["top_k"], "norm_topk_prob": True, "decoder_sparse_step": 1,
+            "mlp_only_layers": []})
     if "experts" in s:
-        return ModelConfig.from_dict({
-            "architectures": ["MixtralForCausalLM"], "hidden_size": s["hidden"],
-            "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-            "intermediate_size": s["mlp"], "vocab_size": s["vocab"], "num_hidden_layers": layers,
-            "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 32768,
-            "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1,
-            "sliding_window": None, "num_local_experts": s["experts"],
-            "num_experts_per_tok": s["top_k"]})
-    return ModelConfig.from_dict({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": s["hidden"],
-        "num_attention_heads": s["heads"], "num_key_value_heads": s["kv_heads"],
-        "intermediate_size": s["mlp"], "vocab_size": s["vocab"], "num_hidden_layers": layers,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072,
-        "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 1,
+        return ModelConfig.from_dict(base | {
+            "architectures": ["MixtralForCausalLM"], "rope_theta": 1e6,
+            "max_position_embeddings": 32768, "sliding_window": None,
+            "num_local_experts": s["experts"], "num_experts_per_tok": s["top_k"]})
+    return ModelConfig.from_dict(base | {
+        "architectures": ["LlamaForCausalLM"], "rope_theta": 500000.0,
+        "max_position_embeddings": 131072,
         "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}})
 
