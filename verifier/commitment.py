@@ -18,6 +18,7 @@ import blake3
 import numpy as np
 
 from .digest import array_digest
+from . import merkle
 from .merkle import LEAF_PREFIX, MerkleTree, leaf_hash
 from .numerics.weights import QuantizedModel
 
@@ -70,15 +71,22 @@ def commit_model(qm: QuantizedModel) -> dict:
 
 def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:
     """leaf_hash(kind + <II layer, position>, row bytes of each array, little-endian) for every
-    position at once: arrays hold one row per position ([n, ...] each). The same bytes as
-    resid_leaf / kv_leaf, written into one preallocated [n, width] buffer (one copy per array,
-    byte order converted on the way) and hashed a row at a time from it."""
+    position at once: arrays hold one row per position ([n, ...] each). The compiled core hashes
+    the header and the arrays' rows where they lie (native.b3_rows); without it the same bytes
+    are written into one preallocated [n, width] buffer (one copy per array, byte order
+    converted on the way) and hashed a row at a time from it."""
     n = len(positions)
     if n == 0:
         return []
     head = LEAF_PREFIX + kind + struct.pack("<I", layer)
     parts = [np.asarray(a).reshape(n, -1) for a in arrays]
     off = len(head) + 4
+    core = merkle._core() if n >= merkle.NATIVE_MIN else None
+    if core is not None:
+        top = np.empty((n, off), np.uint8)
+        top[:, :len(head)] = np.frombuffer(head, np.uint8)
+        top[:, len(head):] = np.asarray(positions, dtype="<u4").reshape(n, 1).view(np.uint8)
+        return merkle.digests(core.b3_rows([top] + [_le_bytes(a) for a in parts]))
     w = off + sum(a.shape[1] * a.dtype.itemsize for a in parts)
     rows = np.empty((n, w), np.uint8)
     rows[:, :len(head)] = np.frombuffer(head, np.uint8)
@@ -89,6 +97,15 @@ def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:
         off += width
     mv, b3 = memoryview(rows).cast("B"), blake3.blake3
     return [b3(mv[i * w:(i + 1) * w]).digest() for i in range(n)]
+
+
+def _le_bytes(a: np.ndarray) -> np.ndarray:
+    """a [n, k] as uint8 [n, k * itemsize]: its rows' little-endian bytes, a view when the rows
+    are contiguous and little-endian already."""
+    le = a.dtype.newbyteorder("<")
+    if a.dtype != le or a.strides[1] != a.dtype.itemsize:
+        a = np.ascontiguousarray(a, dtype=le)
+    return a.view(np.uint8) if a.shape[1] else np.empty((a.shape[0], 0), np.uint8)
 
 
 def resid_leaf(layer: int, pos: int, x: np.ndarray) -> bytes:

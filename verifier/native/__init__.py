@@ -27,12 +27,13 @@ import numpy as np
 
 from ..numerics.quant import split_planes
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c",
+                                                             "hash.c"))
 HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag with the sources
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 6
+ABI = 7
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -165,6 +166,9 @@ def _declare(so) -> None:
     so.gemm_i16i8.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, p]
     so.fv_dot.restype = i64
     so.fv_dot.argtypes = [p, i64, p, i64, i64, i64, p]
+    so.b3_rows.restype = so.b3_multiproof.restype = i64
+    so.b3_rows.argtypes = [i64, p, p, p, i64, p]
+    so.b3_multiproof.argtypes = [p, p, i64, ctypes.c_uint64, p, i64, p, i64, p]
     declare_bridge(so)
 
 
@@ -508,3 +512,72 @@ def fv_dot(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     if code:
         raise ValueError(f"fv_dot: code {code}")
     return out
+
+
+# ---------------------------------------------------------------- BLAKE3 (hash.c)
+
+# rows of data per thread before b3_many splits a batch (thread start-up would cost more)
+B3_SPLIT_BYTES = 1 << 20
+
+
+def b3_rows(segments: list[np.ndarray], n_threads: int | None = None) -> np.ndarray:
+    """The BLAKE3 digests of n messages, message i the concatenation of row i of each segment
+    (uint8 [n, w_s], contiguous bytes within a row, any row stride; at most 8 segments): uint8
+    [n, 32], equal to blake3.blake3(b"".join(seg[i] for seg in segments)).digest()."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    if not 1 <= len(segments) <= 8:
+        raise ValueError("b3_rows: 1 to 8 segments")
+    n = segments[0].shape[0] if segments[0].ndim == 2 else -1
+    for g in segments:
+        if (g.dtype != np.uint8 or g.ndim != 2 or g.shape[0] != n or g.strides[1] != 1
+                and g.shape[1] > 1 or g.strides[0] < 0):
+            raise ValueError("b3_rows: segments must be uint8 [n, w] with contiguous rows")
+    out = np.empty((n, 32), np.uint8)
+    if n == 0:
+        return out
+    k = len(segments)
+    strides = (ctypes.c_int64 * k)(*(g.strides[0] for g in segments))
+    widths = (ctypes.c_int64 * k)(*(g.shape[1] for g in segments))
+    total = n * sum(g.shape[1] for g in segments)
+    t = max(1, min(n_threads or threads(), total // B3_SPLIT_BYTES, -(-n // 16)))
+    bounds = [16 * (-(-n // 16) * i // t) for i in range(t)] + [n]
+
+    def run(a: int, b: int) -> int:
+        if a >= b:
+            return 0
+        bases = (ctypes.c_void_p * k)(*(g.ctypes.data + a * g.strides[0] for g in segments))
+        return so.b3_rows(k, bases, strides, widths, b - a, out.ctypes.data + 32 * a)
+    _split_run(run, bounds, "b3_rows")
+    return out
+
+
+def b3_many(rows: np.ndarray, n_threads: int | None = None) -> np.ndarray:
+    """The BLAKE3 digests of the rows of rows uint8 [n, w] (each row one message): uint8
+    [n, 32], equal to blake3.blake3(row).digest() for each row."""
+    return b3_rows([rows], n_threads)
+
+
+def b3_multiproof(idx: np.ndarray, leaves: np.ndarray, n_leaves: int, proof: np.ndarray,
+                  prefix: bytes) -> bytes | None:
+    """merkle.verify_multiproof's rebuilt root (hash.c): idx int64 [m] sorted distinct indices
+    below n_leaves (< 2^63), leaves uint8 [m, 32] their hashes, proof uint8 [k, 32], node hashes
+    H(prefix || left || right). None when the proof has too few or too many hashes."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    m = idx.shape[0]
+    if (idx.dtype != np.int64 or idx.ndim != 1 or leaves.shape != (m, 32) or m == 0
+            or leaves.dtype != np.uint8 or proof.dtype != np.uint8 or proof.ndim != 2
+            or proof.shape[1] != 32 or not 0 < n_leaves < 2**63):
+        raise ValueError("b3_multiproof: inconsistent inputs")
+    if not (idx[0] >= 0 and idx[-1] < n_leaves and (m == 1 or bool(np.all(idx[1:] > idx[:-1])))):
+        raise ValueError("b3_multiproof: indices not sorted, distinct and below n_leaves")
+    idx, leaves, proof = (np.ascontiguousarray(a) for a in (idx, leaves, proof))
+    root = np.empty(32, np.uint8)
+    code = so.b3_multiproof(idx.ctypes.data, leaves.ctypes.data, m, n_leaves, proof.ctypes.data,
+                            proof.shape[0], prefix, len(prefix), root.ctypes.data)
+    if code == -3:
+        raise MemoryError("b3_multiproof: out of memory")
+    return root.tobytes() if code == 0 else None

@@ -1,0 +1,138 @@
+"""The compiled BLAKE3 (verifier/native/hash.c) against the blake3 package, and the Merkle routines
+that use it against their Python definitions: the same digests, roots, proofs and verdicts."""
+
+from __future__ import annotations
+
+import blake3
+import numpy as np
+import pytest
+
+from commitllm.verifier import merkle, native
+from commitllm.verifier.commitment import TraceTrees, leaf_hashes
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}")
+
+# every length class: empty, partial and whole blocks, one chunk exactly, chunk + 1 byte, and
+# chunk counts of 2 to 17 (tree depths 1 to 5, left subtrees full or not)
+LENGTHS = (0, 1, 31, 63, 64, 65, 83, 127, 128, 1000, 1023, 1024, 1025, 2047, 2048, 2049, 3072,
+           3073, 4096, 4189, 5120, 7169, 8192, 8193, 16384, 16385, 17409)
+
+
+def _want(rows: np.ndarray) -> list[bytes]:
+    return [blake3.blake3(r.tobytes()).digest() for r in rows]
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_b3_many_equals_blake3_at_every_length(length):
+    rng = np.random.default_rng(length)
+    for n in (1, 15, 16, 17, 33):
+        rows = rng.integers(0, 256, (n, length), dtype=np.uint8)
+        assert merkle.digests(native.b3_many(rows)) == _want(rows), (length, n)
+
+
+def test_b3_many_strided_rows_threads_and_extremes(monkeypatch):
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 256, (70, 3000), dtype=np.uint8)
+    view = big[::2, 7:2100]  # row stride 6000, rows start unaligned
+    assert merkle.digests(native.b3_many(view)) == _want(view)
+    for fill in (0, 255):
+        rows = np.full((20, 4189), fill, np.uint8)
+        assert merkle.digests(native.b3_many(rows)) == _want(rows)
+    monkeypatch.setattr(native, "B3_SPLIT_BYTES", 1)  # split even small batches over threads
+    rows = rng.integers(0, 256, (100, 1500), dtype=np.uint8)
+    for t in (1, 2, 3, 7):
+        assert merkle.digests(native.b3_many(rows, n_threads=t)) == _want(rows), t
+
+
+def test_b3_rows_equals_the_concatenation():
+    rng = np.random.default_rng(2)
+    n = 37
+    # widths that put segment edges inside blocks, on block and chunk edges, and an empty one
+    widths = (29, 0, 2048, 35, 64, 1024, 3)
+    segs = [rng.integers(0, 256, (n, w), dtype=np.uint8) for w in widths]
+    want = _want(np.concatenate(segs, axis=1))
+    assert merkle.digests(native.b3_rows(segs)) == want
+    strided = [np.repeat(s, 3, axis=0)[::3] for s in segs]  # other row strides, same bytes
+    assert merkle.digests(native.b3_rows(strided)) == want
+
+
+def test_b3_rows_refuses_bad_layouts():
+    ok = np.zeros((4, 8), np.uint8)
+    for bad in ([ok] * 9, [], [ok.astype(np.int16)], [ok[:, ::2]], [ok[::-1]], [ok, ok[:3]],
+                [ok[0]]):
+        with pytest.raises(ValueError):
+            native.b3_rows(bad)
+
+
+def test_leaf_hashes_and_trees_equal_the_python_route(monkeypatch):
+    rng = np.random.default_rng(3)
+    n = 45
+    k = rng.integers(-32768, 32768, (n, 2, 24)).astype(np.int16)
+    sk = rng.random((n, 2)).astype(np.float32)
+    v8 = rng.integers(-128, 128, (n, 2, 24)).astype(np.int8)
+    kbig = k.astype(">i2")  # big-endian input: hashed as its little-endian bytes
+    kt = np.ascontiguousarray(k.transpose(1, 0, 2)).transpose(1, 0, 2)  # strided rows
+    pos = list(range(3, 3 + n))
+    cases = [[k, sk, v8, sk], [kbig, sk, kt, sk], [k[:, :, :1]], [sk[:, :1]]]
+    fast = [leaf_hashes(b"kv", 5, pos, c) for c in cases]
+    resid = rng.standard_normal((3, n, 20)).astype(np.float32)
+    trees = TraceTrees(resid, k[None].repeat(2, 0), sk[None].repeat(2, 0), v8[None].repeat(2, 0),
+                       sk[None].repeat(2, 0))
+    monkeypatch.setattr(merkle, "_core", lambda: None)
+    assert fast == [leaf_hashes(b"kv", 5, pos, c) for c in cases]
+    slow = TraceTrees(resid, k[None].repeat(2, 0), sk[None].repeat(2, 0), v8[None].repeat(2, 0),
+                      sk[None].repeat(2, 0))
+    assert (trees.resid_root, trees.kv_root) == (slow.resid_root, slow.kv_root)
+    assert [t.levels for t in trees.kv_trees] == [t.levels for t in slow.kv_trees]
+    for m in (1, 2, 7, 8, 9, 100, 257):  # node levels of every parity, both routes
+        leaves = [blake3.blake3(bytes([i % 256, i // 256])).digest() for i in range(m)]
+        assert merkle.MerkleTree(leaves).root == merkle.root_naive(leaves)
+
+
+def _tampered(proof: list[bytes], rng) -> list[list[bytes]]:
+    out = [proof[:-1], proof + [proof[-1]], proof[::-1], [b"\0" * 32] + proof] if proof else \
+        [[b"\0" * 32]]
+    if proof:
+        i = int(rng.integers(len(proof)))
+        flip = bytearray(proof[i])
+        flip[int(rng.integers(32))] ^= 1 << int(rng.integers(8))
+        out.append(proof[:i] + [bytes(flip)] + proof[i + 1:])
+        out.append(proof[:i] + [proof[i][:31]] + proof[i + 1:])  # a short hash: the spec decides
+    return out
+
+
+def test_multiproof_walk_equals_the_spec_on_honest_and_tampered_proofs():
+    rng = np.random.default_rng(4)
+    checked = 0
+    for n in list(range(1, 40)) + [63, 64, 65, 200, 1024, 1025]:
+        leaves = [blake3.blake3(n.to_bytes(4, "little") + i.to_bytes(4, "little")).digest()
+                  for i in range(n)]
+        tree = merkle.MerkleTree(leaves)
+        for want in (n, max(1, n // 2), min(n, 8), min(n, 9)):
+            idx = sorted(rng.choice(n, size=want, replace=False).tolist())
+            known = {i: leaves[i] for i in idx}
+            proof = merkle.multiproof(tree, idx)
+            assert merkle.verify_multiproof(known, n, proof, tree.root) is True
+            assert merkle.verify_multiproof_spec(known, n, proof, tree.root) is True
+            bad_leaf = dict(known)
+            bad_leaf[idx[0]] = bytes(32)
+            moved = {(i + 1) % n: h for i, h in known.items()} if n > 1 else known
+            cases = [(known, n, p, tree.root) for p in _tampered(proof, rng)]
+            cases += [(known, n, proof, bytes(32)), (bad_leaf, n, proof, tree.root),
+                      (moved, n, proof, tree.root), (known, n + 1, proof, tree.root),
+                      (known, max(1, n - 1), proof, tree.root), ({}, n, proof, tree.root),
+                      ({n: leaves[0]}, n, proof, tree.root), ({-1: leaves[0]}, n, proof, tree.root)]
+            for args in cases:
+                assert merkle.verify_multiproof(*args) == merkle.verify_multiproof_spec(*args)
+                checked += 1
+    assert checked > 1000
+
+
+def test_b3_multiproof_refuses_bad_inputs():
+    h = np.zeros((2, 32), np.uint8)
+    p = np.zeros((1, 32), np.uint8)
+    for idx, n in ((np.array([1, 0]), 4), (np.array([0, 0]), 4), (np.array([0, 4]), 4),
+                   (np.array([-1, 2]), 4), (np.array([0, 1], np.int32), 4), (np.array([0, 1]), 0),
+                   (np.array([0, 1]), 2**63)):
+        with pytest.raises(ValueError):
+            native.b3_multiproof(idx, h, n, p, merkle.NODE_PREFIX)

@@ -1,0 +1,289 @@
+/* BLAKE3 (the unkeyed hash, 32-byte digests) of many messages of one length at once, and the
+ * Merkle multiproof walk of verifier/merkle.py over it: the trees' leaf and node hashes, which
+ * the blake3 package computes one call per message.
+ *
+ * Written from the BLAKE3 specification (Aumasson, Neves, O'Connor, Wilcox-O'Hearn, 2020): 1024
+ * byte chunks of 64-byte blocks, the 7-round compression of a 16-word state, chunk counters,
+ * the CHUNK_START / CHUNK_END / PARENT / ROOT flags, and the binary tree whose left subtree
+ * holds the largest power of two of chunks below the total. Messages of one length have the same
+ * chunk and block structure, so LANES messages run side by side, one per vector lane: every step
+ * is a 32-bit integer add, xor or rotation, exact in any order, and each lane computes what a
+ * scalar BLAKE3 computes for its message. tests/test_hash_native.py checks every length class
+ * (empty, partial blocks, whole chunks, several tree depths) against the blake3 package, and
+ * the multiproof walk against merkle.verify_multiproof on honest and tampered proofs.
+ */
+#include "exact.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "hash.c reads message words with memcpy: little-endian hosts only (others use blake3-py)"
+#endif
+
+#define LANES 16
+#define CHUNK_LEN 1024
+#define BLOCK_LEN 64
+#define MAX_STACK 64 /* chunk counts below 2^64 */
+
+enum { CHUNK_START = 1, CHUNK_END = 2, PARENT = 4, ROOT = 8 };
+
+static const uint32_t IV[8] = {0x6A09E667u, 0xBB67AE85u, 0x3C6EF372u, 0xA54FF53Au,
+                               0x510E527Fu, 0x9B05688Cu, 0x1F83D9ABu, 0x5BE0CD19u};
+
+/* The message word order of each round: round r reads the block permuted r times by the
+ * specification's permutation (2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8). */
+static const uint8_t SCHEDULE[7][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8},
+    {3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1},
+    {10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6},
+    {12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4},
+    {9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7},
+    {11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13},
+};
+
+typedef uint32_t lanes_t[LANES];
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
+
+INLINE void store32(uint8_t *p, uint32_t w) {
+    p[0] = (uint8_t)w, p[1] = (uint8_t)(w >> 8), p[2] = (uint8_t)(w >> 16), p[3] = (uint8_t)(w >> 24);
+}
+
+/* The quarter-round G on four state rows and two message rows, every lane at once. */
+INLINE void g(uint32_t *restrict a, uint32_t *restrict b, uint32_t *restrict c,
+              uint32_t *restrict d, const uint32_t *restrict x, const uint32_t *restrict y) {
+    for (int j = 0; j < LANES; j++) {
+        a[j] = a[j] + b[j] + x[j];
+        d[j] = rotr(d[j] ^ a[j], 16);
+        c[j] = c[j] + d[j];
+        b[j] = rotr(b[j] ^ c[j], 12);
+        a[j] = a[j] + b[j] + y[j];
+        d[j] = rotr(d[j] ^ a[j], 8);
+        c[j] = c[j] + d[j];
+        b[j] = rotr(b[j] ^ c[j], 7);
+    }
+}
+
+/* cv <- the first eight output words of compress(cv, m, counter, block_len, flags): the next
+ * chaining value, and for a ROOT compression the digest's words. */
+INLINE void compress(lanes_t cv[8], lanes_t m[16], uint64_t counter, uint32_t block_len,
+                     uint32_t flags) {
+    lanes_t v[16];
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < LANES; j++) v[i][j] = cv[i][j];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < LANES; j++) v[8 + i][j] = IV[i];
+    for (int j = 0; j < LANES; j++) {
+        v[12][j] = (uint32_t)counter;
+        v[13][j] = (uint32_t)(counter >> 32);
+        v[14][j] = block_len;
+        v[15][j] = flags;
+    }
+    for (int r = 0; r < 7; r++) {
+        const uint8_t *s = SCHEDULE[r];
+        g(v[0], v[4], v[8], v[12], m[s[0]], m[s[1]]);
+        g(v[1], v[5], v[9], v[13], m[s[2]], m[s[3]]);
+        g(v[2], v[6], v[10], v[14], m[s[4]], m[s[5]]);
+        g(v[3], v[7], v[11], v[15], m[s[6]], m[s[7]]);
+        g(v[0], v[5], v[10], v[15], m[s[8]], m[s[9]]);
+        g(v[1], v[6], v[11], v[12], m[s[10]], m[s[11]]);
+        g(v[2], v[7], v[8], v[13], m[s[12]], m[s[13]]);
+        g(v[3], v[4], v[9], v[14], m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < LANES; j++) cv[i][j] = v[i][j] ^ v[i + 8][j];
+}
+
+/* The parent node of two chaining values: compress(IV, left || right, 0, 64, PARENT | flags),
+ * the result left in right. */
+INLINE void parent(lanes_t left[8], lanes_t right[8], uint32_t flags) {
+    lanes_t m[16];
+    memcpy(m, left, sizeof(lanes_t) * 8);
+    memcpy(m + 8, right, sizeof(lanes_t) * 8);
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < LANES; j++) right[i][j] = IV[i];
+    compress(right, m, 0, BLOCK_LEN, PARENT | flags);
+}
+
+/* A message is the concatenation of the rows of up to MAX_SEGS segments: message i holds bytes
+ * base + i * stride .. + width of each segment in turn (a leaf's header, then its arrays' rows,
+ * read where they lie instead of copied into one buffer first). */
+#define MAX_SEGS 8
+struct seg {
+    const uint8_t *base;
+    int64_t stride, width;
+};
+
+/* Bytes off .. off + n of every lane's message (n <= 64; zero filled after n) as message words:
+ * the pieces of the segments that the block covers are the same for every lane, so they are
+ * found once, each lane's pieces copied in, and the block transposed (words to rows). */
+INLINE void load_blocks(lanes_t m[16], const struct seg *segs, int nseg,
+                        const int64_t rows[LANES], int64_t off, int64_t n) {
+    uint32_t raw[LANES][16];
+    int64_t src[MAX_SEGS], dst[MAX_SEGS], len[MAX_SEGS];
+    int which[MAX_SEGS], pieces = 0;
+    for (int64_t s = 0, at = 0; s < nseg && at < off + n; at += segs[s++].width) {
+        const int64_t lo = off > at ? off : at;
+        const int64_t hi = off + n < at + segs[s].width ? off + n : at + segs[s].width;
+        if (lo < hi) which[pieces] = (int)s, src[pieces] = lo - at, dst[pieces] = lo - off,
+                     len[pieces++] = hi - lo;
+    }
+    if (pieces == 1 && n == BLOCK_LEN) { /* most blocks: one segment's 64 bytes, a fixed copy */
+        const struct seg *g = segs + which[0];
+        for (int j = 0; j < LANES; j++) memcpy(raw[j], g->base + rows[j] * g->stride + src[0],
+                                                BLOCK_LEN);
+    } else {
+        if (n < BLOCK_LEN) memset(raw, 0, sizeof raw);
+        for (int j = 0; j < LANES; j++)
+            for (int k = 0; k < pieces; k++) {
+                const struct seg *g = segs + which[k];
+                memcpy((uint8_t *)raw[j] + dst[k], g->base + rows[j] * g->stride + src[k],
+                       (size_t)len[k]);
+            }
+    }
+    for (int w = 0; w < 16; w++)
+        for (int j = 0; j < LANES; j++) m[w][j] = raw[j][w];
+}
+
+/* The digests of the messages rows[0..LANES) (len bytes each) into out[j] (32 bytes each;
+ * NULL: a spare lane); stack holds at least 1 + log2(chunks) chaining values. The chunk
+ * chaining values enter the stack as BLAKE3's incremental hasher pushes them: after chunk c
+ * (not the last), merged with the top while c + 1 (the chunks so far) is even, halving it each
+ * time; the last chunk is then merged with every stacked value from the top, the final merge
+ * being the ROOT compression. A message of one chunk ends with its own ROOT block. */
+CLONES static void hash_lanes(const struct seg *segs, int nseg, const int64_t rows[LANES],
+                              int64_t len, uint8_t *const out[LANES], lanes_t (*stack)[8]) {
+    const int64_t chunks = len == 0 ? 1 : (len + CHUNK_LEN - 1) / CHUNK_LEN;
+    lanes_t cv[8], m[16];
+    int depth = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t start = c * CHUNK_LEN;
+        const int64_t clen = len - start < CHUNK_LEN ? len - start : CHUNK_LEN;
+        const int64_t blocks = clen == 0 ? 1 : (clen + BLOCK_LEN - 1) / BLOCK_LEN;
+        for (int i = 0; i < 8; i++)
+            for (int j = 0; j < LANES; j++) cv[i][j] = IV[i];
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t off = b * BLOCK_LEN;
+            const int64_t n = clen - off < BLOCK_LEN ? clen - off : BLOCK_LEN;
+            load_blocks(m, segs, nseg, rows, start + off, n);
+            const int last = b == blocks - 1;
+            const uint32_t flags = (b == 0 ? CHUNK_START : 0) | (last ? CHUNK_END : 0)
+                                 | (last && chunks == 1 ? ROOT : 0);
+            compress(cv, m, (uint64_t)c, (uint32_t)n, flags);
+        }
+        if (c < chunks - 1) {
+            for (uint64_t total = (uint64_t)c + 1; (total & 1) == 0; total >>= 1)
+                parent(stack[--depth], cv, 0);
+            memcpy(stack[depth++], cv, sizeof cv);
+        } else {
+            while (depth > 0) {
+                depth--;
+                parent(stack[depth], cv, depth == 0 ? ROOT : 0);
+            }
+        }
+    }
+    for (int j = 0; j < LANES; j++)
+        if (out[j])
+            for (int i = 0; i < 8; i++) store32(out[j] + 4 * i, cv[i][j]);
+}
+
+/* The BLAKE3 digests of n messages into out + 32 i, message i the concatenation of row i of
+ * each segment (bases[s] + i * strides[s], widths[s] bytes; widths >= 0, at most MAX_SEGS
+ * segments). Returns 0; -2 for bad arguments; -3 when out of memory. */
+int64_t b3_rows(int64_t nseg, const uint8_t *const *bases, const int64_t *strides,
+                const int64_t *widths, int64_t n, uint8_t *out) {
+    if (nseg < 0 || nseg > MAX_SEGS || n < 0) return -2;
+    struct seg segs[MAX_SEGS];
+    int64_t len = 0;
+    for (int s = 0; s < nseg; s++) {
+        if (widths[s] < 0) return -2;
+        segs[s] = (struct seg){bases[s], strides[s], widths[s]};
+        len += widths[s];
+    }
+    if (n == 0) return 0;
+    int depth = 1;
+    for (int64_t chunks = (len + CHUNK_LEN - 1) / CHUNK_LEN; chunks > 1; chunks >>= 1) depth++;
+    lanes_t (*stack)[8] = malloc(sizeof(lanes_t) * 8 * (size_t)depth);
+    if (!stack) return -3;
+    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
+        int64_t rows[LANES];
+        uint8_t *o[LANES];
+        for (int j = 0; j < LANES; j++) {
+            rows[j] = i0 + j < n ? i0 + j : i0; /* spare lanes repeat a message */
+            o[j] = i0 + j < n ? out + 32 * (i0 + j) : NULL;
+        }
+        hash_lanes(segs, (int)nseg, rows, len, o, stack);
+    }
+    free(stack);
+    return 0;
+}
+
+/* b3_rows of one segment: n messages of len bytes, message i at msgs + i * stride. */
+int64_t b3_many(const uint8_t *msgs, int64_t n, int64_t len, int64_t stride, uint8_t *out) {
+    return b3_rows(1, &msgs, &stride, &len, n, out);
+}
+
+/* merkle.verify_multiproof's walk: the root that the known leaves (sorted distinct indices idx,
+ * below n_leaves, with their hashes) and the proof hashes rebuild, level by level in index order:
+ * a node pairs with its known right sibling, is carried up when it has no sibling (the last of
+ * an odd level), or takes the next proof hash as its sibling; each level's node hashes
+ * H(prefix || left || right) run as one b3_many. Returns 0 with the root in root_out, 1 when
+ * the proof has too few or too many hashes, -3 when out of memory. */
+int64_t b3_multiproof(const int64_t *idx, const uint8_t *leaves, int64_t m, uint64_t n_leaves,
+                      const uint8_t *proof, int64_t n_proof, const uint8_t *prefix, int64_t plen,
+                      uint8_t *root_out) {
+    const int64_t w = plen + 64;
+    int64_t *ia = malloc(sizeof(int64_t) * (size_t)m), *ib = malloc(sizeof(int64_t) * (size_t)m);
+    int64_t *dest = malloc(sizeof(int64_t) * (size_t)m);
+    uint8_t *ha = malloc(32 * (size_t)m), *hb = malloc(32 * (size_t)m);
+    uint8_t *msg = malloc((size_t)(w * m)), *dig = malloc(32 * (size_t)m);
+    int64_t code = -3;
+    if (!ia || !ib || !dest || !ha || !hb || !msg || !dig) goto done;
+    memcpy(ia, idx, sizeof(int64_t) * (size_t)m);
+    memcpy(ha, leaves, 32 * (size_t)m);
+    int64_t count = m, used = 0;
+    code = 1;
+    for (uint64_t width = n_leaves; width > 1; width = (width + 1) / 2) {
+        int64_t next = 0, jobs = 0;
+        for (int64_t k = 0; k < count;) {
+            const uint64_t i = (uint64_t)ia[k];
+            const uint8_t *left, *right;
+            if (i % 2 == 0 && k + 1 < count && (uint64_t)ia[k + 1] == i + 1) {
+                left = ha + 32 * k, right = ha + 32 * (k + 1);
+                k += 2;
+            } else {
+                k++;
+                if ((i ^ 1) >= width) { /* carried up unchanged */
+                    ib[next] = (int64_t)(i / 2);
+                    memcpy(hb + 32 * next++, ha + 32 * (k - 1), 32);
+                    continue;
+                }
+                if (used >= n_proof) goto done;
+                const uint8_t *other = proof + 32 * used++, *mine = ha + 32 * (k - 1);
+                left = i % 2 == 0 ? mine : other, right = i % 2 == 0 ? other : mine;
+            }
+            uint8_t *q = msg + w * jobs;
+            memcpy(q, prefix, (size_t)plen);
+            memcpy(q + plen, left, 32);
+            memcpy(q + plen + 32, right, 32);
+            dest[jobs++] = next;
+            ib[next++] = (int64_t)(i / 2);
+        }
+        if (b3_many(msg, jobs, w, w, dig)) {
+            code = -3;
+            goto done;
+        }
+        for (int64_t t = 0; t < jobs; t++) memcpy(hb + 32 * dest[t], dig + 32 * t, 32);
+        int64_t *ti = ia;
+        uint8_t *th = ha;
+        ia = ib, ib = ti, ha = hb, hb = th, count = next;
+    }
+    if (used == n_proof && count == 1) {
+        memcpy(root_out, ha, 32);
+        code = 0;
+    }
+done:
+    free(ia), free(ib), free(dest), free(ha), free(hb), free(msg), free(dig);
+    return code;
+}
