@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from commitllm.verifier import merkle, native
-from commitllm.verifier.commitment import TraceTrees, leaf_hashes
+from commitllm.verifier.commitment import TraceTrees, leaf_digests, leaf_hashes
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}")
 
@@ -75,11 +75,13 @@ def test_leaf_hashes_and_trees_equal_the_python_route(monkeypatch):
     pos = list(range(3, 3 + n))
     cases = [[k, sk, v8, sk], [kbig, sk, kt, sk], [k[:, :, :1]], [sk[:, :1]]]
     fast = [leaf_hashes(b"kv", 5, pos, c) for c in cases]
+    assert [merkle.digests(leaf_digests(b"kv", 5, pos, c)) for c in cases] == fast
     resid = rng.standard_normal((3, n, 20)).astype(np.float32)
     trees = TraceTrees(resid, k[None].repeat(2, 0), sk[None].repeat(2, 0), v8[None].repeat(2, 0),
                        sk[None].repeat(2, 0))
     monkeypatch.setattr(merkle, "_core", lambda: None)
     assert fast == [leaf_hashes(b"kv", 5, pos, c) for c in cases]
+    assert [merkle.digests(leaf_digests(b"kv", 5, pos, c)) for c in cases] == fast
     slow = TraceTrees(resid, k[None].repeat(2, 0), sk[None].repeat(2, 0), v8[None].repeat(2, 0),
                       sk[None].repeat(2, 0))
     assert (trees.resid_root, trees.kv_root) == (slow.resid_root, slow.kv_root)
@@ -123,8 +125,20 @@ def test_multiproof_walk_equals_the_spec_on_honest_and_tampered_proofs():
                       (known, max(1, n - 1), proof, tree.root), ({}, n, proof, tree.root),
                       ({n: leaves[0]}, n, proof, tree.root), ({-1: leaves[0]}, n, proof, tree.root)]
             for args in cases:
-                assert merkle.verify_multiproof(*args) == merkle.verify_multiproof_spec(*args)
+                want = merkle.verify_multiproof_spec(*args)
+                assert merkle.verify_multiproof(*args) == want
+                items = sorted(args[0].items())
+                idx = np.array([i for i, _ in items], np.int64)
+                rows = np.frombuffer(b"".join(h for _, h in items), np.uint8).reshape(-1, 32)
+                if all(len(h) == 32 for _, h in items):
+                    assert merkle.verify_multiproof_rows(idx, rows, *args[1:]) == want
                 checked += 1
+            # leaves out of order or repeated: the rows route gives the spec's dict answer
+            idx = np.array(idx[::-1] if len(idx) > 1 else idx.tolist() * 2, np.int64)
+            rows = np.stack([np.frombuffer(leaves[i], np.uint8) for i in idx.tolist()])
+            spec = merkle.verify_multiproof_spec(dict(zip(idx.tolist(), merkle.digests(rows))),
+                                                 n, proof, tree.root)
+            assert merkle.verify_multiproof_rows(idx, rows, n, proof, tree.root) == spec
     assert checked > 1000
 
 

@@ -278,6 +278,27 @@ def test_pack_reads_any_strides(dtype):
 
 
 @needs_core
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+@pytest.mark.parametrize("s_len", [32, 35, 1])
+def test_pack_whole_blocks_equal_the_layouts(dtype, s_len):
+    """Rows whose width is the packed width (d even, a multiple of 32) take attn.c's whole-block
+    copies (int16) where the blocks are full; partial blocks and int8 the general loop: both give
+    the documented layouts."""
+    rng = np.random.default_rng(s_len)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max + 1, (2, s_len, 3, 64)).astype(dtype)
+    g = x.transpose(0, 2, 1, 3).reshape(6, s_len, 64).astype(np.int16)
+    nb, nv = -(-s_len // 16), -(-s_len // 2)
+    want = np.zeros((6, nb * 16, 64), np.int16)
+    want[:, :s_len] = g
+    assert np.array_equal(native.pack_keys(x),
+                          want.reshape(6, nb, 16, 32, 2).transpose(0, 1, 3, 2, 4))
+    want = np.zeros((6, nv * 2, 64), np.int16)
+    want[:, :s_len] = g
+    assert np.array_equal(native.pack_values(x), want.reshape(6, nv, 2, 64).transpose(0, 1, 3, 2))
+
+
+@needs_core
 def test_attn_fused_fails_closed():
     """Inconsistent shapes raise before any C runs; an underflowed value scale raises."""
     q = np.ones((2, 4), np.int16)

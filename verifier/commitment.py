@@ -69,6 +69,25 @@ def commit_model(qm: QuantizedModel) -> dict:
 # --- execution trace --------------------------------------------------------------------------
 
 
+def leaf_digests(kind: bytes, layer: int, positions, arrays) -> np.ndarray:
+    """leaf_hashes as uint8 [n, 32] (the compiled core's rows as they come out)."""
+    n = len(positions)
+    core = merkle._core() if n >= merkle.NATIVE_MIN else None
+    if core is None:
+        return np.frombuffer(b"".join(leaf_hashes(kind, layer, positions, arrays)),
+                             np.uint8).reshape(n, 32)
+    return _native_leaves(core, kind, layer, positions, arrays)
+
+
+def _native_leaves(core, kind: bytes, layer: int, positions, arrays) -> np.ndarray:
+    n = len(positions)
+    head = LEAF_PREFIX + kind + struct.pack("<I", layer)
+    top = np.empty((n, len(head) + 4), np.uint8)
+    top[:, :len(head)] = np.frombuffer(head, np.uint8)
+    top[:, len(head):] = np.asarray(positions, dtype="<u4").reshape(n, 1).view(np.uint8)
+    return core.b3_rows([top] + [_le_bytes(np.asarray(a).reshape(n, -1)) for a in arrays])
+
+
 def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:
     """leaf_hash(kind + <II layer, position>, row bytes of each array, little-endian) for every
     position at once: arrays hold one row per position ([n, ...] each). The compiled core hashes
@@ -78,15 +97,12 @@ def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:
     n = len(positions)
     if n == 0:
         return []
+    core = merkle._core() if n >= merkle.NATIVE_MIN else None
+    if core is not None:
+        return merkle.digests(_native_leaves(core, kind, layer, positions, arrays))
     head = LEAF_PREFIX + kind + struct.pack("<I", layer)
     parts = [np.asarray(a).reshape(n, -1) for a in arrays]
     off = len(head) + 4
-    core = merkle._core() if n >= merkle.NATIVE_MIN else None
-    if core is not None:
-        top = np.empty((n, off), np.uint8)
-        top[:, :len(head)] = np.frombuffer(head, np.uint8)
-        top[:, len(head):] = np.asarray(positions, dtype="<u4").reshape(n, 1).view(np.uint8)
-        return merkle.digests(core.b3_rows([top] + [_le_bytes(a) for a in parts]))
     w = off + sum(a.shape[1] * a.dtype.itemsize for a in parts)
     rows = np.empty((n, w), np.uint8)
     rows[:, :len(head)] = np.frombuffer(head, np.uint8)

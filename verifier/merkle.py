@@ -146,14 +146,28 @@ def verify_multiproof(leaves: dict[int, bytes], n_leaves: int, proof: list[bytes
                       root: bytes) -> bool:
     """verify_multiproof_spec, through the compiled core's walk (native/hash.c) when it is there
     and every hash is 32 bytes (the spec's answer otherwise)."""
-    core = _core() if len(leaves) >= NATIVE_MIN else None
-    if (core is None or not 0 < n_leaves < 2**63 or any(not 0 <= i < n_leaves for i in leaves)
-            or any(len(h) != 32 for h in leaves.values()) or any(len(h) != 32 for h in proof)
-            or len(root) != 32):
+    if len(leaves) < NATIVE_MIN or any(len(h) != 32 for h in leaves.values()):
         return verify_multiproof_spec(leaves, n_leaves, proof, root)
     items = sorted(leaves.items())
     idx = np.fromiter((i for i, _ in items), np.int64, len(items))
     hashes = np.frombuffer(b"".join(h for _, h in items), np.uint8).reshape(-1, 32)
+    return verify_multiproof_rows(idx, hashes, n_leaves, proof, root)
+
+
+def verify_multiproof_rows(idx: np.ndarray, hashes: np.ndarray, n_leaves: int,
+                           proof: list[bytes], root: bytes) -> bool:
+    """verify_multiproof with the known leaves as arrays: idx int64 [m] (strictly increasing),
+    hashes uint8 [m, 32] (a verifier's leaf digests, never turned into Python objects). The
+    compiled walk when it can take them, else the spec on the same leaves."""
+    core = _core() if len(idx) >= NATIVE_MIN else None
+    ok = (core is not None and idx.dtype == np.int64 and idx.ndim == 1
+          and hashes.shape == (len(idx), 32) and hashes.dtype == np.uint8
+          and 0 < n_leaves < 2**63 and idx[0] >= 0 and idx[-1] < n_leaves
+          and bool(np.all(idx[1:] > idx[:-1])) and len(root) == 32
+          and all(len(h) == 32 for h in proof))
+    if not ok:
+        return verify_multiproof_spec(dict(zip(np.asarray(idx).tolist(), digests(hashes))),
+                                      n_leaves, proof, root)
     pr = np.frombuffer(b"".join(proof), np.uint8).reshape(-1, 32)
     got = core.b3_multiproof(idx, hashes, n_leaves, pr, NODE_PREFIX)
     return got is not None and hmac.compare_digest(got, root)

@@ -15,9 +15,9 @@ import numpy as np
 from . import challenge as challenge_mod
 from . import native
 from . import request as request_mod
-from .commitment import embed_leaf, layer_roots_match, leaf_hashes
+from .commitment import embed_leaf, layer_roots_match, leaf_digests
 from .config import ModelConfig
-from .merkle import verify_multiproof
+from .merkle import verify_multiproof, verify_multiproof_rows
 from .numerics.profiles import Profile
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
@@ -416,8 +416,8 @@ def _trace_tables(receipt, arrays, p: Plan, cfg):
 def _check_proofs(proofs) -> None:
     """Each proof in order; the first that fails rejects."""
     for kind, l, pos, rows, proof, root, n, code, detail in proofs:
-        leaves = dict(zip(pos, leaf_hashes(kind, l, pos, rows)))
-        if not verify_multiproof(leaves, n, proof, root):
+        idx = np.asarray(pos, dtype=np.int64)  # the plan's: sorted, distinct
+        if not verify_multiproof_rows(idx, leaf_digests(kind, l, pos, rows), n, proof, root):
             raise Reject(code, detail)
 
 

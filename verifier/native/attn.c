@@ -441,6 +441,25 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
  *   keys   (vals == 0): dst int16 [G][nkb][dp/2][16][2], width = dp (even, >= d), blocks = nkb
  *   values (vals != 0): dst int16 [G][nvp][dv][2],       width = dv (>= d),      blocks = nvp */
 /* The packing loops for rows of contiguous dims of element type T (int8_t or int16_t). */
+/* The packings of whole blocks of int16 rows with width == d (the usual case), no per-element
+ * tests: keys [d/2][16][2] (the rows' 32-bit dim pairs, transposed), values [d][2] (two rows
+ * interleaved). The same values as the general loops below. */
+CLONES static void pack_keys16(int16_t *o, const int16_t *const row[KB], int64_t width) {
+    for (int64_t p = 0; p < width / 2; p++)
+        for (int64_t l = 0; l < KB; l++) {
+            uint32_t w;
+            memcpy(&w, row[l] + 2 * p, 4);
+            memcpy(o + (p * KB + l) * 2, &w, 4);
+        }
+}
+
+CLONES static void pack_vals16(int16_t *o, const int16_t *r0, const int16_t *r1, int64_t d) {
+    for (int64_t i = 0; i < d; i++) {
+        o[2 * i] = r0[i];
+        o[2 * i + 1] = r1[i];
+    }
+}
+
 #define PACK_ROWS(T) \
         for (int64_t b = 0; b < B; b++) \
             for (int64_t h = 0; h < H; h++) { \
@@ -452,7 +471,13 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
                         const int64_t s = blk * per + l; \
                         row[l] = s < S ? base + s * ss : 0; \
                     } \
-                    if (vals) {  /* [dv][2]: dim i of keys 2 blk and 2 blk + 1 side by side */ \
+                    int whole = sizeof(T) == 2 && width == d; \
+                    for (int64_t l = 0; l < per; l++) whole = whole && row[l]; \
+                    if (whole && vals) { \
+                        pack_vals16(o, (const int16_t *)row[0], (const int16_t *)row[1], d); \
+                    } else if (whole) { \
+                        pack_keys16(o, (const int16_t *const *)row, width); \
+                    } else if (vals) {  /* [dv][2]: dim i of keys 2 blk and 2 blk + 1 side by side */ \
                         for (int64_t i = 0; i < width; i++) { \
                             o[2 * i] = row[0] && i < d ? row[0][i] : 0; \
                             o[2 * i + 1] = row[1] && i < d ? row[1][i] : 0; \
