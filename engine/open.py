@@ -10,7 +10,7 @@ import torch
 
 from ..verifier.commitment import embed_leaves
 from ..verifier.merkle import MerkleTree, multiproof
-from ..verifier.opening import Plan, matrices, plan
+from ..verifier.opening import Plan, matrices, pack_accumulators, plan
 from .commit import trace_roots
 from .exact.model import ExactModel, SeqCache
 
@@ -52,7 +52,8 @@ def lm_accumulators(model: ExactModel, final_rows: np.ndarray) -> np.ndarray:
 
 def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tree=None,
                   guard=nullcontext):
-    """(meta, arrays) for the container; raises OpenError if the re-run differs from the receipt.
+    """(meta, arrays) for the container, accumulators packed (opening version 2); raises OpenError
+    if the re-run differs from the receipt.
     guard(): held around each use of the model (see reexecute)."""
     receipt = transcript["receipt"]
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
@@ -79,7 +80,7 @@ def build_opening(model: ExactModel, transcript: dict, challenge: dict, embed_tr
     meta = {"receipt_id": receipt["receipt_id"], "challenge_mac": challenge["mac"]}
     if receipt["manifest"]["seed_commitment"] is not None:
         meta.update(seed=transcript["seed"], salt=transcript["salt"])
-    return meta, arrays
+    return meta, pack_accumulators(arrays, model.cfg, model.profile)  # opening version 2
 
 
 def _put_resid(arrays, trees, resid, p: Plan) -> None:

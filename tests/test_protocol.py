@@ -18,6 +18,7 @@ from commitllm.verifier.numerics import get_profile
 from commitllm.verifier.numerics.sampler import SamplingParams
 from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from commitllm.verifier.verify import verify
+from accs import add_acc
 
 GREEDY, SAMPLED = SamplingParams(), SamplingParams(0.9, 30, 0.95, 4242)
 
@@ -118,15 +119,33 @@ def flow(tiny_llama_tied_scaled):
 def test_flipped_accumulator(flow, matrix, code):
     c = flow.challenge("full")
     meta, arrays = flow.open(c)
-    arrays[f"z.1.{matrix}"][0, 3] += 1
+    add_acc(arrays, f"z.1.{matrix}", (0, 3), 1)
     v = flow.verify(c, meta, arrays)
     assert not v.accepted and v.reason == code
+
+
+def test_opening_carries_packed_accumulators(flow):
+    """Every accumulator array of an honest full opening is uint8 [..., w] at its matrix's width
+    (from the config and profile), decodes within its proven bound, and costs w of 8 bytes."""
+    from commitllm.verifier.opening import _acc_matrix, acc_bound, acc_width, unpack_acc
+
+    c = flow.challenge("full", positions="generated")
+    meta, arrays = flow.open(c)
+    names = [n for n in arrays if _acc_matrix(n)]
+    assert {"z.lm"} < set(names) and any(n.startswith("zq.") for n in names)
+    cfg, prof = flow.qm.cfg, flow.qm.profile
+    for name in names:
+        m = _acc_matrix(name)
+        a = arrays[name]
+        assert a.dtype == np.uint8 and a.shape[-1] == acc_width(cfg, prof, m) < 8, name
+        assert np.abs(unpack_acc(a)).max() <= acc_bound(cfg, prof, m)
+    assert flow.verify(c, meta, arrays).accepted
 
 
 def test_flipped_lm_head_accumulator(flow):
     c = flow.challenge("full", positions="generated")
     meta, arrays = flow.open(c)
-    arrays["z.lm"][2, 5] -= 1
+    add_acc(arrays, "z.lm", (2, 5), -1)
     assert flow.verify(c, meta, arrays).reason == "freivalds_lm_head"
 
 
@@ -245,7 +264,9 @@ def test_verdict_does_not_depend_on_threads(four_layers, tamper):
                 k.split(".")[1].isdigit()}) == 4
     meta, arrays = flow.open(c)
     for name in (tamper or "").split("+"):
-        if name:
+        if name.startswith("z.") and not name.endswith(".pos"):
+            add_acc(arrays, name, (0, 0), 1)
+        elif name:
             arrays[name].reshape(-1)[0] += 1
     got = []
     for n in (1, 2, 4):
@@ -277,7 +298,9 @@ def test_verdict_without_the_compiled_core_is_the_same(four_layers, tamper, monk
     flow = Flow(four_layers, params=SAMPLED)
     c = flow.challenge("full")
     meta, arrays = flow.open(c)
-    if tamper:
+    if tamper and tamper.startswith("z."):
+        add_acc(arrays, tamper, (-1, -1), 1)
+    elif tamper:
         arrays[tamper].reshape(-1)[-1] += 1
     got = []
     for off in (False, True):

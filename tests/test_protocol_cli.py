@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from commitllm.engine.cli import app as engine_app
 from commitllm.verifier import container
 from commitllm.verifier.cli import app as verifier_app
-from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
+from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION, unpack_acc
 
+from accs import add_acc
 from test_no_torch import BLOCKER
 
 runner = CliRunner()
@@ -66,10 +67,23 @@ def test_key_is_private(signed):
 def test_tampered_opening_exit_1(signed, tmp_path):
     meta, arrays = container.read(signed / "o.bin", OPENING_MAGIC, OPENING_VERSION, 1 << 32)
     arrays = {k: np.array(v) for k, v in arrays.items()}
-    arrays["z.3.down"][0, 0] += 7
+    add_acc(arrays, "z.3.down", (0, 0), 7)
     container.write(signed / "o2.bin", OPENING_MAGIC, OPENING_VERSION, meta, arrays)
     res = _verify(signed, "o2.bin")
     assert res.exit_code == 1 and "freivalds_down" in res.output
+
+
+def test_version_1_opening_refused_with_what_to_do(signed):
+    """An opening in the old format (version 1: int64 accumulators) is refused before anything
+    reads it, exit 2, saying to open the receipt again."""
+    meta, arrays = container.read(signed / "o.bin", OPENING_MAGIC, OPENING_VERSION, 1 << 32)
+    old = {k: unpack_acc(v) if v.dtype == np.uint8 and k.startswith(("z.", "zq.")) else v
+           for k, v in arrays.items()}
+    container.write(signed / "v1.bin", OPENING_MAGIC, 1, meta, old)
+    res = _verify(signed, "v1.bin")
+    assert res.exit_code == 2, res.output
+    assert "unsupported version 1 (expected 2)" in res.output
+    assert "open the receipt again" in res.output
 
 
 def test_malformed_inputs_exit_2(signed):

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import challenge as challenge_mod
 from . import container, httpclient, safejson
 from .client import Exchange, ExchangeError, from_saved
-from .opening import OPENING_MAGIC, OPENING_VERSION
+from .opening import OPENING_MAGIC, OPENING_UPGRADE, OPENING_VERSION
 from .receipt import MAX_RECEIPT_BYTES, ReceiptError, check_receipt
 from .verify import Verdict, verify
 
@@ -205,6 +205,9 @@ def audit_item(key, tokenizer, server: str, item: Item, tier: str, max_opening: 
     row.opening_bytes = len(data)
     try:
         meta, arrays = container.loads(data, OPENING_MAGIC, OPENING_VERSION, max_opening)
+    except container.ContainerVersionError as e:
+        row.verdict = _reject("opening_malformed", f"{e}; {OPENING_UPGRADE}")
+        return row
     except Exception as e:  # noqa: BLE001 - whatever the server's bytes break, it is its fault
         row.verdict = _reject("opening_malformed", f"{type(e).__name__}: {e}")
         return row

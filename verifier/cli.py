@@ -199,7 +199,7 @@ def verify(
 
     from .container import ContainerError
     from . import native
-    from .opening import OPENING_MAGIC, OPENING_VERSION
+    from .opening import OPENING_MAGIC, OPENING_UPGRADE, OPENING_VERSION
     from .receipt import receipt_bound
     from .verify import verify as run_verify
 
@@ -225,6 +225,8 @@ def verify(
             threads = native.threads() if size >= THREADS_FROM else 1
         meta, arrays = container.read(opening, OPENING_MAGIC, OPENING_VERSION, 1 << 34)
         tok = key_tokenizer(k)
+    except container.ContainerVersionError as e:
+        _fail(f"{opening}: {e}; {OPENING_UPGRADE}")
     except (ContainerError, OSError, ValueError) as e:
         _fail(str(e))
     v = run_verify(k, rec, chal, meta, arrays, tok, expected_nonce=nonce,

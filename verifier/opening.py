@@ -1,21 +1,29 @@
 """Openings: what a challenge obliges the provider to reveal, and the binary format carrying it.
 
-Container (verifier/container.py) with magic CLLMOPN, version 1. Arrays, per layer l:
+Container (verifier/container.py) with magic CLLMOPN, version 2. Arrays, per layer l:
   resid.{l}.pos / .rows fp32 [n, H] / .proof u8 [m, 32]     residual x_l rows + multiproof
   kv.{l}.pos / .k / .sk / .v / .sv / .proof                 K/V rows 0..horizon-1 (under a
                                                             sliding window: from the earliest
                                                             challenged position's first visible
                                                             key, plus the K/V sample) + multiproof
-  z.{l}.pos / .qkv / .o / .gate_up / .down  int64          accumulators at challenged positions
+  z.{l}.pos / .qkv / .o / .gate_up / .down  packed         accumulators at challenged positions
                                                             (Mixtral: + .router [n, E]; .gate_up
                                                             / .down [n, k, .] of the selected
                                                             experts in ascending order)
-  zq.{l}.pos / .qkv  int64                                  accumulators of the K/V sample
+  zq.{l}.pos / .qkv  packed                                 accumulators of the K/V sample
   resid.layer_roots u8 [L+1, 32], kv.layer_roots u8 [L, 32]
-  z.lm.pos / z.lm int64 [n, V]                              LM-head accumulators, decode checks
+  z.lm.pos / z.lm packed [n, V]                             LM-head accumulators, decode checks
   embed.ids / .q / .s / .proof                              embedding rows of the challenged
                                                             tokens (by token id, deduplicated)
 meta: receipt_id, challenge mac, and for sampled receipts the seed and its salt.
+
+Packed accumulators (version 2): an accumulator array of shape S is stored as uint8 S + (w,),
+each value as w bytes of little-endian two's complement, where w is the fewest bytes that hold
+every integer in [-B, B] for the matrix's proven bound B = K * act_qmax * matrix_qmax (K its input
+width; `acc_width`), from the key's config and profile, never from the opening: 5 bytes for the
+8B decoder linears at w8a16, 4 at a8, 6 for a 16-bit LM head. The verifier checks the packed
+type and shape (check_types), then decodes (`unpack_accumulators`); Freivalds still checks each
+|z| <= B. Version 1 (int64 accumulators) is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +35,11 @@ import numpy as np
 from .numerics.attention import first_visible
 
 OPENING_MAGIC = b"CLLMOPN\x00"
-OPENING_VERSION = 1
+OPENING_VERSION = 2
+ACC_DTYPE = "|u1"  # packed accumulators: uint8 [..., acc_width]
+# said with a ContainerVersionError on an opening of another version
+OPENING_UPGRADE = ("openings before version 2 carried int64 accumulators: open the receipt again "
+                   "with this release (commitllm-engine open)")
 MATRICES = ("qkv", "o", "gate_up", "down")
 MOE_MATRICES = ("qkv", "o", "router", "gate_up", "down")  # gate_up, down: [n, k, .] per expert
 
@@ -36,6 +48,82 @@ def matrices(cfg) -> tuple[str, ...]:
     """The accumulators an opening carries per challenged (layer, position): for a Mixtral
     layer the router's and the k selected experts' gate_up and down, in ascending expert order."""
     return MOE_MATRICES if cfg.moe else MATRICES
+
+
+def in_features(cfg, matrix: str) -> int:
+    """The input width K of a matrix (qkv, o, router, gate_up, down, lm_head): the length of
+    its quantized input rows, hence of its Freivalds secret row."""
+    if matrix == "o":
+        return cfg.num_heads * cfg.head_dim
+    if matrix == "down":
+        return cfg.intermediate_size
+    if matrix in ("qkv", "router", "gate_up", "lm_head"):
+        return cfg.hidden_size
+    raise ValueError(f"no accumulators for matrix {matrix!r}")
+
+
+def acc_bound(cfg, profile, matrix: str) -> int:
+    """The proven bound B on |z| for a matrix's accumulators: K * act_qmax * matrix_qmax."""
+    label = "lm_head" if matrix == "lm_head" else f"layers.0.{matrix}"
+    return in_features(cfg, matrix) * profile.act_qmax * profile.matrix_qmax(label)
+
+
+def acc_width(cfg, profile, matrix: str) -> int:
+    """Bytes of two's complement that hold every integer in [-B, B] (B = acc_bound)."""
+    return min(8, (acc_bound(cfg, profile, matrix).bit_length() + 8) // 8)
+
+
+def _acc_matrix(name: str) -> str | None:
+    """The matrix of an accumulator array's name (z.<l>.<m>, zq.<l>.qkv, z.lm), else None."""
+    if name == "z.lm":
+        return "lm_head"
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] in ("z", "zq") and parts[2] != "pos":
+        return parts[2]
+    return None
+
+
+def pack_acc(z: np.ndarray, w: int) -> np.ndarray:
+    """int64 accumulators [...] as uint8 [..., w] (little-endian two's complement); OverflowError
+    for a value w bytes do not hold (an honest accumulator is within its bound)."""
+    z = np.asarray(z)
+    if z.dtype.kind != "i":
+        raise TypeError(f"accumulators must be integers, got {z.dtype}")
+    lim = 1 << (8 * w - 1)
+    if z.size and (int(z.min()) < -lim or int(z.max()) >= lim):
+        raise OverflowError(f"an accumulator needs more than {w} bytes")
+    return np.ascontiguousarray(z.astype("<i8")[..., None].view(np.uint8)[..., :w])
+
+
+def unpack_acc(b: np.ndarray) -> np.ndarray:
+    """pack_acc's inverse: uint8 [..., w] -> int64 [...], sign-extended (the compiled core's
+    acc_unpack when it is there, the same integers)."""
+    from . import native
+
+    if native.lib() is not None:
+        got = native.acc_unpack(b)
+        if got is not None:
+            return got
+    w = b.shape[-1]
+    out = np.zeros(b.shape[:-1] + (8,), np.uint8)
+    out[..., :w] = b
+    out[..., w:] = np.where(b[..., w - 1:w] >= 128, np.uint8(255), np.uint8(0))
+    return out.view("<i8")[..., 0].astype(np.int64)
+
+
+def pack_accumulators(arrays: dict, cfg, profile) -> dict:
+    """The opening's arrays with every accumulator array packed to its matrix's width."""
+    out = {}
+    for name, a in arrays.items():
+        m = _acc_matrix(name)
+        out[name] = a if m is None else pack_acc(a, acc_width(cfg, profile, m))
+    return out
+
+
+def unpack_accumulators(arrays: dict, specs: dict) -> dict:
+    """The arrays with every packed accumulator (a spec with acc > 0, already type-checked)
+    decoded to int64; the rest as they are."""
+    return {name: unpack_acc(a) if specs[name].acc else a for name, a in arrays.items()}
 
 
 @dataclass(frozen=True)
@@ -100,6 +188,7 @@ class Spec:
     normal: bool = False
     max_value: float | None = None  # with normal: the largest scale a quantization can give
     max_rows: int = 0
+    acc: int = 0  # a packed accumulator array: its width in bytes (the last axis)
 
 
 def _proof_rows(leaves: int, n: int) -> int:
@@ -135,19 +224,21 @@ def array_specs(cfg, profile, rows: dict, p: Plan, n_positions: int) -> dict[str
             out[f"kv.{l}.{x}"] = Spec(f32, (n, kv_shape[0]), normal=True, max_value=top)
         out[f"kv.{l}.proof"] = proof(n, n_positions)
     k = cfg.experts_per_token
+    acc = lambda m, *shape: Spec(ACC_DTYPE, (*shape, acc_width(cfg, profile, m)),  # noqa: E731
+                                 acc=acc_width(cfg, profile, m))
     for l, pos in p.z.items():
         out[f"z.{l}.pos"] = positions(pos)
         for m in matrices(cfg):
             if cfg.moe and m in ("gate_up", "down"):  # every expert's matrix has the same rows
-                out[f"z.{l}.{m}"] = Spec(i64, (len(pos), k, rows[f"layers.{l}.experts.0.{m}"]))
+                out[f"z.{l}.{m}"] = acc(m, len(pos), k, rows[f"layers.{l}.experts.0.{m}"])
             else:
-                out[f"z.{l}.{m}"] = Spec(i64, (len(pos), rows[f"layers.{l}.{m}"]))
+                out[f"z.{l}.{m}"] = acc(m, len(pos), rows[f"layers.{l}.{m}"])
         if p.zq.get(l):
             out[f"zq.{l}.pos"] = positions(p.zq[l])
-            out[f"zq.{l}.qkv"] = Spec(i64, (len(p.zq[l]), rows[f"layers.{l}.qkv"]))
+            out[f"zq.{l}.qkv"] = acc("qkv", len(p.zq[l]), rows[f"layers.{l}.qkv"])
     if p.lm:
         out["z.lm.pos"] = positions(p.lm)
-        out["z.lm"] = Spec(i64, (len(p.lm), rows["lm_head"]))
+        out["z.lm"] = acc("lm_head", len(p.lm), rows["lm_head"])
     return out
 
 

@@ -22,7 +22,8 @@ from .numerics.profiles import Profile
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
 from .opened import check_types
-from .opening import Plan, PlanError, array_specs, embed_specs, matrices, plan
+from .opening import (Plan, PlanError, array_specs, embed_specs, matrices, plan,
+                      unpack_accumulators)
 from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
 from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
@@ -149,8 +150,10 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
                                    "bound to the token ids"})
     p = plan(challenge, cfg.num_layers, receipt, window=cfg.sliding_window)
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
-    check_types(arrays, array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
-                | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
+    specs = (array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
+             | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
+    check_types(arrays, specs)
+    arrays = unpack_accumulators(arrays, specs)  # packed widths from the key, checked above
     v.ok("types", "every opened array has the dtype, shape and range the key implies")
     t_merkle = time.perf_counter()
     resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)

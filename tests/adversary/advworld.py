@@ -29,6 +29,7 @@ from commitllm.verifier.merkle import MerkleTree
 from commitllm.verifier.numerics import get_profile
 from commitllm.verifier.numerics.sampler import SamplingParams
 from commitllm.verifier.numerics.weights import quantize_model
+from commitllm.verifier import opening as opening_mod
 from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION, plan
 from commitllm.verifier.receipt import build_receipt
 from commitllm.verifier.verify import Verdict, verify
@@ -190,7 +191,7 @@ class World:
         """(meta, arrays) of the provider's opening, through the container bytes; the arrays
         are writable copies so tests can tamper with them."""
         p = provider or self.honest
-        with p.running() as model:
+        with p.running() as model, _wrapping_packer():
             meta, arrays = build_opening(model, served.transcript, challenge,
                                          self._embed_tree(model.qm))
             ran = served.transcript["receipt"]["prompt_token_ids"]
@@ -244,6 +245,30 @@ class CheatAccepted(AssertionError):
 
 class WrongReason(AssertionError):
     """The verifier rejected, but not with the check that should catch the cheat."""
+
+
+@contextmanager
+def _wrapping_packer():
+    """build_opening packing accumulators as a cheating provider would: a value its matrix's
+    width cannot hold (a provider that computed with z + P, say) goes out as its low w bytes,
+    the most the version-2 format lets it say (the engine itself refuses to pack such a value).
+    Honest values pack the same either way."""
+    import commitllm.engine.open as engine_open
+
+    def wrapping(arrays, cfg, profile):
+        out = {}
+        for name, a in arrays.items():
+            m = opening_mod._acc_matrix(name)
+            w = None if m is None else opening_mod.acc_width(cfg, profile, m)
+            out[name] = a if w is None else np.ascontiguousarray(
+                np.asarray(a, "<i8")[..., None].view(np.uint8)[..., :w])
+        return out
+    before = engine_open.pack_accumulators
+    engine_open.pack_accumulators = wrapping
+    try:
+        yield
+    finally:
+        engine_open.pack_accumulators = before
 
 
 def assert_rejected(v: Verdict, code: str) -> None:

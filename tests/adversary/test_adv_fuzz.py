@@ -77,9 +77,6 @@ def test_fuzz_opening_arrays(world, opened, data, op, dtype, idx, value):
     name = data.draw(st.sampled_from(sorted(arrays)))
     bad = _mutate(arrays, name, op, dtype, idx, value)
     assume(not _same(bad, arrays))
-    # z.lm re-typed with its values kept is accepted: the known gap of
-    # test_adv_malformed.py::test_lm_accumulators_as_floats
-    assume(not (name == "z.lm" and op == "retype"))
     assert_refused(world.verify(world.served, c, meta, bad))
 
 

@@ -4,9 +4,12 @@ differs from the committed model is caught, even when the provider commits consi
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from advcheats import biased, scaled, tapped
+from accs import acc, add_acc, set_acc
 from advworld import assert_rejected
+from commitllm.engine.open import build_opening
 from commitllm.verifier.freivalds import P
 
 # (matrix, layer, output column): one accumulator column off at every position
@@ -28,7 +31,7 @@ def test_flipped_accumulator_in_opening(world, matrix, layer, col):
     c = world.challenge(world.served, "deep")
     meta, arrays = world.open(world.served, c)
     name = "z.lm" if matrix == "lm_head" else f"z.{layer}.{matrix}"
-    arrays[name][len(arrays[name]) // 2, col] -= 1
+    add_acc(arrays, name, (len(arrays[name]) // 2, col), -1)
     assert_rejected(world.verify(world.served, c, meta, arrays), f"freivalds_{matrix}")
 
 
@@ -36,13 +39,17 @@ def test_flipped_accumulator_in_opening(world, matrix, layer, col):
 def test_accumulator_aliased_modulo_the_freivalds_prime(world, matrix, layer, col):
     """The provider computes with z + P (P = 2^61 - 1, the Freivalds modulus) in one column,
     consistently: r.z == v.x mod P still holds, and on the LM head token `col`'s logit dominates.
-    Only the range check stands between it and acceptance (|z| <= K qmax_x qmax_w < 2^53)."""
+    The packed opening (version 2) cannot carry z + P: the engine refuses to pack it, and its
+    low w bytes (all a cheater can send) fail Freivalds."""
     p = tapped(world.qm, layer, matrix, col, P)
     s = world.serve(p)
     assert s.receipt["trace"] != world.served.receipt["trace"]  # the cheat changed the run
     if matrix == "lm_head":
         assert set(s.output) == {col}  # every output token forced to `col`
     assert_rejected(world.audit(s, p), f"freivalds_{matrix}")
+    c = world.challenge(s, "deep")
+    with p.running() as model, pytest.raises(OverflowError, match="more than"):
+        build_opening(model, s.transcript, c)
 
 
 # (matrix, layer, factor, code): the first check whose input the wrong scale changes
@@ -92,7 +99,8 @@ def freivalds_route(request, monkeypatch):
 
 
 # a changed accumulator by these amounts: the smallest, the old 31-bit primes' alias, a 2^31
-# carry (the compiled core's lo/hi split), and P itself (passes modulo P, caught by the range)
+# carry (the compiled core's lo/hi split), and P itself (passes modulo P; a packed opening can
+# only carry its low bytes, which do not)
 DELTAS = [1, -1, 2**31 - 1, 2**31, P]
 
 
@@ -109,8 +117,9 @@ def test_forged_accumulator_rejected_by_every_freivalds_route(world, freivalds_r
     assert "z.lm" in names and len(names) >= 5
     for name in names:
         bad = {k: v.copy() for k, v in arrays.items()}
-        z = bad[name]
+        z = acc(bad, name)
         z[len(z) // 2, z.shape[1] // 3] += delta
+        set_acc(bad, name, z, wrap=True)  # beyond the width: its low bytes, as a cheater sends
         matrix = "lm_head" if name == "z.lm" else name.split(".")[-1]
         assert_rejected(world.verify(world.served, c, meta, bad), f"freivalds_{matrix}")
 
@@ -138,8 +147,9 @@ def _bound(world, name: str) -> int:
 
 
 # accumulators beyond the range the verifier proves: just over the bound (finite, and it
-# would dequantize to a plausible value), the first integer float64 cannot hold, the int64 ends
-EDGES = ["bound+1", "-bound-1", "2^53", "int64-max", "int64-min"]
+# would dequantize to a plausible value), and the ends of what the packed width holds (2^53 and
+# the int64 ends no longer have a representation: test_packed_width_holds_nothing_wider)
+EDGES = ["bound+1", "-bound-1", "width-max", "width-min"]
 
 
 @pytest.mark.parametrize("edge", EDGES)
@@ -155,10 +165,13 @@ def test_accumulator_beyond_its_bound_rejected_on_every_route(world, freivalds_r
     names = sorted(n for n in arrays if n.startswith("z.") and not n.endswith(".pos"))
     for name in names:
         b = _bound(world, name)
-        value = {"bound+1": b + 1, "-bound-1": -b - 1, "2^53": 2**53,
-                 "int64-max": 2**63 - 1, "int64-min": -2**63}[edge]
+        top = 1 << (8 * arrays[name].shape[-1] - 1)
+        value = {"bound+1": b + 1, "-bound-1": -b - 1, "width-max": top - 1,
+                 "width-min": -top}[edge]
         bad = {k: v.copy() for k, v in arrays.items()}
-        bad[name][0, 1] = value
+        z = acc(bad, name)
+        z[0, 1] = value
+        set_acc(bad, name, z)
         matrix = "lm_head" if name == "z.lm" else name.split(".")[-1]
         v = world.verify(world.served, c, meta, bad)
         assert_rejected(v, f"freivalds_{matrix}")
@@ -179,9 +192,32 @@ def test_forged_accumulator_rejected_with_either_bridge(world, bridge_route, tie
         if name not in arrays:
             continue
         bad = {k: v.copy() for k, v in arrays.items()}
-        bad[name][-1, 2] += 1
+        add_acc(bad, name, (-1, 2), 1)
         matrix = "lm_head" if name == "z.lm" else name.split(".")[-1]
         assert_rejected(world.verify(world.served, c, meta, bad, threads=threads),
                         f"freivalds_{matrix}")
         bad["kv.1.v"][0, 0, 0] ^= 1
         assert_rejected(world.verify(world.served, c, meta, bad, threads=threads), "merkle_kv")
+
+
+def test_packed_width_holds_nothing_wider(world):
+    """Each accumulator array's width is the fewest bytes that hold [-B, B] for its matrix's
+    proven bound B, from the key: B itself packs, the first value beyond the width does not,
+    and every byte pattern of that width decodes to a value inside it (so 2^53 or an int64 end
+    cannot be sent at all; values between B and the width's end are refused by Freivalds)."""
+    from commitllm.verifier.opening import acc_width, pack_acc, unpack_acc
+
+    c = world.challenge(world.served, "full")
+    _, arrays = world.open(world.served, c)
+    for name in sorted(n for n in arrays if n.startswith("z.") and not n.endswith(".pos")):
+        b, w = _bound(world, name), arrays[name].shape[-1]
+        matrix = "lm_head" if name == "z.lm" else name.split(".")[-1]
+        assert w == acc_width(world.qm.cfg, world.qm.profile, matrix) < 8
+        assert b < 1 << (8 * w - 1) and b >= 1 << (8 * w - 9)  # the fewest bytes
+        assert unpack_acc(pack_acc(np.array([b, -b]), w)).tolist() == [b, -b]
+        for v in (1 << (8 * w - 1), -(1 << (8 * w - 1)) - 1, 2**53, 2**63 - 1, -2**63):
+            with pytest.raises(OverflowError):
+                pack_acc(np.array([v]), w)
+        every = np.arange(256, dtype=np.uint8)[:, None].repeat(w, 1)  # 0x00.., 0x01.., 0xff..
+        got = unpack_acc(every)
+        assert got.min() >= -(1 << (8 * w - 1)) and got.max() < 1 << (8 * w - 1)

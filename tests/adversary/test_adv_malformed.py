@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from accs import acc, set_acc
 from advcheats import layer_hook
 from advworld import assert_refused, assert_rejected, edited, resealed
 from commitllm.engine.exact import ops
@@ -20,17 +21,23 @@ ORIG_QUANT = ops.quantize_rows
 # --- explicit probes --------------------------------------------------------------------------
 
 
-def test_accumulator_beyond_2_53_passes_freivalds_then_crashes(world, opened):
+def test_accumulator_plus_the_freivalds_prime_cannot_be_sent(world, opened):
+    """z + P (== z mod P, beyond 2^53) has no packed representation (opening version 2): the
+    packer refuses it, and its low bytes, all a cheater can send, are refused."""
     c, meta, arrays = opened
     arrays = {k: v.copy() for k, v in arrays.items()}
-    arrays["z.0.o"][0, 0] += np.int64(P)  # still == z mod P, beyond 2^53
+    z = acc(arrays, "z.0.o")
+    z[0, 0] += np.int64(P)
+    with pytest.raises(OverflowError):
+        set_acc(arrays, "z.0.o", z)
+    set_acc(arrays, "z.0.o", z, wrap=True)
     assert_refused(world.verify(world.served.receipt, c, meta, arrays))
 
 
 def test_lm_accumulators_as_floats(world, opened):
     c, meta, arrays = opened
     arrays = {k: v.copy() for k, v in arrays.items()}
-    z = arrays["z.lm"]
+    z = acc(arrays, "z.lm")
     arrays["z.lm"] = z.astype(np.float64) + np.where(z >= 0, 0.5, -0.5)
     assert_rejected(world.verify(world.served.receipt, c, meta, arrays), "opening_type")
 

@@ -15,11 +15,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from accs import add_acc
 from advworld import Provider, World, assert_rejected, quantized
 
 from commitllm.engine.exact import ops
 from commitllm.engine.exact.model import ExactModel
 from commitllm.verifier.commitment import commit_model
+from commitllm.verifier.opening import acc_width
 
 HONEST_ROUTE = ops.moe_route
 HONEST_COMBINE = ops.moe_combine
@@ -46,10 +48,11 @@ def test_honest_opening_carries_only_the_selected_experts(world):
     _, arrays = world.open(world.served, c)
     cfg = world.qm.cfg
     n = len(c["positions"])
-    for l in c["layers"]:
-        assert arrays[f"z.{l}.router"].shape == (n, cfg.num_experts)
-        assert arrays[f"z.{l}.gate_up"].shape == (n, 2, 2 * cfg.intermediate_size)
-        assert arrays[f"z.{l}.down"].shape == (n, 2, cfg.hidden_size)
+    w = {m: acc_width(cfg, world.qm.profile, m) for m in ("router", "gate_up", "down")}
+    for l in c["layers"]:  # packed accumulators: the last axis is the width in bytes
+        assert arrays[f"z.{l}.router"].shape == (n, cfg.num_experts, w["router"])
+        assert arrays[f"z.{l}.gate_up"].shape == (n, 2, 2 * cfg.intermediate_size, w["gate_up"])
+        assert arrays[f"z.{l}.down"].shape == (n, 2, cfg.hidden_size, w["down"])
 
 
 # --- routing: which experts -------------------------------------------------------------------
@@ -210,7 +213,7 @@ def test_router_accumulator_changed_rejected(world):
     c = world.challenge(world.served, "full")
     meta, arrays = world.open(world.served, c)
     l = c["layers"][0]
-    arrays[f"z.{l}.router"][0, 1] += 1
+    add_acc(arrays, f"z.{l}.router", (0, 1), 1)
     assert_rejected(world.verify(world.served, c, meta, arrays), "freivalds_router")
 
 

@@ -20,6 +20,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from accs import acc, add_acc, set_acc
 from advworld import Provider, World, assert_rejected, quantized
 from test_adv_moe import _weights as _spec_weights
 
@@ -138,12 +139,25 @@ MODULUS_EDITS = {
 
 @pytest.mark.parametrize("edit", sorted(MODULUS_EDITS))
 def test_accumulator_off_by_the_modulus_rejected(world, opened, edit):
-    """z + P has z's residue modulo P: only the bound K * qmax_x * qmax_w (< 2^53) refuses it."""
+    """z + P has z's residue modulo P. A packed opening (version 2) cannot carry it: the packer
+    refuses, and the low bytes a cheater can send either are the honest bytes (z + 2^62 at any
+    width below 8: nothing changed) or fail Freivalds."""
     c, meta, arrays = _copy(opened)
     matrix, at, d, code = MODULUS_EDITS[edit]
+    changed = False
     for l in c["layers"]:
-        arrays[f"z.{l}.{matrix}"][at] += d
-    assert_rejected(world.verify(world.served, c, meta, arrays), code)
+        name = f"z.{l}.{matrix}"
+        z, before = acc(arrays, name), arrays[name].copy()
+        z[at] += d
+        with pytest.raises(OverflowError):
+            set_acc(arrays, name, z)
+        set_acc(arrays, name, z, wrap=True)
+        changed |= not np.array_equal(arrays[name], before)
+    v = world.verify(world.served, c, meta, arrays)
+    if changed:
+        assert_rejected(v, code)
+    else:
+        assert v.accepted and (d % (1 << 8 * arrays[name].shape[-1])) == 0
 
 
 def test_router_shift_that_keeps_the_routing_rejected(world, opened):
@@ -151,10 +165,11 @@ def test_router_shift_that_keeps_the_routing_rejected(world, opened):
     selection nor weights read): Freivalds still refuses it."""
     c, meta, arrays = _copy(opened)
     l = c["layers"][0]
-    z = arrays[f"z.{l}.router"]
+    z = acc(arrays, f"z.{l}.router")
     s = world.key.arrays[f"layers.{l}.router.s"].astype(np.float64)
     low = np.argmin(z * s, axis=1)
     z[np.arange(len(z)), low] -= 1
+    set_acc(arrays, f"z.{l}.router", z)
     assert_rejected(world.verify(world.served, c, meta, arrays), "freivalds_router")
 
 
@@ -215,7 +230,7 @@ def _most_used_expert(world) -> int:
     _, arrays = world.open(world.served, c)
     counts = np.zeros(world.qm.cfg.num_experts, int)
     for l in c["layers"]:
-        z = arrays[f"z.{l}.router"]
+        z = acc(arrays, f"z.{l}.router")
         s = world.key.arrays[f"layers.{l}.router.s"].astype(np.float64)
         top = np.argsort(-(z * s), axis=1, kind="stable")[:, :2]
         np.add.at(counts, top.ravel(), 1)
@@ -260,7 +275,7 @@ def test_top_3_model_opening_the_top_2_subset_rejected(world):
     c = world.challenge(s, "full")
     meta, arrays = world.open(s, c, p)
     for l in c["layers"]:
-        z = arrays[f"z.{l}.router"]
+        z = acc(arrays, f"z.{l}.router")
         sc = world.key.arrays[f"layers.{l}.router.s"].astype(np.float64)
         rank = np.argsort(-(z * sc), axis=1, kind="stable")
         sel3, sel2 = np.sort(rank[:, :3], 1), np.sort(rank[:, :2], 1)
@@ -268,7 +283,7 @@ def test_top_3_model_opening_the_top_2_subset_rejected(world):
         for m in ("gate_up", "down"):
             a = arrays[f"z.{l}.{m}"]
             arrays[f"z.{l}.{m}"] = np.ascontiguousarray(
-                np.take_along_axis(a, slots[:, :, None], axis=1))
+                np.take_along_axis(a, slots[:, :, None, None], axis=1))  # [n, k, F, bytes]
     assert_rejected(world.verify(s, c, meta, arrays), "residual_chain")
 
 
@@ -426,10 +441,10 @@ def test_profiles_honest_accepted_and_cheats_rejected(pworld):
     c = pworld.challenge(pworld.served, "full")
     meta, arrays = pworld.open(pworld.served, c)
     l = c["layers"][0]
-    arrays[f"z.{l}.router"][0, 0] += P
+    add_acc(arrays, f"z.{l}.router", (0, 0), P, wrap=True)  # (the low bytes of z + P)
     assert_rejected(pworld.verify(pworld.served, c, meta, arrays), "freivalds_router")
     meta, arrays = pworld.open(pworld.served, c)
-    arrays[f"z.{l}.down"][0, 1, 0] -= P
+    add_acc(arrays, f"z.{l}.down", (0, 1, 0), -P, wrap=True)
     assert_rejected(pworld.verify(pworld.served, c, meta, arrays), "freivalds_down")
 
 

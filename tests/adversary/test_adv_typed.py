@@ -10,7 +10,7 @@ import torch
 from advworld import Provider, assert_rejected
 from commitllm.engine.exact.model import ExactModel
 from commitllm.verifier import challenge as ch
-from commitllm.verifier.opening import PlanError, plan
+from commitllm.verifier.opening import PlanError, plan, unpack_acc
 
 
 def _copy(arrays: dict) -> dict:
@@ -116,17 +116,23 @@ def _relabelled(a: np.ndarray, how: str) -> np.ndarray:
         if a.dtype.itemsize == 1:
             pytest.skip("one-byte values have no byte order")
         return a.astype(a.dtype.newbyteorder(">"))
-    if how == "unsigned":
-        return a.view(a.dtype.str.replace("i", "u")) if a.dtype.kind == "i" else a.view(np.uint32)
+    if how == "unsigned":  # (packed accumulators are bytes already: read as signed bytes)
+        if a.dtype.kind == "i":
+            return a.view(a.dtype.str.replace("i", "u"))
+        return a.view(np.int8) if a.dtype == np.uint8 else a.view(np.uint32)
+    if how == "v1-int64":  # packed accumulators sent as version 1 did: their values as int64
+        return unpack_acc(a)
     if how == "wider":  # the same numbers in a wider type (other bytes, or a float of them)
         return a.astype({1: np.int16, 2: np.int32, 4: np.float64, 8: np.float64}[a.dtype.itemsize]
                         if a.dtype.kind in "iu" else np.float64)
     raise AssertionError(how)
 
 
-RELABEL = [(n, h) for n in ("resid.0.rows", "kv.{l}.k", "kv.{l}.sk", "z.{l}.o", "embed.q",
-                            "embed.ids", "z.lm.pos")
+RELABEL = [(n, h) for n in ("resid.0.rows", "kv.{l}.k", "kv.{l}.sk", "embed.q", "embed.ids",
+                            "z.lm.pos")
            for h in ("big-endian", "unsigned", "wider")]
+RELABEL += [(n, h) for n in ("z.{l}.o", "zq.{l}.qkv", "z.lm") for h in ("unsigned", "wider",
+                                                                        "v1-int64")]
 
 
 @pytest.mark.parametrize("name, how", RELABEL, ids=[f"{n}-{h}" for n, h in RELABEL])
@@ -143,7 +149,11 @@ SHAPES = {
     "kv-heads-merged": lambda a, l: a.__setitem__(f"kv.{l}.k", a[f"kv.{l}.k"].reshape(
         a[f"kv.{l}.k"].shape[0], -1)),
     "z-extra-column": lambda a, l: a.__setitem__(f"z.{l}.qkv", np.pad(a[f"z.{l}.qkv"],
-                                                                      ((0, 0), (0, 1)))),
+                                                                      ((0, 0), (0, 1), (0, 0)))),
+    "z-byte-dropped": lambda a, l: a.__setitem__(f"z.{l}.down", a[f"z.{l}.down"][..., :-1]),
+    "z-byte-added": lambda a, l: a.__setitem__("z.lm", np.pad(a["z.lm"], ((0, 0), (0, 0), (0, 1)))),
+    "z-bytes-flat": lambda a, l: a.__setitem__(f"z.{l}.o", a[f"z.{l}.o"].reshape(
+        a[f"z.{l}.o"].shape[0], -1)),
     "lm-row-dropped": lambda a, l: a.__setitem__("z.lm", a["z.lm"][:-1]),
     "proof-not-32": lambda a, l: a.__setitem__(f"kv.{l}.proof", np.zeros((1, 31), np.uint8)),
     "proof-huge": lambda a, l: a.__setitem__(f"resid.{l}.proof", np.zeros((10**5, 32), np.uint8)),

@@ -166,6 +166,8 @@ def _declare(so) -> None:
     so.gemm_i16i8.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, p]
     so.fv_dot.restype = i64
     so.fv_dot.argtypes = [p, i64, p, i64, i64, i64, p]
+    so.acc_unpack.restype = i64
+    so.acc_unpack.argtypes = [p, i64, i64, p]
     so.b3_rows.restype = so.b3_multiproof.restype = i64
     so.b3_rows.argtypes = [i64, p, p, p, i64, p]
     so.b3_multiproof.argtypes = [p, p, i64, ctypes.c_uint64, p, i64, p, i64, p]
@@ -511,6 +513,21 @@ def fv_dot(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
         raise OverflowError("fv_dot: a value of b exceeds its bound")
     if code:
         raise ValueError(f"fv_dot: code {code}")
+    return out
+
+
+def acc_unpack(b: np.ndarray) -> np.ndarray | None:
+    """Packed accumulators uint8 [..., w] (w-byte little-endian two's complement, 1 <= w <= 8)
+    as int64 [...] (freivalds.c), or None where the routine does not run (another byte order)."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    if b.dtype != np.uint8 or b.ndim < 1 or not 1 <= b.shape[-1] <= 8:
+        raise ValueError("acc_unpack: expected uint8 [..., w] with 1 <= w <= 8")
+    b = np.ascontiguousarray(b)
+    out = np.empty(b.shape[:-1], np.int64)
+    if so.acc_unpack(b.ctypes.data, out.size, b.shape[-1], out.ctypes.data):
+        return None
     return out
 
 

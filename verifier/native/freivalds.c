@@ -216,3 +216,34 @@ int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_
     }
     return bad ? -3 : 0;
 }
+
+/* Packed accumulators (opening version 2): n integers of w bytes (1 to 8) each, little-endian
+ * two's complement at src, into int64 dst, sign-extended: the w bytes are loaded as the low
+ * bytes of a uint64, shifted to the top and shifted back arithmetically (GCC and Clang define
+ * the conversion and the signed shift as two's complement). 0, or -5 for a bad width. */
+#define ACC_UNPACK(W) \
+    for (int64_t i = 0; i < n; i++) { \
+        uint64_t u = 0; \
+        memcpy(&u, src + i * (W), (W)); \
+        dst[i] = (int64_t)(u << (64 - 8 * (W))) >> (64 - 8 * (W)); \
+    } \
+    return 0;
+
+int64_t acc_unpack(const uint8_t *src, int64_t n, int64_t w, int64_t *dst) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    (void)src, (void)n, (void)w, (void)dst;
+    return -5; /* the numpy route decodes on other hosts */
+#else
+    switch (w) {
+    case 1: ACC_UNPACK(1)
+    case 2: ACC_UNPACK(2)
+    case 3: ACC_UNPACK(3)
+    case 4: ACC_UNPACK(4)
+    case 5: ACC_UNPACK(5)
+    case 6: ACC_UNPACK(6)
+    case 7: ACC_UNPACK(7)
+    case 8: ACC_UNPACK(8)
+    default: return -5;
+    }
+#endif
+}
