@@ -25,7 +25,9 @@ random int8 decoder weights and int16 head rows (the w8a16 profile), made direct
   growth per extra token beyond the token ids;
 - re-execution for an opening over the original generation time.
 
-Verifier timings run on one core (OPENBLAS/OMP/MKL threads 1, set before numpy loads);
+Verifier timings run on one core (OPENBLAS/OMP/MKL threads 1, set before numpy loads, and the
+compiled core's row splits held to one thread by native.thread_budget(1)); with --verify-threads the
+routine tier is timed again on that many layer threads with every core for the row splits;
 generation and re-execution use --gen-threads torch threads. The machine load is recorded.
 
     python bench/anchors.py [--shapes 8b,70b] [--contexts 128,1024,4096] [--layers 1]
@@ -193,10 +195,15 @@ def scale_tier(t: dict, full_layers: int) -> dict:
     b = t["breakdown_bytes"]
     layer_bytes = sum(b.get(k, 0) for k in PER_LAYER_KINDS)
     opening = t["opening_bytes"] - layer_bytes + layer_bytes * layers / measured
-    return {"layers": layers, "per_layer_ms": per_layer, "once_ms": once,
-            "verify_ms": layers * sum(per_layer.values()) + once,
-            "freivalds_bridge_ms": layers * per_layer["freivalds_bridge"],
-            "opening_bytes": opening, "opening_bytes_per_position": opening / t["positions"]}
+    out = {"layers": layers, "per_layer_ms": per_layer, "once_ms": once,
+           "verify_ms": layers * sum(per_layer.values()) + once,
+           "freivalds_bridge_ms": layers * per_layer["freivalds_bridge"],
+           "opening_bytes": opening, "opening_bytes_per_position": opening / t["positions"]}
+    b1 = t.get("breakdown_bytes_v1")
+    if b1:  # the same opening with int64 accumulators (opening version 1), scaled alike
+        l1 = sum(b1.get(k, 0) for k in PER_LAYER_KINDS)
+        out["opening_bytes_v1"] = t["opening_bytes_v1"] - l1 + l1 * layers / measured
+    return out
 
 
 def context_figures(setup: Setup, ctx: int, gen_tokens: int, tiers: tuple[str, ...],
@@ -213,7 +220,7 @@ def context_figures(setup: Setup, ctx: int, gen_tokens: int, tiers: tuple[str, .
            "retained": retained_figures(s.transcripts[0]), "tiers": {}}
     for i, tier in enumerate(tiers):
         t = tier_figures(setup, s, tier, verify_runs, nonce=bytes([i + 1]) * 16, warmup=1,
-                         also_threads=verify_threads if tier == "routine" else 0)
+                         also_threads=verify_threads if tier == "routine" else 0, one_core=True)
         t["open_over_gen"] = t["open_s"] / s.gen_seconds
         out["tiers"][tier] = t
         print(f"  {out['positions']:5d} positions {tier:>7}: {t['positions']} x {t['layers']} "
@@ -446,7 +453,8 @@ def _settings_md(d: dict) -> str:
 def _scaled_table(d: dict) -> str:
     head = ["shape", "positions", "tier", "tokens x layers", "verify ms/token",
             "Freivalds+bridge us/layer", "attention us/layer", "Merkle us/layer",
-            "once per token ms", "opening MB", "published ms", "commit / gen",
+            "once per token ms", "opening MB", "as v1 (int64 acc.) MB", "published ms",
+            "commit / gen",
             "re-exec / gen", "retained B (store)"]
     rows = []
     for s in d["shapes"]:
@@ -459,6 +467,8 @@ def _scaled_table(d: dict) -> str:
                              f"{1e3 * pl['freivalds_bridge']:.0f}", f"{1e3 * pl['attention']:.0f}",
                              f"{1e3 * pl['merkle']:.0f}", f"{sc['once_ms']:.2f}",
                              f"{sc['opening_bytes'] / 1e6:.1f}",
+                             f"{sc['opening_bytes_v1'] / 1e6:.1f}" if "opening_bytes_v1" in sc
+                             else "-",
                              f"{pub[t['tier']]:.2f}" if t["tier"] in pub else "-",
                              f"{c['commit_pct']:.1f} %", f"{t['open_over_gen']:.2f}",
                              c["retained"]["store_bytes"]])

@@ -35,6 +35,7 @@ commitment overhead of a decode-dominated request with median and spread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -132,25 +133,41 @@ def sign(setup: Setup, request: dict, prompt: list[int], gen_tokens: int,
     return s, sum(spent)
 
 
+def _kind(name: str) -> str:
+    if name.endswith((".proof", "layer_roots")):
+        return "proofs"
+    if name.endswith(".pos") or name == "embed.ids":
+        return "indices"
+    for prefix, k in (("z.lm", "lm_head_acc"), ("zq.", "kv_sample_acc"),
+                      ("z.", "layer_acc"), ("kv.", "kv_rows"), ("resid.", "residual_rows"),
+                      ("embed.", "embed_rows")):
+        if name.startswith(prefix):
+            return k
+    return "other"
+
+
 def breakdown(arrays: dict, total: int) -> dict:
     """Opening bytes by kind; the container header is what the arrays do not account for."""
-    def kind(name: str) -> str:
-        if name.endswith((".proof", "layer_roots")):
-            return "proofs"
-        if name.endswith(".pos") or name == "embed.ids":
-            return "indices"
-        for prefix, k in (("z.lm", "lm_head_acc"), ("zq.", "kv_sample_acc"),
-                          ("z.", "layer_acc"), ("kv.", "kv_rows"), ("resid.", "residual_rows"),
-                          ("embed.", "embed_rows")):
-            if name.startswith(prefix):
-                return k
-        return "other"
+    out: dict[str, int] = {}
+    for name, a in arrays.items():
+        out[_kind(name)] = out.get(_kind(name), 0) + int(a.nbytes)
+    out["header"] = total - sum(out.values())
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def v1_extra_bytes(arrays: dict) -> dict:
+    """By kind, the bytes the same opening's accumulators would add as int64 (opening version 1)
+    over their packed widths (version 2): count x (8 - w) for each packed array (u8 [..., w])."""
+    import numpy as np
+
+    from commitllm.verifier.opening import _acc_matrix
 
     out: dict[str, int] = {}
     for name, a in arrays.items():
-        out[kind(name)] = out.get(kind(name), 0) + int(a.nbytes)
-    out["header"] = total - sum(out.values())
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+        if _acc_matrix(name) and a.dtype == np.uint8 and a.ndim >= 2:
+            w = a.shape[-1]
+            out[_kind(name)] = out.get(_kind(name), 0) + (a.size // w) * (8 - w)
+    return out
 
 
 def verify_parts(timing: dict) -> dict:
@@ -162,10 +179,13 @@ def verify_parts(timing: dict) -> dict:
 
 
 def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes,
-                 warmup: int = 1, open_runs: int = 1, also_threads: int = 0) -> dict:
+                 warmup: int = 1, open_runs: int = 1, also_threads: int = 0,
+                 one_core: bool = False) -> dict:
     """Challenge, open (`open_runs` timed runs), serialize, verify (`verify_runs` timed runs after
     `warmup` untimed ones) one receipt at one tier; with also_threads > 1, the verification timed
-    again with that many layer threads (its verdict must be the one-thread verdict)."""
+    again with that many layer threads (its verdict must be the one-thread verdict), the compiled
+    core's row splits on every core. one_core: the first timing on one thread throughout (the
+    compiled core's attention, hashing and GEMM row splits too), else they use every core."""
     from commitllm.engine.open import build_opening
     from commitllm.verifier import challenge, container
     from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
@@ -179,11 +199,16 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
     del opened
     data = container.dumps(OPENING_MAGIC, OPENING_VERSION, meta, arrays)
     parts = breakdown(arrays, len(data))
+    extra = v1_extra_bytes(arrays)
     del arrays
     m2, a2 = container.loads(data, OPENING_MAGIC, OPENING_VERSION, len(data))
     io = setup.io_tokenizer is not None  # a key without a tokenizer: io_binding unchecked
-    verify_t, verdicts = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
-                                                    io_binding=io), verify_runs, warmup=warmup)
+    from commitllm.verifier import native
+
+    with native.thread_budget(1) if one_core else contextlib.nullcontext():
+        verify_t, verdicts = time_runs(lambda i: verify(setup.key, r, c, m2, a2,
+                                                        setup.io_tokenizer, io_binding=io),
+                                       verify_runs, warmup=warmup)
     threaded = None
     if also_threads > 1:
         t_thr, v_thr = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
@@ -203,6 +228,8 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
             "kv_sample_per_layer": max((len(s) for s in c["kv_sample"].values()), default=0),
             "opening_bytes": len(data), "bytes_per_position": len(data) / n,
             "breakdown_bytes": parts, "open_s": open_t.median,
+            "opening_bytes_v1": len(data) + sum(extra.values()),
+            "breakdown_bytes_v1": {k: v + extra.get(k, 0) for k, v in parts.items()},
             "open_timing_s": open_t.to_dict(),
             "verify_ms_per_position": per_pos, "verify_runs": verify_runs, "warmup": warmup,
             "verify_ms": Timing(tuple(1e3 * v.timing["total"] for v in verdicts)).to_dict(),
@@ -433,7 +460,8 @@ def _settings_md(d: dict) -> str:
 
 
 def _tier_table(contexts: list[dict]) -> str:
-    head = ["positions", "tier", "challenged pos x layers", "opening", "per position",
+    head = ["positions", "tier", "challenged pos x layers", "opening", "as v1 (int64 acc.)",
+            "per position",
             *(f"verify {p} ms/pos" for p in PARTS), "verify ms", "verify spread", "open s",
             "open spread", "open / gen", "contention", "accepted"]
     rows = []
@@ -442,7 +470,7 @@ def _tier_table(contexts: list[dict]) -> str:
             ms = t["verify_ms_per_position"]
             rows.append([c["positions"], t["tier"], f"{t['positions']} x {t['layers']}",
                          f"{t['opening_bytes'] / 1e6:.2f} MB",
-                         f"{t['bytes_per_position'] / 1e3:.0f} kB",
+                         _v1_mb(t), f"{t['bytes_per_position'] / 1e3:.0f} kB",
                          *(f"{ms[p]['median']:.2f}" for p in PARTS),
                          f"{t['verify_ms']['median']:.0f}",
                          f"{100 * ms['total']['spread']:.0f} %", f"{t['open_s']:.2f}",
@@ -450,6 +478,14 @@ def _tier_table(contexts: list[dict]) -> str:
                          f"{t['open_over_gen']:.2f}", _pct(t["contention"]),
                          "yes" if t["accepted"] else "**NO**"])
     return md_table(head, rows)
+
+
+def _v1_mb(t: dict) -> str:
+    """The opening's size with int64 accumulators (version 1), and the packed one's saving."""
+    v1 = t.get("opening_bytes_v1")
+    if not v1:
+        return "-"
+    return f"{v1 / 1e6:.2f} MB (-{100 * (1 - t['opening_bytes'] / v1):.0f} %)"
 
 
 def _breakdown_table(contexts: list[dict]) -> str:

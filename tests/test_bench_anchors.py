@@ -14,6 +14,8 @@ import pytest
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench` (last: kernels/ must not shadow)
 
 from bench import anchors
+from commitllm.verifier.numerics import get_profile
+from commitllm.verifier.opening import acc_width
 
 
 def _tier(tier: str, layers: int, positions: int, ms: dict, breakdown: dict, total: int) -> dict:
@@ -97,10 +99,17 @@ def test_anchors_pipeline_tiny_moe(tmp_path):
         assert all(t["accepted"] for t in tiers.values())
         cfg = anchors.llama_config(s["shape"], 1)
         assert (cfg.family, cfg.num_experts, cfg.experts_per_token) == (fam, experts, k)
-        # per challenged (layer, position): qkv, o, router, and k x (gate_up + down)
-        per = 8 * (cfg.q_size + 2 * cfg.kv_size + 64 + experts + k * (2 * f + 64))
+        # per challenged (layer, position): qkv, o, router, and k x (gate_up + down), each at its
+        # packed width (opening version 2), and 8 bytes each as int64 (version 1)
+        w = {m: acc_width(cfg, get_profile("w8a16"), m)
+             for m in ("qkv", "o", "router", "gate_up", "down")}
+        n = {"qkv": cfg.q_size + 2 * cfg.kv_size, "o": 64, "router": experts,
+             "gate_up": k * 2 * f, "down": k * 64}
+        per = sum(w[m] * n[m] for m in n)
         full = tiers["full"]
         assert full["breakdown_bytes"]["layer_acc"] == per * full["positions"] * full["layers"]
+        assert full["breakdown_bytes_v1"]["layer_acc"] == \
+            8 * sum(n.values()) * full["positions"] * full["layers"]
 
 
 def test_anchors_rejects_bad_arguments(capsys):

@@ -30,6 +30,17 @@ def test_breakdown_hand_computed():
                    "kv_rows": 12}
 
 
+def test_v1_extra_bytes_hand_computed():
+    """What int64 accumulators (opening version 1) would add over packed ones, by kind."""
+    arrays = {"z.0.qkv": np.zeros((2, 5, 5), np.uint8),  # 10 values at 5 B: +30 as int64
+              "zq.0.qkv": np.zeros((1, 5, 5), np.uint8),  # +15
+              "z.1.gate_up": np.zeros((2, 2, 3, 4), np.uint8),  # MoE [n, k, F, w]: 12 x 4 = +48
+              "z.lm": np.zeros((1, 3, 6), np.uint8), "z.lm.pos": np.zeros(1, np.int64),  # +6
+              "kv.0.k": np.zeros((3, 2), np.int16), "kv.0.proof": np.zeros((2, 32), np.uint8)}
+    assert protocol.v1_extra_bytes(arrays) == {"layer_acc": 78, "kv_sample_acc": 15,
+                                               "lm_head_acc": 6}
+
+
 def test_verify_parts_other_is_the_remainder():
     parts = protocol.verify_parts({"freivalds": 0.5, "attention": 0.25, "rest": 0.125,
                                    "total": 1.0, "merkle": 0.0625})

@@ -349,3 +349,22 @@ def test_the_replays_layouts_take_the_compiled_route(monkeypatch):
            bridge.apply_rope(x.reshape(4, 2, 48), x[:, :24].copy(), x[:, 24:48].copy()))
     for g, wv in zip(got, want):
         same_result(g, wv)
+
+
+@needs_core
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+def test_minmax_is_numpy_s_min_and_max(dtype):
+    """The one-pass range of the opening's K/V and embedding checks: numpy's min and max at every
+    size (vector tails), at the type's extremes, on strided views (numpy's route) and constants."""
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(info.bits)
+    for n in (1, 2, 15, 16, 17, 63, 64, 65, 1000, 4099):
+        a = rng.integers(info.min, info.max + 1, n).astype(dtype)
+        assert bridge.minmax(a) == (int(a.min()), int(a.max())), n
+        a[n // 2] = info.min
+        a[n // 3] = info.max
+        assert bridge.minmax(a) == (int(a.min()), int(a.max())), n
+        assert bridge.minmax(np.full(n, -3, dtype)) == (-3, -3)
+    b = rng.integers(-100, 100, (40, 6, 9)).astype(dtype)
+    assert bridge.minmax(b[:, ::2]) == (int(b[:, ::2].min()), int(b[:, ::2].max()))
+    assert bridge.minmax(b) == (int(b.min()), int(b.max()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .native.bridge import minmax
 from .opening import Spec
 from .replay import Reject
 
@@ -48,8 +49,10 @@ def _check(name: str, a, spec: Spec) -> None:
                                      f"{spec.max_rows} can be needed")
     if spec.values is not None and a.tolist() != list(spec.values):
         raise Reject("opening_mismatch", f"{name}: not the challenged positions or token ids")
-    if spec.lo is not None and a.size and (int(a.min()) < spec.lo or int(a.max()) > spec.hi):
-        raise Reject("opening_range", f"{name}: a value outside [{spec.lo}, {spec.hi}]")
+    if spec.lo is not None and a.size:
+        lo, hi = minmax(a)
+        if lo < spec.lo or hi > spec.hi:
+            raise Reject("opening_range", f"{name}: a value outside [{spec.lo}, {spec.hi}]")
     if spec.finite and not np.all(np.isfinite(a)):
         raise Reject("opening_range", f"{name}: a non-finite value")
     if spec.normal and not np.all(np.isfinite(a) & (a >= F32_TINY)):

@@ -18,6 +18,7 @@ from commitllm.keys.keygen import save_key
 from commitllm.verifier import challenge as ch
 from commitllm.verifier import container
 from commitllm.verifier.cli import app as verifier_app
+from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
 from commitllm.verifier.receipt import MAX_RECEIPT_BYTES, build_receipt, receipt_bound
 from typer.testing import CliRunner
 
@@ -71,7 +72,7 @@ def files(world, opened, tmp_path_factory):
     c, meta, arrays = opened
     save_key(world.key, d / "k.key")
     (d / "c.json").write_text(json.dumps(c))
-    container.write(d / "o.bin", b"CLLMOPN\x00", 1, meta, arrays)
+    container.write(d / "o.bin", OPENING_MAGIC, OPENING_VERSION, meta, arrays)
     return d
 
 

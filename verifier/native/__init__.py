@@ -33,7 +33,7 @@ HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag wi
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 7
+ABI = 8
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -181,7 +181,8 @@ def declare_bridge(so) -> None:
                        ("br_quantize", [p, i64, i64, i64, i64, i64, p, p]),
                        ("br_dequant", [p, i64, i64, p, p, p, p, i64, p]),
                        ("br_swiglu", [p, p, i64, i64, i64, i64, f32, p, p]),
-                       ("br_rope", [p, i64, i64, i64, i64, i64, p, p, p])):
+                       ("br_rope", [p, i64, i64, i64, i64, i64, p, p, p]),
+                       ("br_minmax", [p, i64, i64, p])):
         getattr(so, name).restype = i64
         getattr(so, name).argtypes = args
 

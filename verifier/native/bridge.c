@@ -227,3 +227,31 @@ int64_t br_rope(const float *x, int64_t t, int64_t heads, int64_t d, int64_t xs,
                 return -1;
     return 0;
 }
+
+/* The least and the greatest of n int8 (esize 1) or int16 (esize 2) values in one pass: an
+ * opening's range checks (verifier/opened.py) read each K/V array once instead of twice.
+ * n > 0; returns -2 for another esize. */
+CLONES static void minmax16(const int16_t *x, int64_t n, int64_t *lo, int64_t *hi) {
+    int16_t a = x[0], b = x[0];
+    for (int64_t i = 0; i < n; i++) {
+        a = x[i] < a ? x[i] : a;
+        b = x[i] > b ? x[i] : b;
+    }
+    *lo = a, *hi = b;
+}
+
+CLONES static void minmax8(const int8_t *x, int64_t n, int64_t *lo, int64_t *hi) {
+    int8_t a = x[0], b = x[0];
+    for (int64_t i = 0; i < n; i++) {
+        a = x[i] < a ? x[i] : a;
+        b = x[i] > b ? x[i] : b;
+    }
+    *lo = a, *hi = b;
+}
+
+int64_t br_minmax(const void *x, int64_t n, int64_t esize, int64_t *lo_hi) {
+    if (n <= 0 || (esize != 1 && esize != 2)) return -2;
+    if (esize == 2) minmax16((const int16_t *)x, n, lo_hi, lo_hi + 1);
+    else minmax8((const int8_t *)x, n, lo_hi, lo_hi + 1);
+    return 0;
+}

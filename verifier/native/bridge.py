@@ -119,3 +119,15 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
                   cos.ctypes.data, sin.ctypes.data, out.ctypes.data):
         return _rope.apply_rope(x, cos, sin)
     return out
+
+
+def minmax(a: np.ndarray) -> tuple[int, int]:
+    """(int(a.min()), int(a.max())) of a non-empty int8/int16 array, in one compiled pass when the
+    array is C-contiguous (else numpy's two)."""
+    so = lib()
+    if so is None or a.dtype not in (np.int8, np.int16) or not a.flags.c_contiguous or not a.size:
+        return int(a.min()), int(a.max())
+    out = np.empty(2, np.int64)
+    if so.br_minmax(a.ctypes.data, a.size, a.dtype.itemsize, out.ctypes.data):
+        return int(a.min()), int(a.max())
+    return int(out[0]), int(out[1])
