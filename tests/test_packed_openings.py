@@ -64,6 +64,8 @@ def test_pack_and_both_decoders_are_exact(w, monkeypatch):
     fast = unpack_acc(b)
     assert fast.dtype == np.int64 and np.array_equal(fast, z)
     assert np.array_equal(unpack_acc(b[:, 3:40]), z[:, 3:40])  # a strided view
+    for k in range(1, 10):  # arrays shorter than one 8-byte load, and the tail of each
+        assert np.array_equal(unpack_acc(b[4, -k:]), z[4, -k:]), k
     monkeypatch.setattr(native, "lib", lambda: None)
     assert np.array_equal(unpack_acc(b), z)  # the numpy route
     if w < 8:
