@@ -22,8 +22,8 @@ each value as w bytes of little-endian two's complement, where w is the fewest b
 every integer in [-B, B] for the matrix's proven bound B = K * act_qmax * matrix_qmax (K its input
 width; `acc_width`), from the key's config and profile, never from the opening: 5 bytes for the
 8B decoder linears at w8a16, 4 at a8, 6 for a 16-bit LM head. The verifier checks the packed
-type and shape (check_types), then decodes (`unpack_accumulators`); Freivalds still checks each
-|z| <= B. Version 1 (int64 accumulators) is refused.
+type and shape (check_types), then decodes each layer's as it replays it (`unpack_acc`);
+Freivalds still checks each |z| <= B. Version 1 (int64 accumulators) is refused.
 """
 
 from __future__ import annotations
@@ -118,12 +118,6 @@ def pack_accumulators(arrays: dict, cfg, profile) -> dict:
         m = _acc_matrix(name)
         out[name] = a if m is None else pack_acc(a, acc_width(cfg, profile, m))
     return out
-
-
-def unpack_accumulators(arrays: dict, specs: dict) -> dict:
-    """The arrays with every packed accumulator (a spec with acc > 0, already type-checked)
-    decoded to int64; the rest as they are."""
-    return {name: unpack_acc(a) if specs[name].acc else a for name, a in arrays.items()}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from .numerics import moe
 from .numerics.logprobs import entry as lp_entry
 from .numerics.forward import split_qkv
 from .numerics.sampler import SamplingParams, sample
+from .opening import unpack_acc
 
 
 class Reject(Exception):
@@ -116,7 +117,8 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
 
     resid[l]: position -> x_l row; kv[l]: (positions, k, sk, v, sv), the opened K/V rows
     (positions sorted: every key a challenged position sees, and the K/V sample);
-    z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows).
+    z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows); accumulator rows packed
+    (opening version 2, type-checked against the key), decoded here one layer at a time.
     """
     with ctx.timer.span():
         _replay_layer(ctx, l, resid, kv, z, zq)
@@ -124,8 +126,11 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
 
 def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
     cfg, kvq = ctx.cfg, ctx.profile.kv_qmax
-    p_full, zs = z[l]
-    p_sample, zq_rows = zq.get(l, ([], np.zeros((0, zs["qkv"].shape[1]), np.int64)))
+    p_full, packed = z[l]
+    zs = {m: unpack_acc(a) for m, a in packed.items()}
+    p_sample, zq_rows = zq.get(l, ([], None))
+    zq_rows = (np.zeros((0, zs["qkv"].shape[1]), np.int64) if zq_rows is None
+               else unpack_acc(zq_rows))
     pos = np.array(list(p_full) + list(p_sample), dtype=np.int64)
     t0 = time.perf_counter()
     x = _rows(resid[l], pos)
@@ -219,7 +224,7 @@ def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params, first
     t0 = time.perf_counter()
     n = rmsnorm(x, ctx.key.arrays["final_norm"], ctx.cfg.rms_norm_eps)
     ctx.timer.add("rest", t0)
-    logits = _linear(ctx, "lm_head", n, z_lm, "freivalds_lm_head")
+    logits = _linear(ctx, "lm_head", n, unpack_acc(z_lm), "freivalds_lm_head")  # (packed)
     t0 = time.perf_counter()
     for row, t in zip(logits, positions):
         t = int(t)

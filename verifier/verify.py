@@ -22,8 +22,7 @@ from .numerics.profiles import Profile
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
 from .opened import check_types
-from .opening import (Plan, PlanError, array_specs, embed_specs, matrices, plan,
-                      unpack_accumulators)
+from .opening import Plan, PlanError, array_specs, embed_specs, matrices, plan
 from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
 from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
@@ -152,8 +151,7 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     specs = (array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
              | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
-    check_types(arrays, specs)
-    arrays = unpack_accumulators(arrays, specs)  # packed widths from the key, checked above
+    check_types(arrays, specs)  # accumulators packed at the key's widths: decoded per layer
     v.ok("types", "every opened array has the dtype, shape and range the key implies")
     t_merkle = time.perf_counter()
     resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
@@ -446,13 +444,13 @@ def _z_tables(arrays, p: Plan, names):
     z, zq = {}, {}
     for l, pos in p.z.items():
         _expect(arrays, f"z.{l}.pos", pos)
-        rows = {m: arrays[f"z.{l}.{m}"] for m in names}
-        if any(r.dtype != np.int64 or r.shape[0] != len(pos) for r in rows.values()):
+        rows = {m: arrays[f"z.{l}.{m}"] for m in names}  # packed; replay_layer decodes them
+        if any(r.dtype != np.uint8 or r.shape[0] != len(pos) for r in rows.values()):
             raise Reject("opening_malformed", f"z.{l}: accumulators of the wrong type or count")
         z[l] = (pos, rows)
         if p.zq.get(l):
             _expect(arrays, f"zq.{l}.pos", p.zq[l])
             zq[l] = (p.zq[l], arrays[f"zq.{l}.qkv"])
-            if zq[l][1].dtype != np.int64 or zq[l][1].shape[0] != len(p.zq[l]):
+            if zq[l][1].dtype != np.uint8 or zq[l][1].shape[0] != len(p.zq[l]):
                 raise Reject("opening_malformed", f"zq.{l}: wrong accumulators")
     return z, zq
