@@ -117,9 +117,9 @@ def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:
 
 def _le_bytes(a: np.ndarray) -> np.ndarray:
     """a [n, k] as uint8 [n, k * itemsize]: its rows' little-endian bytes, a view when the rows
-    are contiguous and little-endian already."""
+    are contiguous, in ascending order and little-endian already."""
     le = a.dtype.newbyteorder("<")
-    if a.dtype != le or a.strides[1] != a.dtype.itemsize:
+    if a.dtype != le or a.strides[1] != a.dtype.itemsize or a.strides[0] < 0:
         a = np.ascontiguousarray(a, dtype=le)
     return a.view(np.uint8) if a.shape[1] else np.empty((a.shape[0], 0), np.uint8)
 

@@ -146,8 +146,10 @@ def verify_multiproof(leaves: dict[int, bytes], n_leaves: int, proof: list[bytes
                       root: bytes) -> bool:
     """verify_multiproof_spec, through the compiled core's walk (native/hash.c) when it is there
     and every hash is 32 bytes (the spec's answer otherwise)."""
-    if len(leaves) < NATIVE_MIN or any(len(h) != 32 for h in leaves.values()):
-        return verify_multiproof_spec(leaves, n_leaves, proof, root)
+    if (len(leaves) < NATIVE_MIN or not 0 < n_leaves < 2**63
+            or any(not 0 <= i < n_leaves for i in leaves)
+            or any(len(h) != 32 for h in leaves.values())):
+        return verify_multiproof_spec(leaves, n_leaves, proof, root)  # (indices beyond int64)
     items = sorted(leaves.items())
     idx = np.fromiter((i for i, _ in items), np.int64, len(items))
     hashes = np.frombuffer(b"".join(h for _, h in items), np.uint8).reshape(-1, 32)

@@ -324,10 +324,10 @@ def _pack(x: np.ndarray, vals: bool, width: int, blocks: int, per: int) -> np.nd
         raise ValueError("pack: expected [G, S, d] or [B, S, H, d]")
     if x.dtype not in (np.int8, np.int16):
         raise TypeError(f"pack: int8 or int16 expected, got {x.dtype}")
-    bsz, heads, s, d = x.shape
     es = x.dtype.itemsize
-    if any(st % es or st < 0 for st in x.strides):
-        raise ValueError("pack: unaligned or negative strides")
+    if any(st % es or st < 0 for st in x.strides):  # attn_pack reads forward, element-aligned
+        x = np.ascontiguousarray(x)
+    bsz, heads, s, d = x.shape
     st = [v // es for v in x.strides]
     shape = (bsz * heads, blocks, width // 2, per, 2) if not vals else (bsz * heads, blocks,
                                                                          width, 2)
