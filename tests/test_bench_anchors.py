@@ -139,10 +139,12 @@ def test_floors_measure_and_render(monkeypatch):
     monkeypatch.setattr(anchors, "GOAL_CONTEXT", 64)
     f = anchors.measure_floors(runs=1)
     assert f["rows"] == 64 and f["leaf_bytes"] == 2 * 8 * 128 * 2 + 2 * 8 * 4 + 19 + 2 + 8
-    assert all(f[k] > 0 for k in ("leaf_hashes_ms", "stream_ms", "multiproof_ms", "pack_ms",
-                                  "call_ms", "leaf_gb_s"))
+    assert all(f[k] > 0 for k in ("leaf_hashes_ms", "leaf_hashes_py_ms", "stream_ms",
+                                  "multiproof_ms", "multiproof_py_ms", "pack_ms", "call_ms",
+                                  "leaf_gb_s"))
     text = anchors._floors_md({"floors": f})
-    assert "63 node hashes" in text and "ms" in text
+    assert "63 node hashes" in text and "blake3-py one leaf per call" in text
+    assert anchors._floors_md({"floors": {"rows": 1}}) == ""  # a result from before the core
     assert anchors._floors_md({}) == ""
 
 
