@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench.common import RESULTS, md_table, provenance, provenance_md, write_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "adversary"))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # accs.py, which advworld uses
 import advattn
 import advcheats as cheats
 from advworld import SAMPLED, World

@@ -20,8 +20,13 @@ def set_acc(arrays: dict, name: str, z: np.ndarray, wrap: bool = False) -> None:
     w bytes, all a cheating provider can send."""
     w = arrays[name].shape[-1]
     z = np.asarray(z, np.int64)
-    arrays[name] = (np.ascontiguousarray(z.astype("<i8")[..., None].view(np.uint8)[..., :w])
-                    if wrap else pack_acc(z, w))
+    arrays[name] = low_bytes(z, w) if wrap else pack_acc(z, w)
+
+
+def low_bytes(z: np.ndarray, w: int) -> np.ndarray:
+    """The low w bytes of each int64 value (pack_acc without its range check): what a cheating
+    provider whose values exceed the width can put on the wire."""
+    return np.ascontiguousarray(np.asarray(z, "<i8")[..., None].view(np.uint8)[..., :w])
 
 
 def add_acc(arrays: dict, name: str, index, delta: int, wrap: bool = False) -> None:

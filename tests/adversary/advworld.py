@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from accs import low_bytes
 from commitllm.engine.exact.model import ExactModel, SeqCache
 from commitllm.engine.open import _put_embed, build_opening
 from commitllm.engine.receipts import generate_with_receipts, receipt_for_tokens
@@ -260,8 +261,7 @@ def _wrapping_packer():
         for name, a in arrays.items():
             m = opening_mod._acc_matrix(name)
             w = None if m is None else opening_mod.acc_width(cfg, profile, m)
-            out[name] = a if w is None else np.ascontiguousarray(
-                np.asarray(a, "<i8")[..., None].view(np.uint8)[..., :w])
+            out[name] = a if w is None else low_bytes(a, w)
         return out
     before = engine_open.pack_accumulators
     engine_open.pack_accumulators = wrapping
