@@ -39,6 +39,16 @@ class Timer:
     merkle: float = 0.0
     scope: str | None = None  # "decode" while replay_decode runs
 
+    def split(self, t0: float, freivalds: float) -> float:
+        """The time since t0 of a compiled call that measured its own Freivalds seconds: those
+        under "freivalds", the rest under "rest"."""
+        now = time.perf_counter()
+        for part, sec in (("freivalds", freivalds), ("rest", now - t0 - freivalds)):
+            self.parts[part] += sec
+            if self.scope == "decode":
+                self.decode[part] += sec
+        return now
+
     def add(self, part: str, t0: float) -> float:
         now = time.perf_counter()
         self.parts[part] += now - t0
@@ -108,6 +118,31 @@ def _linear_q(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, z: np.ndarra
                       resid)
 
 
+def _linear_packed(ctx: Ctx, label: str, x: np.ndarray, packed: np.ndarray, code: str):
+    """_linear on packed accumulator rows: in one compiled pass over them (native.fv_acc_linear:
+    bound, Freivalds residues and dequantization together) when the core is built and every
+    check passes; otherwise decoded and through _linear, which decides and gives the reason."""
+    from . import native
+
+    qx, sx = quantize_rows(x, ctx.profile.act_qmax)
+    r, v = ctx.key.prepared(label)
+    s, bias = ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias")
+    f32 = [a for a in (s, bias, sx) if a is not None]
+    if (native.lib() is not None and packed.dtype == np.uint8 and packed.ndim == 3
+            and packed.shape[:2] == (len(qx), len(s)) and 1 <= packed.shape[2] <= 8
+            and r.a.shape == s.shape and (bias is None or bias.shape == s.shape)
+            and all(a.dtype == np.float32 and a.flags.c_contiguous for a in f32)):
+        t0 = time.perf_counter()
+        bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)
+        got = native.fv_acc_linear(r.a, packed, bound, sx, s, bias)
+        ok = got is not None and np.array_equal(got[0], native.fv_dot(v.a, qx,
+                                                                      ctx.profile.act_qmax))
+        ctx.timer.add("freivalds", t0)
+        if ok:
+            return got[1]
+    return _linear_q(ctx, label, qx, sx, unpack_acc(packed), code)
+
+
 def _rows(table: dict, positions) -> np.ndarray:
     return np.stack([table[int(p)] for p in positions])
 
@@ -119,26 +154,58 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     (positions sorted: every key a challenged position sees, and the K/V sample);
     z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows); accumulator rows packed
     (opening version 2, type-checked against the key), decoded here one layer at a time.
+
+    A dense layer first takes the fused route (native/layer.py: two compiled calls around the
+    attention), which can only answer "every check passed"; anything else, and every layer when
+    FUSED is off or the compiled core is not built, takes the step-by-step route, which decides
+    and gives the reason. The two compute the same values, so the verdict is the same.
     """
     with ctx.timer.span():
-        _replay_layer(ctx, l, resid, kv, z, zq)
+        if not (FUSED and _fused_layer(ctx, l, resid, kv, z, zq)):
+            _replay_layer(ctx, l, resid, kv, z, zq)
 
 
-def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
-    cfg, kvq = ctx.cfg, ctx.profile.kv_qmax
+FUSED = True  # tests switch it off to compare the routes
+
+
+def _positions(z: dict, zq: dict, l: int):
     p_full, packed = z[l]
-    zs = {m: unpack_acc(a) for m, a in packed.items()}
     p_sample, zq_rows = zq.get(l, ([], None))
-    zq_rows = (np.zeros((0, zs["qkv"].shape[1]), np.int64) if zq_rows is None
-               else unpack_acc(zq_rows))
-    pos = np.array(list(p_full) + list(p_sample), dtype=np.int64)
+    return np.array(list(p_full) + list(p_sample), dtype=np.int64), len(p_full), packed, zq_rows
+
+
+def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> bool:
+    """Layer l through the compiled calls: True when every step ran and every check passed
+    (nothing raised, nothing decided otherwise)."""
+    from .native import layer
+
+    cfg = ctx.cfg
+    if cfg.moe:
+        return False
+    pos, n, packed, zq_rows = _positions(z, zq, l)
     t0 = time.perf_counter()
     x = _rows(resid[l], pos)
-    a = rmsnorm(x, ctx.key.arrays[f"layers.{l}.attn_norm"], cfg.rms_norm_eps)
-    ctx.timer.add("rest", t0)
-    qkv = _linear(ctx, f"layers.{l}.qkv", a, np.concatenate([zs["qkv"], zq_rows]), "freivalds_qkv")
+    cos, sin = ctx.rope.lookup(pos)
+    got = layer.pre(ctx.key, cfg, ctx.profile, l, x, packed.get("qkv"), zq_rows, cos, sin)
+    t0 = ctx.timer.split(t0, got[1] if got else 0.0)
+    if got is None:
+        return False
+    try:
+        o = _attend(ctx, l, pos, n, *got[0], kv, t0)
+    except Reject:
+        return False
     t0 = time.perf_counter()
-    q, (kq, sk), (vq, sv) = _qkv(ctx, qkv, pos, l)
+    done = layer.post(ctx.key, cfg, ctx.profile, l, o, x[:n], packed)
+    ok = done is not None and np.array_equal(done[0], _rows(resid[l + 1], pos[:n]))
+    ctx.timer.split(t0, done[1] if done else 0.0)
+    return ok
+
+
+def _attend(ctx: Ctx, l: int, pos: np.ndarray, n: int, q, k, v, kv: dict, t0: float):
+    """The derived K/V rows (k, v: quantized rows and scales at pos) against the opened ones, then
+    the attention of the first n positions' q over every opened key they see."""
+    kq, sk = k
+    vq, sv = v
     kpos, k_all, sk_all, v_all, sv_all = kv[l]
     at = np.searchsorted(kpos, pos)
     if not (np.all(at < len(kpos)) and np.array_equal(kpos[np.minimum(at, len(kpos) - 1)], pos)):
@@ -146,9 +213,9 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
     if not (np.array_equal(kq, k_all[at]) and np.array_equal(sk, sk_all[at])
             and np.array_equal(vq, v_all[at]) and np.array_equal(sv, sv_all[at])):
         raise Reject("kv_mismatch", f"layer {l}: a committed K/V row differs from its derivation")
-    n = len(p_full)
     t0 = ctx.timer.add("rest", t0)
     # the keys the challenged positions see: positions lo .. max(p_full), every one opened
+    cfg = ctx.cfg
     lo, hi = int(first_visible(pos[:n].min(), cfg.sliding_window)), int(pos[:n].max()) + 1
     a = int(np.searchsorted(kpos, lo))
     if not np.array_equal(kpos[a:a + hi - lo], np.arange(lo, hi)):
@@ -156,8 +223,26 @@ def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) ->
                                           f"challenged positions see are not all opened")
     b = a + hi - lo
     o = attention(q[0][:n], q[1][:n], k_all[a:b], sk_all[a:b], v_all[a:b], sv_all[a:b],
-                  pos[:n] - lo, kvq, window=cfg.sliding_window)
+                  pos[:n] - lo, ctx.profile.kv_qmax, window=cfg.sliding_window)
     ctx.timer.add("attention", t0)
+    return o
+
+
+def _replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> None:
+    """The step-by-step route: every step a call from here, the first failing check raised."""
+    cfg = ctx.cfg
+    pos, n, packed, zq_rows = _positions(z, zq, l)
+    zs = {m: unpack_acc(a) for m, a in packed.items()}
+    zq_rows = (np.zeros((0, zs["qkv"].shape[1]), np.int64) if zq_rows is None
+               else unpack_acc(zq_rows))
+    t0 = time.perf_counter()
+    x = _rows(resid[l], pos)
+    a = rmsnorm(x, ctx.key.arrays[f"layers.{l}.attn_norm"], cfg.rms_norm_eps)
+    ctx.timer.add("rest", t0)
+    qkv = _linear(ctx, f"layers.{l}.qkv", a, np.concatenate([zs["qkv"], zq_rows]), "freivalds_qkv")
+    t0 = time.perf_counter()
+    q, k, v = _qkv(ctx, qkv, pos, l)
+    o = _attend(ctx, l, pos, n, q, k, v, kv, t0)
     h = _linear(ctx, f"layers.{l}.o", o, zs["o"], "freivalds_o", x[:n])  # x + linear(o)
     m = rmsnorm(h, ctx.key.arrays[f"layers.{l}.mlp_norm"], cfg.rms_norm_eps)
     if cfg.moe:
@@ -224,7 +309,7 @@ def _replay_decode(ctx: Ctx, final: dict, positions, z_lm, tokens, params, first
     t0 = time.perf_counter()
     n = rmsnorm(x, ctx.key.arrays["final_norm"], ctx.cfg.rms_norm_eps)
     ctx.timer.add("rest", t0)
-    logits = _linear(ctx, "lm_head", n, unpack_acc(z_lm), "freivalds_lm_head")  # (packed)
+    logits = _linear_packed(ctx, "lm_head", n, z_lm, "freivalds_lm_head")
     t0 = time.perf_counter()
     for row, t in zip(logits, positions):
         t = int(t)

@@ -28,12 +28,12 @@ import numpy as np
 from ..numerics.quant import split_planes
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c",
-                                                             "hash.c"))
+                                                             "hash.c", "layer.c"))
 HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag with the sources
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 8
+ABI = 9
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -166,12 +166,16 @@ def _declare(so) -> None:
     so.gemm_i16i8.argtypes = [p, i64, i64, p, i64, i64, i64, i64, i64, i64, p]
     so.fv_dot.restype = i64
     so.fv_dot.argtypes = [p, i64, p, i64, i64, i64, p]
-    so.acc_unpack.restype = i64
+    so.acc_unpack.restype = so.fv_acc_linear.restype = i64
+    so.fv_acc_linear.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p]
     so.acc_unpack.argtypes = [p, i64, i64, p]
     so.b3_rows.restype = so.b3_multiproof.restype = i64
     so.b3_rows.argtypes = [i64, p, p, p, i64, p]
     so.b3_multiproof.argtypes = [p, p, i64, ctypes.c_uint64, p, i64, p, i64, p]
     declare_bridge(so)
+    from .layer import declare as declare_layer
+
+    declare_layer(so)
 
 
 def declare_bridge(so) -> None:
@@ -515,6 +519,32 @@ def fv_dot(a: np.ndarray, b: np.ndarray, bound: int) -> np.ndarray:
     if code:
         raise ValueError(f"fv_dot: code {code}")
     return out
+
+
+def fv_acc_linear(a: np.ndarray, packed: np.ndarray, bound: int, sx: np.ndarray,
+                  sw: np.ndarray, bias: np.ndarray | None = None,
+                  resid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """One pass over packed accumulators uint8 [M, N, w] (freivalds.c): (fv_dot(a, z, bound),
+    bridge.dequantize(z, sx, sw, bias, resid)) of their values z, or None where the compiled
+    routine does not answer (a value beyond the bound or one the dequantization does not take,
+    another byte order); the arrays fp32 C-contiguous (resid [M, N])."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    m, n, w = packed.shape
+    for arr, shape in ((sx, (m,)), (sw, (n,)), (bias, (n,)), (resid, (m, n))):
+        if arr is not None and (arr.dtype != np.float32 or arr.shape != shape
+                                or not arr.flags.c_contiguous):
+            raise ValueError(f"fv_acc_linear: expected fp32 {shape}")
+    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    out, y = np.empty(m, np.uint64), np.empty((m, n), np.float32)
+    code = so.fv_acc_linear(_ptr(a, np.int64), n, packed.ctypes.data, w, m, bound,
+                            out.ctypes.data, sx.ctypes.data, sw.ctypes.data,
+                            None if bias is None else bias.ctypes.data,
+                            None if resid is None else resid.ctypes.data, n, y.ctypes.data)
+    if code == -5:
+        raise ValueError(f"fv_acc_linear: code {code}")
+    return None if code else (out, y)
 
 
 def acc_unpack(b: np.ndarray) -> np.ndarray | None:

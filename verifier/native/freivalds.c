@@ -259,3 +259,121 @@ int64_t acc_unpack(const uint8_t *src, int64_t n, int64_t w, int64_t *dst) {
     }
 #endif
 }
+
+/* A block of len packed values (w bytes each) at src into dst; the first `safe` of them may be
+ * read with an 8-byte load (their 8 bytes lie inside the array), the others w bytes at a time. */
+#define UNPACK_BLOCK(W) \
+    static void unpack_block_##W(const uint8_t *src, int64_t len, int64_t safe, int64_t *dst) { \
+        int64_t i = 0; \
+        for (; i < safe && i < len; i++) { \
+            uint64_t u; \
+            memcpy(&u, src + i * (W), 8); \
+            dst[i] = (int64_t)(u << (64 - 8 * (W))) >> (64 - 8 * (W)); \
+        } \
+        for (; i < len; i++) { \
+            uint64_t u = 0; \
+            memcpy(&u, src + i * (W), (W)); \
+            dst[i] = (int64_t)(u << (64 - 8 * (W))) >> (64 - 8 * (W)); \
+        } \
+    }
+UNPACK_BLOCK(1) UNPACK_BLOCK(2) UNPACK_BLOCK(3) UNPACK_BLOCK(4)
+UNPACK_BLOCK(5) UNPACK_BLOCK(6) UNPACK_BLOCK(7) UNPACK_BLOCK(8)
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* AVX-512 VBMI: eight values per step. A masked load takes their 8w bytes (no byte past the
+ * array is read); one byte permutation puts value j's w bytes at the top of 64-bit lane j; an
+ * arithmetic shift by 64 - 8w sign-extends it, as the scalar decoder's two shifts do. */
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) static void unpack_block_vbmi(
+        const uint8_t *src, int64_t len, int64_t w, int64_t *dst) {
+    uint8_t idx[64];
+    for (int j = 0; j < 8; j++)
+        for (int b = 0; b < 8; b++)
+            idx[8 * j + b] = (uint8_t)(j * w + (b >= 8 - w ? b - (8 - w) : 0));
+    const __m512i perm = _mm512_loadu_si512((const void *)idx);
+    const __mmask64 full = 8 * w == 64 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * w)) - 1);
+    const __m512i sh = _mm512_set1_epi64(64 - 8 * w);
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        const __m512i raw = _mm512_maskz_loadu_epi8(full, src + i * w);
+        _mm512_storeu_si512((void *)(dst + i),
+                            _mm512_srav_epi64(_mm512_permutexvar_epi8(perm, raw), sh));
+    }
+    if (i < len) {
+        const int64_t rest = len - i;
+        const __mmask64 m = (((__mmask64)1 << (rest * w)) - 1);
+        const __m512i raw = _mm512_maskz_loadu_epi8(m, src + i * w);
+        int64_t t[8];
+        _mm512_storeu_si512((void *)t, _mm512_srav_epi64(_mm512_permutexvar_epi8(perm, raw), sh));
+        memcpy(dst + i, t, (size_t)rest * 8);
+    }
+}
+#endif
+
+typedef void (*unpack_fn)(const uint8_t *, int64_t, int64_t, int64_t *);
+static const unpack_fn UNPACK[9] = {NULL, unpack_block_1, unpack_block_2, unpack_block_3,
+                                    unpack_block_4, unpack_block_5, unpack_block_6,
+                                    unpack_block_7, unpack_block_8};
+
+int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, const float *sw,
+                   const float *bias, const float *resid, int64_t rs, float *y); /* bridge.c */
+
+/* One opened linear in one pass over its packed accumulators (opening version 2): rows x n
+ * values of w bytes at zp, decoded a block of FV_BLOCK at a time into a buffer that stays in L1;
+ * each block is bounded (every |z| <= bound), summed into out[m] = a z_m mod P as fv_dot sums
+ * it (the same block sums), and dequantized into y [rows][n] as br_dequant computes it (scale
+ * sx[m], weight scales sw, bias, resid rows of stride rs; every element on its own, so a block
+ * at a time gives the same values). 0; -3: a value beyond the bound; -1: a value br_dequant
+ * does not take (|z| >= 2^53, a non-finite output); -5: bad width or bound. On a non-zero code
+ * out and y are undefined. */
+int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w, int64_t rows,
+                      int64_t bound, uint64_t *out, const float *sx, const float *sw,
+                      const float *bias, const float *resid, int64_t rs, float *y) {
+    sums_fn sums = sums_plain;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    const int64_t route = attn_active_route();
+    if (route == 2) sums = sums_avx512;
+    if (route == 1) sums = sums_avx2;
+#endif
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    return -5;
+#endif
+    if (w < 1 || w > 8 || bound < 0 || bound >= ((int64_t)1 << 62)) return -5;
+    const unpack_fn unpack = UNPACK[w];
+    int vbmi = 0;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    vbmi = route == 2 && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
+#endif
+    const int64_t total = rows * n, safe_all = total - (8 + w - 1) / w;
+    int64_t zb[FV_BLOCK];
+    int64_t bad = 0;
+    for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
+        const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
+        uint64_t tot[FV_ROWS][6];
+        memset(tot, 0, sizeof tot);
+        for (int64_t i0 = 0; i0 < n; i0 += FV_BLOCK) {
+            const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
+            for (int64_t m = 0; m < mr; m++) {
+                const int64_t first = (m0 + m) * n + i0; /* the block's first value */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+                if (vbmi) unpack_block_vbmi(zp + first * w, len, w, zb);
+                else
+#endif
+                unpack(zp + first * w, len, safe_all - first, zb);
+                int64_t s[6];
+                bad |= sums(a + i0, zb, 8, len, bound, s);
+                for (int j = 0; j < 6; j++) tot[m][j] = fv_add(tot[m][j], fv_of(s[j]));
+                if (bad) return -3;
+                if (br_dequant(zb, 1, len, sx + m0 + m, sw + i0, bias ? bias + i0 : NULL,
+                               resid ? resid + (m0 + m) * rs + i0 : NULL, 0, y + first))
+                    return -1;
+            }
+        }
+        for (int64_t m = 0; m < mr; m++) {
+            uint64_t acc = 0;
+            for (int j = 0; j < 6; j++)
+                acc = fv_add(acc, fv_shift(tot[m][j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
+            out[m0 + m] = acc;
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,159 @@
+"""The fused layer route (verifier/native/layer.c and layer.py; replay._fused_layer) against the
+step-by-step route, bit for bit: the one-pass packed linear (freivalds.c's fv_acc_linear) against
+decoding, fv_dot and dequantize on every route and width; each layer's q/k/v rows and output rows
+against the step route's in every dense family and profile; and the fused route really answering
+on honest openings. Verdicts under tampering with the route on and off: adversary/
+test_adv_fused.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from commitllm.verifier import native, replay
+from commitllm.verifier.native import bridge, layer
+from commitllm.verifier.opening import pack_acc
+
+pytestmark = pytest.mark.skipif(native.lib() is None, reason="the compiled core is not built")
+
+
+def _routes() -> list[int]:
+    best = int(native.lib().attn_best_route())
+    return list(range(best + 1))
+
+
+@pytest.fixture
+def route(request):
+    so = native.lib()
+    so.attn_route(request.param)
+    yield request.param
+    so.attn_route(-1)
+
+
+@pytest.mark.parametrize("route", _routes(), indirect=True)
+@pytest.mark.parametrize("w", range(1, 9))
+def test_one_pass_linear_is_decode_fv_dot_dequantize(route, w):
+    """Every width, lengths around the 8-value SIMD step and the 1,024-value block (so tails and
+    the last values' short loads), bias and residual on and off: the same residues and the same
+    fp32 bits as unpack, fv_dot and bridge.dequantize."""
+    rng = np.random.default_rng(w + 10 * route)
+    top = min((1 << (8 * w - 1)) - 1, (1 << 52) - 1)
+    for m, n in ((1, 1), (1, 7), (2, 9), (3, 1023), (2, 1025), (5, 2050)):
+        z = rng.integers(-top, top, (m, n), endpoint=True)
+        z.reshape(-1)[:2] = (top, -top)[: z.size]
+        a = rng.integers(0, 2**61 - 1, n)
+        sx = rng.random(m).astype(np.float32) * 1e-3
+        sw = rng.random(n).astype(np.float32)
+        for bias, resid in ((None, None), (rng.standard_normal(n).astype(np.float32),
+                                           rng.standard_normal((m, n)).astype(np.float32))):
+            got = native.fv_acc_linear(a, pack_acc(z, w), top, sx, sw, bias, resid)
+            assert got is not None, (w, m, n)
+            assert np.array_equal(got[0], native.fv_dot(a, z, top))
+            want = bridge.dequantize(z, sx, sw, bias, resid)
+            assert np.array_equal(got[1].view(np.uint32), want.view(np.uint32)), (w, m, n)
+
+
+def test_one_pass_linear_declines_what_it_does_not_decide():
+    """A value beyond the bound, one at 2^53 (the dequantization's limit) and a non-finite
+    output give None, so the step route decides; a bad width is an error."""
+    a = np.arange(1, 11, dtype=np.int64)
+    sx, sw = np.ones(2, np.float32), np.ones(10, np.float32)
+    z = np.zeros((2, 10), np.int64)
+    z[1, 9] = 1001
+    assert native.fv_acc_linear(a, pack_acc(z, 2), 1000, sx, sw) is None
+    z[1, 9] = 1 << 53
+    assert native.fv_acc_linear(a, pack_acc(z, 8), (1 << 62) - 1, sx, sw) is None
+    z[1, 9] = 1 << 40
+    big = np.full(10, 3e38, np.float32)
+    assert native.fv_acc_linear(a, pack_acc(z, 8), 1 << 41, sx, big) is None
+    assert native.fv_acc_linear(a, pack_acc(z, 8), 1 << 41, sx, sw) is not None
+    with pytest.raises(ValueError):
+        native.fv_acc_linear(a, np.zeros((2, 10, 9), np.uint8), 1, sx, sw)
+
+
+FAMILIES = [("llama", "w8a16"), ("llama", "a8"), ("llama", "w16a16"), ("qwen2", "w8a16"),
+            ("qwen3", "w8a16"), ("mistral", "w8a16"), ("llama_tied_scaled", "w8a16"),
+            ("odd", "w8a16")]
+
+
+def _record(monkeypatch):
+    """What each route computes per layer: the fused calls' outputs, and the step route's q/k/v
+    (replay._qkv) and output rows (the down linear plus the residual)."""
+    seen = {"fused": {}, "steps": {}, "declined": 0}
+    pre, post, qkv, lin = layer.pre, layer.post, replay._qkv, replay._linear
+
+    def rec_pre(key, cfg, prof, l, *a):
+        got = pre(key, cfg, prof, l, *a)
+        seen["declined"] += got is None
+        if got is not None:
+            seen["fused"][("qkv", l)] = got[0]
+        return got
+
+    def rec_post(key, cfg, prof, l, *a):
+        got = post(key, cfg, prof, l, *a)
+        seen["declined"] += got is None
+        if got is not None:
+            seen["fused"][("out", l)] = got[0]
+        return got
+
+    def rec_qkv(ctx, q, pos, l):
+        got = qkv(ctx, q, pos, l)
+        seen["steps"][("qkv", l)] = got
+        return got
+
+    def rec_lin(ctx, label, *a, **k):
+        got = lin(ctx, label, *a, **k)
+        if label.endswith(".down"):
+            seen["steps"][("out", int(label.split(".")[1]))] = got
+        return got
+
+    monkeypatch.setattr(layer, "pre", rec_pre)
+    monkeypatch.setattr(layer, "post", rec_post)
+    monkeypatch.setattr(replay, "_qkv", rec_qkv)
+    monkeypatch.setattr(replay, "_linear", rec_lin)
+    return seen
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("kind,profile", FAMILIES, ids=[f"{k}-{p}" for k, p in FAMILIES])
+def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monkeypatch):
+    """An honest full-tier opening of each dense family and profile (Qwen2's qkv bias, Qwen3's
+    head norms, Mistral's window, tied and scaled RoPE, odd head counts): the fused route answers
+    for every layer (it declines nothing), and its q, k, v rows with their scales and its output
+    rows are the step route's, byte for byte."""
+    from test_protocol import SAMPLED, Flow, _qm
+
+    flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}"), profile), params=SAMPLED)
+    c = flow.challenge("full")
+    meta, arrays = flow.open(c)
+    seen = _record(monkeypatch)
+    v = flow.verify(c, meta, arrays)
+    assert v.accepted, (v.reason, v.detail)
+    layers = {int(k.split(".")[1]) for k in arrays if k.startswith("z.") and
+              k.split(".")[1].isdigit()}
+    assert seen["declined"] == 0 and not seen["steps"]
+    assert set(seen["fused"]) == {(p, l) for l in layers for p in ("qkv", "out")}
+    monkeypatch.setattr(replay, "FUSED", False)
+    v2 = flow.verify(c, meta, arrays)
+    assert (v2.accepted, v2.reason, v2.checks) == (v.accepted, v.reason, v.checks)
+    assert set(seen["steps"]) == set(seen["fused"])
+    for k, got in seen["fused"].items():
+        assert _same(got, seen["steps"][k]), (kind, profile, k)
+
+
+def test_moe_layers_take_the_step_route(tiny_mixtral, monkeypatch):
+    """A Mixtral layer is not fused (its experts are per-token matrices): the step route replays
+    it and the verdict is an acceptance."""
+    from test_protocol import Flow, _qm
+
+    flow = Flow(_qm(tiny_mixtral))
+    c = flow.challenge("routine")
+    seen = _record(monkeypatch)
+    v = flow.verify(c, *flow.open(c))
+    assert v.accepted, (v.reason, v.detail)
+    assert seen["declined"] == 0 and not seen["fused"] and seen["steps"]

@@ -1,0 +1,242 @@
+/* One layer's replay steps between the opened rows and the attention, and after it, in one call
+ * each (verifier/native/layer.py; replay.py's fused route): the same compiled routines the
+ * step-by-step route calls from Python one by one (bridge.c, freivalds.c), in the spec's order,
+ * so every value is the one that route computes, without some 25 calls from Python per layer.
+ *
+ * These routines decide nothing. They return 0 when every step ran and every Freivalds check
+ * passed, and 1 when a step could not run here (a non-finite value, a width beyond a routine's
+ * limit, an accumulator beyond its bound) or a check failed: the caller then replays the layer
+ * on the step-by-step route, which raises the rejection with its reason in the spec's order of
+ * checks. So a verdict, its reason and its detail never depend on which route ran.
+ *
+ * ly_pre: x rows [t][hidden] -> RMSNorm -> quantize -> the qkv linear (its packed accumulators
+ * decoded, checked by Freivalds, dequantized) -> q, k, v heads (head norms when the family has
+ * them) -> RoPE on q and k -> q, k, v quantized per head: what the attention and the K/V
+ * comparison read.
+ * ly_post: attention output o [n][q_size] -> quantize -> the o linear + x -> h -> RMSNorm ->
+ * quantize -> gate_up -> SwiGLU -> quantize -> down + h: the layer's output rows, which the
+ * caller compares with the committed x_{l+1}.
+ */
+#define _POSIX_C_SOURCE 199309L /* clock_gettime under -std=c11 */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+int64_t br_rmsnorm(const float *x, int64_t rows, int64_t h, int64_t xs, const float *w,
+                   float eps, float *y);
+int64_t br_quantize(const float *x, int64_t rows, int64_t k, int64_t xs, int64_t qmax,
+                    int64_t qbytes, void *q, float *s);
+int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, const float *sw,
+                   const float *bias, const float *resid, int64_t rs, float *y);
+int64_t br_swiglu(const float *g, const float *u, int64_t rows, int64_t n, int64_t gs,
+                  int64_t us, float neg_log2e, const float *coefs, float *out);
+int64_t br_rope(const float *x, int64_t t, int64_t heads, int64_t d, int64_t xs, int64_t hs,
+                const float *cos, const float *sin, float *out);
+int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_t rows,
+               int64_t bound, uint64_t *out);
+int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w, int64_t rows,
+                      int64_t bound, uint64_t *out, const float *sx, const float *sw,
+                      const float *bias, const float *resid, int64_t rs, float *y);
+
+/* A linear y = dequantize(W q(x)) with W [n][k]: its secret rows and scales from the key. */
+typedef struct {
+    const int64_t *r;  /* the secret row's residues [n] */
+    const int64_t *v;  /* v = r W mod P [k] */
+    const float *s;    /* weight scales [n] */
+    const float *bias; /* [n] or NULL */
+    int64_t n, k;
+    int64_t bound;     /* k * qmax_x * qmax_w: every |z| must be within it */
+} ly_linear;
+
+/* Packed accumulator rows (opening version 2): rows x n values of w bytes each. */
+typedef struct {
+    const uint8_t *z;
+    int64_t rows, w;
+} ly_acc;
+
+typedef struct {
+    int64_t t, hidden, heads, kv_heads, head_dim;
+    int64_t act_qmax, kv_qmax;
+    float eps;
+    const float *x;      /* [t][hidden] */
+    const float *norm;   /* attn_norm [hidden] */
+    const float *q_norm; /* [head_dim] or NULL (no head norms) */
+    const float *k_norm;
+    ly_linear qkv;
+    ly_acc z[2];         /* the challenged rows, then the K/V sample's rows: t rows in all */
+    const float *cos, *sin; /* [t][head_dim / 2] */
+    void *q, *k, *v;     /* [t][heads or kv_heads][head_dim], int8 or int16 (kv_qmax) */
+    float *sq, *sk, *sv; /* [t][heads or kv_heads] */
+    double fv_seconds;   /* out: time spent in the Freivalds dot products */
+} ly_pre_args;
+
+typedef struct {
+    int64_t n, hidden, inter, q_size;
+    int64_t act_qmax;
+    float eps, neg_log2e;
+    const float *coefs;  /* exp2's 8 coefficients */
+    const float *o;      /* [n][q_size] */
+    const float *x;      /* [n][hidden] */
+    const float *norm;   /* mlp_norm [hidden] */
+    ly_linear lo, gate_up, down;
+    ly_acc z_o, z_gate_up, z_down;
+    float *out;          /* [n][hidden] */
+    double fv_seconds;
+} ly_post_args;
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int64_t qbytes_of(int64_t qmax) { return qmax <= 127 ? 1 : 2; } /* quant.int_dtype */
+
+/* The linear's packed accumulators (parts, rows in order) in one pass each (freivalds.c's
+ * fv_acc_linear: every |z| within the bound, r z_m mod P, dequantized into y, + resid), then
+ * v qx_m mod P over the quantized input rows, which must equal r z_m row by row: 0, else 1. */
+static int64_t linear(const ly_linear *L, const ly_acc *parts, int64_t nparts, const void *qx,
+                      int64_t qmax, const float *sx, const float *resid, uint64_t *fa,
+                      uint64_t *fb, float *y, double *fv_seconds) {
+    int64_t rows = 0;
+    const double t0 = now();
+    for (int64_t i = 0; i < nparts; i++) {
+        const int64_t r = parts[i].rows;
+        if (r && fv_acc_linear(L->r, L->n, parts[i].z, parts[i].w, r, L->bound, fa + rows,
+                               sx + rows, L->s, L->bias, resid ? resid + rows * L->n : NULL,
+                               L->n, y + rows * L->n))
+            return 1;
+        rows += r;
+    }
+    const int64_t bad = fv_dot(L->v, L->k, qx, qbytes_of(qmax), rows, qmax, fb);
+    *fv_seconds += now() - t0;
+    if (bad) return 1;
+    for (int64_t m = 0; m < rows; m++)
+        if (fa[m] != fb[m]) return 1;
+    return 0;
+}
+
+static int64_t max3(int64_t a, int64_t b, int64_t c) {
+    const int64_t m = a > b ? a : b;
+    return m > c ? m : c;
+}
+
+/* Scratch buffers carved from one allocation, each 64-byte aligned. */
+typedef struct {
+    char *base, *p;
+} arena;
+
+static int arena_open(arena *A, const size_t *sizes, int count) {
+    size_t need = 64;
+    for (int i = 0; i < count; i++) need += (sizes[i] + 63) & ~(size_t)63;
+    A->base = malloc(need);
+    A->p = A->base ? (char *)(((uintptr_t)A->base + 63) & ~(uintptr_t)63) : NULL;
+    return A->base != NULL;
+}
+
+static void *carve(arena *A, size_t size) {
+    void *out = A->p;
+    A->p += (size + 63) & ~(size_t)63;
+    return out;
+}
+
+int64_t ly_pre(ly_pre_args *a) {
+    const int64_t t = a->t, h = a->hidden, d = a->head_dim, nh = a->heads, nkv = a->kv_heads;
+    const int64_t nq = a->qkv.n, qs = nh * d, ks = nkv * d;
+    a->fv_seconds = 0.0;
+    if (t < 1 || h < 1 || d < 2 || d % 2 || nh < 1 || nkv < 1 || nq != qs + 2 * ks
+        || a->qkv.k != h || a->z[0].rows + a->z[1].rows != t)
+        return 1;
+    const int64_t kvb = qbytes_of(a->kv_qmax);
+    const size_t T = (size_t)t;
+    /* normed x, qkv, rotated q and k, head-normed q and k (when there), the Freivalds residues,
+     * the activation scales and the quantized activations */
+    const size_t sizes[] = {T * h * 4, T * nq * 4, T * qs * 4, T * ks * 4, T * (qs + ks) * 4,
+                            T * 8, T * 8, T * 4, T * h * 2};
+    arena A;
+    if (!arena_open(&A, sizes, 9)) return 1;
+    float *an = carve(&A, sizes[0]);
+    float *qkv = carve(&A, sizes[1]);
+    float *rq = carve(&A, sizes[2]);
+    float *rk = carve(&A, sizes[3]);
+    float *nrm = carve(&A, sizes[4]);
+    uint64_t *fa = carve(&A, sizes[5]);
+    uint64_t *fb = carve(&A, sizes[6]);
+    float *sx = carve(&A, sizes[7]);
+    void *qx = carve(&A, sizes[8]);
+    int64_t rc = 1;
+    if (br_rmsnorm(a->x, t, h, h, a->norm, a->eps, an)) goto done;
+    if (br_quantize(an, t, h, h, a->act_qmax, qbytes_of(a->act_qmax), qx, sx)) goto done;
+    if (linear(&a->qkv, a->z, 2, qx, a->act_qmax, sx, NULL, fa, fb, qkv, &a->fv_seconds))
+        goto done;
+    /* q [t][nh][d] at offset 0, k at qs, v at qs + ks of each qkv row (forward.split_qkv) */
+    const float *qsrc = qkv, *ksrc = qkv + qs;
+    int64_t qrs = nq, krs = nq; /* the token strides of what RoPE reads */
+    if (a->q_norm) {            /* forward.head_norm: RMSNorm over each head's d values */
+        for (int64_t r = 0; r < t; r++)
+            if (br_rmsnorm(qkv + r * nq, nh, d, d, a->q_norm, a->eps, nrm + r * qs)
+                || br_rmsnorm(qkv + r * nq + qs, nkv, d, d, a->k_norm, a->eps,
+                              nrm + (size_t)t * qs + r * ks))
+                goto done;
+        qsrc = nrm, ksrc = nrm + (size_t)t * qs, qrs = qs, krs = ks;
+    }
+    if (br_rope(qsrc, t, nh, d, qrs, d, a->cos, a->sin, rq)
+        || br_rope(ksrc, t, nkv, d, krs, d, a->cos, a->sin, rk))
+        goto done;
+    if (br_quantize(rq, t * nh, d, d, a->kv_qmax, kvb, a->q, a->sq)
+        || br_quantize(rk, t * nkv, d, d, a->kv_qmax, kvb, a->k, a->sk))
+        goto done;
+    for (int64_t r = 0; r < t; r++) /* v: rows of d inside each token's qkv row */
+        if (br_quantize(qkv + r * nq + qs + ks, nkv, d, d, a->kv_qmax, kvb,
+                        (char *)a->v + (size_t)r * ks * kvb, a->sv + r * nkv))
+            goto done;
+    rc = 0;
+done:
+    free(A.base);
+    return rc;
+}
+
+int64_t ly_post(ly_post_args *a) {
+    const int64_t n = a->n, h = a->hidden, f = a->inter, qs = a->q_size;
+    a->fv_seconds = 0.0;
+    if (n < 1 || h < 1 || f < 1 || qs < 1 || a->lo.n != h || a->lo.k != qs
+        || a->gate_up.n != 2 * f || a->gate_up.k != h || a->down.n != h || a->down.k != f
+        || a->z_o.rows != n || a->z_gate_up.rows != n || a->z_down.rows != n)
+        return 1;
+    const int64_t qb = qbytes_of(a->act_qmax), wide = max3(qs, h, f);
+    const size_t N = (size_t)n;
+    /* gate_up, h, the normed h, the activation, the Freivalds residues, the activation scales
+     * and the quantized activations */
+    const size_t sizes[] = {N * 2 * f * 4, N * h * 4, N * h * 4, N * f * 4, N * 8, N * 8, N * 4,
+                            N * wide * 2};
+    arena A;
+    if (!arena_open(&A, sizes, 8)) return 1;
+    float *gu = carve(&A, sizes[0]);
+    float *hh = carve(&A, sizes[1]);
+    float *m = carve(&A, sizes[2]);
+    float *act = carve(&A, sizes[3]);
+    uint64_t *fa = carve(&A, sizes[4]);
+    uint64_t *fb = carve(&A, sizes[5]);
+    float *sx = carve(&A, sizes[6]);
+    void *qx = carve(&A, sizes[7]);
+    int64_t rc = 1;
+    if (br_quantize(a->o, n, qs, qs, a->act_qmax, qb, qx, sx)
+        || linear(&a->lo, &a->z_o, 1, qx, a->act_qmax, sx, a->x, fa, fb, hh,
+                  &a->fv_seconds))
+        goto done;
+    if (br_rmsnorm(hh, n, h, h, a->norm, a->eps, m)
+        || br_quantize(m, n, h, h, a->act_qmax, qb, qx, sx)
+        || linear(&a->gate_up, &a->z_gate_up, 1, qx, a->act_qmax, sx, NULL, fa, fb, gu,
+                  &a->fv_seconds))
+        goto done;
+    if (br_swiglu(gu, gu + f, n, f, 2 * f, 2 * f, a->neg_log2e, a->coefs, act)
+        || br_quantize(act, n, f, f, a->act_qmax, qb, qx, sx)
+        || linear(&a->down, &a->z_down, 1, qx, a->act_qmax, sx, hh, fa, fb, a->out,
+                  &a->fv_seconds))
+        goto done;
+    rc = 0;
+done:
+    free(A.base);
+    return rc;
+}

@@ -1,0 +1,152 @@
+"""One dense layer's replay steps in two compiled calls (layer.c): `pre` before the attention,
+`post` after it, instead of some 25 calls from Python to the same routines.
+
+Both return None whenever the compiled route cannot answer "every step ran and every check
+passed": no compiled core, an array not in the dtype, shape or layout the routines take, a
+non-finite value, an accumulator beyond its bound, a Freivalds check that fails. replay.py then
+replays the layer on the step-by-step route, which decides and gives the reason. So these
+functions never reject anything themselves, and a verdict does not depend on the route.
+tests/test_layer_native.py checks that each output is the step-by-step route's, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from ..numerics import exp2 as _exp2
+from ..numerics.quant import int_dtype
+from . import lib
+
+_p, _i64, _f32, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
+_F4, _I8 = np.dtype(np.float32), np.dtype(np.int64)
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("r", _p), ("v", _p), ("s", _p), ("bias", _p), ("n", _i64), ("k", _i64),
+                ("bound", _i64)]
+
+
+class _Acc(ctypes.Structure):
+    _fields_ = [("z", _p), ("rows", _i64), ("w", _i64)]
+
+
+class PreArgs(ctypes.Structure):
+    _fields_ = [("t", _i64), ("hidden", _i64), ("heads", _i64), ("kv_heads", _i64),
+                ("head_dim", _i64), ("act_qmax", _i64), ("kv_qmax", _i64), ("eps", _f32),
+                ("x", _p), ("norm", _p), ("q_norm", _p), ("k_norm", _p), ("qkv", _Linear),
+                ("z", _Acc * 2), ("cos", _p), ("sin", _p), ("q", _p), ("k", _p), ("v", _p),
+                ("sq", _p), ("sk", _p), ("sv", _p), ("fv_seconds", _f64)]
+
+
+class PostArgs(ctypes.Structure):
+    _fields_ = [("n", _i64), ("hidden", _i64), ("inter", _i64), ("q_size", _i64),
+                ("act_qmax", _i64), ("eps", _f32), ("neg_log2e", _f32), ("coefs", _p),
+                ("o", _p), ("x", _p), ("norm", _p), ("lo", _Linear), ("gate_up", _Linear),
+                ("down", _Linear), ("z_o", _Acc), ("z_gate_up", _Acc), ("z_down", _Acc),
+                ("out", _p), ("fv_seconds", _f64)]
+
+
+def declare(so) -> None:
+    so.ly_pre.restype = so.ly_post.restype = _i64
+    so.ly_pre.argtypes = [ctypes.POINTER(PreArgs)]
+    so.ly_post.argtypes = [ctypes.POINTER(PostArgs)]
+
+
+def _f32_vec(a, n: int) -> int | None:
+    """The address of a C-contiguous fp32 [n] array, else None."""
+    if a is None or a.dtype != _F4 or a.shape != (n,) or not a.flags.c_contiguous:
+        return None
+    return a.ctypes.data
+
+
+def _rows(a: np.ndarray, rows: int, n: int, dtype=_F4) -> int | None:
+    if a.dtype != dtype or a.shape != (rows, n) or not a.flags.c_contiguous:
+        return None
+    return a.ctypes.data
+
+
+def _linear(key, profile, label: str, n: int, k: int) -> _Linear | None:
+    """The key's secret rows, scales and bias of matrix `label` [n, k]."""
+    arrays = key.arrays
+    s = _f32_vec(arrays.get(f"{label}.s"), n)
+    bias = arrays.get(f"{label}.bias")
+    b = None if bias is None else _f32_vec(bias, n)
+    r, v = key.prepared(label)
+    if (s is None or (bias is not None and b is None) or r.a.shape != (n,) or v.a.shape != (k,)
+            or r.a.dtype != _I8 or v.a.dtype != _I8):
+        return None
+    bound = k * profile.act_qmax * profile.matrix_qmax(label)
+    return _Linear(r.a.ctypes.data, v.a.ctypes.data, s, b, n, k, bound)
+
+
+def _acc(z: np.ndarray | None, rows: int, n: int) -> _Acc | None:
+    """Packed accumulator rows uint8 [rows, n, w] (None: no rows)."""
+    if z is None:
+        return _Acc(None, 0, 1) if rows == 0 else None
+    if (z.dtype != np.uint8 or z.ndim != 3 or z.shape[:2] != (rows, n) or not 1 <= z.shape[2] <= 8
+            or not z.flags.c_contiguous):
+        return None
+    return _Acc(z.ctypes.data, rows, z.shape[2])
+
+
+def pre(key, cfg, profile, l: int, x: np.ndarray, z_full: np.ndarray, z_sample, cos, sin):
+    """The qkv side of layer l on rows x fp32 [t, hidden] (the challenged positions, then the K/V
+    sample's), z_full / z_sample their packed qkv accumulators: ((q, sq), (k, sk), (v, sv)) as
+    replay._qkv gives them, and the seconds spent in Freivalds; or None."""
+    so = lib()
+    if so is None or cfg.moe:
+        return None
+    t, h, nh, nkv, d = x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    nq = cfg.q_size + 2 * cfg.kv_size
+    ns = 0 if z_sample is None else z_sample.shape[0]
+    arrays = key.arrays
+    norms = (arrays.get(f"layers.{l}.q_norm"), arrays.get(f"layers.{l}.k_norm")) \
+        if cfg.qk_norm else (None, None)
+    ptrs = [_rows(x, t, h), _f32_vec(arrays.get(f"layers.{l}.attn_norm"), h),
+            _rows(cos, t, d // 2), _rows(sin, t, d // 2)]
+    if cfg.qk_norm:
+        ptrs += [_f32_vec(norms[0], d), _f32_vec(norms[1], d)]
+    lin = _linear(key, profile, f"layers.{l}.qkv", nq, h)
+    accs = (_acc(z_full, t - ns, nq), _acc(z_sample, ns, nq))
+    if (any(p is None for p in ptrs) or lin is None or None in accs or nq != nh * d + 2 * nkv * d
+            or d % 2):
+        return None
+    dt = int_dtype(profile.kv_qmax)
+    q, k, v = (np.empty((t, n, d), dt) for n in (nh, nkv, nkv))
+    sq, sk, sv = (np.empty((t, n), np.float32) for n in (nh, nkv, nkv))
+    a = PreArgs(t, h, nh, nkv, d, profile.act_qmax, profile.kv_qmax, cfg.rms_norm_eps, ptrs[0],
+                ptrs[1], ptrs[4] if cfg.qk_norm else None, ptrs[5] if cfg.qk_norm else None, lin,
+                (_Acc * 2)(*accs), ptrs[2], ptrs[3], q.ctypes.data, k.ctypes.data,
+                v.ctypes.data, sq.ctypes.data, sk.ctypes.data, sv.ctypes.data, 0.0)
+    if so.ly_pre(ctypes.byref(a)):
+        return None
+    return ((q, sq), (k, sk), (v, sv)), a.fv_seconds
+
+
+def post(key, cfg, profile, l: int, o: np.ndarray, x: np.ndarray, packed: dict):
+    """The o linear and the MLP of dense layer l at n challenged positions: o fp32 [n, q_size] (the
+    attention's output), x fp32 [n, hidden] (their input rows), packed the layer's accumulators
+    (o, gate_up, down rows uint8 [n, N, w]): the layer's output rows fp32 [n, hidden] and the
+    seconds spent in Freivalds; or None."""
+    so = lib()
+    if so is None or cfg.moe:
+        return None
+    n, h, f, qs = o.shape[0], cfg.hidden_size, cfg.intermediate_size, cfg.q_size
+    o = np.ascontiguousarray(o)
+    p = f"layers.{l}."
+    ptrs = [_rows(o, n, qs), _rows(x, n, h), _f32_vec(key.arrays.get(p + "mlp_norm"), h)]
+    lins = [_linear(key, profile, p + "o", h, qs), _linear(key, profile, p + "gate_up", 2 * f, h),
+            _linear(key, profile, p + "down", h, f)]
+    accs = [_acc(packed.get("o"), n, h), _acc(packed.get("gate_up"), n, 2 * f),
+            _acc(packed.get("down"), n, h)]
+    if any(v is None for v in ptrs + lins + accs):
+        return None
+    out = np.empty((n, h), np.float32)
+    coefs = _exp2.exp2_coefficients()
+    a = PostArgs(n, h, f, qs, profile.act_qmax, cfg.rms_norm_eps, _exp2.NEG_LOG2E,
+                 coefs.ctypes.data, *ptrs, *lins, *accs, out.ctypes.data, 0.0)
+    if so.ly_post(ctypes.byref(a)):
+        return None
+    return out, a.fv_seconds
