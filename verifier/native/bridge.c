@@ -131,20 +131,19 @@ int64_t br_quantize(const float *x, int64_t rows, int64_t k, int64_t xs, int64_t
  * residual add h = x + linear(...) after it) for z int64 [rows][n]; every |z| < 2^53 or -1. */
 CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float *sw,
                               const float *bias, const float *resid, float *y) {
-    int bad = 0;
+    int bad = 0; /* one loop: each element's operations in the spec's order (the loop is
+                  * unswitched on bias and resid, so each variant vectorizes) */
     for (int64_t j = 0; j < n; j++) {
         const int64_t v = z[j];
         bad |= (v >= 9007199254740992LL) | (v <= -9007199254740992LL);
         float t = (float)(double)v;
         t = t * sx;
         t = t * sw[j];
+        if (bias) t = t + bias[j];
+        if (resid) t = resid[j] + t;
+        bad |= !(fabsf(t) <= 3.40282347e38f);
         y[j] = t;
     }
-    if (bias)
-        for (int64_t j = 0; j < n; j++) y[j] = y[j] + bias[j];
-    if (resid)
-        for (int64_t j = 0; j < n; j++) y[j] = resid[j] + y[j];
-    for (int64_t j = 0; j < n; j++) bad |= !(fabsf(y[j]) <= 3.40282347e38f);
     return bad;
 }
 
