@@ -103,7 +103,7 @@ def _record(monkeypatch):
 
     def rec_lin(ctx, label, *a, **k):
         got = lin(ctx, label, *a, **k)
-        if label.endswith(".down"):
+        if label.endswith(".down") and ".experts." not in label:
             seen["steps"][("out", int(label.split(".")[1]))] = got
         return got
 
@@ -146,14 +146,38 @@ def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monke
         assert _same(got, seen["steps"][k]), (kind, profile, k)
 
 
-def test_moe_layers_take_the_step_route(tiny_mixtral, monkeypatch):
-    """A Mixtral layer is not fused (its experts are per-token matrices): the step route replays
-    it and the verdict is an acceptance."""
-    from test_protocol import Flow, _qm
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_moe_layers_compute_the_step_routes_bits(kind, request, monkeypatch):
+    """A MoE layer: the qkv side through the fused call, the MLP (o, router, each selected
+    expert's gate_up and down) through the one-pass linear, never declined on an honest opening,
+    the same q/k/v and output rows as the step route."""
+    from test_protocol import SAMPLED, Flow, _qm
 
-    flow = Flow(_qm(tiny_mixtral))
-    c = flow.challenge("routine")
+    flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}")), params=SAMPLED)
+    c = flow.challenge("full")
+    meta, arrays = flow.open(c)
     seen = _record(monkeypatch)
-    v = flow.verify(c, *flow.open(c))
+    mlp, experts = replay._fused_moe_mlp, replay._replay_experts
+
+    def rec_mlp(ctx, l, *a):
+        got = mlp(ctx, l, *a)
+        seen["declined"] += got is None
+        seen["fused"][("out", l)] = got
+        return got
+
+    def rec_experts(ctx, l, *a):
+        got = experts(ctx, l, *a)
+        seen["steps"][("out", l)] = got
+        return got
+
+    monkeypatch.setattr(replay, "_fused_moe_mlp", rec_mlp)
+    monkeypatch.setattr(replay, "_replay_experts", rec_experts)
+    v = flow.verify(c, meta, arrays)
     assert v.accepted, (v.reason, v.detail)
-    assert seen["declined"] == 0 and not seen["fused"] and seen["steps"]
+    assert seen["declined"] == 0 and not seen["steps"] and seen["fused"]
+    monkeypatch.setattr(replay, "FUSED", False)
+    v2 = flow.verify(c, meta, arrays)
+    assert (v2.accepted, v2.reason, v2.checks) == (v.accepted, v.reason, v.checks)
+    assert set(seen["steps"]) == set(seen["fused"])
+    for k, got in seen["fused"].items():
+        assert _same(got, seen["steps"][k]), (kind, k)

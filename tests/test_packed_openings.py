@@ -88,3 +88,24 @@ def test_accumulator_names():
     assert [_acc_matrix(n) for n in ("z.lm", "z.3.qkv", "zq.0.qkv", "z.1.router", "z.2.pos",
                                      "zq.0.pos", "z.lm.pos", "kv.1.k", "resid.0.rows")] == \
         ["lm_head", "qkv", "qkv", "router", None, None, None, None, None]
+
+
+def test_server_size_bound_counts_the_packed_widths(tiny_llama):
+    """The server's bound on an opening's size (engine/serve/audit.opening_bytes, refused over
+    --max-opening-bytes before any re-execution) is above the real opening at every tier, and
+    with the profile counts each accumulator at its packed width (below the 8-byte bound)."""
+    from test_protocol import Flow, _qm
+
+    from commitllm.engine.open import build_opening
+    from commitllm.engine.serve.audit import opening_bytes
+    from commitllm.verifier import container
+    from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
+
+    flow = Flow(_qm(tiny_llama))
+    cfg, prof = flow.qm.cfg, flow.qm.profile
+    for tier in ("routine", "full", "deep"):
+        c = flow.challenge(tier)
+        data = container.dumps(OPENING_MAGIC, OPENING_VERSION,
+                               *build_opening(flow.model, flow.transcript, c))
+        packed, loose = opening_bytes(c, cfg, prof), opening_bytes(c, cfg)
+        assert len(data) <= packed < loose, (tier, len(data), packed, loose)

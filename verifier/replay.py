@@ -118,29 +118,37 @@ def _linear_q(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, z: np.ndarra
                       resid)
 
 
-def _linear_packed(ctx: Ctx, label: str, x: np.ndarray, packed: np.ndarray, code: str):
-    """_linear on packed accumulator rows: in one compiled pass over them (native.fv_acc_linear:
-    bound, Freivalds residues and dequantization together) when the core is built and every
-    check passes; otherwise decoded and through _linear, which decides and gives the reason."""
+def _packed_linear(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, packed: np.ndarray,
+                   resid: np.ndarray | None = None) -> np.ndarray | None:
+    """The linear on quantized rows (qx, sx) from its packed accumulator rows in one compiled
+    pass (native.fv_acc_linear: bound, Freivalds residue and dequantization, + resid), when the
+    core is built and every check passes; else None (nothing decided: the caller takes the step
+    route, which decides and gives the reason)."""
     from . import native
 
-    qx, sx = quantize_rows(x, ctx.profile.act_qmax)
     r, v = ctx.key.prepared(label)
     s, bias = ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias")
-    f32 = [a for a in (s, bias, sx) if a is not None]
-    if (native.lib() is not None and packed.dtype == np.uint8 and packed.ndim == 3
+    f32 = [a for a in (s, bias, sx, resid) if a is not None]
+    if not (native.lib() is not None and packed.dtype == np.uint8 and packed.ndim == 3
             and packed.shape[:2] == (len(qx), len(s)) and 1 <= packed.shape[2] <= 8
             and r.a.shape == s.shape and (bias is None or bias.shape == s.shape)
+            and (resid is None or resid.shape == packed.shape[:2])
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in f32)):
-        t0 = time.perf_counter()
-        bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)
-        got = native.fv_acc_linear(r.a, packed, bound, sx, s, bias)
-        ok = got is not None and np.array_equal(got[0], native.fv_dot(v.a, qx,
-                                                                      ctx.profile.act_qmax))
-        ctx.timer.add("freivalds", t0)
-        if ok:
-            return got[1]
-    return _linear_q(ctx, label, qx, sx, unpack_acc(packed), code)
+        return None
+    t0 = time.perf_counter()
+    bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)
+    got = native.fv_acc_linear(r.a, np.ascontiguousarray(packed), bound, sx, s, bias, resid)
+    ok = got is not None and np.array_equal(got[0], native.fv_dot(v.a, qx, ctx.profile.act_qmax))
+    ctx.timer.add("freivalds", t0)
+    return got[1] if ok else None
+
+
+def _linear_packed(ctx: Ctx, label: str, x: np.ndarray, packed: np.ndarray, code: str):
+    """_linear on packed accumulator rows: the one-pass route when it answers, else decoded and
+    through _linear_q, which decides and gives the reason."""
+    qx, sx = quantize_rows(x, ctx.profile.act_qmax)
+    y = _packed_linear(ctx, label, qx, sx, packed)
+    return y if y is not None else _linear_q(ctx, label, qx, sx, unpack_acc(packed), code)
 
 
 def _rows(table: dict, positions) -> np.ndarray:
@@ -155,17 +163,27 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows); accumulator rows packed
     (opening version 2, type-checked against the key), decoded here one layer at a time.
 
-    A dense layer first takes the fused route (native/layer.py: two compiled calls around the
-    attention), which can only answer "every check passed"; anything else, and every layer when
-    FUSED is off or the compiled core is not built, takes the step-by-step route, which decides
-    and gives the reason. The two compute the same values, so the verdict is the same.
+    A layer first takes the fused route (native/layer.py: two compiled calls around the
+    attention; a MoE layer's MLP: each linear in one pass over its packed rows), which can only
+    answer "every check passed"; anything else, and every layer when FUSED is off or the
+    compiled core is not built, takes the step-by-step route, which decides and gives the
+    reason. The two compute the same values, so the verdict is the same.
     """
     with ctx.timer.span():
-        if not (FUSED and _fused_layer(ctx, l, resid, kv, z, zq)):
+        if not (FUSED and _try_fused(ctx, l, resid, kv, z, zq)):
             _replay_layer(ctx, l, resid, kv, z, zq)
 
 
 FUSED = True  # tests switch it off to compare the routes
+
+
+def _try_fused(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> bool:
+    """_fused_layer, with any rejection or arithmetic refusal inside it meaning "not answered"
+    (the step route then meets it in its own order and decides)."""
+    try:
+        return _fused_layer(ctx, l, resid, kv, z, zq)
+    except (Reject, ArithmeticError, ValueError):
+        return False
 
 
 def _positions(z: dict, zq: dict, l: int):
@@ -176,12 +194,12 @@ def _positions(z: dict, zq: dict, l: int):
 
 def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> bool:
     """Layer l through the compiled calls: True when every step ran and every check passed
-    (nothing raised, nothing decided otherwise)."""
+    (nothing raised, nothing decided otherwise). Exceptions from the step functions it shares
+    with the step route (rmsnorm, quantize_rows, swiglu on a value they refuse) mean the same:
+    not answered."""
     from .native import layer
 
     cfg = ctx.cfg
-    if cfg.moe:
-        return False
     pos, n, packed, zq_rows = _positions(z, zq, l)
     t0 = time.perf_counter()
     x = _rows(resid[l], pos)
@@ -190,15 +208,46 @@ def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     t0 = ctx.timer.split(t0, got[1] if got else 0.0)
     if got is None:
         return False
-    try:
-        o = _attend(ctx, l, pos, n, *got[0], kv, t0)
-    except Reject:
-        return False
+    o = _attend(ctx, l, pos, n, *got[0], kv, t0)
     t0 = time.perf_counter()
+    if cfg.moe:
+        out = _fused_moe_mlp(ctx, l, o, x[:n], packed)
+        return out is not None and np.array_equal(out, _rows(resid[l + 1], pos[:n]))
     done = layer.post(ctx.key, cfg, ctx.profile, l, o, x[:n], packed)
     ok = done is not None and np.array_equal(done[0], _rows(resid[l + 1], pos[:n]))
     ctx.timer.split(t0, done[1] if done else 0.0)
     return ok
+
+
+def _fused_moe_mlp(ctx: Ctx, l: int, o: np.ndarray, x: np.ndarray, packed: dict):
+    """The o linear and a Mixtral MLP (as _replay_experts computes it) with every linear from its
+    packed rows in one pass (_packed_linear): the layer's output rows, or None when a step does
+    not answer (the step route then decides)."""
+    cfg, qmax = ctx.cfg, ctx.profile.act_qmax
+    f, k = cfg.intermediate_size, cfg.experts_per_token
+    p = f"layers.{l}."
+    h = _packed_linear(ctx, p + "o", *quantize_rows(o, qmax), packed["o"], x)
+    if h is None:
+        return None
+    m = rmsnorm(h, ctx.key.arrays[p + "mlp_norm"], cfg.rms_norm_eps)
+    qm, sm = quantize_rows(m, qmax)
+    r = _packed_linear(ctx, p + "router", qm, sm, packed["router"])
+    if r is None:
+        return None
+    sel, g = moe.route(r, k)
+    outs = np.zeros((m.shape[0], k, cfg.hidden_size), np.float32)
+    for e in np.unique(sel):
+        rows, slot = np.nonzero(sel == e)
+        q = f"{p}experts.{int(e)}."
+        gu = _packed_linear(ctx, q + "gate_up", qm[rows], sm[rows], packed["gate_up"][rows, slot])
+        if gu is None:
+            return None
+        act = swiglu(gu[:, :f], gu[:, f:])
+        y = _packed_linear(ctx, q + "down", *quantize_rows(act, qmax), packed["down"][rows, slot])
+        if y is None:
+            return None
+        outs[rows, slot] = y
+    return (h + moe.combine(outs, g)).astype(np.float32)
 
 
 def _attend(ctx: Ctx, l: int, pos: np.ndarray, n: int, q, k, v, kv: dict, t0: float):

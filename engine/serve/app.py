@@ -191,7 +191,7 @@ def create_app(worker: Worker, cfg: ServerConfig) -> FastAPI:
             check_challenge(challenge, receipt, n_layers)
         except BadChallenge as e:
             raise ApiError(400, f"challenge does not fit the receipt: {e}", "challenge") from None
-        size = opening_bytes(challenge, worker.model.cfg)
+        size = opening_bytes(challenge, worker.model.cfg, worker.model.profile)
         if size > cfg.max_opening_bytes:
             raise ApiError(413, f"the opening would take about {size} bytes, over this server's "
                                 f"{cfg.max_opening_bytes}", "challenge")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from ...verifier.challenge import CHALLENGE_VERSION, TIERS, logit_start
-from ...verifier.opening import plan
+from ...verifier.opening import acc_width, plan
 
 KEYS = {"version", "receipt_id", "tier", "nonce", "positions", "layers", "kv_sample",
         "decode_positions", "mac"}
@@ -64,20 +64,27 @@ def _ascending(xs, name: str, lo: int, hi: int) -> list[int]:
     return xs
 
 
-def opening_bytes(c: dict, cfg, kv_itemsize: int = 2) -> int:
+def opening_bytes(c: dict, cfg, profile=None, kv_itemsize: int = 2) -> int:
     """Bytes of the opening's arrays for a checked challenge (proofs and embedding rows
-    bounded from above), computed from the plan before anything is re-executed."""
+    bounded from above), computed from the plan before anything is re-executed. With the
+    profile, each accumulator at the width its bound needs (opening version 2, what the opening
+    holds); without it, 8 bytes each (a looser upper bound)."""
     p = plan(c, cfg.num_layers, window=cfg.sliding_window)
     h, kvh, hd = cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim
-    mlp = 2 * cfg.intermediate_size + h  # gate_up and down; Mixtral: the router + k experts'
+
+    def w(m: str) -> int:
+        return 8 if profile is None else acc_width(cfg, profile, m)
+
+    qkv = (cfg.num_heads + 2 * kvh) * hd * w("qkv")
+    mlp = 2 * cfg.intermediate_size * w("gate_up") + h * w("down")  # Mixtral: router + k experts'
     if cfg.moe:
-        mlp = cfg.num_experts + cfg.experts_per_token * mlp
-    z_row = 8 * ((cfg.num_heads + 2 * kvh) * hd + h + mlp)
+        mlp = cfg.num_experts * w("router") + cfg.experts_per_token * mlp
+    z_row = qkv + h * w("o") + mlp
     proof = 32 * 64  # a multiproof holds at most ~log2(n) hashes per opened row; 64 is above it
     total = sum(len(v) * (4 * h + 8 + proof) for v in p.resid.values())
     total += sum(len(v) * (2 * kvh * hd * kv_itemsize + 8 * kvh + 8 + proof) for v in p.kv.values())
     total += sum(len(v) * (z_row + 8) for v in p.z.values())
-    total += sum(len(v) * (8 * ((cfg.num_heads + 2 * kvh) * hd) + 8) for v in p.zq.values())
-    total += len(p.lm) * (8 * cfg.vocab_size + 8)
+    total += sum(len(v) * (qkv + 8) for v in p.zq.values())
+    total += len(p.lm) * (cfg.vocab_size * w("lm_head") + 8)
     total += len(p.embed) * (h * 4 + 4 + 8 + proof)
     return total + 64 * 1024  # metadata and container headers

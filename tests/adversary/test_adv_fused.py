@@ -107,11 +107,19 @@ def test_fused_and_step_routes_reject_alike(four_layer_llama, tamper, monkeypatc
         assert "layers.0." in got[0][2]  # the first failing layer decides, as in the step route
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "odd"])
-@pytest.mark.parametrize("tamper", ["last:z.0.qkv", "last:zq.0.qkv", "block:z.0.gate_up",
-                                    "over:z.0.down", None])
+OTHER = [(k, t) for k in ("qwen3", "qwen2", "odd") for t in
+         ("last:z.0.qkv", "last:zq.0.qkv", "block:z.0.gate_up", "over:z.0.down", None)]
+OTHER += [(k, t) for k in ("mixtral", "qwen3_moe") for t in
+          ("last:z.0.qkv", "first:z.0.router", "last:z.1.router", "first:z.0.gate_up",
+           "last:z.1.down", "over:z.0.down", "zero:z.1.gate_up", "swap:z.0.router", "first:z.1.o",
+           None)]
+
+
+@pytest.mark.parametrize("kind,tamper", OTHER)
 def test_other_families(kind, tamper, request, monkeypatch):
-    """Qwen3 (head norms inside the fused qkv side), Qwen2 (qkv bias), odd head counts."""
+    """Qwen3 (head norms inside the fused qkv side), Qwen2 (qkv bias), odd head counts, and the
+    MoE families (the router and each selected expert's linears in one pass each; a slot's
+    accumulators edited, its router row edited so another expert would be chosen)."""
     flow = _flow(request.getfixturevalue(f"tiny_{kind}"))
     c = flow.challenge("full")
     meta, arrays = flow.open(c)
