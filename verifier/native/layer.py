@@ -92,9 +92,10 @@ def _acc(z: np.ndarray | None, rows: int, n: int) -> _Acc | None:
 
 
 def pre(key, cfg, profile, l: int, x: np.ndarray, z_full: np.ndarray, z_sample, cos, sin):
-    """The qkv side of layer l (dense or MoE) on rows x fp32 [t, hidden] (the challenged positions, then the K/V
-    sample's), z_full / z_sample their packed qkv accumulators: ((q, sq), (k, sk), (v, sv)) as
-    replay._qkv gives them, and the seconds spent in Freivalds; or None."""
+    """The qkv side of layer l (dense or MoE) on rows x fp32 [t, hidden] (the challenged
+    positions, then the K/V sample's), z_full / z_sample their packed qkv accumulators:
+    ((q, sq), (k, sk), (v, sv)) as replay._qkv gives them, and the seconds spent in Freivalds;
+    or None."""
     so = lib()
     if so is None:
         return None
