@@ -27,7 +27,10 @@ class PoolFull(RuntimeError):
 
 
 class KVPool:
-    def __init__(self, cfg, profile, max_bytes: int, block_size: int = DEFAULT_BLOCK):
+    def __init__(self, cfg, profile, max_bytes: int, block_size: int = DEFAULT_BLOCK,
+                 device=None):
+        """A pool of max_bytes on `device` (default: the CPU; the Triton backend's device on a
+        GPU, so its kernels read the blocks where they lie). The block lists stay on the host."""
         if block_size < 1:
             raise ValueError("the K/V block size must be >= 1")
         L, nkv, d = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
@@ -41,9 +44,12 @@ class KVPool:
         # K/V rows: memory is only touched as blocks are written (any int bit pattern is a
         # finite value). Scales: zeros, so rows no sequence wrote are finite where a padded read
         # sees them (their weights are 0, and 0 times a finite scale is 0).
-        self.k = torch.empty((L, n_blocks, block_size, nkv, d), dtype=kv_dtype)
+        self.device = torch.device(device or "cpu")
+        self.k = torch.empty((L, n_blocks, block_size, nkv, d), dtype=kv_dtype,
+                             device=self.device)
         self.v = torch.empty_like(self.k)
-        self.sk = torch.zeros((L, n_blocks, block_size, nkv), dtype=torch.float32)
+        self.sk = torch.zeros((L, n_blocks, block_size, nkv), dtype=torch.float32,
+                              device=self.device)
         self.sv = torch.zeros_like(self.sk)
         self.refs = np.zeros(n_blocks, dtype=np.int64)
         self._free = list(range(n_blocks - 1, -1, -1))  # a stack: low ids first
@@ -113,7 +119,7 @@ class _Rows:
         if n == 0:
             return self.store[layer, :0, 0]
         nb = c.pool.blocks_for(n)
-        idx = torch.tensor(c.blocks[:nb], dtype=torch.int64)
+        idx = torch.tensor(c.blocks[:nb], dtype=torch.int64, device=self.store.device)
         rows = self.store[layer].index_select(0, idx)
         return rows.reshape(nb * c.pool.block_size, *rows.shape[2:])[:n]
 
@@ -172,8 +178,11 @@ DEFAULT_KV_SHARE = 0.25  # of the memory available at start
 DEFAULT_KV_CAP = 4 << 30
 
 
-def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (Linux), else None."""
+def available_memory(device=None) -> int | None:
+    """Free memory of a CUDA device (torch.cuda.mem_get_info), else MemAvailable from
+    /proc/meminfo (Linux), else None."""
+    if device is not None and torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -184,11 +193,13 @@ def available_memory() -> int | None:
     return None
 
 
-def default_kv_bytes(cfg, profile, max_seqs: int, block_size: int = DEFAULT_BLOCK) -> int:
+def default_kv_bytes(cfg, profile, max_seqs: int, block_size: int = DEFAULT_BLOCK,
+                     device=None) -> int:
     """Room for twice what max_seqs full contexts need (the rest holds cached prefixes), at most
-    a quarter of the memory available now and 4 GiB, at least one full context."""
+    a quarter of the memory available now on the pool's device and 4 GiB, at least one full
+    context."""
     one = KVPool.bytes_for(cfg, profile, cfg.max_position_embeddings, block_size)
-    avail = available_memory()
+    avail = available_memory(device)
     share = DEFAULT_KV_CAP if avail is None else min(int(avail * DEFAULT_KV_SHARE), DEFAULT_KV_CAP)
     return max(min(share, 2 * max_seqs * one), one)
 
@@ -211,8 +222,9 @@ class PagedStep:
                 raise PoolFull(f"{c.length + n} positions need more K/V blocks than were reserved")
             pos = np.arange(c.length, c.length + n)
             slots.append(np.asarray(c.blocks, dtype=np.int64)[pos // bs] * bs + pos % bs)
-        self.slots = torch.from_numpy(np.concatenate(slots))
+        self.slots = torch.from_numpy(np.concatenate(slots)).to(pool.device)
         self._gather: dict[tuple, tuple] = {}
+        self._tables: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def of(caches, lengths) -> "PagedStep | None":
@@ -229,6 +241,20 @@ class PagedStep:
         for c, n in zip(self.caches, self.lengths):
             c.filled[layer] += n
 
+    def table(self, j: int) -> torch.Tensor:
+        """Sequence j's block table (int32, on the pool's device), for the paged kernels."""
+        t = self._tables.get(j)
+        if t is None:
+            t = self._tables[j] = torch.tensor(self.caches[j].blocks, dtype=torch.int32,
+                                               device=self.pool.device)
+        return t
+
+    def rows(self, layer: int):
+        """One layer of the pool viewed as [n_blocks * block_size, ...] rows (k, sk, v, sv): what
+        the paged kernels index with a block table."""
+        p = self.pool
+        return [store[layer].reshape(-1, *store.shape[3:]) for store in (p.k, p.sk, p.v, p.sv)]
+
     def padded(self, layer: int, which: list[int]):
         """k, sk, v, sv [B, S_max, ...] of sequences `which` (indices into the step's caches),
         with every row each has after this step's write."""
@@ -239,7 +265,8 @@ class PagedStep:
             nb = max(p.blocks_for(e) for e in ends)
             idx = [self.caches[j].blocks[:nb] + [0] * (nb - len(self.caches[j].blocks[:nb]))
                    for j in which]
-            self._gather[key] = (torch.tensor(idx, dtype=torch.int64).reshape(-1), nb)
+            self._gather[key] = (torch.tensor(idx, dtype=torch.int64,
+                                              device=p.device).reshape(-1), nb)
         idx, nb = self._gather[key]
         bsz, s_max = len(which), nb * self.pool.block_size
         out = []

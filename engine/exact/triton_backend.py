@@ -19,6 +19,7 @@ from ...verifier.numerics.rope import RopeTable
 from ...verifier.numerics.weights import QLinear, QuantizedModel
 from . import ops
 from .model import ExactModel, SeqCache
+from .paged import PagedStep
 
 
 class TritonLinear:
@@ -46,6 +47,7 @@ class _Step:
     cos: torch.Tensor  # fp32 [N, d/2], on device
     sin: torch.Tensor
     scales: list = field(default_factory=list)  # every quantization scale of the step
+    paged: object = None  # the PagedStep when every cache is in one K/V pool (False: none)
 
 
 class TritonModel(ExactModel):
@@ -217,6 +219,25 @@ class _TritonLayer:
 
     def _attend(self, i, step: _Step, qq, sq, kq, sk, vq, sv, kvq,
                 window: int | None = None) -> torch.Tensor:
+        """Each sequence's new rows against its keys. Sequences in one K/V pool (continuous
+        batching): the step's new rows written into their blocks in one copy per tensor, and the
+        kernel reads every key where it lies through the sequence's block table (the same bits
+        as contiguous rows: tests/kernels). Otherwise each cache appends and is read whole."""
+        if step.paged is None:
+            step.paged = PagedStep.of(step.caches, step.lengths) or False
+        if step.paged:
+            ps = step.paged
+            ps.write(i, kq, sk, vq, sv)
+            k_rows, sk_rows, v_rows, sv_rows = ps.rows(i)
+            outs, start = [], 0
+            for j, (cache, n) in enumerate(zip(step.caches, step.lengths)):
+                sl = slice(start, start + n)
+                outs.append(attention.attention(
+                    qq[sl], sq[sl], k_rows, sk_rows, v_rows, sv_rows, step.pos[sl], kvq,
+                    block_table=ps.table(j), block_size=ps.pool.block_size,
+                    seq_len=cache.length + n, window=window))
+                start += n
+            return torch.cat(outs)
         outs, start = [], 0
         for cache, n in zip(step.caches, step.lengths):
             sl = slice(start, start + n)

@@ -42,7 +42,8 @@ def build(model: str, profile: str, store_dir: Path, console, *, served_name: st
     if batching == "continuous" and runner.tp is None:
         cfg_, prof = runner.loaded.cfg, runner.model.profile
         kv_bytes = (kv_cache_mib << 20 if kv_cache_mib is not None
-                    else default_kv_bytes(cfg_, prof, max_batch))
+                    else default_kv_bytes(cfg_, prof, max_batch,
+                                             device=getattr(runner.model, "device", None)))
         if kv_bytes < KVPool.bytes_for(cfg_, prof, 1):
             runner.close()
             store.close()

@@ -123,7 +123,8 @@ class Worker:
         self.batching, self.token_budget = batching, token_budget
         self.pool = self.prefix = None
         if kv_cache_bytes is not None and batching == "continuous":
-            self.pool = KVPool(model.cfg, model.profile, kv_cache_bytes, kv_block)
+            self.pool = KVPool(model.cfg, model.profile, kv_cache_bytes, kv_block,
+                               device=getattr(model, "device", None))
             self.prefix = PrefixCache(self.pool) if prefix_cache else None
         self.kv_peak_blocks = 0
         self.max_batch, self.batch_wait_s = max_batch, batch_wait_s
