@@ -63,7 +63,7 @@ def _load_bootstrap():
 
 gpu_bootstrap = _load_bootstrap()
 
-STEPS = ("env", "exactness", "receipts", "timings", "e2e")
+STEPS = ("env", "exactness", "receipts", "timings", "e2e", "serve")
 FINAL = ("passed", "failed", "done", "error", "timeout")  # a step with one of these is not rerun
 CUDA_LOST = ("CUDA error", "illegal memory access", "device-side assert", "unspecified launch")
 SECRET = bytes(range(32))
@@ -124,6 +124,9 @@ class Plan:
     bench_rows: bool = True
     tiny_timings: bool = False
     profiles: tuple = ("w8a16", "w16a16", "a8")
+    serve_clients: tuple = (1, 4, 16, 32)  # serve: requests at once
+    serve_prompt: int = 64
+    serve_tokens: int = 32
 
 
 SMOLLM2 = ModelSpec("smollm2-135m-shapes", 576, 1536, 30, 9, 3, 64, 49152, True, 100000.0)
@@ -135,7 +138,7 @@ MIXTRAL = ModelSpec("mixtral-8x2816-4-layers", 1024, 2816, 4, 16, 4, 64, 32000, 
                     experts=8, top_k=2)
 
 FULL = Plan(
-    boxes=dict(env=30, exactness=140, receipts=170, timings=50, e2e=100),
+    boxes=dict(env=30, exactness=140, receipts=170, timings=50, e2e=100, serve=90),
     row_widths=(7, 576, 1000, 4096), row_tokens=(5, 512),
     swiglu_widths=(7, 1536, 14336), rope_shapes=((1, 1, 1, 2), (3, 5, 1, 6), (7, 9, 3, 64),
                                                  (64, 32, 8, 128), (512, 32, 8, 128)),
@@ -155,7 +158,7 @@ FULL = Plan(
 )
 
 DRY = Plan(
-    boxes=dict(env=20, exactness=60, receipts=60, timings=30, e2e=40),
+    boxes=dict(env=20, exactness=60, receipts=60, timings=30, e2e=40, serve=60),
     row_widths=(7, 300), row_tokens=(4,), swiglu_widths=(7, 300),
     rope_shapes=((1, 1, 1, 2), (3, 4, 2, 16)),
     gemm_shapes=((1, 1, 1), (3, 70, 200)), gemm_epilogue_shapes=((3, 70, 200),),
@@ -171,7 +174,7 @@ DRY = Plan(
     bench_seq=64,
     e2e_batches=(2,), e2e_tokens=2,
     e2e_prompt=3, ttft_prompts=(6,), e2e_models=1, bench_rows=True, tiny_timings=True,
-    profiles=("w8a16", "a8"),
+    profiles=("w8a16", "a8"), serve_clients=(2,), serve_prompt=5, serve_tokens=2,
 )
 
 
@@ -1207,6 +1210,70 @@ def step_e2e(ctx: Ctx, res: dict) -> str:
     return "done"
 
 
+# ------------------------------------------------------------------------------ step: serve
+
+def step_serve(ctx: Ctx, res: dict) -> str:
+    """Serving's path on the device (issue 16): continuous batching (engine/batching.py) with
+    the paged K/V pool and the prefix cache on the device, against one static batch of the same
+    requests (sign_batch), the first model, greedy: seconds and tokens/s of each, with the
+    requests all at once and arriving one per step; every transcript must be the static one's
+    byte for byte (receipts do not depend on the schedule). Offline: no HTTP, no clients."""
+    import json
+
+    import numpy as np
+
+    from commitllm.engine.batching import run_all
+    from commitllm.engine.exact.paged import KVPool
+    from commitllm.engine.prefix import PrefixCache
+    from commitllm.engine.receipts import SeqRequest, sign_batch
+    from commitllm.verifier.numerics.sampler import SamplingParams
+
+    P = ctx.plan
+    spec = P.models[0]
+    m = get_model(ctx, spec, res)
+    model = m["dev"]
+    rows = res.setdefault("rows", [])
+    res["note"] = ("tokens/s = requests x new tokens / seconds (prefill included); continuous: "
+                   "token budget 256 (or requests + prompt), pool sized for twice the requests")
+    if ctx.device != "cuda":
+        res["note"] += "; dry run: CPU, interpreter, not a speed"
+    rng = np.random.default_rng(13)
+    ok = True
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        ctx.sync()
+        return out, time.perf_counter() - t
+
+    for n in P.serve_clients:
+        ctx.check()
+        seqs = [SeqRequest({"prompt": f"serve {i}"},
+                           [int(x) for x in rng.integers(3, spec.vocab, P.serve_prompt)],
+                           SamplingParams(), P.serve_tokens, f"nonce-{i}", bytes([i % 256]) * 16)
+                for i in range(n)]
+        static, ts = timed(lambda: sign_batch(model, None, seqs, ()).transcripts)
+        want = [json.dumps(t, sort_keys=True) for t in static]
+        row = dict(model=spec.name, requests=n, prompt=P.serve_prompt, new=P.serve_tokens,
+                   static_s=round(ts, 3), static_tok_s=round(n * P.serve_tokens / ts, 1))
+        rows.append(row)
+        budget = max(256, n + P.serve_prompt)
+        for kind, arrivals in (("together", None), ("one_per_step", list(range(n)))):
+            ctx.check()
+            pool = KVPool(model.cfg, model.profile, 2 * n * KVPool.bytes_for(
+                model.cfg, model.profile, P.serve_prompt + P.serve_tokens), device=model.device)
+            prefix = PrefixCache(pool)
+            got, tc = timed(lambda: run_all(model, None, (), seqs, arrivals, token_budget=budget,
+                                            max_seqs=n, pool=pool, prefix=prefix))
+            same = [json.dumps(f.transcript, sort_keys=True) for f in got] == want
+            ok &= same
+            row[f"{kind}_s"] = round(tc, 3)
+            row[f"{kind}_tok_s"] = round(n * P.serve_tokens / tc, 1)
+            row[f"{kind}_identical"] = same
+        row["together_over_static"] = round(ts / row["together_s"], 3)
+    return "passed" if ok else "failed"
+
+
 # ------------------------------------------------------------------------------ results
 
 def _table(head, rows) -> str:
@@ -1300,6 +1367,18 @@ def markdown(data: dict) -> str:
                            r.get("hf_ttft_s"), r.get("ours_decode_tok_s"),
                            r.get("hf_decode_tok_s"), r.get("ours_over_hf_decode")]
                           for r in e2["rows"]])]
+    sv = st.get("serve", {})
+    if sv.get("rows"):
+        parts += ["", "## Serving's path: continuous batching on the device's paged pool", "",
+                  sv.get("note", ""), "",
+                  _table(["model", "requests", "prompt", "new", "static tok/s",
+                          "continuous tok/s (together)", "continuous tok/s (one per step)",
+                          "together / static", "transcripts identical"],
+                         [[r["model"], r["requests"], r["prompt"], r["new"], r["static_tok_s"],
+                           r.get("together_tok_s"), r.get("one_per_step_tok_s"),
+                           r.get("together_over_static"),
+                           r.get("together_identical") and r.get("one_per_step_identical")]
+                          for r in sv["rows"]])]
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -1332,6 +1411,10 @@ def summary(data: dict) -> str:
             extra = "; ".join(f"{k}: {'met' if v['met'] else 'missed'} "
                               f"({v.get('ratio', v.get('worst'))})" for k, v in g.items())
             extra = extra or f"{len(s.get('rows', []))} cases"
+        elif name == "serve" and s.get("rows"):
+            extra = "; ".join(f"{r['requests']} req: static {r['static_tok_s']}, continuous "
+                              f"{r.get('together_tok_s')} / {r.get('one_per_step_tok_s')} tok/s, "
+                              f"identical {r.get('together_identical')}" for r in s["rows"])
         elif name == "e2e" and s.get("rows"):
             extra = "; ".join(f"{r['model'][:10]} b{r['batch']} {r.get('ours_decode_tok_s')} vs "
                               f"{r.get('hf_decode_tok_s')} tok/s" if r.get("kind") != "ttft"
@@ -1455,7 +1538,8 @@ def main(argv=None) -> int:
 
     threading.Thread(target=watchdog, daemon=True).start()
     fns = dict(env=step_env, exactness=step_exactness, receipts=step_receipts,
-               timings=lambda c, r: step_timings(c, r, results.step("env")), e2e=step_e2e)
+               timings=lambda c, r: step_timings(c, r, results.step("env")), e2e=step_e2e,
+               serve=step_serve)
     with tempfile.TemporaryDirectory(prefix="commitllm-gpu-") as tmp:
         ctx.tmp = Path(tmp)
         for name in STEPS:

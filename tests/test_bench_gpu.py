@@ -38,7 +38,7 @@ def test_dry_run_through_the_wrapper(tmp_path):
     st = data["steps"]
     assert {k: v["status"] for k, v in st.items()} == {
         "env": "done", "exactness": "passed", "receipts": "passed", "timings": "done",
-        "e2e": "done"}
+        "e2e": "done", "serve": "passed"}
     ex = st["exactness"]["cases"]
     assert len(ex) == st["exactness"]["n_cases"] and all(c["equal"] for c in ex)
     kernels = {c["kernel"] for c in ex}
@@ -54,8 +54,12 @@ def test_dry_run_through_the_wrapper(tmp_path):
         assert r["openings"] and all(o["identical"] and o["accepted"] for o in r["openings"])
     assert all("ours_ms" in r for r in st["timings"]["rows"])
     assert {r["batch"] for r in st["e2e"]["rows"]} >= {2}
+    assert [r["requests"] for r in st["serve"]["rows"]] == [2]
+    assert all(r["together_identical"] and r["one_per_step_identical"]
+               for r in st["serve"]["rows"])
     md = (out / "gpu.md").read_text()
     assert "Dry run on the CPU" in md and "## Cross-hardware receipts" in md
+    assert "## Serving's path" in md
     assert "GPU bench: CPU dry run" in p.stdout  # the one-screen summary
     assert (out / "gpu_env.txt").is_file() and (out / "gpu_log.txt").is_file()
     assert data["steps"]["env"]["source_sha256"] == gpu.source_digest()
