@@ -69,6 +69,12 @@ def test_one_pass_linear_declines_what_it_does_not_decide():
     assert native.fv_acc_linear(a, pack_acc(z, 8), 1 << 41, sx, sw) is not None
     with pytest.raises(ValueError):
         native.fv_acc_linear(a, np.zeros((2, 10, 9), np.uint8), 1, sx, sw)
+    with pytest.raises(ValueError):  # a secret row shorter than the accumulator rows
+        native.fv_acc_linear(a[:9], pack_acc(z, 8), 1 << 41, sx, sw)
+    with pytest.raises(ValueError):
+        native.fv_acc_linear(a, pack_acc(z, 8).astype(np.int8), 1 << 41, sx, sw)
+    with pytest.raises(OverflowError):
+        native.fv_acc_linear(a, pack_acc(z, 8), 1 << 62, sx, sw)
 
 
 FAMILIES = [("llama", "w8a16"), ("llama", "a8"), ("llama", "w16a16"), ("qwen2", "w8a16"),

@@ -531,12 +531,18 @@ def fv_acc_linear(a: np.ndarray, packed: np.ndarray, bound: int, sx: np.ndarray,
     so = lib()
     if so is None:
         raise RuntimeError("the compiled core is unavailable")
+    if packed.dtype != np.uint8 or packed.ndim != 3 or not 1 <= packed.shape[2] <= 8:
+        raise ValueError("fv_acc_linear: expected packed uint8 [M, N, w] with 1 <= w <= 8")
     m, n, w = packed.shape
+    if a.shape != (n,):
+        raise ValueError(f"fv_acc_linear: a {a.shape} does not match N = {n}")
+    if not 0 <= bound < 2**62:
+        raise OverflowError(f"fv_acc_linear: bound {bound} outside [0, 2^62)")
     for arr, shape in ((sx, (m,)), (sw, (n,)), (bias, (n,)), (resid, (m, n))):
         if arr is not None and (arr.dtype != np.float32 or arr.shape != shape
                                 or not arr.flags.c_contiguous):
             raise ValueError(f"fv_acc_linear: expected fp32 {shape}")
-    packed = np.ascontiguousarray(packed, dtype=np.uint8)
+    packed = np.ascontiguousarray(packed)
     out, y = np.empty(m, np.uint64), np.empty((m, n), np.float32)
     code = so.fv_acc_linear(_ptr(a, np.int64), n, packed.ctypes.data, w, m, bound,
                             out.ctypes.data, sx.ctypes.data, sw.ctypes.data,
