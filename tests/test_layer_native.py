@@ -53,6 +53,19 @@ def test_one_pass_linear_is_decode_fv_dot_dequantize(route, w):
             assert np.array_equal(got[1].view(np.uint32), want.view(np.uint32)), (w, m, n)
 
 
+@pytest.mark.parametrize("route", _routes(), indirect=True)
+def test_decoder_on_every_route(route):
+    """acc_unpack (the step route's decoder) on each CPU route, AVX-512 VBMI's masked loads
+    included: every width, lengths 1..20 and past a block, against the bytes' definition."""
+    rng = np.random.default_rng(route)
+    for w in range(1, 9):
+        top = 1 << (8 * w - 1)
+        for n in (*range(1, 21), 1030):
+            z = rng.integers(-top, top, n)
+            got = native.acc_unpack(pack_acc(z, w))
+            assert got is not None and np.array_equal(got, z), (route, w, n)
+
+
 def test_one_pass_linear_declines_what_it_does_not_decide():
     """A value beyond the bound, one at 2^53 (the dequantization's limit) and a non-finite
     output give None, so the step route decides; a bad width is an error."""

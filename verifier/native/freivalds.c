@@ -217,49 +217,6 @@ int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_
     return bad ? -3 : 0;
 }
 
-/* Packed accumulators (opening version 2): n integers of w bytes (1 to 8) each, little-endian
- * two's complement at src, into int64 dst, sign-extended: the w bytes are the low bytes of a
- * uint64, shifted to the top and shifted back arithmetically (GCC and Clang define the
- * conversion and the signed shift as two's complement). Each value is one 8-byte load (the
- * bytes above its w are shifted out), except the last ceil(8 / w), whose 8 bytes would reach
- * past src: those load their w bytes alone (a w-byte copy into a uint64 costs a store-forwarding
- * stall per value, 4x slower). 0, or -5 for a bad width. */
-#define ACC_UNPACK(W) \
-    { \
-        const int64_t whole = n - (8 + (W) - 1) / (W); \
-        int64_t i = 0; \
-        for (; i < whole; i++) { \
-            uint64_t u; \
-            memcpy(&u, src + i * (W), 8); \
-            dst[i] = (int64_t)(u << (64 - 8 * (W))) >> (64 - 8 * (W)); \
-        } \
-        for (; i < n; i++) { \
-            uint64_t u = 0; \
-            memcpy(&u, src + i * (W), (W)); \
-            dst[i] = (int64_t)(u << (64 - 8 * (W))) >> (64 - 8 * (W)); \
-        } \
-        return 0; \
-    }
-
-int64_t acc_unpack(const uint8_t *src, int64_t n, int64_t w, int64_t *dst) {
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
-    (void)src, (void)n, (void)w, (void)dst;
-    return -5; /* the numpy route decodes on other hosts */
-#else
-    switch (w) {
-    case 1: ACC_UNPACK(1)
-    case 2: ACC_UNPACK(2)
-    case 3: ACC_UNPACK(3)
-    case 4: ACC_UNPACK(4)
-    case 5: ACC_UNPACK(5)
-    case 6: ACC_UNPACK(6)
-    case 7: ACC_UNPACK(7)
-    case 8: ACC_UNPACK(8)
-    default: return -5;
-    }
-#endif
-}
-
 /* A block of len packed values (w bytes each) at src into dst; the first `safe` of them may be
  * read with an 8-byte load (their 8 bytes lie inside the array), the others w bytes at a time. */
 #define UNPACK_BLOCK(W) \
@@ -314,6 +271,45 @@ static const unpack_fn UNPACK[9] = {NULL, unpack_block_1, unpack_block_2, unpack
                                     unpack_block_4, unpack_block_5, unpack_block_6,
                                     unpack_block_7, unpack_block_8};
 
+static int vbmi_ok(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    return attn_active_route() == 2 && __builtin_cpu_supports("avx512vbmi")
+           && __builtin_cpu_supports("avx512bw");
+#else
+    return 0;
+#endif
+}
+
+/* n packed values of w bytes at src into dst: with AVX-512 VBMI eight per masked load, else one
+ * 8-byte load per value except the last ceil(8 / w), whose 8 bytes would reach past src: those
+ * load their w bytes alone. */
+static void unpack_any(const uint8_t *src, int64_t n, int64_t w, int64_t safe, int64_t *dst,
+                       int vbmi) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if (vbmi) {
+        unpack_block_vbmi(src, n, w, dst);
+        return;
+    }
+#endif
+    (void)vbmi;
+    UNPACK[w](src, n, safe, dst);
+}
+
+/* Packed accumulators (opening version 2): n integers of w bytes (1 to 8) each, little-endian
+ * two's complement at src, into int64 dst, sign-extended: the w bytes are the low bytes of a
+ * uint64, shifted to the top and shifted back arithmetically (GCC and Clang define the
+ * conversion and the signed shift as two's complement). 0, or -5 for a bad width. */
+int64_t acc_unpack(const uint8_t *src, int64_t n, int64_t w, int64_t *dst) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+    (void)src, (void)n, (void)w, (void)dst;
+    return -5; /* the numpy route decodes on other hosts */
+#else
+    if (w < 1 || w > 8) return -5;
+    if (n > 0) unpack_any(src, n, w, n - (8 + w - 1) / w, dst, vbmi_ok());
+    return 0;
+#endif
+}
+
 int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, const float *sw,
                    const float *bias, const float *resid, int64_t rs, float *y); /* bridge.c */
 
@@ -338,11 +334,7 @@ int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w,
     return -5;
 #endif
     if (w < 1 || w > 8 || bound < 0 || bound >= ((int64_t)1 << 62)) return -5;
-    const unpack_fn unpack = UNPACK[w];
-    int vbmi = 0;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    vbmi = route == 2 && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw");
-#endif
+    const int vbmi = vbmi_ok();
     const int64_t total = rows * n, safe_all = total - (8 + w - 1) / w;
     int64_t zb[FV_BLOCK];
     int64_t bad = 0;
@@ -354,11 +346,7 @@ int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w,
             const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
             for (int64_t m = 0; m < mr; m++) {
                 const int64_t first = (m0 + m) * n + i0; /* the block's first value */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-                if (vbmi) unpack_block_vbmi(zp + first * w, len, w, zb);
-                else
-#endif
-                unpack(zp + first * w, len, safe_all - first, zb);
+                unpack_any(zp + first * w, len, w, safe_all - first, zb, vbmi);
                 int64_t s[6];
                 bad |= sums(a + i0, zb, 8, len, bound, s);
                 for (int j = 0; j < 6; j++) tot[m][j] = fv_add(tot[m][j], fv_of(s[j]));
