@@ -135,8 +135,10 @@ def _packed_linear(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, packed:
             and (resid is None or resid.shape == packed.shape[:2])
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in f32)):
         return None
-    t0 = time.perf_counter()
     bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)
+    if bound >= 2**53:  # the step route refuses it (freivalds.dot): let it decide
+        return None
+    t0 = time.perf_counter()
     got = native.fv_acc_linear(r.a, np.ascontiguousarray(packed), bound, sx, s, bias, resid)
     ok = got is not None and np.array_equal(got[0], native.fv_dot(v.a, qx, ctx.profile.act_qmax))
     ctx.timer.add("freivalds", t0)
@@ -144,10 +146,10 @@ def _packed_linear(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, packed:
 
 
 def _linear_packed(ctx: Ctx, label: str, x: np.ndarray, packed: np.ndarray, code: str):
-    """_linear on packed accumulator rows: the one-pass route when it answers, else decoded and
-    through _linear_q, which decides and gives the reason."""
+    """_linear on packed accumulator rows: the one-pass route when it answers (and FUSED is on),
+    else decoded and through _linear_q, which decides and gives the reason."""
     qx, sx = quantize_rows(x, ctx.profile.act_qmax)
-    y = _packed_linear(ctx, label, qx, sx, packed)
+    y = _packed_linear(ctx, label, qx, sx, packed) if FUSED else None
     return y if y is not None else _linear_q(ctx, label, qx, sx, unpack_acc(packed), code)
 
 

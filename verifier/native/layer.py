@@ -78,6 +78,8 @@ def _linear(key, profile, label: str, n: int, k: int) -> _Linear | None:
             or r.a.dtype != _I8 or v.a.dtype != _I8):
         return None
     bound = k * profile.act_qmax * profile.matrix_qmax(label)
+    if bound >= 2**53:  # beyond what the step route takes (freivalds.dot): it decides
+        return None
     return _Linear(r.a.ctypes.data, v.a.ctypes.data, s, b, n, k, bound)
 
 
