@@ -251,6 +251,35 @@ def test_attn_fused_worst_magnitudes_stay_exact(d, each_route):
 
 
 @needs_core
+def test_key_packing_is_the_same_on_every_route():
+    """The whole-block int16 key packing (a 16 x 16 word transpose in AVX-512 registers on route
+    2, the scalar loop otherwise) gives the documented layout on every route: dim-pair counts
+    around the 16-pair step, key counts around the 16-key block, the opening's [S, H, d] rows
+    with strided heads."""
+    so = native.lib()
+    rng = np.random.default_rng(3)
+
+    def want(k):  # [G, S, d] -> [G, ceil(S / 16), dp / 2, 16, 2]
+        g, s, d = k.shape
+        dp, nb = d + d % 2, -(-s // 16)
+        out = np.zeros((g, nb * 16, dp), np.int16)
+        out[:, :s, :d] = k
+        return out.reshape(g, nb, 16, dp // 2, 2).transpose(0, 1, 3, 2, 4)
+
+    try:
+        for r in range(int(so.attn_best_route()) + 1):
+            so.attn_route(r)
+            for s, d in ((1024, 128), (33, 64), (16, 32), (17, 30), (48, 34), (5, 7), (64, 96)):
+                k = rng.integers(-32768, 32768, (2, s, d)).astype(np.int16)
+                assert np.array_equal(native.pack_keys(k), want(k)), (r, s, d)
+                kv = rng.integers(-32768, 32768, (s, 3, d)).astype(np.int16)
+                assert np.array_equal(native.pack_keys(kv[None]), want(kv.transpose(1, 0, 2))), \
+                    (r, s, d)
+    finally:
+        so.attn_route(-1)
+
+
+@needs_core
 @pytest.mark.parametrize("dtype", [np.int8, np.int16])
 def test_pack_reads_any_strides(dtype):
     """pack_keys / pack_values read the cache's [B, S, H, d] layout (and strided views of it)

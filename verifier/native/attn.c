@@ -444,8 +444,49 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
 /* The packings of whole blocks of int16 rows with width == d (the usual case), no per-element
  * tests: keys [d/2][16][2] (the rows' 32-bit dim pairs, transposed), values [d][2] (two rows
  * interleaved). The same values as the general loops below. */
+#if defined(__x86_64__) && defined(__GNUC__)
+/* 16 dim pairs of the 16 key rows at once: a 16 x 16 transpose of 32-bit words in registers
+ * (32-bit, then 64-bit interleaves, then two rounds of 128-bit lane shuffles), each row read as
+ * whole 64-byte lines instead of 4 bytes from each of 16 rows in turn. Pure data movement: the
+ * same words land where the scalar loop puts them. Returns the pairs done (a multiple of 16). */
+__attribute__((target("avx512f"))) static int64_t pack_keys16_avx512(
+        int16_t *o, const int16_t *const row[KB], int64_t pairs) {
+    int64_t p0 = 0;
+    for (; p0 + 16 <= pairs; p0 += 16) {
+        __m512i r[16], a[16], b[16];
+        for (int l = 0; l < 16; l++) r[l] = _mm512_loadu_si512((const void *)(row[l] + 2 * p0));
+        for (int i = 0; i < 8; i++) {
+            a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+            a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+        }
+        for (int i = 0; i < 4; i++) { /* b[4i + c], lane j: rows 4i..4i+3 of pair 4j + c */
+            b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+            b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+            b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+        }
+        for (int c = 0; c < 4; c++) { /* pair 4j + c: lane i from b[4i + c]'s lane j */
+            const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+            const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+            const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+            const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+            int16_t *dst = o + (p0 + c) * KB * 2;
+            _mm512_storeu_si512((void *)dst, _mm512_shuffle_i32x4(e0, e2, 0x88));
+            _mm512_storeu_si512((void *)(dst + 4 * KB * 2), _mm512_shuffle_i32x4(e0, e2, 0xDD));
+            _mm512_storeu_si512((void *)(dst + 8 * KB * 2), _mm512_shuffle_i32x4(e1, e3, 0x88));
+            _mm512_storeu_si512((void *)(dst + 12 * KB * 2), _mm512_shuffle_i32x4(e1, e3, 0xDD));
+        }
+    }
+    return p0;
+}
+#endif
+
 CLONES static void pack_keys16(int16_t *o, const int16_t *const row[KB], int64_t width) {
-    for (int64_t p = 0; p < width / 2; p++)
+    int64_t start = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (attn_active_route() == 2) start = pack_keys16_avx512(o, row, width / 2);
+#endif
+    for (int64_t p = start; p < width / 2; p++)
         for (int64_t l = 0; l < KB; l++) {
             uint32_t w;
             memcpy(&w, row[l] + 2 * p, 4);
