@@ -1,6 +1,6 @@
 """bench/anchors.py stays runnable: its scaling formula on a hand-computed case, and its pipeline
-end to end at a tiny shape (build, generate, challenge, open, verify, results, plot, README block).
-The approx here compares benchmark arithmetic (float sums of timings), never a committed value."""
+end to end at a tiny shape (build, generate, challenge, open, verify, results, plot, README
+block)."""
 
 from __future__ import annotations
 
@@ -34,13 +34,12 @@ def test_scale_tier_splits_per_layer_and_once_per_token():
     full = anchors.scale_tier(_tier("full", 2, 4, ms, b, 1000), full_layers=32)
     assert full["layers"] == 32
     assert full["per_layer_ms"] == {"freivalds_bridge": 1.75, "attention": 2.0, "merkle": 0.5}
-    # approx below: float arithmetic on benchmark milliseconds and scaled byte counts (report
-    # figures, not committed values; nothing the verifier compares)
-    assert full["once_ms"] == pytest.approx(2.0)
-    assert full["verify_ms"] == pytest.approx(32 * 4.25 + 2.0)
-    assert full["opening_bytes"] == pytest.approx(200 + 800 * 16)  # per-layer kinds x 32 / 2
+    # every input above is a dyadic fraction, so this float arithmetic is exact: compared with ==
+    assert full["once_ms"] == 2.0
+    assert full["verify_ms"] == 32 * 4.25 + 2.0
+    assert full["opening_bytes"] == 200 + 800 * 16  # per-layer kinds x 32 / 2
     routine = anchors.scale_tier(_tier("routine", 2, 4, ms, b, 1000), full_layers=32)
-    assert routine["layers"] == 10 and routine["freivalds_bridge_ms"] == pytest.approx(17.5)
+    assert routine["layers"] == 10 and routine["freivalds_bridge_ms"] == 17.5
     short = anchors.scale_tier(_tier("routine", 2, 4, ms, b, 1000), full_layers=6)
     assert short["layers"] == 6  # routine never asks for more layers than the model has
 

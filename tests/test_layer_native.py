@@ -101,19 +101,14 @@ def _record(monkeypatch):
     seen = {"fused": {}, "steps": {}, "declined": 0}
     pre, post, qkv, lin = layer.pre, layer.post, replay._qkv, replay._linear
 
-    def rec_pre(key, cfg, prof, l, *a):
-        got = pre(key, cfg, prof, l, *a)
-        seen["declined"] += got is None
-        if got is not None:
-            seen["fused"][("qkv", l)] = got[0]
-        return got
-
-    def rec_post(key, cfg, prof, l, *a):
-        got = post(key, cfg, prof, l, *a)
-        seen["declined"] += got is None
-        if got is not None:
-            seen["fused"][("out", l)] = got[0]
-        return got
+    def fused(fn, part):
+        def rec(key, cfg, prof, l, *a):
+            got = fn(key, cfg, prof, l, *a)
+            seen["declined"] += got is None
+            if got is not None:
+                seen["fused"][(part, l)] = got[0]
+            return got
+        return rec
 
     def rec_qkv(ctx, q, pos, l):
         got = qkv(ctx, q, pos, l)
@@ -126,8 +121,8 @@ def _record(monkeypatch):
             seen["steps"][("out", int(label.split(".")[1]))] = got
         return got
 
-    monkeypatch.setattr(layer, "pre", rec_pre)
-    monkeypatch.setattr(layer, "post", rec_post)
+    monkeypatch.setattr(layer, "pre", fused(pre, "qkv"))
+    monkeypatch.setattr(layer, "post", fused(post, "out"))
     monkeypatch.setattr(replay, "_qkv", rec_qkv)
     monkeypatch.setattr(replay, "_linear", rec_lin)
     return seen

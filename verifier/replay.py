@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import freivalds
+from . import freivalds, native
+from .native import layer
 from .native.attention import attention  # the spec's, softmax passes compiled when built
 from .native.bridge import apply_rope, dequantize, quantize_rows, rmsnorm, swiglu  # the spec's
 from .numerics.attention import first_visible
@@ -39,21 +40,22 @@ class Timer:
     merkle: float = 0.0
     scope: str | None = None  # "decode" while replay_decode runs
 
+    def _count(self, part: str, sec: float) -> None:
+        self.parts[part] += sec
+        if self.scope == "decode":
+            self.decode[part] += sec
+
     def split(self, t0: float, freivalds: float) -> float:
         """The time since t0 of a compiled call that measured its own Freivalds seconds: those
         under "freivalds", the rest under "rest"."""
         now = time.perf_counter()
-        for part, sec in (("freivalds", freivalds), ("rest", now - t0 - freivalds)):
-            self.parts[part] += sec
-            if self.scope == "decode":
-                self.decode[part] += sec
+        self._count("freivalds", freivalds)
+        self._count("rest", now - t0 - freivalds)
         return now
 
     def add(self, part: str, t0: float) -> float:
         now = time.perf_counter()
-        self.parts[part] += now - t0
-        if self.scope == "decode":
-            self.decode[part] += now - t0
+        self._count(part, now - t0)
         return now
 
     @contextmanager
@@ -124,8 +126,6 @@ def _packed_linear(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, packed:
     pass (native.fv_acc_linear: bound, Freivalds residue and dequantization, + resid), when the
     core is built and every check passes; else None (nothing decided: the caller takes the step
     route, which decides and gives the reason)."""
-    from . import native
-
     r, v = ctx.key.prepared(label)
     s, bias = ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias")
     f32 = [a for a in (s, bias, sx, resid) if a is not None]
@@ -199,8 +199,6 @@ def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     (nothing raised, nothing decided otherwise). Exceptions from the step functions it shares
     with the step route (rmsnorm, quantize_rows, swiglu on a value they refuse) mean the same:
     not answered."""
-    from .native import layer
-
     cfg = ctx.cfg
     pos, n, packed, zq_rows = _positions(z, zq, l)
     t0 = time.perf_counter()

@@ -41,16 +41,15 @@ a bound at or above 2^53 (which the step route's freivalds.dot refuses) to the s
 from __future__ import annotations
 
 import ctypes
-import faulthandler
 import mmap
-import os
 import signal
 import time
 
 import numpy as np
 import pytest
 
-from accs import acc, add_acc, low_bytes, set_acc
+from forked import in_child
+from accs import acc, add_acc, set_acc
 from commitllm.verifier import native, replay
 from commitllm.verifier import verify as verify_mod
 from commitllm.verifier.native import layer
@@ -164,8 +163,8 @@ def test_honest_opening_the_fused_lm_head_answers(llama_flow, llama_opened, monk
     c, meta, arrays = llama_opened
     calls = []
     real = replay._linear_q
-    monkeypatch.setattr(replay, "_linear_q",
-                        lambda ctx, label, *a, **k: calls.append(label) or real(ctx, label, *a, **k))
+    monkeypatch.setattr(replay, "_linear_q", lambda ctx, label, *a, **k:
+                        calls.append(label) or real(ctx, label, *a, **k))
     got = _verdicts(llama_flow, c, meta, arrays, monkeypatch, threads=(1, 2))
     assert all(g == got[0] for g in got) and got[0][0] is True, got[0][1:3]
     # FUSED on: the LM head takes the one-pass route; off: every linear the step route
@@ -408,30 +407,6 @@ def test_random_replay_level_mutations_agree_on_every_route(kind, count, request
 
 # ---------------------------------------------------------------- fv_acc_linear, hostile calls
 
-def _in_child(fn, timeout: float = 60.0) -> int:
-    """fn() in a forked child; its exit status, or -signal when it crashed."""
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork")
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 99
-        faulthandler.disable()  # a fault is the expected outcome of some children: no dump
-        try:
-            code = int(fn())
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return -signal.SIGKILL
-        time.sleep(0.02)
-
-
 class _Guarded:
     """Arrays whose last byte is the last byte before a PROT_NONE page: a read past one faults."""
 
@@ -466,8 +441,8 @@ def test_the_guard_page_faults():
             p = g.put(np.arange(16, dtype=np.uint8))
             return ctypes.c_uint8.from_address(p.ctypes.data + off).value
         return child
-    assert _in_child(read(15)) == 15
-    assert _in_child(read(16)) == -signal.SIGSEGV
+    assert in_child(read(15)) == 15
+    assert in_child(read(16)) == -signal.SIGSEGV
 
 
 SHAPES = [(1, 1), (1, 7), (3, 1), (2, 9), (1, 1023), (1, 1025), (65, 3), (2, 2055)]
@@ -509,7 +484,7 @@ def test_fv_acc_linear_reads_nothing_past_its_arrays():
                         if not ok:
                             return 20 + w
         return 0
-    assert _in_child(child) == 0
+    assert in_child(child) == 0
 
 
 def test_fv_acc_linear_hostile_shapes_are_clean_errors():

@@ -17,14 +17,12 @@ Merkle multiproof walk, acc_unpack, br_minmax and attn_pack's int16 fast paths.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import struct
-import time
 
 import blake3
 import numpy as np
 import pytest
+from forked import in_child
 from accs import acc, set_acc
 from advworld import World, assert_refused, assert_rejected, quantized
 from hypothesis import HealthCheck, given, settings
@@ -275,31 +273,6 @@ def _misaligned(data: bytes, shift: int) -> bytes:
     return data[:head] + struct.pack("<Q", len(hdr)) + hdr + b"\0" * shift + data[head + 8 + n:]
 
 
-def _in_child(fn, timeout: float = 120.0) -> int:
-    """Run fn() in a forked child (one thread inside the compiled core: the parent's pools do
-    not exist there); its exit status: fn's int, or -signal when it crashed."""
-    if not hasattr(os, "fork"):
-        pytest.skip("no fork")
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 99
-        try:
-            with native.thread_budget(1):
-                code = int(fn())
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            return -signal.SIGKILL
-        time.sleep(0.05)
-
-
 def test_misaligned_container_arrays_never_crash(world, opened):
     """Tensor offsets chosen so int16 / fp32 / int64 arrays start at odd or unaligned addresses
     (pads of 1 to 7 bytes): the container accepts them (safetensors offsets are the sender's),
@@ -331,7 +304,7 @@ def test_misaligned_container_arrays_never_crash(world, opened):
             if v.accepted or v.reason != "opening_range":
                 return 2
         return 0
-    assert _in_child(child) == 0
+    assert in_child(child, timeout=120.0) == 0
 
 
 # --- K/V range (br_minmax) ----------------------------------------------------------------------

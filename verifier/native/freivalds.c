@@ -176,6 +176,25 @@ typedef int64_t (*sums_fn)(const int64_t *, const void *, int64_t, int64_t, int6
 
 static const int64_t LIMB_SHIFT[3] = {0, 21, 41};
 
+/* The block-sum routine of the active route (AVX-512, AVX2, plain C). */
+static sums_fn pick_sums(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    const int64_t route = attn_active_route();
+    if (route == 2) return sums_avx512;
+    if (route == 1) return sums_avx2;
+#endif
+    return sums_plain;
+}
+
+/* A row's six limb totals recombined into its residue: limb j % 3 of the secret, times the
+ * value's lo (j < 3) or hi (j >= 3, weight 2^31) part. */
+static uint64_t recombine(const uint64_t tot[6]) {
+    uint64_t acc = 0;
+    for (int j = 0; j < 6; j++)
+        acc = fv_add(acc, fv_shift(tot[j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
+    return acc;
+}
+
 #define FV_ROWS 64 /* rows per pass over the columns (their running totals on the stack) */
 
 /* out[m] for rows m of b (btype: its width in bytes, 1, 2, 4 or 8; row-major [rows][n]), with
@@ -184,12 +203,7 @@ static const int64_t LIMB_SHIFT[3] = {0, 21, 41};
  * bad btype or bound. */
 int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_t rows,
                int64_t bound, uint64_t *out) {
-    sums_fn sums = sums_plain;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    const int64_t route = attn_active_route();
-    if (route == 2) sums = sums_avx512;
-    if (route == 1) sums = sums_avx2;
-#endif
+    const sums_fn sums = pick_sums();
     if ((btype != 1 && btype != 2 && btype != 4 && btype != 8) || bound < 0
         || bound >= ((int64_t)1 << 62)) /* hi = b >> 31 must fit int32 */
         return -5;
@@ -207,12 +221,7 @@ int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_
                 for (int j = 0; j < 6; j++) tot[m][j] = fv_add(tot[m][j], fv_of(s[j]));
             }
         }
-        for (int64_t m = 0; m < mr; m++) {
-            uint64_t acc = 0;
-            for (int j = 0; j < 6; j++)
-                acc = fv_add(acc, fv_shift(tot[m][j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
-            out[m0 + m] = acc;
-        }
+        for (int64_t m = 0; m < mr; m++) out[m0 + m] = recombine(tot[m]);
     }
     return bad ? -3 : 0;
 }
@@ -324,12 +333,7 @@ int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, c
 int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w, int64_t rows,
                       int64_t bound, uint64_t *out, const float *sx, const float *sw,
                       const float *bias, const float *resid, int64_t rs, float *y) {
-    sums_fn sums = sums_plain;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    const int64_t route = attn_active_route();
-    if (route == 2) sums = sums_avx512;
-    if (route == 1) sums = sums_avx2;
-#endif
+    const sums_fn sums = pick_sums();
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
     return -5;
 #endif
@@ -356,12 +360,7 @@ int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w,
                     return -1;
             }
         }
-        for (int64_t m = 0; m < mr; m++) {
-            uint64_t acc = 0;
-            for (int j = 0; j < 6; j++)
-                acc = fv_add(acc, fv_shift(tot[m][j], LIMB_SHIFT[j % 3] + 31 * (j / 3)));
-            out[m0 + m] = acc;
-        }
+        for (int64_t m = 0; m < mr; m++) out[m0 + m] = recombine(tot[m]);
     }
     return 0;
 }
