@@ -110,7 +110,7 @@ def _linear_q(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, z: np.ndarra
     (a MoE layer's router and experts) quantize them once."""
     if z.dtype != np.int64 or z.shape != (qx.shape[0], len(ctx.key.arrays[f"{label}.s"])):
         raise Reject("opening_malformed", f"{label}: accumulator {z.dtype} {z.shape}")
-    bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)  # < 2^53
+    bound = _z_bound(ctx, label, qx.shape[1])  # < 2^53
     try:
         _freivalds(ctx, label, qx, z, bound, code)
     except OverflowError:
@@ -118,6 +118,11 @@ def _linear_q(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, z: np.ndarra
             from None
     return dequantize(z, sx, ctx.key.arrays[f"{label}.s"], ctx.key.arrays.get(f"{label}.bias"),
                       resid)
+
+
+def _z_bound(ctx: Ctx, label: str, k: int) -> int:
+    """The proven bound on a linear's |z|: K * qmax_x * qmax_w."""
+    return k * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)
 
 
 def _packed_linear(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, packed: np.ndarray,
@@ -135,8 +140,8 @@ def _packed_linear(ctx: Ctx, label: str, qx: np.ndarray, sx: np.ndarray, packed:
             and (resid is None or resid.shape == packed.shape[:2])
             and all(a.dtype == np.float32 and a.flags.c_contiguous for a in f32)):
         return None
-    bound = qx.shape[1] * ctx.profile.act_qmax * ctx.profile.matrix_qmax(label)
-    if bound >= 2**53:  # the step route refuses it (freivalds.dot): let it decide
+    bound = _z_bound(ctx, label, qx.shape[1])
+    if bound >= 2**freivalds.EXACT_BITS:  # the step route refuses it (freivalds.dot): it decides
         return None
     t0 = time.perf_counter()
     got = native.fv_acc_linear(r.a, np.ascontiguousarray(packed), bound, sx, s, bias, resid)
@@ -195,10 +200,8 @@ def _positions(z: dict, zq: dict, l: int):
 
 
 def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> bool:
-    """Layer l through the compiled calls: True when every step ran and every check passed
-    (nothing raised, nothing decided otherwise). Exceptions from the step functions it shares
-    with the step route (rmsnorm, quantize_rows, swiglu on a value they refuse) mean the same:
-    not answered."""
+    """Layer l through the compiled calls: True when every step ran and every check passed;
+    False (or an exception, which _try_fused reads as False) when it did not answer."""
     cfg = ctx.cfg
     pos, n, packed, zq_rows = _positions(z, zq, l)
     t0 = time.perf_counter()

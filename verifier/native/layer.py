@@ -15,6 +15,7 @@ import ctypes
 
 import numpy as np
 
+from ..freivalds import EXACT_BITS
 from ..numerics import exp2 as _exp2
 from ..numerics.quant import int_dtype
 from . import lib
@@ -78,7 +79,7 @@ def _linear(key, profile, label: str, n: int, k: int) -> _Linear | None:
             or r.a.dtype != _I8 or v.a.dtype != _I8):
         return None
     bound = k * profile.act_qmax * profile.matrix_qmax(label)
-    if bound >= 2**53:  # beyond what the step route takes (freivalds.dot): it decides
+    if bound >= 2**EXACT_BITS:  # beyond what the step route takes (freivalds.dot): it decides
         return None
     return _Linear(r.a.ctypes.data, v.a.ctypes.data, s, b, n, k, bound)
 
