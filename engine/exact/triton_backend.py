@@ -225,26 +225,22 @@ class _TritonLayer:
         as contiguous rows: tests/kernels). Otherwise each cache appends and is read whole."""
         if step.paged is None:
             step.paged = PagedStep.of(step.caches, step.lengths) or False
-        if step.paged:
-            ps = step.paged
+        ps = step.paged
+        if ps:
             ps.write(i, kq, sk, vq, sv)
-            k_rows, sk_rows, v_rows, sv_rows = ps.rows(i)
-            outs, start = [], 0
-            for j, (cache, n) in enumerate(zip(step.caches, step.lengths)):
-                sl = slice(start, start + n)
-                outs.append(attention.attention(
-                    qq[sl], sq[sl], k_rows, sk_rows, v_rows, sv_rows, step.pos[sl], kvq,
-                    block_table=ps.table(j), block_size=ps.pool.block_size,
-                    seq_len=cache.length + n, window=window))
-                start += n
-            return torch.cat(outs)
+            rows = ps.rows(i)
         outs, start = [], 0
-        for cache, n in zip(step.caches, step.lengths):
+        for j, (cache, n) in enumerate(zip(step.caches, step.lengths)):
             sl = slice(start, start + n)
-            cache.append(i, kq[sl].contiguous(), sk[sl].contiguous(), vq[sl].contiguous(),
-                         sv[sl].contiguous())
-            outs.append(attention.attention(qq[sl], sq[sl], cache.k[i], cache.sk[i], cache.v[i],
-                                            cache.sv[i], step.pos[sl], kvq, window=window))
+            if ps:
+                keys, paging = rows, dict(block_table=ps.table(j), block_size=ps.pool.block_size,
+                                          seq_len=cache.length + n)
+            else:
+                cache.append(i, kq[sl].contiguous(), sk[sl].contiguous(), vq[sl].contiguous(),
+                             sv[sl].contiguous())
+                keys, paging = (cache.k[i], cache.sk[i], cache.v[i], cache.sv[i]), {}
+            outs.append(attention.attention(qq[sl], sq[sl], *keys, step.pos[sl], kvq,
+                                            window=window, **paging))
             start += n
         return torch.cat(outs)
 
