@@ -23,8 +23,11 @@ from .replay import Reject
 F32_TINY = np.finfo(np.float32).tiny  # the smallest positive normal fp32
 
 
-def check_types(arrays, specs: dict[str, Spec]) -> None:
-    """Raise Reject('opening_type' | 'opening_range') unless `arrays` is exactly `specs`."""
+def check_types(arrays, specs: dict[str, Spec], defer_range=frozenset()) -> None:
+    """Raise Reject('opening_type' | 'opening_range') unless `arrays` is exactly `specs`.
+    defer_range: names whose value range (Spec.lo / hi) is left to a later check_range (the
+    verifier's per-layer units check a layer's K/V values just before they hash and replay it);
+    their dtype, shape and every other check still run here."""
     if not isinstance(arrays, dict):
         raise Reject("opening_type", "the opening's arrays are not a name -> array table")
     names, want = set(arrays), set(specs)
@@ -33,10 +36,18 @@ def check_types(arrays, specs: dict[str, Spec]) -> None:
         raise Reject("opening_type", f"arrays differ from what the challenge opens: unknown "
                                      f"{[str(n)[:40] for n in extra[:4]]}, missing {missing[:4]}")
     for name in sorted(want):
-        _check(name, arrays[name], specs[name])
+        _check(name, arrays[name], specs[name], name not in defer_range)
 
 
-def _check(name: str, a, spec: Spec) -> None:
+def check_range(name: str, a, spec: Spec) -> None:
+    """The value range check that check_types(defer_range=...) left out for `name`."""
+    if spec.lo is not None and a.size:
+        lo, hi = minmax(a)
+        if lo < spec.lo or hi > spec.hi:
+            raise Reject("opening_range", f"{name}: a value outside [{spec.lo}, {spec.hi}]")
+
+
+def _check(name: str, a, spec: Spec, ranged: bool = True) -> None:
     if not isinstance(a, np.ndarray) or a.dtype.str != spec.dtype or a.dtype.byteorder == ">":
         got = getattr(a, "dtype", type(a).__name__)
         raise Reject("opening_type", f"{name}: dtype {got}, the key implies {spec.dtype}")
@@ -49,10 +60,8 @@ def _check(name: str, a, spec: Spec) -> None:
                                      f"{spec.max_rows} can be needed")
     if spec.values is not None and a.tolist() != list(spec.values):
         raise Reject("opening_mismatch", f"{name}: not the challenged positions or token ids")
-    if spec.lo is not None and a.size:
-        lo, hi = minmax(a)
-        if lo < spec.lo or hi > spec.hi:
-            raise Reject("opening_range", f"{name}: a value outside [{spec.lo}, {spec.hi}]")
+    if ranged:
+        check_range(name, a, spec)
     if spec.finite and not np.all(np.isfinite(a)):
         raise Reject("opening_range", f"{name}: a non-finite value")
     if spec.normal and not np.all(np.isfinite(a) & (a >= F32_TINY)):
@@ -62,4 +71,4 @@ def _check(name: str, a, spec: Spec) -> None:
                                       f"to it)")
 
 
-__all__ = ["check_types"]
+__all__ = ["check_range", "check_types"]

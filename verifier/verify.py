@@ -21,11 +21,13 @@ from .merkle import verify_multiproof, verify_multiproof_rows
 from .numerics.profiles import Profile
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
-from .opened import check_types
+from .opened import check_range, check_types
 from .opening import Plan, PlanError, array_specs, embed_specs, matrices, plan
 from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
 from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
+
+UNITS = True  # verify a layer at a time (_units); off: always the canonical order (_in_order)
 
 MANIFEST_KEYS = ("spec_version", "numerics_digest", "model_commitment", "rope_digest",
                  "tokenizer_hash", "chat_template_hash")
@@ -151,8 +153,28 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     tokens = receipt["prompt_token_ids"] + receipt["output_token_ids"]
     specs = (array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
              | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
+    n_pos = len(set(challenge["positions"]))
+    got = _units(v, key, receipt, arrays, specs, p, cfg, prof, timer, tokens, n_pos, threads) \
+        if UNITS else None
+    ctx, resid = got or _in_order(v, key, receipt, arrays, specs, p, cfg, prof, timer, tokens,
+                                  n_pos, threads)
+    if p.lm:
+        _expect(arrays, "z.lm.pos", p.lm)
+        replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params,
+                      len(receipt["prompt_token_ids"]) - 1, receipt["logprobs"], policy.logprobs)
+    lp = "" if policy.logprobs is None else (
+        f", and their committed logprobs (top {policy.logprobs}"
+        f"{', prompt positions too' if policy.prompt_logprobs else ''}) are the canonical ones")
+    v.ok("decode", f"{len(p.lm)} decode steps (the challenged positions that emit a token) "
+                   f"reproduce the committed tokens{lp}")
+
+
+def _in_order(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, tokens,
+              n_pos: int, threads: int):
+    """The types, Merkle, embedding and layer checks in the canonical order, the first failure
+    raised: the verdict of record (also when _units did not answer). Returns (ctx, resid)."""
     check_types(arrays, specs)  # accumulators packed at the key's widths: decoded per layer
-    v.ok("types", "every opened array has the dtype, shape and range the key implies")
+    _passed(v, "types", p, n_pos)
     t_merkle = time.perf_counter()
     resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
@@ -160,7 +182,8 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     def replay():
         z, zq = _z_tables(arrays, p, matrices(cfg))
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
-        _replay_layers(ctx, sorted(p.z), resid, kv, z, zq, threads)
+        _run_units(ctx, sorted(p.z), lambda c, l: replay_layer(c, l, resid, kv, z, zq),
+                   threads)
         return z
     # With threads > 1 the layers are replayed while this thread hashes the Merkle proofs (the
     # hashing holds the GIL, the replay's compiled passes do not); the verdict is still the
@@ -176,47 +199,92 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
         timer.merkle = time.perf_counter() - t_merkle
         if pending is not None:
             futures_wait([pending])  # never return (or reject) with the replay still running
-    v.ok("merkle", f"{sum(map(len, p.resid.values()))} residual rows, "
-                   f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt roots")
+    _passed(v, "merkle", p, n_pos)
     _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
-    n_pos = len(set(challenge["positions"]))
-    v.ok("embedding", f"{len(p.embed)} input rows ({n_pos} challenged positions, "
-                      f"{len(p.embed) - n_pos} K/V-sample rows) equal their proven embedding rows")
+    _passed(v, "embedding", p, n_pos)
     if pending is None:
         replay()
     else:
         pending.result()  # re-raises the replay's first failure, after the checks before it
-    v.ok("layers", f"{len(p.z)} layers x {n_pos} challenged positions replayed bit-exactly, "
-                   f"and {sum(map(len, p.zq.values()))} K/V-sample rows' Q/K/V (attention over "
-                   f"{len(next(iter(p.kv.values()), []))} K/V rows)")
-    if p.lm:
-        _expect(arrays, "z.lm.pos", p.lm)
-        replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params,
-                      len(receipt["prompt_token_ids"]) - 1, receipt["logprobs"], policy.logprobs)
-    lp = "" if policy.logprobs is None else (
-        f", and their committed logprobs (top {policy.logprobs}"
-        f"{', prompt positions too' if policy.prompt_logprobs else ''}) are the canonical ones")
-    v.ok("decode", f"{len(p.lm)} decode steps (the challenged positions that emit a token) "
-                   f"reproduce the committed tokens{lp}")
+    _passed(v, "layers", p, n_pos)
+    return ctx, resid
 
 
-def _replay_layers(ctx: Ctx, layers: list[int], resid, kv, z, zq, threads: int) -> None:
-    """replay_layer for each layer; with threads > 1 on a pool, each layer with its own timer
-    (merged after), and the first layer in order that failed raises what it raised, exactly
-    what one thread would have raised first (a layer's replay reads only committed values)."""
+def _passed(v: Verdict, check: str, p: Plan, n_pos: int) -> None:
+    """Record one of the checks _in_order and _units run, with its detail."""
+    v.ok(check, {
+        "types": lambda: "every opened array has the dtype, shape and range the key implies",
+        "merkle": lambda: f"{sum(map(len, p.resid.values()))} residual rows, "
+                          f"{sum(map(len, p.kv.values()))} K/V rows proven against the receipt "
+                          f"roots",
+        "embedding": lambda: f"{len(p.embed)} input rows ({n_pos} challenged positions, "
+                             f"{len(p.embed) - n_pos} K/V-sample rows) equal their proven "
+                             f"embedding rows",
+        "layers": lambda: f"{len(p.z)} layers x {n_pos} challenged positions replayed "
+                          f"bit-exactly, and {sum(map(len, p.zq.values()))} K/V-sample rows' "
+                          f"Q/K/V (attention over {len(next(iter(p.kv.values()), []))} K/V rows)",
+    }[check]())
+
+
+def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, tokens,
+           n_pos: int, threads: int):
+    """_in_order's checks, a layer at a time: layer l's unit checks its K/V values' range,
+    hashes its residual and K/V rows against their proofs and replays it, one after the other,
+    while those rows are in cache (in _in_order each pass reads every layer's rows from memory
+    again); the units run on `threads` threads. Only an acceptance is taken from here: (ctx,
+    resid) when every check passed, with the checks recorded as _in_order records them; None
+    when anything failed or raised (nothing recorded, the timer untouched), and the caller then
+    runs _in_order, whose first failure is the verdict. So the verdict, its reason and the checks
+    listed are _in_order's for every thread count."""
+    deferred = {f"kv.{l}.{x}": l for l in p.kv for x in ("k", "v")}
+    own = Timer()
+    try:
+        check_types(arrays, specs, defer_range=frozenset(deferred))
+        t0 = time.perf_counter()
+        resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
+        own.merkle += time.perf_counter() - t0
+        ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, own)
+        z, zq = _z_tables(arrays, p, matrices(cfg))
+        ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
+        layers = sorted({pr[1] for pr in proofs} | set(p.z))
+
+        def unit(c: Ctx, l: int) -> None:
+            for name, at in deferred.items():
+                if at == l:
+                    check_range(name, arrays[name], specs[name])
+            t = time.perf_counter()
+            _check_proofs([pr for pr in proofs if pr[1] == l])
+            c.timer.merkle += time.perf_counter() - t
+            if l in p.z:
+                replay_layer(c, l, resid, kv, z, zq)
+        _run_units(ctx, layers, unit, threads)
+        _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
+    except Exception:  # noqa: BLE001 - not an acceptance: _in_order decides
+        return None
+    for part, sec in own.parts.items():
+        timer.parts[part] += sec
+    timer.merkle += own.merkle
+    for check in ("types", "merkle", "embedding", "layers"):
+        _passed(v, check, p, n_pos)
+    return dataclasses.replace(ctx, timer=timer), resid
+
+
+def _run_units(ctx: Ctx, layers: list[int], unit, threads: int) -> None:
+    """unit(ctx, l) for each layer, in order on this thread, or on a pool of `threads` threads,
+    each with its own timer (merged into ctx's after) and its share of the cores for the
+    compiled core's row splits; the first exception (in layer order) is raised after all ran."""
     if threads == 1 or len(layers) < 2:
         for l in layers:
-            replay_layer(ctx, l, resid, kv, z, zq)
+            unit(ctx, l)
         return
-
     n = min(threads, len(layers))
-    inner = max(1, native.threads() // n)  # the cores left to each layer's row-split passes
+    inner = max(1, native.threads() // n)
 
     def one(l):
         c = dataclasses.replace(ctx, timer=Timer())
         try:
             with native.thread_budget(inner):
-                replay_layer(c, l, resid, kv, z, zq)
+                unit(c, l)
             return c.timer, None
         except Exception as e:  # noqa: BLE001 - re-raised below, in layer order
             return c.timer, e
@@ -225,6 +293,7 @@ def _replay_layers(ctx: Ctx, layers: list[int], resid, kv, z, zq, threads: int) 
     for t, _ in done:
         for part, sec in t.parts.items():
             ctx.timer.parts[part] += sec
+        ctx.timer.merkle += t.merkle
     for _, e in done:
         if e is not None:
             raise e
