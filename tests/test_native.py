@@ -228,6 +228,62 @@ def test_attn_fused_every_route_and_thread_split_equals_the_spec(qmax, case, eac
 
 
 @needs_core
+@pytest.mark.parametrize("qmax", QMAXES)
+@pytest.mark.parametrize("case", sorted(ATTN_CASES))
+def test_attn_fused_rows_equals_attn_fused_every_route(qmax, case, each_route):
+    """attn_fused_rows (K/V rows where they lie, packed per group inside the call) against
+    attn_fused on pack_keys / pack_values: the same bits on every route and thread split, with
+    the K/V rows strided views of a wider array (the opening's leaves) and a sliding window."""
+    from commitllm.verifier.native.attention import _full_table
+    t, s, nh, nkv, d, q_pos = ATTN_CASES[case]
+    q, sq, k, sk, v, sv = _attn_inputs(qmax, t, s, nh, nkv, d, seed=9,
+                                       spread=12.0 if qmax > 127 else 1.5)
+    wide = np.zeros((s, 2, nkv, d + 3), k.dtype)
+    wide[:, 0, :, 1:d + 1], wide[:, 1, :, 2:d + 2] = k, v
+    ks, vs = wide[:, 0, :, 1:d + 1], wide[:, 1, :, 2:d + 2]
+    g, table, cut = nh // nkv, *_full_table()
+    rows = np.ascontiguousarray(q.transpose(1, 0, 2)).reshape(nh * t, d)
+    pos = np.tile(np.asarray(q_pos, np.int64), nh)
+    nvis = np.clip(pos + 1, 0, s)
+    for nlo in (None, np.clip(pos - 2, 0, None)):
+        common = (nvis, g * t, d, float(spec_attn.score_scale(d)), 256.0, table, cut)
+        for r in each_route:
+            assert native.use_route(r) == r
+            want = native.attn_fused(rows, np.ascontiguousarray(sq.T).reshape(-1),
+                                     native.pack_keys(k[None]), np.ascontiguousarray(sk.T),
+                                     native.pack_values(v[None]), np.ascontiguousarray(sv.T),
+                                     *common, n_threads=1, nlo=nlo)
+            for n in (1, 2, 3):
+                got = native.attn_fused_rows(rows, np.ascontiguousarray(sq.T).reshape(-1), ks,
+                                             np.ascontiguousarray(sk.T), vs,
+                                             np.ascontiguousarray(sv.T), *common, n_threads=n,
+                                             nlo=nlo)
+                for a, b in zip(got, want):
+                    assert a.tobytes() == b.tobytes(), (case, r, n, nlo is None)
+
+
+@needs_core
+def test_attn_fused_rows_refuses_bad_shapes_and_copies_reversed_rows():
+    from commitllm.verifier.native.attention import _full_table
+    table, cut = _full_table()
+    q = np.ones((2, 4), np.int16)
+    sk = np.ones((1, 3), np.float32)
+    k = np.ones((3, 1, 4), np.int16)
+    args = (np.ones(2, np.float32),)
+    tail = (np.array([3, 3], np.int64), 2, 4, 1.0, 256.0, table, cut)
+    for kk, vv in ((k, k.astype(np.int8)), (k[:, :, :3], k[:, :, :3]), (k[:2], k[:2]),
+                   (k.astype(np.int32), k.astype(np.int32))):
+        with pytest.raises(ValueError):
+            native.attn_fused_rows(q, *args, kk, sk, vv, sk, *tail)
+    # reversed rows (negative strides) are read from a copy: the packed route's bits
+    k = np.random.default_rng(0).integers(-999, 999, (3, 1, 4)).astype(np.int16)
+    want = native.attn_fused(q, *args, native.pack_keys(k[::-1][None]), sk,
+                             native.pack_values(k[::-1][None]), sk, *tail)
+    got = native.attn_fused_rows(q, *args, k[::-1], sk, k[::-1], sk, *tail)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(got, want))
+
+
+@needs_core
 @pytest.mark.parametrize("d", [1, 7, 64, 300, 512])  # odd, one pair chunk, two chunks (> 256)
 def test_attn_fused_worst_magnitudes_stay_exact(d, each_route):
     """Every int16 extreme (-32768 and 32767 in q, k and v) at every head width the bounds allow,

@@ -33,7 +33,7 @@ HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag wi
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 9
+ABI = 10
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -156,6 +156,9 @@ def _declare(so) -> None:
     so.attn_fused.restype = i64
     so.attn_fused.argtypes = [p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, i64, i64,
                               f32, f32, p, i64, p, p, p]
+    so.attn_fused_rows.restype = i64
+    so.attn_fused_rows.argtypes = [p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64,
+                                   i64, i64, f32, f32, p, i64, p, p, p]
     so.attn_route.restype = so.attn_best_route.restype = i64
     so.attn_route.argtypes = [i64]
     so.attn_pack.restype = i64
@@ -367,6 +370,43 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
     0 .. nvis[r]-1, at least one), nlo int64 [R] or None (a sliding window: row r sees only
     keys nlo[r] .. nvis[r]-1). Returns (out fp32 [R, d], z int64 [R], m fp32 [R]).
     Rows are independent, so the thread split changes no bit."""
+    g, n_keys = sk.shape
+    dp = d + d % 2
+    nkb, dv, nvp = kp.shape[1], vp.shape[2], vp.shape[1]
+    if (kp.shape != (g, nkb, dp // 2, KEY_BLOCK, 2) or nkb * KEY_BLOCK < n_keys
+            or vp.shape != (g, nvp, dv, 2) or 2 * nvp < n_keys or dv < d or dv % DIM_BLOCK):
+        raise ValueError("attn_fused: inconsistent shapes")
+    kv = (_ptr(kp, np.int16), _ptr(vp, np.int16))
+    return _attn(lambda so: so.attn_fused, kv, (nkb, dv, nvp), q, sq, sk, sv, nvis,
+                 rows_per_group, d, scale, frac, table, cut, n_threads, nlo)
+
+
+def attn_fused_rows(q: np.ndarray, sq: np.ndarray, k: np.ndarray, sk: np.ndarray, v: np.ndarray,
+                    sv: np.ndarray, nvis: np.ndarray, rows_per_group: int, d: int, scale: float,
+                    frac: float, table: np.ndarray, cut: int, n_threads: int | None = None,
+                    nlo: np.ndarray | None = None):
+    """attn_fused over K/V rows where they lie: k, v int8/int16 [S, G, d] (one dtype; rows with
+    negative or misaligned strides are copied first), each group packed
+    inside the call into a buffer that stays in cache (no pack_keys / pack_values pass over the
+    whole cache first). The same bits as attn_fused over pack_keys / pack_values of k, v."""
+    g, n_keys = sk.shape
+    if (k.ndim != 3 or k.shape != (n_keys, g, d) or v.shape != k.shape or k.dtype != v.dtype
+            or k.dtype not in (np.int8, np.int16)):
+        raise ValueError("attn_fused_rows: inconsistent shapes")
+    es = k.dtype.itemsize
+    k, v = (np.ascontiguousarray(a) if any(st % es or st < 0 for st in a.strides) else a
+            for a in (k, v))  # attn_pack reads forward, element-aligned (as _pack)
+    desc = np.array([es, *(st // es for st in k.strides), *(st // es for st in v.strides)],
+                    np.int64)
+    nkb, dv, nvp = -(-n_keys // KEY_BLOCK), -(-d // DIM_BLOCK) * DIM_BLOCK, -(-n_keys // 2)
+    kv = (k.ctypes.data, v.ctypes.data, desc.ctypes.data)
+    return _attn(lambda so: so.attn_fused_rows, kv, (nkb, dv, nvp), q, sq, sk, sv, nvis,
+                 rows_per_group, d, scale, frac, table, cut, n_threads, nlo)
+
+
+def _attn(entry, kv: tuple, sizes: tuple, q, sq, sk, sv, nvis, rows_per_group: int, d: int,
+          scale: float, frac: float, table, cut: int, n_threads, nlo):
+    """attn_fused / attn_fused_rows: the shared checks, outputs and row split over threads."""
     so = lib()
     if so is None:
         raise RuntimeError("the compiled core is unavailable")
@@ -374,11 +414,8 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
     g, n_keys = sk.shape
     qh, ql = pack_queries(q)
     dp = qh.shape[1]
-    nkb, dv, nvp = kp.shape[1], vp.shape[2], vp.shape[1]
     if (q.shape != (rows, d) or sq.shape != (rows,) or nvis.shape != (rows,)
             or rows != g * rows_per_group or sv.shape != sk.shape
-            or kp.shape != (g, nkb, dp // 2, KEY_BLOCK, 2) or nkb * KEY_BLOCK < n_keys
-            or vp.shape != (g, nvp, dv, 2) or 2 * nvp < n_keys or dv < d or dv % DIM_BLOCK
             or table.shape != (cut + 1,)
             or (nlo is not None and (nlo.shape != (rows,) or nlo.dtype != np.int64))):
         raise ValueError("attn_fused: inconsistent shapes")
@@ -387,8 +424,8 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
     m = np.empty(rows, np.float32)
     if rows == 0:
         return out, z, m
-    ptrs = (_ptr(qh, np.int16), 0 if ql is None else _ptr(ql, np.int16), _ptr(kp, np.int16),
-            _ptr(vp, np.int16), _ptr(sq, np.float32), _ptr(sk, np.float32), _ptr(sv, np.float32),
+    ptrs = (_ptr(qh, np.int16), 0 if ql is None else _ptr(ql, np.int16), *kv,
+            _ptr(sq, np.float32), _ptr(sk, np.float32), _ptr(sv, np.float32),
             _ptr(nvis, np.int64), 0 if nlo is None else _ptr(nlo, np.int64))
     tail = (scale, frac, _ptr(table, np.int32), cut, out.ctypes.data, z.ctypes.data,
             m.ctypes.data)
@@ -397,12 +434,12 @@ def attn_fused(q: np.ndarray, sq: np.ndarray, kp: np.ndarray, sk: np.ndarray, vp
     work = np.cumsum(np.maximum(seen, 1) * 1.0)
     n = max(1, min(n_threads or threads(), int(work[-1] * d) // (1 << 21) + 1))
     bounds = [0] + [int(np.searchsorted(work, work[-1] * i / n)) for i in range(1, n)] + [rows]
+    call = entry(so)
 
     def run(a: int, b: int) -> int:
         if a >= b:
             return 0
-        return so.attn_fused(*ptrs, a, b - a, rows_per_group, n_keys, dp, nkb, dv, nvp, d,
-                             *tail)
+        return call(*ptrs, a, b - a, rows_per_group, n_keys, dp, *sizes, d, *tail)
     _split_run(run, bounds, "attn_fused")
     return out, z, m
 

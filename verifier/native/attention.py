@@ -1,5 +1,5 @@
 """The spec's attention (verifier/numerics/attention.py) in the compiled core (attn.c's
-attn_fused): exact integer scores and value sums, the softmax passes and the output division.
+attn_fused_rows): exact integer scores and value sums, the softmax passes and the output division.
 Same bits as the spec (tests/test_native.py); without the core it is the spec itself."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import numpy as np
 
 from ..numerics import attention as spec
 from ..numerics.exp2 import LOGIT_FRAC_BITS, softmax_table
-from . import attn_fused, lib, pack_keys, pack_values
+from . import attn_fused_rows, lib
 
 _TABLES: dict = {}
 
@@ -42,9 +42,9 @@ def attention(q, sq, k, sk, v, sv, q_pos, qmax: int, window: int | None = None) 
     nvis = np.clip(pos + 1, 0, s_len)
     nlo = None if window is None else spec.first_visible(pos, window).astype(np.int64)
     table, cut = _full_table()
-    out, _, _ = attn_fused(rows, np.ascontiguousarray(sq.T, dtype=np.float32).reshape(-1),
-                           pack_keys(k[None]), np.ascontiguousarray(sk.T, dtype=np.float32),
-                           pack_values(v[None]), np.ascontiguousarray(sv.T, dtype=np.float32),
-                           nvis, g * t_len, d, float(spec.score_scale(d)),
-                           float(1 << LOGIT_FRAC_BITS), table, cut, nlo=nlo)
+    out, _, _ = attn_fused_rows(rows, np.ascontiguousarray(sq.T, dtype=np.float32).reshape(-1),
+                                k, np.ascontiguousarray(sk.T, dtype=np.float32),
+                                v, np.ascontiguousarray(sv.T, dtype=np.float32),
+                                nvis, g * t_len, d, float(spec.score_scale(d)),
+                                float(1 << LOGIT_FRAC_BITS), table, cut, nlo=nlo)
     return out.reshape(nh, t_len, d).transpose(1, 0, 2).reshape(t_len, nh * d)

@@ -21,7 +21,7 @@
 
 #define LOGIT_CLAMP 1073741824.0f /* 2^30 */
 
-int64_t commitllm_native_abi(void) { return 9; }
+int64_t commitllm_native_abi(void) { return 10; }
 
 
 /* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.
@@ -345,12 +345,27 @@ int64_t attn_route(int64_t r) {
 /* The route in use now (freivalds.c takes the same one). */
 int64_t attn_active_route(void) { return route_forced < 0 ? attn_best_route() : route_forced; }
 
-int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, const int16_t *vp,
-                   const float *sq, const float *sk, const float *sv, const int64_t *nvis,
-                   const int64_t *nlo,
-                   int64_t row0, int64_t rows, int64_t rows_per_group, int64_t n_keys, int64_t dp,
-                   int64_t nkb, int64_t dv, int64_t nvp, int64_t d, float scale, float frac,
-                   const int32_t *table, int64_t cut, float *out, int64_t *z, float *m) {
+int64_t attn_pack(const void *src, int64_t esize, int64_t vals, int64_t B, int64_t H, int64_t S,
+                  int64_t d, int64_t sb, int64_t sh, int64_t ss, int64_t sd, int64_t width,
+                  int64_t blocks, int16_t *dst);
+
+/* The K/V rows as they lie (attn_fused_rows): k, v int8/int16 [S][G][d] with element strides
+ * desc = {esize, k's S, G, d strides, v's S, G, d strides}; each group's keys and values are
+ * packed (attn_pack) into buffers of this call when its first tile starts, so the packed copy
+ * stays in cache instead of making a pass of its own over every group. */
+struct kvrows {
+    const char *k, *v;
+    const int64_t *desc;
+};
+
+static int64_t attn_run(const int16_t *qh, const int16_t *ql, const int16_t *kp, const int16_t *vp,
+                        const struct kvrows *raw,
+                        const float *sq, const float *sk, const float *sv, const int64_t *nvis,
+                        const int64_t *nlo,
+                        int64_t row0, int64_t rows, int64_t rows_per_group, int64_t n_keys,
+                        int64_t dp, int64_t nkb, int64_t dv, int64_t nvp, int64_t d, float scale,
+                        float frac, const int32_t *table, int64_t cut, float *out, int64_t *z,
+                        float *m) {
     const int64_t route = route_forced < 0 ? attn_best_route() : route_forced;
     score_fn score = score_plain;
     value_fn value = value_plain;
@@ -366,8 +381,10 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
     float *p = malloc(sizeof(float) * width);
     int32_t *cpl = malloc(sizeof(int32_t) * 2 * TR * nvp);   /* c planes hi, lo as int32 pairs */
     int64_t *acc = malloc(sizeof(int64_t) * TR * dv);
-    int64_t code = 0;
-    if (!sc || !blk || !row || !lg || !p || !cpl || !acc) code = -3;
+    int16_t *kbuf = raw ? malloc(sizeof(int16_t) * (size_t)(nkb * npairs * 2 * KB)) : 0;
+    int16_t *vbuf = raw ? malloc(sizeof(int16_t) * (size_t)(nvp * dv * 2)) : 0;
+    int64_t code = 0, packed = -1;  /* the group now in kbuf / vbuf */
+    if (!sc || !blk || !row || !lg || !p || !cpl || !acc || (raw && (!kbuf || !vbuf))) code = -3;
     for (int64_t a = row0; a < row0 + rows && !code;) {
         const int64_t grp = a / rows_per_group;
         int64_t b = a + TR;
@@ -389,7 +406,18 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
             t.q[1][r] = ql ? (const int32_t *)(ql + rr * dp) : 0;
         }
         /* scores for every key block that some tile row sees */
-        const int16_t *kg = kp + grp * nkb * npairs * 2 * KB;
+        if (raw && grp != packed) {
+            const int64_t *t = raw->desc, es = t[0];
+            if (attn_pack(raw->k + grp * t[2] * es, es, 0, 1, 1, n_keys, d, 0, 0, t[1], t[3], dp,
+                          nkb, kbuf)
+                || attn_pack(raw->v + grp * t[5] * es, es, 1, 1, 1, n_keys, d, 0, 0, t[4], t[6],
+                             dv, nvp, vbuf)) {
+                code = -4;
+                break;
+            }
+            packed = grp;
+        }
+        const int16_t *kg = raw ? kbuf : kp + grp * nkb * npairs * 2 * KB;
         const int64_t blocks = (top + KB - 1) / KB;
         for (int64_t kb = bot / KB; kb < blocks; kb++) {
             score(&t, kg + kb * npairs * 2 * KB, npairs, blk);
@@ -417,7 +445,7 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
         }
         if (code) break;
         /* value sums over the visible key pairs, widened every VCHUNK pairs */
-        const int16_t *vg = vp + grp * nvp * dv * 2;
+        const int16_t *vg = raw ? vbuf : vp + grp * nvp * dv * 2;
         for (int64_t d0 = 0; d0 < dv; d0 += 32)
             for (int64_t p0 = bot / 2; p0 < pairs; p0 += VCHUNK)
                 value(ch, cl, vg, dv, d0, p0, p0 + VCHUNK < pairs ? p0 + VCHUNK : pairs, ar);
@@ -432,8 +460,31 @@ int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, cons
         }
         a = b;
     }
-    free(sc); free(blk); free(row); free(lg); free(p); free(cpl); free(acc);
+    free(sc); free(blk); free(row); free(lg); free(p); free(cpl); free(acc); free(kbuf); free(vbuf);
     return code;
+}
+
+int64_t attn_fused(const int16_t *qh, const int16_t *ql, const int16_t *kp, const int16_t *vp,
+                   const float *sq, const float *sk, const float *sv, const int64_t *nvis,
+                   const int64_t *nlo,
+                   int64_t row0, int64_t rows, int64_t rows_per_group, int64_t n_keys, int64_t dp,
+                   int64_t nkb, int64_t dv, int64_t nvp, int64_t d, float scale, float frac,
+                   const int32_t *table, int64_t cut, float *out, int64_t *z, float *m) {
+    return attn_run(qh, ql, kp, vp, 0, sq, sk, sv, nvis, nlo, row0, rows, rows_per_group, n_keys,
+                    dp, nkb, dv, nvp, d, scale, frac, table, cut, out, z, m);
+}
+
+/* attn_fused over K/V rows as they lie (struct kvrows); -4: sizes attn_pack refuses. */
+int64_t attn_fused_rows(const int16_t *qh, const int16_t *ql, const void *k, const void *v,
+                        const int64_t *desc, const float *sq, const float *sk, const float *sv,
+                        const int64_t *nvis, const int64_t *nlo, int64_t row0, int64_t rows,
+                        int64_t rows_per_group, int64_t n_keys, int64_t dp, int64_t nkb,
+                        int64_t dv, int64_t nvp, int64_t d, float scale, float frac,
+                        const int32_t *table, int64_t cut, float *out, int64_t *z, float *m) {
+    const struct kvrows raw = {(const char *)k, (const char *)v, desc};
+    if (desc[0] != 1 && desc[0] != 2) return -4;
+    return attn_run(qh, ql, 0, 0, &raw, sq, sk, sv, nvis, nlo, row0, rows, rows_per_group, n_keys,
+                    dp, nkb, dv, nvp, d, scale, frac, table, cut, out, z, m);
 }
 
 /* Pack keys or values for attn_fused from any strided int8/int16 array src[B][H][S][d] (strides in
