@@ -115,33 +115,42 @@ struct seg {
     int64_t stride, width;
 };
 
-/* Bytes off .. off + n of every lane's message (n <= 64; zero filled after n) as message words:
- * the pieces of the segments that the block covers are the same for every lane, so they are
- * found once, each lane's pieces copied in, and the block transposed (words to rows). */
+/* Bytes off .. off + n of every lane's message (n <= 64): the pieces of the segments that the
+ * block covers are the same for every lane, so they are found once. Returns 1 with at[j] the
+ * address of lane j's 64 bytes when the block is one segment's whole 64 bytes (most blocks);
+ * else 0 with each lane's pieces copied into raw[j] (zero filled after n). */
+INLINE int block_at(const struct seg *segs, int nseg, const int64_t rows[LANES], int64_t off,
+                    int64_t n, const uint8_t *at[LANES], uint32_t raw[LANES][16]) {
+    int64_t src[MAX_SEGS], dst[MAX_SEGS], len[MAX_SEGS];
+    int which[MAX_SEGS], pieces = 0;
+    for (int64_t s = 0, a = 0; s < nseg && a < off + n; a += segs[s++].width) {
+        const int64_t lo = off > a ? off : a;
+        const int64_t hi = off + n < a + segs[s].width ? off + n : a + segs[s].width;
+        if (lo < hi) which[pieces] = (int)s, src[pieces] = lo - a, dst[pieces] = lo - off,
+                     len[pieces++] = hi - lo;
+    }
+    if (pieces == 1 && n == BLOCK_LEN) {
+        const struct seg *g = segs + which[0];
+        for (int j = 0; j < LANES; j++) at[j] = g->base + rows[j] * g->stride + src[0];
+        return 1;
+    }
+    if (n < BLOCK_LEN) memset(raw, 0, sizeof(uint32_t) * LANES * 16);
+    for (int j = 0; j < LANES; j++)
+        for (int k = 0; k < pieces; k++) {
+            const struct seg *g = segs + which[k];
+            memcpy((uint8_t *)raw[j] + dst[k], g->base + rows[j] * g->stride + src[k],
+                   (size_t)len[k]);
+        }
+    return 0;
+}
+
+/* The block as message words, transposed (words to rows): m[w][j] is lane j's word w. */
 INLINE void load_blocks(lanes_t m[16], const struct seg *segs, int nseg,
                         const int64_t rows[LANES], int64_t off, int64_t n) {
     uint32_t raw[LANES][16];
-    int64_t src[MAX_SEGS], dst[MAX_SEGS], len[MAX_SEGS];
-    int which[MAX_SEGS], pieces = 0;
-    for (int64_t s = 0, at = 0; s < nseg && at < off + n; at += segs[s++].width) {
-        const int64_t lo = off > at ? off : at;
-        const int64_t hi = off + n < at + segs[s].width ? off + n : at + segs[s].width;
-        if (lo < hi) which[pieces] = (int)s, src[pieces] = lo - at, dst[pieces] = lo - off,
-                     len[pieces++] = hi - lo;
-    }
-    if (pieces == 1 && n == BLOCK_LEN) { /* most blocks: one segment's 64 bytes, a fixed copy */
-        const struct seg *g = segs + which[0];
-        for (int j = 0; j < LANES; j++) memcpy(raw[j], g->base + rows[j] * g->stride + src[0],
-                                                BLOCK_LEN);
-    } else {
-        if (n < BLOCK_LEN) memset(raw, 0, sizeof raw);
-        for (int j = 0; j < LANES; j++)
-            for (int k = 0; k < pieces; k++) {
-                const struct seg *g = segs + which[k];
-                memcpy((uint8_t *)raw[j] + dst[k], g->base + rows[j] * g->stride + src[k],
-                       (size_t)len[k]);
-            }
-    }
+    const uint8_t *at[LANES];
+    if (block_at(segs, nseg, rows, off, n, at, raw))
+        for (int j = 0; j < LANES; j++) memcpy(raw[j], at[j], BLOCK_LEN);
     for (int w = 0; w < 16; w++)
         for (int j = 0; j < LANES; j++) m[w][j] = raw[j][w];
 }
@@ -188,6 +197,143 @@ CLONES static void hash_lanes(const struct seg *segs, int nseg, const int64_t ro
             for (int i = 0; i < 8; i++) store32(out[j] + 4 * i, cv[i][j]);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define B3V __attribute__((target("avx512f")))
+
+/* The same compression with each lanes_t row one 512-bit register: 16 lanes of 32-bit words,
+ * rotations by vprord. Every step is the scalar route's add, xor or rotation, lane for lane. */
+B3V static inline void g16(__m512i v[16], int a, int b, int c, int d, __m512i x, __m512i y) {
+    v[a] = _mm512_add_epi32(_mm512_add_epi32(v[a], v[b]), x);
+    v[d] = _mm512_ror_epi32(_mm512_xor_si512(v[d], v[a]), 16);
+    v[c] = _mm512_add_epi32(v[c], v[d]);
+    v[b] = _mm512_ror_epi32(_mm512_xor_si512(v[b], v[c]), 12);
+    v[a] = _mm512_add_epi32(_mm512_add_epi32(v[a], v[b]), y);
+    v[d] = _mm512_ror_epi32(_mm512_xor_si512(v[d], v[a]), 8);
+    v[c] = _mm512_add_epi32(v[c], v[d]);
+    v[b] = _mm512_ror_epi32(_mm512_xor_si512(v[b], v[c]), 7);
+}
+
+B3V static inline void compress16(__m512i cv[8], const __m512i m[16], uint64_t counter,
+                                  uint32_t block_len, uint32_t flags) {
+    __m512i v[16];
+    for (int i = 0; i < 8; i++) v[i] = cv[i];
+    for (int i = 0; i < 4; i++) v[8 + i] = _mm512_set1_epi32((int)IV[i]);
+    v[12] = _mm512_set1_epi32((int)(uint32_t)counter);
+    v[13] = _mm512_set1_epi32((int)(uint32_t)(counter >> 32));
+    v[14] = _mm512_set1_epi32((int)block_len);
+    v[15] = _mm512_set1_epi32((int)flags);
+#pragma GCC unroll 7
+    for (int r = 0; r < 7; r++) {
+        const uint8_t *s = SCHEDULE[r];
+        g16(v, 0, 4, 8, 12, m[s[0]], m[s[1]]);
+        g16(v, 1, 5, 9, 13, m[s[2]], m[s[3]]);
+        g16(v, 2, 6, 10, 14, m[s[4]], m[s[5]]);
+        g16(v, 3, 7, 11, 15, m[s[6]], m[s[7]]);
+        g16(v, 0, 5, 10, 15, m[s[8]], m[s[9]]);
+        g16(v, 1, 6, 11, 12, m[s[10]], m[s[11]]);
+        g16(v, 2, 7, 8, 13, m[s[12]], m[s[13]]);
+        g16(v, 3, 4, 9, 14, m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++) cv[i] = _mm512_xor_si512(v[i], v[i + 8]);
+}
+
+B3V static inline void parent16(const __m512i left[8], __m512i right[8], uint32_t flags) {
+    __m512i m[16];
+    for (int i = 0; i < 8; i++) m[i] = left[i], m[8 + i] = right[i];
+    for (int i = 0; i < 8; i++) right[i] = _mm512_set1_epi32((int)IV[i]);
+    compress16(right, m, 0, BLOCK_LEN, PARENT | flags);
+}
+
+/* m[w] = word w of the 16 lanes' 64-byte blocks at[j]: a 16 x 16 transpose of 32-bit words
+ * (32-bit, then 64-bit interleaves, then two rounds of 128-bit lane shuffles), pure data
+ * movement, the words landing where load_blocks puts them. */
+B3V static inline void load16(__m512i m[16], const uint8_t *const at[LANES]) {
+    __m512i r[16], a[16], b[16];
+    for (int j = 0; j < 16; j++) r[j] = _mm512_loadu_si512((const void *)at[j]);
+    for (int i = 0; i < 8; i++) {
+        a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* b[4i + c], 128-bit lane k: lanes 4i..4i+3 of word 4k + c */
+        b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+        b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+        b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i e0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44);
+        const __m512i e1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+        const __m512i e2 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44);
+        const __m512i e3 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+        m[c] = _mm512_shuffle_i32x4(e0, e2, 0x88);
+        m[4 + c] = _mm512_shuffle_i32x4(e0, e2, 0xDD);
+        m[8 + c] = _mm512_shuffle_i32x4(e1, e3, 0x88);
+        m[12 + c] = _mm512_shuffle_i32x4(e1, e3, 0xDD);
+    }
+}
+
+/* hash_lanes with the state, the message words and the stack in 512-bit registers. */
+B3V static void hash_lanes16(const struct seg *segs, int nseg, const int64_t rows[LANES],
+                             int64_t len, uint8_t *const out[LANES], lanes_t (*stack)[8]) {
+    const int64_t chunks = len == 0 ? 1 : (len + CHUNK_LEN - 1) / CHUNK_LEN;
+    __m512i cv[8], m[16];
+    uint32_t raw[LANES][16];
+    const uint8_t *at[LANES];
+    int depth = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t start = c * CHUNK_LEN;
+        const int64_t clen = len - start < CHUNK_LEN ? len - start : CHUNK_LEN;
+        const int64_t blocks = clen == 0 ? 1 : (clen + BLOCK_LEN - 1) / BLOCK_LEN;
+        for (int i = 0; i < 8; i++) cv[i] = _mm512_set1_epi32((int)IV[i]);
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t off = b * BLOCK_LEN;
+            const int64_t n = clen - off < BLOCK_LEN ? clen - off : BLOCK_LEN;
+            if (!block_at(segs, nseg, rows, start + off, n, at, raw))
+                for (int j = 0; j < LANES; j++) at[j] = (const uint8_t *)raw[j];
+            load16(m, at);
+            const int last = b == blocks - 1;
+            const uint32_t flags = (b == 0 ? CHUNK_START : 0) | (last ? CHUNK_END : 0)
+                                 | (last && chunks == 1 ? ROOT : 0);
+            compress16(cv, m, (uint64_t)c, (uint32_t)n, flags);
+        }
+        if (c < chunks - 1) {
+            for (uint64_t total = (uint64_t)c + 1; (total & 1) == 0; total >>= 1) {
+                __m512i left[8];
+                depth--;
+                for (int i = 0; i < 8; i++) left[i] = _mm512_loadu_si512(stack[depth][i]);
+                parent16(left, cv, 0);
+            }
+            for (int i = 0; i < 8; i++) _mm512_storeu_si512(stack[depth][i], cv[i]);
+            depth++;
+        } else {
+            while (depth > 0) {
+                __m512i left[8];
+                depth--;
+                for (int i = 0; i < 8; i++) left[i] = _mm512_loadu_si512(stack[depth][i]);
+                parent16(left, cv, depth == 0 ? ROOT : 0);
+            }
+        }
+    }
+    lanes_t words[8];
+    for (int i = 0; i < 8; i++) _mm512_storeu_si512(words[i], cv[i]);
+    for (int j = 0; j < LANES; j++)
+        if (out[j])
+            for (int i = 0; i < 8; i++) store32(out[j] + 4 * i, words[i][j]);
+}
+#endif
+
+int64_t attn_active_route(void);
+
+/* The AVX-512 route when the compiled core's route is AVX-512 (attn_route; tests run both). */
+static int hash_vector(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return attn_active_route() == 2 && __builtin_cpu_supports("avx512f");
+#else
+    return 0;
+#endif
+}
+
 /* The BLAKE3 digests of n messages into out + 32 i, message i the concatenation of row i of
  * each segment (bases[s] + i * strides[s], widths[s] bytes; widths >= 0, at most MAX_SEGS
  * segments). Returns 0; -2 for bad arguments; -3 when out of memory. */
@@ -206,6 +352,7 @@ int64_t b3_rows(int64_t nseg, const uint8_t *const *bases, const int64_t *stride
     for (int64_t chunks = (len + CHUNK_LEN - 1) / CHUNK_LEN; chunks > 1; chunks >>= 1) depth++;
     lanes_t (*stack)[8] = malloc(sizeof(lanes_t) * 8 * (size_t)depth);
     if (!stack) return -3;
+    const int vec = hash_vector();
     for (int64_t i0 = 0; i0 < n; i0 += LANES) {
         int64_t rows[LANES];
         uint8_t *o[LANES];
@@ -213,6 +360,12 @@ int64_t b3_rows(int64_t nseg, const uint8_t *const *bases, const int64_t *stride
             rows[j] = i0 + j < n ? i0 + j : i0; /* spare lanes repeat a message */
             o[j] = i0 + j < n ? out + 32 * (i0 + j) : NULL;
         }
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (vec) {
+            hash_lanes16(segs, (int)nseg, rows, len, o, stack);
+            continue;
+        }
+#endif
         hash_lanes(segs, (int)nseg, rows, len, o, stack);
     }
     free(stack);
