@@ -162,3 +162,20 @@ def test_a_kv_range_is_checked_before_the_layer_reads_it(flow, opened, monkeypat
         v = flow.verify(c, meta, arrays, threads=threads)
         assert v.reason == "canonical", (v.reason, v.detail)
         assert seen and l not in seen and ("replay", l) not in seen, seen
+
+
+def test_layer_threads_lower_the_switch_interval_only_during_the_call(flow, opened, monkeypatch):
+    import sys
+
+    c, meta, arrays = opened
+    before, seen = sys.getswitchinterval(), []
+    real = verify_mod.replay_layer
+    monkeypatch.setattr(verify_mod, "replay_layer",
+                        lambda *a: seen.append(sys.getswitchinterval()) or real(*a))
+    for threads in (1, 2):
+        seen.clear()
+        assert flow.verify(c, meta, arrays, threads=threads).accepted
+        # the interpreter keeps the interval in whole microseconds
+        want = before if threads == 1 else round(verify_mod.SWITCH_S * 1e6)
+        assert seen and {x if threads == 1 else round(x * 1e6) for x in seen} == {want}
+        assert sys.getswitchinterval() == before
