@@ -162,3 +162,51 @@ def test_b3_multiproof_refuses_bad_inputs():
                    (np.array([0, 1]), 2**63)):
         with pytest.raises(ValueError):
             native.b3_multiproof(idx, h, n, p, merkle.NODE_PREFIX)
+
+
+def _chain(dom: bytes, cur: bytes, tags: bytes, ids: list[int]) -> bytes:
+    import struct
+
+    for t, i in zip(tags, ids):
+        cur = blake3.blake3(dom + cur + bytes([t]) + struct.pack("<I", i)).digest()
+    return cur
+
+
+def test_b3_chain_equals_the_links_one_by_one():
+    rng = np.random.default_rng(4)
+    ids = [0, 1, 2**32 - 1, *map(int, rng.integers(0, 2**32, 200))]
+    tags = bytes(rng.choice(list(b"po"), len(ids)))
+    for dom in (b"", b"commitllm/io/v1\x00", b"x" * 27):
+        for n in (0, 1, 2, len(ids)):
+            cur = bytes(range(32))
+            assert native.b3_chain(dom, cur, tags[:n], ids[:n]) == _chain(dom, cur, tags[:n],
+                                                                            ids[:n]), (dom, n)
+    for bad in ((b"x" * 28, bytes(32), b"p", [1]), (b"", bytes(31), b"p", [1]),
+                (b"", bytes(32), b"pp", [1]), (b"", bytes(32), b"p", [-1]),
+                (b"", bytes(32), b"p", [2**32]), (b"", bytes(32), b"p", [True]),
+                (b"", bytes(32), b"p", [1.0])):
+        with pytest.raises(ValueError):
+            native.b3_chain(*bad)
+
+
+def test_receipt_io_chain_is_the_python_links(monkeypatch):
+    """receipt.io_chain through the compiled core (from CHAIN_NATIVE_MIN links) equals the
+    Python links; ids the core cannot take (negative, 2^32, a bool) take the Python links, which
+    refuse them as before."""
+    import struct
+
+    from commitllm.verifier import receipt
+
+    rng = np.random.default_rng(5)
+    args = ("ab" * 32, "cd" * 32, "nonce")
+    for n_p, n_o in ((3, 2), (31, 0), (32, 0), (500, 37)):
+        p = [int(t) for t in rng.integers(0, 2**32, n_p)]
+        o = [int(t) for t in rng.integers(0, 50000, n_o)]
+        fast = receipt.io_chain(*args, p, o)
+        with monkeypatch.context() as m:
+            m.setattr(receipt, "_chain_core", lambda ids: None)
+            assert receipt.io_chain(*args, p, o) == fast, (n_p, n_o)
+    for bad in (-1, 2**32):
+        with pytest.raises(struct.error):
+            receipt.io_chain(*args, [bad] + [1] * 40, [])
+    assert receipt._chain_core([True] + [1] * 40) is None

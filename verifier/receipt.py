@@ -43,10 +43,28 @@ def io_chain(manifest_h: str, request_h: str, nonce: str, prompt_ids, output_ids
     """h_0 = H(manifest_hash || request_hash || nonce); then one link per token, prompt first."""
     cur = blake3.blake3(_D["io"] + bytes.fromhex(manifest_h) + bytes.fromhex(request_h)
                         + nonce.encode()).digest()
+    ids = [*prompt_ids, *output_ids]
+    core = _chain_core(ids)
+    if core is not None:  # the same links in the compiled core (hash.c b3_chain)
+        return core.b3_chain(_D["io"], cur, b"p" * len(prompt_ids) + b"o" * len(output_ids),
+                             ids).hex()
     for tag, ids in ((b"p", prompt_ids), (b"o", output_ids)):
         for t in ids:
             cur = blake3.blake3(_D["io"] + cur + tag + struct.pack("<I", t)).digest()
     return cur.hex()
+
+
+CHAIN_NATIVE_MIN = 32  # links from which the compiled core computes the IO chain
+
+
+def _chain_core(ids: list):
+    """The compiled core for an IO chain over these ids (plain ints below 2^32, at least
+    CHAIN_NATIVE_MIN of them), else None (the Python links, which also raise on bad ids)."""
+    if len(ids) < CHAIN_NATIVE_MIN or not all(type(t) is int and 0 <= t < 1 << 32 for t in ids):
+        return None
+    from . import native
+
+    return native if native.lib() is not None else None
 
 
 def receipt_id(body: dict) -> str:

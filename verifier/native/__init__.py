@@ -174,6 +174,8 @@ def _declare(so) -> None:
     so.acc_unpack.argtypes = [p, i64, i64, p]
     so.b3_rows.restype = so.b3_multiproof.restype = i64
     so.b3_rows.argtypes = [i64, p, p, p, i64, p]
+    so.b3_chain.restype = i64
+    so.b3_chain.argtypes = [ctypes.c_char_p, i64, ctypes.c_char_p, p, i64, p]
     so.b3_multiproof.argtypes = [p, p, i64, ctypes.c_uint64, p, i64, p, i64, p]
     declare_bridge(so)
     from .layer import declare as declare_layer
@@ -648,6 +650,24 @@ def b3_many(rows: np.ndarray, n_threads: int | None = None) -> np.ndarray:
     """The BLAKE3 digests of the rows of rows uint8 [n, w] (each row one message): uint8
     [n, 32], equal to blake3.blake3(row).digest() for each row."""
     return b3_rows([rows], n_threads)
+
+
+def b3_chain(dom: bytes, cur: bytes, tags: bytes, ids: list[int]) -> bytes:
+    """The hash chain of hash.c's b3_chain: for each i, cur = BLAKE3(dom || cur || tags[i:i+1]
+    || ids[i] as 4 little-endian bytes).digest(); ids below 2^32, one tag byte per id, dom at
+    most 27 bytes (each link one 64-byte block)."""
+    so = lib()
+    if so is None:
+        raise RuntimeError("the compiled core is unavailable")
+    n = len(ids)
+    if (len(cur) != 32 or len(tags) != n or len(dom) > 27
+            or not all(type(t) is int and 0 <= t < 1 << 32 for t in ids)):
+        raise ValueError("b3_chain: inconsistent inputs")
+    a = np.array(ids, dtype="<u4")
+    out = ctypes.create_string_buffer(bytes(cur), 32)
+    if so.b3_chain(dom, len(dom), tags, a.ctypes.data, n, out):
+        raise ValueError("b3_chain: inconsistent inputs")
+    return out.raw
 
 
 def b3_multiproof(idx: np.ndarray, leaves: np.ndarray, n_leaves: int, proof: np.ndarray,

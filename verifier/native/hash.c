@@ -334,6 +334,19 @@ static int hash_vector(void) {
 #endif
 }
 
+/* hash_lanes on the route in use (vec: hash_vector()). */
+static void hash_route(const struct seg *segs, int nseg, const int64_t rows[LANES], int64_t len,
+                       uint8_t *const out[LANES], lanes_t (*stack)[8], int vec) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (vec) {
+        hash_lanes16(segs, nseg, rows, len, out, stack);
+        return;
+    }
+#endif
+    (void)vec;
+    hash_lanes(segs, nseg, rows, len, out, stack);
+}
+
 /* The BLAKE3 digests of n messages into out + 32 i, message i the concatenation of row i of
  * each segment (bases[s] + i * strides[s], widths[s] bytes; widths >= 0, at most MAX_SEGS
  * segments). Returns 0; -2 for bad arguments; -3 when out of memory. */
@@ -360,15 +373,57 @@ int64_t b3_rows(int64_t nseg, const uint8_t *const *bases, const int64_t *stride
             rows[j] = i0 + j < n ? i0 + j : i0; /* spare lanes repeat a message */
             o[j] = i0 + j < n ? out + 32 * (i0 + j) : NULL;
         }
-#if defined(__x86_64__) && defined(__GNUC__)
-        if (vec) {
-            hash_lanes16(segs, (int)nseg, rows, len, o, stack);
-            continue;
-        }
-#endif
-        hash_lanes(segs, (int)nseg, rows, len, o, stack);
+        hash_route(segs, (int)nseg, rows, len, o, stack, vec);
     }
     free(stack);
+    return 0;
+}
+
+/* One message of at most 64 bytes, one lane: the single block of its only chunk, a ROOT
+ * compression, in plain 32-bit words (the chain below, whose links cannot run side by side). */
+#define G1(a, b, c, d, x, y)                                                                \
+    a = a + b + (x), d = rotr(d ^ a, 16), c = c + d, b = rotr(b ^ c, 12),                   \
+    a = a + b + (y), d = rotr(d ^ a, 8), c = c + d, b = rotr(b ^ c, 7)
+
+static void hash_block1(const uint8_t *msg, int64_t len, uint8_t out[32]) {
+    uint32_t m[16];
+    uint8_t block[BLOCK_LEN] = {0};
+    memcpy(block, msg, (size_t)len);
+    memcpy(m, block, BLOCK_LEN);
+    uint32_t v0 = IV[0], v1 = IV[1], v2 = IV[2], v3 = IV[3], v4 = IV[4], v5 = IV[5], v6 = IV[6],
+             v7 = IV[7], v8 = IV[0], v9 = IV[1], v10 = IV[2], v11 = IV[3], v12 = 0, v13 = 0,
+             v14 = (uint32_t)len, v15 = CHUNK_START | CHUNK_END | ROOT;
+    for (int r = 0; r < 7; r++) {
+        const uint8_t *s = SCHEDULE[r];
+        G1(v0, v4, v8, v12, m[s[0]], m[s[1]]);
+        G1(v1, v5, v9, v13, m[s[2]], m[s[3]]);
+        G1(v2, v6, v10, v14, m[s[4]], m[s[5]]);
+        G1(v3, v7, v11, v15, m[s[6]], m[s[7]]);
+        G1(v0, v5, v10, v15, m[s[8]], m[s[9]]);
+        G1(v1, v6, v11, v12, m[s[10]], m[s[11]]);
+        G1(v2, v7, v8, v13, m[s[12]], m[s[13]]);
+        G1(v3, v4, v9, v14, m[s[14]], m[s[15]]);
+    }
+    const uint32_t h[8] = {v0 ^ v8, v1 ^ v9, v2 ^ v10, v3 ^ v11, v4 ^ v12, v5 ^ v13, v6 ^ v14,
+                           v7 ^ v15};
+    for (int i = 0; i < 8; i++) store32(out + 4 * i, h[i]);
+}
+
+/* The receipt's IO chain after its first link (verifier/receipt.py io_chain): for each token,
+ * cur <- BLAKE3(dom || cur || tags[i] || ids[i] as 4 little-endian bytes), dlen <= 27 (one
+ * block). Each link depends on the one before: one message at a time. Returns 0; -2 for bad
+ * arguments. */
+int64_t b3_chain(const uint8_t *dom, int64_t dlen, const uint8_t *tags, const uint32_t *ids,
+                 int64_t n, uint8_t *cur) {
+    if (dlen < 0 || dlen + 37 > BLOCK_LEN || n < 0) return -2;
+    uint8_t msg[BLOCK_LEN];
+    memcpy(msg, dom, (size_t)dlen);
+    for (int64_t i = 0; i < n; i++) {
+        memcpy(msg + dlen, cur, 32);
+        msg[dlen + 32] = tags[i];
+        store32(msg + dlen + 33, ids[i]);
+        hash_block1(msg, dlen + 37, cur);
+    }
     return 0;
 }
 
