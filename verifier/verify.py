@@ -187,14 +187,17 @@ def _run(v: Verdict, key, receipt, challenge, meta, arrays, tokenizer, timer, no
     specs = (array_specs(cfg, prof, key.meta["rows"], p, receipt["trace"]["positions"])
              | embed_specs(cfg, prof, sorted({tokens[t] for t in p.embed})))
     n_pos = len(set(challenge["positions"]))
-    got = _units(v, key, receipt, arrays, specs, p, cfg, prof, timer, tokens, n_pos, threads) \
-        if UNITS else None
-    ctx, resid = got or _in_order(v, key, receipt, arrays, specs, p, cfg, prof, timer, tokens,
-                                  n_pos, threads)
-    if p.lm:
-        _expect(arrays, "z.lm.pos", p.lm)
-        replay_decode(ctx, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params,
-                      len(receipt["prompt_token_ids"]) - 1, receipt["logprobs"], policy.logprobs)
+
+    def decode(c: Ctx, resid: dict) -> None:
+        if p.lm:
+            _expect(arrays, "z.lm.pos", p.lm)
+            replay_decode(c, resid[cfg.num_layers], p.lm, arrays["z.lm"], tokens, params,
+                          len(receipt["prompt_token_ids"]) - 1, receipt["logprobs"],
+                          policy.logprobs)
+    if not (UNITS and _units(v, key, receipt, arrays, specs, p, cfg, prof, timer, tokens, n_pos,
+                             threads, decode)):
+        decode(*_in_order(v, key, receipt, arrays, specs, p, cfg, prof, timer, tokens, n_pos,
+                          threads))
     lp = "" if policy.logprobs is None else (
         f", and their committed logprobs (top {policy.logprobs}"
         f"{', prompt positions too' if policy.prompt_logprobs else ''}) are the canonical ones")
@@ -260,14 +263,15 @@ def _passed(v: Verdict, check: str, p: Plan, n_pos: int) -> None:
 
 
 def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, tokens,
-           n_pos: int, threads: int):
-    """_in_order's checks, a layer at a time: layer l's unit checks its K/V values' range,
-    hashes its residual and K/V rows against their proofs and replays it, one after the other,
-    while those rows are in cache (in _in_order each pass reads every layer's rows from memory
-    again); the units run on `threads` threads. Only an acceptance is taken from here: (ctx,
-    resid) when every check passed, with the checks recorded as _in_order records them; None
-    when anything failed or raised (nothing recorded, the timer untouched), and the caller then
-    runs _in_order, whose first failure is the verdict. So the verdict, its reason and the checks
+           n_pos: int, threads: int, decode) -> bool:
+    """_in_order's checks and then decode(ctx, resid), a layer at a time: layer l's unit checks
+    its K/V values' range, hashes its residual and K/V rows against their proofs and replays it,
+    one after the other, while those rows are in cache (in _in_order each pass reads every
+    layer's rows from memory again); the units, the embedding check and the decode run on
+    `threads` threads. Only an acceptance is taken from here: True when every check passed, with
+    the checks up to the layers recorded as _in_order records them; False when anything failed
+    or raised (nothing recorded, the timer untouched), and the caller then runs _in_order and
+    the decode, whose first failure is the verdict. So the verdict, its reason and the checks
     listed are _in_order's for every thread count."""
     deferred = {f"kv.{l}.{x}": l for l in p.kv for x in ("k", "v")}
     own = Timer()
@@ -281,7 +285,12 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
         layers = sorted({pr[1] for pr in proofs} | set(p.z))
 
-        def unit(c: Ctx, l: int) -> None:
+        def unit(c: Ctx, l) -> None:
+            if l == "embedding":
+                return _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed],
+                                        p.embed)
+            if l == "decode":
+                return decode(c, resid)
             for name, at in deferred.items():
                 if at == l:
                     check_range(name, arrays[name], specs[name])
@@ -290,22 +299,24 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
             c.timer.merkle += time.perf_counter() - t
             if l in p.z:
                 replay_layer(c, l, resid, kv, z, zq)
-        _run_units(ctx, layers, unit, threads)
-        _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed], p.embed)
+        _run_units(ctx, ["decode", *layers, "embedding"], unit, threads)
     except Exception:  # noqa: BLE001 - not an acceptance: _in_order decides
-        return None
+        return False
     for part, sec in own.parts.items():
         timer.parts[part] += sec
+    for part, sec in own.decode.items():
+        timer.decode[part] += sec
     timer.merkle += own.merkle
     for check in ("types", "merkle", "embedding", "layers"):
         _passed(v, check, p, n_pos)
-    return dataclasses.replace(ctx, timer=timer), resid
+    return True
 
 
-def _run_units(ctx: Ctx, layers: list[int], unit, threads: int) -> None:
-    """unit(ctx, l) for each layer, in order on this thread, or on a pool of `threads` threads,
-    each with its own timer (merged into ctx's after) and its share of the cores for the
-    compiled core's row splits; the first exception (in layer order) is raised after all ran."""
+def _run_units(ctx: Ctx, layers: list, unit, threads: int) -> None:
+    """unit(ctx, l) for each l (a layer, or a task _units names), in order on this thread, or on
+    a pool of `threads` threads, each with its own timer (merged into ctx's after) and its share
+    of the cores for the compiled core's row splits; the first exception (in list order) is
+    raised after all ran."""
     if threads == 1 or len(layers) < 2:
         for l in layers:
             unit(ctx, l)
@@ -326,6 +337,8 @@ def _run_units(ctx: Ctx, layers: list[int], unit, threads: int) -> None:
     for t, _ in done:
         for part, sec in t.parts.items():
             ctx.timer.parts[part] += sec
+        for part, sec in t.decode.items():
+            ctx.timer.decode[part] += sec
         ctx.timer.merkle += t.merkle
     for _, e in done:
         if e is not None:

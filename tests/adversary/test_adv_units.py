@@ -3,7 +3,7 @@ trace proofs and its replay checked together, on `threads` threads, after check_
 K/V ranges deferred.
 
 The rule under attack: the units may only answer "every check passed"; on anything else the
-canonical order (verify._in_order: types, Merkle, embedding, layers, then decode) decides. So
+canonical order (verify._in_order: types, Merkle, embedding, layers; then the decode) decides. So
 the verdict, its reason, its detail and the checks listed must be the same with verify.UNITS on
 (1, 2 and 3 threads) and off, for openings that fail in several places at once: a failure the
 units meet first (a later layer's replay, a K/V range in the last layer) must never be
@@ -12,7 +12,7 @@ reported before the one the canonical order meets first (an earlier type, range 
 * Single tampers of each kind the units reorder: a K/V value beyond kv_qmax (deferred range) in
   the first and the last challenged layer, a K/V row byte (Merkle), a residual row (Merkle),
   an accumulator byte (the replay), an embedding row, a K/V scale (a range check that is not
-  deferred), and the LM head's accumulators (decode, after the units).
+  deferred), and the LM head's accumulators (the decode, a task of the units' pool too).
 * Pairs: a replay failure in an early layer with a Merkle failure in a later one (Merkle
   first), a deferred K/V range failure in the last layer with a Merkle failure in the first
   (the range: types come first), a replay failure with an embedding failure (embedding first).
@@ -121,8 +121,7 @@ def test_units_verdict_is_the_canonical_one(flow, opened, case, monkeypatch):
     got = _verdicts(flow, c, meta, arrays, monkeypatch)
     assert all(g == got[0] for g in got), [g[1:3] for g in got]
     assert got[0][0] is False and got[0][1] == code, got[0][1:3]
-    # every verdict is the canonical route's (the LM head's check runs after either route)
-    assert len(calls) == (1 if case == "lm_head" else 2) * len(THREADS)
+    assert len(calls) == 2 * len(THREADS)  # every verdict is the canonical route's
 
 
 def test_honest_opening_the_units_answer(flow, opened, monkeypatch):
