@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
 from bench.common import RESULTS, git_info, md_table, provenance, provenance_md, write_results
 
 TIERS = ("routine", "full")
+PARTS = ("freivalds", "attention", "rest", "merkle")
 PACKAGE_DIRS = ("engine", "kernels", "keys", "verifier")  # pyproject's package-dir, under commitllm
 
 
@@ -87,14 +88,18 @@ def time_once(data: Path, tier: str, runs: int, threads: int) -> dict:
                     return verify(key, r, c, meta, arrays, None, io_binding=False)
             return verify(key, r, c, meta, arrays, None, io_binding=False, threads=t)
         one()
-        ms = []
+        ms, parts = [], []
         for _ in range(runs):
             t0 = time.perf_counter()
             v = one()
             ms.append(1e3 * (time.perf_counter() - t0))
+            parts.append(v.timing)
             if not v.accepted:
                 raise SystemExit(f"{tier}: rejected ({v.reason}: {v.detail})")
         out[str(t)] = statistics.median(ms)
+        # the verifier's timed parts, summed over its threads (work, not wall time)
+        out[f"parts_{t}"] = {k: 1e3 * statistics.median(p[k] for p in parts)
+                             for k in PARTS if k in parts[0]}
     return out
 
 
@@ -145,7 +150,10 @@ def compare(args) -> dict:
             summary[tier][t] = {"before_ms": statistics.median(b), "after_ms": statistics.median(a),
                                 "ratio": statistics.median(a) / statistics.median(b),
                                 "before_spread_ms": [min(b), max(b)],
-                                "after_spread_ms": [min(a), max(a)]}
+                                "after_spread_ms": [min(a), max(a)],
+                                "after_parts_ms": {k: statistics.median(r[f"parts_{t}"][k]
+                                                                        for r in by["after"])
+                                                   for k in by["after"][0][f"parts_{t}"]}}
     setup = json.loads((args.data / "setup.json").read_text())
     return {"provenance": provenance(), "setup": setup, "runs": args.runs,
             "rounds": args.rounds, "threads": args.threads, "loadavg_end": os.getloadavg(),
@@ -176,7 +184,12 @@ def render_md(d: dict) -> str:
         f"and on {d['threads']} layer threads. Load average at the end "
         f"{[round(x, 2) for x in d['loadavg_end']]}. Command: `{d['command']}`.", "",
         md_table(["tier", "threads", "before ms (median of rounds)", "after ms", "after / before",
-                  "before spread", "after spread"], rows),
+                  "before spread", "after spread"], rows), "",
+        "The after side's timed parts (ms, summed over the verifier's threads: work, not wall "
+        "time; Merkle includes building the trace tables), medians of rounds:", "",
+        md_table(["tier", "threads", *PARTS],
+                 [[tier, t, *(f"{f['after_parts_ms'].get(k, 0.0):.1f}" for k in PARTS)]
+                  for tier, by in d["summary"].items() for t, f in by.items()]),
     ])
 
 

@@ -32,8 +32,10 @@ def test_save_then_compare_a_checkout_with_itself(tmp_path):
             f = d["summary"][tier][t]
             assert f["before_ms"] > 0 and f["after_ms"] > 0
             assert f["ratio"] == f["after_ms"] / f["before_ms"]
+            assert set(f["after_parts_ms"]) == set(verify_ab.PARTS)
+            assert all(x >= 0 for x in f["after_parts_ms"].values())
     md = (out / "verify_ab.md").read_text()
-    assert "| routine | 2 |" in md and "after / before" in md
+    assert "| routine | 2 |" in md and "after / before" in md and "| merkle |" in md
 
 
 @pytest.mark.parametrize("argv", [[], ["--data", "x"], ["--data", "x", "--against", "y",
