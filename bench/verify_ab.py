@@ -139,8 +139,8 @@ def compare(args) -> dict:
                     got = _child(tree, pkgs[side], args, tier)
                     rounds[tier][side].append(got)
                     print(f"round {i + 1} {tier:>7} {side:>6}: " + ", ".join(
-                        f"{k} thread{'s' if k != '1' else ''} {v:.1f} ms" for k, v in got.items()),
-                        flush=True)
+                        f"{k} thread{'s' if k != '1' else ''} {v:.1f} ms" for k, v in got.items()
+                        if not k.startswith("parts")), flush=True)
     summary = {}
     for tier, by in rounds.items():
         summary[tier] = {}
