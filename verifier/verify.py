@@ -270,8 +270,8 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
     layer's rows from memory again); the units, the embedding check and the decode run on
     `threads` threads. Only an acceptance is taken from here: True when every check passed, with
     the checks up to the layers recorded as _in_order records them; False when anything failed
-    or raised (nothing recorded, the timer untouched), and the caller then runs _in_order and
-    the decode, whose first failure is the verdict. So the verdict, its reason and the checks
+    or raised (nothing recorded, the timer untouched; the other units stop at their next step),
+    and the caller then runs _in_order and the decode, whose first failure is the verdict. So the verdict, its reason and the checks
     listed are _in_order's for every thread count."""
     deferred = {f"kv.{l}.{x}": l for l in p.kv for x in ("k", "v")}
     own = Timer()
@@ -285,20 +285,33 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
         layers = sorted({pr[1] for pr in proofs} | set(p.z))
 
+        failed = threading.Event()  # a unit failed: the others stop at their next step
+
+        def step():
+            if failed.is_set():
+                raise _Abandoned
+
         def unit(c: Ctx, l) -> None:
-            if l == "embedding":
-                return _check_embedding(key, arrays, resid[0], [tokens[t] for t in p.embed],
-                                        p.embed)
-            if l == "decode":
-                return decode(c, resid)
-            for name, at in deferred.items():
-                if at == l:
-                    check_range(name, arrays[name], specs[name])
-            t = time.perf_counter()
-            _check_proofs([pr for pr in proofs if pr[1] == l])
-            c.timer.merkle += time.perf_counter() - t
-            if l in p.z:
-                replay_layer(c, l, resid, kv, z, zq)
+            try:
+                step()
+                if l == "embedding":
+                    return _check_embedding(key, arrays, resid[0],
+                                            [tokens[t] for t in p.embed], p.embed)
+                if l == "decode":
+                    return decode(c, resid)
+                for name, at in deferred.items():
+                    if at == l:
+                        check_range(name, arrays[name], specs[name])
+                step()
+                t = time.perf_counter()
+                _check_proofs([pr for pr in proofs if pr[1] == l])
+                c.timer.merkle += time.perf_counter() - t
+                step()
+                if l in p.z:
+                    replay_layer(c, l, resid, kv, z, zq)
+            except BaseException:
+                failed.set()
+                raise
         _run_units(ctx, ["decode", *layers, "embedding"], unit, threads)
     except Exception:  # noqa: BLE001 - not an acceptance: _in_order decides
         return False
@@ -310,6 +323,25 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
     for check in ("types", "merkle", "embedding", "layers"):
         _passed(v, check, p, n_pos)
     return True
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _layer_pool(n: int) -> ThreadPoolExecutor:
+    """The process's pool of n layer threads, kept between verifications: the compiled layer
+    calls keep their scratch memory per thread (layer.c), which a new thread would map and
+    fault in again (at a 70B deep tier some 80 MB per layer call)."""
+    with _pools_lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(n, thread_name_prefix=f"verify-{n}")
+        return pool
+
+
+class _Abandoned(Exception):
+    """A unit left undone because another failed (the canonical order decides then)."""
 
 
 def _run_units(ctx: Ctx, layers: list, unit, threads: int) -> None:
@@ -332,8 +364,7 @@ def _run_units(ctx: Ctx, layers: list, unit, threads: int) -> None:
             return c.timer, None
         except Exception as e:  # noqa: BLE001 - re-raised below, in layer order
             return c.timer, e
-    with ThreadPoolExecutor(n, thread_name_prefix="verify") as pool:
-        done = list(pool.map(one, layers))
+    done = list(_layer_pool(n).map(one, layers))
     for t, _ in done:
         for part, sec in t.parts.items():
             ctx.timer.parts[part] += sec

@@ -18,6 +18,8 @@ reported before the one the canonical order meets first (an earlier type, range 
   (the range: types come first), a replay failure with an embedding failure (embedding first).
 * An honest opening: the units answer (the canonical route is never called) with the checks
   and timing parts the canonical route lists.
+* A failed unit stops the others at their next step (an attacker's opening is not replayed
+  twice in full).
 """
 
 from __future__ import annotations
@@ -178,3 +180,31 @@ def test_layer_threads_lower_the_switch_interval_only_during_the_call(flow, open
         want = before if threads == 1 else round(verify_mod.SWITCH_S * 1e6)
         assert seen and {x if threads == 1 else round(x * 1e6) for x in seen} == {want}
         assert sys.getswitchinterval() == before
+
+
+def test_a_failed_unit_stops_the_others(flow, opened, monkeypatch):
+    """A rejected opening costs little more than the canonical route: once one unit fails, the
+    others stop at their next step (an attacker's opening is not replayed twice in full)."""
+    import time
+
+    c, meta, arrays = opened
+    seen, marks = [], []
+    real_proofs, real_replay, real_order = (verify_mod._check_proofs, verify_mod.replay_layer,
+                                            verify_mod._in_order)
+
+    def decode_fails(*a, **k):
+        raise verify_mod.Reject("decode_tampered", "the decode failed")
+
+    def slow_proofs(proofs):
+        time.sleep(0.05)  # the decode's failure is flagged by then
+        return real_proofs(proofs)
+    monkeypatch.setattr(verify_mod, "replay_decode", decode_fails)
+    monkeypatch.setattr(verify_mod, "_check_proofs", slow_proofs)
+    monkeypatch.setattr(verify_mod, "replay_layer",
+                        lambda ctx, l, *a: seen.append((bool(marks), l)) or real_replay(ctx, l, *a))
+    monkeypatch.setattr(verify_mod, "_in_order", lambda *a, **k: marks.append(1)
+                        or real_order(*a, **k))
+    v = flow.verify(c, meta, arrays, threads=2)
+    assert v.reason == "decode_tampered" and marks
+    assert [l for canonical, l in seen if not canonical] == []  # no unit replayed a layer
+    assert [l for canonical, l in seen if canonical] == sorted(c["layers"])
