@@ -32,13 +32,14 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable from t
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # last: kernels/ must not shadow
 from bench.common import RESULTS, git_info, md_table, provenance, provenance_md, write_results
 
-TIERS = ("routine", "full")
+TIERS = ("routine", "full", "deep")
 PARTS = ("freivalds", "attention", "rest", "merkle")
 PACKAGE_DIRS = ("engine", "kernels", "keys", "verifier")  # pyproject's package-dir, under commitllm
 
 
-def save(out: Path, layers: int, positions: int, gen_tokens: int = 4, shape: str = "8b") -> None:
-    """The key, one receipt at `positions` trace positions and its routine and full openings."""
+def save(out: Path, layers: int, positions: int, gen_tokens: int = 4, shape: str = "8b",
+         tiers: tuple[str, ...] = ("routine", "full")) -> None:
+    """The key, one receipt at `positions` trace positions and its openings at `tiers`."""
     import numpy as np
 
     from bench.anchors import build_setup
@@ -57,7 +58,7 @@ def save(out: Path, layers: int, positions: int, gen_tokens: int = 4, shape: str
     signed, _ = sign(setup, {"prompt": "verify_ab"}, prompt, gen_tokens)
     r, tr = signed.receipts[0], signed.transcripts[0]
     (out / "receipt.json").write_text(json.dumps(r))
-    for tier in TIERS:
+    for tier in tiers:
         c = challenge.derive(setup.key.secret, r, tier, nonce=b"\x01" * 16)
         meta, arrays = build_opening(setup.model, tr, c)
         (out / f"{tier}.challenge.json").write_text(json.dumps(c))
@@ -205,15 +206,18 @@ def parse_args(argv):
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--runs", type=int, default=5, help="verifications per round and side")
     ap.add_argument("--threads", type=int, default=2, help="the second thread count timed")
-    ap.add_argument("--tiers", default="routine", help="comma list of routine, full")
+    ap.add_argument("--tiers", default=None,
+                    help="comma list of routine, full, deep (default: routine; with --save: "
+                         "routine,full; deep opens every position: keep --positions small)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tier", default="routine", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    args.tiers = [t for t in args.tiers.split(",") if t]
+    args.tiers = [t for t in (args.tiers or ("routine,full" if args.save else "routine"))
+                  .split(",") if t]
     if any(t not in TIERS for t in args.tiers) or args.rounds < 1 or args.runs < 1 \
             or args.threads < 2:
-        ap.error("tiers from routine, full; rounds, runs >= 1; threads >= 2")
+        ap.error("tiers from routine, full, deep; rounds, runs >= 1; threads >= 2")
     if not args.save and not (args.data and (args.child or args.against)):
         ap.error("give --save DIR, or --data DIR with --against DIR")
     return args
@@ -222,7 +226,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.save:
-        save(args.save, args.layers, args.positions, shape=args.shape)
+        save(args.save, args.layers, args.positions, shape=args.shape, tiers=tuple(args.tiers))
         return 0
     if args.child:
         print(json.dumps(time_once(args.data, args.tier, args.runs, args.threads)))

@@ -39,7 +39,7 @@ def test_save_then_compare_a_checkout_with_itself(tmp_path):
 
 
 @pytest.mark.parametrize("argv", [[], ["--data", "x"], ["--data", "x", "--against", "y",
-                                                          "--tiers", "deep"],
+                                                          "--tiers", "deeper"],
                                   ["--data", "x", "--against", "y", "--threads", "1"]])
 def test_bad_arguments_exit_with_usage(argv):
     with pytest.raises(SystemExit) as e:
