@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import os
 import re
 import sys
 import threading
@@ -327,6 +328,8 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# a forked child has none of the parent's pool threads: it starts its own pools
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def _layer_pool(n: int) -> ThreadPoolExecutor:

@@ -20,6 +20,8 @@ reported before the one the canonical order meets first (an earlier type, range 
   and timing parts the canonical route lists.
 * A failed unit stops the others at their next step (an attacker's opening is not replayed
   twice in full).
+* A forked child verifies with threads after its parent did (the process's pools are not
+  inherited: before the fix the child waited forever on its parent's pool threads).
 """
 
 from __future__ import annotations
@@ -208,3 +210,31 @@ def test_a_failed_unit_stops_the_others(flow, opened, monkeypatch):
     assert v.reason == "decode_tampered" and marks
     assert [l for canonical, l in seen if not canonical] == []  # no unit replayed a layer
     assert [l for canonical, l in seen if canonical] == sorted(c["layers"])
+
+
+def test_a_forked_child_verifies_with_threads_after_its_parent_did(flow, opened):
+    """The layer pools (and the compiled core's row-split pools) are the process's; a forked
+    child has none of their threads, so it starts its own instead of waiting on the parent's."""
+    import os
+    import time
+
+    c, meta, arrays = opened
+    assert flow.verify(c, meta, arrays, threads=2).accepted  # the parent's pools exist now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if a threaded verification completes
+        try:
+            code = 0 if flow.verify(c, meta, arrays, threads=2).accepted else 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    deadline = time.monotonic() + 120
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung on its parent's pools")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -203,6 +203,8 @@ def _ptr(a: np.ndarray, dtype) -> int:
 
 
 _pool: dict[int, ThreadPoolExecutor] = {}
+# a forked child has none of the parent's pool threads (its row splits would wait on them)
+os.register_at_fork(after_in_child=_pool.clear)
 
 
 def _split_run(run, bounds: list[int], name: str) -> None:
