@@ -46,8 +46,11 @@ def io_chain(manifest_h: str, request_h: str, nonce: str, prompt_ids, output_ids
     ids = [*prompt_ids, *output_ids]
     core = _chain_core(ids)
     if core is not None:  # the same links in the compiled core (hash.c b3_chain)
-        return core.b3_chain(_D["io"], cur, b"p" * len(prompt_ids) + b"o" * len(output_ids),
-                             ids).hex()
+        try:
+            return core.b3_chain(_D["io"], cur, b"p" * len(prompt_ids) + b"o" * len(output_ids),
+                                 ids).hex()
+        except ValueError:  # ids it does not take (not plain ints below 2^32): the Python links
+            pass
     for tag, ids in ((b"p", prompt_ids), (b"o", output_ids)):
         for t in ids:
             cur = blake3.blake3(_D["io"] + cur + tag + struct.pack("<I", t)).digest()
@@ -58,9 +61,10 @@ CHAIN_NATIVE_MIN = 32  # links from which the compiled core computes the IO chai
 
 
 def _chain_core(ids: list):
-    """The compiled core for an IO chain over these ids (plain ints below 2^32, at least
-    CHAIN_NATIVE_MIN of them), else None (the Python links, which also raise on bad ids)."""
-    if len(ids) < CHAIN_NATIVE_MIN or not all(type(t) is int and 0 <= t < 1 << 32 for t in ids):
+    """The compiled core for an IO chain of at least CHAIN_NATIVE_MIN links, else None (the
+    Python links). native.b3_chain refuses ids other than plain ints below 2^32 (ValueError);
+    io_chain then takes the Python links, which raise on bad ids as they always did."""
+    if len(ids) < CHAIN_NATIVE_MIN:
         return None
     from . import native
 

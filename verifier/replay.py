@@ -58,6 +58,14 @@ class Timer:
         self._count(part, now - t0)
         return now
 
+    def merge(self, other: "Timer") -> None:
+        """Add another timer's seconds (a layer thread's, or a route that answered) to these."""
+        for part, sec in other.parts.items():
+            self.parts[part] += sec
+        for part, sec in other.decode.items():
+            self.decode[part] += sec
+        self.merkle += other.merkle
+
     @contextmanager
     def span(self, scope: str | None = None):
         """A replay step: what its timed parts do not cover (quantization, dequantization,

@@ -272,8 +272,8 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
     `threads` threads. Only an acceptance is taken from here: True when every check passed, with
     the checks up to the layers recorded as _in_order records them; False when anything failed
     or raised (nothing recorded, the timer untouched; the other units stop at their next step),
-    and the caller then runs _in_order and the decode, whose first failure is the verdict. So the verdict, its reason and the checks
-    listed are _in_order's for every thread count."""
+    and the caller then runs _in_order and the decode, whose first failure is the verdict. So
+    the verdict, its reason and the checks listed are _in_order's for every thread count."""
     deferred = {f"kv.{l}.{x}": l for l in p.kv for x in ("k", "v")}
     own = Timer()
     try:
@@ -285,6 +285,8 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         z, zq = _z_tables(arrays, p, matrices(cfg))
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
         layers = sorted({pr[1] for pr in proofs} | set(p.z))
+        by_layer = {l: ([n for n, at in deferred.items() if at == l],
+                        [pr for pr in proofs if pr[1] == l]) for l in layers}
 
         failed = threading.Event()  # a unit failed: the others stop at their next step
 
@@ -300,12 +302,12 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
                                             [tokens[t] for t in p.embed], p.embed)
                 if l == "decode":
                     return decode(c, resid)
-                for name, at in deferred.items():
-                    if at == l:
-                        check_range(name, arrays[name], specs[name])
+                ranged, own_proofs = by_layer[l]
+                for name in ranged:
+                    check_range(name, arrays[name], specs[name])
                 step()
                 t = time.perf_counter()
-                _check_proofs([pr for pr in proofs if pr[1] == l])
+                _check_proofs(own_proofs)
                 c.timer.merkle += time.perf_counter() - t
                 step()
                 if l in p.z:
@@ -316,11 +318,7 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         _run_units(ctx, ["decode", *layers, "embedding"], unit, threads)
     except Exception:  # noqa: BLE001 - not an acceptance: _in_order decides
         return False
-    for part, sec in own.parts.items():
-        timer.parts[part] += sec
-    for part, sec in own.decode.items():
-        timer.decode[part] += sec
-    timer.merkle += own.merkle
+    timer.merge(own)
     for check in ("types", "merkle", "embedding", "layers"):
         _passed(v, check, p, n_pos)
     return True
@@ -335,7 +333,7 @@ os.register_at_fork(after_in_child=_pools.clear)
 def _layer_pool(n: int) -> ThreadPoolExecutor:
     """The process's pool of n layer threads, kept between verifications: the compiled layer
     calls keep their scratch memory per thread (layer.c), which a new thread would map and
-    fault in again (at a 70B deep tier some 80 MB per layer call)."""
+    fault in again (at a 70B deep tier some 80 MB per layer: 60 MB in ly_post, 20 in ly_pre)."""
     with _pools_lock:
         pool = _pools.get(n)
         if pool is None:
@@ -369,11 +367,7 @@ def _run_units(ctx: Ctx, layers: list, unit, threads: int) -> None:
             return c.timer, e
     done = list(_layer_pool(n).map(one, layers))
     for t, _ in done:
-        for part, sec in t.parts.items():
-            ctx.timer.parts[part] += sec
-        for part, sec in t.decode.items():
-            ctx.timer.decode[part] += sec
-        ctx.timer.merkle += t.merkle
+        ctx.timer.merge(t)
     for _, e in done:
         if e is not None:
             raise e
