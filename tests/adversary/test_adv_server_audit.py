@@ -140,15 +140,17 @@ def test_fair_lock_serves_in_arrival_order():
     lock, order = FairLock(), []
     lock.acquire()
 
-    def user(name, delay):
-        time.sleep(delay)
+    def user(name):
         with lock:
             order.append(name)
-    threads = [threading.Thread(target=user, args=(n, d))
-               for n, d in (("batch", 0.05), ("opening-2", 0.1), ("opening-3", 0.15))]
-    for t in threads:
+    threads = [threading.Thread(target=user, args=(n,))
+               for n in ("batch", "opening-2", "opening-3")]
+    for i, t in enumerate(threads):
         t.start()
-    time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while lock._next < i + 2:  # this one took its ticket (no fixed sleep: a loaded CI
+            assert time.monotonic() < deadline  # machine may start a thread late)
+            time.sleep(0.005)
     assert not lock.acquire(blocking=False)  # others are waiting: no cutting in
     lock.release()
     for t in threads:
