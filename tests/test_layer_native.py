@@ -30,18 +30,42 @@ def route(request):
     so.attn_route(-1)
 
 
-@pytest.mark.parametrize("route", _routes(), indirect=True)
+def _modes() -> list:
+    """(CPU route, IFMA on): every route without fv_acc_linear's IFMA route, and the best with
+    it where this CPU has it."""
+    modes = [(r, False) for r in _routes()]
+    if native.use_ifma(True):
+        modes.append((_routes()[-1], True))
+    return modes
+
+
+@pytest.fixture
+def mode(request):
+    r, ifma = request.param
+    so = native.lib()
+    so.attn_route(r)
+    assert native.use_ifma(ifma) == ifma
+    yield request.param
+    so.attn_route(-1)
+    native.use_ifma(True)
+
+
+@pytest.mark.parametrize("mode", _modes(), indirect=True, ids=str)
 @pytest.mark.parametrize("w", range(1, 9))
-def test_one_pass_linear_is_decode_fv_dot_dequantize(route, w):
-    """Every width, lengths around the 8-value SIMD step and the 1,024-value block (so tails and
-    the last values' short loads), bias and residual on and off: the same residues and the same
+def test_one_pass_linear_is_decode_fv_dot_dequantize(mode, w):
+    """Every width, lengths around the 8-value SIMD step, the IFMA route's 16-value step and the
+    1,024-value block (so tails and the last values' short loads), bias and residual on and off,
+    bounds up to 2^52 - 1 and the IFMA route's largest, 2^51 - 1: the same residues and the same
     fp32 bits as unpack, fv_dot and bridge.dequantize."""
-    rng = np.random.default_rng(w + 10 * route)
-    top = min((1 << (8 * w - 1)) - 1, (1 << 52) - 1)
-    for m, n in ((1, 1), (1, 7), (2, 9), (3, 1023), (2, 1025), (5, 2050)):
+    route, ifma = mode
+    rng = np.random.default_rng(w + 10 * route + 100 * ifma)
+    tops = {min((1 << (8 * w - 1)) - 1, (1 << 52) - 1), min((1 << (8 * w - 1)) - 1, (1 << 51) - 1)}
+    for top, (m, n) in ((t, s) for t in sorted(tops) for s in (
+            (1, 1), (1, 7), (2, 9), (1, 15), (2, 17), (3, 1023), (2, 1025), (5, 2050))):
         z = rng.integers(-top, top, (m, n), endpoint=True)
         z.reshape(-1)[:2] = (top, -top)[: z.size]
         a = rng.integers(0, 2**61 - 1, n)
+        a[: n // 2] = 2**61 - 2  # the largest residues: the IFMA route's high parts at their top
         sx = rng.random(m).astype(np.float32) * 1e-3
         sw = rng.random(n).astype(np.float32)
         for bias, resid in ((None, None), (rng.standard_normal(n).astype(np.float32),
@@ -66,9 +90,22 @@ def test_decoder_on_every_route(route):
             assert got is not None and np.array_equal(got, z), (route, w, n)
 
 
-def test_one_pass_linear_declines_what_it_does_not_decide():
-    """A value beyond the bound, one at 2^53 (the dequantization's limit) and a non-finite
-    output give None, so the step route decides; a bad width is an error."""
+@pytest.mark.parametrize("mode", _modes(), indirect=True, ids=str)
+def test_one_pass_linear_declines_what_it_does_not_decide(mode):
+    """A value beyond the bound (above or below, in a tail or a full step, at every width), one
+    at 2^53 (the dequantization's limit) and a non-finite output give None, so the step route
+    decides; a bad width is an error."""
+    rng = np.random.default_rng(5)
+    for w in range(1, 9):
+        bound = min((1 << (8 * w - 1)) - 2, (1 << 51) - 1)
+        for n, at in ((20, 3), (20, 17), (1030, 1029)):
+            a = rng.integers(0, 2**61 - 1, n)
+            for v in (bound + 1, -bound - 1):
+                z = rng.integers(-bound, bound, (2, n), endpoint=True)
+                z[1, at] = v
+                got = native.fv_acc_linear(a, pack_acc(z, w), bound, np.ones(2, np.float32),
+                                           np.ones(n, np.float32))
+                assert got is None, (w, n, at, v)
     a = np.arange(1, 11, dtype=np.int64)
     sx, sw = np.ones(2, np.float32), np.ones(10, np.float32)
     z = np.zeros((2, 10), np.int64)

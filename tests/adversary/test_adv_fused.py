@@ -5,10 +5,12 @@ replays the layer and decides. A dishonest provider would look for an opening th
 passes and the step route rejects: a difference in decoding packed accumulators (the last value
 of a row, the end of a 1,024-value block, the vector decoder's masked tail), in the bound check,
 in the sample rows (zq) beside the challenged ones, in rows swapped between positions, or in the
-CPU route (AVX-512 with VBMI, AVX2, plain C). Each tamper below is sent to the verifier with the
-fused route on every CPU route and with it off: the verdict, reason, detail and checks must be the
-same, and a rejection. Every other opened array is Merkle-proven (test_adv_protocol.py and the
-rest); the accumulators are what the layer replay alone vouches for.
+CPU route (AVX-512 with VBMI, with and without IFMA, AVX2, plain C). The IFMA route sums
+z + bound unsigned: a value one below -bound must be caught as one above it is. Each tamper
+below is sent to the verifier with the fused route on every CPU route and with it off: the
+verdict, reason, detail and checks must be the same, and a rejection. Every other opened array
+is Merkle-proven (test_adv_protocol.py and the rest); the accumulators are what the layer replay
+alone vouches for.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def _edit(flow, arrays: dict, tamper: str) -> None:
     elif kind == "over":  # one beyond the bound, with the opposite low bytes compensating none
         z[0, 1] = b + 1
         set_acc(arrays, name, z, wrap=True)
+    elif kind == "under":  # one below -bound (z + bound wraps below 0 on the IFMA route)
+        z[0, 1] = -b - 1
+        set_acc(arrays, name, z, wrap=True)
     elif kind == "wrap":  # the true value plus 2^(8w): the same low bytes would be the honest
         w = arrays[name].shape[-1]  # opening, so send the value minus 2^(8w - 1) instead
         z[0, 2] -= 1 << (8 * w - 1)
@@ -74,20 +79,28 @@ def _edit(flow, arrays: dict, tamper: str) -> None:
 
 TAMPERS = ["first:z.0.qkv", "last:z.3.qkv", "last:zq.1.qkv", "first:zq.2.qkv", "block:z.1.gate_up",
            "up:z.2.gate_up", "last:z.0.o", "first:z.3.down", "last:z.1.down", "over:z.2.o",
-           "over:zq.0.qkv", "wrap:z.1.down", "swap:z.0.gate_up", "swap:zq.3.qkv", "zero:z.2.down",
-           "zero:zq.1.qkv", "first:z.0.down+last:z.3.o"]
+           "over:zq.0.qkv", "under:z.1.gate_up", "under:zq.2.qkv", "wrap:z.1.down",
+           "swap:z.0.gate_up", "swap:zq.3.qkv", "zero:z.2.down", "zero:zq.1.qkv",
+           "first:z.0.down+last:z.3.o"]
 
 
 def _verdicts(flow, c, meta, arrays, monkeypatch) -> list:
     so = native.lib()
     out = []
-    for fused, route in [(True, r) for r in range(int(so.attn_best_route()) + 1)] + [(False, -1)]:
+    best = int(so.attn_best_route())
+    # every CPU route, the best one with fv_acc_linear's IFMA route too where the CPU has it
+    modes = [(True, r, False) for r in range(best + 1)] + [(False, -1, False)]
+    if native.use_ifma(True):
+        modes.append((True, best, True))
+    for fused, route, ifma in modes:
         monkeypatch.setattr(replay, "FUSED", fused)
         so.attn_route(route)
+        native.use_ifma(ifma)
         try:
             v = flow.verify(c, meta, arrays)
         finally:
             so.attn_route(-1)
+            native.use_ifma(True)
         out.append((v.accepted, v.reason, v.detail, v.checks))
     return out
 

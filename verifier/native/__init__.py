@@ -33,7 +33,7 @@ HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag wi
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 10
+ABI = 11
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -172,6 +172,8 @@ def _declare(so) -> None:
     so.acc_unpack.restype = so.fv_acc_linear.restype = i64
     so.fv_acc_linear.argtypes = [p, i64, p, i64, i64, i64, p, p, p, p, p, i64, p]
     so.acc_unpack.argtypes = [p, i64, i64, p]
+    so.fv_ifma.restype = i64
+    so.fv_ifma.argtypes = [i64]
     so.b3_rows.restype = so.b3_multiproof.restype = i64
     so.b3_rows.argtypes = [i64, p, p, p, i64, p]
     so.b3_chain.restype = i64
@@ -301,6 +303,14 @@ def use_route(r: int = -1) -> int:
     if so is None:
         raise RuntimeError("the compiled core is unavailable")
     return int(so.attn_route(r))
+
+
+def use_ifma(on: bool = True) -> bool:
+    """Let fv_acc_linear take its fused AVX-512 IFMA route (bounds below 2^51, on a CPU with
+    IFMA and the AVX-512 route active) or not (tests run both): whether it is in use now. Both
+    give the same residues and bits."""
+    so = lib()
+    return False if so is None else bool(so.fv_ifma(1 if on else 0))
 
 
 def best_route() -> int:

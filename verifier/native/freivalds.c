@@ -322,6 +322,169 @@ int64_t acc_unpack(const uint8_t *src, int64_t n, int64_t w, int64_t *dst) {
 int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, const float *sw,
                    const float *bias, const float *resid, int64_t rs, float *y); /* bridge.c */
 
+/* The fused AVX-512 IFMA route of fv_acc_linear (bound < 2^51): on or off for tests (-1: on when
+ * the CPU has it, with the AVX-512 route active; 0: off), and whether it is in use now. */
+static int64_t ifma_mode = -1;
+
+static int ifma_ok(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    return ifma_mode != 0 && vbmi_ok() && __builtin_cpu_supports("avx512ifma")
+           && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
+int64_t fv_ifma(int64_t mode) {
+    ifma_mode = mode == 0 ? 0 : -1;
+    return ifma_ok();
+}
+
+#define IFMA_LIMIT ((int64_t)1 << 51) /* bound below it: z + bound in [0, 2^52), IFMA's width */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define IFMA_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512ifma")))
+
+/* Eight values (k: which are there) of block_ifma into the accumulators of one of its two
+ * interleaved sets (two sets, and two for the middle term, so no IFMA waits on the previous
+ * one's result). */
+typedef struct {
+    __m512i s0, s1, t1, s2, q0, q1;
+} ifma_acc;
+
+IFMA_TARGET static inline __attribute__((always_inline)) void step_ifma(
+        ifma_acc *A, const int64_t *a, const uint8_t *src, int64_t w, __mmask8 k, __mmask64 bm,
+        __m512i perm, __m512i sh, __m512i off, __m512i lim, __m256 vsx, const float *sw,
+        const float *bias, const float *resid, float *y, int sum_a, __mmask8 *badz,
+        __mmask8 *badf) {
+    const __m512i m52 = _mm512_set1_epi64(((int64_t)1 << 52) - 1);
+    const __m256 fmax = _mm256_set1_ps(3.40282347e38f);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m512i raw = _mm512_maskz_loadu_epi8(bm, src);
+    const __m512i z = _mm512_srav_epi64(_mm512_permutexvar_epi8(perm, raw), sh);
+    const __m512i u = _mm512_maskz_add_epi64(k, z, off);
+    *badz |= _mm512_mask_cmpgt_epu64_mask(k, u, lim);
+    const __m512i ra = _mm512_maskz_loadu_epi64(k, a);
+    const __m512i lo = _mm512_and_si512(ra, m52), hi = _mm512_srli_epi64(ra, 52);
+    A->s0 = _mm512_madd52lo_epu64(A->s0, lo, u);
+    A->s1 = _mm512_madd52hi_epu64(A->s1, lo, u);
+    A->t1 = _mm512_madd52lo_epu64(A->t1, hi, u);
+    A->s2 = _mm512_madd52hi_epu64(A->s2, hi, u);
+    if (sum_a) {
+        A->q0 = _mm512_add_epi64(A->q0, lo);
+        A->q1 = _mm512_add_epi64(A->q1, hi);
+    }
+    __m256 t = _mm512_cvtpd_ps(_mm512_cvtepi64_pd(z));
+    t = _mm256_mul_ps(t, vsx);
+    t = _mm256_mul_ps(t, _mm256_maskz_loadu_ps(k, sw));
+    if (bias) t = _mm256_add_ps(t, _mm256_maskz_loadu_ps(k, bias));
+    if (resid) t = _mm256_add_ps(_mm256_maskz_loadu_ps(k, resid), t);
+    *badf |= k & ~_mm256_cmp_ps_mask(_mm256_and_ps(t, absmask), fmax, _CMP_LE_OQ);
+    _mm256_mask_storeu_ps(y, k, t);
+}
+
+/* One row's block of len <= FV_BLOCK packed values in one pass, eight per step: decoded as
+ * unpack_block_vbmi decodes them (masked load, byte permutation, arithmetic shift), bounded,
+ * summed and dequantized without leaving the registers.
+ * The sum: with u = z + bound in [0, 2^52) (for every |z| <= bound; a value beyond it is flagged
+ * and nothing else matters) and the secret residue a = lo + hi 2^52 (lo < 2^52, hi < 2^9), IFMA
+ * gives the low and the high 52 bits of the exact 104-bit products lo u and hi u, so
+ *     a u = L(lo u) + 2^52 (H(lo u) + L(hi u)) + 2^104 H(hi u)
+ * summed into s[0], s[1], s[2]. Each lane of each accumulator takes at most FV_BLOCK / 8 = 128
+ * values below 2^52, so every one stays below 2^59 and their sums over the lanes and the two
+ * sets (32 of them for s[1]) below 2^64. When rs is given, the block's lo and hi parts of a are
+ * summed into rs[0], rs[1] (for the offset: a z = a u - bound a). Dequantized as dequant_row
+ * computes it: f32(f64(z)) * sx * sw [+ bias] [resid +], each step one IEEE operation in
+ * round-to-nearest-even (|z| < 2^51, so the conversion to f64 is exact). Returns 1 for a value
+ * beyond the bound, 2 for a non-finite output (the bound first, as the other route checks it
+ * first), else 0. */
+IFMA_TARGET static inline int64_t block_ifma(
+        const int64_t *a, const uint8_t *src, int64_t len, int64_t w, __m512i perm, __m512i sh,
+        __mmask64 full, int64_t bound, float sx, const float *sw, const float *bias,
+        const float *resid, float *y, uint64_t s[3], uint64_t rs[2]) {
+    const __m512i off = _mm512_set1_epi64(bound), lim = _mm512_set1_epi64(2 * bound);
+    const __m256 vsx = _mm256_set1_ps(sx);
+    const __m512i zero = _mm512_setzero_si512();
+    ifma_acc A = {zero, zero, zero, zero, zero, zero}, B = A;
+    __mmask8 badz = 0, badf = 0;
+    const int sum_a = rs != NULL;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        step_ifma(&A, a + i, src + i * w, w, 0xFF, full, perm, sh, off, lim, vsx, sw + i,
+                  bias ? bias + i : NULL, resid ? resid + i : NULL, y + i, sum_a, &badz, &badf);
+        step_ifma(&B, a + i + 8, src + (i + 8) * w, w, 0xFF, full, perm, sh, off, lim, vsx,
+                  sw + i + 8, bias ? bias + i + 8 : NULL, resid ? resid + i + 8 : NULL, y + i + 8,
+                  sum_a, &badz, &badf);
+    }
+    for (; i < len; i += 8) {
+        const int64_t rest = len - i;
+        const __mmask8 k = rest >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << rest) - 1);
+        const __mmask64 bm = rest >= 8 ? full : (((__mmask64)1 << (rest * w)) - 1);
+        step_ifma(&A, a + i, src + i * w, w, k, bm, perm, sh, off, lim, vsx, sw + i,
+                  bias ? bias + i : NULL, resid ? resid + i : NULL, y + i, sum_a, &badz, &badf);
+    }
+    s[0] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.s0, B.s0));
+    s[1] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(A.s1, B.s1),
+                                                               _mm512_add_epi64(A.t1, B.t1)));
+    s[2] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.s2, B.s2));
+    if (rs) {
+        rs[0] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.q0, B.q0));
+        rs[1] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.q1, B.q1));
+    }
+    return badz ? 1 : (badf ? 2 : 0);
+}
+
+/* fv_acc_linear on the IFMA route (bound < 2^51, every width): the same blocks and rows in the
+ * same order, each block checked (bound, then the dequantization) before the next, so the codes
+ * are the other route's; out[m] = sum a z_m mod P is the same residue (it is unique). */
+IFMA_TARGET static int64_t acc_linear_ifma(
+        const int64_t *a, int64_t n, const uint8_t *zp, int64_t w, int64_t rows, int64_t bound,
+        uint64_t *out, const float *sx, const float *sw, const float *bias, const float *resid,
+        int64_t rs, float *y) {
+    uint8_t idx[64];
+    for (int j = 0; j < 8; j++)
+        for (int b = 0; b < 8; b++)
+            idx[8 * j + b] = (uint8_t)(j * w + (b >= 8 - w ? b - (8 - w) : 0));
+    const __m512i perm = _mm512_loadu_si512((const void *)idx);
+    const __mmask64 full = 8 * w == 64 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * w)) - 1);
+    const __m512i sh = _mm512_set1_epi64(64 - 8 * w);
+    uint64_t sum_lo = 0, sum_hi = 0; /* sum of a's lo and hi parts mod P (the first pass) */
+    for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
+        const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
+        uint64_t tot[FV_ROWS][3];
+        memset(tot, 0, sizeof tot);
+        for (int64_t i0 = 0; i0 < n; i0 += FV_BLOCK) {
+            const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
+            for (int64_t m = 0; m < mr; m++) {
+                const int64_t first = (m0 + m) * n + i0;
+                uint64_t s[3], q[2];
+                const int first_pass = m0 == 0 && m == 0;
+                const int64_t bad = block_ifma(
+                    a + i0, zp + first * w, len, w, perm, sh, full, bound, sx[m0 + m], sw + i0,
+                    bias ? bias + i0 : NULL, resid ? resid + (m0 + m) * rs + i0 : NULL,
+                    y + first, s, first_pass ? q : NULL);
+                if (bad) return bad == 1 ? -3 : -1;
+                for (int j = 0; j < 3; j++) tot[m][j] = fv_add(tot[m][j], fv_fold(s[j]));
+                if (first_pass) {
+                    sum_lo = fv_add(sum_lo, fv_fold(q[0]));
+                    sum_hi = fv_add(sum_hi, fv_fold(q[1]));
+                }
+            }
+        }
+        /* bound * sum(a) mod P: the offset's share of every row's sum */
+        const uint64_t asum = fv_add(sum_lo, fv_shift(sum_hi, 52));
+        const unsigned __int128 pr = (unsigned __int128)(uint64_t)bound * asum;
+        const uint64_t corr = fv_fold(((uint64_t)pr & FV_P) + (uint64_t)(pr >> 61));
+        for (int64_t m = 0; m < mr; m++) {
+            uint64_t acc = fv_add(tot[m][0], fv_shift(tot[m][1], 52));
+            acc = fv_add(acc, fv_shift(tot[m][2], 104));
+            out[m0 + m] = fv_add(acc, corr ? FV_P - corr : 0);
+        }
+    }
+    return 0;
+}
+#endif
+
 /* One opened linear in one pass over its packed accumulators (opening version 2): rows x n
  * values of w bytes at zp, decoded a block of FV_BLOCK at a time into a buffer that stays in L1;
  * each block is bounded (every |z| <= bound), summed into out[m] = a z_m mod P as fv_dot sums
@@ -338,6 +501,10 @@ int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w,
     return -5;
 #endif
     if (w < 1 || w > 8 || bound < 0 || bound >= ((int64_t)1 << 62)) return -5;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if (bound < IFMA_LIMIT && ifma_ok())
+        return acc_linear_ifma(a, n, zp, w, rows, bound, out, sx, sw, bias, resid, rs, y);
+#endif
     const int vbmi = vbmi_ok();
     const int64_t total = rows * n, safe_all = total - (8 + w - 1) / w;
     int64_t zb[FV_BLOCK];
