@@ -340,6 +340,14 @@ int64_t fv_ifma(int64_t mode) {
     return ifma_ok();
 }
 
+/* The IFMA route asks for the next block's bytes (FV_PREFETCH values on: this row's packed
+ * values, the secret and the weight scales, the residual) while it works on this one; the rows
+ * of a block are the inner loop, so the hardware prefetchers see short interleaved streams. A
+ * prefetch never faults, past the arrays' ends included. Measured on a routine 8B audit (cold
+ * layer data): about 15 us less per ly_pre / ly_post call. */
+#define FV_PREFETCH 1024
+/* the address as an integer: no pointer is formed past an array's end */
+#define FV_PF(p, bytes) _mm_prefetch((const char *)((uintptr_t)(p) + (uintptr_t)(bytes)), _MM_HINT_T0)
 #define IFMA_LIMIT ((int64_t)1 << 51) /* bound below it: z + bound in [0, 2^52), IFMA's width */
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -410,6 +418,12 @@ IFMA_TARGET static inline int64_t block_ifma(
     const int sum_a = rs != NULL;
     int64_t i = 0;
     for (; i + 16 <= len; i += 16) {
+        FV_PF(src, (i + FV_PREFETCH) * w);
+        FV_PF(src, (i + FV_PREFETCH) * w + 64);
+        FV_PF(a, (i + FV_PREFETCH) * 8);
+        FV_PF(a, (i + FV_PREFETCH) * 8 + 64);
+        FV_PF(sw, (i + FV_PREFETCH) * 4);
+        if (resid) FV_PF(resid, (i + FV_PREFETCH) * 4);
         step_ifma(&A, a + i, src + i * w, w, 0xFF, full, perm, sh, off, lim, vsx, sw + i,
                   bias ? bias + i : NULL, resid ? resid + i : NULL, y + i, sum_a, &badz, &badf);
         step_ifma(&B, a + i + 8, src + (i + 8) * w, w, 0xFF, full, perm, sh, off, lim, vsx,
