@@ -18,15 +18,21 @@ from commitllm.verifier.numerics import rope
 
 def _routes():
     """Each route of freivalds.dot this machine has, as native flags: numpy (False), then every
-    SIMD route of the compiled core (True, with that route set while the caller runs)."""
+    SIMD route of the compiled core (True, with that route set while the caller runs), without
+    and then (the best route, where the CPU has it) with the IFMA route of bounds below 2^51."""
     yield False
     if native.lib() is not None:
         try:
+            native.use_ifma(False)
             for r in range(native.best_route() + 1):
                 native.use_route(r)
                 yield True
+            native.use_route(-1)
+            if native.use_ifma(True):
+                yield True
         finally:
             native.use_route(-1)
+            native.use_ifma(True)
 
 
 def _dots(prep, b, bound):
@@ -39,11 +45,12 @@ def _residues(rng, n: int, extreme: bool = False) -> np.ndarray:
     return rng.integers(0, P, size=n, dtype=np.int64)
 
 
-@pytest.mark.parametrize("n", [1, 7, 576, 1023, 1025, 4096, 14336, 57344, 128256])
+@pytest.mark.parametrize("n", [1, 7, 15, 17, 576, 1023, 1025, 4096, 14336, 57344, 128256])
 def test_dot_equals_reference_on_every_route(n):
     rng = np.random.default_rng(n)
     bound = n * 32639 * 32639  # the largest accumulator bound the profiles give for this K
-    for extreme in (False, True):
+    # and the IFMA route's largest bound and the first beyond it (the other routes take it)
+    for extreme, bound in ((False, bound), (True, bound), (True, 2**51 - 1), (False, 2**51)):
         a = _residues(rng, n, extreme)
         b = rng.integers(-bound, bound + 1, size=(5, n), dtype=np.int64)
         b[0], b[1] = bound, -bound  # rows at both ends of the range

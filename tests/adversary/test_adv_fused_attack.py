@@ -487,6 +487,36 @@ def test_fv_acc_linear_reads_nothing_past_its_arrays():
     assert in_child(child) == 0
 
 
+def test_fv_dot_reads_nothing_past_its_arrays():
+    """fv_dot (the activations' side of every check) on every CPU route, with and without the
+    IFMA route (masked loads of int8, int16, int32 and int64 rows), lengths around the 8- and
+    16-value steps, the 1,024-value block and the 64-row pass, with the rows and then the
+    secret ending at a guard page: the child must give the Python integers' residues."""
+    def child():
+        rng = np.random.default_rng(6)
+        for dtype, top in ((np.int8, 127), (np.int16, 32767), (np.int32, 2**31 - 1),
+                           (np.int64, 2**51 - 1), (np.int64, 2**51)):
+            for m, n in SHAPES + [(1, 15), (2, 17), (1, 31)]:
+                x = rng.integers(-top, top, (m, n), endpoint=True).astype(dtype)
+                a = rng.integers(0, 2**61 - 1, n)
+                want = np.array([sum(int(u) * int(v) for u, v in zip(a, row)) % (2**61 - 1)
+                                 for row in x], np.uint64)
+                for which in range(2):
+                    g = _Guarded(max(1 << 16, 2 * x.size * 8 + 4 * 65536))
+                    args = [a, x]
+                    args[which] = g.put(args[which])
+                    for r, ifma in [(r, False) for r in _routes()] + [(-1, True)]:
+                        native.lib().attn_route(r)
+                        native.use_ifma(ifma)
+                        got = native.fv_dot(args[0], args[1], top)
+                        native.lib().attn_route(-1)
+                        native.use_ifma(True)
+                        if not np.array_equal(got, want):
+                            return 1
+        return 0
+    assert in_child(child) == 0
+
+
 def test_fv_acc_linear_hostile_shapes_are_clean_errors():
     rng = np.random.default_rng(0)
     m, n = 2, 9

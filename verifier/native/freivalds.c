@@ -196,6 +196,13 @@ static uint64_t recombine(const uint64_t tot[6]) {
 }
 
 #define FV_ROWS 64 /* rows per pass over the columns (their running totals on the stack) */
+#define IFMA_LIMIT ((int64_t)1 << 51) /* bound below it: z + bound in [0, 2^52), IFMA's width */
+
+static int ifma_ok(void);
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+static int64_t dot_ifma(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_t rows,
+                        int64_t bound, uint64_t *out);
+#endif
 
 /* out[m] for rows m of b (btype: its width in bytes, 1, 2, 4 or 8; row-major [rows][n]), with
  * a the secret residues int64 [n] (each below P: the caller checks) and every |b| <= bound < 2^62
@@ -207,6 +214,9 @@ int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_
     if ((btype != 1 && btype != 2 && btype != 4 && btype != 8) || bound < 0
         || bound >= ((int64_t)1 << 62)) /* hi = b >> 31 must fit int32 */
         return -5;
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    if (bound < IFMA_LIMIT && ifma_ok()) return dot_ifma(a, n, b, btype, rows, bound, out);
+#endif
     int64_t bad = 0;
     for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
         const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
@@ -348,8 +358,6 @@ int64_t fv_ifma(int64_t mode) {
 #define FV_PREFETCH 1024
 /* the address as an integer: no pointer is formed past an array's end */
 #define FV_PF(p, bytes) _mm_prefetch((const char *)((uintptr_t)(p) + (uintptr_t)(bytes)), _MM_HINT_T0)
-#define IFMA_LIMIT ((int64_t)1 << 51) /* bound below it: z + bound in [0, 2^52), IFMA's width */
-
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define IFMA_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,avx512ifma")))
 
@@ -360,16 +368,13 @@ typedef struct {
     __m512i s0, s1, t1, s2, q0, q1;
 } ifma_acc;
 
-IFMA_TARGET static inline __attribute__((always_inline)) void step_ifma(
-        ifma_acc *A, const int64_t *a, const uint8_t *src, int64_t w, __mmask8 k, __mmask64 bm,
-        __m512i perm, __m512i sh, __m512i off, __m512i lim, __m256 vsx, const float *sw,
-        const float *bias, const float *resid, float *y, int sum_a, __mmask8 *badz,
-        __mmask8 *badf) {
+/* The sums of eight values z (k: which are there) into one accumulator set: u = z + bound, its
+ * range (u <= 2 bound, unsigned: z < -bound wraps above it), the four 52-bit products with the
+ * secret's parts lo and hi, and (sum_a) the parts themselves. */
+IFMA_TARGET static inline __attribute__((always_inline)) void sum_ifma(
+        ifma_acc *A, const int64_t *a, __m512i z, __mmask8 k, __m512i off, __m512i lim, int sum_a,
+        __mmask8 *badz) {
     const __m512i m52 = _mm512_set1_epi64(((int64_t)1 << 52) - 1);
-    const __m256 fmax = _mm256_set1_ps(3.40282347e38f);
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m512i raw = _mm512_maskz_loadu_epi8(bm, src);
-    const __m512i z = _mm512_srav_epi64(_mm512_permutexvar_epi8(perm, raw), sh);
     const __m512i u = _mm512_maskz_add_epi64(k, z, off);
     *badz |= _mm512_mask_cmpgt_epu64_mask(k, u, lim);
     const __m512i ra = _mm512_maskz_loadu_epi64(k, a);
@@ -382,6 +387,18 @@ IFMA_TARGET static inline __attribute__((always_inline)) void step_ifma(
         A->q0 = _mm512_add_epi64(A->q0, lo);
         A->q1 = _mm512_add_epi64(A->q1, hi);
     }
+}
+
+IFMA_TARGET static inline __attribute__((always_inline)) void step_ifma(
+        ifma_acc *A, const int64_t *a, const uint8_t *src, int64_t w, __mmask8 k, __mmask64 bm,
+        __m512i perm, __m512i sh, __m512i off, __m512i lim, __m256 vsx, const float *sw,
+        const float *bias, const float *resid, float *y, int sum_a, __mmask8 *badz,
+        __mmask8 *badf) {
+    const __m256 fmax = _mm256_set1_ps(3.40282347e38f);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m512i raw = _mm512_maskz_loadu_epi8(bm, src);
+    const __m512i z = _mm512_srav_epi64(_mm512_permutexvar_epi8(perm, raw), sh);
+    sum_ifma(A, a, z, k, off, lim, sum_a, badz);
     __m256 t = _mm512_cvtpd_ps(_mm512_cvtepi64_pd(z));
     t = _mm256_mul_ps(t, vsx);
     t = _mm256_mul_ps(t, _mm256_maskz_loadu_ps(k, sw));
@@ -391,6 +408,34 @@ IFMA_TARGET static inline __attribute__((always_inline)) void step_ifma(
     _mm256_mask_storeu_ps(y, k, t);
 }
 
+/* The two sets' sums over their lanes into s[0..3) and (rs given) rs[0..2). */
+IFMA_TARGET static inline void reduce_ifma(const ifma_acc *A, const ifma_acc *B, uint64_t s[3],
+                                           uint64_t rs[2]) {
+    s[0] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A->s0, B->s0));
+    s[1] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(A->s1, B->s1),
+                                                               _mm512_add_epi64(A->t1, B->t1)));
+    s[2] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A->s2, B->s2));
+    if (rs) {
+        rs[0] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A->q0, B->q0));
+        rs[1] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A->q1, B->q1));
+    }
+}
+
+/* A row's residue from its three totals (weights 1, 2^52, 2^104) less bound * sum(a): the
+ * offset's share (a z = a u - bound a). */
+static uint64_t recombine_ifma(const uint64_t tot[3], uint64_t corr) {
+    uint64_t acc = fv_add(tot[0], fv_shift(tot[1], 52));
+    acc = fv_add(acc, fv_shift(tot[2], 104));
+    return fv_add(acc, corr ? FV_P - corr : 0);
+}
+
+/* bound * (sum_lo + 2^52 sum_hi) mod P, for bound < 2^51 and sums below P */
+static uint64_t offset_share(int64_t bound, uint64_t sum_lo, uint64_t sum_hi) {
+    const uint64_t asum = fv_add(sum_lo, fv_shift(sum_hi, 52));
+    const unsigned __int128 pr = (unsigned __int128)(uint64_t)bound * asum;
+    return fv_fold(((uint64_t)pr & FV_P) + (uint64_t)(pr >> 61));
+}
+
 /* One row's block of len <= FV_BLOCK packed values in one pass, eight per step: decoded as
  * unpack_block_vbmi decodes them (masked load, byte permutation, arithmetic shift), bounded,
  * summed and dequantized without leaving the registers.
@@ -398,9 +443,10 @@ IFMA_TARGET static inline __attribute__((always_inline)) void step_ifma(
  * and nothing else matters) and the secret residue a = lo + hi 2^52 (lo < 2^52, hi < 2^9), IFMA
  * gives the low and the high 52 bits of the exact 104-bit products lo u and hi u, so
  *     a u = L(lo u) + 2^52 (H(lo u) + L(hi u)) + 2^104 H(hi u)
- * summed into s[0], s[1], s[2]. Each lane of each accumulator takes at most FV_BLOCK / 8 = 128
- * values below 2^52, so every one stays below 2^59 and their sums over the lanes and the two
- * sets (32 of them for s[1]) below 2^64. When rs is given, the block's lo and hi parts of a are
+ * summed into s[0], s[1], s[2]. Every term is below 2^52 and a block has at most FV_BLOCK =
+ * 1,024 values, so s[0] (one term per value, over all lanes and both accumulator sets) stays
+ * below 2^62, s[1] (two) below 2^63, s[2] far below; every lane's partial sum is smaller still,
+ * so nothing wraps in any order of addition. When rs is given, the block's lo and hi parts of a are
  * summed into rs[0], rs[1] (for the offset: a z = a u - bound a). Dequantized as dequant_row
  * computes it: f32(f64(z)) * sx * sw [+ bias] [resid +], each step one IEEE operation in
  * round-to-nearest-even (|z| < 2^51, so the conversion to f64 is exact). Returns 1 for a value
@@ -437,14 +483,7 @@ IFMA_TARGET static inline int64_t block_ifma(
         step_ifma(&A, a + i, src + i * w, w, k, bm, perm, sh, off, lim, vsx, sw + i,
                   bias ? bias + i : NULL, resid ? resid + i : NULL, y + i, sum_a, &badz, &badf);
     }
-    s[0] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.s0, B.s0));
-    s[1] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(A.s1, B.s1),
-                                                               _mm512_add_epi64(A.t1, B.t1)));
-    s[2] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.s2, B.s2));
-    if (rs) {
-        rs[0] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.q0, B.q0));
-        rs[1] = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(A.q1, B.q1));
-    }
+    reduce_ifma(&A, &B, s, rs);
     return badz ? 1 : (badf ? 2 : 0);
 }
 
@@ -485,15 +524,71 @@ IFMA_TARGET static int64_t acc_linear_ifma(
                 }
             }
         }
-        /* bound * sum(a) mod P: the offset's share of every row's sum */
-        const uint64_t asum = fv_add(sum_lo, fv_shift(sum_hi, 52));
-        const unsigned __int128 pr = (unsigned __int128)(uint64_t)bound * asum;
-        const uint64_t corr = fv_fold(((uint64_t)pr & FV_P) + (uint64_t)(pr >> 61));
-        for (int64_t m = 0; m < mr; m++) {
-            uint64_t acc = fv_add(tot[m][0], fv_shift(tot[m][1], 52));
-            acc = fv_add(acc, fv_shift(tot[m][2], 104));
-            out[m0 + m] = fv_add(acc, corr ? FV_P - corr : 0);
+        const uint64_t corr = offset_share(bound, sum_lo, sum_hi);
+        for (int64_t m = 0; m < mr; m++) out[m0 + m] = recombine_ifma(tot[m], corr);
+    }
+    return 0;
+}
+
+/* Eight values of an int8, int16, int32 or int64 row (k: which are there) as int64 lanes. */
+IFMA_TARGET static inline __attribute__((always_inline)) __m512i load_ifma(
+        const void *b, int64_t btype, int64_t i, __mmask8 k) {
+    if (btype == 1) return _mm512_cvtepi8_epi64(_mm_maskz_loadu_epi8(k, (const int8_t *)b + i));
+    if (btype == 2) return _mm512_cvtepi16_epi64(_mm_maskz_loadu_epi16(k, (const int16_t *)b + i));
+    if (btype == 4)
+        return _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(k, (const int32_t *)b + i));
+    return _mm512_maskz_loadu_epi64(k, (const int64_t *)b + i);
+}
+
+/* One row's block of fv_dot on the IFMA route: s[0..3) (and rs) as block_ifma sums them; 1 when
+ * a value is beyond the bound, else 0. */
+IFMA_TARGET static inline int64_t dot_block_ifma(const int64_t *a, const void *b, int64_t btype,
+                                                 int64_t len, int64_t bound, uint64_t s[3],
+                                                 uint64_t rs[2]) {
+    const __m512i off = _mm512_set1_epi64(bound), lim = _mm512_set1_epi64(2 * bound);
+    const __m512i zero = _mm512_setzero_si512();
+    ifma_acc A = {zero, zero, zero, zero, zero, zero}, B = A;
+    __mmask8 bad = 0;
+    const int sum_a = rs != NULL;
+    int64_t i = 0;
+    for (; i + 16 <= len; i += 16) {
+        sum_ifma(&A, a + i, load_ifma(b, btype, i, 0xFF), 0xFF, off, lim, sum_a, &bad);
+        sum_ifma(&B, a + i + 8, load_ifma(b, btype, i + 8, 0xFF), 0xFF, off, lim, sum_a, &bad);
+    }
+    for (; i < len; i += 8) {
+        const int64_t rest = len - i;
+        const __mmask8 k = rest >= 8 ? (__mmask8)0xFF : (__mmask8)((1u << rest) - 1);
+        sum_ifma(&A, a + i, load_ifma(b, btype, i, k), k, off, lim, sum_a, &bad);
+    }
+    reduce_ifma(&A, &B, s, rs);
+    return bad != 0;
+}
+
+/* fv_dot on the IFMA route (bound < 2^51): the same blocks and rows; the same residues. */
+IFMA_TARGET static int64_t dot_ifma(const int64_t *a, int64_t n, const void *b, int64_t btype,
+                                    int64_t rows, int64_t bound, uint64_t *out) {
+    uint64_t sum_lo = 0, sum_hi = 0;
+    for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
+        const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
+        uint64_t tot[FV_ROWS][3];
+        memset(tot, 0, sizeof tot);
+        for (int64_t i0 = 0; i0 < n; i0 += FV_BLOCK) {
+            const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
+            for (int64_t m = 0; m < mr; m++) {
+                const char *row = (const char *)b + ((m0 + m) * n + i0) * btype;
+                uint64_t s[3], q[2];
+                const int first_pass = m0 == 0 && m == 0;
+                if (dot_block_ifma(a + i0, row, btype, len, bound, s, first_pass ? q : NULL))
+                    return -3;
+                for (int j = 0; j < 3; j++) tot[m][j] = fv_add(tot[m][j], fv_fold(s[j]));
+                if (first_pass) {
+                    sum_lo = fv_add(sum_lo, fv_fold(q[0]));
+                    sum_hi = fv_add(sum_hi, fv_fold(q[1]));
+                }
+            }
         }
+        const uint64_t corr = offset_share(bound, sum_lo, sum_hi);
+        for (int64_t m = 0; m < mr; m++) out[m0 + m] = recombine_ifma(tot[m], corr);
     }
     return 0;
 }
