@@ -306,9 +306,9 @@ def use_route(r: int = -1) -> int:
 
 
 def use_ifma(on: bool = True) -> bool:
-    """Let fv_acc_linear take its fused AVX-512 IFMA route (bounds below 2^51, on a CPU with
-    IFMA and the AVX-512 route active) or not (tests run both): whether it is in use now. Both
-    give the same residues and bits."""
+    """Let fv_dot and fv_acc_linear take their AVX-512 IFMA routes (bounds below 2^51, on a CPU
+    with IFMA and the AVX-512 route active) or not (tests run both): whether they are in use
+    now. Both give the same residues and bits."""
     so = lib()
     return False if so is None else bool(so.fv_ifma(1 if on else 0))
 

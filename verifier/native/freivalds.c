@@ -436,6 +436,24 @@ static uint64_t offset_share(int64_t bound, uint64_t sum_lo, uint64_t sum_hi) {
     return fv_fold(((uint64_t)pr & FV_P) + (uint64_t)(pr >> 61));
 }
 
+/* A row's block sums s (and, in the first pass, the secret's parts q) into its totals mod P:
+ * the shared step of the two IFMA drivers below. */
+static void take_block(uint64_t tot[3], const uint64_t s[3], const uint64_t *q,
+                       uint64_t sums[2]) {
+    for (int j = 0; j < 3; j++) tot[j] = fv_add(tot[j], fv_fold(s[j]));
+    if (q) {
+        sums[0] = fv_add(sums[0], fv_fold(q[0]));
+        sums[1] = fv_add(sums[1], fv_fold(q[1]));
+    }
+}
+
+/* The residues of a pass's mr rows from their totals, less the offset's share. */
+static void finish_rows(uint64_t tot[][3], int64_t mr, int64_t bound, const uint64_t sums[2],
+                        uint64_t *out) {
+    const uint64_t corr = offset_share(bound, sums[0], sums[1]);
+    for (int64_t m = 0; m < mr; m++) out[m] = recombine_ifma(tot[m], corr);
+}
+
 /* One row's block of len <= FV_BLOCK packed values in one pass, eight per step: decoded as
  * unpack_block_vbmi decodes them (masked load, byte permutation, arithmetic shift), bounded,
  * summed and dequantized without leaving the registers.
@@ -501,7 +519,7 @@ IFMA_TARGET static int64_t acc_linear_ifma(
     const __m512i perm = _mm512_loadu_si512((const void *)idx);
     const __mmask64 full = 8 * w == 64 ? ~(__mmask64)0 : (((__mmask64)1 << (8 * w)) - 1);
     const __m512i sh = _mm512_set1_epi64(64 - 8 * w);
-    uint64_t sum_lo = 0, sum_hi = 0; /* sum of a's lo and hi parts mod P (the first pass) */
+    uint64_t sums[2] = {0, 0}; /* a's lo and hi parts summed mod P (the first pass) */
     for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
         const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
         uint64_t tot[FV_ROWS][3];
@@ -517,15 +535,10 @@ IFMA_TARGET static int64_t acc_linear_ifma(
                     bias ? bias + i0 : NULL, resid ? resid + (m0 + m) * rs + i0 : NULL,
                     y + first, s, first_pass ? q : NULL);
                 if (bad) return bad == 1 ? -3 : -1;
-                for (int j = 0; j < 3; j++) tot[m][j] = fv_add(tot[m][j], fv_fold(s[j]));
-                if (first_pass) {
-                    sum_lo = fv_add(sum_lo, fv_fold(q[0]));
-                    sum_hi = fv_add(sum_hi, fv_fold(q[1]));
-                }
+                take_block(tot[m], s, first_pass ? q : NULL, sums);
             }
         }
-        const uint64_t corr = offset_share(bound, sum_lo, sum_hi);
-        for (int64_t m = 0; m < mr; m++) out[m0 + m] = recombine_ifma(tot[m], corr);
+        finish_rows(tot, mr, bound, sums, out + m0);
     }
     return 0;
 }
@@ -567,7 +580,7 @@ IFMA_TARGET static inline int64_t dot_block_ifma(const int64_t *a, const void *b
 /* fv_dot on the IFMA route (bound < 2^51): the same blocks and rows; the same residues. */
 IFMA_TARGET static int64_t dot_ifma(const int64_t *a, int64_t n, const void *b, int64_t btype,
                                     int64_t rows, int64_t bound, uint64_t *out) {
-    uint64_t sum_lo = 0, sum_hi = 0;
+    uint64_t sums[2] = {0, 0};
     for (int64_t m0 = 0; m0 < rows; m0 += FV_ROWS) {
         const int64_t mr = rows - m0 < FV_ROWS ? rows - m0 : FV_ROWS;
         uint64_t tot[FV_ROWS][3];
@@ -580,15 +593,10 @@ IFMA_TARGET static int64_t dot_ifma(const int64_t *a, int64_t n, const void *b, 
                 const int first_pass = m0 == 0 && m == 0;
                 if (dot_block_ifma(a + i0, row, btype, len, bound, s, first_pass ? q : NULL))
                     return -3;
-                for (int j = 0; j < 3; j++) tot[m][j] = fv_add(tot[m][j], fv_fold(s[j]));
-                if (first_pass) {
-                    sum_lo = fv_add(sum_lo, fv_fold(q[0]));
-                    sum_hi = fv_add(sum_hi, fv_fold(q[1]));
-                }
+                take_block(tot[m], s, first_pass ? q : NULL, sums);
             }
         }
-        const uint64_t corr = offset_share(bound, sum_lo, sum_hi);
-        for (int64_t m = 0; m < mr; m++) out[m0 + m] = recombine_ifma(tot[m], corr);
+        finish_rows(tot, mr, bound, sums, out + m0);
     }
     return 0;
 }
