@@ -135,8 +135,9 @@ FAMILIES = [("llama", "w8a16"), ("llama", "a8"), ("llama", "w16a16"), ("qwen2", 
 def _record(monkeypatch):
     """What each route computes per layer: the fused calls' outputs, and the step route's q/k/v
     (replay._qkv) and output rows (the down linear plus the residual)."""
-    seen = {"fused": {}, "steps": {}, "declined": 0}
+    seen = {"fused": {}, "steps": {}, "declined": 0, "q_layer": {}}
     pre, post, qkv, lin = layer.pre, layer.post, replay._qkv, replay._linear
+    attend, step_attend = layer.attend, replay._attend
 
     def fused(fn, part):
         def rec(key, cfg, prof, l, *a):
@@ -144,6 +145,8 @@ def _record(monkeypatch):
             seen["declined"] += got is None
             if got is not None:
                 seen["fused"][(part, l)] = got[0]
+                if part == "qkv":
+                    seen["q_layer"][id(got[0][0][0])] = l
             return got
         return rec
 
@@ -158,6 +161,20 @@ def _record(monkeypatch):
             seen["steps"][("out", int(label.split(".")[1]))] = got
         return got
 
+    def rec_attend(cfg, prof, q, k, v, pos, n, kv, **kw):
+        got = attend(cfg, prof, q, k, v, pos, n, kv, **kw)
+        seen["declined"] += got is None
+        if got is not None:  # the layer: the one whose fused qkv call gave these q rows
+            seen["fused"][("attn", seen["q_layer"][id(q[0])])] = got
+        return got
+
+    def rec_step_attend(ctx, l, *a):
+        got = step_attend(ctx, l, *a)
+        seen["steps"][("attn", l)] = got
+        return got
+
+    monkeypatch.setattr(layer, "attend", rec_attend)
+    monkeypatch.setattr(replay, "_attend", rec_step_attend)
     monkeypatch.setattr(layer, "pre", fused(pre, "qkv"))
     monkeypatch.setattr(layer, "post", fused(post, "out"))
     monkeypatch.setattr(replay, "_qkv", rec_qkv)
@@ -175,8 +192,8 @@ def _same(a, b) -> bool:
 def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monkeypatch):
     """An honest full-tier opening of each dense family and profile (Qwen2's qkv bias, Qwen3's
     head norms, Mistral's window, tied and scaled RoPE, odd head counts): the fused route answers
-    for every layer (it declines nothing), and its q, k, v rows with their scales and its output
-    rows are the step route's, byte for byte."""
+    for every layer (it declines nothing), and its q, k, v rows with their scales, its attention
+    output (layer.attend) and its output rows are the step route's, byte for byte."""
     from test_protocol import SAMPLED, Flow, _qm
 
     flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}"), profile), params=SAMPLED)
@@ -188,7 +205,7 @@ def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monke
     layers = {int(k.split(".")[1]) for k in arrays if k.startswith("z.") and
               k.split(".")[1].isdigit()}
     assert seen["declined"] == 0 and not seen["steps"]
-    assert set(seen["fused"]) == {(p, l) for l in layers for p in ("qkv", "out")}
+    assert set(seen["fused"]) == {(p, l) for l in layers for p in ("qkv", "attn", "out")}
     monkeypatch.setattr(replay, "FUSED", False)
     v2 = flow.verify(c, meta, arrays)
     assert (v2.accepted, v2.reason, v2.checks) == (v.accepted, v.reason, v.checks)

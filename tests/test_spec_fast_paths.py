@@ -268,4 +268,12 @@ def test_rope_prefetched_rows_equal_the_table():
         assert _same(c, table.cos[pos]) and _same(s, table.sin[pos])
     many = spec_rope.RopeTable(cfg)
     many.prefetch(np.arange(0, 300, 7))  # many rows: the table is built instead
-    assert len(many.cos) >= 294 and not many._far
+    assert len(many.cos) >= 294 and len(many._far) == 0
+    # a second prefetch merges its rows with the first's (overlap kept once, sorted)
+    got.prefetch(np.array([70000, 9, 4000]))
+    assert list(got._far) == [3, 9, 700, 1023, 4000, 5000, 70000]
+    for pos in (np.array([9, 70000, 3]), np.array([4000, 4000])):
+        c, s = got.lookup(pos)
+        assert _same(c, table.cos[pos]) and _same(s, table.sin[pos])
+    c, s = got.lookup(np.array([70000, 11]))  # one row not prefetched: built, same bits
+    assert _same(c, table.cos[[70000, 11]]) and _same(s, table.sin[[70000, 11]])

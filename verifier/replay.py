@@ -6,6 +6,7 @@ Each function raises Reject(code, detail) on the first mismatch; every compariso
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -166,7 +167,33 @@ def _linear_packed(ctx: Ctx, label: str, x: np.ndarray, packed: np.ndarray, code
     return y if y is not None else _linear_q(ctx, label, qx, sx, unpack_acc(packed), code)
 
 
-def _rows(table: dict, positions) -> np.ndarray:
+class RowTable(Mapping):
+    """Opened rows by position (position -> row view), read as a mapping; `take` gathers the
+    rows of several positions in one indexing instead of a stack of views."""
+
+    def __init__(self, positions, rows: np.ndarray):
+        self.rows = rows
+        self.index = {int(p): i for i, p in enumerate(positions)}
+
+    def __getitem__(self, p):
+        return self.rows[self.index[int(p)]]
+
+    def __iter__(self):
+        return iter(self.index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, positions) -> np.ndarray:
+        index = self.index
+        ps = positions.tolist() if isinstance(positions, np.ndarray) else positions
+        return self.rows[[index[int(p)] for p in ps]]
+
+
+def _rows(table, positions) -> np.ndarray:
+    """The rows of `positions` from a RowTable, or from a dict of rows (tests build those)."""
+    if isinstance(table, RowTable):
+        return table.take(positions)
     return np.stack([table[int(p)] for p in positions])
 
 
@@ -219,8 +246,10 @@ def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     t0 = ctx.timer.split(t0, got[1] if got else 0.0)
     if got is None:
         return False
-    o = _attend(ctx, l, pos, n, *got[0], kv, t0)
-    t0 = time.perf_counter()
+    o = layer.attend(cfg, ctx.profile, *got[0], pos, n, kv[l])
+    t0 = ctx.timer.add("attention", t0)
+    if o is None:
+        return False
     if cfg.moe:
         out = _fused_moe_mlp(ctx, l, o, x[:n], packed)
         return out is not None and np.array_equal(out, _rows(resid[l + 1], pos[:n]))

@@ -29,7 +29,7 @@ from .opened import check_range, check_types
 from .opening import Plan, PlanError, array_specs, embed_specs, matrices, plan
 from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
-from .replay import Ctx, Reject, Timer, replay_decode, replay_layer
+from .replay import Ctx, Reject, RowTable, Timer, replay_decode, replay_layer
 
 UNITS = True  # verify a layer at a time (_units); off: always the canonical order (_in_order)
 
@@ -542,7 +542,7 @@ def _trace_tables(receipt, arrays, p: Plan, cfg):
         proofs.append((b"resid", l, pos, [rows], _proof(arrays, f"resid.{l}.proof"), rl[l], n,
                        "merkle_residual", f"residual rows of layer {l} are not the committed "
                                           f"ones"))
-        resid[l] = {t: rows[i] for i, t in enumerate(pos)}
+        resid[l] = RowTable(pos, rows)
     shape = (cfg.num_kv_heads, cfg.head_dim)
     for l, pos in p.kv.items():
         _expect(arrays, f"kv.{l}.pos", pos)

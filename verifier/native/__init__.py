@@ -33,7 +33,7 @@ HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag wi
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 11
+ABI = 12
 _lock = threading.Lock()
 _state: dict = {}
 

@@ -21,7 +21,7 @@
 
 #define LOGIT_CLAMP 1073741824.0f /* 2^30 */
 
-int64_t commitllm_native_abi(void) { return 11; }
+int64_t commitllm_native_abi(void) { return 12; }
 
 
 /* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.
@@ -485,6 +485,139 @@ int64_t attn_fused_rows(const int16_t *qh, const int16_t *ql, const void *k, con
     if (desc[0] != 1 && desc[0] != 2) return -4;
     return attn_run(qh, ql, 0, 0, &raw, sq, sk, sv, nvis, nlo, row0, rows, rows_per_group, n_keys,
                     dp, nkb, dv, nvp, d, scale, frac, table, cut, out, z, m);
+}
+
+/* One layer's attention step of the verifier's fused route (replay.py's _attend_fused), as one
+ * call instead of some twenty numpy steps around attn_fused_rows:
+ *   1. (checks != 0) each of the t derived K/V rows (k, v, sk, sv of position pos[i], from ly_pre)
+ *      must be the opened row of that position (kpos sorted, n_kv rows): integers compared as
+ *      integers of one element size, scales as floats (== : the step route's np.array_equal);
+ *      the keys lo .. hi-1 that the n challenged positions see must all be opened, in order;
+ *   2. the attention of the n challenged rows' queries over those keys, rows ordered
+ *      [kv head][group][position] as native/attention.py orders them (query planes, their
+ *      scales, visible ranges and the K/V scales transposed here), rows row0 .. row0+rows-1 of
+ *      heads * n; their outputs written to out [n][heads * d] at (position, head).
+ * It decides nothing: 1 means "not answered" (a derived row differs, a row is not opened, a
+ * dtype or size this call does not take); the caller then takes the step route, which decides
+ * and gives the reason. -1 / -2 / -3 / -4 as attn_fused_rows. */
+typedef struct {
+    int64_t t, n, heads, kv_heads, d, es;  /* es: the bytes of q, k, v elements (1 or 2) */
+    const void *q;                         /* [t][heads][d] */
+    const float *sq;                       /* [t][heads] */
+    const void *k, *v;                     /* derived [t][kv_heads][d] */
+    const float *sk, *sv;                  /* derived [t][kv_heads] */
+    const int64_t *pos;                    /* [t]: the challenged positions, then the sample's */
+    int64_t n_kv;
+    const int64_t *kpos;                   /* opened positions [n_kv], sorted */
+    const void *k_all, *v_all;             /* opened [n_kv][kv_heads][d], contiguous */
+    const float *sk_all, *sv_all;          /* opened [n_kv][kv_heads] */
+    int64_t window;                        /* keys a query sees (sliding window), or 0: all */
+    float scale, frac;
+    const int32_t *table;
+    int64_t cut;
+    float *out;                            /* [n][heads * d] */
+} attn_layer_args;
+
+static int64_t lower_bound(const int64_t *a, int64_t n, int64_t x) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (a[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+static int floats_equal(const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!(a[i] == b[i])) return 0;
+    return 1;
+}
+
+int64_t attn_layer(const attn_layer_args *A, int64_t row0, int64_t rows, int64_t checks) {
+    const int64_t t = A->t, n = A->n, nh = A->heads, nkv = A->kv_heads, d = A->d, es = A->es;
+    if ((es != 1 && es != 2) || n < 1 || n > t || nkv < 1 || nh % nkv || d < 1 || row0 < 0
+        || rows < 0 || row0 + rows > nh * n)
+        return 1;
+    const int64_t kvw = nkv * d;  /* elements of one position's K (or V) row */
+    const char *k_all = A->k_all, *v_all = A->v_all;
+    if (checks) {
+        for (int64_t i = 0; i < t; i++) {
+            const int64_t at = lower_bound(A->kpos, A->n_kv, A->pos[i]);
+            if (at >= A->n_kv || A->kpos[at] != A->pos[i]) return 1;
+            if (memcmp((const char *)A->k + i * kvw * es, k_all + at * kvw * es, kvw * es)
+                || memcmp((const char *)A->v + i * kvw * es, v_all + at * kvw * es, kvw * es)
+                || !floats_equal(A->sk + i * nkv, A->sk_all + at * nkv, nkv)
+                || !floats_equal(A->sv + i * nkv, A->sv_all + at * nkv, nkv))
+                return 1;
+        }
+    }
+    /* the keys lo .. hi-1 the challenged positions see, opened rows a .. a + S - 1 */
+    int64_t pmin = A->pos[0], pmax = A->pos[0];
+    for (int64_t i = 1; i < n; i++) {
+        pmin = A->pos[i] < pmin ? A->pos[i] : pmin;
+        pmax = A->pos[i] > pmax ? A->pos[i] : pmax;
+    }
+    const int64_t w = A->window;
+    const int64_t lo = w > 0 && pmin - (w - 1) > 0 ? pmin - (w - 1) : 0, S = pmax + 1 - lo;
+    const int64_t a = lower_bound(A->kpos, A->n_kv, lo);
+    if (S < 1 || a + S > A->n_kv) return 1;
+    if (checks)
+        for (int64_t j = 0; j < S; j++)
+            if (A->kpos[a + j] != lo + j) return 1;
+    if (rows == 0) return 0;
+    const int64_t g = nh / nkv, R = nh * n, rpg = g * n, dp = d + d % 2;
+    const int64_t g0 = row0 / rpg, g1 = (row0 + rows - 1) / rpg + 1;  /* groups of the rows */
+    int16_t *qh = calloc((size_t)(R * dp), sizeof(int16_t));
+    int16_t *ql = es == 2 ? calloc((size_t)(R * dp), sizeof(int16_t)) : 0;
+    float *sqr = malloc(sizeof(float) * R), *skt = malloc(sizeof(float) * nkv * S);
+    float *svt = malloc(sizeof(float) * nkv * S), *o = malloc(sizeof(float) * R * d);
+    int64_t *nvis = malloc(sizeof(int64_t) * R), *nlo = w > 0 ? malloc(sizeof(int64_t) * R) : 0;
+    int64_t *z = malloc(sizeof(int64_t) * R);
+    float *m = malloc(sizeof(float) * R);
+    int64_t code = 0;
+    if (!qh || (es == 2 && !ql) || !sqr || !skt || !svt || !o || !nvis || (w > 0 && !nlo) || !z
+        || !m)
+        code = -3;
+    if (!code) {
+        for (int64_t r = row0; r < row0 + rows; r++) {
+            const int64_t h = r / n, i = r % n, rel = A->pos[i] - lo;
+            int16_t *hr = qh + r * dp;
+            if (es == 1) {
+                const int8_t *src = (const int8_t *)A->q + (i * nh + h) * d;
+                for (int64_t j = 0; j < d; j++) hr[j] = src[j];
+            } else {  /* q = 256 hi + lo, lo in [-128, 128) (native.pack_queries) */
+                const int16_t *src = (const int16_t *)A->q + (i * nh + h) * d;
+                int16_t *lr = ql + r * dp;
+                for (int64_t j = 0; j < d; j++) {
+                    const int32_t x = src[j], low = ((x + 128) & 255) - 128;
+                    lr[j] = (int16_t)low;
+                    hr[j] = (int16_t)((x - low) >> 8);
+                }
+            }
+            sqr[r] = A->sq[i * nh + h];
+            nvis[r] = rel + 1 < 0 ? 0 : rel + 1 > S ? S : rel + 1;
+            if (nlo) nlo[r] = rel - (w - 1) > 0 ? rel - (w - 1) : 0;
+        }
+        for (int64_t grp = g0; grp < g1; grp++)
+            for (int64_t j = 0; j < S; j++) {
+                skt[grp * S + j] = A->sk_all[(a + j) * nkv + grp];
+                svt[grp * S + j] = A->sv_all[(a + j) * nkv + grp];
+            }
+        /* the opened rows a .. a+S-1 as [S][kv_heads][d]: strides in elements */
+        const int64_t desc[7] = {es, kvw, d, 1, kvw, d, 1};
+        code = attn_fused_rows(qh, ql, k_all + a * kvw * es, v_all + a * kvw * es, desc, sqr, skt,
+                               svt, nvis, nlo, row0, rows, rpg, S, dp, (S + KB - 1) / KB,
+                               (d + 31) / 32 * 32, (S + 1) / 2, d, A->scale, A->frac, A->table,
+                               A->cut, o, z, m);
+    }
+    if (!code)
+        for (int64_t r = row0; r < row0 + rows; r++) {
+            const int64_t h = r / n, i = r % n;
+            memcpy(A->out + (i * nh + h) * d, o + r * d, sizeof(float) * d);
+        }
+    free(qh); free(ql); free(sqr); free(skt); free(svt); free(o); free(nvis); free(nlo); free(z);
+    free(m);
+    return code;
 }
 
 /* Pack keys or values for attn_fused from any strided int8/int16 array src[B][H][S][d] (strides in

@@ -18,7 +18,9 @@ import numpy as np
 from ..freivalds import EXACT_BITS
 from ..numerics import exp2 as _exp2
 from ..numerics.quant import int_dtype
-from . import lib
+from ..numerics import attention as _spec
+from . import _split_run, lib, threads
+from .attention import _full_table
 
 _p, _i64, _f32, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
 _F4, _I8 = np.dtype(np.float32), np.dtype(np.int64)
@@ -49,10 +51,19 @@ class PostArgs(ctypes.Structure):
                 ("out", _p), ("fv_seconds", _f64)]
 
 
+class AttendArgs(ctypes.Structure):
+    _fields_ = [("t", _i64), ("n", _i64), ("heads", _i64), ("kv_heads", _i64), ("d", _i64),
+                ("es", _i64), ("q", _p), ("sq", _p), ("k", _p), ("v", _p), ("sk", _p),
+                ("sv", _p), ("pos", _p), ("n_kv", _i64), ("kpos", _p), ("k_all", _p),
+                ("v_all", _p), ("sk_all", _p), ("sv_all", _p), ("window", _i64), ("scale", _f32),
+                ("frac", _f32), ("table", _p), ("cut", _i64), ("out", _p)]
+
+
 def declare(so) -> None:
-    so.ly_pre.restype = so.ly_post.restype = _i64
+    so.ly_pre.restype = so.ly_post.restype = so.attn_layer.restype = _i64
     so.ly_pre.argtypes = [ctypes.POINTER(PreArgs)]
     so.ly_post.argtypes = [ctypes.POINTER(PostArgs)]
+    so.attn_layer.argtypes = [ctypes.POINTER(AttendArgs), _i64, _i64, _i64]
 
 
 def _f32_vec(a, n: int) -> int | None:
@@ -69,19 +80,28 @@ def _rows(a: np.ndarray, rows: int, n: int, dtype=_F4) -> int | None:
 
 
 def _linear(key, profile, label: str, n: int, k: int) -> _Linear | None:
-    """The key's secret rows, scales and bias of matrix `label` [n, k]."""
-    arrays = key.arrays
-    s = _f32_vec(arrays.get(f"{label}.s"), n)
-    bias = arrays.get(f"{label}.bias")
-    b = None if bias is None else _f32_vec(bias, n)
+    """The key's secret rows, scales and bias of matrix `label` [n, k], kept with the key (its
+    `_limbs`, beside the prepared rows) for the next call: the entry holds the arrays whose
+    addresses it gives and is used only while the key still has those very arrays."""
+    arrays, cache = key.arrays, getattr(key, "_limbs", None)
+    sa, bias = arrays.get(f"{label}.s"), arrays.get(f"{label}.bias")
     r, v = key.prepared(label)
+    bound = k * profile.act_qmax * profile.matrix_qmax(label)
+    tag = ("layer.c", label, n, k, bound)
+    got = None if cache is None else cache.get(tag)
+    if got is not None and got[0] is sa and got[1] is bias and got[2] is r and got[3] is v:
+        return got[4]
+    s = _f32_vec(sa, n)
+    b = None if bias is None else _f32_vec(bias, n)
     if (s is None or (bias is not None and b is None) or r.a.shape != (n,) or v.a.shape != (k,)
             or r.a.dtype != _I8 or v.a.dtype != _I8):
         return None
-    bound = k * profile.act_qmax * profile.matrix_qmax(label)
     if bound >= 2**EXACT_BITS:  # beyond what the step route takes (freivalds.dot): it decides
         return None
-    return _Linear(r.a.ctypes.data, v.a.ctypes.data, s, b, n, k, bound)
+    lin = _Linear(r.a.ctypes.data, v.a.ctypes.data, s, b, n, k, bound)
+    if cache is not None:
+        cache[tag] = (sa, bias, r, v, lin)
+    return lin
 
 
 def _acc(z: np.ndarray | None, rows: int, n: int) -> _Acc | None:
@@ -154,3 +174,56 @@ def post(key, cfg, profile, l: int, o: np.ndarray, x: np.ndarray, packed: dict):
     if so.ly_post(ctypes.byref(a)):
         return None
     return out, a.fv_seconds
+
+
+def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads: int | None = None):
+    """The attention step of layer l on the fused route (attn.c's attn_layer): the derived K/V
+    rows (q, k, v: (quantized rows [t, heads, d], scales [t, heads]) from `pre`, at positions pos
+    [t], the first n challenged) against the opened ones kv = (kpos, k, sk, v, sv), then the
+    attention of the n challenged rows over every opened key they see: fp32 [n, heads * d] as
+    native.attention.attention gives it; or None (a row differs or is not opened, a size or
+    dtype the call does not take; nothing decided)."""
+    so = lib()
+    (qq, sq), (kq, sk), (vq, sv) = q, k, v
+    kpos, k_all, sk_all, v_all, sv_all = kv
+    t, nh, nkv, d = len(pos), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    window = cfg.sliding_window
+    dt = qq.dtype
+    if (so is None or dt not in (np.int8, np.int16) or not 1 <= n <= t or pos.dtype != _I8
+            or kpos.dtype != _I8 or (window is not None and window < 1)
+            or _spec.COEF_BITS != 15 or _spec.LOGIT_CLAMP != 2**30):
+        return None
+    m = len(kpos)
+    shapes = ((qq, (t, nh, d), dt), (sq, (t, nh), _F4), (kq, (t, nkv, d), dt),
+              (vq, (t, nkv, d), dt), (sk, (t, nkv), _F4), (sv, (t, nkv), _F4),
+              (pos, (t,), _I8), (kpos, (m,), _I8), (k_all, (m, nkv, d), dt),
+              (v_all, (m, nkv, d), dt), (sk_all, (m, nkv), _F4), (sv_all, (m, nkv), _F4))
+    if not all(a.dtype == want and a.shape == shape and a.flags.c_contiguous
+               for a, shape, want in shapes):
+        return None
+    p_n = pos[:n]
+    lo = max(0, int(p_n.min()) - (window - 1)) if window is not None else 0
+    try:  # the spec's exactness bounds on the keys these rows see
+        _spec.check_bounds(d, int(p_n.max()) + 1 - lo, profile.kv_qmax)
+    except OverflowError:
+        return None
+    table, cut = _full_table()
+    out = np.empty((n, nh * d), np.float32)
+    a = AttendArgs(t, n, nh, nkv, d, dt.itemsize, *(x.ctypes.data for x in (qq, sq, kq, vq, sk, sv,
+                                                                             pos)),
+                   m, *(x.ctypes.data for x in (kpos, k_all, v_all, sk_all, sv_all)),
+                   window or 0, float(_spec.score_scale(d)), float(1 << _exp2.LOGIT_FRAC_BITS),
+                   table.ctypes.data, cut, out.ctypes.data)
+    rows = nh * n
+    # rows split over threads when the keys seen are many (native._attn's rule); no bit changes
+    k_threads = max(1, min(n_threads or threads(), rows * (int(p_n.max()) + 1 - lo) * d // (1 << 21)
+                           + 1))
+    bounds = [rows * i // k_threads for i in range(k_threads + 1)]
+    codes = []  # any code but 0 (a check failed, a softmax step the step route must meet, no
+    #             memory): not answered; the checks run in the first range's call
+
+    def run(a0: int, b0: int) -> int:
+        codes.append(so.attn_layer(ctypes.byref(a), a0, b0 - a0, int(a0 == 0)))
+        return 0
+    _split_run(run, bounds, "attn_layer")
+    return None if any(codes) else out

@@ -89,7 +89,9 @@ class RopeTable:
         self.freqs, self.cos_b, self.sin_b = _bases(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
         self.cos = np.ones((0, len(self.freqs)), F32)
         self.sin = np.zeros((0, len(self.freqs)), F32)
-        self._far: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # prefetch: rows past the table
+        # prefetch: rows past the table, positions sorted and unique, their cos and sin rows
+        self._far = np.zeros(0, np.int64)
+        self._far_cos, self._far_sin = self.cos, self.sin
 
     def digest(self) -> str:
         """sha256 of the float64 inv_freq and base rotations: they determine every entry."""
@@ -112,9 +114,10 @@ class RopeTable:
         if top > len(self.cos) and 8 * len(positions) < top:  # a few rows far out (the
             if top > 2**POSITION_BITS:  # verifier's challenged positions): those rows only
                 raise ValueError(f"position {top - 1} beyond the RoPE table's 2^{POSITION_BITS}")
-            if all(int(p) in self._far for p in positions):
-                rows = [self._far[int(p)] for p in positions]
-                return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])
+            at = np.searchsorted(self._far, positions)
+            if np.all(at < len(self._far)) and np.array_equal(
+                    self._far[np.minimum(at, len(self._far) - 1)], positions):
+                return self._far_cos[at], self._far_sin[at]
             return build_rows(self.cos_b, self.sin_b, positions)
         self.ensure(top)
         return self.cos[positions], self.sin[positions]
@@ -132,8 +135,13 @@ class RopeTable:
         if 8 * len(positions) >= top:
             self.ensure(top)
         elif top > len(self.cos):
-            cos, sin = build_rows(self.cos_b, self.sin_b, positions)
-            self._far.update({int(p): (c, s) for p, c, s in zip(positions, cos, sin)})
+            new = np.setdiff1d(positions, self._far)
+            cos, sin = build_rows(self.cos_b, self.sin_b, new)
+            far = np.concatenate([self._far, new])
+            order = np.argsort(far, kind="stable")
+            self._far = far[order]
+            self._far_cos = np.concatenate([self._far_cos, cos])[order]
+            self._far_sin = np.concatenate([self._far_sin, sin])[order]
 
 
 def build_table(cos_b: np.ndarray, sin_b: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
