@@ -405,6 +405,55 @@ def test_random_replay_level_mutations_agree_on_every_route(kind, count, request
     assert ("byte", "reject") in seen and ("out", "reject") in seen  # not vacuous
 
 
+def _kv_edits(l, kv):
+    """Edits of layer l's opened K/V table (positions and rows) that its Merkle proof would
+    catch only if the provider had not committed to them: what the attention step (on the fused
+    route attn.c's attn_layer, on the step route replay._attend) alone must refuse."""
+    kpos, *rows = kv[l]
+    m = len(kpos)
+    out = []
+
+    def put(name, p, rs):
+        new = dict(kv)
+        new[l] = (np.asarray(p, np.int64), *rs)
+        out.append((name, new))
+    i, j = m // 3, m - 1
+    swapped = [a.copy() for a in rows]
+    for a in swapped:
+        a[[i, j]] = a[[j, i]]
+    put("rows swapped", kpos, swapped)
+    for at in (0, m // 2, m - 1):  # a position and its rows dropped
+        keep = np.arange(m) != at
+        put(f"drop {at}", kpos[keep], [a[keep] for a in rows])
+    dup = np.insert(np.arange(m), m // 2, m // 2)  # a position opened twice
+    put("duplicate", kpos[dup], [a[dup] for a in rows])
+    shifted = kpos.copy()
+    shifted[m // 2:] += 1  # positions relabelled past the middle
+    put("shifted", shifted, rows)
+    order = np.arange(m)[::-1]  # unsorted
+    put("reversed", kpos[order], [a[order] for a in rows])
+    wider = [a.astype(np.int16) if a.dtype == np.int8 else a for a in rows]
+    put("int8 rows as int16", kpos, wider)  # the same values: both routes accept alike
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
+def test_kv_table_edits_agree_on_every_route(kind, request):
+    """Each edit of an opened K/V table: the same outcome with the fused route on every CPU
+    route and with it off, and a rejection unless the edit keeps every value the attention
+    reads (the int8 rows widened)."""
+    flow = _flow(request.getfixturevalue(f"tiny_{kind}"))
+    got = _capture(flow, "routine")
+    for ctx, l, resid, kv, z, zq in got:
+        for name, new in _kv_edits(l, kv):
+            out = _all_outcomes(ctx, l, (resid, new, z, zq))
+            assert all(o == out[0] for o in out), (kind, l, name, out)
+            if name == "int8 rows as int16":
+                assert out[0] == ("ok",), (kind, l, out[0])
+            else:
+                assert out[0][0] == "reject", (kind, l, name, out[0])
+
+
 # ---------------------------------------------------------------- fv_acc_linear, hostile calls
 
 class _Guarded:
