@@ -231,10 +231,13 @@ def _split_run(run, bounds: list[int], name: str) -> None:
 _local = threading.local()
 
 
+_CORES = max(1, min(os.cpu_count() or 1, 16))  # read once: os.cpu_count() costs microseconds
+
+
 def threads() -> int:
     """Threads for row-parallel routines: every core (at most 16), or the budget that
     thread_budget gave the calling thread."""
-    return getattr(_local, "budget", None) or max(1, min(os.cpu_count() or 1, 16))
+    return getattr(_local, "budget", None) or _CORES
 
 
 @contextmanager
