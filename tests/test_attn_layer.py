@@ -184,3 +184,54 @@ def test_attend_declines_sizes_it_does_not_take():
            (cfg, prof, q, k, v, pos, n, (kv[0], kv[1][:, :, :-1], *kv[2:]))]
     for i, args in enumerate(bad):
         assert layer.attend(*args) is None, i
+
+
+def _lower_bound(a, x) -> int:
+    lo, hi = 0, len(a)  # attn_layer's search
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if a[mid] < x else (lo, mid)
+    return lo
+
+
+def test_attend_declines_an_unsorted_position_table():
+    """Opened positions out of order past the keys the attention reads, one of them a second row
+    of a challenged position p: a binary search on an unsorted table can find that copy while the
+    attention reads p's row in the sorted part, so the derived-row check and the attention would
+    read different rows (here the copy is the honest row, the attended row has V negated).
+    attn_layer declines any table that is not strictly increasing; the step route decides."""
+    cfg, prof, q, k, v, pos, n, kv = _case(np.random.default_rng(8), top=24, n=2, sample=1)
+    kpos, *rows = kv
+    m, rng, found = len(kpos), np.random.default_rng(1), None
+    for _ in range(20000):
+        p = int(pos[rng.integers(n)])
+        tail = [int(x) for x in rng.integers(-30, 60, rng.integers(0, 5))]
+        tail.insert(int(rng.integers(len(tail) + 1)), p)
+        kp = np.array([*kpos, *tail], np.int64)
+        if _lower_bound(kp, p) < m or _lower_bound(kp, 0) != 0:
+            continue
+        if all(kp[min(_lower_bound(kp, x), len(kp) - 1)] == x for x in pos):
+            found = p, kp
+            break
+    assert found is not None  # not vacuous: such a table exists
+    p, kp = found
+    src = np.array([int(np.searchsorted(kpos, x)) if x in kpos else 0 for x in kp], np.int64)
+    bad = [a[src].copy() for a in rows]
+    bad[2][int(np.searchsorted(kpos, p))] *= -1
+    table = (kp, *bad)
+    for threads in (1, 2):
+        assert layer.attend(cfg, prof, q, k, v, pos, n, table, n_threads=threads) is None
+    dup = np.insert(np.arange(m), 4, 4)  # sorted but one position twice
+    assert layer.attend(cfg, prof, q, k, v, pos, n, tuple(a[dup] for a in kv)) is None
+
+
+def test_attend_declines_positions_beyond_its_limit():
+    case = _case(np.random.default_rng(9), window=8)
+    cfg, prof, q, k, v, pos, n, kv = case
+    assert layer.attend(*case) is not None
+    for p, w in (([-1], 8), ([layer._POSITION_LIMIT], 8), ([], layer._POSITION_LIMIT),
+                 ([], 2**63 - 1)):
+        pp = pos.copy()
+        pp[:len(p)] = p
+        c2 = SimpleNamespace(**{**vars(cfg), "sliding_window": w})
+        assert layer.attend(c2, prof, q, k, v, pp, n, kv) is None, (p, w)

@@ -249,3 +249,22 @@ def test_moe_layers_compute_the_step_routes_bits(kind, request, monkeypatch):
     assert set(seen["steps"]) == set(seen["fused"])
     for k, got in seen["fused"].items():
         assert _same(got, seen["steps"][k]), (kind, k)
+
+
+def test_a_used_key_copies_and_pickles_without_its_address_cache(request):
+    """The fused route keeps structs of raw addresses with the key (its _limbs): a copy of the
+    key must not carry them (they would name the original's arrays) and pickling must work."""
+    import copy
+    import pickle
+
+    from test_protocol import SAMPLED, Flow, _qm
+
+    flow = Flow(_qm(request.getfixturevalue("tiny_llama")), params=SAMPLED)
+    c = flow.challenge("routine")
+    meta, arrays = flow.open(c)
+    assert flow.verify(c, meta, arrays).accepted
+    key = flow.key
+    assert key._limbs.get("layer.c")  # the route ran and kept its structs
+    for other in (copy.deepcopy(key), pickle.loads(pickle.dumps(key))):
+        assert not other._limbs.get("layer.c")
+    assert copy.copy(key)._limbs is key._limbs  # a shallow copy shares the very arrays

@@ -489,8 +489,9 @@ int64_t attn_fused_rows(const int16_t *qh, const int16_t *ql, const void *k, con
 
 /* One layer's attention step of the verifier's fused route (replay.py's _attend_fused), as one
  * call instead of some twenty numpy steps around attn_fused_rows:
- *   1. (checks != 0) each of the t derived K/V rows (k, v, sk, sv of position pos[i], from ly_pre)
- *      must be the opened row of that position (kpos sorted, n_kv rows): integers compared as
+ *   1. (checks != 0) the opened positions kpos [n_kv] strictly increasing; each of the t derived
+ *      K/V rows (k, v, sk, sv of position pos[i], from ly_pre) must be the opened row of that
+ *      position: integers compared as
  *      integers of one element size, scales as floats (== : the step route's np.array_equal);
  *      the keys lo .. hi-1 that the n challenged positions see must all be opened, in order;
  *   2. the attention of the n challenged rows' queries over those keys, rows ordered
@@ -541,6 +542,9 @@ int64_t attn_layer(const attn_layer_args *A, int64_t row0, int64_t rows, int64_t
     const int64_t kvw = nkv * d;  /* elements of one position's K (or V) row */
     const char *k_all = A->k_all, *v_all = A->v_all;
     if (checks) {
+        /* positions strictly increasing: one row per position, found by any search alike */
+        for (int64_t j = 1; j < A->n_kv; j++)
+            if (A->kpos[j] <= A->kpos[j - 1]) return 1;
         for (int64_t i = 0; i < t; i++) {
             const int64_t at = lower_bound(A->kpos, A->n_kv, A->pos[i]);
             if (at >= A->n_kv || A->kpos[at] != A->pos[i]) return 1;

@@ -51,6 +51,23 @@ class PostArgs(ctypes.Structure):
                 ("out", _p), ("fv_seconds", _f64)]
 
 
+_POSITION_LIMIT = 1 << 40  # attend declines positions and windows from here (the key's: far below)
+
+
+class _Cache(dict):
+    """Structs of raw addresses kept with a key (its `_limbs`): a copy of the key starts with
+    none (a copied entry would name the original key's arrays) and pickles as empty."""
+
+    def __copy__(self):
+        return _Cache()
+
+    def __deepcopy__(self, memo):
+        return _Cache()
+
+    def __reduce__(self):
+        return (_Cache, ())
+
+
 class AttendArgs(ctypes.Structure):
     _fields_ = [("t", _i64), ("n", _i64), ("heads", _i64), ("kv_heads", _i64), ("d", _i64),
                 ("es", _i64), ("q", _p), ("sq", _p), ("k", _p), ("v", _p), ("sk", _p),
@@ -83,11 +100,12 @@ def _linear(key, profile, label: str, n: int, k: int) -> _Linear | None:
     """The key's secret rows, scales and bias of matrix `label` [n, k], kept with the key (its
     `_limbs`, beside the prepared rows) for the next call: the entry holds the arrays whose
     addresses it gives and is used only while the key still has those very arrays."""
-    arrays, cache = key.arrays, getattr(key, "_limbs", None)
+    arrays, limbs = key.arrays, getattr(key, "_limbs", None)
+    cache = None if limbs is None else limbs.get("layer.c") or limbs.setdefault("layer.c", _Cache())
     sa, bias = arrays.get(f"{label}.s"), arrays.get(f"{label}.bias")
     r, v = key.prepared(label)
     bound = k * profile.act_qmax * profile.matrix_qmax(label)
-    tag = ("layer.c", label, n, k, bound)
+    tag = (label, n, k, bound)
     got = None if cache is None else cache.get(tag)
     if got is not None and got[0] is sa and got[1] is bias and got[2] is r and got[3] is v:
         return got[4]
@@ -202,9 +220,13 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
                for a, shape, want in shapes):
         return None
     p_n = pos[:n]
-    lo = max(0, int(p_n.min()) - (window - 1)) if window is not None else 0
+    pmin, pmax = int(p_n.min()), int(p_n.max())
+    # positions and window far inside int64, so no sum in attn_layer can overflow
+    if pmin < 0 or pmax >= _POSITION_LIMIT or (window is not None and window >= _POSITION_LIMIT):
+        return None
+    lo = max(0, pmin - (window - 1)) if window is not None else 0
     try:  # the spec's exactness bounds on the keys these rows see
-        _spec.check_bounds(d, int(p_n.max()) + 1 - lo, profile.kv_qmax)
+        _spec.check_bounds(d, pmax + 1 - lo, profile.kv_qmax)
     except OverflowError:
         return None
     table, cut = _full_table()
@@ -216,8 +238,7 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
                    table.ctypes.data, cut, out.ctypes.data)
     rows = nh * n
     # rows split over threads when the keys seen are many (native._attn's rule); no bit changes
-    k_threads = max(1, min(n_threads or threads(), rows * (int(p_n.max()) + 1 - lo) * d // (1 << 21)
-                           + 1))
+    k_threads = max(1, min(n_threads or threads(), rows * (pmax + 1 - lo) * d // (1 << 21) + 1))
     bounds = [rows * i // k_threads for i in range(k_threads + 1)]
     codes = []  # any code but 0 (a check failed, a softmax step the step route must meet, no
     #             memory): not answered; the checks run in the first range's call
