@@ -43,3 +43,17 @@ def test_hostile_structure_is_linear(doc):
         loads(doc, max_bytes=10**8)
     # generous: ~0.2 s here; a quadratic scan of these 2 MB inputs would take minutes
     assert time.perf_counter() - t < 10
+
+
+def test_uint_ids_takes_plain_ints_in_range_only():
+    import enum
+
+    from commitllm.verifier.safejson import uint_ids
+
+    class E(enum.IntEnum):
+        A = 1
+    assert uint_ids([]) and uint_ids([0, 5, 2**32 - 1]) and uint_ids((3, 4))
+    for bad in ([True], [1, False], [-1], [2**32], [1, 2.0], [1, None], [E.A], ["1"], "12",
+                {1: 2}, None, [[1]]):
+        assert not uint_ids(bad), bad
+    assert uint_ids([7, 2**16], limit=2**16 + 1) and not uint_ids([2**16], limit=2**16)

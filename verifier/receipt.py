@@ -15,6 +15,7 @@ import blake3
 from .commitment import canonical_json
 from .outputs import policy_error
 from .request import RequestError, check_text
+from .safejson import uint_ids
 
 RECEIPT_VERSION = "commitllm-receipt/3"  # 3: manifest `output` (stop, logprobs, echo) and the
 # committed `logprobs`; 2: no manifest `chat` flag (the request says)
@@ -291,7 +292,7 @@ def _shape(r) -> None:
     _manifest(r["manifest"])
     for k in ("prompt_token_ids", "output_token_ids"):
         ids = r[k]
-        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**32 for i in ids):
+        if not uint_ids(ids):  # plain ints (not bools) in [0, 2^32)
             raise bad(f"{k} must be a list of token ids")
     if not r["prompt_token_ids"] or not r["output_token_ids"]:
         raise bad("a receipt needs a prompt and at least one output token")

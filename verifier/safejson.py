@@ -83,3 +83,10 @@ def _object(pairs: list) -> dict:
 
 
 __all__ = ["JSONError", "MAX_DEPTH", "check_structure", "loads"]
+
+
+def uint_ids(ids, limit: int = 1 << 32) -> bool:
+    """Whether ids is a list (or tuple) of plain ints (not bools, not int subclasses) in
+    [0, limit): the type pass and min/max run in C, not one Python step per id."""
+    return isinstance(ids, (list, tuple)) and (not ids or (
+        set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < limit))

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..numerics.quant import split_planes
+from ..safejson import uint_ids
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c",
                                                              "hash.c", "layer.c"))
@@ -676,7 +677,7 @@ def b3_chain(dom: bytes, cur: bytes, tags: bytes, ids: list[int]) -> bytes:
         raise RuntimeError("the compiled core is unavailable")
     n = len(ids)
     if (len(cur) != 32 or len(tags) != n or len(dom) > 27
-            or not all(type(t) is int and 0 <= t < 1 << 32 for t in ids)):
+            or not uint_ids(ids)):
         raise ValueError("b3_chain: inconsistent inputs")
     a = np.array(ids, dtype="<u4")
     out = ctypes.create_string_buffer(bytes(cur), 32)
