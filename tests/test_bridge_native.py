@@ -368,3 +368,32 @@ def test_minmax_is_numpy_s_min_and_max(dtype):
     b = rng.integers(-100, 100, (40, 6, 9)).astype(dtype)
     assert bridge.minmax(b[:, ::2]) == (int(b[:, ::2].min()), int(b[:, ::2].max()))
     assert bridge.minmax(b) == (int(b.min()), int(b.max()))
+
+
+@needs_core
+@pytest.mark.parametrize("route", range(3))
+def test_swiglu_on_every_route(route):
+    """br_swiglu's AVX-512 route (route 2: 16 lanes, two vectors a step, the tail masked) and
+    the cloned loop (routes 0, 1) against the spec: every row length around the 16- and
+    32-value steps, the clamp, rounding ties of y, subnormals, signed zeros, huge products, and
+    non-finite values anywhere in a row (the spec's result then)."""
+    so = native.lib()
+    if route > int(so.attn_best_route()):
+        pytest.skip("route not on this CPU")
+    rng = np.random.default_rng(route)
+    so.attn_route(route)
+    try:
+        for n in (*range(1, 70), 255, 1000):
+            g = rng.standard_normal((3, n)).astype(F32) * F32(30)
+            u = rng.standard_normal((3, n)).astype(F32)
+            g[0, ::3] = np.float32(np.log(2)) * np.arange(len(g[0, ::3]), dtype=F32) / 2
+            g[1, :4] = [0.0, -0.0, 2.0 ** -149, -(2.0 ** -126)][: min(n, 4)]
+            u[2, -1] = F32(3e38)
+            same_result(result(bridge.swiglu, g, u), result(_spec_swiglu, g, u))
+            for bad in NONFINITE:
+                gb = g.copy()
+                gb[1, n - 1] = bad
+                with np.errstate(all="ignore"):
+                    same_result(result(bridge.swiglu, gb, u), result(_spec_swiglu, gb, u))
+    finally:
+        so.attn_route(-1)

@@ -187,8 +187,91 @@ CLONES static int swiglu_row(const float *g, const float *u, int64_t n, float ne
     return bad;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BRV __attribute__((target("avx512f")))
+#ifndef COMMITLLM_ONE_TARGET
+int64_t attn_active_route(void); /* attn.c */
+#endif
+
+/* swiglu_row's steps on 16 lanes, each the same IEEE binary32 operation (no FMA: separate
+ * multiplies and adds): the clamps as max / min, which equal the comparisons for every y that
+ * is not NaN (a NaN y comes from a NaN g, flagged); rint by roundscale to nearest even, which is
+ * rint_even's value for every finite y; the C cast's truncation of k + 127 (an integer in
+ * [63, 191]) as cvtt. m: the lanes in the row; `bad` gathers those with a non-finite input or
+ * output. */
+BRV static inline __m512 swiglu16(__m512 g, __m512 u, const __m512 c[8], __m512 nl, __mmask16 m,
+                                  __mmask16 *bad) {
+    const __m512 lim = _mm512_set1_ps(3.40282347e38f);
+    *bad |= m & ~(_mm512_cmp_ps_mask(_mm512_abs_ps(g), lim, _CMP_LE_OQ)
+                  & _mm512_cmp_ps_mask(_mm512_abs_ps(u), lim, _CMP_LE_OQ));
+    __m512 y = _mm512_mul_ps(g, nl);
+    y = _mm512_max_ps(y, _mm512_set1_ps(-64.0f));
+    y = _mm512_min_ps(y, _mm512_set1_ps(64.0f));
+    const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(y, k);
+    __m512 p = _mm512_add_ps(_mm512_mul_ps(f, c[7]), c[6]);
+    for (int d = 5; d >= 0; d--) p = _mm512_add_ps(_mm512_mul_ps(p, f), c[d]);
+    const __m512 two_k = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvttps_epi32(_mm512_add_ps(k, _mm512_set1_ps(127.0f))), 23));
+    p = _mm512_add_ps(_mm512_mul_ps(p, two_k), _mm512_set1_ps(1.0f));
+    p = _mm512_mul_ps(_mm512_div_ps(g, p), u);
+    *bad |= m & ~_mm512_cmp_ps_mask(_mm512_abs_ps(p), lim, _CMP_LE_OQ);
+    return p;
+}
+
+/* swiglu_row, 32 values a step (two independent vectors keep the division unit busy), the tail
+ * masked. */
+BRV static int swiglu_row16(const float *g, const float *u, int64_t n, float neg_log2e,
+                            const float *coefs, float *out) {
+    __m512 c[8];
+    for (int d = 0; d < 8; d++) c[d] = _mm512_set1_ps(coefs[d]);
+    const __m512 nl = _mm512_set1_ps(neg_log2e);
+    __mmask16 bad = 0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        const __m512 a = swiglu16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i), c, nl, 0xFFFF,
+                                  &bad);
+        const __m512 b = swiglu16(_mm512_loadu_ps(g + i + 16), _mm512_loadu_ps(u + i + 16), c,
+                                  nl, 0xFFFF, &bad);
+        _mm512_storeu_ps(out + i, a);
+        _mm512_storeu_ps(out + i + 16, b);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(out + i, m, swiglu16(_mm512_maskz_loadu_ps(m, g + i),
+                                                   _mm512_maskz_loadu_ps(m, u + i), c, nl, m,
+                                                   &bad));
+    }
+    return bad != 0;
+}
+
+/* The AVX-512 route when the compiled core's route is AVX-512 (attn_route; tests run both);
+ * in a build of this file alone for one instruction set (the tests'), when that set is
+ * AVX-512. */
+static int swiglu_vector(void) {
+#ifdef COMMITLLM_ONE_TARGET
+#ifdef __AVX512F__
+    return 1;
+#else
+    return 0;
+#endif
+#else
+    return attn_active_route() == 2 && __builtin_cpu_supports("avx512f");
+#endif
+}
+#endif
+
 int64_t br_swiglu(const float *g, const float *u, int64_t rows, int64_t n, int64_t gs,
                   int64_t us, float neg_log2e, const float *coefs, float *out) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (swiglu_vector()) {
+        for (int64_t r = 0; r < rows; r++)
+            if (swiglu_row16(g + r * gs, u + r * us, n, neg_log2e, coefs, out + r * n))
+                return -1;
+        return 0;
+    }
+#endif
     for (int64_t r = 0; r < rows; r++)
         if (swiglu_row(g + r * gs, u + r * us, n, neg_log2e, coefs, out + r * n)) return -1;
     return 0;
