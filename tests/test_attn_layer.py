@@ -235,3 +235,17 @@ def test_attend_declines_positions_beyond_its_limit():
         pp[:len(p)] = p
         c2 = SimpleNamespace(**{**vars(cfg), "sliding_window": w})
         assert layer.attend(c2, prof, q, k, v, pp, n, kv) is None, (p, w)
+
+
+def test_attend_declines_unaligned_arrays():
+    """An opening's arrays can lie at any byte offset of its container: attend takes only
+    aligned ones (the C reads int64 positions and fp32 scales through typed pointers)."""
+    case = _case(np.random.default_rng(10))
+    cfg, prof, q, k, v, pos, n, kv = case
+    kpos = kv[0]
+    buf = np.zeros(kpos.nbytes + 4, np.uint8)
+    odd = buf[4:4 + kpos.nbytes].view(np.int64)
+    odd[...] = kpos
+    assert not odd.flags.aligned
+    assert layer.attend(cfg, prof, q, k, v, pos, n, (odd, *kv[1:])) is None
+    assert layer.attend(*case) is not None

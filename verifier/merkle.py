@@ -157,20 +157,24 @@ def verify_multiproof(leaves: dict[int, bytes], n_leaves: int, proof: list[bytes
 
 
 def verify_multiproof_rows(idx: np.ndarray, hashes: np.ndarray, n_leaves: int,
-                           proof: list[bytes], root: bytes) -> bool:
+                           proof, root: bytes) -> bool:
     """verify_multiproof with the known leaves as arrays: idx int64 [m] (strictly increasing),
-    hashes uint8 [m, 32] (a verifier's leaf digests, never turned into Python objects). The
-    compiled walk when it can take them, else the spec on the same leaves."""
+    hashes uint8 [m, 32] (a verifier's leaf digests, never turned into Python objects); proof a
+    list of hashes or their rows, uint8 [k, 32]. The compiled walk when it can take them, else
+    the spec on the same leaves."""
+    rows = isinstance(proof, np.ndarray)
+    if rows and (proof.dtype != np.uint8 or proof.ndim != 2 or proof.shape[1] != 32):
+        return False  # not 32-byte hashes: no root can come of it (the spec's answer too)
     core = _core() if len(idx) >= NATIVE_MIN else None
     ok = (core is not None and idx.dtype == np.int64 and idx.ndim == 1
           and hashes.shape == (len(idx), 32) and hashes.dtype == np.uint8
           and 0 < n_leaves < 2**63 and idx[0] >= 0 and idx[-1] < n_leaves
           and bool(np.all(idx[1:] > idx[:-1])) and len(root) == 32
-          and all(len(h) == 32 for h in proof))
+          and (rows or all(len(h) == 32 for h in proof)))
     if not ok:
         return verify_multiproof_spec(dict(zip(np.asarray(idx).tolist(), digests(hashes))),
-                                      n_leaves, proof, root)
-    pr = np.frombuffer(b"".join(proof), np.uint8).reshape(-1, 32)
+                                      n_leaves, digests(proof) if rows else proof, root)
+    pr = proof if rows else np.frombuffer(b"".join(proof), np.uint8).reshape(-1, 32)
     got = core.b3_multiproof(idx, hashes, n_leaves, pr, NODE_PREFIX)
     return got is not None and hmac.compare_digest(got, root)
 

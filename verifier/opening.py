@@ -160,8 +160,12 @@ def plan(challenge: dict, n_layers: int, receipt: dict | None = None,
         zq[l] = sample
         resid.setdefault(l, set()).update(pos, sample)
         resid.setdefault(l + 1, set()).update(pos)
+    # every key first .. horizon - 1, with the sample's positions outside them (sorted, distinct)
+    # before or after: the sorted union, without a set of the whole range per layer
+    kv = {l: [t for t in zq[l] if t < first] + list(range(first, horizon))
+          + [t for t in zq[l] if t >= horizon] for l in layers}
     return Plan(resid={l: sorted(v) for l, v in sorted(resid.items()) if v},
-                kv={l: sorted(set(range(first, horizon)) | set(zq[l])) for l in layers},
+                kv=kv,
                 z={l: pos for l in layers}, zq={l: s for l, s in zq.items() if s},
                 lm=sorted(set(challenge["decode_positions"])),
                 embed=sorted(set(pos) | set(zq.get(0, []))))  # every opened x_0 row

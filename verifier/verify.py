@@ -213,7 +213,7 @@ def _in_order(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer
     check_types(arrays, specs)  # accumulators packed at the key's widths: decoded per layer
     _passed(v, "types", p, n_pos)
     t_merkle = time.perf_counter()
-    resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
+    resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg, checked=True)
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
 
     def replay():
@@ -279,7 +279,7 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
     try:
         check_types(arrays, specs, defer_range=frozenset(deferred))
         t0 = time.perf_counter()
-        resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
+        resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg, checked=True)
         own.merkle += time.perf_counter() - t0
         ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, own)
         z, zq = _z_tables(arrays, p, matrices(cfg))
@@ -513,16 +513,25 @@ def _expect(arrays, name, positions) -> None:
 
 
 def _proof(arrays, name) -> list[bytes]:
+    return [bytes(r) for r in _proof_rows(arrays, name)]
+
+
+def _proof_rows(arrays, name) -> np.ndarray:
+    """A proof's hashes as the opening holds them, uint8 [k, 32] (what the compiled walk reads:
+    no list of bytes objects made and joined again)."""
     a = arrays[name]
     if a.dtype != np.uint8 or a.ndim != 2 or a.shape[1] != 32:
         raise Reject("opening_malformed", f"{name}: not a list of 32-byte hashes")
-    return [bytes(r) for r in a]
+    return a
 
 
-def _trace_tables(receipt, arrays, p: Plan, cfg):
+def _trace_tables(receipt, arrays, p: Plan, cfg, checked: bool = False):
     """The opened residual and K/V rows as tables, after every structural check (layer roots
     against the receipt, positions, shapes, dtypes, finite residuals, proof lists), and the
-    Merkle proofs still to check, in order (residual layers, then K/V layers)."""
+    Merkle proofs still to check, in order (residual layers, then K/V layers). checked: the
+    caller has run check_types with the plan's specs (positions exactly the plan's, int64;
+    residual rows finite), so those two checks are not repeated and the opening's position
+    arrays are used as they are."""
     L = cfg.num_layers
     rl, kl = _proof(arrays, "resid.layer_roots"), _proof(arrays, "kv.layer_roots")
     if len(rl) != L + 1 or len(kl) != L:
@@ -532,35 +541,42 @@ def _trace_tables(receipt, arrays, p: Plan, cfg):
             and layer_roots_match(b"kv", kl, bytes.fromhex(receipt["trace"]["kv_root"]))):
         raise Reject("trace_root", "layer roots do not hash to the receipt's trace roots")
     resid, kv, proofs = {}, {}, []
+
+    def positions(name, pos) -> np.ndarray:
+        if checked:  # check_types found them int64 and equal to the plan's: an aligned copy
+            return np.array(arrays[name], dtype=np.int64)  # (the container's may be unaligned)
+        _expect(arrays, name, pos)
+        return np.asarray(pos, dtype=np.int64)
     for l, pos in p.resid.items():
-        _expect(arrays, f"resid.{l}.pos", pos)
+        at = positions(f"resid.{l}.pos", pos)
         rows = arrays[f"resid.{l}.rows"]
         if rows.dtype != np.float32 or rows.shape != (len(pos), cfg.hidden_size):
             raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
-        if not np.all(np.isfinite(rows)):
+        if not checked and not np.all(np.isfinite(rows)):
             raise Reject("nonfinite", f"resid.{l}.rows holds a non-finite value")
-        proofs.append((b"resid", l, pos, [rows], _proof(arrays, f"resid.{l}.proof"), rl[l], n,
+        proofs.append((b"resid", l, at, [rows],
+                       _proof_rows(arrays, f"resid.{l}.proof"), rl[l], n,
                        "merkle_residual", f"residual rows of layer {l} are not the committed "
                                           f"ones"))
         resid[l] = RowTable(pos, rows)
     shape = (cfg.num_kv_heads, cfg.head_dim)
     for l, pos in p.kv.items():
-        _expect(arrays, f"kv.{l}.pos", pos)
+        at = positions(f"kv.{l}.pos", pos)
         k, sk, v, sv = (arrays[f"kv.{l}.{x}"] for x in ("k", "sk", "v", "sv"))
         if (k.shape != (len(pos), *shape) or v.shape != k.shape or k.dtype != v.dtype
                 or sk.shape != (len(pos), shape[0]) or sv.shape != sk.shape
                 or sk.dtype != np.float32 or sv.dtype != np.float32 or k.dtype.kind != "i"):
             raise Reject("opening_malformed", f"kv.{l}: wrong shapes or dtypes")
-        proofs.append((b"kv", l, pos, [k, sk, v, sv], _proof(arrays, f"kv.{l}.proof"), kl[l], n,
-                       "merkle_kv", f"K/V rows of layer {l} are not the committed ones"))
-        kv[l] = (np.asarray(pos, dtype=np.int64), k, sk, v, sv)
+        proofs.append((b"kv", l, at, [k, sk, v, sv], _proof_rows(arrays, f"kv.{l}.proof"), kl[l],
+                       n, "merkle_kv", f"K/V rows of layer {l} are not the committed ones"))
+        kv[l] = (at, k, sk, v, sv)
     return resid, kv, proofs
 
 
 def _check_proofs(proofs) -> None:
     """Each proof in order; the first that fails rejects."""
     for kind, l, pos, rows, proof, root, n, code, detail in proofs:
-        idx = np.asarray(pos, dtype=np.int64)  # the plan's: sorted, distinct
+        idx = np.asarray(pos, dtype=np.int64)  # the plan's: sorted, distinct (int64 already)
         if not verify_multiproof_rows(idx, leaf_digests(kind, l, pos, rows), n, proof, root):
             raise Reject(code, detail)
 

@@ -706,6 +706,9 @@ def test_multiproof_routes_agree_on_honest_and_tampered(n, data):
         want = merkle.verify_multiproof_spec(kn, n, pr, root)
         assert merkle.verify_multiproof(kn, n, pr, root) == want
         assert merkle.verify_multiproof_rows(*_rows_args(kn), n, pr, root) == want
+        # the proof as the opening's rows (what the verifier passes): the same answer
+        rows = np.frombuffer(b"".join(pr), np.uint8).reshape(-1, 32)
+        assert merkle.verify_multiproof_rows(*_rows_args(kn), n, rows, root) == want
     assert merkle.verify_multiproof_spec(known, n, proof, tree.root) is True
     assert sum(merkle.verify_multiproof_spec(kn, n, pr, r) for kn, pr, r in cases) == 1
 
@@ -734,6 +737,18 @@ def test_multiproof_edge_shapes():
     perm = np.random.default_rng(0).permutation(len(i))
     assert merkle.verify_multiproof_rows(i[perm], h[perm], 16, proof, tree.root) is True
     assert merkle.verify_multiproof_rows(i[perm], h[::-1], 16, proof, tree.root) is False
+    # proof rows: honest on both routes (the spec's for an unsorted or small leaf set), and
+    # rows that are not 32-byte hashes refused
+    rows = np.frombuffer(b"".join(proof), np.uint8).reshape(-1, 32)
+    assert merkle.verify_multiproof_rows(i, h, 16, rows, tree.root) is True
+    assert merkle.verify_multiproof_rows(i[perm], h[perm], 16, rows, tree.root) is True
+    for bad_rows in (rows.astype(np.int16), rows.reshape(-1, 16), rows.reshape(-1)):
+        assert merkle.verify_multiproof_rows(i, h, 16, bad_rows, tree.root) is False
+    small = {k: known[k] for k in idx[:2]}
+    sp = merkle.multiproof(tree, idx[:2])
+    assert merkle.verify_multiproof_rows(*_rows_args(small), 16,
+                                         np.frombuffer(b"".join(sp), np.uint8).reshape(-1, 32),
+                                         tree.root) is True
 
 
 def _top_block(n: int):

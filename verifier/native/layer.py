@@ -216,7 +216,7 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
               (vq, (t, nkv, d), dt), (sk, (t, nkv), _F4), (sv, (t, nkv), _F4),
               (pos, (t,), _I8), (kpos, (m,), _I8), (k_all, (m, nkv, d), dt),
               (v_all, (m, nkv, d), dt), (sk_all, (m, nkv), _F4), (sv_all, (m, nkv), _F4))
-    if not all(a.dtype == want and a.shape == shape and a.flags.c_contiguous
+    if not all(a.dtype == want and a.shape == shape and a.flags.c_contiguous and a.flags.aligned
                for a, shape, want in shapes):
         return None
     p_n = pos[:n]
