@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -105,8 +106,6 @@ def render_md(d: dict) -> str:
 
 
 def main(argv=None) -> int:
-    import os
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, required=True,
                     help="a folder written by bench/verify_ab.py --save")

@@ -213,7 +213,7 @@ def _in_order(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer
     check_types(arrays, specs)  # accumulators packed at the key's widths: decoded per layer
     _passed(v, "types", p, n_pos)
     t_merkle = time.perf_counter()
-    resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg, checked=True)
+    resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
     ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
 
     def replay():
@@ -279,7 +279,7 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
     try:
         check_types(arrays, specs, defer_range=frozenset(deferred))
         t0 = time.perf_counter()
-        resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg, checked=True)
+        resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
         own.merkle += time.perf_counter() - t0
         ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, own)
         z, zq = _z_tables(arrays, p, matrices(cfg))
@@ -525,13 +525,13 @@ def _proof_rows(arrays, name) -> np.ndarray:
     return a
 
 
-def _trace_tables(receipt, arrays, p: Plan, cfg, checked: bool = False):
-    """The opened residual and K/V rows as tables, after every structural check (layer roots
-    against the receipt, positions, shapes, dtypes, finite residuals, proof lists), and the
-    Merkle proofs still to check, in order (residual layers, then K/V layers). checked: the
-    caller has run check_types with the plan's specs (positions exactly the plan's, int64;
-    residual rows finite), so those two checks are not repeated and the opening's position
-    arrays are used as they are."""
+def _trace_tables(receipt, arrays, p: Plan, cfg):
+    """The opened residual and K/V rows as tables, after the structural checks (layer roots
+    against the receipt, shapes, dtypes, proof lists), and the Merkle proofs still to check, in
+    order (residual layers, then K/V layers). Called after check_types with the plan's specs
+    (both callers), which has found every position array int64 and equal to the plan's and every
+    residual row finite: the tables take aligned copies of the opening's position arrays (the
+    container's may lie at any offset)."""
     L = cfg.num_layers
     rl, kl = _proof(arrays, "resid.layer_roots"), _proof(arrays, "kv.layer_roots")
     if len(rl) != L + 1 or len(kl) != L:
@@ -541,19 +541,11 @@ def _trace_tables(receipt, arrays, p: Plan, cfg, checked: bool = False):
             and layer_roots_match(b"kv", kl, bytes.fromhex(receipt["trace"]["kv_root"]))):
         raise Reject("trace_root", "layer roots do not hash to the receipt's trace roots")
     resid, kv, proofs = {}, {}, []
-
-    def positions(name, pos) -> np.ndarray:
-        if checked:  # check_types found them int64 and equal to the plan's: an aligned copy
-            return np.array(arrays[name], dtype=np.int64)  # (the container's may be unaligned)
-        _expect(arrays, name, pos)
-        return np.asarray(pos, dtype=np.int64)
     for l, pos in p.resid.items():
-        at = positions(f"resid.{l}.pos", pos)
+        at = np.array(arrays[f"resid.{l}.pos"], dtype=np.int64)
         rows = arrays[f"resid.{l}.rows"]
         if rows.dtype != np.float32 or rows.shape != (len(pos), cfg.hidden_size):
             raise Reject("opening_malformed", f"resid.{l}.rows has the wrong shape or dtype")
-        if not checked and not np.all(np.isfinite(rows)):
-            raise Reject("nonfinite", f"resid.{l}.rows holds a non-finite value")
         proofs.append((b"resid", l, at, [rows],
                        _proof_rows(arrays, f"resid.{l}.proof"), rl[l], n,
                        "merkle_residual", f"residual rows of layer {l} are not the committed "
@@ -561,7 +553,7 @@ def _trace_tables(receipt, arrays, p: Plan, cfg, checked: bool = False):
         resid[l] = RowTable(pos, rows)
     shape = (cfg.num_kv_heads, cfg.head_dim)
     for l, pos in p.kv.items():
-        at = positions(f"kv.{l}.pos", pos)
+        at = np.array(arrays[f"kv.{l}.pos"], dtype=np.int64)
         k, sk, v, sv = (arrays[f"kv.{l}.{x}"] for x in ("k", "sk", "v", "sv"))
         if (k.shape != (len(pos), *shape) or v.shape != k.shape or k.dtype != v.dtype
                 or sk.shape != (len(pos), shape[0]) or sv.shape != sk.shape
@@ -575,9 +567,8 @@ def _trace_tables(receipt, arrays, p: Plan, cfg, checked: bool = False):
 
 def _check_proofs(proofs) -> None:
     """Each proof in order; the first that fails rejects."""
-    for kind, l, pos, rows, proof, root, n, code, detail in proofs:
-        idx = np.asarray(pos, dtype=np.int64)  # the plan's: sorted, distinct (int64 already)
-        if not verify_multiproof_rows(idx, leaf_digests(kind, l, pos, rows), n, proof, root):
+    for kind, l, pos, rows, proof, root, n, code, detail in proofs:  # pos: the plan's, int64
+        if not verify_multiproof_rows(pos, leaf_digests(kind, l, pos, rows), n, proof, root):
             raise Reject(code, detail)
 
 

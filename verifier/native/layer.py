@@ -55,17 +55,11 @@ _POSITION_LIMIT = 1 << 40  # attend declines positions and windows from here (th
 
 
 class _Cache(dict):
-    """Structs of raw addresses kept with a key (its `_limbs`): a copy of the key starts with
-    none (a copied entry would name the original key's arrays) and pickles as empty."""
-
-    def __copy__(self):
-        return _Cache()
+    """Structs of raw addresses kept with a key (its `_limbs`): a deep copy of the key starts
+    with none (a copied entry would name the original key's arrays)."""
 
     def __deepcopy__(self, memo):
         return _Cache()
-
-    def __reduce__(self):
-        return (_Cache, ())
 
 
 class AttendArgs(ctypes.Structure):
@@ -207,8 +201,8 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
     t, nh, nkv, d = len(pos), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     window = cfg.sliding_window
     dt = qq.dtype
-    if (so is None or dt not in (np.int8, np.int16) or not 1 <= n <= t or pos.dtype != _I8
-            or kpos.dtype != _I8 or (window is not None and window < 1)
+    if (so is None or dt not in (np.int8, np.int16) or not 1 <= n <= t
+            or (window is not None and window < 1)
             or _spec.COEF_BITS != 15 or _spec.LOGIT_CLAMP != 2**30):
         return None
     m = len(kpos)
