@@ -180,12 +180,14 @@ def verify_parts(timing: dict) -> dict:
 
 def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes,
                  warmup: int = 1, open_runs: int = 1, also_threads: int = 0,
-                 one_core: bool = False) -> dict:
+                 one_core: bool = False, floors: bool = False) -> dict:
     """Challenge, open (`open_runs` timed runs), serialize, verify (`verify_runs` timed runs after
     `warmup` untimed ones) one receipt at one tier; with also_threads > 1, the verification timed
     again with that many layer threads (its verdict must be the one-thread verdict), the compiled
     core's row splits on every core. one_core: the first timing on one thread throughout (the
-    compiled core's attention, hashing and GEMM row splits too), else they use every core."""
+    compiled core's attention, hashing and GEMM row splits too), else they use every core.
+    floors: one more verification on one thread with every compiled call timed as run and warm
+    (bench/floors.py), under "floors"; its verdict must be the timed runs'."""
     from commitllm.engine.open import build_opening
     from commitllm.verifier import challenge, container
     from commitllm.verifier.opening import OPENING_MAGIC, OPENING_VERSION
@@ -219,6 +221,14 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
         threaded = {"threads": also_threads,
                     **Timing(tuple(1e3 * v.timing["total"] for v in v_thr)).to_dict()}
     n = len(c["positions"])
+    floor = None
+    if floors:
+        from bench.floors import floor_figures
+
+        floor = floor_figures(lambda: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
+                                             io_binding=io), n, len(c["layers"]))
+        if floor is not None and floor["accepted"] != all(v.accepted for v in verdicts):
+            raise SystemExit(f"{tier}: the verdict under the floor timers differs")
     per_pos = {p: Timing(tuple(1e3 * verify_parts(v.timing)[p] / n for v in verdicts)).to_dict()
                for p in PARTS + SPANS}
     bad = [v for v in verdicts if not v.accepted]
@@ -233,7 +243,7 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
             "open_timing_s": open_t.to_dict(),
             "verify_ms_per_position": per_pos, "verify_runs": verify_runs, "warmup": warmup,
             "verify_ms": Timing(tuple(1e3 * v.timing["total"] for v in verdicts)).to_dict(),
-            "verify_ms_threaded": threaded,
+            "verify_ms_threaded": threaded, "floors": floor,
             "contention": _worst(open_t.contention, verify_t.contention),
             "accepted": not bad,
             "reject": None if not bad else f"{bad[0].reason}: {bad[0].detail}"}

@@ -46,7 +46,8 @@ def test_scale_tier_splits_per_layer_and_once_per_token():
 
 def test_goal_margin():
     assert anchors._goal("g", 30.0, 20.0) == {"goal": "g", "measured": 30.0, "limit": 20.0,
-                                              "met": False, "over_by": 0.5}
+                                              "met": False, "over_by": 0.5, "floor": None,
+                                              "reported": False}
     assert anchors._goal("g", 0.0, 0.01)["met"]
 
 

@@ -1,0 +1,142 @@
+"""The compiled calls of one verification, each timed as it ran and again with its data in cache.
+
+A goal the verifier misses is either overhead (Python and numpy around the compiled core, memory
+stalls) or a floor (the arithmetic a call must do). `compiled_calls()` tells them apart on a real
+verification: while it is active every call into the compiled core (verifier/native) is timed as
+the verifier makes it ("as run": cold caches, the opening's bytes coming from memory), and each
+call of a pure routine is then repeated `repeats` times on the very same arguments, the fastest
+repeat kept ("warm": the routine's arithmetic with its inputs in cache, no Python). So a part's
+time splits into
+
+    warm (its compiled arithmetic) + (as run - warm) (waiting on memory) + glue (the rest),
+
+all measured. Only routines that read their inputs and write separate outputs are repeated (a
+repeat gives the same bytes again); the rest (b3_chain updates its chain in place, the route
+setters) are timed as run only. The verdict of a verification under compiled_calls() is the
+verifier's, but its own timing is not a figure: the repeats run inside the timed calls.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+# routine -> the part of the audit it serves (what bench/anchors.py reports per layer-token)
+GROUPS = {
+    "ly_pre": "layer", "ly_post": "layer",  # Freivalds + bridge of a dense layer, fused route
+    "attn_layer": "attention", "attn_fused_rows": "attention", "attn_fused": "attention",
+    "attn_coefs": "attention", "attn_pack": "attention", "dequant_planes": "attention",
+    "b3_rows": "merkle", "b3_multiproof": "merkle",
+    "br_minmax": "range",  # the K/V value range check before hashing
+    "fv_acc_linear": "freivalds", "fv_dot": "freivalds", "acc_unpack": "freivalds",
+    "br_rmsnorm": "bridge", "br_quantize": "bridge", "br_dequant": "bridge",
+    "br_swiglu": "bridge", "br_rope": "bridge", "gemm_i16i8": "bridge",
+    "b3_chain": "receipt",
+}
+# routines whose outputs are separate from their inputs: repeating one rewrites the same bytes
+PURE = frozenset(GROUPS) - {"b3_chain"}
+
+
+@dataclass
+class Calls:
+    """Seconds per routine: as run (every call) and warm (each call's fastest repeat)."""
+
+    repeats: int
+    run_s: dict = field(default_factory=dict)
+    warm_s: dict = field(default_factory=dict)
+    count: dict = field(default_factory=dict)
+    repeat_s: float = 0.0  # the repeats' own seconds (not the verification's)
+
+    def add(self, name: str, run: float, warm: float | None) -> None:
+        self.run_s[name] = self.run_s.get(name, 0.0) + run
+        self.count[name] = self.count.get(name, 0) + 1
+        if warm is not None:
+            self.warm_s[name] = self.warm_s.get(name, 0.0) + warm
+
+    def by_group(self) -> dict:
+        """{group: {"calls", "run_ms", "warm_ms"}}; warm_ms is run_ms for routines not repeated."""
+        out: dict = {}
+        for name, run in self.run_s.items():
+            g = out.setdefault(GROUPS[name], {"calls": 0, "run_ms": 0.0, "warm_ms": 0.0})
+            g["calls"] += self.count[name]
+            g["run_ms"] += 1e3 * run
+            g["warm_ms"] += 1e3 * self.warm_s.get(name, run)
+        return out
+
+
+@contextmanager
+def compiled_calls(repeats: int = 3):
+    """Time every call into the compiled core while active (see the module docstring); yields
+    a Calls. One thread only: the routines are wrapped on the shared library object, so the
+    caller keeps the verification on one thread (threads=1, native.thread_budget(1))."""
+    from commitllm.verifier import native
+
+    so = native.lib()
+    if so is None:
+        raise RuntimeError(f"the floors need the compiled core: {native.error()}")
+    calls = Calls(repeats)
+    saved = {}
+    for name in GROUPS:
+        fn = getattr(so, name, None)
+        if fn is None:
+            continue
+        saved[name] = fn
+
+        def timed(*args, _fn=fn, _name=name):
+            t0 = time.perf_counter()
+            code = _fn(*args)
+            run = time.perf_counter() - t0
+            warm = None
+            if _name in PURE and repeats > 0:
+                for _ in range(repeats):
+                    t1 = time.perf_counter()
+                    again = _fn(*args)
+                    t1 = time.perf_counter() - t1
+                    calls.repeat_s += t1
+                    warm = t1 if warm is None else min(warm, t1)
+                    if again != code:
+                        raise RuntimeError(f"{_name} answered {again} on a repeat, {code} first")
+            calls.add(_name, run, warm)
+            return code
+        setattr(so, name, timed)
+    try:
+        yield calls
+    finally:
+        for name, fn in saved.items():
+            setattr(so, name, fn)
+
+
+def floor_figures(run_verify, positions: int, layers: int, repeats: int = 3,
+                  runs: int = 3) -> dict | None:
+    """`runs` verifications (run_verify() -> Verdict, on one thread) under compiled_calls: per
+    group and challenged position the compiled milliseconds as run and warm, the Python / numpy
+    glue (a verification's wall time less every compiled call as run and less the repeats) and
+    the verdict; each figure the least of the runs (the machine is shared). None without the
+    compiled core (nothing to time)."""
+    from commitllm.verifier import native
+
+    if native.lib() is None:
+        return None
+    best: dict = {}
+    glue, verdicts = [], set()
+    for _ in range(max(1, runs)):
+        with native.thread_budget(1), compiled_calls(repeats) as calls:
+            t0 = time.perf_counter()
+            v = run_verify()
+            wall = time.perf_counter() - t0
+        verdicts.add(bool(v.accepted))
+        groups = calls.by_group()
+        glue.append(1e3 * (wall - calls.repeat_s) - sum(g["run_ms"] for g in groups.values()))
+        for k, g in groups.items():
+            b = best.setdefault(k, dict(g))
+            for w in ("run_ms", "warm_ms"):
+                b[w] = min(b[w], g[w])
+    if len(verdicts) != 1:
+        raise RuntimeError("the verdict changed between verifications under the timers")
+    per = {k: {"calls": g["calls"], "run_ms": g["run_ms"] / positions,
+               "warm_ms": g["warm_ms"] / positions} for k, g in best.items()}
+    return {"accepted": verdicts.pop(), "positions": positions, "layers": layers,
+            "repeats": repeats, "runs": max(1, runs), "per_position": per,
+            "compiled_ms_per_position": sum(g["run_ms"] for g in per.values()),
+            "glue_ms_per_position": max(min(glue), 0.0) / positions}

@@ -1,0 +1,95 @@
+"""bench/floors.py: every compiled call of a verification timed as run and warm, the routines
+restored afterwards, only pure routines repeated, a repeat that answers otherwise refused; and
+bench/anchors.py's scaling of those figures on a hand-computed case."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # `bench`, last (kernels/ unshadowed)
+
+from bench import anchors, floors
+from commitllm.verifier import native
+
+
+def _fake_lib(monkeypatch, **fns):
+    so = SimpleNamespace(**fns)
+    monkeypatch.setattr(native, "lib", lambda: so)
+    return so
+
+
+def test_pure_routines_repeat_and_impure_ones_do_not(monkeypatch):
+    seen = {"ly_pre": 0, "b3_chain": 0}
+
+    def ly_pre(*_a):
+        seen["ly_pre"] += 1
+        return 0
+
+    def b3_chain(*_a):  # updates its chain in place: a repeat would hash the chain again
+        seen["b3_chain"] += 1
+        return 0
+    so = _fake_lib(monkeypatch, ly_pre=ly_pre, b3_chain=b3_chain)
+    with floors.compiled_calls(repeats=3) as calls:
+        assert so.ly_pre(1, 2) == 0 and so.b3_chain(b"x") == 0
+    assert seen == {"ly_pre": 4, "b3_chain": 1}
+    assert so.ly_pre is ly_pre and so.b3_chain is b3_chain  # restored
+    g = calls.by_group()
+    assert g["layer"]["calls"] == 1 and g["receipt"]["calls"] == 1
+    assert g["receipt"]["warm_ms"] == g["receipt"]["run_ms"]  # not repeated: as run
+    assert calls.repeat_s > 0
+
+
+def test_a_repeat_that_answers_otherwise_is_refused(monkeypatch):
+    codes = iter([0, 1])
+    so = _fake_lib(monkeypatch, attn_layer=lambda *_a: next(codes))
+    fn = so.attn_layer
+    with pytest.raises(RuntimeError, match="attn_layer answered 1 on a repeat"):
+        with floors.compiled_calls(repeats=1):
+            so.attn_layer()
+    assert so.attn_layer is fn  # restored on the way out
+
+
+def test_no_compiled_core_no_floors(monkeypatch):
+    monkeypatch.setattr(native, "lib", lambda: None)
+    assert floors.floor_figures(lambda: None, 1, 1) is None
+
+
+def test_scale_floors_per_layer_and_once():
+    # 2 layers measured, per challenged token: layer 3 / 2 ms (as run / warm), attention 4 / 3,
+    # merkle 1 / 0.5, range 0.5 / 0.25, freivalds (the LM head) 1 / 0.5, receipt 0.25 / 0.25
+    pp = {"layer": {"run_ms": 3.0, "warm_ms": 2.0}, "attention": {"run_ms": 4.0, "warm_ms": 3.0},
+          "merkle": {"run_ms": 1.0, "warm_ms": 0.5}, "range": {"run_ms": 0.5, "warm_ms": 0.25},
+          "freivalds": {"run_ms": 1.0, "warm_ms": 0.5},
+          "receipt": {"run_ms": 0.25, "warm_ms": 0.25}}
+    f = anchors.scale_floors({"per_position": pp, "layers": 2, "glue_ms_per_position": 1.5,
+                              "repeats": 3}, layers=32)
+    assert f["per_layer_ms"]["freivalds_bridge"] == {"run_ms": 1.5, "warm_ms": 1.0}
+    assert f["per_layer_ms"]["range"] == {"run_ms": 0.25, "warm_ms": 0.125}
+    assert f["once_ms"] == {"run_ms": 1.25, "warm_ms": 0.75}
+    # dyadic fractions throughout: the float arithmetic is exact, compared with ==
+    assert f["compiled_ms"] == {"run_ms": 32 * 4.25 + 1.25, "warm_ms": 32 * 2.875 + 0.75}
+    assert f["glue_ms"] == 1.5
+
+
+@pytest.mark.skipif(native.lib() is None, reason="needs the compiled core")
+def test_a_real_verification_under_the_timers(tmp_path):
+    """The tiny shape end to end through tier_figures(floors=True): accepted, every per-layer
+    part timed, the routines the same objects afterwards."""
+    from bench.protocol import sign, tier_figures
+
+    so = native.lib()
+    before = {n: getattr(so, n) for n in ("ly_pre", "attn_layer", "b3_rows", "br_minmax")}
+    setup, _ = anchors.build_setup("tiny", 2)
+    signed, _ = sign(setup, {"prompt": "floors"}, list(range(2, 20)), 3)
+    t = tier_figures(setup, signed, "routine", 1, nonce=b"\x01" * 16, one_core=True, floors=True)
+    f = t["floors"]
+    assert t["accepted"] and f["accepted"] and f["positions"] == t["positions"]
+    for g in ("layer", "attention", "merkle", "range"):
+        assert f["per_position"][g]["calls"] >= 1
+        assert f["per_position"][g]["run_ms"] > 0 and f["per_position"][g]["warm_ms"] > 0
+    assert f["glue_ms_per_position"] >= 0
+    assert {n: getattr(so, n) for n in before} == before
