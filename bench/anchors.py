@@ -459,8 +459,9 @@ def _floor_lines(d: dict) -> list[str]:
             continue
         if fl > g["limit"]:
             out.append(f"- {g['goal']}: the compiled arithmetic alone (warm) is {fl:.4g}, above "
-                       f"the limit {g['limit']:g}: a floor of this design, missed by "
-                       f"{100 * (fl / g['limit'] - 1):.0f} % before any memory stall or glue")
+                       f"the limit {g['limit']:g}: a floor of this design, "
+                       f"{100 * (fl / g['limit'] - 1):.1f} % over before any memory stall or "
+                       f"glue")
         else:
             out.append(f"- {g['goal']}: the compiled arithmetic alone (warm) is {fl:.4g}, under "
                        f"the limit {g['limit']:g}; the other {g['measured'] - fl:.4g} of "
