@@ -269,8 +269,11 @@ def shape_figures(shape: str, args) -> dict:
         for t in c["tiers"].values():
             t["scaled"] = scale_tier(t, full_layers)
         contexts.append(c)
+    # what one layer's Freivalds + bridge reads of the key (secret rows, scales, norms)
+    key_layer = sum(int(a.nbytes) for k, a in setup.key.arrays.items()
+                    if k.startswith("layers.0."))
     return {"shape": shape, "dims": SHAPES[shape], "measured_layers": args.layers,
-            "build_s": build_s, "contexts": contexts,
+            "build_s": build_s, "contexts": contexts, "key_layer_bytes": key_layer,
             "retained_bytes_per_extra_token": retained_per_extra_token(contexts)}
 
 
@@ -291,6 +294,8 @@ def goals(data: dict) -> list[dict]:
                          pub["bridge_us_per_layer"],
                          _floor(worst, lambda f: 1e3 * f["per_layer_ms"]["freivalds_bridge"]
                                 ["warm_ms"])))
+        fb, rate = fb_read_bytes(s, worst), data.get("read_gb_s")
+        out[-1]["memory"] = fb / rate / 1e3 if fb is not None and rate else None
         if s["retained_bytes_per_extra_token"] is not None:  # a digit more in a count at most
             out.append(_goal(f"{s['shape']}: provider retained bytes per token beyond the "
                              f"transcript (store file growth minus token ids and text)",
@@ -372,6 +377,18 @@ def summary_md(d: dict, command: str | None = None) -> str:
     ])
 
 
+def fb_read_bytes(s: dict, t: dict) -> float | None:
+    """Bytes per layer and challenged token that Freivalds + bridge must read from memory: the
+    key's rows for one layer (read once per audit, shared by the tier's tokens) and the layer's
+    packed accumulators per token (the K/V sample's qkv rows included)."""
+    kb = s.get("key_layer_bytes")
+    if kb is None:
+        return None
+    b = t["breakdown_bytes"]
+    acc = b.get("layer_acc", 0) + b.get("kv_sample_acc", 0)
+    return kb / t["positions"] + acc / (t["layers"] * t["positions"])
+
+
 def _floors_section(d: dict) -> str:
     """Each tier's time split into compiled arithmetic (warm), memory stalls and glue."""
     rows = []
@@ -382,17 +399,28 @@ def _floors_section(d: dict) -> str:
                 if f is None:
                     continue
                 pl = f["per_layer_ms"]
+                fb = fb_read_bytes(s, t)
+                rate = d.get("read_gb_s")
+                mem = "-" if fb is None or not rate else f"{fb / 1e3:.0f} ({fb / rate / 1e3:.0f})"
                 rows.append([s["shape"], c["positions"], t["tier"],
                              *(f"{1e3 * pl[k]['run_ms']:.0f} / {1e3 * pl[k]['warm_ms']:.0f}"
-                               for k in FLOOR_PARTS),
+                               for k in FLOOR_PARTS), mem,
                              f"{f['glue_ms']:.2f}",
                              "{run_ms:.2f} / {warm_ms:.2f}".format(**f["compiled_ms"]),
                              f"{t['scaled']['verify_ms']:.2f}"])
     if not rows:
         return ""
     head = ["shape", "positions", "tier", "Freivalds+bridge us/layer", "attention us/layer",
-            "Merkle us/layer", "K/V range check us/layer", "glue ms/token (measured depth)",
-            "compiled ms/token", "verify ms/token"]
+            "Merkle us/layer", "K/V range check us/layer",
+            "Freivalds+bridge reads KB/layer (us at the read rate)",
+            "glue ms/token (measured depth)", "compiled ms/token", "verify ms/token"]
+    rate = d.get("read_gb_s")
+    rate_md = (f" The read rate from memory measured on this machine (bench/floors.py read_rate: "
+               f"the compiled min/max pass over 256 MiB not in cache) is {rate:.1f} GB/s; the "
+               f"bytes column is what Freivalds + bridge must read from memory per layer and "
+               f"token (the key's rows for the layer, shared by the tier's tokens, and the "
+               f"layer's packed accumulators), in parentheses the microseconds that takes at "
+               f"that rate: the memory floor beside the warm (arithmetic) one." if rate else "")
     return ("### Compiled arithmetic, memory and glue (measured)\n\n"
             "Per challenged token, each pair as run / warm: one more verification per tier on one "
             "thread in which every call into the compiled core is timed as the verifier makes it "
@@ -402,8 +430,8 @@ def _floors_section(d: dict) -> str:
             "secret rows and accumulators read once per audit); glue is the Python and numpy "
             "around the calls (that verification's time less every compiled call as run, at the "
             "measured depth, not scaled). The compiled columns are scaled to the tier's layers "
-            "as the table above (the K/V range check runs per layer, before hashing).\n\n"
-            + md_table(head, rows))
+            "as the table above (the K/V range check runs per layer, before hashing)."
+            + rate_md + "\n\n" + md_table(head, rows))
 
 
 def why_md(d: dict) -> str:
@@ -457,16 +485,19 @@ def _floor_lines(d: dict) -> list[str]:
         fl = g.get("floor")
         if g["met"] or g.get("reported") or fl is None:
             continue
+        mem = g.get("memory")
+        reads = (f"; its bytes from memory take {mem:.3g} more at the measured read rate if "
+                 f"nothing overlaps them (floors table)" if mem else "")
         if fl > g["limit"]:
             out.append(f"- {g['goal']}: the compiled arithmetic alone (warm) is {fl:.4g}, above "
                        f"the limit {g['limit']:g}: a floor of this design, "
                        f"{100 * (fl / g['limit'] - 1):.1f} % over before any memory stall or "
-                       f"glue")
+                       f"glue{reads}")
         else:
             out.append(f"- {g['goal']}: the compiled arithmetic alone (warm) is {fl:.4g}, under "
                        f"the limit {g['limit']:g}; the other {g['measured'] - fl:.4g} of "
                        f"{g['measured']:.4g} is waiting on memory and glue (floors table), not "
-                       f"arithmetic")
+                       f"arithmetic{reads}")
     return out
 
 
@@ -903,8 +934,11 @@ def main(argv: list[str] | None = None) -> int:
                 "stat": STAT,
                 "loadavg_start": [round(x, 2) for x in load0],
                 "loadavg_end": [round(x, 2) for x in os.getloadavg()]}
+    from bench.floors import read_rate
+
     data = {"benchmark": "anchors", "provenance": provenance(), "settings": settings,
-            "published": PUBLISHED, "shapes": shapes, "elapsed_s": time.perf_counter() - start}
+            "published": PUBLISHED, "shapes": shapes, "elapsed_s": time.perf_counter() - start,
+            "read_gb_s": read_rate()}
     data["goals"] = goals(data)
     args.out.mkdir(parents=True, exist_ok=True)
     name = results_name(args.shapes)

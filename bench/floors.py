@@ -140,3 +140,26 @@ def floor_figures(run_verify, positions: int, layers: int, repeats: int = 3,
             "repeats": repeats, "runs": max(1, runs), "per_position": per,
             "compiled_ms_per_position": sum(g["run_ms"] for g in per.values()),
             "glue_ms_per_position": max(min(glue), 0.0) / positions}
+
+
+def read_rate(mib: int = 256, runs: int = 3) -> float | None:
+    """The machine's read rate from memory, GB/s: the compiled min/max pass (the K/V range
+    check's) over `mib` MiB of int16 not in cache (another 64 MiB written before each run sweeps
+    the caches), the fastest of `runs`. None without the compiled core."""
+    import numpy as np
+
+    from commitllm.verifier import native
+    from commitllm.verifier.native.bridge import minmax
+
+    if native.lib() is None:
+        return None
+    a = np.ones(mib << 19, np.int16)  # written: its pages are mapped before timing
+    sweep = np.empty(64 << 20, np.uint8)
+    best = None
+    for _ in range(max(1, runs)):
+        sweep.fill(1)
+        t0 = time.perf_counter()
+        minmax(a)
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return a.nbytes / best / 1e9

@@ -93,3 +93,13 @@ def test_a_real_verification_under_the_timers(tmp_path):
         assert f["per_position"][g]["run_ms"] > 0 and f["per_position"][g]["warm_ms"] > 0
     assert f["glue_ms_per_position"] >= 0
     assert {n: getattr(so, n) for n in before} == before
+
+
+@pytest.mark.skipif(native.lib() is None, reason="needs the compiled core")
+def test_read_rate_and_the_bytes_freivalds_bridge_reads():
+    assert floors.read_rate(mib=16, runs=1) > 0
+    # one layer of the key 4000 B over 4 tokens, 2 layers x 4 tokens of 16000 accumulator bytes
+    t = {"positions": 4, "layers": 2,
+         "breakdown_bytes": {"layer_acc": 12000, "kv_sample_acc": 4000, "kv_rows": 99}}
+    assert anchors.fb_read_bytes({"key_layer_bytes": 4000}, t) == 1000 + 2000
+    assert anchors.fb_read_bytes({}, t) is None
