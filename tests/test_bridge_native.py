@@ -296,17 +296,20 @@ def test_each_instruction_set_gives_the_spec(builds, monkeypatch):
     cs = rng.uniform(-1, 1, (6, 388)).astype(F32)
     gu = _rows(rng, 6, 2 * 777, "normal") * F32(20)
     r = x[:, :776].reshape(6, 1, 776)
+    table = spec_rope.RopeTable(_rope_cfg(500000.0, 128, "llama3"))
+    pos = np.concatenate([[0, 2 ** 24 - 1], rng.integers(0, 2 ** 24, 61)])
 
     def run(m):  # m: the bridge or the spec
         return (m[0](x, w, 1e-5), m[1](x, 127), m[1](x, 32767), m[2](z, sx, w, w, x),
-                m[3](gu[:, :777], gu[:, 777:]), m[4](r, cs, cs))
+                m[3](gu[:, :777], gu[:, 777:]), m[4](r, cs, cs),
+                m[5](table.cos_b, table.sin_b, pos))
     want = run((_spec_rmsnorm, spec_quant.quantize_rows,
                 lambda z_, a, b, c, res: res + spec_quant.dequantize(z_, a, b, c),
-                spec_exp2.swiglu, spec_rope.apply_rope))
+                spec_exp2.swiglu, spec_rope.apply_rope, spec_rope.build_rows))
     for name, lib in builds.items():
         monkeypatch.setattr(bridge, "lib", lambda lib=lib: lib)
         got = run((bridge.rmsnorm, bridge.quantize_rows, bridge.dequantize, bridge.swiglu,
-                   bridge.apply_rope))
+                   bridge.apply_rope, bridge.rope_rows))
         for i, (g, wv) in enumerate(zip(got, want)):
             try:
                 same_result(g, wv)
@@ -397,3 +400,58 @@ def test_swiglu_on_every_route(route):
                     same_result(result(bridge.swiglu, gb, u), result(_spec_swiglu, gb, u))
     finally:
         so.attn_route(-1)
+
+
+# ------------------------------------------------------------------------------ RoPE rows
+
+ROPE_CASES = [(500000.0, 128, None), (10000.0, 64, None), (1e6, 6, None), (10000.0, 2, None),
+              (500000.0, 128, "llama3")]
+
+
+def _rope_cfg(theta, d, scaling):
+    from commitllm.verifier.config import ModelConfig, RopeScaling
+
+    rs = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192) if scaling else None
+    return ModelConfig(family="llama", vocab_size=64, hidden_size=d * 2, intermediate_size=8,
+                       num_layers=1, num_heads=2, num_kv_heads=1, head_dim=d, rms_norm_eps=1e-5,
+                       rope_theta=theta, max_position_embeddings=2 ** 24,
+                       tie_word_embeddings=False, attention_bias=False, rope_scaling=rs)
+
+
+@needs_core
+@pytest.mark.parametrize("theta,d,scaling", ROPE_CASES)
+def test_rope_rows_are_the_specs(theta, d, scaling):
+    """The compiled RoPE rows equal build_rows bit for bit: every bit position, the table's last
+    row, duplicates, unsorted, none; what it does not take (a position outside the table, a
+    negative one) goes to the spec and gives the spec's answer."""
+    cfg = _rope_cfg(theta, d, scaling)
+    table = spec_rope.RopeTable(cfg)
+    cb, sb = table.cos_b, table.sin_b
+    rng = np.random.default_rng(d)
+    top = 2 ** spec_rope.POSITION_BITS
+    cases = [np.arange(300), [top - 1, 0, top - 1, 1], [1 << b for b in range(24)],
+             rng.integers(0, top, 257), rng.integers(0, 1024, 31), np.array([], np.int64),
+             [5, 5, 5], [-1, 3], [top], [top + 12345, 2]]
+    for pos in cases:
+        pos = np.asarray(pos, dtype=np.int64)
+        got, want = bridge.rope_rows(cb, sb, pos), spec_rope.build_rows(cb, sb, pos)
+        for g, w in zip(got, want):
+            same(g, w)
+
+
+@needs_core
+def test_the_verifiers_rope_table_is_the_specs():
+    """RopeTable with the compiled rows (as verify builds it) answers every lookup, prefetch and
+    whole-table growth with the spec table's bits."""
+    cfg = _rope_cfg(500000.0, 128, "llama3")
+    rng = np.random.default_rng(1)
+    fast, spec = spec_rope.RopeTable(cfg, bridge.rope_rows), spec_rope.RopeTable(cfg)
+    far = rng.integers(2000, 2 ** 20, 40)
+    for t in (fast, spec):
+        t.prefetch(far)
+    for pos in (far[:7], np.arange(50), rng.integers(0, 3000, 9), np.array([2 ** 24 - 1])):
+        for g, w in zip(fast.lookup(pos), spec.lookup(pos)):
+            same(g, w)
+    fast.ensure(5000), spec.ensure(5000)
+    same(fast.cos, spec.cos), same(fast.sin, spec.sin)

@@ -23,6 +23,7 @@ from .commitment import embed_leaf, layer_roots_match, leaf_digests
 from .config import ModelConfig
 from .merkle import verify_multiproof, verify_multiproof_rows
 from .numerics.profiles import Profile
+from .native.bridge import rope_rows
 from .numerics.rope import RopeTable
 from .numerics.sampler import SamplingParams
 from .opened import check_range, check_types
@@ -214,7 +215,7 @@ def _in_order(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer
     _passed(v, "types", p, n_pos)
     t_merkle = time.perf_counter()
     resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
-    ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, timer)
+    ctx = Ctx(key, cfg, prof, RopeTable(cfg, rope_rows), arrays, timer)
 
     def replay():
         z, zq = _z_tables(arrays, p, matrices(cfg))
@@ -281,7 +282,7 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         t0 = time.perf_counter()
         resid, kv, proofs = _trace_tables(receipt, arrays, p, cfg)
         own.merkle += time.perf_counter() - t0
-        ctx = Ctx(key, cfg, prof, RopeTable(cfg), arrays, own)
+        ctx = Ctx(key, cfg, prof, RopeTable(cfg, rope_rows), arrays, own)
         z, zq = _z_tables(arrays, p, matrices(cfg))
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
         layers = sorted({pr[1] for pr in proofs} | set(p.z))

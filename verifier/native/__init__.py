@@ -34,7 +34,7 @@ HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag wi
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 12
+ABI = 13
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -194,7 +194,8 @@ def declare_bridge(so) -> None:
                        ("br_dequant", [p, i64, i64, p, p, p, p, i64, p]),
                        ("br_swiglu", [p, p, i64, i64, i64, i64, f32, p, p]),
                        ("br_rope", [p, i64, i64, i64, i64, i64, p, p, p]),
-                       ("br_minmax", [p, i64, i64, p])):
+                       ("br_minmax", [p, i64, i64, p]),
+                       ("br_rope_rows", [p, p, i64, i64, p, i64, p, p])):
         getattr(so, name).restype = i64
         getattr(so, name).argtypes = args
 

@@ -337,3 +337,40 @@ int64_t br_minmax(const void *x, int64_t n, int64_t esize, int64_t *lo_hi) {
     else minmax8((const int8_t *)x, n, lo_hi, lo_hi + 1);
     return 0;
 }
+
+/* The spec's RoPE rows (verifier/numerics/rope.py build_rows) for n positions: for each position
+ * p, (1, 0) rotated in binary64 by the base rotation (cb[b], sb[b]) of each set bit b of p,
+ * lowest bit first (c' = c cb - s sb, s' = s cb + c sb, each product rounded, no fusion), then
+ * rounded to binary32 once. cb, sb: double [bits][half]; cos, sin: float [n][half]. Each row
+ * depends on its own position only. Returns 0; -2 for a position outside [0, 2^bits), or
+ * bits outside [0, 62], or half < 0 (the caller then takes the spec's numpy route). */
+CLONES static void rope_row(const double *cb, const double *sb, int64_t half, int64_t bits,
+                            int64_t p, double *c, double *s, float *co, float *so) {
+    for (int64_t i = 0; i < half; i++) c[i] = 1.0, s[i] = 0.0;
+    for (int64_t b = 0; b < bits; b++) {
+        if (!((p >> b) & 1)) continue;
+        const double *x = cb + b * half, *y = sb + b * half;
+        for (int64_t i = 0; i < half; i++) {
+            const double cn = (c[i] * x[i]) - (s[i] * y[i]);
+            const double sn = (s[i] * x[i]) + (c[i] * y[i]);
+            c[i] = cn;
+            s[i] = sn;
+        }
+    }
+    for (int64_t i = 0; i < half; i++) co[i] = (float)c[i], so[i] = (float)s[i];
+}
+
+int64_t br_rope_rows(const double *cb, const double *sb, int64_t half, int64_t bits,
+                     const int64_t *pos, int64_t n, float *cos, float *sin) {
+    if (half < 0 || bits < 0 || bits > 62 || n < 0) return -2;
+    for (int64_t r = 0; r < n; r++)
+        if (pos[r] < 0 || pos[r] >= ((int64_t)1 << bits)) return -2;
+    double *c = malloc(sizeof(double) * (size_t)(half > 0 ? half : 1));
+    double *s = malloc(sizeof(double) * (size_t)(half > 0 ? half : 1));
+    if (!c || !s) { free(c); free(s); return -3; }
+    for (int64_t r = 0; r < n; r++)
+        rope_row(cb, sb, half, bits, pos[r], c, s, cos + r * half, sin + r * half);
+    free(c);
+    free(s);
+    return 0;
+}

@@ -121,6 +121,24 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def rope_rows(cos_b: np.ndarray, sin_b: np.ndarray, positions) -> tuple[np.ndarray, np.ndarray]:
+    """rope.build_rows(cos_b, sin_b, positions) in one compiled pass: the same binary64 steps in
+    the same order, each row rounded to fp32 once, so the same bits; the spec's numpy route
+    without the core or for anything the call does not take (a position outside the table)."""
+    so = lib()
+    p = np.ascontiguousarray(positions, dtype=np.int64)
+    if (so is None or p.ndim != 1 or cos_b.dtype != np.float64 or sin_b.dtype != np.float64
+            or cos_b.ndim != 2 or sin_b.shape != cos_b.shape
+            or not (cos_b.flags.c_contiguous and sin_b.flags.c_contiguous)):
+        return _rope.build_rows(cos_b, sin_b, positions)
+    bits, half = cos_b.shape
+    cos, sin = np.empty((len(p), half), F32), np.empty((len(p), half), F32)
+    if so.br_rope_rows(cos_b.ctypes.data, sin_b.ctypes.data, half, bits, p.ctypes.data, len(p),
+                       cos.ctypes.data, sin.ctypes.data):
+        return _rope.build_rows(cos_b, sin_b, positions)
+    return cos, sin
+
+
 def minmax(a: np.ndarray) -> tuple[int, int]:
     """(int(a.min()), int(a.max())) of a non-empty int8/int16 array, in one compiled pass when the
     array is C-contiguous (else numpy's two)."""

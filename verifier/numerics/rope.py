@@ -83,9 +83,12 @@ def base_rotations(freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class RopeTable:
-    """cos/sin fp32 [P, d/2] for positions 0..P-1, grown on demand, identical on every machine."""
+    """cos/sin fp32 [P, d/2] for positions 0..P-1, grown on demand, identical on every machine.
+    rows: what builds rows (build_rows' signature and bits; the verifier passes its compiled
+    route, native.bridge.rope_rows)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rows=None):
+        self.rows = rows or build_rows
         self.freqs, self.cos_b, self.sin_b = _bases(cfg.rope_theta, cfg.head_dim, cfg.rope_scaling)
         self.cos = np.ones((0, len(self.freqs)), F32)
         self.sin = np.zeros((0, len(self.freqs)), F32)
@@ -106,7 +109,7 @@ class RopeTable:
         if n <= len(self.cos):
             return
         n = max(n, 2 * len(self.cos), 256)
-        self.cos, self.sin = build_table(self.cos_b, self.sin_b, n)
+        self.cos, self.sin = self.rows(self.cos_b, self.sin_b, np.arange(n, dtype=np.int64))
 
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         positions = np.asarray(positions, dtype=np.int64)
@@ -118,7 +121,7 @@ class RopeTable:
             if np.all(at < len(self._far)) and np.array_equal(
                     self._far[np.minimum(at, len(self._far) - 1)], positions):
                 return self._far_cos[at], self._far_sin[at]
-            return build_rows(self.cos_b, self.sin_b, positions)
+            return self.rows(self.cos_b, self.sin_b, positions)
         self.ensure(top)
         return self.cos[positions], self.sin[positions]
 
@@ -136,7 +139,7 @@ class RopeTable:
             self.ensure(top)
         elif top > len(self.cos):
             new = np.setdiff1d(positions, self._far)
-            cos, sin = build_rows(self.cos_b, self.sin_b, new)
+            cos, sin = self.rows(self.cos_b, self.sin_b, new)
             far = np.concatenate([self._far, new])
             order = np.argsort(far, kind="stable")
             self._far = far[order]
