@@ -455,3 +455,36 @@ def test_the_verifiers_rope_table_is_the_specs():
             same(g, w)
     fast.ensure(5000), spec.ensure(5000)
     same(fast.cos, spec.cos), same(fast.sin, spec.sin)
+
+
+def _rope_answer(fn, *args):
+    """fn(*args) as bytes per output, or the exception's type."""
+    try:
+        return [(np.asarray(a).dtype, np.asarray(a).shape, np.asarray(a).tobytes())
+                for a in fn(*args)]
+    except Exception as e:  # noqa: BLE001 - the spec's own exception is the answer to match
+        return type(e)
+
+
+@needs_core
+def test_rope_rows_gives_the_specs_answer_where_it_declines():
+    """What an independent attacker found the compiled rows answering otherwise (none reachable
+    from RopeTable): scalar positions (the spec raises), a table of more than 24 rows and a
+    position from 2^24 (the spec reads 24 bits), NaN meeting NaN or inf times 0 (which NaN comes
+    out is the compiler's operand order), np.matrix and masked tables. Each now goes to the
+    spec, so the answer is the spec's, bytes or exception."""
+    _, cb, sb = spec_rope._bases(10000.0, 8, None)
+    nan, neg_nan = np.float64("nan"), -np.float64("nan")
+    cb25 = np.vstack([cb, np.full((1, 4), 0.5)])
+    sb25 = np.vstack([sb, np.full((1, 4), 0.5)])
+    cases = [(cb, sb, 5), (cb, sb, np.int64(5)), (cb, sb, np.array(5)), (cb, sb, 7.5),
+             (cb25, sb25, [2 ** 24]), (cb25, sb25, [2 ** 24 + 3, 1]),
+             (np.array([[1.0], [nan]]), np.array([[neg_nan], [1.0]]), [3]),
+             (np.array([[np.inf], [nan]]), np.array([[1.0], [1.0]]), [3]),
+             (np.array([[1e200]]), np.array([[1e200]]), [1]),
+             (np.asmatrix(cb), np.asmatrix(sb), [1, 2]),
+             (np.ma.masked_array(cb, mask=np.eye(24, 4, dtype=bool)), sb, [1, 3, 7])]
+    with np.errstate(all="ignore"):
+        for i, (c, s, pos) in enumerate(cases):
+            assert _rope_answer(bridge.rope_rows, c, s, pos) == \
+                _rope_answer(spec_rope.build_rows, c, s, pos), i

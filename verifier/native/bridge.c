@@ -342,10 +342,12 @@ int64_t br_minmax(const void *x, int64_t n, int64_t esize, int64_t *lo_hi) {
  * p, (1, 0) rotated in binary64 by the base rotation (cb[b], sb[b]) of each set bit b of p,
  * lowest bit first (c' = c cb - s sb, s' = s cb + c sb, each product rounded, no fusion), then
  * rounded to binary32 once. cb, sb: double [bits][half]; cos, sin: float [n][half]. Each row
- * depends on its own position only. Returns 0; -2 for a position outside [0, 2^bits), or
- * bits outside [0, 62], or half < 0 (the caller then takes the spec's numpy route). */
-CLONES static void rope_row(const double *cb, const double *sb, int64_t half, int64_t bits,
-                            int64_t p, double *c, double *s, float *co, float *so) {
+ * depends on its own position only. Returns 0; -1 when an output is not finite (which order of
+ * operands a NaN takes is the compiler's, and numpy warns there: the spec decides); -2 for a
+ * position outside [0, 2^bits), bits outside [0, 62] or half < 0. On -1 / -2 the caller takes
+ * the spec's numpy route. */
+CLONES static int rope_row(const double *cb, const double *sb, int64_t half, int64_t bits,
+                           int64_t p, double *c, double *s, float *co, float *so) {
     for (int64_t i = 0; i < half; i++) c[i] = 1.0, s[i] = 0.0;
     for (int64_t b = 0; b < bits; b++) {
         if (!((p >> b) & 1)) continue;
@@ -357,7 +359,12 @@ CLONES static void rope_row(const double *cb, const double *sb, int64_t half, in
             s[i] = sn;
         }
     }
-    for (int64_t i = 0; i < half; i++) co[i] = (float)c[i], so[i] = (float)s[i];
+    int bad = 0;
+    for (int64_t i = 0; i < half; i++) {
+        co[i] = (float)c[i], so[i] = (float)s[i];
+        bad |= !isfinite(co[i]) | !isfinite(so[i]);
+    }
+    return bad;
 }
 
 int64_t br_rope_rows(const double *cb, const double *sb, int64_t half, int64_t bits,
@@ -368,9 +375,10 @@ int64_t br_rope_rows(const double *cb, const double *sb, int64_t half, int64_t b
     double *c = malloc(sizeof(double) * (size_t)(half > 0 ? half : 1));
     double *s = malloc(sizeof(double) * (size_t)(half > 0 ? half : 1));
     if (!c || !s) { free(c); free(s); return -3; }
-    for (int64_t r = 0; r < n; r++)
-        rope_row(cb, sb, half, bits, pos[r], c, s, cos + r * half, sin + r * half);
+    int64_t code = 0;
+    for (int64_t r = 0; r < n && !code; r++)
+        code = rope_row(cb, sb, half, bits, pos[r], c, s, cos + r * half, sin + r * half) ? -1 : 0;
     free(c);
     free(s);
-    return 0;
+    return code;
 }

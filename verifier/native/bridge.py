@@ -124,14 +124,17 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 def rope_rows(cos_b: np.ndarray, sin_b: np.ndarray, positions) -> tuple[np.ndarray, np.ndarray]:
     """rope.build_rows(cos_b, sin_b, positions) in one compiled pass: the same binary64 steps in
     the same order, each row rounded to fp32 once, so the same bits; the spec's numpy route
-    without the core or for anything the call does not take (a position outside the table)."""
+    without the core or for anything the call does not take: positions that are not one row of
+    integers, or outside [0, 2^24) (the spec's bits), tables that are not plain C-contiguous
+    float64 ndarrays [bits, d/2], a result that is not finite."""
     so = lib()
-    p = np.ascontiguousarray(positions, dtype=np.int64)
-    if (so is None or p.ndim != 1 or cos_b.dtype != np.float64 or sin_b.dtype != np.float64
-            or cos_b.ndim != 2 or sin_b.shape != cos_b.shape
+    if (so is None or np.ndim(positions) != 1 or type(cos_b) is not np.ndarray
+            or type(sin_b) is not np.ndarray or cos_b.dtype != np.float64
+            or sin_b.dtype != np.float64 or cos_b.ndim != 2 or sin_b.shape != cos_b.shape
             or not (cos_b.flags.c_contiguous and sin_b.flags.c_contiguous)):
         return _rope.build_rows(cos_b, sin_b, positions)
-    bits, half = cos_b.shape
+    p = np.ascontiguousarray(positions, dtype=np.int64)
+    bits, half = min(cos_b.shape[0], _rope.POSITION_BITS), cos_b.shape[1]  # the spec's bits
     cos, sin = np.empty((len(p), half), F32), np.empty((len(p), half), F32)
     if so.br_rope_rows(cos_b.ctypes.data, sin_b.ctypes.data, half, bits, p.ctypes.data, len(p),
                        cos.ctypes.data, sin.ctypes.data):
