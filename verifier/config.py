@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,8 +105,10 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if not (self.rms_norm_eps > 0 and math.isfinite(self.rms_norm_eps)):
             raise ConfigError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps}")
-        if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
-            raise ConfigError(f"rope_theta must be a positive number, got {self.rope_theta}")
+        if not (self.rope_theta >= sys.float_info.min and math.isfinite(self.rope_theta)):
+            # a subnormal base gives infinite frequencies, so NaN RoPE tables
+            raise ConfigError(f"rope_theta must be a positive normal number, got "
+                              f"{self.rope_theta}")
         moe = (self.num_experts, self.experts_per_token)
         if self.family in MOE_FAMILIES:
             if not all(isinstance(n, int) and not isinstance(n, bool) for n in moe) or not (
@@ -354,7 +357,7 @@ def _rope_scaling(rs) -> RopeScaling | None:
         raise ConfigError(f"rope_scaling type {kind!r} is not supported (field 'rope_scaling'); "
                           "only 'llama3'")
     try:
-        return RopeScaling(
+        out = RopeScaling(
             factor=float(rs["factor"]),
             low_freq_factor=float(rs["low_freq_factor"]),
             high_freq_factor=float(rs["high_freq_factor"]),
@@ -362,3 +365,16 @@ def _rope_scaling(rs) -> RopeScaling | None:
         )
     except KeyError as e:
         raise ConfigError(f"rope_scaling is missing field {e.args[0]!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError("rope_scaling's factor, low_freq_factor, high_freq_factor and "
+                          "original_max_position_embeddings must be numbers") from None
+    # what llama3 scaling means (transformers checks the same, with warnings): a NaN, zero or
+    # subnormal factor, or equal low and high factors, would divide by zero into NaN RoPE tables
+    nums = (out.factor, out.low_freq_factor, out.high_freq_factor)
+    if not (all(math.isfinite(x) for x in nums) and out.factor >= 1
+            and 0 < out.low_freq_factor < out.high_freq_factor
+            and out.original_max_position_embeddings >= 1):
+        raise ConfigError(f"rope_scaling must have finite factor >= 1, 0 < low_freq_factor < "
+                          f"high_freq_factor and original_max_position_embeddings >= 1, got "
+                          f"{rs!r}"[:300])
+    return out
