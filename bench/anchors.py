@@ -209,8 +209,12 @@ def scale_tier(t: dict, full_layers: int) -> dict:
     return out
 
 
-FLOOR_PARTS = {"freivalds_bridge": "layer", "attention": "attention", "merkle": "merkle",
-               "range": "range"}  # per-layer parts -> bench/floors.py groups; the rest: once
+# per-layer parts -> bench/floors.py groups (a MoE layer's one-pass linears and bridge calls are
+# the freivalds and bridge groups; the LM head's are "decode"); the rest (decode, receipt): once
+FLOOR_PARTS = {"freivalds_bridge": ("layer", "freivalds", "bridge"), "attention": ("attention",),
+               "merkle": ("merkle",), "range": ("range",)}
+# results written before the decode group existed (their "freivalds" group is the LM head's)
+FLOOR_PARTS_V1 = dict(FLOOR_PARTS, freivalds_bridge=("layer",))
 
 
 def scale_floors(f: dict, layers: int) -> dict:
@@ -218,9 +222,11 @@ def scale_floors(f: dict, layers: int) -> dict:
     per layer and once per token like scale_tier's, and the compiled work scaled to `layers`:
     as run and warm (each call repeated on its arguments, data in cache)."""
     pp, measured = f["per_position"], f["layers"]
-    per_layer = {part: {w: pp.get(g, {}).get(w, 0.0) / measured for w in ("run_ms", "warm_ms")}
-                 for part, g in FLOOR_PARTS.items()}
-    once = {w: sum(v[w] for g, v in pp.items() if g not in FLOOR_PARTS.values())
+    parts = FLOOR_PARTS if f.get("groups", 1) >= 2 else FLOOR_PARTS_V1
+    per_layer = {part: {w: sum(pp.get(g, {}).get(w, 0.0) for g in gs) / measured
+                        for w in ("run_ms", "warm_ms")} for part, gs in parts.items()}
+    layer_groups = {g for gs in parts.values() for g in gs}
+    once = {w: sum(v[w] for g, v in pp.items() if g not in layer_groups)
             for w in ("run_ms", "warm_ms")}
     scaled = {w: layers * sum(v[w] for v in per_layer.values()) + once[w]
               for w in ("run_ms", "warm_ms")}
@@ -379,8 +385,9 @@ def summary_md(d: dict, command: str | None = None) -> str:
 
 def fb_read_bytes(s: dict, t: dict) -> float | None:
     """Bytes per layer and challenged token that Freivalds + bridge must read from memory: the
-    key's rows for one layer (read once per audit, shared by the tier's tokens) and the layer's
-    packed accumulators per token (the K/V sample's qkv rows included)."""
+    key's rows for one layer (read once per audit, shared by the tier's tokens; for a MoE layer
+    every expert's, an upper bound) and the layer's packed accumulators per token (the K/V
+    sample's qkv rows included)."""
     kb = s.get("key_layer_bytes")
     if kb is None:
         return None

@@ -18,6 +18,7 @@ verifier's, but its own timing is not a figure: the repeats run inside the timed
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +37,19 @@ GROUPS = {
 }
 # routines whose outputs are separate from their inputs: repeating one rewrites the same bytes
 PURE = frozenset(GROUPS) - {"b3_chain"}
+# a call made while the verifier replays the LM head and decode policy (once per token, not per
+# layer) is counted in this group whatever the routine
+DECODE = "decode"
+_DECODE_FRAMES = frozenset({"replay_decode", "_replay_decode"})
+
+
+def _in_decode() -> bool:
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name in _DECODE_FRAMES:
+            return True
+        f = f.f_back
+    return False
 
 
 @dataclass
@@ -48,20 +62,24 @@ class Calls:
     count: dict = field(default_factory=dict)
     repeat_s: float = 0.0  # the repeats' own seconds (not the verification's)
 
-    def add(self, name: str, run: float, warm: float | None) -> None:
-        self.run_s[name] = self.run_s.get(name, 0.0) + run
-        self.count[name] = self.count.get(name, 0) + 1
+    def add(self, name: str, run: float, warm: float | None, decode: bool = False) -> None:
+        key = (name, decode)
+        self.run_s[key] = self.run_s.get(key, 0.0) + run
+        self.count[key] = self.count.get(key, 0) + 1
         if warm is not None:
-            self.warm_s[name] = self.warm_s.get(name, 0.0) + warm
+            self.warm_s[key] = self.warm_s.get(key, 0.0) + warm
 
     def by_group(self) -> dict:
-        """{group: {"calls", "run_ms", "warm_ms"}}; warm_ms is run_ms for routines not repeated."""
+        """{group: {"calls", "run_ms", "warm_ms"}}; warm_ms is run_ms for routines not repeated;
+        calls under the decode replay in group DECODE."""
         out: dict = {}
-        for name, run in self.run_s.items():
-            g = out.setdefault(GROUPS[name], {"calls": 0, "run_ms": 0.0, "warm_ms": 0.0})
-            g["calls"] += self.count[name]
+        for key, run in self.run_s.items():
+            name, decode = key
+            g = out.setdefault(DECODE if decode else GROUPS[name],
+                               {"calls": 0, "run_ms": 0.0, "warm_ms": 0.0})
+            g["calls"] += self.count[key]
             g["run_ms"] += 1e3 * run
-            g["warm_ms"] += 1e3 * self.warm_s.get(name, run)
+            g["warm_ms"] += 1e3 * self.warm_s.get(key, run)
         return out
 
 
@@ -84,6 +102,7 @@ def compiled_calls(repeats: int = 3):
         saved[name] = fn
 
         def timed(*args, _fn=fn, _name=name):
+            decode = _in_decode()
             t0 = time.perf_counter()
             code = _fn(*args)
             run = time.perf_counter() - t0
@@ -97,7 +116,7 @@ def compiled_calls(repeats: int = 3):
                     warm = t1 if warm is None else min(warm, t1)
                     if again != code:
                         raise RuntimeError(f"{_name} answered {again} on a repeat, {code} first")
-            calls.add(_name, run, warm)
+            calls.add(_name, run, warm, decode)
             return code
         setattr(so, name, timed)
     try:
@@ -137,7 +156,7 @@ def floor_figures(run_verify, positions: int, layers: int, repeats: int = 3,
     per = {k: {"calls": g["calls"], "run_ms": g["run_ms"] / positions,
                "warm_ms": g["warm_ms"] / positions} for k, g in best.items()}
     return {"accepted": verdicts.pop(), "positions": positions, "layers": layers,
-            "repeats": repeats, "runs": max(1, runs), "per_position": per,
+            "repeats": repeats, "runs": max(1, runs), "per_position": per, "groups": 2,
             "compiled_ms_per_position": sum(g["run_ms"] for g in per.values()),
             "glue_ms_per_position": max(min(glue), 0.0) / positions}
 

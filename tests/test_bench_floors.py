@@ -43,6 +43,19 @@ def test_pure_routines_repeat_and_impure_ones_do_not(monkeypatch):
     assert calls.repeat_s > 0
 
 
+def test_calls_under_the_decode_replay_are_counted_once_per_token(monkeypatch):
+    so = _fake_lib(monkeypatch, fv_acc_linear=lambda *_a: 0)
+
+    def replay_decode():  # the verifier's frame name: the LM head's linear, once per token
+        return so.fv_acc_linear()
+    with floors.compiled_calls(repeats=1) as calls:
+        so.fv_acc_linear()  # a MoE layer's one-pass linear
+        replay_decode()
+        replay_decode()
+    g = calls.by_group()
+    assert g["freivalds"]["calls"] == 1 and g[floors.DECODE]["calls"] == 2
+
+
 def test_a_repeat_that_answers_otherwise_is_refused(monkeypatch):
     codes = iter([0, 1])
     so = _fake_lib(monkeypatch, attn_layer=lambda *_a: next(codes))
@@ -59,19 +72,26 @@ def test_no_compiled_core_no_floors(monkeypatch):
 
 
 def test_scale_floors_per_layer_and_once():
-    # 2 layers measured, per challenged token: layer 3 / 2 ms (as run / warm), attention 4 / 3,
-    # merkle 1 / 0.5, range 0.5 / 0.25, freivalds (the LM head) 1 / 0.5, receipt 0.25 / 0.25
+    # 2 layers measured, per challenged token: layer 3 / 2 ms (as run / warm), a MoE layer's
+    # one-pass linears (freivalds) 0.5 / 0.25 and bridge calls 0.5 / 0.25, attention 4 / 3,
+    # merkle 1 / 0.5, range 0.5 / 0.25, the LM head (decode) 1 / 0.5, receipt 0.25 / 0.25
     pp = {"layer": {"run_ms": 3.0, "warm_ms": 2.0}, "attention": {"run_ms": 4.0, "warm_ms": 3.0},
+          "freivalds": {"run_ms": 0.5, "warm_ms": 0.25},
+          "bridge": {"run_ms": 0.5, "warm_ms": 0.25},
           "merkle": {"run_ms": 1.0, "warm_ms": 0.5}, "range": {"run_ms": 0.5, "warm_ms": 0.25},
-          "freivalds": {"run_ms": 1.0, "warm_ms": 0.5},
+          "decode": {"run_ms": 1.0, "warm_ms": 0.5},
           "receipt": {"run_ms": 0.25, "warm_ms": 0.25}}
     f = anchors.scale_floors({"per_position": pp, "layers": 2, "glue_ms_per_position": 1.5,
-                              "repeats": 3}, layers=32)
-    assert f["per_layer_ms"]["freivalds_bridge"] == {"run_ms": 1.5, "warm_ms": 1.0}
+                              "repeats": 3, "groups": 2}, layers=32)
+    assert f["per_layer_ms"]["freivalds_bridge"] == {"run_ms": 2.0, "warm_ms": 1.25}
+    # results from before the decode group: their freivalds and bridge groups were once per token
+    old = anchors.scale_floors({"per_position": pp, "layers": 2, "glue_ms_per_position": 1.5,
+                                "repeats": 3}, layers=32)
+    assert old["per_layer_ms"]["freivalds_bridge"] == {"run_ms": 1.5, "warm_ms": 1.0}
     assert f["per_layer_ms"]["range"] == {"run_ms": 0.25, "warm_ms": 0.125}
     assert f["once_ms"] == {"run_ms": 1.25, "warm_ms": 0.75}
     # dyadic fractions throughout: the float arithmetic is exact, compared with ==
-    assert f["compiled_ms"] == {"run_ms": 32 * 4.25 + 1.25, "warm_ms": 32 * 2.875 + 0.75}
+    assert f["compiled_ms"] == {"run_ms": 32 * 4.75 + 1.25, "warm_ms": 32 * 3.125 + 0.75}
     assert f["glue_ms"] == 1.5
 
 
