@@ -51,8 +51,8 @@ def _check(name: str, a, spec: Spec, ranged: bool = True) -> None:
     if not isinstance(a, np.ndarray) or a.dtype.str != spec.dtype or a.dtype.byteorder == ">":
         got = getattr(a, "dtype", type(a).__name__)
         raise Reject("opening_type", f"{name}: dtype {got}, the key implies {spec.dtype}")
-    if a.ndim != len(spec.shape) or any(w is not None and g != w
-                                        for g, w in zip(a.shape, spec.shape)):
+    if a.shape != spec.shape and (a.ndim != len(spec.shape) or any(  # equal: no wildcard to read
+            w is not None and g != w for g, w in zip(a.shape, spec.shape))):
         raise Reject("opening_type", f"{name}: shape {a.shape}, the key implies "
                                      f"{tuple('n' if w is None else w for w in spec.shape)}")
     if spec.max_rows and a.shape[0] > spec.max_rows:
@@ -64,11 +64,16 @@ def _check(name: str, a, spec: Spec, ranged: bool = True) -> None:
         check_range(name, a, spec)
     if spec.finite and not np.all(np.isfinite(a)):
         raise Reject("opening_range", f"{name}: a non-finite value")
-    if spec.normal and not np.all(np.isfinite(a) & (a >= F32_TINY)):
-        raise Reject("opening_range", f"{name}: a scale that is not a finite positive normal fp32")
-    if spec.max_value is not None and a.size and float(a.max()) > spec.max_value:
-        raise Reject("opening_range", f"{name}: a scale above fp32 max / qmax (no row quantizes "
-                                      f"to it)")
+    if (spec.normal or spec.max_value is not None) and a.size:
+        # two passes, no temporaries: min and max carry a NaN through, and every element lies
+        # in [TINY, inf) exactly when the least is >= TINY and the greatest < inf
+        lo, hi = float(a.min()), float(a.max())
+        if spec.normal and not (lo >= F32_TINY and hi < np.inf):
+            raise Reject("opening_range",
+                         f"{name}: a scale that is not a finite positive normal fp32")
+        if spec.max_value is not None and hi > spec.max_value:
+            raise Reject("opening_range", f"{name}: a scale above fp32 max / qmax (no row "
+                                          f"quantizes to it)")
 
 
 __all__ = ["check_range", "check_types"]
