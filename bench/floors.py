@@ -44,7 +44,8 @@ _DECODE_FRAMES = frozenset({"replay_decode", "_replay_decode"})
 
 
 def _in_decode() -> bool:
-    f = sys._getframe(2)
+    """Whether a frame of the verifier's decode replay is on the calling stack."""
+    f = sys._getframe(1)
     while f is not None:
         if f.f_code.co_name in _DECODE_FRAMES:
             return True
