@@ -299,9 +299,7 @@ def goals(data: dict) -> list[dict]:
                          worst["scaled"]["per_layer_ms"]["freivalds_bridge"] * 1e3,
                          pub["bridge_us_per_layer"],
                          _floor(worst, lambda f: 1e3 * f["per_layer_ms"]["freivalds_bridge"]
-                                ["warm_ms"])))
-        fb, rate = fb_read_bytes(s, worst), data.get("read_gb_s")
-        out[-1]["memory"] = fb / rate / 1e3 if fb is not None and rate else None
+                                ["warm_ms"]), memory=_read_us(s, worst, data.get("read_gb_s"))))
         if s["retained_bytes_per_extra_token"] is not None:  # a digit more in a count at most
             out.append(_goal(f"{s['shape']}: provider retained bytes per token beyond the "
                              f"transcript (store file growth minus token ids and text)",
@@ -330,13 +328,14 @@ def goals(data: dict) -> list[dict]:
 
 
 def _goal(name: str, got: float, limit: float, floor: float | None = None,
-          reported: bool = False) -> dict:
+          reported: bool = False, memory: float | None = None) -> dict:
     """floor: the same figure from the compiled calls alone, each repeated with its data in
     cache (bench/floors.py): what this design's arithmetic costs without memory stalls or
-    Python. reported: a figure the issue asks to report beside a goal, not a goal of its own."""
+    Python. reported: a figure the issue asks to report beside a goal, not a goal of its own.
+    memory: what its bytes from memory take at the measured read rate (Freivalds + bridge)."""
     return {"goal": name, "measured": got, "limit": limit, "met": got <= limit,
             "over_by": None if got <= limit else (got / limit - 1 if limit else got),
-            "floor": floor, "reported": reported}
+            "floor": floor, "reported": reported, "memory": memory}
 
 
 def _floor(t: dict, pick) -> float | None:
@@ -396,9 +395,15 @@ def fb_read_bytes(s: dict, t: dict) -> float | None:
     return kb / t["positions"] + acc / (t["layers"] * t["positions"])
 
 
+def _read_us(s: dict, t: dict, rate: float | None) -> float | None:
+    """Microseconds fb_read_bytes takes at `rate` GB/s (None when either is unknown)."""
+    fb = fb_read_bytes(s, t)
+    return None if fb is None or not rate else fb / rate / 1e3
+
+
 def _floors_section(d: dict) -> str:
     """Each tier's time split into compiled arithmetic (warm), memory stalls and glue."""
-    rows = []
+    rows, rate = [], d.get("read_gb_s")
     for s in d["shapes"]:
         for c in s["contexts"]:
             for t in c["tiers"].values():
@@ -406,9 +411,8 @@ def _floors_section(d: dict) -> str:
                 if f is None:
                     continue
                 pl = f["per_layer_ms"]
-                fb = fb_read_bytes(s, t)
-                rate = d.get("read_gb_s")
-                mem = "-" if fb is None or not rate else f"{fb / 1e3:.0f} ({fb / rate / 1e3:.0f})"
+                us = _read_us(s, t, rate)
+                mem = "-" if us is None else f"{fb_read_bytes(s, t) / 1e3:.0f} ({us:.0f})"
                 rows.append([s["shape"], c["positions"], t["tier"],
                              *(f"{1e3 * pl[k]['run_ms']:.0f} / {1e3 * pl[k]['warm_ms']:.0f}"
                                for k in FLOOR_PARTS), mem,
@@ -421,7 +425,6 @@ def _floors_section(d: dict) -> str:
             "Merkle us/layer", "K/V range check us/layer",
             "Freivalds+bridge reads KB/layer (us at the read rate)",
             "glue ms/token (measured depth)", "compiled ms/token", "verify ms/token"]
-    rate = d.get("read_gb_s")
     rate_md = (f" The read rate from memory measured on this machine (bench/floors.py read_rate: "
                f"the compiled min/max pass over 256 MiB not in cache) is {rate:.1f} GB/s; the "
                f"bytes column is what Freivalds + bridge must read from memory per layer and "

@@ -57,7 +57,6 @@ def _in_decode() -> bool:
 class Calls:
     """Seconds per routine: as run (every call) and warm (each call's fastest repeat)."""
 
-    repeats: int
     run_s: dict = field(default_factory=dict)
     warm_s: dict = field(default_factory=dict)
     count: dict = field(default_factory=dict)
@@ -94,7 +93,7 @@ def compiled_calls(repeats: int = 3):
     so = native.lib()
     if so is None:
         raise RuntimeError(f"the floors need the compiled core: {native.error()}")
-    calls = Calls(repeats)
+    calls = Calls()
     saved = {}
     for name in GROUPS:
         fn = getattr(so, name, None)
@@ -138,9 +137,8 @@ def floor_figures(run_verify, positions: int, layers: int, repeats: int = 3,
 
     if native.lib() is None:
         return None
-    best: dict = {}
-    glue, verdicts = [], set()
-    for _ in range(max(1, runs)):
+    runs, best, glue, verdicts = max(1, runs), {}, [], set()
+    for _ in range(runs):
         with native.thread_budget(1), compiled_calls(repeats) as calls:
             t0 = time.perf_counter()
             v = run_verify()
@@ -157,7 +155,7 @@ def floor_figures(run_verify, positions: int, layers: int, repeats: int = 3,
     per = {k: {"calls": g["calls"], "run_ms": g["run_ms"] / positions,
                "warm_ms": g["warm_ms"] / positions} for k, g in best.items()}
     return {"accepted": verdicts.pop(), "positions": positions, "layers": layers,
-            "repeats": repeats, "runs": max(1, runs), "per_position": per, "groups": 2,
+            "repeats": repeats, "runs": runs, "per_position": per, "groups": 2,
             "compiled_ms_per_position": sum(g["run_ms"] for g in per.values()),
             "glue_ms_per_position": max(min(glue), 0.0) / positions}
 

@@ -207,15 +207,13 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
     io = setup.io_tokenizer is not None  # a key without a tokenizer: io_binding unchecked
     from commitllm.verifier import native
 
+    def run(threads: int = 1):
+        return verify(setup.key, r, c, m2, a2, setup.io_tokenizer, io_binding=io, threads=threads)
     with native.thread_budget(1) if one_core else contextlib.nullcontext():
-        verify_t, verdicts = time_runs(lambda i: verify(setup.key, r, c, m2, a2,
-                                                        setup.io_tokenizer, io_binding=io),
-                                       verify_runs, warmup=warmup)
+        verify_t, verdicts = time_runs(lambda i: run(), verify_runs, warmup=warmup)
     threaded = None
     if also_threads > 1:
-        t_thr, v_thr = time_runs(lambda i: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
-                                                  io_binding=io, threads=also_threads),
-                                 verify_runs, warmup=warmup)
+        t_thr, v_thr = time_runs(lambda i: run(also_threads), verify_runs, warmup=warmup)
         if {(v.accepted, v.reason) for v in v_thr} != {(v.accepted, v.reason) for v in verdicts}:
             raise SystemExit(f"{tier}: the verdict with {also_threads} threads differs")
         threaded = {"threads": also_threads,
@@ -225,8 +223,7 @@ def tier_figures(setup: Setup, signed, tier: str, verify_runs: int, nonce: bytes
     if floors:
         from bench.floors import floor_figures
 
-        floor = floor_figures(lambda: verify(setup.key, r, c, m2, a2, setup.io_tokenizer,
-                                             io_binding=io), n, len(c["layers"]))
+        floor = floor_figures(run, n, len(c["layers"]))
         if floor is not None and floor["accepted"] != all(v.accepted for v in verdicts):
             raise SystemExit(f"{tier}: the verdict under the floor timers differs")
     per_pos = {p: Timing(tuple(1e3 * verify_parts(v.timing)[p] / n for v in verdicts)).to_dict()

@@ -47,7 +47,7 @@ def test_scale_tier_splits_per_layer_and_once_per_token():
 def test_goal_margin():
     assert anchors._goal("g", 30.0, 20.0) == {"goal": "g", "measured": 30.0, "limit": 20.0,
                                               "met": False, "over_by": 0.5, "floor": None,
-                                              "reported": False}
+                                              "reported": False, "memory": None}
     assert anchors._goal("g", 0.0, 0.01)["met"]
 
 

@@ -38,7 +38,10 @@ def _random_ids(vocab: int, seed: int, batch: int = BATCH, length: int = SEQ_LEN
 
 
 def assert_close_logits(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -> None:
-    """Fail with the worst (batch, position, token) and the worst difference of every position."""
+    """Fail with the worst (batch, position, token) and the worst difference of every position.
+    Only for the fp32 reference (verifier/reference.py) against transformers, two float programs
+    that sum in different orders: neither is a committed value (the exact engine, the torch
+    backend and the verifier are compared with ==, bit for bit, elsewhere)."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     diff = (got - want).abs()  # [B, T, V]
     worst = float(diff.max())
@@ -152,6 +155,8 @@ def test_llama3_inv_freq_matches_transformers(tiny_llama_tied_scaled):
     want, scaling = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")  # fp32 [d/2]
     ours = inv_freq(cfg)  # float64 [d/2]
     assert ours.dtype == np.float64 and scaling == 1.0
+    # a tolerance on the reference only: HF's fp32 inv_freq is not what we commit (the RoPE
+    # table's digest and bits are ours, mpmath rounded once, tested with == elsewhere).
     # HF rounds to fp32 after each of pow, divide and the blend; we round once at the end. HF's
     # chain is off by up to 4 fp32 ulps on this table (measured), i.e. up to 8 * 2^-23 relative.
     np.testing.assert_allclose(ours, want.double().numpy(), rtol=8 * 2.0**-23, atol=0)
@@ -175,7 +180,8 @@ def test_default_inv_freq_matches_transformers(tiny_qwen2):
     hf_cfg = transformers.AutoConfig.from_pretrained(tiny_qwen2, local_files_only=True)
     want, _ = Qwen2RotaryEmbedding.compute_default_rope_parameters(hf_cfg)
     ours = inv_freq(ModelConfig.from_hf(tiny_qwen2))
-    # HF: fp32 pow then fp32 divide; ours: float64. Same few-ulp bound as for llama3.
+    # HF: fp32 pow then fp32 divide; ours: float64. Same few-ulp bound as for llama3 (the
+    # reference comparison only, as above).
     np.testing.assert_allclose(ours, want.double().numpy(), rtol=8 * 2.0**-23, atol=0)
 
 

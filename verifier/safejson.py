@@ -82,11 +82,11 @@ def _object(pairs: list) -> dict:
     return out
 
 
-__all__ = ["JSONError", "MAX_DEPTH", "check_structure", "loads"]
-
-
 def uint_ids(ids, limit: int = 1 << 32) -> bool:
     """Whether ids is a list (or tuple) of plain ints (not bools, not int subclasses) in
     [0, limit): the type pass and min/max run in C, not one Python step per id."""
     return isinstance(ids, (list, tuple)) and (not ids or (
         set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < limit))
+
+
+__all__ = ["JSONError", "MAX_DEPTH", "check_structure", "loads", "uint_ids"]
