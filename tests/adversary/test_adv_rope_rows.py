@@ -3,7 +3,8 @@ bridge.c br_rope_rows) in place of rope.build_rows. A provider whose RoPE differ
 at ONE position only (one row of its table changed, the manifest's digest the honest one) is
 caught wherever a challenge reaches that position, with the same reason whether the verifier
 builds its rows compiled or in numpy; positions the change does not reach verify alike on both
-routes (an honest row there), so the compiled rows are neither stricter nor laxer than the spec."""
+routes (an honest row there), so the compiled rows are neither stricter nor laxer than the spec.
+Every profile (w8a16, a8, w16a16: the quantization of q and k after RoPE differs)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def _numpy_rows(monkeypatch):
 @needs_core
 @pytest.mark.parametrize("how", ["swapped", "negated", "one_frequency"])
 @pytest.mark.parametrize("tier", ["routine", "full", "deep"])
-def test_one_rope_row_off_is_caught_on_both_routes(world, monkeypatch, how, tier):
+def test_one_rope_row_off_is_caught_on_both_routes(pworld, monkeypatch, how, tier):
+    world = pworld
     p = _provider(world, how)
     s = world.serve(p)
     positions = None if tier == "deep" else [AT]
@@ -68,9 +70,10 @@ def test_one_rope_row_off_is_caught_on_both_routes(world, monkeypatch, how, tier
 
 
 @needs_core
-def test_positions_the_change_does_not_reach_verify_alike(world, monkeypatch):
+def test_positions_the_change_does_not_reach_verify_alike(pworld, monkeypatch):
     """Challenged positions before AT read no row of AT (their keys stop before it): the
     opening is honest there, and both routes accept it."""
+    world = pworld
     p = _provider(world, "swapped")
     s = world.serve(p)
     before = [3, AT - 1]
