@@ -56,6 +56,31 @@ def test_calls_under_the_decode_replay_are_counted_once_per_token(monkeypatch):
     assert g["freivalds"]["calls"] == 1 and g[floors.DECODE]["calls"] == 2
 
 
+def test_the_one_call_layer_splits_its_attention_off(monkeypatch):
+    """ly_layer times its attn_layer part itself (its struct's attn_seconds): that part is
+    counted under attention, the rest under the layer, as run and on the fastest repeat."""
+    import ctypes
+    import time
+
+    class Args(ctypes.Structure):
+        _fields_ = [("attn_seconds", ctypes.c_double)]
+    spent = iter([0.004, 0.002, 0.003])
+
+    def ly_layer(ref):
+        s = next(spent)  # the call's attention part: half its time
+        time.sleep(2 * s)
+        ref._obj.attn_seconds = s
+        return 0
+    so = _fake_lib(monkeypatch, ly_layer=ly_layer)
+    a = Args()
+    with floors.compiled_calls(repeats=2) as calls:
+        assert so.ly_layer(ctypes.byref(a)) == 0
+    g = calls.by_group()
+    assert g["attention"]["calls"] == g["layer"]["calls"] == 1
+    assert g["attention"]["run_ms"] == 4.0 and g["attention"]["warm_ms"] == 2.0
+    assert 4.0 <= g["layer"]["run_ms"] < 40 and 2.0 <= g["layer"]["warm_ms"] < 20
+
+
 def test_a_repeat_that_answers_otherwise_is_refused(monkeypatch):
     codes = iter([0, 1])
     so = _fake_lib(monkeypatch, attn_layer=lambda *_a: next(codes))
@@ -102,7 +127,8 @@ def test_a_real_verification_under_the_timers(tmp_path):
     from bench.protocol import sign, tier_figures
 
     so = native.lib()
-    before = {n: getattr(so, n) for n in ("ly_pre", "attn_layer", "b3_rows", "br_minmax")}
+    before = {n: getattr(so, n) for n in ("ly_layer", "ly_pre", "attn_layer", "b3_rows",
+                                          "br_minmax")}
     setup, _ = anchors.build_setup("tiny", 2)
     signed, _ = sign(setup, {"prompt": "floors"}, list(range(2, 20)), 3)
     t = tier_figures(setup, signed, "routine", 1, nonce=b"\x01" * 16, one_core=True, floors=True)

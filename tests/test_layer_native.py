@@ -198,14 +198,16 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("kind,profile", FAMILIES, ids=[f"{k}-{p}" for k, p in FAMILIES])
 def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monkeypatch):
     """An honest full-tier opening of each dense family and profile (Qwen2's qkv bias, Qwen3's
-    head norms, Mistral's window, tied and scaled RoPE, odd head counts): the fused route answers
-    for every layer (it declines nothing), and its q, k, v rows with their scales, its attention
-    output (layer.attend) and its output rows are the step route's, byte for byte."""
+    head norms, Mistral's window, tied and scaled RoPE, odd head counts), with the one-call
+    layer (layer.whole) switched off: the three calls answer for every layer (they decline
+    nothing), and their q, k, v rows with their scales, attention output (layer.attend) and
+    output rows are the step route's, byte for byte."""
     from test_protocol import SAMPLED, Flow, _qm
 
     flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}"), profile), params=SAMPLED)
     c = flow.challenge("full")
     meta, arrays = flow.open(c)
+    monkeypatch.setattr(layer, "whole", lambda *a, **k: None)
     seen = _record(monkeypatch)
     v = flow.verify(c, meta, arrays)
     assert v.accepted, (v.reason, v.detail)
@@ -219,6 +221,67 @@ def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monke
     assert set(seen["steps"]) == set(seen["fused"])
     for k, got in seen["fused"].items():
         assert _same(got, seen["steps"][k]), (kind, profile, k)
+
+
+def _record_whole(monkeypatch):
+    """layer.whole's answers per layer, each call given an `out` array (the layer's output rows
+    it computed), and the step route's output rows."""
+    seen = {"whole": {}, "steps": {}, "ran": 0, "passed": 0}
+    whole, lin = layer.whole, replay._linear
+
+    def rec(key, cfg, prof, l, pos, n, *a, **k):
+        out = np.full((n, cfg.hidden_size), np.nan, np.float32)
+        got = whole(key, cfg, prof, l, pos, n, *a, out=out)
+        if got is not None:
+            seen["ran"] += 1
+            seen["passed"] += got[0]
+            seen["whole"][l] = out
+        return got
+
+    def rec_lin(ctx, label, *a, **k):
+        got = lin(ctx, label, *a, **k)
+        if label.endswith(".down") and ".experts." not in label:
+            seen["steps"][int(label.split(".")[1])] = got
+        return got
+    monkeypatch.setattr(layer, "whole", rec)
+    monkeypatch.setattr(replay, "_linear", rec_lin)
+    return seen
+
+
+@pytest.mark.parametrize("tier", ["routine", "full"])
+@pytest.mark.parametrize("kind,profile", FAMILIES, ids=[f"{k}-{p}" for k, p in FAMILIES])
+def test_the_one_call_layer_computes_the_step_routes_bits(kind, profile, tier, request,
+                                                          monkeypatch):
+    """The same openings through the one-call layer (ly_layer: the rows gathered by index, the
+    three steps, the comparison with x_{l+1} in C): it runs and passes for every layer, nothing
+    else of the fused route runs, and the output rows it computed are the step route's, byte for
+    byte; the verdict and its checks are the step route's."""
+    from test_protocol import SAMPLED, Flow, _qm
+
+    flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}"), profile), params=SAMPLED)
+    c = flow.challenge(tier)
+    meta, arrays = flow.open(c)
+    seen = _record_whole(monkeypatch)
+    for name in ("pre", "attend", "post"):
+        monkeypatch.setattr(layer, name, _never(name))
+    with native.thread_budget(1):
+        v = flow.verify(c, meta, arrays)
+    assert v.accepted, (v.reason, v.detail)
+    layers = {int(k.split(".")[1]) for k in arrays if k.startswith("z.") and
+              k.split(".")[1].isdigit()}
+    assert seen["ran"] == seen["passed"] == len(layers) and set(seen["whole"]) == layers
+    monkeypatch.setattr(replay, "FUSED", False)
+    v2 = flow.verify(c, meta, arrays)
+    assert (v2.accepted, v2.reason, v2.checks) == (v.accepted, v.reason, v.checks)
+    assert set(seen["steps"]) == layers
+    for l in layers:
+        assert _same(seen["whole"][l], seen["steps"][l]), (kind, profile, tier, l)
+
+
+def _never(name: str):
+    def fail(*a, **k):
+        raise AssertionError(f"layer.{name} ran: the one-call layer should have answered")
+    return fail
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
@@ -262,3 +325,46 @@ def test_a_used_key_copies_without_its_address_cache(request):
     assert key._limbs.get("layer.c")  # the route ran and kept its structs
     assert not copy.deepcopy(key)._limbs.get("layer.c")
     assert copy.copy(key)._limbs is key._limbs  # a shallow copy shares the very arrays
+
+
+def test_the_one_call_layer_passes_only_the_honest_rows(request, monkeypatch):
+    """ly_layer on the arguments of an honest layer, then each changed: it passes the honest
+    ones only. One element of a committed x_{l+1} row one ulp off, or NaN; an x_l or RoPE row
+    gathered from another position; any row index out of its table (negative, at the end): not
+    passed. Tables in another dtype or width, or not contiguous: not run (None)."""
+    from test_protocol import SAMPLED, Flow, _qm
+
+    flow = Flow(_qm(request.getfixturevalue("tiny_llama")), params=SAMPLED)
+    c = flow.challenge("routine")
+    meta, arrays = flow.open(c)
+    calls, whole = [], layer.whole
+    monkeypatch.setattr(layer, "whole", lambda *a, **k: calls.append(a) or whole(*a, **k))
+    with native.thread_budget(1):
+        assert flow.verify(c, meta, arrays).accepted
+    key, cfg, prof, l, pos, n, xr, yr, rope, packed, zq, kv = calls[0]
+
+    def run(xr=xr, yr=yr, rope=rope):
+        with native.thread_budget(1):
+            got = whole(key, cfg, prof, l, pos, n, xr, yr, rope, packed, zq, kv)
+        return None if got is None else got[0]
+    assert run() is True
+    (xt, xi), (yt, yi), (ct, st, ri) = xr, yr, rope
+    for value in ("ulp", "nan"):
+        y = yt.copy()
+        row = y[yi[n - 1]]
+        row[3] = np.nextafter(row[3], np.float32(np.inf)) if value == "ulp" else np.nan
+        assert run(yr=(y, yi)) is False, value
+    assert len(set(xi.tolist())) > 1 and len(set(ri.tolist())) > 1
+    assert run(xr=(xt, np.roll(xi, 1))) is False
+    assert run(rope=(ct, st, np.roll(ri, 1))) is False
+    for bad in (-1, len(xt)):
+        assert run(xr=(xt, np.where(np.arange(len(xi)) == 0, bad, xi))) is False
+    for bad in (-1, len(yt)):
+        assert run(yr=(yt, np.where(np.arange(len(yi)) == 0, bad, yi))) is False
+    for bad in (-1, len(ct)):
+        assert run(rope=(ct, st, np.where(np.arange(len(ri)) == 0, bad, ri))) is False
+    assert run(xr=(xt.astype(np.float64), xi)) is None
+    assert run(yr=(np.asfortranarray(np.repeat(yt, 2, axis=0)[::2]), yi)) is None
+    assert run(rope=(ct[:, :-1], st[:, :-1], ri)) is None
+    assert run(xr=(xt, xi.astype(np.int32))) is None
+    assert run() is True  # nothing above changed the honest arguments

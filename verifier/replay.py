@@ -46,12 +46,13 @@ class Timer:
         if self.scope == "decode":
             self.decode[part] += sec
 
-    def split(self, t0: float, freivalds: float) -> float:
-        """The time since t0 of a compiled call that measured its own Freivalds seconds: those
-        under "freivalds", the rest under "rest"."""
+    def split(self, t0: float, freivalds: float, attention: float = 0.0) -> float:
+        """The time since t0 of a compiled call that measured its own Freivalds (and attention)
+        seconds: those under "freivalds" ("attention"), the rest under "rest"."""
         now = time.perf_counter()
         self._count("freivalds", freivalds)
-        self._count("rest", now - t0 - freivalds)
+        self._count("attention", attention)
+        self._count("rest", now - t0 - freivalds - attention)
         return now
 
     def add(self, part: str, t0: float) -> float:
@@ -185,9 +186,13 @@ class RowTable(Mapping):
         return len(self.index)
 
     def take(self, positions) -> np.ndarray:
+        return self.rows[self.at(positions)]
+
+    def at(self, positions) -> np.ndarray:
+        """The row index of each position, int64 (KeyError: a position not in the table)."""
         index = self.index
         ps = positions.tolist() if isinstance(positions, np.ndarray) else positions
-        return self.rows[[index[int(p)] for p in ps]]
+        return np.fromiter((index[int(p)] for p in ps), np.int64, len(ps))
 
 
 def _rows(table, positions) -> np.ndarray:
@@ -205,8 +210,9 @@ def replay_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> 
     z[l]: (positions, {matrix: rows}); zq[l]: (positions, qkv rows); accumulator rows packed
     (opening version 2, type-checked against the key), decoded here one layer at a time.
 
-    A layer first takes the fused route (native/layer.py: two compiled calls around the
-    attention; a MoE layer's MLP: each linear in one pass over its packed rows), which can only
+    A layer first takes the fused route (native/layer.py: one compiled call for a dense layer,
+    else compiled calls before, for and after the attention; a MoE layer's MLP: each linear in
+    one pass over its packed rows), which can only
     answer "every check passed"; anything else, and every layer when FUSED is off or the
     compiled core is not built, takes the step-by-step route, which decides and gives the
     reason. The two compute the same values, so the verdict is the same.
@@ -236,10 +242,19 @@ def _positions(z: dict, zq: dict, l: int):
 
 def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> bool:
     """Layer l through the compiled calls: True when every step ran and every check passed;
-    False (or an exception, which _try_fused reads as False) when it did not answer."""
+    False (or an exception, which _try_fused reads as False) when it did not answer. A dense
+    layer whose rows are in RowTables takes one call (layer.whole) unless it declines; else,
+    and for a MoE layer, pre, the attention and the MLP are separate calls."""
     cfg = ctx.cfg
     pos, n, packed, zq_rows = _positions(z, zq, l)
     t0 = time.perf_counter()
+    if not cfg.moe and isinstance(resid[l], RowTable) and isinstance(resid[l + 1], RowTable):
+        xt, yt = resid[l], resid[l + 1]
+        got = layer.whole(ctx.key, cfg, ctx.profile, l, pos, n, (xt.rows, xt.at(pos)),
+                          (yt.rows, yt.at(pos[:n])), ctx.rope.where(pos), packed, zq_rows, kv[l])
+        if got is not None:
+            ctx.timer.split(t0, got[1], got[2])
+            return got[0]
     x = _rows(resid[l], pos)
     cos, sin = ctx.rope.lookup(pos)
     got = layer.pre(ctx.key, cfg, ctx.profile, l, x, packed.get("qkv"), zq_rows, cos, sin)

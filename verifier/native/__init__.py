@@ -30,11 +30,12 @@ from ..safejson import uint_ids
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("attn.c", "freivalds.c", "bridge.c", "gemm.c",
                                                              "hash.c", "layer.c"))
-HEADERS = (Path(__file__).with_name("exact.h"),)  # hashed into the build tag with the sources
+# hashed into the build tag with the sources
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("exact.h", "layer.h"))
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 13
+ABI = 14
 _lock = threading.Lock()
 _state: dict = {}
 

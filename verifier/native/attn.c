@@ -18,10 +18,11 @@
  * sk and sv point at group 0.
  */
 #include "exact.h"
+#include "layer.h"
 
 #define LOGIT_CLAMP 1073741824.0f /* 2^30 */
 
-int64_t commitllm_native_abi(void) { return 13; }
+int64_t commitllm_native_abi(void) { return 14; }
 
 
 /* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.
@@ -500,24 +501,7 @@ int64_t attn_fused_rows(const int16_t *qh, const int16_t *ql, const void *k, con
  *      heads * n; their outputs written to out [n][heads * d] at (position, head).
  * It decides nothing: 1 means "not answered" (a derived row differs, a row is not opened, a
  * dtype or size this call does not take); the caller then takes the step route, which decides
- * and gives the reason. -1 / -2 / -3 / -4 as attn_fused_rows. */
-typedef struct {
-    int64_t t, n, heads, kv_heads, d, es;  /* es: the bytes of q, k, v elements (1 or 2) */
-    const void *q;                         /* [t][heads][d] */
-    const float *sq;                       /* [t][heads] */
-    const void *k, *v;                     /* derived [t][kv_heads][d] */
-    const float *sk, *sv;                  /* derived [t][kv_heads] */
-    const int64_t *pos;                    /* [t]: the challenged positions, then the sample's */
-    int64_t n_kv;
-    const int64_t *kpos;                   /* opened positions [n_kv], sorted */
-    const void *k_all, *v_all;             /* opened [n_kv][kv_heads][d], contiguous */
-    const float *sk_all, *sv_all;          /* opened [n_kv][kv_heads] */
-    int64_t window;                        /* keys a query sees (sliding window), or 0: all */
-    float scale, frac;
-    const int32_t *table;
-    int64_t cut;
-    float *out;                            /* [n][heads * d] */
-} attn_layer_args;
+ * and gives the reason. -1 / -2 / -3 / -4 as attn_fused_rows. Its arguments: layer.h. */
 
 static int64_t lower_bound(const int64_t *a, int64_t n, int64_t x) {
     int64_t lo = 0, hi = n;

@@ -16,6 +16,11 @@
  * ly_post: attention output o [n][q_size] -> quantize -> the o linear + x -> h -> RMSNorm ->
  * quantize -> gate_up -> SwiGLU -> quantize -> down + h: the layer's output rows, which the
  * caller compares with the committed x_{l+1}.
+ * ly_layer: the whole dense layer in one call: the x_l and RoPE rows gathered by index from the
+ * opened tables, ly_pre, attn.c's attn_layer (its K/V row checks included), ly_post, and the
+ * output rows compared with the opened x_{l+1} rows as floats (np.array_equal's ==), so the
+ * Python around a layer is one call instead of three calls, two gathers and a comparison.
+ * The argument structs: layer.h.
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime and pthread keys under -std=c11 */
 #include <stdint.h>
@@ -23,6 +28,8 @@
 #include <string.h>
 #include <pthread.h>
 #include <time.h>
+
+#include "layer.h"
 
 int64_t br_rmsnorm(const float *x, int64_t rows, int64_t h, int64_t xs, const float *w,
                    float eps, float *y);
@@ -39,52 +46,6 @@ int64_t fv_dot(const int64_t *a, int64_t n, const void *b, int64_t btype, int64_
 int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w, int64_t rows,
                       int64_t bound, uint64_t *out, const float *sx, const float *sw,
                       const float *bias, const float *resid, int64_t rs, float *y);
-
-/* A linear y = dequantize(W q(x)) with W [n][k]: its secret rows and scales from the key. */
-typedef struct {
-    const int64_t *r;  /* the secret row's residues [n] */
-    const int64_t *v;  /* v = r W mod P [k] */
-    const float *s;    /* weight scales [n] */
-    const float *bias; /* [n] or NULL */
-    int64_t n, k;
-    int64_t bound;     /* k * qmax_x * qmax_w: every |z| must be within it */
-} ly_linear;
-
-/* Packed accumulator rows (opening version 2): rows x n values of w bytes each. */
-typedef struct {
-    const uint8_t *z;
-    int64_t rows, w;
-} ly_acc;
-
-typedef struct {
-    int64_t t, hidden, heads, kv_heads, head_dim;
-    int64_t act_qmax, kv_qmax;
-    float eps;
-    const float *x;      /* [t][hidden] */
-    const float *norm;   /* attn_norm [hidden] */
-    const float *q_norm; /* [head_dim] or NULL (no head norms) */
-    const float *k_norm;
-    ly_linear qkv;
-    ly_acc z[2];         /* the challenged rows, then the K/V sample's rows: t rows in all */
-    const float *cos, *sin; /* [t][head_dim / 2] */
-    void *q, *k, *v;     /* [t][heads or kv_heads][head_dim], int8 or int16 (kv_qmax) */
-    float *sq, *sk, *sv; /* [t][heads or kv_heads] */
-    double fv_seconds;   /* out: time spent in the Freivalds dot products */
-} ly_pre_args;
-
-typedef struct {
-    int64_t n, hidden, inter, q_size;
-    int64_t act_qmax;
-    float eps, neg_log2e;
-    const float *coefs;  /* exp2's 8 coefficients */
-    const float *o;      /* [n][q_size] */
-    const float *x;      /* [n][hidden] */
-    const float *norm;   /* mlp_norm [hidden] */
-    ly_linear lo, gate_up, down;
-    ly_acc z_o, z_gate_up, z_down;
-    float *out;          /* [n][hidden] */
-    double fv_seconds;
-} ly_post_args;
 
 static double now(void) {
     struct timespec ts;
@@ -135,7 +96,8 @@ struct held {
     char *base;
     size_t size;
 };
-static pthread_key_t held_key;
+/* slot 0: ly_pre's and ly_post's scratch; slot 1: what ly_layer passes between them */
+static pthread_key_t held_key[2];
 static pthread_once_t held_once = PTHREAD_ONCE_INIT;
 static int held_ok;
 
@@ -145,15 +107,18 @@ static void held_free(void *v) {
     free(t);
 }
 
-static void held_init(void) { held_ok = pthread_key_create(&held_key, held_free) == 0; }
+static void held_init(void) {
+    held_ok = pthread_key_create(&held_key[0], held_free) == 0
+              && pthread_key_create(&held_key[1], held_free) == 0;
+}
 
-static char *held_get(size_t need) {
+static char *held_get(int slot, size_t need) {
     pthread_once(&held_once, held_init);
     if (!held_ok) return NULL;
-    struct held *t = pthread_getspecific(held_key);
+    struct held *t = pthread_getspecific(held_key[slot]);
     if (!t) {
         t = calloc(1, sizeof *t);
-        if (!t || pthread_setspecific(held_key, t)) {
+        if (!t || pthread_setspecific(held_key[slot], t)) {
             free(t);
             return NULL;
         }
@@ -166,10 +131,10 @@ static char *held_get(size_t need) {
     return t->base;
 }
 
-static int arena_open(arena *A, const size_t *sizes, int count) {
+static int arena_open(arena *A, int slot, const size_t *sizes, int count) {
     size_t need = 64;
     for (int i = 0; i < count; i++) need += (sizes[i] + 63) & ~(size_t)63;
-    A->base = held_get(need);
+    A->base = held_get(slot, need);
     A->p = A->base ? (char *)(((uintptr_t)A->base + 63) & ~(uintptr_t)63) : NULL;
     return A->base != NULL;
 }
@@ -194,7 +159,7 @@ int64_t ly_pre(ly_pre_args *a) {
     const size_t sizes[] = {T * h * 4, T * nq * 4, T * qs * 4, T * ks * 4, T * (qs + ks) * 4,
                             T * 8, T * 8, T * 4, T * h * 2};
     arena A;
-    if (!arena_open(&A, sizes, 9)) return 1;
+    if (!arena_open(&A, 0, sizes, 9)) return 1;
     float *an = carve(&A, sizes[0]);
     float *qkv = carve(&A, sizes[1]);
     float *rq = carve(&A, sizes[2]);
@@ -249,7 +214,7 @@ int64_t ly_post(ly_post_args *a) {
     const size_t sizes[] = {N * 2 * f * 4, N * h * 4, N * h * 4, N * f * 4, N * 8, N * 8, N * 4,
                             N * wide * 2};
     arena A;
-    if (!arena_open(&A, sizes, 8)) return 1;
+    if (!arena_open(&A, 0, sizes, 8)) return 1;
     float *gu = carve(&A, sizes[0]);
     float *hh = carve(&A, sizes[1]);
     float *m = carve(&A, sizes[2]);
@@ -276,4 +241,69 @@ int64_t ly_post(ly_post_args *a) {
     rc = 0;
 done:
     return rc;
+}
+
+static int rows_equal(const float *a, const float *b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) /* as floats: -0 == +0, NaN equals nothing (np.array_equal) */
+        if (!(a[i] == b[i])) return 0;
+    return 1;
+}
+
+static int indices_ok(const int64_t *idx, int64_t count, int64_t rows) {
+    for (int64_t i = 0; i < count; i++)
+        if (idx[i] < 0 || idx[i] >= rows) return 0;
+    return 1;
+}
+
+/* A whole dense layer, as replay.py's fused route ran it in three calls from Python: its x_l
+ * rows and RoPE rows gathered by index, ly_pre, attn_layer over all rows (its checks included),
+ * ly_post, and the output rows compared with the opened x_{l+1} rows of the challenged
+ * positions. 0: every step ran and every check passed (the layer is accepted); 1: not answered
+ * (the step route decides). */
+int64_t ly_layer(ly_layer_args *a) {
+    ly_pre_args *P = &a->pre;
+    attn_layer_args *T = &a->att;
+    ly_post_args *Q = &a->post;
+    a->fv_seconds = a->attn_seconds = 0.0;
+    const int64_t t = P->t, n = Q->n, h = P->hidden, nh = P->heads, nkv = P->kv_heads;
+    const int64_t d = P->head_dim, es = qbytes_of(P->kv_qmax);
+    if (t < 1 || n < 1 || n > t || h < 1 || d < 2 || d % 2 || nh < 1 || nkv < 1 || T->t != t
+        || T->n != n || T->heads != nh || T->kv_heads != nkv || T->d != d || T->es != es
+        || Q->hidden != h || Q->q_size != nh * d || !indices_ok(a->x_idx, t, a->x_rows)
+        || !indices_ok(a->rope_idx, t, a->rope_rows) || !indices_ok(a->y_idx, n, a->y_rows))
+        return 1;
+    const size_t T_ = (size_t)t, N = (size_t)n, half = (size_t)d / 2;
+    /* x, cos, sin, q, k, v, their scales, the attention's output, the layer's output */
+    const size_t sizes[] = {T_ * h * 4, T_ * half * 4, T_ * half * 4, T_ * nh * d * es,
+                            T_ * nkv * d * es, T_ * nkv * d * es, T_ * nh * 4, T_ * nkv * 4,
+                            T_ * nkv * 4, N * nh * d * 4, N * h * 4};
+    arena A;
+    if (!arena_open(&A, 1, sizes, 11)) return 1;
+    float *x = carve(&A, sizes[0]), *cs = carve(&A, sizes[1]), *sn = carve(&A, sizes[2]);
+    void *q = carve(&A, sizes[3]), *k = carve(&A, sizes[4]), *v = carve(&A, sizes[5]);
+    float *sq = carve(&A, sizes[6]), *sk = carve(&A, sizes[7]), *sv = carve(&A, sizes[8]);
+    float *o = carve(&A, sizes[9]), *out = carve(&A, sizes[10]);
+    for (int64_t i = 0; i < t; i++) {
+        memcpy(x + i * h, a->x_tab + a->x_idx[i] * h, sizeof(float) * h);
+        memcpy(cs + i * half, a->cos_tab + a->rope_idx[i] * half, sizeof(float) * half);
+        memcpy(sn + i * half, a->sin_tab + a->rope_idx[i] * half, sizeof(float) * half);
+    }
+    P->x = x, P->cos = cs, P->sin = sn, P->q = q, P->k = k, P->v = v;
+    P->sq = sq, P->sk = sk, P->sv = sv;
+    const int64_t pre = ly_pre(P);
+    a->fv_seconds += P->fv_seconds;
+    if (pre) return 1;
+    T->q = q, T->sq = sq, T->k = k, T->v = v, T->sk = sk, T->sv = sv, T->out = o;
+    const double t0 = now();
+    const int64_t att = attn_layer(T, 0, nh * n, 1);
+    a->attn_seconds = now() - t0;
+    if (att) return 1;
+    Q->o = o, Q->x = x, Q->out = out;
+    const int64_t post = ly_post(Q);
+    a->fv_seconds += Q->fv_seconds;
+    if (post) return 1;
+    if (a->out) memcpy(a->out, out, sizeof(float) * N * h);
+    for (int64_t i = 0; i < n; i++)
+        if (!rows_equal(out + i * h, a->y_tab + a->y_idx[i] * h, h)) return 1;
+    return 0;
 }

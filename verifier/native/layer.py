@@ -70,10 +70,18 @@ class AttendArgs(ctypes.Structure):
                 ("frac", _f32), ("table", _p), ("cut", _i64), ("out", _p)]
 
 
+class LayerArgs(ctypes.Structure):
+    _fields_ = [("pre", PreArgs), ("att", AttendArgs), ("post", PostArgs), ("x_tab", _p),
+                ("x_rows", _i64), ("x_idx", _p), ("y_tab", _p), ("y_rows", _i64), ("y_idx", _p),
+                ("cos_tab", _p), ("sin_tab", _p), ("rope_rows", _i64), ("rope_idx", _p),
+                ("out", _p), ("fv_seconds", _f64), ("attn_seconds", _f64)]
+
+
 def declare(so) -> None:
-    so.ly_pre.restype = so.ly_post.restype = so.attn_layer.restype = _i64
+    so.ly_pre.restype = so.ly_post.restype = so.attn_layer.restype = so.ly_layer.restype = _i64
     so.ly_pre.argtypes = [ctypes.POINTER(PreArgs)]
     so.ly_post.argtypes = [ctypes.POINTER(PostArgs)]
+    so.ly_layer.argtypes = [ctypes.POINTER(LayerArgs)]
     so.attn_layer.argtypes = [ctypes.POINTER(AttendArgs), _i64, _i64, _i64]
 
 
@@ -126,6 +134,27 @@ def _acc(z: np.ndarray | None, rows: int, n: int) -> _Acc | None:
     return _Acc(z.ctypes.data, rows, z.shape[2])
 
 
+def _pre_args(key, cfg, profile, l: int, t: int, z_full, z_sample) -> PreArgs | None:
+    """ly_pre's arguments for layer l at t rows but for its x, cos and sin rows and outputs (the
+    callers set them), or None."""
+    h, nh, nkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    nq = cfg.q_size + 2 * cfg.kv_size
+    ns = 0 if z_sample is None else z_sample.shape[0]
+    arrays = key.arrays
+    norm = _f32_vec(arrays.get(f"layers.{l}.attn_norm"), h)
+    qn = kn = 0
+    if cfg.qk_norm:
+        qn = _f32_vec(arrays.get(f"layers.{l}.q_norm"), d)
+        kn = _f32_vec(arrays.get(f"layers.{l}.k_norm"), d)
+    lin = _linear(key, profile, f"layers.{l}.qkv", nq, h)
+    accs = (_acc(z_full, t - ns, nq), _acc(z_sample, ns, nq))
+    if (norm is None or qn is None or kn is None or lin is None or None in accs
+            or nq != nh * d + 2 * nkv * d or d % 2):
+        return None
+    return PreArgs(t, h, nh, nkv, d, profile.act_qmax, profile.kv_qmax, cfg.rms_norm_eps, None,
+                   norm, qn or None, kn or None, lin, (_Acc * 2)(*accs))
+
+
 def pre(key, cfg, profile, l: int, x: np.ndarray, z_full: np.ndarray, z_sample, cos, sin):
     """The qkv side of layer l (dense or MoE) on rows x fp32 [t, hidden] (the challenged
     positions, then the K/V sample's), z_full / z_sample their packed qkv accumulators:
@@ -135,30 +164,36 @@ def pre(key, cfg, profile, l: int, x: np.ndarray, z_full: np.ndarray, z_sample, 
     if so is None:
         return None
     t, h, nh, nkv, d = x.shape[0], cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    nq = cfg.q_size + 2 * cfg.kv_size
-    ns = 0 if z_sample is None else z_sample.shape[0]
-    arrays = key.arrays
-    norms = (arrays.get(f"layers.{l}.q_norm"), arrays.get(f"layers.{l}.k_norm")) \
-        if cfg.qk_norm else (None, None)
-    ptrs = [_rows(x, t, h), _f32_vec(arrays.get(f"layers.{l}.attn_norm"), h),
-            _rows(cos, t, d // 2), _rows(sin, t, d // 2)]
-    if cfg.qk_norm:
-        ptrs += [_f32_vec(norms[0], d), _f32_vec(norms[1], d)]
-    lin = _linear(key, profile, f"layers.{l}.qkv", nq, h)
-    accs = (_acc(z_full, t - ns, nq), _acc(z_sample, ns, nq))
-    if (any(p is None for p in ptrs) or lin is None or None in accs or nq != nh * d + 2 * nkv * d
-            or d % 2):
+    a = _pre_args(key, cfg, profile, l, t, z_full, z_sample)
+    ptrs = (_rows(x, t, h), _rows(cos, t, d // 2), _rows(sin, t, d // 2))
+    if a is None or None in ptrs:
         return None
     dt = int_dtype(profile.kv_qmax)
     q, k, v = (np.empty((t, n, d), dt) for n in (nh, nkv, nkv))
     sq, sk, sv = (np.empty((t, n), np.float32) for n in (nh, nkv, nkv))
-    a = PreArgs(t, h, nh, nkv, d, profile.act_qmax, profile.kv_qmax, cfg.rms_norm_eps, ptrs[0],
-                ptrs[1], ptrs[4] if cfg.qk_norm else None, ptrs[5] if cfg.qk_norm else None, lin,
-                (_Acc * 2)(*accs), ptrs[2], ptrs[3], q.ctypes.data, k.ctypes.data,
-                v.ctypes.data, sq.ctypes.data, sk.ctypes.data, sv.ctypes.data, 0.0)
+    a.x, a.cos, a.sin = ptrs
+    a.q, a.k, a.v, a.sq, a.sk, a.sv = (b.ctypes.data for b in (q, k, v, sq, sk, sv))
     if so.ly_pre(ctypes.byref(a)):
         return None
     return ((q, sq), (k, sk), (v, sv)), a.fv_seconds
+
+
+def _post_args(key, cfg, profile, l: int, n: int, packed: dict) -> PostArgs | None:
+    """ly_post's arguments for dense layer l at n rows but for its o and x rows and its output
+    (the callers set them), or None."""
+    if cfg.moe:
+        return None
+    h, f, qs = cfg.hidden_size, cfg.intermediate_size, cfg.q_size
+    p = f"layers.{l}."
+    norm = _f32_vec(key.arrays.get(p + "mlp_norm"), h)
+    lins = [_linear(key, profile, p + "o", h, qs), _linear(key, profile, p + "gate_up", 2 * f, h),
+            _linear(key, profile, p + "down", h, f)]
+    accs = [_acc(packed.get("o"), n, h), _acc(packed.get("gate_up"), n, 2 * f),
+            _acc(packed.get("down"), n, h)]
+    if norm is None or None in lins or None in accs:
+        return None
+    return PostArgs(n, h, f, qs, profile.act_qmax, cfg.rms_norm_eps, _exp2.NEG_LOG2E,
+                    _exp2.exp2_coefficients().ctypes.data, None, None, norm, *lins, *accs)
 
 
 def post(key, cfg, profile, l: int, o: np.ndarray, x: np.ndarray, packed: dict):
@@ -167,48 +202,35 @@ def post(key, cfg, profile, l: int, o: np.ndarray, x: np.ndarray, packed: dict):
     (o, gate_up, down rows uint8 [n, N, w]): the layer's output rows fp32 [n, hidden] and the
     seconds spent in Freivalds; or None."""
     so = lib()
-    if so is None or cfg.moe:
+    if so is None:
         return None
-    n, h, f, qs = o.shape[0], cfg.hidden_size, cfg.intermediate_size, cfg.q_size
+    n, h = o.shape[0], cfg.hidden_size
+    a = _post_args(key, cfg, profile, l, n, packed)
     o = np.ascontiguousarray(o)
-    p = f"layers.{l}."
-    ptrs = [_rows(o, n, qs), _rows(x, n, h), _f32_vec(key.arrays.get(p + "mlp_norm"), h)]
-    lins = [_linear(key, profile, p + "o", h, qs), _linear(key, profile, p + "gate_up", 2 * f, h),
-            _linear(key, profile, p + "down", h, f)]
-    accs = [_acc(packed.get("o"), n, h), _acc(packed.get("gate_up"), n, 2 * f),
-            _acc(packed.get("down"), n, h)]
-    if any(v is None for v in ptrs + lins + accs):
+    ptrs = (_rows(o, n, cfg.q_size), _rows(x, n, h))
+    if a is None or None in ptrs:
         return None
     out = np.empty((n, h), np.float32)
-    coefs = _exp2.exp2_coefficients()
-    a = PostArgs(n, h, f, qs, profile.act_qmax, cfg.rms_norm_eps, _exp2.NEG_LOG2E,
-                 coefs.ctypes.data, *ptrs, *lins, *accs, out.ctypes.data, 0.0)
+    a.o, a.x = ptrs
+    a.out = out.ctypes.data
     if so.ly_post(ctypes.byref(a)):
         return None
     return out, a.fv_seconds
 
 
-def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads: int | None = None):
-    """The attention step of layer l on the fused route (attn.c's attn_layer): the derived K/V
-    rows (q, k, v: (quantized rows [t, heads, d], scales [t, heads]) from `pre`, at positions pos
-    [t], the first n challenged) against the opened ones kv = (kpos, k, sk, v, sv), then the
-    attention of the n challenged rows over every opened key they see: fp32 [n, heads * d] as
-    native.attention.attention gives it; or None (a row differs or is not opened, a size or
-    dtype the call does not take; nothing decided)."""
-    so = lib()
-    (qq, sq), (kq, sk), (vq, sv) = q, k, v
+def _attend_args(cfg, profile, pos: np.ndarray, n: int, kv: tuple, dt) -> tuple | None:
+    """attn_layer's arguments for the attention of the first n of positions pos [t] over the
+    opened rows kv = (kpos, k, sk, v, sv), all but the derived rows and the output (the callers
+    set them), and the keys the challenged rows see; or None (a size, dtype or bound the call
+    does not take)."""
     kpos, k_all, sk_all, v_all, sv_all = kv
     t, nh, nkv, d = len(pos), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     window = cfg.sliding_window
-    dt = qq.dtype
-    if (so is None or dt not in (np.int8, np.int16) or not 1 <= n <= t
-            or (window is not None and window < 1)
+    if (dt not in (np.int8, np.int16) or not 1 <= n <= t or (window is not None and window < 1)
             or _spec.COEF_BITS != 15 or _spec.LOGIT_CLAMP != 2**30):
         return None
     m = len(kpos)
-    shapes = ((qq, (t, nh, d), dt), (sq, (t, nh), _F4), (kq, (t, nkv, d), dt),
-              (vq, (t, nkv, d), dt), (sk, (t, nkv), _F4), (sv, (t, nkv), _F4),
-              (pos, (t,), _I8), (kpos, (m,), _I8), (k_all, (m, nkv, d), dt),
+    shapes = ((pos, (t,), _I8), (kpos, (m,), _I8), (k_all, (m, nkv, d), dt),
               (v_all, (m, nkv, d), dt), (sk_all, (m, nkv), _F4), (sv_all, (m, nkv), _F4))
     if not all(a.dtype == want and a.shape == shape and a.flags.c_contiguous and a.flags.aligned
                for a, shape, want in shapes):
@@ -223,16 +245,46 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
         _spec.check_bounds(d, pmax + 1 - lo, profile.kv_qmax)
     except OverflowError:
         return None
-    table, cut = _full_table()
-    out = np.empty((n, nh * d), np.float32)
-    a = AttendArgs(t, n, nh, nkv, d, dt.itemsize, *(x.ctypes.data for x in (qq, sq, kq, vq, sk, sv,
-                                                                             pos)),
-                   m, *(x.ctypes.data for x in (kpos, k_all, v_all, sk_all, sv_all)),
+    table, cut = _full_table()  # (kept by native.attention: alive with the module)
+    a = AttendArgs(t, n, nh, nkv, d, np.dtype(dt).itemsize, None, None, None, None, None, None,
+                   pos.ctypes.data, m, *(x.ctypes.data for x in (kpos, k_all, v_all, sk_all,
+                                                                  sv_all)),
                    window or 0, float(_spec.score_scale(d)), float(1 << _exp2.LOGIT_FRAC_BITS),
-                   table.ctypes.data, cut, out.ctypes.data)
+                   table.ctypes.data, cut, None)
+    return a, pmax + 1 - lo
+
+
+def _attend_threads(rows: int, seen: int, d: int, n_threads: int | None) -> int:
+    """The threads attn_layer's rows are split over: several when the keys seen are many
+    (native._attn's rule); no bit changes."""
+    return max(1, min(n_threads or threads(), rows * seen * d // (1 << 21) + 1))
+
+
+def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads: int | None = None):
+    """The attention step of layer l on the fused route (attn.c's attn_layer): the derived K/V
+    rows (q, k, v: (quantized rows [t, heads, d], scales [t, heads]) from `pre`, at positions pos
+    [t], the first n challenged) against the opened ones kv = (kpos, k, sk, v, sv), then the
+    attention of the n challenged rows over every opened key they see: fp32 [n, heads * d] as
+    native.attention.attention gives it; or None (a row differs or is not opened, a size or
+    dtype the call does not take; nothing decided)."""
+    so = lib()
+    (qq, sq), (kq, sk), (vq, sv) = q, k, v
+    t, nh, nkv, d = len(pos), cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    dt = qq.dtype
+    got = None if so is None else _attend_args(cfg, profile, pos, n, kv, dt)
+    if got is None:
+        return None
+    a, seen = got
+    shapes = ((qq, (t, nh, d), dt), (sq, (t, nh), _F4), (kq, (t, nkv, d), dt),
+              (vq, (t, nkv, d), dt), (sk, (t, nkv), _F4), (sv, (t, nkv), _F4))
+    if not all(x.dtype == want and x.shape == shape and x.flags.c_contiguous and x.flags.aligned
+               for x, shape, want in shapes):
+        return None
+    out = np.empty((n, nh * d), np.float32)
+    a.q, a.sq, a.k, a.v, a.sk, a.sv = (x.ctypes.data for x in (qq, sq, kq, vq, sk, sv))
+    a.out = out.ctypes.data
     rows = nh * n
-    # rows split over threads when the keys seen are many (native._attn's rule); no bit changes
-    k_threads = max(1, min(n_threads or threads(), rows * (pmax + 1 - lo) * d // (1 << 21) + 1))
+    k_threads = _attend_threads(rows, seen, d, n_threads)
     bounds = [rows * i // k_threads for i in range(k_threads + 1)]
     codes = []  # any code but 0 (a check failed, a softmax step the step route must meet, no
     #             memory): not answered; the checks run in the first range's call
@@ -242,3 +294,52 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
         return 0
     _split_run(run, bounds, "attn_layer")
     return None if any(codes) else out
+
+
+def whole(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y_rows: tuple,
+          rope: tuple, packed: dict, zq_rows, kv: tuple, out: np.ndarray | None = None):
+    """Dense layer l in one compiled call (layer.c's ly_layer): what pre, attend and post compute
+    (at positions pos [t], the first n challenged), then the output rows compared with the opened
+    x_{l+1} rows. x_rows = (table fp32 [R, hidden], row of each position int64 [t]): the x_l
+    rows; y_rows the same for x_{l+1} (rows of the n challenged positions); rope = (cos, sin
+    fp32 [P, head_dim / 2], row of each position [t]). out fp32 [n, hidden], when given, gets the
+    layer's output rows. Returns (passed, Freivalds seconds, attention seconds) when the call ran:
+    passed is True when every step ran and every check passed, False otherwise (nothing decided:
+    the step route decides); None when it did not run (an array, size or bound the call does not
+    take, or the attention would split its rows over threads: the caller then takes pre, attend
+    and post)."""
+    so = lib()
+    if so is None or cfg.moe:
+        return None
+    t, h, d = len(pos), cfg.hidden_size, cfg.head_dim
+    got = _attend_args(cfg, profile, pos, n, kv, int_dtype(profile.kv_qmax))
+    if got is None or _attend_threads(cfg.num_heads * n, got[1], d, None) > 1:
+        return None
+    pre_a = _pre_args(key, cfg, profile, l, t, packed.get("qkv"), zq_rows)
+    post_a = _post_args(key, cfg, profile, l, n, packed)
+    (xt, xi), (yt, yi), (ct, st, ri) = x_rows, y_rows, rope
+    tabs = (_table(xt, h), _table(yt, h), _table(ct, d // 2), _table(st, d // 2))
+    idx = (_index(xi, t), _index(yi, n), _index(ri, t))
+    if (pre_a is None or post_a is None or None in tabs or None in idx or ct.shape != st.shape
+            or (out is not None and _rows(out, n, h) is None)):
+        return None
+    a = LayerArgs(pre_a, got[0], post_a, tabs[0], len(xt), idx[0], tabs[1], len(yt), idx[1],
+                  tabs[2], tabs[3], len(ct), idx[2], None if out is None else out.ctypes.data)
+    rc = so.ly_layer(ctypes.byref(a))
+    return rc == 0, a.fv_seconds, a.attn_seconds
+
+
+def _table(a: np.ndarray, width: int) -> int | None:
+    """The address of a C-contiguous fp32 [R, width] table of rows (R >= 1), else None."""
+    if (a.dtype != _F4 or a.ndim != 2 or a.shape[1] != width or not len(a)
+            or not a.flags.c_contiguous or not a.flags.aligned):
+        return None
+    return a.ctypes.data
+
+
+def _index(a: np.ndarray, n: int) -> int | None:
+    """The address of a C-contiguous, aligned int64 [n] array of row indices (ly_layer checks
+    their range), else None."""
+    if a.dtype != _I8 or a.shape != (n,) or not a.flags.c_contiguous or not a.flags.aligned:
+        return None
+    return a.ctypes.data

@@ -112,6 +112,12 @@ class RopeTable:
         self.cos, self.sin = self.rows(self.cos_b, self.sin_b, np.arange(n, dtype=np.int64))
 
     def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        cos, sin, at = self.where(positions)
+        return cos[at], sin[at]
+
+    def where(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(cos, sin, at): the rows of `positions` are cos[at], sin[at] (lookup's answer without
+        its copies: the table, the prefetched far rows, or rows built for this call)."""
         positions = np.asarray(positions, dtype=np.int64)
         top = int(np.max(positions)) + 1
         if top > len(self.cos) and 8 * len(positions) < top:  # a few rows far out (the
@@ -120,10 +126,11 @@ class RopeTable:
             at = np.searchsorted(self._far, positions)
             if np.all(at < len(self._far)) and np.array_equal(
                     self._far[np.minimum(at, len(self._far) - 1)], positions):
-                return self._far_cos[at], self._far_sin[at]
-            return self.rows(self.cos_b, self.sin_b, positions)
+                return self._far_cos, self._far_sin, at
+            cos, sin = self.rows(self.cos_b, self.sin_b, positions)
+            return cos, sin, np.arange(len(positions), dtype=np.int64)
         self.ensure(top)
-        return self.cos[positions], self.sin[positions]
+        return self.cos, self.sin, positions
 
     def prefetch(self, positions) -> None:
         """Rows that later lookups will ask for (the verifier's positions of every layer), built
