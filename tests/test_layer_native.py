@@ -199,7 +199,7 @@ def _same(a, b) -> bool:
 def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monkeypatch):
     """An honest full-tier opening of each dense family and profile (Qwen2's qkv bias, Qwen3's
     head norms, Mistral's window, tied and scaled RoPE, odd head counts), with the one-call
-    layer (layer.whole) switched off: the three calls answer for every layer (they decline
+    layer (layer.prepare) switched off: the three calls answer for every layer (they decline
     nothing), and their q, k, v rows with their scales, attention output (layer.attend) and
     output rows are the step route's, byte for byte."""
     from test_protocol import SAMPLED, Flow, _qm
@@ -207,7 +207,7 @@ def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monke
     flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}"), profile), params=SAMPLED)
     c = flow.challenge("full")
     meta, arrays = flow.open(c)
-    monkeypatch.setattr(layer, "whole", lambda *a, **k: None)
+    monkeypatch.setattr(layer, "prepare", lambda *a, **k: None)
     seen = _record(monkeypatch)
     v = flow.verify(c, meta, arrays)
     assert v.accepted, (v.reason, v.detail)
@@ -224,18 +224,21 @@ def test_fused_layers_compute_the_step_routes_bits(kind, profile, request, monke
 
 
 def _record_whole(monkeypatch):
-    """layer.whole's answers per layer, each call given an `out` array (the layer's output rows
-    it computed), and the step route's output rows."""
+    """The one-call layer's answers per layer, each call prepared with an `out` array (the
+    layer's output rows it computed), and the step route's output rows."""
     seen = {"whole": {}, "steps": {}, "ran": 0, "passed": 0}
-    whole, lin = layer.whole, replay._linear
+    prepare, run, lin = layer.prepare, layer.run, replay._linear
 
-    def rec(key, cfg, prof, l, pos, n, *a, **k):
+    def rec_prepare(key, cfg, prof, l, pos, n, *a, **k):
         out = np.full((n, cfg.hidden_size), np.nan, np.float32)
-        got = whole(key, cfg, prof, l, pos, n, *a, out=out)
+        seen["whole"][l] = out
+        return prepare(key, cfg, prof, l, pos, n, *a, out=out)
+
+    def rec_run(w):
+        got = run(w)
         if got is not None:
             seen["ran"] += 1
             seen["passed"] += got[0]
-            seen["whole"][l] = out
         return got
 
     def rec_lin(ctx, label, *a, **k):
@@ -243,7 +246,8 @@ def _record_whole(monkeypatch):
         if label.endswith(".down") and ".experts." not in label:
             seen["steps"][int(label.split(".")[1])] = got
         return got
-    monkeypatch.setattr(layer, "whole", rec)
+    monkeypatch.setattr(layer, "prepare", rec_prepare)
+    monkeypatch.setattr(layer, "run", rec_run)
     monkeypatch.setattr(replay, "_linear", rec_lin)
     return seen
 
@@ -253,8 +257,8 @@ def _record_whole(monkeypatch):
 def test_the_one_call_layer_computes_the_step_routes_bits(kind, profile, tier, request,
                                                           monkeypatch):
     """The same openings through the one-call layer (ly_layer: the rows gathered by index, the
-    three steps, the comparison with x_{l+1} in C): it runs and passes for every layer, nothing
-    else of the fused route runs, and the output rows it computed are the step route's, byte for
+    three steps, the comparison with x_{l+1} in C; every layer prepared before any runs): it
+    runs and passes for every layer, nothing else of the fused route runs, and the output rows it computed are the step route's, byte for
     byte; the verdict and its checks are the step route's."""
     from test_protocol import SAMPLED, Flow, _qm
 
@@ -337,8 +341,8 @@ def test_the_one_call_layer_passes_only_the_honest_rows(request, monkeypatch):
     flow = Flow(_qm(request.getfixturevalue("tiny_llama")), params=SAMPLED)
     c = flow.challenge("routine")
     meta, arrays = flow.open(c)
-    calls, whole = [], layer.whole
-    monkeypatch.setattr(layer, "whole", lambda *a, **k: calls.append(a) or whole(*a, **k))
+    calls, prepare, whole = [], layer.prepare, layer.whole
+    monkeypatch.setattr(layer, "prepare", lambda *a, **k: calls.append(a) or prepare(*a, **k))
     with native.thread_budget(1):
         assert flow.verify(c, meta, arrays).accepted
     key, cfg, prof, l, pos, n, xr, yr, rope, packed, zq, kv = calls[0]

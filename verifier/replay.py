@@ -91,6 +91,7 @@ class Ctx:
     rope: object
     arrays: dict
     timer: Timer
+    ready: dict = field(default_factory=dict)  # layer -> its prepared one-call replay or None
 
 
 def _freivalds(ctx: Ctx, label: str, x: np.ndarray, z: np.ndarray, z_bound: int,
@@ -240,21 +241,52 @@ def _positions(z: dict, zq: dict, l: int):
     return np.array(list(p_full) + list(p_sample), dtype=np.int64), len(p_full), packed, zq_rows
 
 
+_UNSET = object()
+
+
+def prepare_layers(ctx: Ctx, layers, resid: dict, kv: dict, z: dict, zq: dict) -> None:
+    """Prepare the one-call replay (layer.prepare) of every dense layer in `layers` into
+    ctx.ready, before any is replayed: its Python then runs on warm caches (prepared in turn, each
+    layer's would run after the previous layer's compiled call swept them, several times
+    slower). Its time counts as the replay's ("rest"). Nothing is decided here: a layer whose
+    preparation declines or raises gets None (the fused route's other calls or the step route
+    replay it in its turn, in the canonical order)."""
+    if not FUSED or ctx.cfg.moe or native.lib() is None:
+        return
+    with ctx.timer.span():
+        for l in layers:
+            try:
+                ctx.ready[l] = _prepare(ctx, l, resid, kv, z, zq)
+            except Exception:  # noqa: BLE001 - decided in the layer's turn, in order
+                ctx.ready[l] = None
+
+
+def _prepare(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict):
+    """layer.prepare for layer l when its rows are in RowTables, else None."""
+    xt, yt = resid[l], resid[l + 1]
+    if ctx.cfg.moe or not (isinstance(xt, RowTable) and isinstance(yt, RowTable)):
+        return None
+    pos, n, packed, zq_rows = _positions(z, zq, l)
+    return layer.prepare(ctx.key, ctx.cfg, ctx.profile, l, pos, n, (xt.rows, xt.at(pos)),
+                         (yt.rows, yt.at(pos[:n])), ctx.rope.where(pos), packed, zq_rows, kv[l])
+
+
 def _fused_layer(ctx: Ctx, l: int, resid: dict, kv: dict, z: dict, zq: dict) -> bool:
     """Layer l through the compiled calls: True when every step ran and every check passed;
     False (or an exception, which _try_fused reads as False) when it did not answer. A dense
-    layer whose rows are in RowTables takes one call (layer.whole) unless it declines; else,
-    and for a MoE layer, pre, the attention and the MLP are separate calls."""
+    layer whose rows are in RowTables takes one call (layer.prepare, here or by prepare_layers
+    before; layer.run) unless it declines; else, and for a MoE layer, pre, the attention and
+    the MLP are separate calls."""
     cfg = ctx.cfg
-    pos, n, packed, zq_rows = _positions(z, zq, l)
     t0 = time.perf_counter()
-    if not cfg.moe and isinstance(resid[l], RowTable) and isinstance(resid[l + 1], RowTable):
-        xt, yt = resid[l], resid[l + 1]
-        got = layer.whole(ctx.key, cfg, ctx.profile, l, pos, n, (xt.rows, xt.at(pos)),
-                          (yt.rows, yt.at(pos[:n])), ctx.rope.where(pos), packed, zq_rows, kv[l])
-        if got is not None:
-            ctx.timer.split(t0, got[1], got[2])
-            return got[0]
+    w = ctx.ready.pop(l, _UNSET)
+    if w is _UNSET:
+        w = _prepare(ctx, l, resid, kv, z, zq)
+    got = None if w is None else layer.run(w)
+    if got is not None:
+        ctx.timer.split(t0, got[1], got[2])
+        return got[0]
+    pos, n, packed, zq_rows = _positions(z, zq, l)
     x = _rows(resid[l], pos)
     cos, sin = ctx.rope.lookup(pos)
     got = layer.pre(ctx.key, cfg, ctx.profile, l, x, packed.get("qkv"), zq_rows, cos, sin)

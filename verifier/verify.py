@@ -30,7 +30,7 @@ from .opened import check_range, check_types
 from .opening import Plan, PlanError, array_specs, embed_specs, matrices, plan
 from .outputs import OutputPolicy, StopScan, returned_text
 from .receipt import ReceiptError, check_receipt, seed_commitment
-from .replay import Ctx, Reject, RowTable, Timer, replay_decode, replay_layer
+from .replay import Ctx, Reject, RowTable, Timer, prepare_layers, replay_decode, replay_layer
 
 UNITS = True  # verify a layer at a time (_units); off: always the canonical order (_in_order)
 
@@ -220,6 +220,7 @@ def _in_order(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer
     def replay():
         z, zq = _z_tables(arrays, p, matrices(cfg))
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
+        prepare_layers(ctx, sorted(p.z), resid, kv, z, zq)
         _run_units(ctx, sorted(p.z), lambda c, l: replay_layer(c, l, resid, kv, z, zq),
                    threads)
         return z
@@ -285,6 +286,7 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         ctx = Ctx(key, cfg, prof, RopeTable(cfg, rope_rows), arrays, own)
         z, zq = _z_tables(arrays, p, matrices(cfg))
         ctx.rope.prefetch([t for l in p.z for t in (*z[l][0], *zq.get(l, ([],))[0])])
+        prepare_layers(ctx, sorted(p.z), resid, kv, z, zq)
         layers = sorted({pr[1] for pr in proofs} | set(p.z))
         by_layer = {l: ([n for n, at in deferred.items() if at == l],
                         [pr for pr in proofs if pr[1] == l]) for l in layers}

@@ -90,7 +90,7 @@ def _verdicts(flow, c, meta, arrays, monkeypatch) -> list:
     so = native.lib()
     out = []
     best = int(so.attn_best_route())
-    whole = layer.whole
+    prepare = layer.prepare
     # every CPU route, the best one with fv_acc_linear's IFMA route too where the CPU has it; a
     # dense layer in one call (ly_layer, the default) and in three (pre, attend, post)
     modes = [(True, r, False, True) for r in range(best + 1)] + [(False, -1, False, True),
@@ -99,7 +99,7 @@ def _verdicts(flow, c, meta, arrays, monkeypatch) -> list:
         modes.append((True, best, True, True))
     for fused, route, ifma, one_call in modes:
         monkeypatch.setattr(replay, "FUSED", fused)
-        monkeypatch.setattr(layer, "whole", whole if one_call else lambda *a, **k: None)
+        monkeypatch.setattr(layer, "prepare", prepare if one_call else lambda *a, **k: None)
         so.attn_route(route)
         native.use_ifma(ifma)
         try:
@@ -159,12 +159,15 @@ def test_a_declined_layer_is_replayed_step_by_step(four_layer_llama, monkeypatch
     c = flow.challenge("routine")
     meta, arrays = flow.open(c)
     calls, ran = [], []
-    monkeypatch.setattr(layer, "whole", lambda *a, **k: None)  # declined: the three calls run
+    monkeypatch.setattr(layer, "prepare", lambda *a, **k: None)  # declined: the three calls run
     monkeypatch.setattr(layer, "post", lambda *a: calls.append(a[3]))  # None: declined
     v = flow.verify(c, meta, arrays)
     assert v.accepted and calls and np.all(np.diff(calls) > 0), (v.reason, calls)
     # the one call ran and did not pass (as on a tampered layer): the step route decides alone
-    monkeypatch.setattr(layer, "whole", lambda *a, **k: ran.append(a[3]) or (False, 0.0, 0.0))
+    monkeypatch.undo()
+    prepare = layer.prepare
+    monkeypatch.setattr(layer, "prepare", lambda *a, **k: ran.append(a[3]) or prepare(*a, **k))
+    monkeypatch.setattr(layer, "run", lambda w: (False, 0.0, 0.0))
     monkeypatch.setattr(layer, "pre", lambda *a: pytest.fail("the three calls ran after it"))
     v = flow.verify(c, meta, arrays)
     assert v.accepted and ran and np.all(np.diff(ran) > 0), (v.reason, ran)

@@ -296,24 +296,33 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
     return None if any(codes) else out
 
 
-def whole(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y_rows: tuple,
-          rope: tuple, packed: dict, zq_rows, kv: tuple, out: np.ndarray | None = None):
-    """Dense layer l in one compiled call (layer.c's ly_layer): what pre, attend and post compute
-    (at positions pos [t], the first n challenged), then the output rows compared with the opened
-    x_{l+1} rows. x_rows = (table fp32 [R, hidden], row of each position int64 [t]): the x_l
-    rows; y_rows the same for x_{l+1} (rows of the n challenged positions); rope = (cos, sin
-    fp32 [P, head_dim / 2], row of each position [t]). out fp32 [n, hidden], when given, gets the
-    layer's output rows. Returns (passed, Freivalds seconds, attention seconds) when the call ran:
-    passed is True when every step ran and every check passed, False otherwise (nothing decided:
-    the step route decides); None when it did not run (an array, size or bound the call does not
-    take, or the attention would split its rows over threads: the caller then takes pre, attend
-    and post)."""
+class Whole:
+    """A prepared ly_layer call (`prepare`): its argument struct, the arrays whose addresses it
+    holds (kept alive with it), and the attention's thread rule (decided when it runs)."""
+
+    __slots__ = ("args", "keep", "split")
+
+    def __init__(self, args: LayerArgs, keep: tuple, split: int):
+        self.args, self.keep, self.split = args, keep, split
+
+
+def prepare(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y_rows: tuple,
+            rope: tuple, packed: dict, zq_rows, kv: tuple, out: np.ndarray | None = None):
+    """Dense layer l's one compiled call (layer.c's ly_layer), ready to run: what pre, attend and
+    post compute (at positions pos [t], the first n challenged), then the output rows compared
+    with the opened x_{l+1} rows. x_rows = (table fp32 [R, hidden], row of each position int64
+    [t]): the x_l rows; y_rows the same for x_{l+1} (rows of the n challenged positions); rope =
+    (cos, sin fp32 [P, head_dim / 2], row of each position [t]). out fp32 [n, hidden], when
+    given, gets the layer's output rows. A Whole, or None where the call does not take an array,
+    size or bound (the caller then takes pre, attend and post). Nothing is read but shapes,
+    dtypes, the challenged positions and addresses: a verifier prepares every layer before it
+    replays any, while its Python runs on warm caches."""
     so = lib()
     if so is None or cfg.moe:
         return None
     t, h, d = len(pos), cfg.hidden_size, cfg.head_dim
     got = _attend_args(cfg, profile, pos, n, kv, int_dtype(profile.kv_qmax))
-    if got is None or _attend_threads(cfg.num_heads * n, got[1], d, None) > 1:
+    if got is None:
         return None
     pre_a = _pre_args(key, cfg, profile, l, t, packed.get("qkv"), zq_rows)
     post_a = _post_args(key, cfg, profile, l, n, packed)
@@ -325,8 +334,27 @@ def whole(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y_r
         return None
     a = LayerArgs(pre_a, got[0], post_a, tabs[0], len(xt), idx[0], tabs[1], len(yt), idx[1],
                   tabs[2], tabs[3], len(ct), idx[2], None if out is None else out.ctypes.data)
-    rc = so.ly_layer(ctypes.byref(a))
-    return rc == 0, a.fv_seconds, a.attn_seconds
+    keep = (pos, xt, xi, yt, yi, ct, st, ri, packed, zq_rows, kv, out, key)
+    return Whole(a, keep, _attend_threads(cfg.num_heads * n, got[1], d, 1 << 30))
+
+
+def run(w: Whole):
+    """Run a prepared call: (passed, Freivalds seconds, attention seconds), passed True when
+    every step ran and every check passed, False otherwise (nothing decided: the step route
+    decides); None when it did not run: the attention would split its rows over this thread's
+    cores (the caller then takes pre, attend and post), or no compiled core."""
+    so = lib()
+    if so is None or min(w.split, threads()) > 1:
+        return None
+    rc = so.ly_layer(ctypes.byref(w.args))
+    return rc == 0, w.args.fv_seconds, w.args.attn_seconds
+
+
+def whole(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y_rows: tuple,
+          rope: tuple, packed: dict, zq_rows, kv: tuple, out: np.ndarray | None = None):
+    """prepare, then run (None where either does not)."""
+    w = prepare(key, cfg, profile, l, pos, n, x_rows, y_rows, rope, packed, zq_rows, kv, out)
+    return None if w is None else run(w)
 
 
 def _table(a: np.ndarray, width: int) -> int | None:
