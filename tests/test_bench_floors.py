@@ -57,28 +57,56 @@ def test_calls_under_the_decode_replay_are_counted_once_per_token(monkeypatch):
 
 
 def test_the_one_call_layer_splits_its_attention_off(monkeypatch):
-    """ly_layer times its attn_layer part itself (its struct's attn_seconds): that part is
-    counted under attention, the rest under the layer, as run and on the fastest repeat."""
+    """ly_layer times its attn_layer part itself (its struct's attn_seconds): as run, that part
+    is counted under attention and the rest under the layer; warm, ly_pre, attn_layer and ly_post
+    are repeated alone on the struct the call filled in (the layer's warm figure: ly_pre's and
+    ly_post's)."""
     import ctypes
     import time
 
+    class Part(ctypes.Structure):
+        _fields_ = [("heads", ctypes.c_int64), ("n", ctypes.c_int64)]
+
     class Args(ctypes.Structure):
-        _fields_ = [("attn_seconds", ctypes.c_double)]
-    spent = iter([0.004, 0.002, 0.003])
+        _fields_ = [("pre", Part), ("att", Part), ("post", Part),
+                    ("attn_seconds", ctypes.c_double)]
+    seen = []
+
+    def part(name: str, sleep: float):
+        def fn(ref, *rest):
+            seen.append((name, ctypes.addressof(ref._obj), rest))
+            time.sleep(sleep)
+            return 0
+        return fn
 
     def ly_layer(ref):
-        s = next(spent)  # the call's attention part: half its time
-        time.sleep(2 * s)
-        ref._obj.attn_seconds = s
+        time.sleep(0.008)
+        ref._obj.attn_seconds = 0.004
         return 0
-    so = _fake_lib(monkeypatch, ly_layer=ly_layer)
-    a = Args()
+    so = _fake_lib(monkeypatch, ly_layer=ly_layer, ly_pre=part("ly_pre", 0.001),
+                   attn_layer=part("attn_layer", 0.002), ly_post=part("ly_post", 0.001))
+    a = Args(att=Part(3, 2))
     with floors.compiled_calls(repeats=2) as calls:
         assert so.ly_layer(ctypes.byref(a)) == 0
+    # each part twice, on its own sub-struct of the call's arguments, attn_layer over all rows
+    assert [n for n, _, _ in seen] == ["ly_pre"] * 2 + ["ly_post"] * 2 + ["attn_layer"] * 2
+    assert {(n, at) for n, at, _ in seen} == {
+        ("ly_pre", ctypes.addressof(a.pre)), ("ly_post", ctypes.addressof(a.post)),
+        ("attn_layer", ctypes.addressof(a.att))}
+    assert {r for n, _, r in seen if n == "attn_layer"} == {(0, 6, 1)}
     g = calls.by_group()
     assert g["attention"]["calls"] == g["layer"]["calls"] == 1
-    assert g["attention"]["run_ms"] == 4.0 and g["attention"]["warm_ms"] == 2.0
+    assert g["attention"]["run_ms"] == 4.0 and 2.0 <= g["attention"]["warm_ms"] < 20
     assert 4.0 <= g["layer"]["run_ms"] < 40 and 2.0 <= g["layer"]["warm_ms"] < 20
+    seen.clear()  # a call that did not pass: not repeated, as run for both parts
+    so = _fake_lib(monkeypatch, ly_layer=lambda ref: 1, ly_pre=part("ly_pre", 0),
+                   attn_layer=part("attn_layer", 0), ly_post=part("ly_post", 0))
+    with floors.compiled_calls(repeats=2) as calls:
+        assert so.ly_layer(ctypes.byref(a)) == 1
+    assert not seen
+    g = calls.by_group()
+    assert g["attention"]["warm_ms"] == g["attention"]["run_ms"]
+    assert g["layer"]["warm_ms"] == g["layer"]["run_ms"]
 
 
 def test_a_repeat_that_answers_otherwise_is_refused(monkeypatch):

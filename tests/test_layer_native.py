@@ -258,8 +258,9 @@ def test_the_one_call_layer_computes_the_step_routes_bits(kind, profile, tier, r
                                                           monkeypatch):
     """The same openings through the one-call layer (ly_layer: the rows gathered by index, the
     three steps, the comparison with x_{l+1} in C; every layer prepared before any runs): it
-    runs and passes for every layer, nothing else of the fused route runs, and the output rows it computed are the step route's, byte for
-    byte; the verdict and its checks are the step route's."""
+    runs and passes for every layer, nothing else of the fused route runs, and the output rows
+    it computed are the step route's, byte for byte; the verdict and its checks are the step
+    route's."""
     from test_protocol import SAMPLED, Flow, _qm
 
     flow = Flow(_qm(request.getfixturevalue(f"tiny_{kind}"), profile), params=SAMPLED)
