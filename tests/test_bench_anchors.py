@@ -157,3 +157,33 @@ def test_bridge_compare_checks_bits_and_times_both(monkeypatch):
     monkeypatch.setattr(common, "time_runs", fake_time_runs)
     rows = anchors.bridge_compare(rows=2, runs=1)
     assert len(rows) == 8 and all(r["numpy_us"] == 2.0 == r["compiled_us"] for r in rows)
+
+
+def test_the_runs_table_takes_medians_ranges_and_counts(tmp_path):
+    """bench/anchors_runs.py on two hand-made runs: each figure, the median, the range and how
+    many met each limit; a missing run is one line on stderr and exit 1."""
+    import json
+
+    from bench import anchors_runs
+
+    def run(fb_worst: float, full_ms: float, two: float) -> dict:
+        goals = [{"goal": "8b: Freivalds x", "measured": fb_worst},
+                 {"goal": "70b: Freivalds x", "measured": 100.0},
+                 {"goal": "8b: full routine x", "measured": 30.0},
+                 {"goal": "8b: full tier x", "measured": full_ms},
+                 {"goal": "8b: the same on 2 x", "measured": two}]
+        tiers = {t: {"scaled": {"per_layer_ms": {"freivalds_bridge": 0.1}}}
+                 for t in ("routine", "full")}
+        return {"goals": goals, "provenance": {"date": "2026-12-07T18:17:00", "git":
+                                                {"commit": "abcdef0123"}},
+                "shapes": [{"shape": "8b", "contexts": [{"positions": 1024, "loadavg": [0.5],
+                                                         "tiers": tiers}]}]}
+    for name, args in (("a", (60.0, 14.0, 24.0)), ("b", (70.0, 16.0, 26.0))):
+        for kind in ("full", "routine10"):
+            (tmp_path / f"{name}.{kind}.json").write_text(json.dumps(run(*args)))
+    out = anchors_runs.table(tmp_path, ["a", "b"]).splitlines()
+    assert out[2].startswith("| a | 18:17 | abcdef0 | 0.50 | 60.00 | 100.00 | 100.00 | 100.00 |")
+    assert out[4].startswith("| median |  |  |  | 65.00 |")
+    assert "| 60.00-70.00 |" in out[5]
+    assert out[6] == "| met (of 2) |  |  |  | 1 | - | - | 2 | - | 1 | 1 | 1 |"
+    assert anchors_runs.main([str(tmp_path), "missing"]) == 1
