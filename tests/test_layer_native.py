@@ -373,3 +373,42 @@ def test_the_one_call_layer_passes_only_the_honest_rows(request, monkeypatch):
     assert run(rope=(ct[:, :-1], st[:, :-1], ri)) is None
     assert run(xr=(xt, xi.astype(np.int32))) is None
     assert run() is True  # nothing above changed the honest arguments
+
+
+def test_a_prepared_call_keeps_every_array_it_names(request, monkeypatch):
+    """layer.prepare on private copies of the opened arrays, the dicts they came in then emptied
+    and the key's norm weights replaced, the memory reused: the prepared call still passes (it
+    holds the arrays whose addresses it gives, not the dicts that held them)."""
+    import gc
+
+    from test_protocol import SAMPLED, Flow, _qm
+
+    flow = Flow(_qm(request.getfixturevalue("tiny_llama")), params=SAMPLED)
+    c = flow.challenge("routine")
+    meta, arrays = flow.open(c)
+    calls, prepare = [], layer.prepare
+    monkeypatch.setattr(layer, "prepare", lambda *a, **k: calls.append(a) or prepare(*a, **k))
+    with native.thread_budget(1):
+        assert flow.verify(c, meta, arrays).accepted
+    key, cfg, prof, l, pos, n, xr, yr, rope, packed, zq, kv = calls[0]
+    packed = {k: v.copy() for k, v in packed.items()}
+    kv = tuple(a.copy() for a in kv)
+    w = layer.prepare(key, cfg, prof, l, pos.copy(), n, tuple(a.copy() for a in xr),
+                      tuple(a.copy() for a in yr), tuple(a.copy() for a in rope), packed,
+                      None if zq is None else zq.copy(), kv)
+    assert w is not None
+    shapes = [a.shape for a in packed.values()]
+    packed.clear()
+    name = f"layers.{l}.attn_norm"
+    saved = key.arrays[name]
+    key.arrays[name] = saved.copy()
+    try:
+        del kv
+        gc.collect()
+        scribble = [np.full(s, 0x55, np.uint8) for s in shapes for _ in range(4)]
+        with native.thread_budget(1):
+            got = layer.run(w)
+        assert got is not None and got[0] is True, got
+        del scribble
+    finally:
+        key.arrays[name] = saved

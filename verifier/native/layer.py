@@ -334,7 +334,11 @@ def prepare(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y
         return None
     a = LayerArgs(pre_a, got[0], post_a, tabs[0], len(xt), idx[0], tabs[1], len(yt), idx[1],
                   tabs[2], tabs[3], len(ct), idx[2], None if out is None else out.ctypes.data)
-    keep = (pos, xt, xi, yt, yi, ct, st, ri, packed, zq_rows, kv, out, key)
+    # every array an address in `a` names (the dicts' entries themselves: a dict may change)
+    norms = tuple(key.arrays.get(f"layers.{l}.{n}") for n in ("attn_norm", "q_norm", "k_norm",
+                                                               "mlp_norm"))
+    keep = (pos, xt, xi, yt, yi, ct, st, ri, tuple(packed.values()), zq_rows, tuple(kv), out,
+            norms, key)
     return Whole(a, keep, _attend_threads(cfg.num_heads * n, got[1], d, 1 << 30))
 
 
