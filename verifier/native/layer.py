@@ -85,17 +85,25 @@ def declare(so) -> None:
     so.attn_layer.argtypes = [ctypes.POINTER(AttendArgs), _i64, _i64, _i64]
 
 
-def _f32_vec(a, n: int) -> int | None:
-    """The address of a C-contiguous fp32 [n] array, else None."""
-    if a is None or a.dtype != _F4 or a.shape != (n,) or not a.flags.c_contiguous:
+def _addr(a, shape: tuple, dtype=_F4) -> int | None:
+    """The address of a C-contiguous, aligned array of this shape and dtype, else None."""
+    if (a is None or a.dtype != dtype or a.shape != shape or not a.flags.c_contiguous
+            or not a.flags.aligned):
         return None
     return a.ctypes.data
+
+
+def _f32_vec(a, n: int) -> int | None:
+    return _addr(a, (n,))
 
 
 def _rows(a: np.ndarray, rows: int, n: int, dtype=_F4) -> int | None:
-    if a.dtype != dtype or a.shape != (rows, n) or not a.flags.c_contiguous:
-        return None
-    return a.ctypes.data
+    return _addr(a, (rows, n), dtype)
+
+
+def _table(a: np.ndarray, width: int) -> int | None:
+    """The address of a fp32 table of rows [R, width], R >= 1 (as _addr), else None."""
+    return _rows(a, len(a), width) if a.ndim == 2 and len(a) else None
 
 
 def _linear(key, profile, label: str, n: int, k: int) -> _Linear | None:
@@ -230,10 +238,10 @@ def _attend_args(cfg, profile, pos: np.ndarray, n: int, kv: tuple, dt) -> tuple 
             or _spec.COEF_BITS != 15 or _spec.LOGIT_CLAMP != 2**30):
         return None
     m = len(kpos)
-    shapes = ((pos, (t,), _I8), (kpos, (m,), _I8), (k_all, (m, nkv, d), dt),
-              (v_all, (m, nkv, d), dt), (sk_all, (m, nkv), _F4), (sv_all, (m, nkv), _F4))
-    if not all(a.dtype == want and a.shape == shape and a.flags.c_contiguous and a.flags.aligned
-               for a, shape, want in shapes):
+    ptrs = [_addr(x, shape, want) for x, shape, want in (
+        (pos, (t,), _I8), (kpos, (m,), _I8), (k_all, (m, nkv, d), dt), (v_all, (m, nkv, d), dt),
+        (sk_all, (m, nkv), _F4), (sv_all, (m, nkv), _F4))]
+    if None in ptrs:
         return None
     p_n = pos[:n]
     pmin, pmax = int(p_n.min()), int(p_n.max())
@@ -247,10 +255,8 @@ def _attend_args(cfg, profile, pos: np.ndarray, n: int, kv: tuple, dt) -> tuple 
         return None
     table, cut = _full_table()  # (kept by native.attention: alive with the module)
     a = AttendArgs(t, n, nh, nkv, d, np.dtype(dt).itemsize, None, None, None, None, None, None,
-                   pos.ctypes.data, m, *(x.ctypes.data for x in (kpos, k_all, v_all, sk_all,
-                                                                  sv_all)),
-                   window or 0, float(_spec.score_scale(d)), float(1 << _exp2.LOGIT_FRAC_BITS),
-                   table.ctypes.data, cut, None)
+                   ptrs[0], m, *ptrs[1:], window or 0, float(_spec.score_scale(d)),
+                   float(1 << _exp2.LOGIT_FRAC_BITS), table.ctypes.data, cut, None)
     return a, pmax + 1 - lo
 
 
@@ -275,13 +281,13 @@ def attend(cfg, profile, q, k, v, pos: np.ndarray, n: int, kv: tuple, n_threads:
     if got is None:
         return None
     a, seen = got
-    shapes = ((qq, (t, nh, d), dt), (sq, (t, nh), _F4), (kq, (t, nkv, d), dt),
-              (vq, (t, nkv, d), dt), (sk, (t, nkv), _F4), (sv, (t, nkv), _F4))
-    if not all(x.dtype == want and x.shape == shape and x.flags.c_contiguous and x.flags.aligned
-               for x, shape, want in shapes):
+    ptrs = [_addr(x, shape, want) for x, shape, want in (
+        (qq, (t, nh, d), dt), (sq, (t, nh), _F4), (kq, (t, nkv, d), dt), (vq, (t, nkv, d), dt),
+        (sk, (t, nkv), _F4), (sv, (t, nkv), _F4))]
+    if None in ptrs:
         return None
     out = np.empty((n, nh * d), np.float32)
-    a.q, a.sq, a.k, a.v, a.sk, a.sv = (x.ctypes.data for x in (qq, sq, kq, vq, sk, sv))
+    a.q, a.sq, a.k, a.v, a.sk, a.sv = ptrs
     a.out = out.ctypes.data
     rows = nh * n
     k_threads = _attend_threads(rows, seen, d, n_threads)
@@ -328,15 +334,15 @@ def prepare(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y
     post_a = _post_args(key, cfg, profile, l, n, packed)
     (xt, xi), (yt, yi), (ct, st, ri) = x_rows, y_rows, rope
     tabs = (_table(xt, h), _table(yt, h), _table(ct, d // 2), _table(st, d // 2))
-    idx = (_index(xi, t), _index(yi, n), _index(ri, t))
+    idx = (_addr(xi, (t,), _I8), _addr(yi, (n,), _I8), _addr(ri, (t,), _I8))  # range: in C
     if (pre_a is None or post_a is None or None in tabs or None in idx or ct.shape != st.shape
             or (out is not None and _rows(out, n, h) is None)):
         return None
     a = LayerArgs(pre_a, got[0], post_a, tabs[0], len(xt), idx[0], tabs[1], len(yt), idx[1],
                   tabs[2], tabs[3], len(ct), idx[2], None if out is None else out.ctypes.data)
     # every array an address in `a` names (the dicts' entries themselves: a dict may change)
-    norms = tuple(key.arrays.get(f"layers.{l}.{n}") for n in ("attn_norm", "q_norm", "k_norm",
-                                                               "mlp_norm"))
+    norms = tuple(key.arrays.get(f"layers.{l}.{name}")
+                  for name in ("attn_norm", "q_norm", "k_norm", "mlp_norm"))
     keep = (pos, xt, xi, yt, yi, ct, st, ri, tuple(packed.values()), zq_rows, tuple(kv), out,
             norms, key)
     return Whole(a, keep, _attend_threads(cfg.num_heads * n, got[1], d, 1 << 30))
@@ -360,18 +366,3 @@ def whole(key, cfg, profile, l: int, pos: np.ndarray, n: int, x_rows: tuple, y_r
     w = prepare(key, cfg, profile, l, pos, n, x_rows, y_rows, rope, packed, zq_rows, kv, out)
     return None if w is None else run(w)
 
-
-def _table(a: np.ndarray, width: int) -> int | None:
-    """The address of a C-contiguous fp32 [R, width] table of rows (R >= 1), else None."""
-    if (a.dtype != _F4 or a.ndim != 2 or a.shape[1] != width or not len(a)
-            or not a.flags.c_contiguous or not a.flags.aligned):
-        return None
-    return a.ctypes.data
-
-
-def _index(a: np.ndarray, n: int) -> int | None:
-    """The address of a C-contiguous, aligned int64 [n] array of row indices (ly_layer checks
-    their range), else None."""
-    if a.dtype != _I8 or a.shape != (n,) or not a.flags.c_contiguous or not a.flags.aligned:
-        return None
-    return a.ctypes.data
