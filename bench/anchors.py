@@ -248,7 +248,8 @@ def context_figures(setup: Setup, ctx: int, gen_tokens: int, tiers: tuple[str, .
            "retained": retained_figures(s.transcripts[0]), "tiers": {}}
     for i, tier in enumerate(tiers):
         t = tier_figures(setup, s, tier, verify_runs, nonce=bytes([i + 1]) * 16, warmup=1,
-                         also_threads=verify_threads if tier == "routine" else 0, one_core=True,
+                         also_threads=verify_threads if tier in ("routine", "full") else 0,
+                         one_core=True,
                          floors=True)
         t["open_over_gen"] = t["open_s"] / s.gen_seconds
         out["tiers"][tier] = t
@@ -324,7 +325,23 @@ def goals(data: dict) -> list[dict]:
                 out.append(_goal(f"8b: full tier at {c['positions']} positions, ms per "
                                  f"challenged token (one core)", f["scaled"]["verify_ms"],
                                  GOAL_FULL_MS, _floor(f, lambda x: x["compiled_ms"]["warm_ms"])))
+                thr = f.get("verify_ms_threaded")
+                if thr and f["layers"] >= ROUTINE_LAYERS:
+                    # the issue's full-tier limit sits in the bullet whose routine limit is for
+                    # both cores; the one-core row above is held to it, this one is reported
+                    out.append(_goal(f"8b: the full tier on {thr['threads']} layer threads (both "
+                                     f"cores), measured with {f['layers']} layers and scaled as "
+                                     f"the one-core figure scales, ms per challenged token",
+                                     threaded_full_ms(f), GOAL_FULL_MS, reported=True))
     return out
+
+
+def threaded_full_ms(t: dict) -> float:
+    """A tier's verification on layer threads, in ms per challenged token at the real depth:
+    the measured total per token, scaled to the tier's layers by the ratio the one-core figure
+    scales by (its scaled ms per token over its measured ms per token)."""
+    thr, one = t["verify_ms_threaded"][STAT], t["verify_ms_per_position"]["total"][STAT]
+    return thr / t["positions"] * t["scaled"]["verify_ms"] / one
 
 
 def _goal(name: str, got: float, limit: float, floor: float | None = None,

@@ -44,6 +44,15 @@ def test_scale_tier_splits_per_layer_and_once_per_token():
     assert short["layers"] == 6  # routine never asks for more layers than the model has
 
 
+def test_the_threaded_full_tier_scales_as_the_one_core_figure():
+    # one core: 40 ms per token measured over 10 layers, scaled to 32 layers: 120 ms per token;
+    # 2 threads: 200 ms for 8 tokens = 25 per token, x 120 / 40 -> 75 (dyadic-exact inputs)
+    t = {"positions": 8, "verify_ms_threaded": {"threads": 2, "median": 200.0, "min": 200.0},
+         "verify_ms_per_position": {"total": {"median": 40.0, "min": 40.0}},
+         "scaled": {"verify_ms": 120.0}}
+    assert anchors.threaded_full_ms(t) == 75.0
+
+
 def test_goal_margin():
     assert anchors._goal("g", 30.0, 20.0) == {"goal": "g", "measured": 30.0, "limit": 20.0,
                                               "met": False, "over_by": 0.5, "floor": None,
@@ -166,24 +175,29 @@ def test_the_runs_table_takes_medians_ranges_and_counts(tmp_path):
 
     from bench import anchors_runs
 
-    def run(fb_worst: float, full_ms: float, two: float) -> dict:
+    def run(fb_worst: float, full_ms: float, two: float, full_two: float | None) -> dict:
         goals = [{"goal": "8b: Freivalds x", "measured": fb_worst},
                  {"goal": "70b: Freivalds x", "measured": 100.0},
                  {"goal": "8b: full routine x", "measured": 30.0},
                  {"goal": "8b: full tier x", "measured": full_ms},
                  {"goal": "8b: the same on 2 x", "measured": two}]
+        if full_two is not None:  # a run older than the column has no such goal
+            goals.append({"goal": "8b: the full tier on 2 x", "measured": full_two})
         tiers = {t: {"scaled": {"per_layer_ms": {"freivalds_bridge": 0.1}}}
                  for t in ("routine", "full")}
         return {"goals": goals, "provenance": {"date": "2026-12-07T18:17:00", "git":
                                                 {"commit": "abcdef0123"}},
                 "shapes": [{"shape": "8b", "contexts": [{"positions": 1024, "loadavg": [0.5],
                                                          "tiers": tiers}]}]}
-    for name, args in (("a", (60.0, 14.0, 24.0)), ("b", (70.0, 16.0, 26.0))):
+    for name, args in (("a", (60.0, 14.0, 24.0, None)), ("b", (70.0, 16.0, 26.0, 9.0))):
         for kind in ("full", "routine10"):
             (tmp_path / f"{name}.{kind}.json").write_text(json.dumps(run(*args)))
     out = anchors_runs.table(tmp_path, ["a", "b"]).splitlines()
     assert out[2].startswith("| a | 18:17 | abcdef0 | 0.50 | 60.00 | 100.00 | 100.00 | 100.00 |")
     assert out[4].startswith("| median |  |  |  | 65.00 |")
     assert "| 60.00-70.00 |" in out[5]
-    assert out[6] == "| met (of 2) |  |  |  | 1 | - | - | 2 | - | 1 | 1 | 1 |"
+    assert out[2].endswith("| 14.00 | 24.00 | 14.00 | - |")  # a: no threaded full-tier goal
+    assert out[3].endswith("| 16.00 | 26.00 | 16.00 | 9.00 |")
+    assert out[4].endswith("| 9.00 |") and out[5].endswith("| 9.00-9.00 |")
+    assert out[6] == "| met (of 2) |  |  |  | 1 | - | - | 2 | - | 1 | 1 | 1 | - |"
     assert anchors_runs.main([str(tmp_path), "missing"]) == 1
