@@ -79,13 +79,42 @@ def leaf_digests(kind: bytes, layer: int, positions, arrays) -> np.ndarray:
     return _native_leaves(core, kind, layer, positions, arrays)
 
 
-def _native_leaves(core, kind: bytes, layer: int, positions, arrays) -> np.ndarray:
+def _leaf_segments(kind: bytes, layer: int, positions, arrays) -> list[np.ndarray]:
+    """The leaves' bytes as b3_rows segments: a header row per position (prefix, kind, layer,
+    position), then each array's rows as little-endian bytes (views where they lie)."""
     n = len(positions)
     head = LEAF_PREFIX + kind + struct.pack("<I", layer)
     top = np.empty((n, len(head) + 4), np.uint8)
     top[:, :len(head)] = np.frombuffer(head, np.uint8)
     top[:, len(head):] = np.asarray(positions, dtype="<u4").reshape(n, 1).view(np.uint8)
-    return core.b3_rows([top] + [_le_bytes(np.asarray(a).reshape(n, -1)) for a in arrays])
+    return [top] + [_le_bytes(np.asarray(a).reshape(n, -1)) for a in arrays]
+
+
+def _native_leaves(core, kind: bytes, layer: int, positions, arrays) -> np.ndarray:
+    return core.b3_rows(_leaf_segments(kind, layer, positions, arrays))
+
+
+def prepare_proof(kind: bytes, layer: int, positions: np.ndarray, arrays, proof: np.ndarray,
+                  root: bytes, n_leaves: int, ranges=None):
+    """A trace proof group (leaf_digests, then merkle.verify_multiproof_rows against root) as
+    one compiled call, its arguments built now (native.proof_prepare): positions int64 [n] the
+    rows' leaf indices; ranges[i] None or (lo, hi) for arrays[i], an int8 / int16 array whose
+    values must lie in [lo, hi] (the opening's deferred K/V range check, on the same bytes as
+    they are hashed). None when the compiled core cannot take it (no rows, positions past
+    2^32, other dtypes): the caller checks it the usual way. native.proof_run(prepared) then
+    answers only whether everything passed."""
+    core = merkle._core()
+    if core is None or not (positions.dtype == np.int64 and positions.ndim == 1) \
+            or not len(positions) or int(positions[-1]) >= 2**32 or int(positions[0]) < 0:
+        return None
+    ranges = ranges or [None] * len(arrays)
+    spans = [None]  # the header segment is never range-checked
+    for a, r in zip(arrays, ranges):
+        if r is not None and np.asarray(a).dtype not in (np.int8, np.int16):
+            return None
+        spans.append(None if r is None else (np.asarray(a).dtype.itemsize, *r))
+    segs = _leaf_segments(kind, layer, positions, arrays)
+    return core.proof_prepare(segs, spans, positions, n_leaves, proof, merkle.NODE_PREFIX, root)
 
 
 def leaf_hashes(kind: bytes, layer: int, positions, arrays) -> list[bytes]:

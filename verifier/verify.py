@@ -19,7 +19,7 @@ import numpy as np
 from . import challenge as challenge_mod
 from . import native
 from . import request as request_mod
-from .commitment import embed_leaf, layer_roots_match, leaf_digests
+from .commitment import embed_leaf, layer_roots_match, leaf_digests, prepare_proof
 from .config import ModelConfig
 from .merkle import verify_multiproof, verify_multiproof_rows
 from .numerics.profiles import Profile
@@ -290,6 +290,9 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
         layers = sorted({pr[1] for pr in proofs} | set(p.z))
         by_layer = {l: ([n for n, at in deferred.items() if at == l],
                         [pr for pr in proofs if pr[1] == l]) for l in layers}
+        t0 = time.perf_counter()
+        ready = {l: _prepare_proofs(*by_layer[l], arrays, specs) for l in layers}
+        own.merkle += time.perf_counter() - t0
 
         failed = threading.Event()  # a unit failed: the others stop at their next step
 
@@ -306,11 +309,15 @@ def _units(v: Verdict, key, receipt, arrays, specs, p: Plan, cfg, prof, timer, t
                 if l == "decode":
                     return decode(c, resid)
                 ranged, own_proofs = by_layer[l]
-                for name in ranged:
-                    check_range(name, arrays[name], specs[name])
-                step()
                 t = time.perf_counter()
-                _check_proofs(own_proofs)
+                if ready[l] is not None:  # the ranges and proofs in one call per group
+                    if not all(native.proof_run(w) for w in ready[l]):
+                        raise Reject("merkle", "a proof or range did not pass (decided in order)")
+                else:
+                    for name in ranged:
+                        check_range(name, arrays[name], specs[name])
+                    step()
+                    _check_proofs(own_proofs)
                 c.timer.merkle += time.perf_counter() - t
                 step()
                 if l in p.z:
@@ -566,6 +573,26 @@ def _trace_tables(receipt, arrays, p: Plan, cfg):
                        n, "merkle_kv", f"K/V rows of layer {l} are not the committed ones"))
         kv[l] = (at, k, sk, v, sv)
     return resid, kv, proofs
+
+
+def _prepare_proofs(ranged: list[str], proofs: list, arrays, specs) -> list | None:
+    """A unit's proof groups prepared as one compiled call each (commitment.prepare_proof),
+    its deferred K/V range checks folded into its K/V group; None when any group or range
+    cannot be taken so (the unit then runs check_range and _check_proofs)."""
+    out, left = [], set(ranged)
+    for kind, l, pos, rows, proof, root, n, _code, _detail in proofs:
+        ranges = None
+        if kind == b"kv":
+            names = [f"kv.{l}.{x}" for x in ("k", "sk", "v", "sv")]
+            # check_range's test: none where the spec has no range
+            ranges = [(specs[m].lo, specs[m].hi) if m in left and specs[m].lo is not None
+                      else None for m in names]
+            left -= set(names)
+        w = prepare_proof(kind, l, pos, rows, proof, root, n, ranges)
+        if w is None:
+            return None
+        out.append(w)
+    return None if left else out
 
 
 def _check_proofs(proofs) -> None:

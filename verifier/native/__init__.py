@@ -35,7 +35,7 @@ HEADERS = tuple(Path(__file__).with_name(n) for n in ("exact.h", "layer.h"))
 # no contraction into FMA, no reassociation, no approximate math: every float op as written
 FLAGS = ("-O3", "-std=c11", "-ffp-contract=off", "-fno-fast-math", "-fno-unsafe-math-optimizations",
          "-fPIC", "-shared")
-ABI = 14
+ABI = 15
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -181,6 +181,8 @@ def _declare(so) -> None:
     so.b3_chain.restype = i64
     so.b3_chain.argtypes = [ctypes.c_char_p, i64, ctypes.c_char_p, p, i64, p]
     so.b3_multiproof.argtypes = [p, p, i64, ctypes.c_uint64, p, i64, p, i64, p]
+    so.b3_proof.restype = i64
+    so.b3_proof.argtypes = [p, i64, i64, i64]
     declare_bridge(so)
     from .layer import declare as declare_layer
 
@@ -662,6 +664,86 @@ def b3_rows(segments: list[np.ndarray], n_threads: int | None = None) -> np.ndar
         return so.b3_rows(k, bases, strides, widths, b - a, out.ctypes.data + 32 * a)
     _split_run(run, bounds, "b3_rows")
     return out
+
+
+class _ProofArgs(ctypes.Structure):
+    """hash.c's b3_proof_args."""
+    _fields_ = [("nseg", ctypes.c_int64), ("base", ctypes.c_void_p * 8),
+                ("stride", ctypes.c_int64 * 8), ("width", ctypes.c_int64 * 8),
+                ("esize", ctypes.c_int64 * 8), ("lo", ctypes.c_int64 * 8),
+                ("hi", ctypes.c_int64 * 8), ("n", ctypes.c_int64), ("leaves", ctypes.c_void_p),
+                ("idx", ctypes.c_void_p), ("n_leaves", ctypes.c_uint64),
+                ("proof", ctypes.c_void_p), ("n_proof", ctypes.c_int64),
+                ("prefix", ctypes.c_void_p), ("plen", ctypes.c_int64), ("root", ctypes.c_void_p)]
+
+
+class Proof:
+    """One proof group prepared for b3_proof (proof_prepare): the struct and every array and
+    buffer its addresses name, held as long as it is."""
+
+    def __init__(self, args: _ProofArgs, keep: tuple, total: int):
+        self.args, self.keep, self.total = args, keep, total
+
+
+def proof_prepare(segments: list[np.ndarray], ranges: list, idx: np.ndarray, n_leaves: int,
+                  proof: np.ndarray, prefix: bytes, root: bytes) -> Proof | None:
+    """A Merkle proof group for proof_run: segments as b3_rows takes them (uint8 [n, w_s]
+    rows), ranges[s] None or (esize, lo, hi): segment s's rows read as int8 (1) / int16 (2)
+    little-endian values that must lie in [lo, hi]; idx int64 [n] the rows' leaf indices,
+    strictly increasing, below n_leaves; proof uint8 [k, 32]; root the expected 32 bytes. None
+    when the compiled core is unavailable or the inputs are not of that form (the caller then
+    takes the route it would take without this)."""
+    so = lib()
+    k = len(segments)
+    if so is None or not 1 <= k <= 8 or len(ranges) != k or len(root) != 32 or len(prefix) > 64:
+        return None
+    n = segments[0].shape[0] if segments[0].ndim == 2 else 0
+    if n < 1 or any(g.dtype != np.uint8 or g.ndim != 2 or g.shape[0] != n or g.strides[0] < 0
+                    or (g.strides[1] != 1 and g.shape[1] > 1) for g in segments):
+        return None
+    if (idx.dtype != np.int64 or idx.shape != (n,) or not idx.flags.c_contiguous
+            or not 0 < n_leaves < 2**63 or idx[0] < 0 or idx[-1] >= n_leaves
+            or (n > 1 and not bool(np.all(idx[1:] > idx[:-1])))):
+        return None
+    if proof.dtype != np.uint8 or proof.ndim != 2 or proof.shape[1] != 32:
+        return None
+    proof = np.ascontiguousarray(proof)
+    a = _ProofArgs()
+    a.nseg, a.n, a.n_leaves, a.n_proof, a.plen = k, n, n_leaves, proof.shape[0], len(prefix)
+    for s, (g, r) in enumerate(zip(segments, ranges)):
+        a.base[s], a.stride[s], a.width[s] = g.ctypes.data, g.strides[0], g.shape[1]
+        if r is not None:
+            e, lo, hi = r
+            if e not in (1, 2) or g.shape[1] % e or not (-2**63 <= lo <= hi < 2**63):
+                return None
+            a.esize[s], a.lo[s], a.hi[s] = e, lo, hi
+    leaves = np.empty((n, 32), np.uint8)
+    pre = np.frombuffer(bytes(prefix) + b"\0", np.uint8)  # never empty: a valid address
+    want = np.frombuffer(bytes(root), np.uint8)
+    a.leaves, a.idx, a.proof = leaves.ctypes.data, idx.ctypes.data, proof.ctypes.data
+    a.prefix, a.root = pre.ctypes.data, want.ctypes.data
+    return Proof(a, (segments, idx, proof, leaves, pre, want),
+                 n * sum(g.shape[1] for g in segments))
+
+
+def proof_run(w: Proof, n_threads: int | None = None) -> bool:
+    """True when every checked value is in its range and the rows' leaves and the proof rebuild
+    the expected root (b3_proof); the rows split over threads as b3_rows splits them."""
+    so, a, n = lib(), w.args, w.args.n
+    t = max(1, min(n_threads or threads(), w.total // B3_SPLIT_BYTES, -(-n // 16)))
+    if t == 1:
+        code = so.b3_proof(ctypes.byref(a), 0, n, 1)
+    else:
+        bounds = [16 * (-(-n // 16) * i // t) for i in range(t)] + [n]
+        pool = _pool.get(t) or _pool.setdefault(t, ThreadPoolExecutor(t))
+        codes = list(pool.map(lambda lo, hi: so.b3_proof(ctypes.byref(a), lo, hi, 0),
+                              bounds[:-1], bounds[1:]))
+        code = next((c for c in codes if c), 0) or so.b3_proof(ctypes.byref(a), 0, 0, 1)
+    if code < 0:
+        if code == -3:
+            raise MemoryError("b3_proof: out of memory")
+        raise ValueError("b3_proof: inconsistent inputs")
+    return code == 0
 
 
 def b3_many(rows: np.ndarray, n_threads: int | None = None) -> np.ndarray:

@@ -22,7 +22,7 @@
 
 #define LOGIT_CLAMP 1073741824.0f /* 2^30 */
 
-int64_t commitllm_native_abi(void) { return 14; }
+int64_t commitllm_native_abi(void) { return 15; }
 
 
 /* The spec's per-row softmax passes over fp32 scores sr[0..n): p_j (fp32) into p, Z and M.

@@ -495,3 +495,88 @@ done:
     free(ia), free(ib), free(dest), free(ha), free(hb), free(msg), free(dig);
     return code;
 }
+
+/* One Merkle proof group of an opening checked in one call (verifier/commitment.py
+ * prepare_proof): the leaf digests of n rows (message i the concatenation of row i of each
+ * segment, as b3_rows), the segments whose esize is 1 or 2 read as int8 / int16 values that must
+ * lie in [lo[s], hi[s]] (an opening's K/V range check, done on each group of LANES rows just
+ * before they are hashed, so the values come from memory once), then the multiproof walk of
+ * b3_multiproof and the rebuilt root compared with the expected one in constant time.
+ * Decides nothing: the caller takes only "passed" from it (anything else is decided by the
+ * canonical checks, in their order, with their reasons). */
+typedef struct {
+    int64_t nseg;
+    const uint8_t *base[MAX_SEGS];
+    int64_t stride[MAX_SEGS], width[MAX_SEGS], esize[MAX_SEGS], lo[MAX_SEGS], hi[MAX_SEGS];
+    int64_t n;             /* rows (leaves) */
+    uint8_t *leaves;       /* [n][32]: the digests, written here */
+    const int64_t *idx;    /* [n] their leaf indices, strictly increasing, below n_leaves */
+    uint64_t n_leaves;
+    const uint8_t *proof;  /* [n_proof][32] */
+    int64_t n_proof;
+    const uint8_t *prefix; /* the node hashes' prefix */
+    int64_t plen;
+    const uint8_t *root;   /* [32] the expected root */
+} b3_proof_args;
+
+int64_t br_minmax(const void *x, int64_t n, int64_t esize, int64_t *lo_hi); /* bridge.c */
+
+/* Rows r0 .. r1 of the group: ranges checked, digests
+ * into leaves; then, when finish, the walk and the root. 0: every checked value in its range
+ * (and, with finish, the root equal); 1: a value out of range, a proof of the wrong length or
+ * another root; -2: bad arguments; -3: out of memory. Splitting the rows over threads and
+ * finishing once gives what one call over all rows gives. */
+int64_t b3_proof(const b3_proof_args *a, int64_t r0, int64_t r1, int64_t finish) {
+    if (a->nseg < 1 || a->nseg > MAX_SEGS || a->n < 1 || r0 < 0 || r1 < r0 || r1 > a->n
+        || a->plen < 0 || a->plen > BLOCK_LEN)
+        return -2;
+    struct seg segs[MAX_SEGS];
+    int64_t len = 0;
+    for (int s = 0; s < a->nseg; s++) {
+        const int64_t e = a->esize[s];
+        if (a->width[s] < 0 || (e != 0 && e != 1 && e != 2) || (e && a->width[s] % e))
+            return -2;
+        segs[s] = (struct seg){a->base[s], a->stride[s], a->width[s]};
+        len += a->width[s];
+    }
+    if (r1 > r0) {
+        int depth = 1;
+        for (int64_t chunks = (len + CHUNK_LEN - 1) / CHUNK_LEN; chunks > 1; chunks >>= 1) depth++;
+        lanes_t (*stack)[8] = malloc(sizeof(lanes_t) * 8 * (size_t)depth);
+        if (!stack) return -3;
+        const int vec = hash_vector();
+        int64_t bad = 0;
+        for (int64_t i0 = r0; i0 < r1 && !bad; i0 += LANES) {
+            const int64_t i1 = i0 + LANES < r1 ? i0 + LANES : r1;
+            for (int s = 0; s < a->nseg && !bad; s++) {
+                const int64_t e = a->esize[s];
+                if (!e || !a->width[s]) continue;
+                for (int64_t i = i0; i < i1; i++) {
+                    int64_t lh[2];
+                    br_minmax(a->base[s] + i * a->stride[s], a->width[s] / e, e, lh);
+                    if (lh[0] < a->lo[s] || lh[1] > a->hi[s]) bad = 1;
+                }
+            }
+            int64_t rows[LANES];
+            uint8_t *o[LANES];
+            for (int j = 0; j < LANES; j++) {
+                rows[j] = i0 + j < i1 ? i0 + j : i0; /* spare lanes repeat a message */
+                o[j] = i0 + j < i1 ? a->leaves + 32 * (i0 + j) : NULL;
+            }
+            hash_route(segs, (int)a->nseg, rows, len, o, stack, vec);
+        }
+        free(stack);
+        if (bad) return 1;
+    }
+    if (!finish) return 0;
+    for (int64_t k = 0; k < a->n; k++) /* the walk's precondition (prepare_proof checks it too) */
+        if (a->idx[k] < 0 || (uint64_t)a->idx[k] >= a->n_leaves || (k && a->idx[k] <= a->idx[k - 1]))
+            return -2;
+    uint8_t got[32];
+    const int64_t code = b3_multiproof(a->idx, a->leaves, a->n, a->n_leaves, a->proof,
+                                       a->n_proof, a->prefix, a->plen, got);
+    if (code) return code;
+    uint8_t diff = 0;
+    for (int i = 0; i < 32; i++) diff |= (uint8_t)(got[i] ^ a->root[i]);
+    return diff != 0;
+}
