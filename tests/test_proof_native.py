@@ -149,7 +149,6 @@ def test_prepare_declines_what_it_cannot_take():
     assert prepare_proof(b"kv", 0, idx, [k, sk, k, sk], proof, bytes(32), 12, r) is not None
     declined = [
         (idx[:0], [a[:0] for a in (k, sk, k, sk)], proof, 12, r),  # no rows
-        (idx[::-1].copy(), [k, sk, k, sk], proof, 12, r),  # not increasing
         (idx.astype(np.int32), [k, sk, k, sk], proof, 12, r),
         (idx + 2**32, [k, sk, k, sk], proof, 2**40, r),  # beyond the leaves' u32 positions
         (idx, [k, sk, k, sk], proof, 11, r),  # an index beyond the tree
@@ -161,6 +160,9 @@ def test_prepare_declines_what_it_cannot_take():
     for i, rows, p, nl, rr in declined:
         assert prepare_proof(b"kv", 0, i, rows, p, bytes(32), nl, rr) is None, (i.dtype, nl)
     assert prepare_proof(b"kv", 0, idx, [k, sk, k, sk], proof, bytes(31), 12, r) is None
+    for order in (idx[::-1].copy(), np.r_[idx[:5], idx[4:11]]):  # not increasing: not passed
+        w = prepare_proof(b"kv", 0, order, [k, sk, k, sk], proof, bytes(32), 12, r)
+        assert w is not None and native.proof_run(w) is False
     w = prepare_proof(b"kv", 0, idx, [k, sk, k, sk], proof, bytes(32), 12, r)
     w.args.nseg = 9
     with pytest.raises(ValueError):

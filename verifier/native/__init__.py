@@ -701,29 +701,31 @@ def proof_prepare(segments: list[np.ndarray], ranges: list, idx: np.ndarray, n_l
     if n < 1 or any(g.dtype != np.uint8 or g.ndim != 2 or g.shape[0] != n or g.strides[0] < 0
                     or (g.strides[1] != 1 and g.shape[1] > 1) for g in segments):
         return None
+    # (the indices' order is checked in C, before the walk: out of order -> not passed)
     if (idx.dtype != np.int64 or idx.shape != (n,) or not idx.flags.c_contiguous
-            or not 0 < n_leaves < 2**63 or idx[0] < 0 or idx[-1] >= n_leaves
-            or (n > 1 and not bool(np.all(idx[1:] > idx[:-1])))):
+            or not 0 < n_leaves < 2**63 or idx[0] < 0 or idx[-1] >= n_leaves):
         return None
     if proof.dtype != np.uint8 or proof.ndim != 2 or proof.shape[1] != 32:
         return None
     proof = np.ascontiguousarray(proof)
-    a = _ProofArgs()
-    a.nseg, a.n, a.n_leaves, a.n_proof, a.plen = k, n, n_leaves, proof.shape[0], len(prefix)
+    esize, lo, hi = [0] * k, [0] * k, [0] * k
     for s, (g, r) in enumerate(zip(segments, ranges)):
-        a.base[s], a.stride[s], a.width[s] = g.ctypes.data, g.strides[0], g.shape[1]
         if r is not None:
-            e, lo, hi = r
-            if e not in (1, 2) or g.shape[1] % e or not (-2**63 <= lo <= hi < 2**63):
+            esize[s], lo[s], hi[s] = r
+            if esize[s] not in (1, 2) or g.shape[1] % esize[s] or not (
+                    -2**63 <= lo[s] <= hi[s] < 2**63):
                 return None
-            a.esize[s], a.lo[s], a.hi[s] = e, lo, hi
     leaves = np.empty((n, 32), np.uint8)
-    pre = np.frombuffer(bytes(prefix) + b"\0", np.uint8)  # never empty: a valid address
-    want = np.frombuffer(bytes(root), np.uint8)
-    a.leaves, a.idx, a.proof = leaves.ctypes.data, idx.ctypes.data, proof.ctypes.data
-    a.prefix, a.root = pre.ctypes.data, want.ctypes.data
-    return Proof(a, (segments, idx, proof, leaves, pre, want),
-                 n * sum(g.shape[1] for g in segments))
+    fixed = bytes(root) + bytes(prefix)  # root, then the prefix: one buffer
+    buf = np.frombuffer(fixed + b"\0", np.uint8)  # never empty: valid addresses
+    base = buf.ctypes.data
+    a = _ProofArgs(k, (ctypes.c_void_p * 8)(*(g.ctypes.data for g in segments)),
+                   (ctypes.c_int64 * 8)(*(g.strides[0] for g in segments)),
+                   (ctypes.c_int64 * 8)(*(g.shape[1] for g in segments)),
+                   (ctypes.c_int64 * 8)(*esize), (ctypes.c_int64 * 8)(*lo),
+                   (ctypes.c_int64 * 8)(*hi), n, leaves.ctypes.data, idx.ctypes.data, n_leaves,
+                   proof.ctypes.data, proof.shape[0], base + 32, len(prefix), base)
+    return Proof(a, (segments, idx, proof, leaves, buf), n * sum(g.shape[1] for g in segments))
 
 
 def proof_run(w: Proof, n_threads: int | None = None) -> bool:

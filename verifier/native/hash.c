@@ -569,9 +569,9 @@ int64_t b3_proof(const b3_proof_args *a, int64_t r0, int64_t r1, int64_t finish)
         if (bad) return 1;
     }
     if (!finish) return 0;
-    for (int64_t k = 0; k < a->n; k++) /* the walk's precondition (prepare_proof checks it too) */
+    for (int64_t k = 0; k < a->n; k++) /* the walk's precondition: else not passed */
         if (a->idx[k] < 0 || (uint64_t)a->idx[k] >= a->n_leaves || (k && a->idx[k] <= a->idx[k - 1]))
-            return -2;
+            return 1;
     uint8_t got[32];
     const int64_t code = b3_multiproof(a->idx, a->leaves, a->n, a->n_leaves, a->proof,
                                        a->n_proof, a->prefix, a->plen, got);
