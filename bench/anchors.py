@@ -457,7 +457,9 @@ def _floors_section(d: dict) -> str:
             "secret rows and accumulators read once per audit); glue is the Python and numpy "
             "around the calls (that verification's time less every compiled call as run, at the "
             "measured depth, not scaled). The compiled columns are scaled to the tier's layers "
-            "as the table above (the K/V range check runs per layer, before hashing)."
+            "as the table above (the K/V range check runs per layer: on the layer units' "
+            "route inside the proof hashing, b3_proof, so it counts under Merkle and its own "
+            "column is the separate pass of the other route, when that runs)."
             + rate_md + "\n\n" + md_table(head, rows))
 
 

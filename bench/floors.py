@@ -33,6 +33,9 @@ GROUPS = {
     "attn_layer": "attention", "attn_fused_rows": "attention", "attn_fused": "attention",
     "attn_coefs": "attention", "attn_pack": "attention", "dequant_planes": "attention",
     "b3_rows": "merkle", "b3_multiproof": "merkle",
+    # a proof group in one call: its leaves, the K/V range check folded into their hashing, the
+    # walk and the root (the unit route); without it the range check is br_minmax's, before
+    "b3_proof": "merkle",
     "br_minmax": "range",  # the K/V value range check before hashing
     "fv_acc_linear": "freivalds", "fv_dot": "freivalds", "acc_unpack": "freivalds",
     "br_rmsnorm": "bridge", "br_quantize": "bridge", "br_dequant": "bridge",
