@@ -142,3 +142,19 @@ def smollm2():
     from commitllm.engine.loader import load_model
 
     return load_model("default")
+
+
+@pytest.fixture(params=[0, 2], ids=["lanes", "avx512"])
+def hash_route(request):
+    """hash.c's route under test (0: the portable lanes, 2: AVX-512 registers; skipped where the
+    CPU lacks it), the best one restored after. Test modules take it with
+    `pytestmark = [..., pytest.mark.usefixtures("hash_route")]`."""
+    from commitllm.verifier import native
+
+    if native.lib() is None:
+        pytest.skip(f"no compiled core: {native.error()}")
+    if request.param > native.best_route():
+        pytest.skip("this CPU has no AVX-512 VNNI route")
+    assert native.use_route(request.param) == request.param
+    yield request.param
+    native.use_route(-1)

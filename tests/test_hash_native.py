@@ -12,17 +12,10 @@ import pytest
 from commitllm.verifier import merkle, native
 from commitllm.verifier.commitment import TraceTrees, leaf_digests, leaf_hashes
 
-pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}")
-
-
-@pytest.fixture(autouse=True, params=[0, 2], ids=["lanes", "avx512"])
-def hash_route(request):
-    """The route under test (skipped where the CPU lacks it), the best one restored after."""
-    if request.param > native.best_route():
-        pytest.skip("this CPU has no AVX-512 VNNI route")
-    assert native.use_route(request.param) == request.param
-    yield request.param
-    native.use_route(-1)
+pytestmark = [
+    pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}"),
+    pytest.mark.usefixtures("hash_route"),  # each test on each hash route (conftest.py)
+]
 
 # every length class: empty, partial and whole blocks, one chunk exactly, chunk + 1 byte, and
 # chunk counts of 2 to 17 (tree depths 1 to 5, left subtrees full or not)

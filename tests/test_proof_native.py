@@ -12,16 +12,10 @@ import pytest
 from commitllm.verifier import merkle, native
 from commitllm.verifier.commitment import leaf_digests, leaf_hashes, prepare_proof
 
-pytestmark = pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}")
-
-
-@pytest.fixture(autouse=True, params=[0, 2], ids=["lanes", "avx512"])
-def hash_route(request):
-    if request.param > native.best_route():
-        pytest.skip("this CPU has no AVX-512 VNNI route")
-    assert native.use_route(request.param) == request.param
-    yield request.param
-    native.use_route(-1)
+pytestmark = [
+    pytest.mark.skipif(native.lib() is None, reason=f"no compiled core: {native.error()}"),
+    pytest.mark.usefixtures("hash_route"),  # each test on each hash route (conftest.py)
+]
 
 
 def _layer(rng, n: int, dtype, q: int):

@@ -286,3 +286,31 @@ def layer_fed_earlier_input(qm_a, layer: int) -> Provider:
         seen[i] = x
         return orig(self, m, i, seen[i - 1] if i == layer else x, step, tr)
     return layer_hook(qm_a, hook)
+
+
+def kv_beyond_qmax(w):
+    """A served, challenged and opened run whose engine stores K[0] of the last layer with one
+    value at -(kv_qmax + 1), a value no quantization produces, and attends over it: receipt,
+    trees and re-execution all agree, and the challenge (full tier) leaves row 0 of the last
+    layer out of its positions and K/V sample, so no derivation replays it; only the K/V range
+    check can stop it. Returns (served, challenge, meta, arrays)."""
+    from commitllm.engine.exact.model import SeqCache
+
+    last, q = w.qm.cfg.num_layers - 1, w.key.meta["profile"]["kv_qmax"]
+    orig = SeqCache.append
+
+    def append(self, layer, k, sk, v, sv):
+        if layer == last and (len(self.k) <= layer or self.k[layer].shape[0] == 0):
+            k = k.clone()
+            k[0, 0, 0] = -q - 1
+        orig(self, layer, k, sk, v, sv)
+
+    p = Provider(ExactModel(w.qm), ((SeqCache, "append", append),))
+    s = w.serve(p)
+    for i in range(100):  # a challenge that does not sample row 0 of the last layer
+        c = w.challenge(s, "full", positions="generated", nonce=i.to_bytes(16, "little"))
+        if 0 not in c["kv_sample"][str(last)] and 0 not in c["positions"]:
+            break
+    meta, arrays = w.open(s, c, p)
+    assert int(arrays[f"kv.{last}.k"].min()) == -q - 1
+    return s, c, meta, arrays

@@ -16,36 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from advworld import Provider
-from commitllm.engine.exact.model import ExactModel, SeqCache
+from advcheats import kv_beyond_qmax
 from commitllm.verifier import commitment, native
 from commitllm.verifier import verify as verify_mod
 
 pytestmark = pytest.mark.skipif(native.lib() is None, reason="the compiled core is not built")
-
-
-def _committed_beyond_qmax(w):
-    """The provider's engine stores K[0] of the last layer with one value at -(kv_qmax + 1) and
-    attends over it: receipt, trees and re-execution agree; a challenge whose K/V sample and
-    positions leave row 0 out, so no derivation replays it."""
-    last, q = w.qm.cfg.num_layers - 1, w.key.meta["profile"]["kv_qmax"]
-    orig = SeqCache.append
-
-    def append(self, layer, k, sk, v, sv):
-        if layer == last and (len(self.k) <= layer or self.k[layer].shape[0] == 0):
-            k = k.clone()
-            k[0, 0, 0] = -q - 1
-        orig(self, layer, k, sk, v, sv)
-
-    p = Provider(ExactModel(w.qm), ((SeqCache, "append", append),))
-    s = w.serve(p)
-    for i in range(100):
-        c = w.challenge(s, "full", positions="generated", nonce=i.to_bytes(16, "little"))
-        if 0 not in c["kv_sample"][str(last)] and 0 not in c["positions"]:
-            break
-    meta, arrays = w.open(s, c, p)
-    assert int(arrays[f"kv.{last}.k"].min()) == -q - 1
-    return s, c, meta, arrays
 
 
 def _verdicts(w, s, c, meta, arrays, monkeypatch, threads):
@@ -69,7 +44,7 @@ def _verdicts(w, s, c, meta, arrays, monkeypatch, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_committed_value_beyond_the_range_is_caught_by_the_folded_check(pworld, monkeypatch,
                                                                           threads):
-    s, c, meta, arrays = _committed_beyond_qmax(pworld)
+    s, c, meta, arrays = kv_beyond_qmax(pworld)
     got, answers = _verdicts(pworld, s, c, meta, arrays, monkeypatch, threads)
     assert got[0] == got[1] and not got[0][0] and got[0][1] == "opening_range", got[0][1:3]
     assert answers and False in answers  # the folded call ran and said no

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from advcheats import kv_beyond_qmax
 from advworld import Provider, assert_rejected
 from commitllm.engine.exact.model import ExactModel
 from commitllm.verifier import challenge as ch
@@ -53,27 +54,8 @@ def test_kv_value_beyond_qmax_committed_at_an_unsampled_row(pworld):
     value no quantization produces, and attends over it: receipt, trees and re-execution all
     agree, and the row is in every challenge's horizon but outside this challenge's K/V sample,
     so no derivation replays it. ACCEPTED (every profile) before K/V values were range-checked."""
-    from commitllm.engine.exact.model import SeqCache
-
-    w = pworld
-    last, q = w.qm.cfg.num_layers - 1, w.key.meta["profile"]["kv_qmax"]
-    orig = SeqCache.append
-
-    def append(self, layer, k, sk, v, sv):
-        if layer == last and (len(self.k) <= layer or self.k[layer].shape[0] == 0):
-            k = k.clone()
-            k[0, 0, 0] = -q - 1
-        orig(self, layer, k, sk, v, sv)
-
-    p = Provider(ExactModel(w.qm), ((SeqCache, "append", append),))
-    s = w.serve(p)
-    for i in range(100):  # a challenge that does not sample row 0 of the last layer
-        c = w.challenge(s, "full", positions="generated", nonce=i.to_bytes(16, "little"))
-        if 0 not in c["kv_sample"][str(last)] and 0 not in c["positions"]:
-            break
-    meta, arrays = w.open(s, c, p)
-    assert int(arrays[f"kv.{last}.k"].min()) == -q - 1
-    assert_rejected(w.verify(s, c, meta, arrays), "opening_range")
+    s, c, meta, arrays = kv_beyond_qmax(pworld)
+    assert_rejected(pworld.verify(s, c, meta, arrays), "opening_range")
 
 
 KV_EDITS = {
