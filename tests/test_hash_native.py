@@ -155,6 +155,16 @@ def test_b3_multiproof_refuses_bad_inputs():
                    (np.array([0, 1]), 2**63)):
         with pytest.raises(ValueError):
             native.b3_multiproof(idx, h, n, p, merkle.NODE_PREFIX)
+    # the walk itself answers "no root" (1) to indices out of order, repeated or beyond the tree
+    # (without that check the last three would rebuild a root: a leaf outside the tree)
+    so, root = native.lib(), np.empty(32, np.uint8)
+    pz = np.zeros((2, 32), np.uint8)
+    for idx, n, k in (([1, 0], 4, 1), ([0, 0], 4, 1), ([-1, 2], 4, 1), ([0, 3], 3, 2),
+                      ([2, 3], 3, 1), ([1, 5], 5, 2)):
+        idx = np.array(idx, np.int64)
+        assert so.b3_multiproof(idx.ctypes.data, h.ctypes.data, 2, n, pz.ctypes.data, k,
+                                merkle.NODE_PREFIX, len(merkle.NODE_PREFIX),
+                                root.ctypes.data) == 1, (idx, n, k)
 
 
 def _chain(dom: bytes, cur: bytes, tags: bytes, ids: list[int]) -> bytes:

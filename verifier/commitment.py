@@ -104,15 +104,16 @@ def prepare_proof(kind: bytes, layer: int, positions: np.ndarray, arrays, proof:
     2^32, other dtypes): the caller checks it the usual way. native.proof_run(prepared) then
     answers only whether everything passed."""
     core = merkle._core()
-    if core is None or not (positions.dtype == np.int64 and positions.ndim == 1) \
-            or not len(positions) or int(positions[-1]) >= 2**32 or int(positions[0]) < 0:
+    # (dtype, shape, order and the tree's bound: native.proof_prepare and b3_proof check them)
+    if core is None or positions.dtype != np.int64 or positions.ndim != 1 \
+            or not len(positions) or int(positions[-1]) >= 2**32:  # headers hold u32 positions
         return None
-    ranges = ranges or [None] * len(arrays)
+    arrays = [np.asarray(a) for a in arrays]
     spans = [None]  # the header segment is never range-checked
-    for a, r in zip(arrays, ranges):
-        if r is not None and np.asarray(a).dtype not in (np.int8, np.int16):
+    for a, r in zip(arrays, ranges or [None] * len(arrays)):
+        if r is not None and a.dtype not in (np.int8, np.int16):
             return None
-        spans.append(None if r is None else (np.asarray(a).dtype.itemsize, *r))
+        spans.append(None if r is None else (a.dtype.itemsize, *r))
     segs = _leaf_segments(kind, layer, positions, arrays)
     return core.proof_prepare(segs, spans, positions, n_leaves, proof, merkle.NODE_PREFIX, root)
 

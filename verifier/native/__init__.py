@@ -214,6 +214,11 @@ _pool: dict[int, ThreadPoolExecutor] = {}
 os.register_at_fork(after_in_child=_pool.clear)
 
 
+def _pool_of(n: int) -> ThreadPoolExecutor:
+    """The process's pool of n threads for the compiled core's row splits."""
+    return _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
+
+
 def _split_run(run, bounds: list[int], name: str) -> None:
     """run(a, b) over consecutive row ranges, on a thread pool when there are several (ctypes
     releases the GIL); the C codes become exceptions: -1 underflowed value scale, -2 NaN logit,
@@ -221,9 +226,7 @@ def _split_run(run, bounds: list[int], name: str) -> None:
     if len(bounds) == 2:
         codes = [run(bounds[0], bounds[1])]
     else:
-        n = len(bounds) - 1
-        pool = _pool.get(n) or _pool.setdefault(n, ThreadPoolExecutor(n))
-        codes = list(pool.map(run, bounds[:-1], bounds[1:]))
+        codes = list(_pool_of(len(bounds) - 1).map(run, bounds[:-1], bounds[1:]))
     for code in codes:
         if code == -1:
             raise FloatingPointError("attention value scale underflowed to zero")
@@ -633,6 +636,13 @@ def acc_unpack(b: np.ndarray) -> np.ndarray | None:
 B3_SPLIT_BYTES = 1 << 20
 
 
+def _b3_bounds(n: int, total: int, n_threads: int | None) -> list[int]:
+    """Row bounds splitting n messages of `total` bytes over threads for hashing: at most the
+    budget, at least B3_SPLIT_BYTES per thread, whole vector passes of 16 rows."""
+    t = max(1, min(n_threads or threads(), total // B3_SPLIT_BYTES, -(-n // 16)))
+    return [16 * (-(-n // 16) * i // t) for i in range(t)] + [n]
+
+
 def b3_rows(segments: list[np.ndarray], n_threads: int | None = None) -> np.ndarray:
     """The BLAKE3 digests of n messages, message i the concatenation of row i of each segment
     (uint8 [n, w_s], contiguous bytes within a row, any row stride; at most 8 segments): uint8
@@ -653,9 +663,7 @@ def b3_rows(segments: list[np.ndarray], n_threads: int | None = None) -> np.ndar
     k = len(segments)
     strides = (ctypes.c_int64 * k)(*(g.strides[0] for g in segments))
     widths = (ctypes.c_int64 * k)(*(g.shape[1] for g in segments))
-    total = n * sum(g.shape[1] for g in segments)
-    t = max(1, min(n_threads or threads(), total // B3_SPLIT_BYTES, -(-n // 16)))
-    bounds = [16 * (-(-n // 16) * i // t) for i in range(t)] + [n]
+    bounds = _b3_bounds(n, n * sum(g.shape[1] for g in segments), n_threads)
 
     def run(a: int, b: int) -> int:
         if a >= b:
@@ -731,15 +739,13 @@ def proof_prepare(segments: list[np.ndarray], ranges: list, idx: np.ndarray, n_l
 def proof_run(w: Proof, n_threads: int | None = None) -> bool:
     """True when every checked value is in its range and the rows' leaves and the proof rebuild
     the expected root (b3_proof); the rows split over threads as b3_rows splits them."""
-    so, a, n = lib(), w.args, w.args.n
-    t = max(1, min(n_threads or threads(), w.total // B3_SPLIT_BYTES, -(-n // 16)))
-    if t == 1:
-        code = so.b3_proof(ctypes.byref(a), 0, n, 1)
+    so, a = lib(), w.args
+    bounds = _b3_bounds(a.n, w.total, n_threads)
+    if len(bounds) == 2:
+        code = so.b3_proof(ctypes.byref(a), 0, a.n, 1)
     else:
-        bounds = [16 * (-(-n // 16) * i // t) for i in range(t)] + [n]
-        pool = _pool.get(t) or _pool.setdefault(t, ThreadPoolExecutor(t))
-        codes = list(pool.map(lambda lo, hi: so.b3_proof(ctypes.byref(a), lo, hi, 0),
-                              bounds[:-1], bounds[1:]))
+        codes = list(_pool_of(len(bounds) - 1).map(
+            lambda lo, hi: so.b3_proof(ctypes.byref(a), lo, hi, 0), bounds[:-1], bounds[1:]))
         code = next((c for c in codes if c), 0) or so.b3_proof(ctypes.byref(a), 0, 0, 1)
     if code < 0:
         if code == -3:

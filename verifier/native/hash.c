@@ -347,6 +347,46 @@ static void hash_route(const struct seg *segs, int nseg, const int64_t rows[LANE
     hash_lanes(segs, nseg, rows, len, out, stack);
 }
 
+int64_t br_minmax(const void *x, int64_t n, int64_t esize, int64_t *lo_hi); /* bridge.c */
+
+/* Rows r0 .. r1 of the messages segs describe (len bytes each) hashed LANES at a time, digest of
+ * row i into out + 32 i. With esize (else NULL): segment s's rows read as int8 (esize[s] 1) or
+ * int16 (2) values checked against [lo[s], hi[s]] just before their LANES rows are hashed, so
+ * they come from memory once (b3_proof's range check; 0 skips a segment). 0; 1: a value out of
+ * its range (the rest left unhashed); -3: out of memory. */
+static int64_t hash_rows(const struct seg *segs, int nseg, int64_t len, const int64_t *esize,
+                         const int64_t *lo, const int64_t *hi, int64_t r0, int64_t r1,
+                         uint8_t *out) {
+    if (r1 <= r0) return 0;
+    int depth = 1;
+    for (int64_t chunks = (len + CHUNK_LEN - 1) / CHUNK_LEN; chunks > 1; chunks >>= 1) depth++;
+    lanes_t (*stack)[8] = malloc(sizeof(lanes_t) * 8 * (size_t)depth);
+    if (!stack) return -3;
+    const int vec = hash_vector();
+    int64_t bad = 0;
+    for (int64_t i0 = r0; i0 < r1 && !bad; i0 += LANES) {
+        const int64_t i1 = i0 + LANES < r1 ? i0 + LANES : r1;
+        for (int s = 0; esize && s < nseg && !bad; s++) {
+            if (!esize[s] || !segs[s].width) continue;
+            for (int64_t i = i0; i < i1; i++) {
+                int64_t lh[2];
+                br_minmax(segs[s].base + i * segs[s].stride, segs[s].width / esize[s], esize[s],
+                          lh);
+                if (lh[0] < lo[s] || lh[1] > hi[s]) bad = 1;
+            }
+        }
+        int64_t rows[LANES];
+        uint8_t *o[LANES];
+        for (int j = 0; j < LANES; j++) {
+            rows[j] = i0 + j < i1 ? i0 + j : i0; /* spare lanes repeat a message */
+            o[j] = i0 + j < i1 ? out + 32 * (i0 + j) : NULL;
+        }
+        hash_route(segs, nseg, rows, len, o, stack, vec);
+    }
+    free(stack);
+    return bad;
+}
+
 /* The BLAKE3 digests of n messages into out + 32 i, message i the concatenation of row i of
  * each segment (bases[s] + i * strides[s], widths[s] bytes; widths >= 0, at most MAX_SEGS
  * segments). Returns 0; -2 for bad arguments; -3 when out of memory. */
@@ -360,23 +400,7 @@ int64_t b3_rows(int64_t nseg, const uint8_t *const *bases, const int64_t *stride
         segs[s] = (struct seg){bases[s], strides[s], widths[s]};
         len += widths[s];
     }
-    if (n == 0) return 0;
-    int depth = 1;
-    for (int64_t chunks = (len + CHUNK_LEN - 1) / CHUNK_LEN; chunks > 1; chunks >>= 1) depth++;
-    lanes_t (*stack)[8] = malloc(sizeof(lanes_t) * 8 * (size_t)depth);
-    if (!stack) return -3;
-    const int vec = hash_vector();
-    for (int64_t i0 = 0; i0 < n; i0 += LANES) {
-        int64_t rows[LANES];
-        uint8_t *o[LANES];
-        for (int j = 0; j < LANES; j++) {
-            rows[j] = i0 + j < n ? i0 + j : i0; /* spare lanes repeat a message */
-            o[j] = i0 + j < n ? out + 32 * (i0 + j) : NULL;
-        }
-        hash_route(segs, (int)nseg, rows, len, o, stack, vec);
-    }
-    free(stack);
-    return 0;
+    return hash_rows(segs, (int)nseg, len, NULL, NULL, NULL, 0, n, out);
 }
 
 /* One message of at most 64 bytes, one lane: the single block of its only chunk, a ROOT
@@ -437,10 +461,13 @@ int64_t b3_many(const uint8_t *msgs, int64_t n, int64_t len, int64_t stride, uin
  * a node pairs with its known right sibling, is carried up when it has no sibling (the last of
  * an odd level), or takes the next proof hash as its sibling; each level's node hashes
  * H(prefix || left || right) run as one b3_many. Returns 0 with the root in root_out, 1 when
- * the proof has too few or too many hashes, -3 when out of memory. */
+ * the indices are not sorted, distinct and below n_leaves or the proof has too few or too many
+ * hashes, -3 when out of memory. */
 int64_t b3_multiproof(const int64_t *idx, const uint8_t *leaves, int64_t m, uint64_t n_leaves,
                       const uint8_t *proof, int64_t n_proof, const uint8_t *prefix, int64_t plen,
                       uint8_t *root_out) {
+    for (int64_t k = 0; k < m; k++) /* the walk's precondition: else no root of it */
+        if (idx[k] < 0 || (uint64_t)idx[k] >= n_leaves || (k && idx[k] <= idx[k - 1])) return 1;
     const int64_t w = plen + 64;
     int64_t *ia = malloc(sizeof(int64_t) * (size_t)m), *ib = malloc(sizeof(int64_t) * (size_t)m);
     int64_t *dest = malloc(sizeof(int64_t) * (size_t)m);
@@ -519,8 +546,6 @@ typedef struct {
     const uint8_t *root;   /* [32] the expected root */
 } b3_proof_args;
 
-int64_t br_minmax(const void *x, int64_t n, int64_t esize, int64_t *lo_hi); /* bridge.c */
-
 /* Rows r0 .. r1 of the group: ranges checked, digests
  * into leaves; then, when finish, the walk and the root. 0: every checked value in its range
  * (and, with finish, the root equal); 1: a value out of range, a proof of the wrong length or
@@ -539,43 +564,13 @@ int64_t b3_proof(const b3_proof_args *a, int64_t r0, int64_t r1, int64_t finish)
         segs[s] = (struct seg){a->base[s], a->stride[s], a->width[s]};
         len += a->width[s];
     }
-    if (r1 > r0) {
-        int depth = 1;
-        for (int64_t chunks = (len + CHUNK_LEN - 1) / CHUNK_LEN; chunks > 1; chunks >>= 1) depth++;
-        lanes_t (*stack)[8] = malloc(sizeof(lanes_t) * 8 * (size_t)depth);
-        if (!stack) return -3;
-        const int vec = hash_vector();
-        int64_t bad = 0;
-        for (int64_t i0 = r0; i0 < r1 && !bad; i0 += LANES) {
-            const int64_t i1 = i0 + LANES < r1 ? i0 + LANES : r1;
-            for (int s = 0; s < a->nseg && !bad; s++) {
-                const int64_t e = a->esize[s];
-                if (!e || !a->width[s]) continue;
-                for (int64_t i = i0; i < i1; i++) {
-                    int64_t lh[2];
-                    br_minmax(a->base[s] + i * a->stride[s], a->width[s] / e, e, lh);
-                    if (lh[0] < a->lo[s] || lh[1] > a->hi[s]) bad = 1;
-                }
-            }
-            int64_t rows[LANES];
-            uint8_t *o[LANES];
-            for (int j = 0; j < LANES; j++) {
-                rows[j] = i0 + j < i1 ? i0 + j : i0; /* spare lanes repeat a message */
-                o[j] = i0 + j < i1 ? a->leaves + 32 * (i0 + j) : NULL;
-            }
-            hash_route(segs, (int)a->nseg, rows, len, o, stack, vec);
-        }
-        free(stack);
-        if (bad) return 1;
-    }
-    if (!finish) return 0;
-    for (int64_t k = 0; k < a->n; k++) /* the walk's precondition: else not passed */
-        if (a->idx[k] < 0 || (uint64_t)a->idx[k] >= a->n_leaves || (k && a->idx[k] <= a->idx[k - 1]))
-            return 1;
+    const int64_t code = hash_rows(segs, (int)a->nseg, len, a->esize, a->lo, a->hi, r0, r1,
+                                   a->leaves);
+    if (code || !finish) return code;
     uint8_t got[32];
-    const int64_t code = b3_multiproof(a->idx, a->leaves, a->n, a->n_leaves, a->proof,
+    const int64_t walk = b3_multiproof(a->idx, a->leaves, a->n, a->n_leaves, a->proof,
                                        a->n_proof, a->prefix, a->plen, got);
-    if (code) return code;
+    if (walk) return walk;
     uint8_t diff = 0;
     for (int i = 0; i < 32; i++) diff |= (uint8_t)(got[i] ^ a->root[i]);
     return diff != 0;
