@@ -38,8 +38,10 @@ PACKAGE_DIRS = ("engine", "kernels", "keys", "verifier")  # pyproject's package-
 
 
 def save(out: Path, layers: int, positions: int, gen_tokens: int = 4, shape: str = "8b",
-         tiers: tuple[str, ...] = ("routine", "full")) -> None:
-    """The key, one receipt at `positions` trace positions and its openings at `tiers`."""
+         tiers: tuple[str, ...] = ("routine", "full"), chunk: int = 128) -> None:
+    """The key, one receipt at `positions` trace positions and its openings at `tiers` (the
+    prompt prefilled `chunk` positions at a time, as bench/anchors.py does: unchunked, a
+    4,096-position prefill holds every head's scores at once, gigabytes, for many minutes)."""
     import numpy as np
 
     from bench.anchors import build_setup
@@ -55,7 +57,7 @@ def save(out: Path, layers: int, positions: int, gen_tokens: int = 4, shape: str
     save_key(setup.key, out / "key")
     prompt = np.random.default_rng(0).integers(2, setup.model.cfg.vocab_size,
                                                positions + 1 - gen_tokens).tolist()
-    signed, _ = sign(setup, {"prompt": "verify_ab"}, prompt, gen_tokens)
+    signed, _ = sign(setup, {"prompt": "verify_ab"}, prompt, gen_tokens, chunk)
     r, tr = signed.receipts[0], signed.transcripts[0]
     (out / "receipt.json").write_text(json.dumps(r))
     for tier in tiers:
@@ -201,6 +203,8 @@ def parse_args(argv):
                                                   "tiny: tests)")
     ap.add_argument("--layers", type=int, default=10, help="--save: layers of the shape")
     ap.add_argument("--positions", type=int, default=1024, help="--save: trace positions")
+    ap.add_argument("--chunk", type=int, default=128,
+                    help="--save: prefill chunk (bounds the attention's memory)")
     ap.add_argument("--data", type=Path, help="a folder written by --save")
     ap.add_argument("--against", type=Path, help="the other checkout (before)")
     ap.add_argument("--rounds", type=int, default=6)
@@ -226,7 +230,8 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.save:
-        save(args.save, args.layers, args.positions, shape=args.shape, tiers=tuple(args.tiers))
+        save(args.save, args.layers, args.positions, shape=args.shape, tiers=tuple(args.tiers),
+             chunk=args.chunk)
         return 0
     if args.child:
         print(json.dumps(time_once(args.data, args.tier, args.runs, args.threads)))

@@ -182,14 +182,33 @@ def _rand_q(rng, shape, qmax) -> np.ndarray:
     return rng.integers(-qmax, qmax + 1, shape).astype(spec_quant.int_dtype(qmax))
 
 
-def _weights_both_paths(qw: np.ndarray, qmax: int, monkeypatch) -> list:
-    """The same weight prepared for the _int_mm planes and for the float64 fallback."""
+def _products_every_route(qw: np.ndarray, qx: np.ndarray, qmax: int, x_qmax: int,
+                          monkeypatch) -> list:
+    """qx @ qw.T by ExactWeight.matmul on each route: the _int_mm planes (at every row count),
+    the compiled GEMM (gemm.c, at every row count) and the float64 fallback."""
+    from commitllm.verifier import native
     fast = gemm.ExactWeight(_t(qw), qmax)
     with monkeypatch.context() as m:
         m.setattr(gemm, "int_mm_is_exact", lambda: False)
         slow = gemm.ExactWeight(_t(qw), qmax)
     assert fast.use_int_mm and not slow.use_int_mm
-    return [("int_mm", fast), ("float64", slow)]
+    out = [("float64", slow.matmul(_t(qx), x_qmax))]
+    for route, wins in (("int_mm", False), ("compiled", True)):
+        if wins and native.lib() is None:
+            continue
+        with monkeypatch.context() as m:
+            m.setattr(gemm, "native_gemm_wins", lambda wins=wins: wins)
+            m.setattr(gemm, "GEMM_MAX_ROWS", 16 if wins else 0)
+            if fast.small_rows(_t(qx)) != wins:
+                # gemm.c: the compiled core on, int8/int16 activations, weights to 127 * 257
+                assert wins and not (ops.NATIVE and qmax <= 127 * 257
+                                     and qx.dtype in (np.int8, np.int16))
+                continue
+            out.append((route, fast.matmul(_t(qx), x_qmax)))
+    if (ops.NATIVE and native.lib() is not None and qmax <= 127 * 257
+            and qx.dtype in (np.int8, np.int16)):
+        assert [r for r, _ in out] == ["float64", "int_mm", "compiled"]
+    return out
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -200,8 +219,8 @@ def test_gemm_random(profile, mkn, monkeypatch):
     qx, qw = _rand_q(rng, (m, k), p.act_qmax), _rand_q(rng, (n, k), p.weight_qmax)
     want = spec_quant.int_matmul(qx, qw, p.act_qmax, p.weight_qmax)
     assert want.dtype == np.int64
-    for name, w in _weights_both_paths(qw, p.weight_qmax, monkeypatch):
-        assert_same(w.matmul(_t(qx), p.act_qmax), want, f"{profile} {name}")
+    for name, got in _products_every_route(qw, qx, p.weight_qmax, p.act_qmax, monkeypatch):
+        assert_same(got, want, f"{profile} {name}")
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -213,8 +232,8 @@ def test_gemm_extremes(profile, signs, monkeypatch):
     qw = np.full((5, k), signs[1] * p.weight_qmax, spec_quant.int_dtype(p.weight_qmax))
     want = spec_quant.int_matmul(qx, qw, p.act_qmax, p.weight_qmax)
     assert np.all(want == signs[0] * signs[1] * k * p.act_qmax * p.weight_qmax)
-    for name, w in _weights_both_paths(qw, p.weight_qmax, monkeypatch):
-        assert_same(w.matmul(_t(qx), p.act_qmax), want, f"{profile} {name}")
+    for name, got in _products_every_route(qw, qx, p.weight_qmax, p.act_qmax, monkeypatch):
+        assert_same(got, want, f"{profile} {name}")
 
 
 @pytest.mark.parametrize("profile", ["a8", "w8a16"])
@@ -226,6 +245,25 @@ def test_gemm_k_beyond_int32_planes_uses_float64(profile):
     assert not w.use_int_mm
     want = spec_quant.int_matmul(qx, qw, p.act_qmax, p.weight_qmax)
     assert_same(w.matmul(_t(qx), p.act_qmax), want, profile)
+
+
+def test_gemm_route_by_measurement_or_environment(monkeypatch):
+    """native_gemm_wins: $COMMITLLM_GEMM forces a route (anything else is refused with a message
+    that names the choices); unset, a measurement decides (a bool, kept for the process)."""
+    try:
+        for value, want in (("native", True), ("int_mm", False), (" Native ", True)):
+            monkeypatch.setenv(gemm.GEMM_ROUTE_ENV, value)
+            gemm.native_gemm_wins.cache_clear()
+            assert gemm.native_gemm_wins() is want
+        monkeypatch.setenv(gemm.GEMM_ROUTE_ENV, "fast")
+        gemm.native_gemm_wins.cache_clear()
+        with pytest.raises(ValueError, match="'native' or 'int_mm'"):
+            gemm.native_gemm_wins()
+        monkeypatch.delenv(gemm.GEMM_ROUTE_ENV)
+        gemm.native_gemm_wins.cache_clear()
+        assert gemm.native_gemm_wins() in (True, False)
+    finally:
+        gemm.native_gemm_wins.cache_clear()
 
 
 def test_int_mm_is_exact_here():

@@ -4,6 +4,8 @@ in int64. Falls back to float64 BLAS (exact below 2^53) if the int8 path fails a
 
 from __future__ import annotations
 
+import os
+import time
 from functools import lru_cache
 
 import torch
@@ -66,6 +68,46 @@ def int_mm_is_exact() -> bool:
         return False
 
 
+GEMM_ROUTE_ENV = "COMMITLLM_GEMM"  # "native" or "int_mm": the route of prefill-sized products
+
+
+@lru_cache(maxsize=1)
+def native_gemm_wins() -> bool:
+    """Whether products of more than GEMM_MAX_ROWS rows take gemm.c too, decided once per process
+    by measurement (or by $COMMITLLM_GEMM: native, int_mm). torch._int_mm is fast where oneDNN
+    has int8 dot-product instructions (AVX-512 VNNI) and some 20-40 times slower than gemm.c's
+    AVX2 route where it has not (an AVX2-only AMD EPYC: 0.9 GMAC/s per int8 plane against 20 for
+    int16 x int8 at 128 x 4096 x 6144, one thread), so a prefill there took minutes. The probe
+    times both on one small product of int16 activations (32 x 1024 x 256, the best of two each:
+    some 50 ms where _int_mm is slow, under 1 ms where it is fast); the bits are the same either
+    way (both exact: tests/test_numerics_ops.py)."""
+    forced = os.environ.get(GEMM_ROUTE_ENV, "").strip().lower()
+    if forced in ("native", "int_mm"):
+        return forced == "native"
+    if forced:
+        raise ValueError(f"${GEMM_ROUTE_ENV} must be 'native' or 'int_mm', not {forced!r}")
+    if native.lib() is None or not int_mm_is_exact():
+        return native.lib() is not None
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (256, 1024), dtype=torch.int8, generator=g)
+    x = torch.randint(-32767, 32768, (32, 1024), dtype=torch.int16, generator=g)
+    packed, planes_t = native.pack_weight(w.numpy()), [w.t()]
+    xn = x.numpy()
+
+    def via_int_mm():
+        stacked, n_x = ExactWeight._stacked(x, 32767)
+        return _recombine(_int_mm(stacked, planes_t[0]), n_x, x.shape[0])
+
+    def best(f) -> float:
+        out = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            f()
+            out.append(time.perf_counter() - t0)
+        return min(out)
+    return best(lambda: native.gemm_i16i8(xn, packed, 256)) < best(via_int_mm)
+
+
 class ExactWeight:
     """An int weight [N, K] prepared for exact products with int activations."""
 
@@ -83,11 +125,14 @@ class ExactWeight:
         self._packed = None  # gemm.c's layout of the weight, made at its first small call
 
     def small_rows(self, qx: torch.Tensor) -> bool:
-        """Whether matmul(qx) takes the compiled small-row GEMM: an int8/int16 CPU weight and
-        activations of at most GEMM_MAX_ROWS rows, and the compiled core on (ops.NATIVE)."""
-        return (self._cpu and qx.shape[0] <= GEMM_MAX_ROWS and qx.dim() == 2
-                and qx.device.type == "cpu" and qx.dtype in (torch.int8, torch.int16)
-                and ops.NATIVE and native.lib() is not None)
+        """Whether matmul(qx) takes the compiled GEMM (gemm.c): an int8/int16 CPU weight,
+        int8/int16 activations and the compiled core on (ops.NATIVE), at most GEMM_MAX_ROWS rows
+        (decode steps), or any number where it is faster than _int_mm here (native_gemm_wins:
+        the same integers either way)."""
+        return (self._cpu and qx.dim() == 2 and qx.device.type == "cpu"
+                and qx.dtype in (torch.int8, torch.int16) and ops.NATIVE
+                and native.lib() is not None
+                and (qx.shape[0] <= GEMM_MAX_ROWS or native_gemm_wins()))
 
     def matmul(self, qx: torch.Tensor, x_qmax: int) -> torch.Tensor:
         """z = qx @ q.T exactly, int64 [M, N]."""

@@ -39,7 +39,7 @@ class TorchLinear:
     def __call__(self, x: torch.Tensor, act_qmax: int, tr: dict | None, name: str):
         qx, sx = self.quantize(x, act_qmax)
         if (tr is None and self.fused and x.shape[0] >= FUSED_MIN_ROWS and ops.NATIVE
-                and self.weight.use_int_mm and native.lib()):
+                and self.weight.use_int_mm and native.lib() and not self.weight.small_rows(qx)):
             parts, nx = self.weight.plane_products(qx, act_qmax)
             with torch.profiler.record_function("commitllm::dequant_planes"):
                 y = native.dequant_planes(parts.numpy(), nx, sx.contiguous().numpy(),
