@@ -127,6 +127,16 @@ def test_dequantize_and_residual(bias, resid):
     z = rng.integers(-2**53 + 1, 2**53, (t, n), dtype=np.int64)
     z[1] = rng.integers(-300, 300, n)
     z[2, :4] = [2**53 - 1, -(2**53 - 1), 0, 2**24 + 1]  # extremes and an fp32 rounding tie
+    # rows below 2^51 take the vectorized conversion (bridge.c f64_of_small), a row with a value
+    # from 2^51 on the exact one: both ends of each, every magnitude, fp32 rounding ties
+    z[3] = rng.integers(-2**51, 2**51, n)
+    z[3, :5] = [2**51 - 1, -2**51, -(2**51 - 1), 2**25 + 2, -(2**25 + 2)]
+    z[4] = (rng.choice([-1, 1], n) * 2.0 ** rng.uniform(0, 51, n)).astype(np.int64)
+    z[4, :3] = [2**24 + 1, -(2**24 + 3), 2**50 + 2**26]  # ties at 2^24 and at 2^50
+    z[5] = z[4]
+    z[5, n // 2] = 2**51  # the first value that takes the exact route
+    z[6] = z[4]
+    z[6, n - 1] = -2**51 - 1
     sx = rng.uniform(1e-6, 1e-2, t).astype(F32)
     sw = rng.uniform(1e-6, 1e-2, n).astype(F32)
     b = rng.standard_normal(n).astype(F32) if bias else None

@@ -129,10 +129,21 @@ int64_t br_quantize(const float *x, int64_t rows, int64_t k, int64_t xs, int64_t
 
 /* y = ((f32(f64(z)) * sx) * sw) + bias [+ then resid + y]: quant.py's dequantize (and the
  * residual add h = x + linear(...) after it) for z int64 [rows][n]; every |z| < 2^53 or -1. */
-CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float *sw,
-                              const float *bias, const float *resid, float *y) {
-    int bad = 0; /* one loop: each element's operations in the spec's order (the loop is
-                  * unswitched on bias and resid, so each variant vectorizes) */
+/* (double)v, exactly, for v in [-2^51, 2^51): v + (2^52 + 2^51) as the bits of a double is
+ * 2^52 + 2^51 + v (its exponent field that of 2^52, the mantissa 2^51 + v), less 2^52 + 2^51.
+ * Integer adds and a float subtraction, which AVX2 has (it has no int64 -> double convert, so
+ * (double)v ran one value at a time there). */
+static inline double f64_of_small(int64_t v) {
+    const int64_t b = v + 0x4338000000000000LL;
+    double d;
+    memcpy(&d, &b, 8);
+    return d - 6755399441055744.0;
+}
+
+/* dequant_row's loop with (double)v: every |v| < 2^53 (the rows with a value from 2^51 on). */
+static int dequant_row_wide(const int64_t *z, int64_t n, float sx, const float *sw,
+                            const float *bias, const float *resid, float *y) {
+    int bad = 0;
     for (int64_t j = 0; j < n; j++) {
         const int64_t v = z[j];
         bad |= (v >= 9007199254740992LL) | (v <= -9007199254740992LL);
@@ -145,6 +156,28 @@ CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float
         y[j] = t;
     }
     return bad;
+}
+
+/* y[j] = ((f32(f64(z[j])) * sx) * sw[j]) [+ bias[j]] [resid[j] +], each step one IEEE binary32
+ * operation; 1 when a |z| >= 2^53 or an output is not finite. The conversion is f64_of_small's,
+ * so the loop vectorizes on AVX2 (the same double for |z| < 2^51, below every profile's
+ * accumulator bound); a row with a value from 2^51 on is done again by dequant_row_wide. */
+CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float *sw,
+                              const float *bias, const float *resid, float *y) {
+    int bad = 0, wide = 0; /* one loop: each element's operations in the spec's order (the loop
+                            * is unswitched on bias and resid, so each variant vectorizes) */
+    for (int64_t j = 0; j < n; j++) {
+        const int64_t v = z[j];
+        wide |= (v >= 2251799813685248LL) | (v < -2251799813685248LL);
+        float t = (float)f64_of_small(v);
+        t = t * sx;
+        t = t * sw[j];
+        if (bias) t = t + bias[j];
+        if (resid) t = resid[j] + t;
+        bad |= !(fabsf(t) <= 3.40282347e38f);
+        y[j] = t;
+    }
+    return wide ? dequant_row_wide(z, n, sx, sw, bias, resid, y) : bad;
 }
 
 int64_t br_dequant(const int64_t *z, int64_t rows, int64_t n, const float *sx, const float *sw,
@@ -165,7 +198,8 @@ CLONES static int swiglu_row(const float *g, const float *u, int64_t n, float ne
         const float gi = g[i], ui = u[i];
         bad |= !(fabsf(gi) <= 3.40282347e38f) | !(fabsf(ui) <= 3.40282347e38f);
         float y = gi * neg_log2e;
-        y = y < -64.0f ? -64.0f : (y > 64.0f ? 64.0f : y);
+        y = pick_f32(y < -64.0f, -64.0f, y); /* y < -64 ? -64 : (y > 64 ? 64 : y), vectorized */
+        y = pick_f32(y > 64.0f, 64.0f, y);
         const float k = rint_even(y);
         const float f = y - k;
         float p = f * c[7];
