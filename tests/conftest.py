@@ -144,17 +144,18 @@ def smollm2():
     return load_model("default")
 
 
-@pytest.fixture(params=[0, 2], ids=["lanes", "avx512"])
+@pytest.fixture(params=[0, 1, 2], ids=["lanes", "avx2", "avx512"])
 def hash_route(request):
-    """hash.c's route under test (0: the portable lanes, 2: AVX-512 registers; skipped where the
-    CPU lacks it), the best one restored after. Test modules take it with
-    `pytestmark = [..., pytest.mark.usefixtures("hash_route")]`."""
+    """hash.c's route under test (0: the portable lanes, 1: AVX2 registers, eight messages at a
+    time, 2: AVX-512 registers; skipped where the CPU lacks it), the best one restored after.
+    Test modules take it with `pytestmark = [..., pytest.mark.usefixtures("hash_route")]`."""
     from commitllm.verifier import native
 
     if native.lib() is None:
         pytest.skip(f"no compiled core: {native.error()}")
     if request.param > native.best_route():
-        pytest.skip("this CPU has no AVX-512 VNNI route")
+        pytest.skip("this CPU has no " + ("AVX2" if request.param == 1 else "AVX-512 VNNI")
+                    + " route")
     assert native.use_route(request.param) == request.param
     yield request.param
     native.use_route(-1)

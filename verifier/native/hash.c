@@ -115,11 +115,11 @@ struct seg {
     int64_t stride, width;
 };
 
-/* Bytes off .. off + n of every lane's message (n <= 64): the pieces of the segments that the
- * block covers are the same for every lane, so they are found once. Returns 1 with at[j] the
+/* Bytes off .. off + n of the message of each of the nl <= LANES lanes (n <= 64): the pieces of
+ * the segments that the block covers are the same for every lane, so they are found once. Returns 1 with at[j] the
  * address of lane j's 64 bytes when the block is one segment's whole 64 bytes (most blocks);
  * else 0 with each lane's pieces copied into raw[j] (zero filled after n). */
-INLINE int block_at(const struct seg *segs, int nseg, const int64_t rows[LANES], int64_t off,
+INLINE int block_at(const struct seg *segs, int nseg, const int64_t *rows, int nl, int64_t off,
                     int64_t n, const uint8_t *at[LANES], uint32_t raw[LANES][16]) {
     int64_t src[MAX_SEGS], dst[MAX_SEGS], len[MAX_SEGS];
     int which[MAX_SEGS], pieces = 0;
@@ -131,11 +131,11 @@ INLINE int block_at(const struct seg *segs, int nseg, const int64_t rows[LANES],
     }
     if (pieces == 1 && n == BLOCK_LEN) {
         const struct seg *g = segs + which[0];
-        for (int j = 0; j < LANES; j++) at[j] = g->base + rows[j] * g->stride + src[0];
+        for (int j = 0; j < nl; j++) at[j] = g->base + rows[j] * g->stride + src[0];
         return 1;
     }
-    if (n < BLOCK_LEN) memset(raw, 0, sizeof(uint32_t) * LANES * 16);
-    for (int j = 0; j < LANES; j++)
+    if (n < BLOCK_LEN) memset(raw, 0, sizeof(uint32_t) * 16 * (size_t)nl);
+    for (int j = 0; j < nl; j++)
         for (int k = 0; k < pieces; k++) {
             const struct seg *g = segs + which[k];
             memcpy((uint8_t *)raw[j] + dst[k], g->base + rows[j] * g->stride + src[k],
@@ -149,7 +149,7 @@ INLINE void load_blocks(lanes_t m[16], const struct seg *segs, int nseg,
                         const int64_t rows[LANES], int64_t off, int64_t n) {
     uint32_t raw[LANES][16];
     const uint8_t *at[LANES];
-    if (block_at(segs, nseg, rows, off, n, at, raw))
+    if (block_at(segs, nseg, rows, LANES, off, n, at, raw))
         for (int j = 0; j < LANES; j++) memcpy(raw[j], at[j], BLOCK_LEN);
     for (int w = 0; w < 16; w++)
         for (int j = 0; j < LANES; j++) m[w][j] = raw[j][w];
@@ -289,7 +289,7 @@ B3V static void hash_lanes16(const struct seg *segs, int nseg, const int64_t row
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t off = b * BLOCK_LEN;
             const int64_t n = clen - off < BLOCK_LEN ? clen - off : BLOCK_LEN;
-            if (!block_at(segs, nseg, rows, start + off, n, at, raw))
+            if (!block_at(segs, nseg, rows, LANES, start + off, n, at, raw))
                 for (int j = 0; j < LANES; j++) at[j] = (const uint8_t *)raw[j];
             load16(m, at);
             const int last = b == blocks - 1;
@@ -321,25 +321,183 @@ B3V static void hash_lanes16(const struct seg *segs, int nseg, const int64_t row
         if (out[j])
             for (int i = 0; i < 8; i++) store32(out[j] + 4 * i, words[i][j]);
 }
+
+/* The AVX2 route: eight messages at a time, each lanes_t row one 256-bit register (the sixteen
+ * state rows fill the sixteen registers; message words are read from memory), rotations by 16
+ * and 8 as byte shuffles, by 12 and 7 as two shifts and an or. On AVX2 the portable 16-lane
+ * code keeps two registers per row and spills (1.0 GB/s against 3.2 for the blake3 package on
+ * one long message, an AVX2-only AMD EPYC); every step is the scalar route's, lane for lane. */
+#define B3A __attribute__((target("avx2")))
+#define ROTR8(x, n) _mm256_or_si256(_mm256_srli_epi32((x), (n)), _mm256_slli_epi32((x), 32 - (n)))
+
+/* G on four named state registers; the rotation masks r16 and r8 in scope */
+#define G8(a, b, c, d, x, y)                                                                  \
+    a = _mm256_add_epi32(_mm256_add_epi32(a, b), x);                                          \
+    d = _mm256_shuffle_epi8(_mm256_xor_si256(d, a), r16);                                     \
+    c = _mm256_add_epi32(c, d);                                                               \
+    b = ROTR8(_mm256_xor_si256(b, c), 12);                                                    \
+    a = _mm256_add_epi32(_mm256_add_epi32(a, b), y);                                          \
+    d = _mm256_shuffle_epi8(_mm256_xor_si256(d, a), r8);                                      \
+    c = _mm256_add_epi32(c, d);                                                               \
+    b = ROTR8(_mm256_xor_si256(b, c), 7)
+
+/* one round: the message words of round r (SCHEDULE[r], a constant) read from memory */
+#define W8(r, i) _mm256_loadu_si256(m + SCHEDULE[r][i])
+#define ROUND8(r)                                                                             \
+    G8(v0, v4, v8, v12, W8(r, 0), W8(r, 1));                                                  \
+    G8(v1, v5, v9, v13, W8(r, 2), W8(r, 3));                                                  \
+    G8(v2, v6, v10, v14, W8(r, 4), W8(r, 5));                                                 \
+    G8(v3, v7, v11, v15, W8(r, 6), W8(r, 7));                                                 \
+    G8(v0, v5, v10, v15, W8(r, 8), W8(r, 9));                                                 \
+    G8(v1, v6, v11, v12, W8(r, 10), W8(r, 11));                                               \
+    G8(v2, v7, v8, v13, W8(r, 12), W8(r, 13));                                                \
+    G8(v3, v4, v9, v14, W8(r, 14), W8(r, 15))
+
+/* the sixteen state rows as named registers (an array indexed through inlined helpers kept
+ * spilling them), the message words m[16] in memory */
+B3A static inline __attribute__((always_inline)) void compress8(
+        __m256i cv[8], const __m256i *m, uint64_t counter, uint32_t block_len, uint32_t flags) {
+    /* byte k of each 32-bit word from byte (k + 2) % 4 (a rotation by 16), (k + 1) % 4 (by 8) */
+    const __m256i r16 = _mm256_setr_epi8(2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13,
+                                         2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+    const __m256i r8 = _mm256_setr_epi8(1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12,
+                                        1, 2, 3, 0, 5, 6, 7, 4, 9, 10, 11, 8, 13, 14, 15, 12);
+    __m256i v0 = cv[0], v1 = cv[1], v2 = cv[2], v3 = cv[3], v4 = cv[4], v5 = cv[5], v6 = cv[6],
+            v7 = cv[7];
+    __m256i v8 = _mm256_set1_epi32((int)IV[0]), v9 = _mm256_set1_epi32((int)IV[1]);
+    __m256i v10 = _mm256_set1_epi32((int)IV[2]), v11 = _mm256_set1_epi32((int)IV[3]);
+    __m256i v12 = _mm256_set1_epi32((int)(uint32_t)counter);
+    __m256i v13 = _mm256_set1_epi32((int)(uint32_t)(counter >> 32));
+    __m256i v14 = _mm256_set1_epi32((int)block_len), v15 = _mm256_set1_epi32((int)flags);
+    ROUND8(0);
+    ROUND8(1);
+    ROUND8(2);
+    ROUND8(3);
+    ROUND8(4);
+    ROUND8(5);
+    ROUND8(6);
+    cv[0] = _mm256_xor_si256(v0, v8), cv[1] = _mm256_xor_si256(v1, v9);
+    cv[2] = _mm256_xor_si256(v2, v10), cv[3] = _mm256_xor_si256(v3, v11);
+    cv[4] = _mm256_xor_si256(v4, v12), cv[5] = _mm256_xor_si256(v5, v13);
+    cv[6] = _mm256_xor_si256(v6, v14), cv[7] = _mm256_xor_si256(v7, v15);
+}
+
+B3A static inline void parent8(const __m256i left[8], __m256i right[8], uint32_t flags) {
+    __m256i m[16];
+    for (int i = 0; i < 8; i++) m[i] = left[i], m[8 + i] = right[i];
+    for (int i = 0; i < 8; i++) right[i] = _mm256_set1_epi32((int)IV[i]);
+    compress8(right, m, 0, BLOCK_LEN, PARENT | flags);
+}
+
+/* out[w] = word w of the eight rows r[j] (eight 32-bit words each): an 8 x 8 transpose (32-bit,
+ * then 64-bit interleaves, then the 128-bit halves), pure data movement. */
+B3A static inline void transpose8(const __m256i r[8], __m256i out[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);     /* words 0 1 | 4 5 */
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]); /* words 2 3 | 6 7 */
+    }
+    for (int i = 0; i < 2; i++) { /* rows 4i .. 4i + 3 of words c | c + 4, c = 0 .. 3 */
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        out[c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x20);
+        out[4 + c] = _mm256_permute2x128_si256(u[c], u[4 + c], 0x31);
+    }
+}
+
+B3A static inline void load8(__m256i m[16], const uint8_t *const at[8]) {
+    __m256i lo[8], hi[8];
+    for (int j = 0; j < 8; j++) {
+        lo[j] = _mm256_loadu_si256((const __m256i *)at[j]);
+        hi[j] = _mm256_loadu_si256((const __m256i *)(at[j] + 32));
+    }
+    transpose8(lo, m);
+    transpose8(hi, m + 8);
+}
+
+/* hash_lanes for the eight messages rows[0..8) (out[0..8)), the state in 256-bit registers and
+ * the first eight lanes of each stack row. */
+B3A static void hash_lanes8(const struct seg *segs, int nseg, const int64_t rows[8], int64_t len,
+                            uint8_t *const out[8], lanes_t (*stack)[8]) {
+    const int64_t chunks = len == 0 ? 1 : (len + CHUNK_LEN - 1) / CHUNK_LEN;
+    __m256i cv[8], m[16];
+    uint32_t raw[LANES][16];
+    const uint8_t *at[LANES];
+    int depth = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t start = c * CHUNK_LEN;
+        const int64_t clen = len - start < CHUNK_LEN ? len - start : CHUNK_LEN;
+        const int64_t blocks = clen == 0 ? 1 : (clen + BLOCK_LEN - 1) / BLOCK_LEN;
+        for (int i = 0; i < 8; i++) cv[i] = _mm256_set1_epi32((int)IV[i]);
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t off = b * BLOCK_LEN;
+            const int64_t n = clen - off < BLOCK_LEN ? clen - off : BLOCK_LEN;
+            if (!block_at(segs, nseg, rows, 8, start + off, n, at, raw))
+                for (int j = 0; j < 8; j++) at[j] = (const uint8_t *)raw[j];
+            load8(m, at);
+            const int last = b == blocks - 1;
+            const uint32_t flags = (b == 0 ? CHUNK_START : 0) | (last ? CHUNK_END : 0)
+                                 | (last && chunks == 1 ? ROOT : 0);
+            compress8(cv, m, (uint64_t)c, (uint32_t)n, flags);
+        }
+        if (c < chunks - 1) {
+            for (uint64_t total = (uint64_t)c + 1; (total & 1) == 0; total >>= 1) {
+                __m256i left[8];
+                depth--;
+                for (int i = 0; i < 8; i++)
+                    left[i] = _mm256_loadu_si256((const __m256i *)stack[depth][i]);
+                parent8(left, cv, 0);
+            }
+            for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i *)stack[depth][i], cv[i]);
+            depth++;
+        } else {
+            while (depth > 0) {
+                __m256i left[8];
+                depth--;
+                for (int i = 0; i < 8; i++)
+                    left[i] = _mm256_loadu_si256((const __m256i *)stack[depth][i]);
+                parent8(left, cv, depth == 0 ? ROOT : 0);
+            }
+        }
+    }
+    uint32_t words[8][8];
+    for (int i = 0; i < 8; i++) _mm256_storeu_si256((__m256i *)words[i], cv[i]);
+    for (int j = 0; j < 8; j++)
+        if (out[j])
+            for (int i = 0; i < 8; i++) store32(out[j] + 4 * i, words[i][j]);
+}
 #endif
 
 int64_t attn_active_route(void);
 
-/* The AVX-512 route when the compiled core's route is AVX-512 (attn_route; tests run both). */
+/* The vector route of the compiled core's route (attn_route; tests run each): 2 AVX-512
+ * registers, 1 AVX2 registers, 0 the portable lanes. */
 static int hash_vector(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    return attn_active_route() == 2 && __builtin_cpu_supports("avx512f");
-#else
-    return 0;
+    const int64_t r = attn_active_route();
+    if (r == 2 && __builtin_cpu_supports("avx512f")) return 2;
+    if (r >= 1 && __builtin_cpu_supports("avx2")) return 1;
 #endif
+    return 0;
 }
 
 /* hash_lanes on the route in use (vec: hash_vector()). */
 static void hash_route(const struct seg *segs, int nseg, const int64_t rows[LANES], int64_t len,
                        uint8_t *const out[LANES], lanes_t (*stack)[8], int vec) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (vec) {
+    if (vec == 2) {
         hash_lanes16(segs, nseg, rows, len, out, stack);
+        return;
+    }
+    if (vec == 1) { /* two groups of eight; the second only when it has a message of its own */
+        hash_lanes8(segs, nseg, rows, len, out, stack);
+        int more = 0;
+        for (int j = 8; j < LANES; j++) more |= out[j] != NULL;
+        if (more) hash_lanes8(segs, nseg, rows + 8, len, out + 8, stack);
         return;
     }
 #endif
