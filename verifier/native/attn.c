@@ -98,9 +98,17 @@ CLONES static void coef_planes(float *p, int64_t n, float m, int16_t *hi, int16_
     }
 }
 
-/* exact integer scores (|s| < 2^53) to binary32 through binary64, as the spec rounds them */
+/* exact integer scores (|s| < 2^53) to binary32 through binary64, as the spec rounds them:
+ * by exact.h's f64_of_small (vectorized on AVX2; |s| <= d qmax^2 is below 2^51 for every head
+ * width the spec allows at int16), a row with a score from 2^51 on the plain way */
 CLONES static void scores_f32(const int64_t *s, int64_t n, float *row) {
-    for (int64_t j = 0; j < n; j++) row[j] = (float)(double)s[j];
+    int wide = 0;
+    for (int64_t j = 0; j < n; j++) {
+        wide |= (s[j] >= F64_SMALL_LIMIT) | (s[j] < -F64_SMALL_LIMIT);
+        row[j] = (float)f64_of_small(s[j]);
+    }
+    if (wide)
+        for (int64_t j = 0; j < n; j++) row[j] = (float)(double)s[j];
 }
 
 /* 0 on success; -1: a row's value scale underflowed to 0; -2: a logit was NaN; -3: no memory. */

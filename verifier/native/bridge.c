@@ -129,17 +129,6 @@ int64_t br_quantize(const float *x, int64_t rows, int64_t k, int64_t xs, int64_t
 
 /* y = ((f32(f64(z)) * sx) * sw) + bias [+ then resid + y]: quant.py's dequantize (and the
  * residual add h = x + linear(...) after it) for z int64 [rows][n]; every |z| < 2^53 or -1. */
-/* (double)v, exactly, for v in [-2^51, 2^51): v + (2^52 + 2^51) as the bits of a double is
- * 2^52 + 2^51 + v (its exponent field that of 2^52, the mantissa 2^51 + v), less 2^52 + 2^51.
- * Integer adds and a float subtraction, which AVX2 has (it has no int64 -> double convert, so
- * (double)v ran one value at a time there). */
-static inline double f64_of_small(int64_t v) {
-    const int64_t b = v + 0x4338000000000000LL;
-    double d;
-    memcpy(&d, &b, 8);
-    return d - 6755399441055744.0;
-}
-
 /* dequant_row's loop with (double)v: every |v| < 2^53 (the rows with a value from 2^51 on). */
 static int dequant_row_wide(const int64_t *z, int64_t n, float sx, const float *sw,
                             const float *bias, const float *resid, float *y) {
@@ -168,7 +157,7 @@ CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float
                             * is unswitched on bias and resid, so each variant vectorizes) */
     for (int64_t j = 0; j < n; j++) {
         const int64_t v = z[j];
-        wide |= (v >= 2251799813685248LL) | (v < -2251799813685248LL);
+        wide |= (v >= F64_SMALL_LIMIT) | (v < -F64_SMALL_LIMIT);
         float t = (float)f64_of_small(v);
         t = t * sx;
         t = t * sw[j];

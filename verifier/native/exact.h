@@ -36,6 +36,19 @@ static inline float pick_f32(int c, float a, float b) {
     return r;
 }
 
+/* (double)v, exactly, for v in [-2^51, 2^51): v + (2^52 + 2^51) as the bits of a double is
+ * 2^52 + 2^51 + v (its exponent field that of 2^52, the mantissa 2^51 + v), less 2^52 + 2^51.
+ * Integer adds and a float subtraction, which AVX2 has (it has no int64 -> double convert, so
+ * (double)v ran one value at a time there); callers check the range and convert a row with a
+ * value outside it the plain way. */
+#define F64_SMALL_LIMIT 2251799813685248LL /* 2^51 */
+static inline double f64_of_small(int64_t v) {
+    const int64_t b = v + 0x4338000000000000LL;
+    double d;
+    memcpy(&d, &b, 8);
+    return d - 6755399441055744.0;
+}
+
 static inline float rint_even(float x) {
     const float a = fabsf(x);
     const float r = (a + TWO23) - TWO23;
