@@ -290,6 +290,48 @@ static const unpack_fn UNPACK[9] = {NULL, unpack_block_1, unpack_block_2, unpack
                                     unpack_block_4, unpack_block_5, unpack_block_6,
                                     unpack_block_7, unpack_block_8};
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* AVX2: four values per step, two per 128-bit lane: a 16-byte load at value i (values i, i + 1)
+ * and one at value i + 2 (i + 2, i + 3); a byte shuffle puts value j's w bytes at the bottom of
+ * 64-bit lane j (zeros above); (u ^ 2^(8w-1)) - 2^(8w-1) sign-extends it (AVX2 has no 64-bit
+ * arithmetic shift), the scalar decoder's value. A 16-byte load at value j stays inside the array
+ * when value j + ceil(8 / w) may take an 8-byte one (below `safe`); the rest as the scalar
+ * decoder does. */
+__attribute__((target("avx2"))) static void unpack_block_avx2(const uint8_t *src, int64_t len,
+                                                              int64_t w, int64_t safe,
+                                                              int64_t *dst) {
+    uint8_t ctl[32];
+    for (int lane = 0; lane < 2; lane++)
+        for (int v = 0; v < 2; v++)
+            for (int b = 0; b < 8; b++)
+                ctl[16 * lane + 8 * v + b] = b < w ? (uint8_t)(v * w + b) : 0x80;
+    const __m256i c = _mm256_loadu_si256((const __m256i *)ctl);
+    const __m256i m = _mm256_set1_epi64x(w == 8 ? 0 : (int64_t)((uint64_t)1 << (8 * w - 1)));
+    const int64_t ahead = 2 + (8 + w - 1) / w; /* the second load's value, and its 16 bytes */
+    int64_t i = 0;
+    for (; i + 4 <= len && i + ahead < safe; i += 4) {
+        const __m256i raw = _mm256_loadu2_m128i((const __m128i *)(src + (i + 2) * w),
+                                                (const __m128i *)(src + i * w));
+        const __m256i u = _mm256_shuffle_epi8(raw, c);
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_sub_epi64(_mm256_xor_si256(u, m), m));
+    }
+    if (i < len) UNPACK[w](src + i * w, len - i, safe - i, dst + i);
+}
+#endif
+
+
+
+/* The unpack route: 2 AVX-512 VBMI, 1 AVX2, 0 plain C (attn_route's route). */
+static int unpack_route(void) {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    const int64_t r = attn_active_route();
+    if (r == 2 && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512bw"))
+        return 2;
+    if (r >= 1 && __builtin_cpu_supports("avx2")) return 1;
+#endif
+    return 0;
+}
+
 static int vbmi_ok(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
     return attn_active_route() == 2 && __builtin_cpu_supports("avx512vbmi")
@@ -299,18 +341,22 @@ static int vbmi_ok(void) {
 #endif
 }
 
-/* n packed values of w bytes at src into dst: with AVX-512 VBMI eight per masked load, else one
- * 8-byte load per value except the last ceil(8 / w), whose 8 bytes would reach past src: those
- * load their w bytes alone. */
+/* n packed values of w bytes at src into dst: with AVX-512 VBMI eight per masked load, with AVX2
+ * four per two 16-byte loads (unpack_block_avx2), else one 8-byte load per value except the last
+ * ceil(8 / w), whose 8 bytes would reach past src: those load their w bytes alone. */
 static void unpack_any(const uint8_t *src, int64_t n, int64_t w, int64_t safe, int64_t *dst,
-                       int vbmi) {
+                       int route) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    if (vbmi) {
+    if (route == 2) {
         unpack_block_vbmi(src, n, w, dst);
         return;
     }
+    if (route == 1) {
+        unpack_block_avx2(src, n, w, safe, dst);
+        return;
+    }
 #endif
-    (void)vbmi;
+    (void)route;
     UNPACK[w](src, n, safe, dst);
 }
 
@@ -324,7 +370,7 @@ int64_t acc_unpack(const uint8_t *src, int64_t n, int64_t w, int64_t *dst) {
     return -5; /* the numpy route decodes on other hosts */
 #else
     if (w < 1 || w > 8) return -5;
-    if (n > 0) unpack_any(src, n, w, n - (8 + w - 1) / w, dst, vbmi_ok());
+    if (n > 0) unpack_any(src, n, w, n - (8 + w - 1) / w, dst, unpack_route());
     return 0;
 #endif
 }
@@ -622,7 +668,7 @@ int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w,
     if (bound < IFMA_LIMIT && ifma_ok())
         return acc_linear_ifma(a, n, zp, w, rows, bound, out, sx, sw, bias, resid, rs, y);
 #endif
-    const int vbmi = vbmi_ok();
+    const int route = unpack_route();
     const int64_t total = rows * n, safe_all = total - (8 + w - 1) / w;
     int64_t zb[FV_BLOCK];
     int64_t bad = 0;
@@ -634,7 +680,7 @@ int64_t fv_acc_linear(const int64_t *a, int64_t n, const uint8_t *zp, int64_t w,
             const int64_t len = n - i0 < FV_BLOCK ? n - i0 : FV_BLOCK;
             for (int64_t m = 0; m < mr; m++) {
                 const int64_t first = (m0 + m) * n + i0; /* the block's first value */
-                unpack_any(zp + first * w, len, w, safe_all - first, zb, vbmi);
+                unpack_any(zp + first * w, len, w, safe_all - first, zb, route);
                 int64_t s[6];
                 bad |= sums(a + i0, zb, 8, len, bound, s);
                 for (int j = 0; j < 6; j++) tot[m][j] = fv_add(tot[m][j], fv_of(s[j]));
