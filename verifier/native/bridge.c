@@ -128,7 +128,18 @@ int64_t br_quantize(const float *x, int64_t rows, int64_t k, int64_t xs, int64_t
 }
 
 /* y = ((f32(f64(z)) * sx) * sw) + bias [+ then resid + y]: quant.py's dequantize (and the
- * residual add h = x + linear(...) after it) for z int64 [rows][n]; every |z| < 2^53 or -1. */
+ * residual add h = x + linear(...) after it) for z int64 [rows][n]; every |z| < 2^53 or -1.
+ * The steps after the conversion, for value j (each one IEEE binary32 operation). */
+static inline float dequant_steps(float t, int64_t j, float sx, const float *sw,
+                                  const float *bias, const float *resid, int *bad) {
+    t = t * sx;
+    t = t * sw[j];
+    if (bias) t = t + bias[j];
+    if (resid) t = resid[j] + t;
+    *bad |= !(fabsf(t) <= 3.40282347e38f);
+    return t;
+}
+
 /* dequant_row's loop with (double)v: every |v| < 2^53 (the rows with a value from 2^51 on). */
 static int dequant_row_wide(const int64_t *z, int64_t n, float sx, const float *sw,
                             const float *bias, const float *resid, float *y) {
@@ -136,21 +147,14 @@ static int dequant_row_wide(const int64_t *z, int64_t n, float sx, const float *
     for (int64_t j = 0; j < n; j++) {
         const int64_t v = z[j];
         bad |= (v >= 9007199254740992LL) | (v <= -9007199254740992LL);
-        float t = (float)(double)v;
-        t = t * sx;
-        t = t * sw[j];
-        if (bias) t = t + bias[j];
-        if (resid) t = resid[j] + t;
-        bad |= !(fabsf(t) <= 3.40282347e38f);
-        y[j] = t;
+        y[j] = dequant_steps((float)(double)v, j, sx, sw, bias, resid, &bad);
     }
     return bad;
 }
 
-/* y[j] = ((f32(f64(z[j])) * sx) * sw[j]) [+ bias[j]] [resid[j] +], each step one IEEE binary32
- * operation; 1 when a |z| >= 2^53 or an output is not finite. The conversion is f64_of_small's,
- * so the loop vectorizes on AVX2 (the same double for |z| < 2^51, below every profile's
- * accumulator bound); a row with a value from 2^51 on is done again by dequant_row_wide. */
+/* One row, 1 when a |z| >= 2^53 or an output is not finite. The conversion is f64_of_small's, so
+ * the loop vectorizes on AVX2 (the same double for |z| < 2^51, below every profile's accumulator
+ * bound); a row with a value from 2^51 on is done again by dequant_row_wide. */
 CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float *sw,
                               const float *bias, const float *resid, float *y) {
     int bad = 0, wide = 0; /* one loop: each element's operations in the spec's order (the loop
@@ -158,13 +162,7 @@ CLONES static int dequant_row(const int64_t *z, int64_t n, float sx, const float
     for (int64_t j = 0; j < n; j++) {
         const int64_t v = z[j];
         wide |= (v >= F64_SMALL_LIMIT) | (v < -F64_SMALL_LIMIT);
-        float t = (float)f64_of_small(v);
-        t = t * sx;
-        t = t * sw[j];
-        if (bias) t = t + bias[j];
-        if (resid) t = resid[j] + t;
-        bad |= !(fabsf(t) <= 3.40282347e38f);
-        y[j] = t;
+        y[j] = dequant_steps((float)f64_of_small(v), j, sx, sw, bias, resid, &bad);
     }
     return wide ? dequant_row_wide(z, n, sx, sw, bias, resid, y) : bad;
 }
