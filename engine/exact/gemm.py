@@ -91,12 +91,11 @@ def native_gemm_wins() -> bool:
     g = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (256, 1024), dtype=torch.int8, generator=g)
     x = torch.randint(-32767, 32768, (32, 1024), dtype=torch.int16, generator=g)
-    packed, planes_t = native.pack_weight(w.numpy()), [w.t()]
-    xn = x.numpy()
+    packed, wt, xn = native.pack_weight(w.numpy()), w.t(), x.numpy()
 
-    def via_int_mm():
+    def via_int_mm():  # what matmul does for this int8 weight: one weight plane, two of x
         stacked, n_x = ExactWeight._stacked(x, 32767)
-        return _recombine(_int_mm(stacked, planes_t[0]), n_x, x.shape[0])
+        return _recombine(_int_mm(stacked, wt), n_x, x.shape[0])
 
     def best(f) -> float:
         out = []

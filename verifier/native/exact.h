@@ -14,15 +14,6 @@
 
 #define TWO23 8388608.0f
 
-/* rint in round-to-nearest-even for binary32 without a libm call: below 2^23 in magnitude,
- * (|x| + 2^23) - 2^23 rounds |x| to an integer in the default rounding mode (exact steps
- * otherwise, since no FMA contraction or reassociation is allowed); from 2^23 up x is already
- * an integer. The sign is put back (x's sign bit on the chosen magnitude, copysign's value) so
- * -0.4 gives -0, as rintf does. The choice is a mask on the bits, not `a < TWO23 ? r : a`:
- * under the default -ftrapping-math GCC keeps the conditional add as a branch, and a loop with
- * one is not vectorized where the target has no masked stores (AVX2: the x86-64-v3 clones of
- * quantize, SwiGLU and the softmax pass ran scalar, some 9 ns a value for SwiGLU). The same
- * bits as the conditional form for all 2^32 inputs (checked exhaustively, NaN payloads too). */
 /* c ? a : b on the bits (c is 0 or 1): a select the vectorizer keeps as a blend, where the
  * conditional form of a clamp before further float steps stays a branch under -ftrapping-math
  * (rint_even's note); the same value for every a, b and c, NaNs included. */
@@ -49,18 +40,19 @@ static inline double f64_of_small(int64_t v) {
     return d - 6755399441055744.0;
 }
 
+/* rint in round-to-nearest-even for binary32 without a libm call: below 2^23 in magnitude,
+ * (|x| + 2^23) - 2^23 rounds |x| to an integer in the default rounding mode (exact steps
+ * otherwise, since no FMA contraction or reassociation is allowed); from 2^23 up x is already
+ * an integer. The sign is put back with copysign so -0.4 gives -0, as rintf does. The choice
+ * is pick_f32's select on the bits, not `a < TWO23 ? r : a`: under the default
+ * -ftrapping-math GCC keeps the conditional add as a branch, and a loop with one is not
+ * vectorized where the target has no masked stores (AVX2: the x86-64-v3 clones of
+ * quantize, SwiGLU and the softmax pass ran scalar, some 9 ns a value for SwiGLU). The same
+ * bits as the conditional form for all 2^32 inputs (checked exhaustively, NaN payloads too). */
 static inline float rint_even(float x) {
     const float a = fabsf(x);
     const float r = (a + TWO23) - TWO23;
-    uint32_t ab, rb, xb;
-    memcpy(&ab, &a, 4);
-    memcpy(&rb, &r, 4);
-    memcpy(&xb, &x, 4);
-    const uint32_t keep = -(uint32_t)(a < TWO23); /* all ones where r is the rounded value */
-    const uint32_t out = (rb & keep) | (ab & ~keep) | (xb & 0x80000000u);
-    float o;
-    memcpy(&o, &out, 4);
-    return o;
+    return copysignf(pick_f32(a < TWO23, r, a), x);
 }
 
 

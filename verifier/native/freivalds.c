@@ -319,8 +319,6 @@ __attribute__((target("avx2"))) static void unpack_block_avx2(const uint8_t *src
 }
 #endif
 
-
-
 /* The unpack route: 2 AVX-512 VBMI, 1 AVX2, 0 plain C (attn_route's route). */
 static int unpack_route(void) {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -332,14 +330,7 @@ static int unpack_route(void) {
     return 0;
 }
 
-static int vbmi_ok(void) {
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-    return attn_active_route() == 2 && __builtin_cpu_supports("avx512vbmi")
-           && __builtin_cpu_supports("avx512bw");
-#else
-    return 0;
-#endif
-}
+static int vbmi_ok(void) { return unpack_route() == 2; }
 
 /* n packed values of w bytes at src into dst: with AVX-512 VBMI eight per masked load, with AVX2
  * four per two 16-byte loads (unpack_block_avx2), else one 8-byte load per value except the last
